@@ -1,0 +1,94 @@
+"""LoRA (Hu et al. 2021): y = base(x) + (alpha / r) * B(A(dropout(x))).
+
+`LoRALinear` wraps any linear-like module kept as `self.base` (nn.Linear, slimtune NF4/INT8, bnb
+Linear4bit/Linear8bitLt), frozen and never copied. A gets PEFT's Kaiming-uniform init and B starts
+at zero, so at init the wrapped model's output equals the base model's. Parameter names `lora_A.weight`
+/ `lora_B.weight` match PEFT's, which keeps the PEFT checkpoint mapping a pure rename.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from slimtune.adapters import register
+
+
+@register("lora")
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        in_f, out_f = base.in_features, base.out_features
+        if rank > min(in_f, out_f):
+            raise ValueError(f"LoRA rank {rank} exceeds min(in_features={in_f}, out_features={out_f})")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = in_f, out_f
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Trainable factors are fp32 whatever the base dtype: they are the master weights.
+        self.lora_A = nn.Linear(in_f, rank, bias=False, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, out_f, bias=False, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False
+
+    @classmethod
+    def from_config(cls, base: nn.Module, cfg) -> "LoRALinear":
+        """cfg: AdapterConfig (rank, alpha, dropout)."""
+        return cls(base, cfg.rank, cfg.alpha, cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features) -> (..., out_features), in the base output's dtype."""
+        y = self.base(x)
+        if self.merged:
+            return y
+        # under autocast the factors run in the autocast dtype; otherwise in fp32
+        delta = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return y + (delta * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(out, in) fp32: scaling * B @ A."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A.weight, self.lora_B.weight]
+
+    def merge(self, safe: bool = False) -> None:
+        """Add the delta into the base weight. A quantized base is re-quantized (lossy, explicit);
+        bitsandbytes bases cannot be merged in place (export merges into a full-precision base)."""
+        if self.merged:
+            raise RuntimeError("LoRA adapter is already merged; unmerge() first")
+        self._apply_delta(self.delta_weight(), safe)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("LoRA adapter is not merged")
+        self._apply_delta(-self.delta_weight(), safe=False)
+        self.merged = False
+
+    @torch.no_grad()
+    def _apply_delta(self, delta: torch.Tensor, safe: bool) -> None:
+        base = self.base
+        if isinstance(base, nn.Linear):
+            new = base.weight.float() + delta.to(base.weight.device)
+            if safe and not torch.isfinite(new).all():
+                raise ValueError("merging this LoRA adapter gives non-finite weights; not merged")
+            base.weight.copy_(new.to(base.weight.dtype))
+        elif hasattr(base, "requantize_"):
+            w = base.dequantize_weight(torch.float32)
+            new = w + delta.to(w.device)
+            if safe and not torch.isfinite(new).all():
+                raise ValueError("merging this LoRA adapter gives non-finite weights; not merged")
+            base.requantize_(new)
+        else:
+            raise NotImplementedError(f"cannot merge LoRA into {type(base).__name__} in place; export with "
+                                      "`slimtune export RUN_DIR --merge`, which merges into the full-precision base")
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}"

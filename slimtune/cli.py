@@ -1,0 +1,96 @@
+"""`slimtune run|eval|export|recipes|config show`: parse arguments, build the config, call the trainer.
+
+Bad input (SlimtuneError) prints one line on stderr and exits with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from slimtune.errors import SlimtuneError
+
+USAGE = """slimtune run RECIPE [key=value ...]     train (RECIPE: a name from `slimtune recipes` or a .yaml path)
+       slimtune eval [RECIPE] [key=value ...]  eval-split perplexity of model.name (HF dir, built-in, adapter dir)
+       slimtune export RUN_DIR --merge [--out DIR]  merge a run's LoRA adapter into a full HF model
+       slimtune recipes                        list recipes
+       slimtune config show RECIPE [key=value ...]  print the resolved config"""
+
+
+def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slimtune", usage=USAGE)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_run = sub.add_parser("run")
+    p_run.add_argument("recipe")
+    p_run.add_argument("overrides", nargs="*")
+    p_eval = sub.add_parser("eval")
+    p_eval.add_argument("args", nargs="*")
+    p_exp = sub.add_parser("export")
+    p_exp.add_argument("run_dir")
+    p_exp.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
+    p_exp.add_argument("--out", default=None, help="output dir (default RUN_DIR/merged)")
+    sub.add_parser("recipes")
+    p_cfg = sub.add_parser("config")
+    p_cfg.add_argument("action", choices=["show"])
+    p_cfg.add_argument("recipe")
+    p_cfg.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+
+    from slimtune import config as C
+
+    try:
+        if args.cmd == "recipes":
+            for name in C.list_recipes():
+                print(name)
+        elif args.cmd == "config":
+            print(C.dump_yaml(C.load_config(args.recipe, args.overrides)), end="")
+        elif args.cmd == "run":
+            cfg = C.load_config(args.recipe, args.overrides)
+            _quiet_libraries()
+            from slimtune.trainer import run
+
+            run(cfg)
+        elif args.cmd == "eval":
+            recipe, overrides = _split_recipe(args.args)
+            cfg = C.load_config(recipe, overrides)
+            _quiet_libraries()
+            from slimtune.trainer.evaluate import evaluate_model
+
+            print(json.dumps(evaluate_model(cfg)))
+        elif args.cmd == "export":
+            if not args.merge:
+                raise SlimtuneError("export needs --merge (the PEFT adapter itself is already in RUN_DIR/final)")
+            _quiet_libraries()
+            from slimtune.trainer import export_merged
+
+            print(f"slimtune: wrote merged model to {export_merged(args.run_dir, args.out)}")
+    except SlimtuneError as e:
+        print(f"slimtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slimtune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Recipe configuration: YAML + dotted `key=value` overrides -> a frozen, validated dataclass tree.
+
+Defaults live only in the dataclasses below. Every key is checked (unknown keys get the nearest valid
+one suggested), every value is type-checked, and cross-field rules run before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from slimtune.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _help(text: str, default, **kw):
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _help("local HF causal-LM dir, or smollm2-135m | tiny-llama", "smollm2-135m")
+    dtype: str = _help("float32 | bfloat16: storage of frozen weights and autocast compute dtype", "float32")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = _help("pydoc | path to .txt | path to .jsonl (text or prompt/response)", "pydoc")
+    eval_fraction: float = _help("fraction of packed blocks held out for eval (deterministic)", 0.05)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = _help("optimizer steps", 100)
+    seq_len: int = _help("tokens per packed block", 256)
+    batch_size: int = _help("blocks per micro-batch per process", 4)
+    grad_accum: int = _help("micro-batches per optimizer step", 1)
+    lr: float = _help("peak learning rate", 2e-4)
+    warmup_steps: int = _help("linear warmup steps, then cosine decay", 10)
+    min_lr_ratio: float = _help("cosine floor as a fraction of lr", 0.1)
+    max_grad_norm: float = _help("gradient clipping (0 disables)", 1.0)
+    seed: int = _help("seed for init, dropout and data order", 0)
+    activation_checkpointing: bool = _help("recompute activations in backward: less memory, ~30% slower", False)
+    loss_chunk_tokens: int = _help("tokens per cross-entropy chunk; 0 = naive full logits", 1024)
+    device: str = _help("auto | cpu | cuda", "auto")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    type: str = _help("lora | none (full fine-tuning)", "lora")
+    rank: int = _help("LoRA rank r", 16)
+    alpha: float = _help("LoRA scaling numerator: delta = alpha/r * B A", 32.0)
+    dropout: float = _help("dropout on the LoRA input", 0.0)
+    target_modules: typing.Union[str, tuple] = _help("module names (suffix match) or all-linear", "all-linear")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = _help("none | nf4 | int8 (frozen base weights)", "none")
+    backend: str = _help("slimtune | bitsandbytes", "slimtune")
+    block_size: int = _help("weights per absmax block", 64)
+    double_quant: bool = _help("quantize the NF4 block scales to 8 bits (saves ~0.4 bit/param)", True)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = _help("adamw | adamw8bit | sgd", "adamw")
+    weight_decay: float = _help("decoupled weight decay", 0.0)
+    betas: tuple = _help("Adam betas", (0.9, 0.999))
+    eps: float = _help("Adam epsilon", 1e-8)
+    momentum: float = _help("SGD momentum", 0.0)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = _help("save every N steps (0 = only at the end)", 0)
+    keep: int = _help("how many step checkpoints to keep", 2)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = _help("eval perplexity every N steps (0 = only before and after)", 0)
+    max_batches: int = _help("cap on eval batches (0 = whole eval split)", 20)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    wandb: bool = _help("log to Weights & Biases (set WANDB_MODE=offline without network)", False)
+    wandb_project: str = _help("wandb project name", "slimtune")
+    progress: bool = _help("tqdm progress bar", True)
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output_dir: str = _help("where metrics, report, checkpoints go", "runs/default")
+    resume: bool = _help("continue from the newest complete checkpoint in output_dir", False)
+    overwrite: bool = _help("allow a fresh run in an output_dir that already holds one", False)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "adapter.type": ("lora", "none"),
+    "quant.method": ("none", "nf4", "int8"),
+    "quant.backend": ("slimtune", "bitsandbytes"),
+    "optim.name": ("adamw", "adamw8bit", "sgd"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(key: str, value, tp):
+    """Check `value` against annotation `tp`; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arm)
+            except ConfigError:
+                pass
+        names = " or ".join(_type_name(a) for a in typing.get_args(tp))
+        raise ConfigError(f"{key}: expected {names}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            full = [prefix + n for n in fields]
+            raise ConfigError(f"unknown key '{prefix}{key}'{_suggest(prefix + str(key), full)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name] or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, raw[name], tp)
+    return cls(**kwargs)
+
+
+def all_keys(cls=RecipeConfig, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += all_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples as lists) for YAML/JSON."""
+
+    def plain(v):
+        return list(v) if isinstance(v, tuple) else v
+
+    return {k: (to_dict(v) if dataclasses.is_dataclass(v) else plain(v)) for k, v in vars(cfg).items()}
+
+
+# ---------------------------------------------------------------- recipes and overrides
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(recipe: str) -> Path:
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"recipe file '{recipe}' not found; give an existing .yaml path or one of: "
+                              f"{', '.join(list_recipes())}")
+        return path
+    path = RECIPES_DIR / f"{recipe}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown recipe '{recipe}'{_suggest(recipe, list_recipes()).replace('keys', 'recipes')}")
+    return path
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping of sections")
+    return data
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`a.b=value` sets raw['a']['b'] to the YAML scalar parse of value."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value (e.g. train.max_steps=50)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if key not in all_keys():
+        raise ConfigError(f"unknown key '{key}'{_suggest(key, all_keys())}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    _set(raw, key, value)
+
+
+def _set(raw: dict, key: str, value) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[leaf] = value
+
+
+def load_config(recipe: str | None, overrides: list[str] = ()) -> RecipeConfig:
+    """Recipe name or YAML path (None = defaults only), then `key=value` overrides; validated."""
+    raw = _read_yaml(recipe_path(recipe)) if recipe else {}
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = _build(RecipeConfig, raw)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RecipeConfig) -> None:
+    """Value and cross-field rules; raises ConfigError naming the key and the fix."""
+    flat = {k: _get(cfg, k) for k in all_keys()}
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key}={flat[key]!r} is not one of: {', '.join(choices)}")
+    positive = ["train.max_steps", "train.seq_len", "train.batch_size", "train.grad_accum",
+                "adapter.rank", "quant.block_size", "checkpoint.keep"]
+    for key in positive:
+        if flat[key] <= 0:
+            raise ConfigError(f"{key}={flat[key]} must be > 0")
+    for key in ["train.warmup_steps", "train.loss_chunk_tokens", "checkpoint.every", "eval.every",
+                "eval.max_batches", "train.max_grad_norm", "optim.weight_decay"]:
+        if flat[key] < 0:
+            raise ConfigError(f"{key}={flat[key]} must be >= 0")
+    if not 0 < flat["train.lr"]:
+        raise ConfigError(f"train.lr={flat['train.lr']} must be > 0")
+    if not 0 < flat["data.eval_fraction"] < 1:
+        raise ConfigError(f"data.eval_fraction={flat['data.eval_fraction']} must be in (0, 1)")
+    if not 0 <= flat["adapter.dropout"] < 1:
+        raise ConfigError(f"adapter.dropout={flat['adapter.dropout']} must be in [0, 1)")
+    if not 0 <= flat["train.min_lr_ratio"] <= 1:
+        raise ConfigError(f"train.min_lr_ratio={flat['train.min_lr_ratio']} must be in [0, 1]")
+    if flat["adapter.alpha"] <= 0:
+        raise ConfigError(f"adapter.alpha={flat['adapter.alpha']} must be > 0")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1)")
+    tm = cfg.adapter.target_modules
+    if isinstance(tm, str) and tm != "all-linear":
+        raise ConfigError(f"adapter.target_modules={tm!r}: give a list like [q_proj, v_proj] or all-linear")
+    if isinstance(tm, tuple) and (not tm or not all(isinstance(t, str) for t in tm)):
+        raise ConfigError("adapter.target_modules: give a non-empty list of module names or all-linear")
+    if cfg.quant.method != "none" and cfg.adapter.type == "none":
+        raise ConfigError(f"quant.method={cfg.quant.method} needs adapter.type=lora: a quantized base is "
+                          "frozen, so full fine-tuning cannot train it (set quant.method=none)")
+    if cfg.quant.method == "nf4" and cfg.quant.block_size % 2:
+        raise ConfigError(f"quant.block_size={cfg.quant.block_size} must be even for nf4 (2 codes per byte)")
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def replace(cfg: RecipeConfig, **dotted) -> RecipeConfig:
+    """Copy with dotted keys replaced, e.g. replace(cfg, **{"train.max_steps": 5})."""
+    raw = to_dict(cfg)
+    for key, value in dotted.items():
+        if key not in all_keys():
+            raise ConfigError(f"unknown key '{key}'{_suggest(key, all_keys())}")
+        _set(raw, key, value)
+    return _build(RecipeConfig, raw)
+
+
+def dump_yaml(cfg: RecipeConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,102 @@
+"""Step checkpoints: `checkpoints/step_N/` = trainable weights, optimizer state, RNG and data position.
+
+Layout (all safetensors + JSON):
+  trainable.safetensors   trainable parameters by qualified name
+  optimizer.safetensors   optimizer tensors;  optimizer.json  its skeleton (param groups, scalars)
+  rng.safetensors         torch CPU (and CUDA) RNG states
+  trainer_state.json      step, tokens seen, seconds so far
+  config.yaml             the resolved config
+  COMPLETE                written last; a directory without it is ignored on resume
+The directory is filled under a temp name and renamed; only the newest `keep` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from slimtune.errors import SlimtuneError
+from slimtune.trainer.io import atomic_dir, flatten_state, unflatten_state, write_json, write_text
+
+MARKER = "COMPLETE"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, trainer_state: dict,
+                    config_yaml: str, keep: int) -> Path:
+    target = Path(root) / f"step_{step}"
+    with atomic_dir(target) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        tensors, skeleton = flatten_state(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        write_json(tmp / "optimizer.json", skeleton)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(tmp / "rng.safetensors"))
+        write_json(tmp / "trainer_state.json", {**trainer_state, "step": step})
+        write_text(tmp / "config.yaml", config_yaml)
+        write_text(tmp / MARKER, "ok\n")
+    for old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete step dirs, oldest first; incomplete ones are skipped with a warning."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = STEP_DIR.match(d.name)
+        if not m or not d.is_dir():
+            continue
+        if not (d / MARKER).is_file():
+            warnings.warn(f"ignoring incomplete checkpoint {d} (no {MARKER} marker)", stacklevel=2)
+            continue
+        found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, optimizer) -> dict:
+    """Restore weights, optimizer and RNG from `ckpt`; returns trainer_state. Corruption is a SlimtuneError."""
+    ckpt = Path(ckpt)
+    try:
+        weights = load_file(str(ckpt / "trainable.safetensors"))
+        opt_tensors = load_file(str(ckpt / "optimizer.safetensors"))
+        skeleton = json.loads((ckpt / "optimizer.json").read_text())
+        rng = load_file(str(ckpt / "rng.safetensors"))
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except (FileNotFoundError, SafetensorError, json.JSONDecodeError, OSError) as e:
+        raise SlimtuneError(f"checkpoint {ckpt} is corrupted ({e}); delete it to resume from an older one") from None
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        diff = sorted(set(weights) ^ expected)
+        raise SlimtuneError(f"checkpoint {ckpt} does not match the model (e.g. '{diff[0]}'); "
+                            "resume with the config it was written with")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    try:
+        optimizer.load_state_dict(unflatten_state(skeleton, opt_tensors))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise SlimtuneError(f"checkpoint {ckpt}: optimizer state does not match ({e}); same optim.name needed") from None
+    torch.set_rng_state(rng["cpu"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return state

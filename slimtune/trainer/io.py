@@ -1,0 +1,98 @@
+"""Atomic file and directory writes, and nested state dicts <-> (safetensors, JSON).
+
+Everything on disk is safetensors + JSON (never pickle). A file is written to a temp name and renamed;
+a directory is filled under a temp name and renamed, so a crash leaves the old copy or the new one,
+never half of either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def write_json(path: Path, obj) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, tuple):
+        return list(o)
+    if isinstance(o, torch.dtype):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """`with atomic_dir(d) as tmp:` fill tmp; on success tmp replaces d (an older d is removed last)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".old-{target.name}-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def flatten_state(obj, prefix: str = "") -> tuple[dict[str, torch.Tensor], object]:
+    """Split a nested state (dicts/lists of tensors and scalars) into a flat tensor dict for safetensors
+    and a JSON skeleton where each tensor is replaced by {"__tensor__": key}."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(o, path):
+        if isinstance(o, torch.Tensor):
+            tensors[path] = o.detach().cpu().contiguous().clone()
+            return {"__tensor__": path}
+        if isinstance(o, dict):
+            return {"__dict__": [[walk(k, f"{path}.k{i}") if not isinstance(k, (str, int)) else k,
+                                  walk(v, f"{path}.{k}")] for i, (k, v) in enumerate(o.items())]}
+        if isinstance(o, (list, tuple)):
+            return {"__list__" if isinstance(o, list) else "__tuple__": [walk(v, f"{path}.{i}") for i, v in enumerate(o)]}
+        if o is None or isinstance(o, (bool, int, float, str)):
+            return o
+        raise TypeError(f"cannot checkpoint a {type(o).__name__} at {path}")
+
+    return tensors, walk(obj, prefix or "s")
+
+
+def unflatten_state(skeleton, tensors: dict[str, torch.Tensor]):
+    def walk(o):
+        if isinstance(o, dict):
+            if "__tensor__" in o:
+                return tensors[o["__tensor__"]]
+            if "__dict__" in o:
+                return {walk(k) if isinstance(k, dict) else k: walk(v) for k, v in o["__dict__"]}
+            if "__list__" in o:
+                return [walk(v) for v in o["__list__"]]
+            if "__tuple__" in o:
+                return tuple(walk(v) for v in o["__tuple__"])
+        return o
+
+    return walk(skeleton)

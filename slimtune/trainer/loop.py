@@ -1,0 +1,212 @@
+"""The training loop, top to bottom: setup, then per step lr -> micro-steps -> clip -> step -> log -> eval/save.
+
+Launch: `slimtune run qlora` or `torchrun --nproc_per_node 2 -m slimtune run qlora` (same code; DDP when
+WORLD_SIZE > 1; only rank 0 writes). Global batch = batch_size x grad_accum x world tokens blocks; the
+loss is the mean over every target token of that global batch (one denominator for all micro-batches
+and ranks, so 1 process x accum 2 == 2 processes x accum 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from slimtune import config as C
+from slimtune.adapters import apply_adapters
+from slimtune.data import BatchOrder, build_splits, micro_batch
+from slimtune.errors import SlimtuneError
+from slimtune.models import context_length, load_model, load_tokenizer, resolve_model_dir
+from slimtune.optim import build_optimizer
+from slimtune.trainer import dist
+from slimtune.trainer.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from slimtune.trainer.evaluate import count_params, perplexity
+from slimtune.trainer.hooks import Hooks
+from slimtune.trainer.io import write_json, write_text
+from slimtune.trainer.loss import CausalLMLoss, count_targets
+from slimtune.trainer.report import MetricsLog, peak_memory, plot_loss, print_main, start_wandb, summary_line
+from slimtune.trainer.save import save_final
+
+
+def lr_at(step: int, t: C.TrainConfig) -> float:
+    """Linear warmup to t.lr, then cosine decay to t.lr * t.min_lr_ratio at t.max_steps."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def check_output_dir(cfg: C.RecipeConfig) -> Path | None:
+    """Refuse to clobber an earlier run; returns the checkpoint to resume from (or None)."""
+    out = Path(cfg.output_dir)
+    holds_run = any((out / f).exists() for f in ("metrics.jsonl", "report.json", "checkpoints"))
+    if cfg.resume:
+        ckpts = complete_checkpoints(out / "checkpoints")
+        if not ckpts:
+            warnings.warn(f"resume=true but {out}/checkpoints has no complete checkpoint; starting from step 0")
+        return ckpts[-1] if ckpts else None
+    if holds_run and not cfg.overwrite:
+        raise SlimtuneError(f"output_dir={str(out)!r} already holds a run; pass resume=true to continue it, "
+                            "overwrite=true to replace it, or another output_dir")
+    return None
+
+
+def setup_model(cfg: C.RecipeConfig, device: torch.device) -> nn.Module:
+    model = load_model(cfg.model.name, cfg.model.dtype, cfg.quant, device="cpu")
+    if cfg.adapter.type == "none":
+        for p in model.parameters():  # full fine-tuning: fp32 master weights, bf16 only via autocast
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    else:
+        apply_adapters(model, cfg.adapter)
+    if cfg.train.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device)
+
+
+def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
+    """Train per `cfg`; returns the report dict (also written to output_dir/report.json on rank 0)."""
+    t = cfg.train
+    device = dist.pick_device(t.device)
+    info = dist.setup(device)
+    ctx_len = context_length(cfg.model.name)
+    if t.seq_len > ctx_len:
+        raise SlimtuneError(f"train.seq_len={t.seq_len} exceeds the model's context of {ctx_len} tokens")
+    resume_from = check_output_dir(cfg)
+    dist.barrier(info)  # every rank has checked output_dir before rank 0 writes to it
+    out = Path(cfg.output_dir)
+    config_yaml = C.dump_yaml(cfg)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", config_yaml)
+
+    torch.manual_seed(t.seed)
+    tokenizer = load_tokenizer(cfg.model.name)
+    data = build_splits(cfg.data.source, tokenizer, t.seq_len, cfg.data.eval_fraction)
+    model = setup_model(cfg, device)
+    loss_model = CausalLMLoss(model, t.loss_chunk_tokens)
+    # quantized bases are built identically on every rank, so buffers need no broadcast
+    train_model = (nn.parallel.DistributedDataParallel(loss_model, broadcast_buffers=False)
+                   if info.enabled else loss_model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg.optim, params, t.lr)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
+    for h in hooks:
+        h.on_setup(model, optimizer, cfg)
+
+    step, state = 0, {}
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer)
+        step = state["step"]
+        print_main(f"slimtune: resumed from {resume_from} (step {step})", info.is_main)
+    wandb_run = start_wandb(cfg, C.to_dict(cfg), out) if info.is_main else None
+    metrics = MetricsLog(out / "metrics.jsonl", step if resume_from else None, wandb_run) if info.is_main else None
+
+    def evaluate():
+        with autocast:
+            return perplexity(loss_model, data.eval, t.batch_size, cfg.eval.max_batches, device, info)
+
+    ppl_before = state["eval_perplexity_before"] if "eval_perplexity_before" in state else evaluate()
+    tokens_seen, train_seconds = state.get("tokens", 0), state.get("seconds", 0.0)
+    order = BatchOrder(len(data.train), t.seed)
+    bar = tqdm(total=t.max_steps, initial=step, disable=not (info.is_main and cfg.logging.progress),
+               desc="train", dynamic_ncols=True)
+    session_tokens, session_start = 0, time.perf_counter()
+    model.train()
+    while step < t.max_steps:
+        t0 = time.perf_counter()
+        # per-step reseeding makes dropout a function of (seed, step, rank): resume is exact on every rank
+        torch.manual_seed(t.seed * 1_000_003 + step * 1009 + info.rank)
+        lr = lr_at(step, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = [micro_batch(data.train, order, step, m, info.rank, info.world, t.batch_size, t.grad_accum)
+                   for m in range(t.grad_accum)]
+        n_targets = dist.all_reduce_sum(torch.tensor(float(sum(count_targets(y) for _, y in batches))), info)
+        loss_sum = torch.zeros(())
+        for m, (x, y) in enumerate(batches):
+            last = m == t.grad_accum - 1
+            sync = contextlib.nullcontext() if (last or not info.enabled) else train_model.no_sync()
+            with sync:
+                with autocast:
+                    micro_loss = train_model(x.to(device), y.to(device))
+                # DDP averages gradients over ranks; x world turns that into a sum over the global batch
+                (micro_loss * info.world / n_targets.clamp(min=1)).backward()
+            loss_sum += micro_loss.detach().float().cpu()
+        for h in hooks:
+            h.after_backward(model, step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
+        for h in hooks:
+            h.before_step(optimizer, step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        for h in hooks:
+            h.after_step(model, optimizer, step)
+        loss = (dist.all_reduce_sum(loss_sum, info) / n_targets.clamp(min=1)).item()
+        step_tokens = sum(x.numel() for x, _ in batches) * info.world
+        tokens_seen += step_tokens
+        session_tokens += step_tokens
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        if not math.isfinite(loss):
+            raise SlimtuneError(f"loss became {loss} at step {step}; lower train.lr or check the data")
+        row = {"step": step, "loss": loss, "lr": lr, "tokens": tokens_seen, "seconds": round(train_seconds, 4)}
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < t.max_steps:
+            row["eval_perplexity"] = evaluate()
+        if metrics is not None:
+            metrics.log(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.max_steps:
+            if info.is_main:
+                save_checkpoint(out / "checkpoints", step, model, optimizer,
+                                {"tokens": tokens_seen, "seconds": train_seconds, "eval_perplexity_before": ppl_before},
+                                config_yaml, cfg.checkpoint.keep)
+            for h in hooks:
+                h.on_save(out / "checkpoints" / f"step_{step}", step)
+            dist.barrier(info)
+    bar.close()
+    session_seconds = time.perf_counter() - session_start
+
+    ppl_after = evaluate()
+    report = None
+    if info.is_main:
+        save_final(model, cfg, out / "final", str(resolve_model_dir(cfg.model.name)), tokenizer)
+        rows = metrics.rows
+        mem, kind = peak_memory(device)
+        trainable, total = count_params(model)
+        report = {
+            "initial_loss": rows[0]["loss"] if rows else None,
+            "final_loss": rows[-1]["loss"] if rows else None,
+            "eval_perplexity_before": ppl_before,
+            "eval_perplexity": ppl_after,
+            "peak_memory_bytes": mem,
+            "peak_memory_kind": kind,
+            "trainable_params": trainable,
+            "total_params": total,
+            "tokens_per_second": session_tokens / max(session_seconds, 1e-9),
+            "steps": step,
+            "wall_seconds": train_seconds,
+            "world_size": info.world,
+            "device": str(device),
+            "config": C.to_dict(cfg),
+        }
+        write_json(out / "report.json", report)
+        if rows:
+            plot_loss(rows, out / "loss.png")
+        if wandb_run is not None:
+            wandb_run.summary.update({k: v for k, v in report.items() if k != "config"})
+            wandb_run.finish()
+        print_main(summary_line(report) + f"\nslimtune: wrote {out}/", True)
+    dist.barrier(info)
+    dist.teardown(info)
+    return report

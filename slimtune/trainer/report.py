@@ -1,0 +1,93 @@
+"""What a run writes besides checkpoints: metrics.jsonl, report.json, loss.png, wandb, the summary line."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from slimtune.trainer.io import write_text
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per optimizer step. On resume, lines after the checkpoint's step
+    are dropped (they belong to the run that crashed), so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int | None, wandb_run=None):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+        if resume_step is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by the crash
+                    continue
+                if row.get("step", math.inf) <= resume_step:
+                    self.rows.append(row)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.wandb = wandb_run
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, kind): CUDA max allocated on GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return int(rss_kb * 1024), "cpu_peak_rss"
+
+
+def plot_loss(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(path).with_name(".loss.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def start_wandb(cfg, config_dict: dict, output_dir: Path):
+    if not cfg.logging.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        from slimtune.errors import SlimtuneError
+
+        raise SlimtuneError("logging.wandb=true needs wandb: pip install wandb (offline: WANDB_MODE=offline)") from None
+    return wandb.init(project=cfg.logging.wandb_project, config=config_dict, dir=str(output_dir))
+
+
+def summary_line(report: dict) -> str:
+    def ppl(x):
+        return f"{x:.2f}" if x is not None else "n/a"
+
+    gib = report["peak_memory_bytes"] / 2**30
+    return (f"loss {report['initial_loss']:.4f} -> {report['final_loss']:.4f} | eval perplexity "
+            f"{ppl(report['eval_perplexity_before'])} -> {ppl(report['eval_perplexity'])} | "
+            f"{report['tokens_per_second']:.0f} tok/s | peak {gib:.2f} GiB ({report['peak_memory_kind']}) | "
+            f"trainable {report['trainable_params']:,} / {report['total_params']:,} params")
+
+
+def print_main(msg: str, is_main: bool) -> None:
+    if is_main:
+        print(msg, file=sys.stdout, flush=True)

@@ -1,0 +1,72 @@
+"""Recipe loading, overrides and validation: every bad input is a ConfigError naming the key."""
+
+import pytest
+
+from slimtune import config as C
+from slimtune.errors import ConfigError
+
+
+def test_every_recipe_loads_and_has_contract_keys():
+    assert {"lora", "qlora", "full"} <= set(C.list_recipes())
+    keys = set(C.all_keys())
+    contract = """model.name model.dtype data.source data.eval_fraction train.max_steps train.seq_len
+    train.batch_size train.grad_accum train.lr train.warmup_steps train.seed train.activation_checkpointing
+    adapter.type adapter.rank adapter.alpha adapter.dropout adapter.target_modules quant.method quant.backend
+    optim.name checkpoint.every checkpoint.keep eval.every logging.wandb output_dir resume""".split()
+    assert set(contract) <= keys
+    for name in C.list_recipes():
+        cfg = C.load_config(name)
+        assert isinstance(cfg, C.RecipeConfig)
+
+
+def test_overrides_are_typed():
+    cfg = C.load_config("qlora", ["train.max_steps=7", "train.lr=3e-4", "adapter.target_modules=[q_proj,v_proj]",
+                                  "train.activation_checkpointing=true", "adapter.alpha=8"])
+    assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
+    assert cfg.train.lr == 3e-4
+    assert cfg.adapter.target_modules == ("q_proj", "v_proj")
+    assert cfg.train.activation_checkpointing is True
+    assert cfg.adapter.alpha == 8.0 and isinstance(cfg.adapter.alpha, float)
+    with pytest.raises(Exception):
+        cfg.train.max_steps = 3  # frozen
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.max_stepz=3", "did you mean 'train.max_steps'"),
+    ("adapter.rnak=3", "did you mean 'adapter.rank'"),
+    ("adapter.rank=abc", "adapter.rank: expected int"),
+    ("train.lr=fast", "train.lr: expected float"),
+    ("adapter.rank=0", "adapter.rank=0 must be > 0"),
+    ("train.seq_len=-5", "train.seq_len=-5 must be > 0"),
+    ("quant.method=nf5", "quant.method='nf5' is not one of"),
+    ("data.eval_fraction=1.5", "data.eval_fraction=1.5 must be in (0, 1)"),
+    ("train.activation_checkpointing=maybe", "train.activation_checkpointing: expected bool"),
+    ("adapter.target_modules=some", "adapter.target_modules='some'"),
+    ("nonsense", "must look like key=value"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        C.load_config("lora", [override])
+    assert needle in str(e.value)
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="quant.method=nf4 needs adapter.type=lora"):
+        C.load_config("full", ["quant.method=nf4"])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  max_steps: 3\n  batchsize: 2\n")
+    with pytest.raises(ConfigError, match="did you mean 'train.batch_size'"):
+        C.load_config(str(p))
+    with pytest.raises(ConfigError, match="not found"):
+        C.load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_dump_roundtrip(tmp_path):
+    cfg = C.load_config("qlora", ["adapter.rank=4"])
+    p = tmp_path / "c.yaml"
+    p.write_text(C.dump_yaml(cfg))
+    assert C.load_config(str(p)) == cfg
+    assert C.replace(cfg, **{"train.max_steps": 3}).train.max_steps == 3
