@@ -66,7 +66,11 @@ def setup_model(cfg: C.RecipeConfig, device: torch.device) -> nn.Module:
     else:
         apply_adapters(model, cfg.adapter)
     if cfg.train.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs and DDP
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model.to(device)
 
 

@@ -1,0 +1,39 @@
+"""Every recipes/*.yaml runs end to end on the tiny model for a few CPU steps and lowers the loss."""
+
+import json
+
+import pytest
+
+from slimtune import config as C
+from slimtune.cli import main
+
+# per-recipe lr for a random tiny model (the recipes' own lrs suit SmolLM2)
+LR = {"full": "3e-3", "lora": "1e-2", "qlora": "1e-2"}
+REPORT_KEYS = {"initial_loss", "final_loss", "eval_perplexity", "eval_perplexity_before", "peak_memory_bytes",
+               "peak_memory_kind", "trainable_params", "total_params", "tokens_per_second", "steps",
+               "wall_seconds", "config"}
+
+
+@pytest.mark.parametrize("recipe", C.list_recipes())
+def test_recipe_lowers_loss(recipe, tmp_path, tiny_overrides):
+    out = tmp_path / recipe
+    rc = main(["run", recipe, *tiny_overrides, "train.max_steps=12", f"train.lr={LR.get(recipe, '1e-2')}",
+               "checkpoint.every=6", f"output_dir={out}"])
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert all({"step", "loss", "lr", "tokens", "seconds"} <= set(r) for r in rows)
+    first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first - 0.05, [r["loss"] for r in rows]
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["eval_perplexity"] < report["eval_perplexity_before"]
+    assert report["peak_memory_kind"] == "cpu_peak_rss" and report["peak_memory_bytes"] > 0
+    assert 0 < report["trainable_params"] <= report["total_params"]
+    assert report["config"]["output_dir"] == str(out)
+    assert (out / "loss.png").stat().st_size > 1000
+    assert (out / "config.yaml").is_file()
+    assert (out / "checkpoints" / "step_6" / "COMPLETE").is_file()
+    final = out / "final"
+    expected = "config.json" if report["config"]["adapter"]["type"] == "none" else "adapter_config.json"
+    assert (final / expected).is_file()

@@ -1,0 +1,68 @@
+"""Bad input from the command line: one line on stderr naming the key/file, exit code 2, no traceback."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def slimtune(*args):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "slimtune", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["run", "lora", "train.max_stepz=3"], "did you mean 'train.max_steps'"),
+    (["run", "lora", "adapter.rank=two"], "adapter.rank: expected int"),
+    (["run", "lroa"], "unknown recipe 'lroa'; did you mean 'lora'"),
+    (["run", "missing.yaml"], "recipe file 'missing.yaml' not found"),
+    (["run", "lora", "model.name=/no/such/model"], "model.name='/no/such/model': no config.json"),
+    (["run", "lora", "model.name=tiny-llama", "train.seq_len=4096"], "train.seq_len=4096 exceeds the model's context of 1024"),
+    (["run", "lora", "model.name=tiny-llama", "train.seq_len=32", "data.source=/no/file.txt"], "data.source='/no/file.txt': file not found"),
+    (["run", "lora", "model.name=tiny-llama", "train.seq_len=32", "adapter.rank=999"], "adapter.rank=999"),
+    (["export", "/no/run"], "export needs --merge"),
+    (["export", "/no/run", "--merge"], "not a finished slimtune run"),
+])
+def test_bad_input_is_one_line_exit_2(args, needle, tmp_path):
+    r = slimtune(*args, f"output_dir={tmp_path / 'out'}") if args[0] == "run" else slimtune(*args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_recipes_and_config_show():
+    r = slimtune("recipes")
+    assert r.returncode == 0 and {"lora", "qlora", "full"} <= set(r.stdout.split())
+    r = slimtune("config", "show", "qlora", "adapter.rank=8")
+    assert r.returncode == 0 and "rank: 8" in r.stdout and "method: nf4" in r.stdout
+
+
+def test_export_merge_and_eval(tmp_path, tiny_overrides):
+    run_dir = tmp_path / "run"
+    r = slimtune("run", "lora", *tiny_overrides, "train.max_steps=4", "train.lr=1e-2", f"output_dir={run_dir}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = slimtune("export", str(run_dir), "--merge")
+    assert r.returncode == 0, r.stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.adapters.peft_format import load_peft_adapter
+    from slimtune.models import load_model
+
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()
+    adapted = load_model("tiny-llama").eval()
+    load_peft_adapter(adapted, run_dir / "final")
+    x = torch.randint(0, 500, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, adapted(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+
+    # `slimtune eval` on the adapter dir reproduces the run's final eval perplexity
+    r = slimtune("eval", *tiny_overrides, f"model.name={run_dir / 'final'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])["eval_perplexity"]
+    want = json.loads((run_dir / "report.json").read_text())["eval_perplexity"]
+    assert abs(got - want) < 1e-3 * want
