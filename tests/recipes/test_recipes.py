@@ -37,3 +37,14 @@ def test_recipe_lowers_loss(recipe, tmp_path, tiny_overrides):
     final = out / "final"
     expected = "config.json" if report["config"]["adapter"]["type"] == "none" else "adapter_config.json"
     assert (final / expected).is_file()
+
+
+@pytest.mark.parametrize("extra", [["quant.backend=bitsandbytes"], ["quant.method=int8"],
+                                   ["train.grad_accum=2", "train.activation_checkpointing=true"]])
+def test_qlora_variants_train(extra, tmp_path, tiny_overrides):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "q"
+    assert main(["run", "qlora", *tiny_overrides, "train.max_steps=12", "train.lr=1e-2", *extra,
+                 f"output_dir={out}"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["loss"] for r in rows[-3:]) < sum(r["loss"] for r in rows[:3]) - 0.15
