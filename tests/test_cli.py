@@ -33,6 +33,7 @@ def test_bad_input_is_one_line_exit_2(args, needle, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
     assert len(lines) == 1 and needle in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()  # bad input writes nothing
 
 
 def test_recipes_and_config_show():

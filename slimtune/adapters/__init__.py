@@ -11,18 +11,11 @@ from typing import Callable
 import torch.nn as nn
 
 from slimtune.errors import ConfigError, SlimtuneError
+from slimtune.registry import Registry
 
-ADAPTERS: dict[str, type] = {}
-
-
-def register(name: str):
-    """Class decorator: the class must offer `from_config(module, adapter_cfg)`."""
-
-    def deco(cls):
-        ADAPTERS[name] = cls
-        return cls
-
-    return deco
+# name -> adapter class offering `from_config(module, adapter_cfg)`
+ADAPTERS = Registry("adapter.type")
+register = ADAPTERS.register
 
 
 def _is_quantized(m: nn.Module) -> bool:
@@ -72,8 +65,7 @@ def apply_adapters(model: nn.Module, cfg) -> list[str]:
 
     Returns the qualified names wrapped. cfg: AdapterConfig.
     """
-    if cfg.type not in ADAPTERS:
-        raise ConfigError(f"adapter.type={cfg.type!r} is not registered; registered: {', '.join(sorted(ADAPTERS))}")
+    adapter_cls = ADAPTERS.get(cfg.type)
     for p in model.parameters():
         p.requires_grad_(False)
     names = _targets(model, cfg.target_modules)
@@ -81,7 +73,7 @@ def apply_adapters(model: nn.Module, cfg) -> list[str]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         try:
-            setattr(parent, child, ADAPTERS[cfg.type].from_config(getattr(parent, child), cfg))
+            setattr(parent, child, adapter_cls.from_config(getattr(parent, child), cfg))
         except ValueError as e:
             raise ConfigError(f"adapter.rank={cfg.rank}: {e} (module {name})") from None
     return names

@@ -5,31 +5,22 @@ A new optimizer is one file plus `@register("name")` on a builder `(cfg, params,
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from slimtune.errors import ConfigError, SlimtuneError
+from slimtune.errors import SlimtuneError
+from slimtune.registry import Registry
 
-OPTIMIZERS: dict[str, Callable] = {}
-
-
-def register(name: str):
-    def deco(fn):
-        OPTIMIZERS[name] = fn
-        return fn
-
-    return deco
+OPTIMIZERS = Registry("optim.name")  # name -> builder (cfg, params, lr) -> Optimizer
+register = OPTIMIZERS.register
 
 
 def build_optimizer(cfg, params, lr: float) -> torch.optim.Optimizer:
     """cfg: OptimConfig; params: the trainable parameters (fp32 master weights)."""
-    if cfg.name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name={cfg.name!r} is not registered; registered: {', '.join(sorted(OPTIMIZERS))}")
+    build = OPTIMIZERS.get(cfg.name)
     params = list(params)
     if not params:
         raise SlimtuneError("no trainable parameters: check adapter.type and adapter.target_modules")
-    return OPTIMIZERS[cfg.name](cfg, params, lr)
+    return build(cfg, params, lr)
 
 
 @register("adamw")

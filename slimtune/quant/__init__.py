@@ -1,7 +1,7 @@
 """Frozen quantized bases: `quantize_model(model, method, backend)` swaps every nn.Linear (but lm_head).
 
-slimtune's own formats are pure torch (nf4.py, int8.py, sharing linear.py); `backend="bitsandbytes"`
-uses bnb's layers (bnb.py). bitsandbytes is never imported unless asked for.
+slimtune's own formats are pure torch (nf4.py, int8.py); `backend="bitsandbytes"` uses bnb's layers
+(bnb.py). bitsandbytes is never imported unless that backend is asked for.
 """
 
 from __future__ import annotations
@@ -11,17 +11,19 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from slimtune.quant.int8 import Int8Linear
-from slimtune.quant.linear import QuantizedLinear
-from slimtune.quant.nf4 import NF4Linear
+from slimtune.quant.int8 import Int8Linear, Int8Weight, quantize_int8
+from slimtune.quant.nf4 import NF4_CODEBOOK, NF4Linear, NF4Weight, quantize_nf4
+
+__all__ = ["QUANT_LINEARS", "quantize_model", "is_quantized_linear", "dequantize_weight", "NF4Linear",
+           "Int8Linear", "NF4Weight", "Int8Weight", "quantize_nf4", "quantize_int8", "NF4_CODEBOOK"]
 
 
-def _slimtune(cls):
-    def make(linear, block_size, double_quant, compute_dtype):
-        kw = {"double_quant": double_quant} if cls is NF4Linear else {}
-        return cls.from_linear(linear, compute_dtype=compute_dtype, block_size=block_size, **kw)
+def _nf4(linear, block_size, double_quant, compute_dtype):
+    return NF4Linear.from_linear(linear, block_size=block_size, double_quant=double_quant, compute_dtype=compute_dtype)
 
-    return make
+
+def _int8(linear, block_size, double_quant, compute_dtype):  # double_quant: nf4 only
+    return Int8Linear.from_linear(linear, block_size=block_size, compute_dtype=compute_dtype)
 
 
 def _bnb(method):
@@ -33,45 +35,67 @@ def _bnb(method):
     return make
 
 
-QUANT_LINEARS: dict[tuple[str, str], Callable] = {
-    ("slimtune", "nf4"): _slimtune(NF4Linear),
-    ("slimtune", "int8"): _slimtune(Int8Linear),
+# (backend, method) -> make(linear, block_size, double_quant, compute_dtype) -> frozen quantized module
+QUANT_LINEARS: dict[tuple[str, str], Callable[..., nn.Module]] = {
+    ("slimtune", "nf4"): _nf4,
+    ("slimtune", "int8"): _int8,
     ("bitsandbytes", "nf4"): _bnb("nf4"),
     ("bitsandbytes", "int8"): _bnb("int8"),
 }
 
 
+@torch.no_grad()
 def quantize_model(model: nn.Module, method: str, backend: str = "slimtune", block_size: int = 64,
-                   double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
+                   double_quant: bool = True, compute_dtype: torch.dtype | None = torch.float32,
                    skip_modules=("lm_head",)) -> int:
-    """Replace every nn.Linear (last name not in skip_modules) in place; returns how many."""
+    """Replace, in place, every nn.Linear of `model` whose last name component is not in skip_modules by
+    its quantized version; returns how many were replaced. method "none" is a no-op (returns 0).
+
+    Only exact nn.Linear is replaced: subclasses (bnb layers, MultiheadAttention's out_proj, whose
+    weight the parent reads directly) are left alone. A linear reachable under two names is quantized
+    once and stays shared. The original weight is released from the replaced module (a tied copy used
+    elsewhere, e.g. an embedding, is untouched), so its memory is freed once the model drops it.
+    """
     if method == "none":
         return 0
     if (backend, method) not in QUANT_LINEARS:
-        valid = ", ".join(f"{b}/{m}" for b, m in QUANT_LINEARS)
-        raise ValueError(f"unknown quantization {backend}/{method}; valid: {valid}")
+        valid = ", ".join(f"backend={b} method={m}" for b, m in QUANT_LINEARS)
+        raise ValueError(f"unknown quantization backend={backend!r} method={method!r}; valid: {valid} "
+                         f"(or method='none')")
     make = QUANT_LINEARS[(backend, method)]
-    targets = [n for n, m in model.named_modules()
-               if type(m) is nn.Linear and n.rsplit(".", 1)[-1] not in skip_modules]
-    for name in targets:
+    skip = {skip_modules} if isinstance(skip_modules, str) else set(skip_modules)
+    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
+               if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in skip]
+    if any(name == "" for name, _ in targets):
+        raise ValueError("quantize_model replaces submodules in place; the model itself is an nn.Linear "
+                         "(wrap it in a container)")
+    done: dict[int, nn.Module] = {}
+    for name, old in targets:
+        new = done.get(id(old))
+        if new is None:
+            new = done[id(old)] = make(old, block_size, double_quant, compute_dtype)
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, make(getattr(parent, child), block_size, double_quant, compute_dtype))
-    return len(targets)
+        setattr(model.get_submodule(parent_name), child, new)
+    for _, old in targets:  # drop the full-precision weights now (one layer at a time was the peak)
+        old.weight = None
+    return len(done)
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
-    if isinstance(module, QuantizedLinear):
+    """True for slimtune NF4Linear / Int8Linear and bitsandbytes Linear4bit / Linear8bitLt."""
+    if isinstance(module, (NF4Linear, Int8Linear)):
         return True
-    from slimtune.quant.bnb import is_bnb_linear
+    from slimtune.quant.bnb import is_bnb_linear  # does not import bitsandbytes itself
 
     return is_bnb_linear(module)
 
 
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
-    """(out, in) fp32 weight of any quantized linear."""
-    if isinstance(module, QuantizedLinear):
+    """fp32 (out_features, in_features) weight of any quantized linear (see is_quantized_linear)."""
+    if isinstance(module, (NF4Linear, Int8Linear)):
         return module.dequantize_weight(torch.float32)
-    from slimtune.quant.bnb import dequantize_bnb_weight
+    from slimtune.quant.bnb import dequantize_bnb_weight, is_bnb_linear
 
+    if not is_bnb_linear(module):
+        raise TypeError(f"{type(module).__name__} is not a quantized linear")
     return dequantize_bnb_weight(module)

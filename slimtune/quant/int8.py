@@ -1,39 +1,105 @@
-"""Block-wise symmetric INT8: one fp32 absmax per block of `block_size` weights.
+"""Block-wise symmetric absmax INT8 in pure torch (the frozen linear plumbing is in linear.py).
 
-code = round(w / absmax * 127) in int8, w ~= code * absmax / 127; the error per weight is at most
-absmax / 254 (half a step). 8 bits + 32/block_size bits per weight (8.5 at blocks of 64).
+Format: the weight is flattened row-major and cut into blocks of `block_size` values; each block
+stores its absmax (fp32) and codes = round(w / absmax * 127) as int8 in [-127, 127], so
+w ~= codes * absmax / 127 with an error of at most absmax / 254 (half a step) per value.
+Storage per weight: 8 + 32/block_size bits (8.5 at blocks of 64).
+
+Unlike bitsandbytes' Linear8bitLt (one scale per output row, activations quantized too in its
+int8 matmul), this is weight-only: the matmul runs in the compute dtype on the dequantized weight.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from slimtune.quant.linear import QuantizedLinear
+from slimtune.quant.linear import FrozenQuantLinear, LinearDequant
 
 
-def quantize_int8(w: torch.Tensor, block_size: int = 64) -> dict[str, torch.Tensor]:
-    """w: numel % block_size == 0 -> {'codes': int8 (numel,), 'absmax': fp32 (numel / block_size,)}."""
-    if w.numel() % block_size:
-        raise ValueError(f"INT8 needs numel divisible by block_size={block_size}; weight shape {tuple(w.shape)}")
+def _check_layout(shape, block_size: int) -> int:
+    numel = int(torch.Size(shape).numel())
+    if block_size <= 0 or numel == 0 or numel % block_size:
+        raise ValueError(f"INT8 needs numel divisible by block_size={block_size}; weight shape {tuple(shape)} "
+                         f"has {numel} elements")
+    return numel
+
+
+@dataclass
+class Int8Weight:
+    """A block-wise INT8 weight: codes int8 (numel,), absmax fp32 (numel / block_size,)."""
+
+    codes: torch.Tensor
+    absmax: torch.Tensor
+    shape: tuple
+    block_size: int = 64
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """-> `shape` tensor of `dtype` (computed in fp32, then cast once)."""
+        w = self.codes.view(-1, self.block_size).float() * (self.absmax.float() / 127)[:, None]
+        return w.view(self.shape).to(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name (safetensors-ready; names match Int8Linear's buffers)."""
+        return {"codes": self.codes, "absmax": self.absmax}
+
+    @property
+    def nbytes(self) -> int:
+        """Storage in bytes: codes + scales."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @classmethod
+    def from_tensors(cls, d: dict[str, torch.Tensor], shape, block_size: int = 64) -> "Int8Weight":
+        """Inverse of tensors(); validates the sizes against shape / block_size."""
+        numel = _check_layout(shape, block_size)
+        for k, n in (("codes", numel), ("absmax", numel // block_size)):
+            if k not in d or d[k].numel() != n:
+                got = tuple(d[k].shape) if k in d else "missing"
+                raise ValueError(f"INT8 tensor {k!r}: expected {n} elements for shape {tuple(shape)}, "
+                                 f"block_size {block_size}; got {got}")
+        return cls(codes=d["codes"], absmax=d["absmax"], shape=tuple(shape), block_size=block_size)
+
+
+@torch.no_grad()
+def quantize_int8(w: torch.Tensor, block_size: int = 64) -> Int8Weight:
+    """w: any shape with numel % block_size == 0 (any float dtype; computed in fp32) -> Int8Weight."""
+    _check_layout(w.shape, block_size)
     blocks = w.detach().float().reshape(-1, block_size)
     absmax = blocks.abs().amax(dim=1)
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    if not torch.isfinite(absmax).all():  # nan/inf would silently poison a whole block
+        raise ValueError(f"cannot INT8-quantize a weight of shape {tuple(w.shape)} with non-finite values")
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))  # all-zero block -> codes 0
     codes = torch.round(blocks / safe[:, None] * 127).clamp(-127, 127).to(torch.int8)
-    return {"codes": codes.flatten(), "absmax": absmax}
+    return Int8Weight(codes=codes.flatten(), absmax=absmax, shape=tuple(w.shape), block_size=block_size)
 
 
-def dequantize_int8(t: dict[str, torch.Tensor], shape, block_size: int, dtype=torch.float32) -> torch.Tensor:
-    blocks = t["codes"].view(-1, block_size).float() * (t["absmax"] / 127)[:, None]
-    return blocks.to(dtype).view(shape)
+class LinearInt8(LinearDequant):
+    """LinearDequant for an Int8Weight: LinearInt8.apply(x, int8_weight, bias)."""
 
 
-class Int8Linear(QuantizedLinear):
-    """Frozen block-wise INT8 linear. x: (..., in_features) -> (..., out_features)."""
+class Int8Linear(FrozenQuantLinear):
+    """Frozen block-wise INT8 linear. Buffers: codes int8 (out*in,), absmax fp32 (out*in/block_size,)."""
 
     format = "int8"
+    _function = LinearInt8
 
-    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        return quantize_int8(weight, self.block_size)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, block_size: int = 64,
+                 compute_dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        _check_layout((out_features, in_features), block_size)
+        self._init_common(in_features, out_features, bias, block_size, compute_dtype, device)
 
-    def dequantize(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_int8(tensors, (self.out_features, self.in_features), self.block_size, dtype)
+    def _quantize(self, w: torch.Tensor) -> Int8Weight:
+        return quantize_int8(w, self.block_size)
+
+    def _empty(self, device) -> Int8Weight:
+        n = self.out_features * self.in_features
+        return Int8Weight(codes=torch.zeros(n, dtype=torch.int8, device=device),
+                          absmax=torch.zeros(n // self.block_size, device=device),
+                          shape=(self.out_features, self.in_features), block_size=self.block_size)
+
+    def _packed(self) -> Int8Weight:
+        """The buffers viewed as an Int8Weight (shares storage, no copy)."""
+        return Int8Weight(codes=self.codes, absmax=self.absmax, shape=(self.out_features, self.in_features),
+                          block_size=self.block_size)

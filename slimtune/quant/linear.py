@@ -1,9 +1,10 @@
-"""The frozen quantized linear shared by every slimtune format (nf4.py, int8.py).
+"""The frozen quantized linear shared by slimtune's formats (nf4.py, int8.py).
 
-A format subclass stores its packed tensors as buffers (so `.to()`, `state_dict()` and safetensors
-work) and implements `quantize(weight) -> dict` and `dequantize(dict, dtype) -> (out, in)` tensor.
-`LinearDequant` dequantizes in forward and again in backward instead of saving W: the full-precision
-weight exists only for the duration of one matmul, which is where QLoRA's memory saving comes from.
+A format subclass keeps its packed tensors as buffers (so `.to()`, `state_dict()`, DDP and
+safetensors work) and implements `_quantize(w)`, `_empty(device)` and `_packed()`, each returning a
+packed-weight holder with `.dequantize(dtype)` and `.tensors()`. `LinearDequant` dequantizes in forward
+and again in backward instead of saving W: the dense weight lives only for one matmul, which is where
+QLoRA's memory saving comes from.
 """
 
 from __future__ import annotations
@@ -14,71 +15,113 @@ import torch.nn.functional as F
 
 
 class LinearDequant(torch.autograd.Function):
-    """y = x W^T + b with W dequantized on the fly; W and b get no gradient."""
+    """y = x W^T + b with W dequantized in forward and again in backward; the dense W is never kept
+    alive between the two (that is the memory saving). W gets no gradient; x (and a bias requiring
+    grad, if any) do. x: (..., in), weight: any packed weight with .dequantize(dtype) -> (out, in),
+    bias: (out,) or None."""
 
     @staticmethod
-    def forward(ctx, x, module, bias):
-        ctx.module = module
-        return F.linear(x, module.dequantize_weight(x.dtype), bias)
+    def forward(ctx, x: torch.Tensor, weight, bias: torch.Tensor | None):
+        # only the packed holder is kept: a few references, no dense tensor
+        ctx.weight, ctx.dtype, ctx.has_bias = weight, x.dtype, bias is not None
+        return F.linear(x, weight.dequantize(x.dtype), bias)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        w = ctx.module.dequantize_weight(grad_out.dtype)
-        return grad_out @ w, None, None
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ ctx.weight.dequantize(ctx.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_b
 
 
-class QuantizedLinear(nn.Module):
+class FrozenQuantLinear(nn.Module):
+    """Shared plumbing of Int8Linear / NF4Linear: packed tensors as buffers (`.to(device)`, state_dict,
+    DDP and safetensors just work), a frozen bias Parameter or None, fwd/bwd through `_function`.
+
+    x: (..., in_features) -> (..., out_features) in x.dtype, computed in `compute_dtype` if set, else
+    in x.dtype; under autocast in the autocast dtype, and the output stays in it (as nn.Linear's).
+    Subclasses set `format`, `_function` and implement `_quantize`, `_empty`, `_packed`.
+    """
+
     format = "?"
+    _function: type[torch.autograd.Function] = LinearDequant
 
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None = None,
-                 block_size: int = 64, compute_dtype: torch.dtype | None = None):
-        super().__init__()
+    def _init_common(self, in_features, out_features, bias, block_size, compute_dtype, device) -> None:
         self.in_features, self.out_features = in_features, out_features
         self.block_size, self.compute_dtype = block_size, compute_dtype
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        # zero codes of the right sizes, so load_state_dict can fill a freshly built module
+        self._set_packed(self._empty(device))
+        self.register_parameter("bias", nn.Parameter(
+            torch.zeros(out_features, device=device, dtype=compute_dtype or torch.float32), requires_grad=False)
+            if bias else None)
 
-    # -- format hooks
-    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def dequantize(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        raise NotImplementedError
-
-    # -- shared behaviour
     @classmethod
-    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None, **fmt_kwargs) -> "QuantizedLinear":
-        bias = linear.bias.detach().to(compute_dtype or linear.bias.dtype) if linear.bias is not None else None
-        m = cls(linear.in_features, linear.out_features, bias, compute_dtype=compute_dtype, **fmt_kwargs)
+    def from_linear(cls, linear: nn.Linear, block_size: int = 64, compute_dtype: torch.dtype | None = None,
+                    **fmt_kwargs) -> "FrozenQuantLinear":
+        """Quantize `linear`'s weight on its device; the bias is kept (frozen) in compute_dtype or its own."""
+        m = cls(linear.in_features, linear.out_features, bias=False, block_size=block_size,
+                compute_dtype=compute_dtype, device=linear.weight.device, **fmt_kwargs)
         m.requantize_(linear.weight)
-        return m.to(linear.weight.device)
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().to(compute_dtype or linear.bias.dtype), requires_grad=False)
+        return m
 
-    def requantize_(self, weight: torch.Tensor) -> None:
-        """Replace the stored codes by quantizing `weight` (out, in), e.g. after merging a LoRA delta."""
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight shape {tuple(weight.shape)} != ({self.out_features}, {self.in_features})")
-        for name in list(self._buffers):
+    def _set_packed(self, q) -> None:
+        for name in [n for n in self._buffers]:
             del self._buffers[name]
-        for name, t in self.quantize(weight).items():
+        for name, t in q.tensors().items():
             self.register_buffer(name, t)
-
-    def packed_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.named_buffers(recurse=False))
-
-    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.dequantize(self.packed_tensors(), dtype)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the packed weight incl. scales (bias excluded)."""
-        return sum(t.numel() * t.element_size() for t in self.packed_tensors().values())
+        return self._packed().nbytes
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(out_features, in_features) tensor of `dtype`."""
+        return self._packed().dequantize(dtype)
+
+    @torch.no_grad()
+    def requantize_(self, new_weight: torch.Tensor) -> None:
+        """Replace the stored codes by quantizing `new_weight` (out, in), e.g. after merging a LoRA delta
+        into the base. Same format settings, so state_dict keys and sizes do not change."""
+        if tuple(new_weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"requantize_: weight shape {tuple(new_weight.shape)} != "
+                             f"({self.out_features}, {self.in_features})")
+        self._set_packed(self._quantize(new_weight.to(self.codes.device)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else (self.compute_dtype or x.dtype)
+        dev = x.device.type
+        autocast = torch.is_autocast_enabled(dev)
+        dtype = torch.get_autocast_dtype(dev) if autocast else (self.compute_dtype or x.dtype)
         bias = self.bias.to(dtype) if self.bias is not None else None
-        y = LinearDequant.apply(x.to(dtype), self, bias)
+        y = self._function.apply(x.to(dtype), self._packed(), bias)
         return y if autocast else y.to(x.dtype)
 
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(torch.bfloat16) casts every floating buffer, which would silently round the
+        # fp32 scales. Show them to Module._apply as raw bytes so they are moved, never cast.
+        scales = {k: b.dtype for k, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        for k in scales:
+            self._buffers[k] = self._buffers[k].view(torch.uint8)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for k, dt in scales.items():
+                self._buffers[k] = self._buffers[k].view(dt)
+
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
-                f"block_size={self.block_size}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.format}, block_size={self.block_size}, compute_dtype={self.compute_dtype}")
+
+    # -- format hooks
+    def _quantize(self, w: torch.Tensor):
+        raise NotImplementedError
+
+    def _empty(self, device):
+        raise NotImplementedError
+
+    def _packed(self):
+        raise NotImplementedError

@@ -1,95 +1,208 @@
-"""Block-wise NF4 (QLoRA's 4-bit NormalFloat) in pure torch, so a quantized base runs anywhere.
+"""Block-wise NF4 (QLoRA's 4-bit NormalFloat, Dettmers et al. 2023) in pure torch, so a quantized base
+runs on any device torch runs on.
 
-Storage per weight: 4 bits (2 codes per byte, first element in the high nibble as bitsandbytes packs
-it) + one absmax per block of `block_size` (fp32, or with double quantization an int8 per block
-plus one fp32 scale per 256 blocks and a global offset: 32/64 -> ~8.1/64 bits per weight).
+Format (bitsandbytes-compatible codes and scales):
+  * the weight is flattened row-major and cut into blocks of `block_size` values;
+  * each block stores its absmax (fp32) and, per value, the index (0..15) of the NF4 codebook entry
+    nearest to value / absmax; two indices per byte, the first value in the high nibble (bnb's order).
+  * double quantization (QLoRA) stores the absmax values as int8: (absmax - mean) is quantized
+    symmetrically in blocks of 256 scales with one fp32 scale per 256-block, plus the fp32 mean.
+Storage per weight: 4 + 32/64 = 4.5 bits, or ~4.127 bits with double quantization (blocks of 64).
 
-Dequantization is one table lookup per byte (a 256 x 2 table of codebook pairs) and one multiply per
-block, done per forward and again in backward (see quant/linear.py).
+Double-quantized scales use a linear int8 grid, not bnb's 8-bit dynamic map, so with double_quant
+the scales (not the codes) differ from bnb's by up to half an int8 step.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from slimtune.quant.linear import QuantizedLinear
+from slimtune.quant.linear import FrozenQuantLinear, LinearDequant
 
-# QLoRA / bitsandbytes NF4 code values (Dettmers et al. 2023, appendix E)
+# QLoRA paper appendix E == bitsandbytes.functional.get_4bit_type("nf4")
 NF4_CODEBOOK = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
-])
+], dtype=torch.float32)
+# nearest-value rounding == bucketize against the midpoints between neighbouring code values
 _MIDPOINTS = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2
-# byte -> (code of high nibble, code of low nibble) as values
+# byte -> (value of high nibble, value of low nibble): dequantization is one lookup per byte
 _PAIR_LUT = torch.stack([NF4_CODEBOOK[torch.arange(256) >> 4], NF4_CODEBOOK[torch.arange(256) & 15]], dim=1)
-DQ_BLOCK = 256  # blocks of absmax values per second-level scale (QLoRA's double quantization)
+DQ_BLOCK = 256  # absmax values per second-level fp32 scale (QLoRA's double quantization)
+
+_LUT_CACHE: dict[torch.device, torch.Tensor] = {}  # avoid a host->device copy of the LUT per forward
 
 
-def _check(numel: int, shape, block_size: int) -> None:
-    if block_size % 2 or block_size <= 0:
-        raise ValueError(f"NF4 block_size must be a positive even number, got {block_size}")
-    if numel % block_size:
-        raise ValueError(f"NF4 needs numel divisible by block_size={block_size}; weight shape {tuple(shape)}")
+def _pair_lut(device: torch.device) -> torch.Tensor:
+    if device not in _LUT_CACHE:
+        _LUT_CACHE[device] = _PAIR_LUT.to(device)
+    return _LUT_CACHE[device]
 
 
-def quantize_scales(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Double quantization: (absmax - mean) as int8, one fp32 scale per DQ_BLOCK values."""
-    offset = absmax.mean()
-    centered = absmax - offset
-    pad = (-centered.numel()) % DQ_BLOCK
-    blocks = F.pad(centered, (0, pad)).view(-1, DQ_BLOCK)
-    scale = blocks.abs().amax(dim=1).clamp(min=1e-12)
-    q = torch.round(blocks / scale[:, None] * 127).to(torch.int8)
-    return {"absmax_q": q.flatten()[: absmax.numel()].contiguous(), "absmax_scale": scale, "absmax_offset": offset.reshape(1)}
+def _check_layout(shape, block_size: int) -> int:
+    numel = int(torch.Size(shape).numel())
+    if block_size <= 0 or block_size % 2:
+        raise ValueError(f"NF4 block_size must be a positive even number (2 codes per byte), got {block_size} "
+                         f"for weight shape {tuple(shape)}")
+    if numel == 0 or numel % block_size:
+        raise ValueError(f"NF4 needs numel divisible by block_size={block_size}; weight shape {tuple(shape)} "
+                         f"has {numel} elements")
+    return numel
 
 
-def dequantize_scales(t: dict[str, torch.Tensor]) -> torch.Tensor:
-    q = t["absmax_q"]
-    pad = (-q.numel()) % DQ_BLOCK
-    blocks = F.pad(q.float(), (0, pad)).view(-1, DQ_BLOCK)
-    return ((blocks / 127) * t["absmax_scale"][:, None]).flatten()[: q.numel()] + t["absmax_offset"]
-
-
-def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> dict[str, torch.Tensor]:
-    """w: any shape, numel % block_size == 0 -> {'codes': uint8 (numel/2,), 'absmax' or its int8 form}."""
-    _check(w.numel(), w.shape, block_size)
-    blocks = w.detach().float().reshape(-1, block_size)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
-    codes = torch.bucketize(scaled, _MIDPOINTS.to(w.device)).to(torch.uint8).flatten()
-    packed = (codes[0::2] << 4) | codes[1::2]
-    out = {"codes": packed}
-    out.update(quantize_scales(absmax) if double_quant else {"absmax": absmax})
-    return out
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (n,) in 0..15, n even -> uint8 (n/2,): element 2i in the high nibble, 2i+1 in the low."""
+    return (codes[0::2] << 4) | codes[1::2]
 
 
 def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 (n/2,) -> uint8 codes (n,) in order."""
+    """uint8 (n/2,) -> uint8 codes (n,) in original order (inverse of pack_codes)."""
     return torch.stack([packed >> 4, packed & 15], dim=1).flatten()
 
 
-def dequantize_nf4(t: dict[str, torch.Tensor], shape, block_size: int, dtype=torch.float32) -> torch.Tensor:
-    absmax = t["absmax"] if "absmax" in t else dequantize_scales(t)
-    vals = F.embedding(t["codes"].long(), _PAIR_LUT.to(t["codes"].device))  # (n/2, 2) fp32
-    return (vals.view(-1, block_size) * absmax[:, None]).to(dtype).view(shape)
+@dataclass
+class NF4Weight:
+    """A packed NF4 weight. Tensors (n = numel, nb = n / block_size):
+    codes uint8 (n/2,); absmax fp32 (nb,) or, double-quantized, absmax_q int8 (nb,) +
+    absmax_scale fp32 (ceil(nb/256),) + absmax_offset fp32 (1,)."""
+
+    codes: torch.Tensor
+    shape: tuple
+    block_size: int = 64
+    absmax: torch.Tensor | None = None
+    absmax_q: torch.Tensor | None = None
+    absmax_scale: torch.Tensor | None = None
+    absmax_offset: torch.Tensor | None = None
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax_q is not None
+
+    def block_absmax(self) -> torch.Tensor:
+        """fp32 (nb,): the per-block scales (reconstructed from int8 when double-quantized)."""
+        if not self.double_quant:
+            return self.absmax.float()
+        q = self.absmax_q.float()
+        pad = (-q.numel()) % DQ_BLOCK
+        blocks = F.pad(q, (0, pad)).view(-1, DQ_BLOCK) * (self.absmax_scale.float() / 127)[:, None]
+        return blocks.flatten()[: q.numel()] + self.absmax_offset.float()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """-> `shape` tensor of `dtype` (computed in fp32, then cast once)."""
+        # int32 indices (not int64) and an in-place scale keep the transient memory near one fp32 copy
+        vals = F.embedding(self.codes.int(), _pair_lut(self.codes.device))  # (n/2, 2) fp32
+        w = vals.view(-1, self.block_size).mul_(self.block_absmax()[:, None])
+        return w.view(self.shape).to(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name (safetensors-ready; names match NF4Linear's buffers)."""
+        names = ("absmax_q", "absmax_scale", "absmax_offset") if self.double_quant else ("absmax",)
+        return {"codes": self.codes, **{k: getattr(self, k) for k in names}}
+
+    @property
+    def nbytes(self) -> int:
+        """Storage in bytes: packed codes + scales."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @classmethod
+    def from_tensors(cls, d: dict[str, torch.Tensor], shape, block_size: int = 64) -> "NF4Weight":
+        """Inverse of tensors(); validates the sizes against shape / block_size."""
+        numel = _check_layout(shape, block_size)
+        nb = numel // block_size
+        want = {"codes": numel // 2}
+        want.update({"absmax_q": nb, "absmax_scale": -(-nb // DQ_BLOCK), "absmax_offset": 1}
+                    if "absmax_q" in d else {"absmax": nb})
+        for k, n in want.items():
+            if k not in d or d[k].numel() != n:
+                got = tuple(d[k].shape) if k in d else "missing"
+                raise ValueError(f"NF4 tensor {k!r}: expected {n} elements for shape {tuple(shape)}, "
+                                 f"block_size {block_size}; got {got}")
+        return cls(shape=tuple(shape), block_size=block_size, **{k: d[k] for k in want})
 
 
-class NF4Linear(QuantizedLinear):
-    """Frozen NF4 linear (QLoRA's base layer). x: (..., in_features) -> (..., out_features)."""
+def _double_quantize(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
+    """fp32 (nb,) -> absmax_q int8 (nb,), absmax_scale fp32 (ceil(nb/256),), absmax_offset fp32 (1,).
+    Centering first (QLoRA) spends the 8 bits on the spread of the scales, not on their (large) mean."""
+    offset = absmax.mean().reshape(1)
+    centered = absmax - offset
+    pad = (-centered.numel()) % DQ_BLOCK
+    blocks = F.pad(centered, (0, pad)).view(-1, DQ_BLOCK)
+    scale = blocks.abs().amax(dim=1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(blocks / safe[:, None] * 127).clamp(-127, 127).to(torch.int8)
+    return {"absmax_q": q.flatten()[: absmax.numel()].contiguous(), "absmax_scale": scale, "absmax_offset": offset}
+
+
+def _empty_nf4(shape, block_size: int, double_quant: bool, device=None) -> NF4Weight:
+    """All-zero NF4Weight of the sizes quantize_nf4 would produce, without a full-precision temporary."""
+    nb = _check_layout(shape, block_size) // block_size
+    z = lambda n, dt: torch.zeros(n, dtype=dt, device=device)  # noqa: E731
+    scales = ({"absmax_q": z(nb, torch.int8), "absmax_scale": z(-(-nb // DQ_BLOCK), torch.float32),
+               "absmax_offset": z(1, torch.float32)} if double_quant else {"absmax": z(nb, torch.float32)})
+    return NF4Weight(codes=z(nb * block_size // 2, torch.uint8), shape=tuple(shape), block_size=block_size, **scales)
+
+
+@torch.no_grad()
+def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Weight:
+    """w: any shape with numel % block_size == 0 (any float dtype; computed in fp32) -> NF4Weight."""
+    _check_layout(w.shape, block_size)
+    blocks = w.detach().float().reshape(-1, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    if not torch.isfinite(absmax).all():  # nan/inf would silently poison a whole block
+        raise ValueError(f"cannot NF4-quantize a weight of shape {tuple(w.shape)} with non-finite values")
+    # all-zero blocks: divide by 1 instead of 0; every value then maps to code 7 (== 0.0)
+    scaled = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
+    codes = torch.bucketize(scaled, _MIDPOINTS.to(w.device)).to(torch.uint8).flatten()
+    scales = _double_quantize(absmax) if double_quant else {"absmax": absmax}
+    return NF4Weight(codes=pack_codes(codes), shape=tuple(w.shape), block_size=block_size, **scales)
+
+
+class LinearNF4(LinearDequant):
+    """LinearNF4.apply(x, nf4_weight, bias): y = x W^T + b, W dequantized from NF4 in forward and again in
+    backward, never kept alive in between (QLoRA's memory saving). Only x (and a bias requiring grad)
+    get gradients. x: (..., in), nf4_weight: NF4Weight of shape (out, in), bias: (out,) or None."""
+
+
+class NF4Linear(FrozenQuantLinear):
+    """Frozen NF4 linear (QLoRA's base layer). x: (..., in_features) -> (..., out_features) in x.dtype.
+
+    Buffers: codes uint8 (out*in/2,) and absmax fp32, or absmax_q/absmax_scale/absmax_offset when
+    double-quantized; bias: frozen Parameter or None. Computes in compute_dtype if set, else x.dtype.
+    """
 
     format = "nf4"
+    _function = LinearNF4
 
-    def __init__(self, in_features, out_features, bias=None, block_size=64, double_quant=True, compute_dtype=None):
-        if block_size % 2:
-            raise ValueError(f"NF4 block_size must be even (2 codes per byte), got {block_size}")
-        super().__init__(in_features, out_features, bias, block_size, compute_dtype)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, block_size: int = 64,
+                 double_quant: bool = True, compute_dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        _check_layout((out_features, in_features), block_size)
         self.double_quant = double_quant
+        self._init_common(in_features, out_features, bias, block_size, compute_dtype, device)
 
-    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        return quantize_nf4(weight, self.block_size, self.double_quant)
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None) -> "NF4Linear":
+        """Quantize `linear`'s weight on its device; the bias is kept (frozen) in compute_dtype or its own."""
+        return super().from_linear(linear, block_size=block_size, compute_dtype=compute_dtype,
+                                   double_quant=double_quant)
 
-    def dequantize(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_nf4(tensors, (self.out_features, self.in_features), self.block_size, dtype)
+    def _quantize(self, w: torch.Tensor) -> NF4Weight:
+        return quantize_nf4(w, self.block_size, self.double_quant)
+
+    def _empty(self, device) -> NF4Weight:
+        return _empty_nf4((self.out_features, self.in_features), self.block_size, self.double_quant, device)
+
+    def _packed(self) -> NF4Weight:
+        """The buffers viewed as an NF4Weight (shares storage, no copy)."""
+        return NF4Weight(shape=(self.out_features, self.in_features), block_size=self.block_size,
+                         **dict(self.named_buffers(recurse=False)))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", double_quant={self.double_quant}"

@@ -86,9 +86,6 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
     dist.barrier(info)  # every rank has checked output_dir before rank 0 writes to it
     out = Path(cfg.output_dir)
     config_yaml = C.dump_yaml(cfg)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.yaml", config_yaml)
 
     torch.manual_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model.name)
@@ -109,6 +106,9 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
         state = load_checkpoint(resume_from, model, optimizer)
         step = state["step"]
         print_main(f"slimtune: resumed from {resume_from} (step {step})", info.is_main)
+    if info.is_main:  # only now that data, model and checkpoint all loaded: bad input writes nothing
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", config_yaml)
     wandb_run = start_wandb(cfg, C.to_dict(cfg), out) if info.is_main else None
     metrics = MetricsLog(out / "metrics.jsonl", step if resume_from else None, wandb_run) if info.is_main else None
 

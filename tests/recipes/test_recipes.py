@@ -48,3 +48,12 @@ def test_qlora_variants_train(extra, tmp_path, tiny_overrides):
                  f"output_dir={out}"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["loss"] for r in rows[-3:]) < sum(r["loss"] for r in rows[:3]) - 0.15
+
+
+def test_wandb_offline_logging(tmp_path, tiny_overrides, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "w"
+    assert main(["run", "lora", *tiny_overrides, "train.max_steps=3", "logging.wandb=true", f"output_dir={out}"]) == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
