@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--hidden", type=int, default=576)
     ap.add_argument("--vocab", type=int, default=49152)
-    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "chunked_loss.json"))
     ap.add_argument("--worker", choices=["naive", "chunked"])
     a = ap.parse_args()

@@ -48,7 +48,7 @@ class TrainConfig:
     max_grad_norm: float = _help("gradient clipping (0 disables)", 1.0)
     seed: int = _help("seed for init, dropout and data order", 0)
     activation_checkpointing: bool = _help("recompute activations in backward: less memory, ~30% slower", False)
-    loss_chunk_tokens: int = _help("tokens per cross-entropy chunk; 0 = naive full logits", 1024)
+    loss_chunk_tokens: int = _help("tokens per cross-entropy chunk (chunk x vocab fp32 live); 0 = naive", 256)
     device: str = _help("auto | cpu | cuda", "auto")
 
 

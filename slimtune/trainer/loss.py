@@ -40,10 +40,14 @@ class ChunkedLinearCE(torch.autograd.Function):
                 logits = (hc @ w.T).float()
                 if bias is not None:
                     logits += bias.float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
-                # d(sum CE)/d logits = softmax - onehot, built in place in the logits buffer
-                dlogits = logits.sub_(lse[:, None]).exp_()
+                # log-sum-exp and softmax in place in the one (chunk, V) fp32 buffer: no second copy
+                target = logits.gather(1, yc[:, None]).squeeze(1)
+                top = logits.amax(dim=-1)
+                probs = logits.sub_(top[:, None]).exp_()
+                sumexp = probs.sum(dim=-1)
+                total += (top + sumexp.log() - target).sum()
+                # d(sum CE)/d logits = softmax - onehot
+                dlogits = probs.div_(sumexp[:, None])
                 dlogits[torch.arange(len(yc), device=h.device), yc] -= 1.0
                 grad_h[s : s + chunk] = (dlogits.to(dtype) @ w).to(h.dtype)
                 if need_w:
