@@ -147,7 +147,8 @@ def table(res: dict) -> str:
         out.append(f"{name:30s}{format(a, fmt):>14s}{format(b, fmt):>14s}"
                    f"{(format(ratio, '.2f') + 'x') if ratio is not None else '':>15s}")
     d, c, v = res["device"], res["config"], res["versions"]
-    out.append(f"device: {d['cpu']}, {d['threads']} torch threads ({d['logical_cpus']} logical CPUs)")
+    out.append(f"device: {d['cpu']}, {d['threads']} torch threads ({d['logical_cpus']} logical CPUs), "
+               f"MALLOC_MMAP_THRESHOLD_={d['MALLOC_MMAP_THRESHOLD_']}")
     out.append(f"run: {c['model']}, {c['steps']} steps, seq {c['seq_len']} x batch {c['batch_size']}, "
                f"LoRA r={c['rank']} alpha={c['alpha']}, nf4 + double quant, fp32 compute")
     out.append("versions: " + ", ".join(f"{k} {v[k]}" for k in v))
@@ -197,7 +198,9 @@ def main() -> None:
                    "batch_size": a.batch_size, "rank": a.rank, "alpha": 2 * a.rank, "dropout": 0.0,
                    "target_modules": "all-linear (not lm_head)", "quant": "nf4, block 64, double quant",
                    "compute_dtype": "float32"},
-        "device": {"cpu": cpu_name(), "threads": peft.pop("threads"), "logical_cpus": os.cpu_count()},
+        "device": {"cpu": cpu_name(), "threads": peft.pop("threads"), "logical_cpus": os.cpu_count(),
+                   # glibc's dynamic mmap threshold fragments the CPU heap; peak RSS depends on it
+                   "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")},
         "versions": {k: md.version(k) for k in ("torch", "transformers", "peft", "bitsandbytes", "slimtune")},
         "slimtune": slim,
         "peft": peft,
