@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimtune.quant.linear import FrozenQuantLinear, LinearDequant
+from slimtune.quant.linear import FrozenQuantLinear, LinearDequant, check_packed_sizes, packed_nbytes
 
 
 def _check_layout(shape, block_size: int) -> int:
@@ -47,17 +47,13 @@ class Int8Weight:
     @property
     def nbytes(self) -> int:
         """Storage in bytes: codes + scales."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        return packed_nbytes(self.tensors())
 
     @classmethod
     def from_tensors(cls, d: dict[str, torch.Tensor], shape, block_size: int = 64) -> "Int8Weight":
         """Inverse of tensors(); validates the sizes against shape / block_size."""
         numel = _check_layout(shape, block_size)
-        for k, n in (("codes", numel), ("absmax", numel // block_size)):
-            if k not in d or d[k].numel() != n:
-                got = tuple(d[k].shape) if k in d else "missing"
-                raise ValueError(f"INT8 tensor {k!r}: expected {n} elements for shape {tuple(shape)}, "
-                                 f"block_size {block_size}; got {got}")
+        check_packed_sizes("INT8", d, {"codes": numel, "absmax": numel // block_size}, shape, block_size)
         return cls(codes=d["codes"], absmax=d["absmax"], shape=tuple(shape), block_size=block_size)
 
 

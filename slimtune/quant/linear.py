@@ -14,6 +14,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def packed_nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Storage in bytes of a packed weight's tensors (codes + scales)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def check_packed_sizes(fmt: str, d: dict[str, torch.Tensor], want: dict[str, int], shape, block_size: int) -> None:
+    """Raise ValueError naming the first tensor in `d` whose element count differs from `want`."""
+    for k, n in want.items():
+        if k not in d or d[k].numel() != n:
+            got = tuple(d[k].shape) if k in d else "missing"
+            raise ValueError(f"{fmt} tensor {k!r}: expected {n} elements for shape {tuple(shape)}, "
+                             f"block_size {block_size}; got {got}")
+
+
 class LinearDequant(torch.autograd.Function):
     """y = x W^T + b with W dequantized in forward and again in backward; the dense W is never kept
     alive between the two (that is the memory saving). W gets no gradient; x (and a bias requiring

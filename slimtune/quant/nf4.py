@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimtune.quant.linear import FrozenQuantLinear, LinearDequant
+from slimtune.quant.linear import FrozenQuantLinear, LinearDequant, check_packed_sizes, packed_nbytes
 
 # QLoRA paper appendix E == bitsandbytes.functional.get_4bit_type("nf4")
 NF4_CODEBOOK = torch.tensor([
@@ -108,7 +108,7 @@ class NF4Weight:
     @property
     def nbytes(self) -> int:
         """Storage in bytes: packed codes + scales."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        return packed_nbytes(self.tensors())
 
     @classmethod
     def from_tensors(cls, d: dict[str, torch.Tensor], shape, block_size: int = 64) -> "NF4Weight":
@@ -118,11 +118,7 @@ class NF4Weight:
         want = {"codes": numel // 2}
         want.update({"absmax_q": nb, "absmax_scale": -(-nb // DQ_BLOCK), "absmax_offset": 1}
                     if "absmax_q" in d else {"absmax": nb})
-        for k, n in want.items():
-            if k not in d or d[k].numel() != n:
-                got = tuple(d[k].shape) if k in d else "missing"
-                raise ValueError(f"NF4 tensor {k!r}: expected {n} elements for shape {tuple(shape)}, "
-                                 f"block_size {block_size}; got {got}")
+        check_packed_sizes("NF4", d, want, shape, block_size)
         return cls(shape=tuple(shape), block_size=block_size, **{k: d[k] for k in want})
 
 
