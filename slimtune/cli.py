@@ -14,6 +14,8 @@ from slimtune.errors import SlimtuneError
 
 USAGE = """slimtune run RECIPE [key=value ...]     train (RECIPE: a name from `slimtune recipes` or a .yaml path)
        slimtune eval [RECIPE] [key=value ...]  eval-split perplexity of model.name (HF dir, built-in, adapter dir)
+       slimtune quantize [RECIPE] key=value ...  write a quantized checkpoint to output_dir, e.g.
+                 model.name=M quant.method=lq_lora lq_lora.budget_bits=3.0 adapter.rank=16 output_dir=DIR
        slimtune export RUN_DIR --merge [--out DIR]  merge a run's LoRA adapter into a full HF model
        slimtune recipes                        list recipes
        slimtune config show RECIPE [key=value ...]  print the resolved config"""
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("overrides", nargs="*")
     p_eval = sub.add_parser("eval")
     p_eval.add_argument("args", nargs="*")
+    p_q = sub.add_parser("quantize")
+    p_q.add_argument("args", nargs="*")
     p_exp = sub.add_parser("export")
     p_exp.add_argument("run_dir")
     p_exp.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
@@ -76,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
             from slimtune.trainer.evaluate import evaluate_model
 
             print(json.dumps(evaluate_model(cfg)))
+        elif args.cmd == "quantize":
+            recipe, overrides = _split_recipe(args.args)
+            cfg = C.load_config(recipe, overrides)
+            _quiet_libraries()
+            from slimtune.compress.quantize import quantize_command
+
+            quantize_command(cfg)
         elif args.cmd == "export":
             if not args.merge:
                 raise SlimtuneError("export needs --merge (the PEFT adapter itself is already in RUN_DIR/final)")

@@ -54,19 +54,32 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    type: str = _help("lora | none (full fine-tuning)", "lora")
+    type: str = _help("lora | lq_lora (needs quant.method=lq_lora) | none (full fine-tuning)", "lora")
     rank: int = _help("LoRA rank r", 16)
     alpha: float = _help("LoRA scaling numerator: delta = alpha/r * B A", 32.0)
     dropout: float = _help("dropout on the LoRA input", 0.0)
     target_modules: typing.Union[str, tuple] = _help("module names (suffix match) or all-linear", "all-linear")
+    init: str = _help("default (B=0) | loftq (alternate quantize/SVD) | eora (activation-weighted SVD of the "
+                      "quantization error); loftq/eora need a slimtune quant.method", "default")
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    method: str = _help("none | nf4 | int8 (frozen base weights)", "none")
+    method: str = _help("none | nf4 | int8 | nf2 | nf3 | int2..int7 | int2a..int8a (asymmetric) | "
+                        "lq_lora (per-matrix formats under lq_lora.budget_bits)", "none")
     backend: str = _help("slimtune | bitsandbytes", "slimtune")
     block_size: int = _help("weights per absmax block", 64)
     double_quant: bool = _help("quantize the NF4 block scales to 8 bits (saves ~0.4 bit/param)", True)
+
+
+@dataclass(frozen=True)
+class LQLoRAConfig:
+    budget_bits: float = _help("average bits/param of the quantized base (codes + scales)", 3.0)
+    fisher: bool = _help("weight the decomposition and the allocation by the diagonal Fisher", True)
+    calibration_samples: int = _help("train blocks for the Fisher / EoRA activation statistics", 16)
+    max_iters: int = _help("alternations of quantize / low-rank (LQ-LoRA, LoftQ)", 10)
+    bits: tuple = _help("NormalFloat bit widths the allocation may choose", (2, 3, 4))
+    block_sizes: tuple = _help("block sizes the allocation may choose", (64, 128, 256))
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,7 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    lq_lora: LQLoRAConfig = field(default_factory=LQLoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -115,8 +129,10 @@ class RecipeConfig:
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
-    "adapter.type": ("lora", "none"),
-    "quant.method": ("none", "nf4", "int8"),
+    "adapter.type": ("lora", "lq_lora", "none"),
+    "adapter.init": ("default", "loftq", "eora"),
+    "quant.method": ("none", "nf4", "int8", "nf2", "nf3", *(f"int{b}" for b in range(2, 8)),
+                     *(f"int{b}a" for b in range(2, 9)), "lq_lora"),
     "quant.backend": ("slimtune", "bitsandbytes"),
     "optim.name": ("adamw", "adamw8bit", "sgd"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -310,8 +326,33 @@ def validate(cfg: RecipeConfig) -> None:
     if cfg.quant.method != "none" and cfg.adapter.type == "none":
         raise ConfigError(f"quant.method={cfg.quant.method} needs adapter.type=lora: a quantized base is "
                           "frozen, so full fine-tuning cannot train it (set quant.method=none)")
+    _validate_lowrank(cfg)
     if cfg.quant.method == "nf4" and cfg.quant.block_size % 2:
         raise ConfigError(f"quant.block_size={cfg.quant.block_size} must be even for nf4 (2 codes per byte)")
+
+
+def _validate_lowrank(cfg: RecipeConfig) -> None:
+    """Rules of LQ-LoRA and the LoftQ / EoRA initialisations."""
+    a, q, lq = cfg.adapter, cfg.quant, cfg.lq_lora
+    if (a.type == "lq_lora" and q.method != "lq_lora") or (q.method == "lq_lora" and a.type == "none"):
+        raise ConfigError(f"adapter.type={a.type} with quant.method={q.method}: LQ-LoRA decomposes the base "
+                          "into quantized + low-rank (LoRA) parts, so set adapter.type=lq_lora and quant.method=lq_lora")
+    if q.method != "none" and q.backend != "slimtune" and (q.method not in ("nf4", "int8") or a.init != "default"):
+        raise ConfigError(f"quant.method={q.method} adapter.init={a.init} needs quant.backend=slimtune "
+                          "(bitsandbytes offers nf4/int8 with default init only)")
+    if a.init != "default" and (a.type != "lora" or q.method in ("none", "lq_lora")):
+        raise ConfigError(f"adapter.init={a.init} initialises LoRA on a quantized base: set adapter.type=lora and "
+                          "a quant.method such as nf4 or nf3 (lq_lora already initialises its own factors)")
+    for key in ("calibration_samples", "max_iters"):
+        if getattr(lq, key) <= 0:
+            raise ConfigError(f"lq_lora.{key}={getattr(lq, key)} must be > 0")
+    if not lq.bits or not all(isinstance(b, int) and 2 <= b <= 8 for b in lq.bits):
+        raise ConfigError(f"lq_lora.bits={list(lq.bits)}: give bit widths in 2..8, e.g. [2, 3, 4]")
+    if not lq.block_sizes or not all(isinstance(b, int) and b > 0 for b in lq.block_sizes):
+        raise ConfigError(f"lq_lora.block_sizes={list(lq.block_sizes)}: give positive block sizes, e.g. [64, 128]")
+    if not min(lq.bits) <= lq.budget_bits <= max(lq.bits) + 1:
+        raise ConfigError(f"lq_lora.budget_bits={lq.budget_bits} is outside the candidate range "
+                          f"{min(lq.bits)}..{max(lq.bits) + 1} bits/param (lq_lora.bits={list(lq.bits)})")
 
 
 def _get(cfg, dotted: str):

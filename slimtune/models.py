@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 import os
 import shutil
 import tempfile
@@ -150,6 +151,13 @@ def load_model(name: str, dtype: str = "float32", quant=None, device: str = "cpu
     """
     from transformers import AutoModelForCausalLM
 
+    from slimtune.compress.qcheckpoint import is_quantized_checkpoint, load_quantized, read_manifest
+
+    if is_quantized_checkpoint(name):  # its manifest fixes the formats (and holds any LoRA factors)
+        method = read_manifest(Path(name).expanduser())["method"]
+        if quant is not None and quant.method not in ("none", method):
+            warnings.warn(f"model.name={name!r} is a {method} checkpoint; quant.method={quant.method} is ignored")
+        return load_quantized(Path(name).expanduser(), DTYPES[dtype]).to(device)
     path = _base_dir(name)
     quantize = quant is not None and quant.method != "none"
     load_dtype = torch.bfloat16 if quantize else DTYPES[dtype]

@@ -92,4 +92,4 @@ def unwrap_adapters(model: nn.Module) -> None:
         setattr(model.get_submodule(parent_name), child, module.base)
 
 
-from slimtune.adapters import lora  # noqa: E402,F401  (fills the registry)
+from slimtune.adapters import lora, lq_lora  # noqa: E402,F401  (fills the registry)

@@ -51,6 +51,13 @@ class LoRALinear(nn.Module):
         delta = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         return y + (delta * self.scaling).to(y.dtype)
 
+    @torch.no_grad()
+    def init_factors(self, L1: torch.Tensor, L2: torch.Tensor) -> None:
+        """Start from delta = L1 @ L2 (L1: (out, r), L2: (r, in)); the scaling is divided out of B.
+        Used by LQ-LoRA / LoftQ / EoRA, whose factors carry part of the weight from step 0."""
+        self.lora_A.weight.copy_(L2)
+        self.lora_B.weight.copy_(L1 / self.scaling)
+
     def delta_weight(self) -> torch.Tensor:
         """(out, in) fp32: scaling * B @ A."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling

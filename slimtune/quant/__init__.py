@@ -1,21 +1,54 @@
 """Frozen quantized bases: `quantize_model(model, method, backend)` swaps every nn.Linear (but lm_head).
 
-slimtune's own formats are pure torch (nf4.py, int8.py); `backend="bitsandbytes"` uses bnb's layers
-(bnb.py). bitsandbytes is never imported unless that backend is asked for.
+slimtune's own formats are pure torch (nf4.py, int8.py, and the bit-packed low-bit formats of packed.py:
+methods nf2, nf3, int2..int7, int2a..int8a); `backend="bitsandbytes"` uses bnb's layers (bnb.py).
+bitsandbytes is never imported unless that backend is asked for.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from slimtune.quant.int8 import Int8Linear, Int8Weight, quantize_int8
 from slimtune.quant.nf4 import NF4_CODEBOOK, NF4Linear, NF4Weight, quantize_nf4
+from slimtune.quant.nfk import nf_codebook
+from slimtune.quant.packed import (
+    PackedLinear,
+    PackedWeight,
+    QuantFormat,
+    bits_per_param,
+)
+from slimtune.quant.packed import quantize as quantize_packed
+from slimtune.quant.packing import pack_bits, unpack_bits
 
-__all__ = ["QUANT_LINEARS", "quantize_model", "is_quantized_linear", "dequantize_weight", "NF4Linear",
-           "Int8Linear", "NF4Weight", "Int8Weight", "quantize_nf4", "quantize_int8", "NF4_CODEBOOK"]
+__all__ = [
+    "NF4_CODEBOOK",
+    "PACKED_METHODS",
+    "QUANT_LINEARS",
+    "Int8Linear",
+    "Int8Weight",
+    "NF4Linear",
+    "NF4Weight",
+    "PackedLinear",
+    "PackedWeight",
+    "QuantFormat",
+    "bits_per_param",
+    "dequantize_weight",
+    "is_quantized_linear",
+    "nf_codebook",
+    "pack_bits",
+    "quantize_int8",
+    "quantize_model",
+    "quantize_nf4",
+    "quantize_packed",
+    "unpack_bits",
+]
+
+# slimtune methods served by PackedLinear ("int8" and "nf4" keep their own Int8Linear / NF4Linear)
+PACKED_METHODS = ("nf2", "nf3", *(f"int{k}" for k in range(2, 8)), *(f"int{k}a" for k in range(2, 9)))
 
 
 def _nf4(linear, block_size, double_quant, compute_dtype):
@@ -24,6 +57,14 @@ def _nf4(linear, block_size, double_quant, compute_dtype):
 
 def _int8(linear, block_size, double_quant, compute_dtype):  # double_quant: nf4 only
     return Int8Linear.from_linear(linear, block_size=block_size, compute_dtype=compute_dtype)
+
+
+def _packed(method):
+    def make(linear, block_size, double_quant, compute_dtype):
+        fmt = QuantFormat.parse(method, block_size=block_size, double_quant=double_quant)
+        return PackedLinear.from_linear(linear, fmt, compute_dtype)
+
+    return make
 
 
 def _bnb(method):
@@ -41,6 +82,7 @@ QUANT_LINEARS: dict[tuple[str, str], Callable[..., nn.Module]] = {
     ("slimtune", "int8"): _int8,
     ("bitsandbytes", "nf4"): _bnb("nf4"),
     ("bitsandbytes", "int8"): _bnb("int8"),
+    **{("slimtune", m): _packed(m) for m in PACKED_METHODS},
 }
 
 
@@ -82,8 +124,8 @@ def quantize_model(model: nn.Module, method: str, backend: str = "slimtune", blo
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
-    """True for slimtune NF4Linear / Int8Linear and bitsandbytes Linear4bit / Linear8bitLt."""
-    if isinstance(module, (NF4Linear, Int8Linear)):
+    """True for slimtune NF4Linear / Int8Linear / PackedLinear and bitsandbytes Linear4bit / Linear8bitLt."""
+    if isinstance(module, (NF4Linear, Int8Linear, PackedLinear)):
         return True
     from slimtune.quant.bnb import is_bnb_linear  # does not import bitsandbytes itself
 
@@ -92,7 +134,7 @@ def is_quantized_linear(module: nn.Module) -> bool:
 
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
     """fp32 (out_features, in_features) weight of any quantized linear (see is_quantized_linear)."""
-    if isinstance(module, (NF4Linear, Int8Linear)):
+    if isinstance(module, (NF4Linear, Int8Linear, PackedLinear)):
         return module.dequantize_weight(torch.float32)
     from slimtune.quant.bnb import dequantize_bnb_weight, is_bnb_linear
 

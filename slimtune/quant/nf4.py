@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimtune.quant.linear import FrozenQuantLinear, LinearDequant, check_packed_sizes, packed_nbytes
+from slimtune.quant.scales import DQ_BLOCK, double_dequantize, double_quant_sizes, double_quantize
 
 # QLoRA paper appendix E == bitsandbytes.functional.get_4bit_type("nf4")
 NF4_CODEBOOK = torch.tensor([
@@ -34,7 +35,6 @@ NF4_CODEBOOK = torch.tensor([
 _MIDPOINTS = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2
 # byte -> (value of high nibble, value of low nibble): dequantization is one lookup per byte
 _PAIR_LUT = torch.stack([NF4_CODEBOOK[torch.arange(256) >> 4], NF4_CODEBOOK[torch.arange(256) & 15]], dim=1)
-DQ_BLOCK = 256  # absmax values per second-level fp32 scale (QLoRA's double quantization)
 
 _LUT_CACHE: dict[torch.device, torch.Tensor] = {}  # avoid a host->device copy of the LUT per forward
 
@@ -88,10 +88,7 @@ class NF4Weight:
         """fp32 (nb,): the per-block scales (reconstructed from int8 when double-quantized)."""
         if not self.double_quant:
             return self.absmax.float()
-        q = self.absmax_q.float()
-        pad = (-q.numel()) % DQ_BLOCK
-        blocks = F.pad(q, (0, pad)).view(-1, DQ_BLOCK) * (self.absmax_scale.float() / 127)[:, None]
-        return blocks.flatten()[: q.numel()] + self.absmax_offset.float()
+        return double_dequantize(self.absmax_q, self.absmax_scale, self.absmax_offset)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """-> `shape` tensor of `dtype` (computed in fp32, then cast once)."""
@@ -116,23 +113,15 @@ class NF4Weight:
         numel = _check_layout(shape, block_size)
         nb = numel // block_size
         want = {"codes": numel // 2}
-        want.update({"absmax_q": nb, "absmax_scale": -(-nb // DQ_BLOCK), "absmax_offset": 1}
-                    if "absmax_q" in d else {"absmax": nb})
+        want.update(double_quant_sizes(nb, "absmax") if "absmax_q" in d else {"absmax": nb})
         check_packed_sizes("NF4", d, want, shape, block_size)
         return cls(shape=tuple(shape), block_size=block_size, **{k: d[k] for k in want})
 
 
 def _double_quantize(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
-    """fp32 (nb,) -> absmax_q int8 (nb,), absmax_scale fp32 (ceil(nb/256),), absmax_offset fp32 (1,).
-    Centering first (QLoRA) spends the 8 bits on the spread of the scales, not on their (large) mean."""
-    offset = absmax.mean().reshape(1)
-    centered = absmax - offset
-    pad = (-centered.numel()) % DQ_BLOCK
-    blocks = F.pad(centered, (0, pad)).view(-1, DQ_BLOCK)
-    scale = blocks.abs().amax(dim=1)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(blocks / safe[:, None] * 127).clamp(-127, 127).to(torch.int8)
-    return {"absmax_q": q.flatten()[: absmax.numel()].contiguous(), "absmax_scale": scale, "absmax_offset": offset}
+    """fp32 (nb,) -> absmax_q int8 (nb,), absmax_scale fp32 (ceil(nb/256),), absmax_offset fp32 (1,)
+    (scales.double_quantize with NF4's tensor names)."""
+    return double_quantize(absmax, prefix="absmax")
 
 
 def _empty_nf4(shape, block_size: int, double_quant: bool, device=None) -> NF4Weight:

@@ -57,21 +57,41 @@ def check_output_dir(cfg: C.RecipeConfig) -> Path | None:
     return None
 
 
-def setup_model(cfg: C.RecipeConfig, device: torch.device) -> nn.Module:
-    model = load_model(cfg.model.name, cfg.model.dtype, cfg.quant, device="cpu")
-    if cfg.adapter.type == "none":
-        for p in model.parameters():  # full fine-tuning: fp32 master weights, bf16 only via autocast
-            p.data = p.data.float()
-            p.requires_grad_(True)
+def setup_model(cfg: C.RecipeConfig, device: torch.device, train_blocks=None,
+                is_main: bool = True) -> tuple[nn.Module, dict]:
+    """The model to train, and a summary of any low-rank quantization done here (LQ-LoRA, LoftQ, EoRA)."""
+    from slimtune.compress.qcheckpoint import is_quantized_checkpoint
+    from slimtune.compress.quantize import needs_lowrank, quantize_lowrank
+
+    info: dict = {}
+    if is_quantized_checkpoint(cfg.model.name):
+        if cfg.adapter.type == "none":
+            raise SlimtuneError(f"model.name={cfg.model.name!r} is a quantized checkpoint: its base is frozen, "
+                                "so train it with adapter.type=lora or lq_lora, not full fine-tuning")
+        model = load_model(cfg.model.name, cfg.model.dtype, cfg.quant, device="cpu")
+        if not any(p.requires_grad for p in model.parameters()):  # no factors stored: add fresh LoRA
+            apply_adapters(model, cfg.adapter)
+    elif needs_lowrank(cfg):
+        from slimtune.compress.calibration import calibration_samples
+
+        model = load_model(cfg.model.name, cfg.model.dtype, device="cpu")
+        samples = calibration_samples(train_blocks, cfg.lq_lora.calibration_samples, cfg.train.seed)
+        info = quantize_lowrank(model, cfg, samples, log=lambda s: print_main(s, is_main))
     else:
-        apply_adapters(model, cfg.adapter)
+        model = load_model(cfg.model.name, cfg.model.dtype, cfg.quant, device="cpu")
+        if cfg.adapter.type == "none":
+            for p in model.parameters():  # full fine-tuning: fp32 master weights, bf16 only via autocast
+                p.data = p.data.float()
+                p.requires_grad_(True)
+        else:
+            apply_adapters(model, cfg.adapter)
     if cfg.train.activation_checkpointing:
         kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs and DDP
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    return model.to(device)
+    return model.to(device), info
 
 
 def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
@@ -90,7 +110,7 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
     torch.manual_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model.name)
     data = build_splits(cfg.data.source, tokenizer, t.seq_len, cfg.data.eval_fraction)
-    model = setup_model(cfg, device)
+    model, quant_info = setup_model(cfg, device, data.train, info.is_main)
     loss_model = CausalLMLoss(model, t.loss_chunk_tokens)
     # quantized bases are built identically on every rank, so buffers need no broadcast
     train_model = (nn.parallel.DistributedDataParallel(loss_model, broadcast_buffers=False)
@@ -204,6 +224,11 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
             "device": str(device),
             "config": C.to_dict(cfg),
         }
+        if quant_info:
+            report["quantization"] = {k: quant_info[k] for k in ("bits_per_param", "seconds", "fisher_seconds")
+                                      if k in quant_info}
+            if "table" in quant_info:
+                write_text(out / "allocation.txt", quant_info["table"] + "\n")
         write_json(out / "report.json", report)
         if rows:
             plot_loss(rows, out / "loss.png")

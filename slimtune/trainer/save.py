@@ -11,8 +11,19 @@ from slimtune.trainer.io import atomic_dir
 
 
 def save_final(model: nn.Module, cfg, path: Path, base_path: str, tokenizer) -> None:
-    """LoRA: PEFT adapter dir. Full fine-tuning: an HF model dir (+ tokenizer). Written atomically."""
-    if cfg.adapter.type == "none":
+    """LoRA: PEFT adapter dir. Full fine-tuning: an HF model dir (+ tokenizer). A base quantized together
+    with its factors (LQ-LoRA, LoftQ, EoRA, or a quantized checkpoint): a quantized checkpoint dir, since
+    the adapter alone cannot rebuild that base. Written atomically."""
+    from slimtune.compress.qcheckpoint import is_quantized_checkpoint, read_manifest, save_quantized
+    from slimtune.compress.quantize import needs_lowrank
+
+    if is_quantized_checkpoint(cfg.model.name) or needs_lowrank(cfg):
+        info = {"method": cfg.quant.method, "init": cfg.adapter.init, "base_model": base_path}
+        if is_quantized_checkpoint(cfg.model.name):
+            info = {k: v for k, v in read_manifest(Path(cfg.model.name).expanduser()).items()
+                    if k in ("method", "init", "base_model", "budget_bits", "fisher", "allocation")}
+        save_quantized(model, path, tokenizer, {**info, "trained_from": cfg.model.name})
+    elif cfg.adapter.type == "none":
         with atomic_dir(path) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -40,7 +51,12 @@ def export_merged(run_dir: Path, out_dir: Path | None = None) -> Path:
     cfg = load_config(str(cfg_path))
     out = Path(out_dir) if out_dir else run_dir / "merged"
     tokenizer = load_tokenizer(cfg.model.name)
-    if (final / "adapter_config.json").is_file():
+    from slimtune.compress.qcheckpoint import dequantize_to_dense, is_quantized_checkpoint
+
+    if is_quantized_checkpoint(str(final)):  # LQ-LoRA / LoftQ / EoRA: W = dequant(Q) + delta, dense
+        model = load_model(str(final), cfg.model.dtype)
+        dequantize_to_dense(model)
+    elif (final / "adapter_config.json").is_file():
         model = load_model(cfg.model.name, cfg.model.dtype)
         load_peft_adapter(model, final)
         for m in adapter_modules(model).values():

@@ -1,0 +1,59 @@
+"""EoRA (Liu et al. 2024) initialisation of LoRA on a quantized base (`adapter.init=eora`).
+
+Compensate the quantization error E = W - Q with the rank-r L minimising the output error on
+calibration activations, ||(E - L) X^T||_F, instead of ||E - L||_F. With the input covariance
+C = X^T X = V diag(lam) V^T (compress/calibration.py), project E' = E V diag(sqrt(lam)) into the
+eigenspace, take its best rank-r approximation U S Vh, and map back: L = U S Vh diag(1/sqrt(lam)) V^T.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from slimtune.adapters.loftq import base_quantizer
+from slimtune.adapters.lora import LoRALinear
+from slimtune.adapters.lq_lora import check_rank, install, target_linears
+
+
+@torch.no_grad()
+def eora_lowrank(E: torch.Tensor, cov: torch.Tensor, rank: int, damp: float = 1e-6
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L1 (out, r), L2 (r, in)) minimising ||(E - L1 L2) X^T||_F given cov = X^T X (in, in).
+    Eigenvalues are floored at damp x the largest, so directions the data never excites stay finite."""
+    lam, V = torch.linalg.eigh(cov.double())
+    lam = lam.clamp(min=damp * float(lam.max().clamp(min=1e-30)))
+    sq = lam.sqrt()
+    U, S, Vh = torch.linalg.svd(E.double() @ V * sq, full_matrices=False)
+    s = S[:rank].sqrt()
+    L1 = U[:, :rank] * s
+    L2 = (s[:, None] * Vh[:rank] / sq) @ V.T
+    return L1.float().contiguous(), L2.float().contiguous()
+
+
+def apply_eora(model: nn.Module, cfg, samples, compute_dtype: torch.dtype = torch.float32,
+               log: Callable[[str], None] = print) -> dict:
+    """Quantize every targeted nn.Linear of `model` in place at cfg.quant.method and wrap it with LoRA
+    initialised by EoRA from the calibration samples' activations."""
+    from slimtune.compress.calibration import input_covariance
+
+    t0 = time.perf_counter()
+    quantize, make = base_quantizer(cfg.quant)
+    names = target_linears(model, cfg.adapter.target_modules)
+    check_rank(model, names, cfg.adapter.rank)
+    covs = input_covariance(model, names, samples)
+    modules = {}
+    for name in names:
+        old = model.get_submodule(name)
+        W = old.weight.detach().float()
+        packed = quantize(W)
+        E = W - packed.dequantize(torch.float32)
+        L1, L2 = eora_lowrank(E, covs.pop(name), cfg.adapter.rank)
+        install(model, name, make(packed, old.bias, compute_dtype), L1, L2, cfg.adapter, LoRALinear)
+        modules[name] = {"error": float((E - L1 @ L2).double().square().sum()),
+                         "error_quant_only": float(E.double().square().sum())}
+    log(f"eora: initialised {len(names)} LoRA adapters on {cfg.quant.method} in {time.perf_counter() - t0:.1f}s")
+    return {"modules": modules, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,222 @@
+"""LQ-LoRA (Guo et al. 2024): W ~ Q + L1 L2, Q quantized and frozen, L1 L2 the trainable LoRA factors.
+
+Decomposition (per matrix, `decompose`): alternate L = best rank-r approximation of W - Q (randomized
+SVD) and Q = quantize(W - L), stop when the error stops falling or after max_iters, keep the best
+iterate. With diagonal Fisher information F ~ r c^T / sum(F) (row/column sums, compress/calibration.py)
+the low-rank step is a weighted SVD: minimise ||D_r (W - Q - L) D_c||_F, D = diag(sqrt(.)), which is
+exact for rank-1 weights, so important rows/columns are reconstructed better.
+
+Bit allocation (`apply_lq_lora`): every matrix is decomposed at every candidate NF-k x block size;
+an integer linear program (quant/bit_allocation.py, scipy's milp) picks one configuration per matrix
+minimising the total (Fisher-weighted) error under the average bits/param budget of codes + scales.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from slimtune.adapters import register
+from slimtune.adapters.lora import LoRALinear
+
+
+@register("lq_lora")
+class LQLoRALinear(LoRALinear):
+    """LoRA whose factors start (init_factors) at the low-rank part of W ~ Q + L1 L2; the base holds Q.
+    Its own type so checkpoints and reports tell LQ-LoRA from LoRA on a uniformly quantized base."""
+
+
+@dataclass
+class Decomposition:
+    """Best iterate of `decompose`: packed Q (quantized-weight holder), L1 (out, r), L2 (r, in)."""
+
+    packed: object
+    L1: torch.Tensor
+    L2: torch.Tensor
+    error: float  # (weighted) squared Frobenius error of W - Q - L1 L2
+    history: list = field(default_factory=list)  # error after every half-step, in order
+
+
+def weighted_sq_error(E: torch.Tensor, dr: torch.Tensor | None = None, dc: torch.Tensor | None = None) -> float:
+    """sum_ij (dr_i dc_j E_ij)^2; unweighted ||E||_F^2 when dr/dc are None."""
+    if dr is not None:
+        E = E * dr[:, None] * dc[None, :]
+    return float(E.double().square().sum())
+
+
+def lowrank(R: torch.Tensor, rank: int, dr: torch.Tensor | None = None, dc: torch.Tensor | None = None,
+            exact: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L1 (out, r), L2 (r, in)) minimising ||D_r (R - L1 L2) D_c||_F (plain SVD when dr/dc are None).
+
+    Randomized SVD (Halko et al., torch.svd_lowrank, seeded) unless `exact` or the matrix is small;
+    the singular values are split evenly, L1 = U sqrt(S), L2 = sqrt(S) V^T, which balances the factors.
+    """
+    A = R.float() if dr is None else R.float() * dr[:, None] * dc[None, :]
+    if exact or rank + 16 >= min(A.shape):
+        U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            U, S, V = torch.svd_lowrank(A, q=rank + 16, niter=4)
+        Vh = V.T
+    s = S[:rank].sqrt()
+    L1, L2 = U[:, :rank] * s, s[:, None] * Vh[:rank]
+    if dr is not None:
+        L1, L2 = L1 / dr[:, None], L2 / dc[None, :]
+    return L1.contiguous(), L2.contiguous()
+
+
+def fisher_weights(row_sums: torch.Tensor, col_sums: torch.Tensor, floor: float = 1e-3
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dr, dc) with dr_i^2 dc_j^2 = r_i c_j / sum(F), the rank-1 approximation of the Fisher F.
+    Entries are floored at `floor` x their mean so no row/column gets weight 0 (and L stays finite)."""
+    total = row_sums.sum().clamp(min=1e-30)
+    r = row_sums.clamp(min=floor * float(row_sums.mean()) + 1e-30)
+    c = col_sums.clamp(min=floor * float(col_sums.mean()) + 1e-30)
+    return (r / total.sqrt()).sqrt(), (c / total.sqrt()).sqrt()
+
+
+@torch.no_grad()
+def decompose(W: torch.Tensor, quantize_fn: Callable, rank: int, max_iters: int = 10,
+              dr: torch.Tensor | None = None, dc: torch.Tensor | None = None, start: str = "lowrank",
+              guard: bool = True, exact: bool = False, rtol: float = 1e-6) -> Decomposition:
+    """Decompose W (out, in) into quantize_fn(.) + L1 L2; quantize_fn(w) returns a holder with .dequantize().
+
+    start="lowrank" (LQ-LoRA): Q = 0, then L = SVD_r(W - Q), Q = quant(W - L), ...
+    start="quantize" (LoftQ): Q = quant(W), then L = SVD_r(W - Q), Q = quant(W - L), ...
+    Every half-step's error is recorded; a low-rank step never raises it (it is optimal for the fixed Q).
+    The loop stops after max_iters iterations or when an iteration does not lower the error by rtol.
+    guard=True also scores LoftQ's first iterate (quant(W) + SVD_r of its error), so the result is never
+    worse than quantizing W alone.
+    """
+    W = W.detach().float()
+    history: list[float] = []
+    best: Decomposition | None = None
+
+    def consider(packed, Qd, L1, L2):
+        nonlocal best
+        err = weighted_sq_error(W - Qd - L1 @ L2, dr, dc)
+        history.append(err)
+        if best is None or err < best.error:
+            best = Decomposition(packed, L1, L2, err, history)
+        return err
+
+    if start not in ("lowrank", "quantize"):
+        raise ValueError(f"decompose: start must be 'lowrank' or 'quantize', got {start!r}")
+    if start == "quantize" or guard:  # LoftQ's first iterate
+        packed0 = quantize_fn(W)
+        Q0 = packed0.dequantize(torch.float32)
+        L1_0, L2_0 = lowrank(W - Q0, rank, dr, dc, exact)
+        consider(packed0, Q0, L1_0, L2_0)
+    if start == "quantize":
+        L1, L2, prev = L1_0, L2_0, best.error
+    else:  # Q = 0
+        (L1, L2), prev = lowrank(W, rank, dr, dc, exact), math.inf
+    for _ in range(max_iters):
+        packed = quantize_fn(W - L1 @ L2)
+        Qd = packed.dequantize(torch.float32)
+        consider(packed, Qd, L1, L2)
+        L1, L2 = lowrank(W - Qd, rank, dr, dc, exact)
+        err = consider(packed, Qd, L1, L2)  # never above the previous line's error (optimal L for this Q)
+        if err > prev * (1 - rtol):
+            break
+        prev = err
+    best.history = history
+    return best
+
+
+# ---------------------------------------------------------------- the model-level transform
+
+
+def target_linears(model: nn.Module, target_modules) -> list[str]:
+    """Qualified names of the plain nn.Linear layers that adapter.target_modules selects (never lm_head
+    for all-linear)."""
+    from slimtune.adapters import NEVER_ALL_LINEAR
+    from slimtune.errors import ConfigError
+
+    names = []
+    for name, m in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if type(m) is not nn.Linear:
+            continue
+        if (target_modules == "all-linear" and last not in NEVER_ALL_LINEAR) or (
+                target_modules != "all-linear" and (last in target_modules or name in target_modules)):
+            names.append(name)
+    if not names:
+        raise ConfigError(f"adapter.target_modules={target_modules!r} matches no nn.Linear of the model")
+    return names
+
+
+def install(model: nn.Module, name: str, base: nn.Module, L1: torch.Tensor, L2: torch.Tensor, cfg,
+            cls: type = LQLoRALinear) -> nn.Module:
+    """Replace module `name` by cls(base) (a LoRA wrapper) whose factors hold L1 L2. cfg: AdapterConfig."""
+    wrapped = cls(base, L1.shape[1], cfg.alpha, cfg.dropout)
+    wrapped.init_factors(L1, L2)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, wrapped)
+    return wrapped
+
+
+def candidate_formats(lq_cfg, double_quant: bool) -> list:
+    from slimtune.quant import QuantFormat
+
+    return [QuantFormat("nf", b, bs, double_quant) for b in lq_cfg.bits for bs in lq_cfg.block_sizes]
+
+
+def apply_lq_lora(model: nn.Module, cfg, samples, compute_dtype: torch.dtype = torch.float32,
+                  log: Callable[[str], None] = print) -> dict:
+    """Decompose every targeted linear of the full-precision `model` in place (LQ-LoRA with bit
+    allocation) and wrap it with LQLoRALinear. cfg: RecipeConfig; samples: calibration (x, y) pairs.
+    Returns a summary: allocation (dict), per-matrix formats/errors, achieved bits/param, seconds."""
+    from slimtune.compress.calibration import fisher_sums
+    from slimtune.quant import PackedLinear, bits_per_param, quantize_packed
+    from slimtune.quant.bit_allocation import allocate_bits
+
+    lq, rank = cfg.lq_lora, cfg.adapter.rank
+    t0 = time.perf_counter()
+    names = target_linears(model, cfg.adapter.target_modules)
+    check_rank(model, names, rank)
+    fisher = fisher_sums(model, names, samples, cfg.train.loss_chunk_tokens) if lq.fisher else {}
+    t_fisher = time.perf_counter() - t0
+    formats = candidate_formats(lq, cfg.quant.double_quant)
+    errors, bits, numel, decs = [], [], [], []
+    for i, name in enumerate(names):
+        W = model.get_submodule(name).weight.detach().float()
+        dr, dc = fisher_weights(*fisher[name]) if name in fisher else (None, None)
+        row_err, row_bits, row_dec = [], [], []
+        for fmt in formats:
+            if W.numel() % fmt.block_size:
+                row_err.append(math.inf), row_bits.append(99.0), row_dec.append(None)
+                continue
+            d = decompose(W, lambda w, f=fmt: quantize_packed(w, f), rank, lq.max_iters, dr, dc)
+            row_err.append(d.error), row_bits.append(fmt.bits_per_param(tuple(W.shape))), row_dec.append(d)
+        errors.append(row_err), bits.append(row_bits), numel.append(W.numel()), decs.append(row_dec)
+        log(f"lq_lora: decomposed {name} {tuple(W.shape)} at {len(formats)} formats ({i + 1}/{len(names)})")
+    alloc = allocate_bits(errors, bits, numel, lq.budget_bits, names=names, config_names=[f.name for f in formats])
+    modules = {}
+    for i, name in enumerate(names):
+        d, old = decs[i][alloc.choice[i]], model.get_submodule(name)
+        base = PackedLinear.from_packed(d.packed, bias=None if old.bias is None else old.bias.detach(),
+                                        compute_dtype=compute_dtype)
+        install(model, name, base, d.L1, d.L2, cfg.adapter)
+        modules[name] = {"format": formats[alloc.choice[i]].name, "shape": list(old.weight.shape),
+                         "bits_per_param": bits_per_param(base), "error": d.error,
+                         "iterations": len(d.history)}
+    return {"allocation": alloc.to_dict(), "table": alloc.table(), "modules": modules,
+            "bits_per_param": alloc.avg_bits, "fisher_seconds": t_fisher,
+            "seconds": time.perf_counter() - t0}
+
+
+def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
+    from slimtune.errors import ConfigError
+
+    for n in names:
+        m = model.get_submodule(n)
+        if rank > min(m.in_features, m.out_features):
+            raise ConfigError(f"adapter.rank={rank} exceeds min(in, out)={min(m.in_features, m.out_features)} "
+                              f"of {n}; use a smaller rank")

@@ -1,0 +1,1 @@
+"""Compression: calibration statistics, quantized (+ low-rank) checkpoints."""

@@ -1,0 +1,80 @@
+"""Calibration statistics of a model's linear layers, from a few training blocks.
+
+* `fisher_sums`: diagonal empirical Fisher F = mean over samples of (dL/dW)^2, per sample (batch 1,
+  LQ-LoRA's estimate), reduced at once to its row and column sums: LQ-LoRA weights the decomposition
+  by the rank-1 approximation F ~ r c^T / sum(F), so only (out,) + (in,) values per matrix are kept.
+* `input_covariance`: X^T X of each layer's inputs (EoRA's activation statistics), (in, in) fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from slimtune.data import Blocks
+from slimtune.trainer.loss import CausalLMLoss, count_targets
+
+
+def calibration_samples(blocks: Blocks, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """n (input_ids, labels) pairs of shape (1, T), drawn without replacement (seeded) from `blocks`."""
+    idx = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[: min(n, len(blocks))]
+    return [(blocks.input_ids[i : i + 1], blocks.labels[i : i + 1]) for i in idx.sort().values.tolist()]
+
+
+def fisher_sums(model: nn.Module, names: list[str], samples, chunk_tokens: int = 256
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name -> (row sums (out,), col sums (in,)) of the diagonal Fisher of that linear's weight (fp32).
+
+    Gradients are taken of each sample's mean token loss; only the listed weights get gradients, the
+    others are frozen for the duration and restored afterwards.
+    """
+    weights = {n: model.get_submodule(n).weight for n in names}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights.values():
+        w.requires_grad_(True)
+    acc = {n: torch.zeros(w.shape, dtype=torch.float32) for n, w in weights.items()}
+    loss_model, was_training = CausalLMLoss(model, chunk_tokens), model.training
+    model.eval()  # no dropout: the Fisher of the model as it will be used
+    try:
+        for x, y in samples:
+            with torch.enable_grad():
+                loss = loss_model(x, y) / max(count_targets(y), 1)
+                grads = torch.autograd.grad(loss, list(weights.values()))
+            for n, g in zip(weights, grads):
+                acc[n].add_(g.float().square())
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    k = max(len(samples), 1)
+    return {n: ((f / k).sum(dim=1), (f / k).sum(dim=0)) for n, f in acc.items()}
+
+
+@torch.no_grad()
+def input_covariance(model: nn.Module, names: list[str], samples) -> dict[str, torch.Tensor]:
+    """name -> sum over calibration tokens of x x^T for that linear's input x: (in, in) fp32."""
+    cov: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            cov[name] = cov[name] + x.T @ x if name in cov else x.T @ x
+
+        return fn
+
+    for n in names:
+        handles.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
+    was_training = model.training
+    model.eval()
+    try:
+        decoder = model.get_decoder()
+        for x, _ in samples:
+            decoder(input_ids=x, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return cov

@@ -1,0 +1,193 @@
+"""Quantized (+ low-rank) checkpoints: what `slimtune quantize` writes and `model.name=DIR` loads.
+
+A directory with
+  config.json, tokenizer files   the base model's (so the tokenizer and context length resolve as usual)
+  model.safetensors              every tensor of the model: packed codes + scales of the quantized
+                                 linears, LoRA factors (lora_A / lora_B), and the unquantized rest
+  slimtune_quant.json            manifest: per quantized linear its class and format, per adapter its
+                                 type / rank / alpha, tied tensors, achieved bits/param, allocation
+Written atomically (temp dir + rename). Loading checks the manifest against the tensors and names the
+first mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from slimtune.errors import SlimtuneError
+from slimtune.trainer.io import atomic_dir, write_json
+
+MANIFEST = "slimtune_quant.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def is_quantized_checkpoint(name: str) -> bool:
+    return (Path(name).expanduser() / MANIFEST).is_file()
+
+
+def module_spec(m: nn.Module) -> dict:
+    """JSON description of a slimtune quantized linear, enough to rebuild it empty."""
+    from slimtune.quant import Int8Linear, NF4Linear, PackedLinear
+
+    spec = {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
+    if isinstance(m, PackedLinear):
+        return {"class": "packed", "format": m.fmt.name, **spec}
+    if isinstance(m, NF4Linear):
+        return {"class": "nf4", "block_size": m.block_size, "double_quant": m.double_quant, **spec}
+    if isinstance(m, Int8Linear):
+        return {"class": "int8", "block_size": m.block_size, **spec}
+    raise SlimtuneError(f"cannot write {type(m).__name__} to a slimtune quantized checkpoint "
+                        "(slimtune nf4 / int8 / packed formats only; use quant.backend=slimtune)")
+
+
+def build_from_spec(spec: dict, compute_dtype: torch.dtype) -> nn.Module:
+    from slimtune.quant import Int8Linear, NF4Linear, PackedLinear, QuantFormat
+
+    args = (spec["in_features"], spec["out_features"], spec["bias"])
+    if spec["class"] == "packed":
+        return PackedLinear(*args, fmt=QuantFormat.parse(spec["format"]), compute_dtype=compute_dtype)
+    if spec["class"] == "nf4":
+        return NF4Linear(*args, block_size=spec["block_size"], double_quant=spec["double_quant"],
+                         compute_dtype=compute_dtype)
+    if spec["class"] == "int8":
+        return Int8Linear(*args, block_size=spec["block_size"], compute_dtype=compute_dtype)
+    raise ValueError(f"unknown quantized class {spec['class']!r}")
+
+
+def save_quantized(model: nn.Module, path: Path, tokenizer, info: dict) -> Path:
+    """Write `model` (quantized linears, optionally LoRA-wrapped) to `path`. info: extra manifest fields
+    (method, base_model, budget_bits, allocation, ...)."""
+    from safetensors.torch import save_file
+
+    from slimtune.adapters import adapter_modules
+    from slimtune.quant import bits_per_param, is_quantized_linear
+
+    adapters = adapter_modules(model)
+    quantized = {n: m for n, m in model.named_modules() if is_quantized_linear(m)}
+    state, tied, seen = {}, {}, {}
+    for k, t in model.state_dict(keep_vars=False).items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape)) if t.numel() else None
+        if key is not None and key in seen:  # tied (e.g. lm_head <-> embed_tokens): stored once
+            tied[k] = seen[key]
+            continue
+        seen[key] = k
+        state[k] = t.detach().contiguous().cpu()
+    numel = sum(m.in_features * m.out_features for m in quantized.values())
+    bits = sum(bits_per_param(m) * m.in_features * m.out_features for m in quantized.values())
+    manifest = {
+        "format": "slimtune-quantized", "version": FORMAT_VERSION, **info,
+        "bits_per_param": bits / max(numel, 1),
+        "quantized": {n: module_spec(m) for n, m in quantized.items()},
+        "adapters": {n: {"type": _adapter_type(m), "rank": m.rank, "alpha": m.alpha} for n, m in adapters.items()},
+        "tied": tied,
+    }
+    with atomic_dir(Path(path)) as tmp:
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_json(tmp / MANIFEST, manifest)
+    return Path(path)
+
+
+def _adapter_type(m: nn.Module) -> str:
+    from slimtune.adapters import ADAPTERS
+
+    return next(name for name, cls in ADAPTERS.items() if type(m) is cls)
+
+
+def read_manifest(path: Path) -> dict:
+    f = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SlimtuneError(f"{f}: unreadable manifest ({e}); re-create it with `slimtune quantize`") from None
+    if manifest.get("format") != "slimtune-quantized" or manifest.get("version") != FORMAT_VERSION:
+        raise SlimtuneError(f"{f}: not a version-{FORMAT_VERSION} slimtune quantized checkpoint manifest")
+    return manifest
+
+
+def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild the model of a quantized checkpoint on CPU: quantized linears, adapters (trainable LoRA
+    factors), everything else frozen in `dtype`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slimtune.adapters import ADAPTERS
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    model.config.use_cache = False
+    # adapters first: a quantized base lives at "<adapter>.base", which exists once the adapter wraps
+    for name, spec in manifest["adapters"].items():
+        _replace(model, path, name, lambda old, s=spec: ADAPTERS.get(s["type"])(old, s["rank"], s["alpha"]))
+    for name, spec in manifest["quantized"].items():
+        _replace(model, path, name, lambda old, s=spec: build_from_spec(s, dtype))
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (OSError, SafetensorError) as e:
+        raise SlimtuneError(f"{path / WEIGHTS}: unreadable ({e}); re-create it with `slimtune quantize`") from None
+    for k, src in manifest.get("tied", {}).items():
+        if src in state:
+            state[k] = state[src]
+    want = model.state_dict()
+    for k, t in want.items():
+        if k not in state:
+            raise SlimtuneError(f"{path / WEIGHTS}: tensor {k!r} is missing; the manifest {MANIFEST} does not "
+                                "match the tensors (re-create the checkpoint with `slimtune quantize`)")
+        if tuple(state[k].shape) != tuple(t.shape) or state[k].dtype != t.dtype:
+            raise SlimtuneError(f"{path / WEIGHTS}: tensor {k!r} is {state[k].dtype} {tuple(state[k].shape)} but "
+                                f"the manifest's format needs {t.dtype} {tuple(t.shape)}; the manifest {MANIFEST} "
+                                "does not match the tensors")
+    extra = sorted(set(state) - set(want))
+    if extra:
+        raise SlimtuneError(f"{path / WEIGHTS}: tensor {extra[0]!r} is not in the model the manifest {MANIFEST} "
+                            "describes; the manifest does not match the tensors")
+    model.load_state_dict(state, strict=True)
+    model.tie_weights()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in manifest["adapters"]:
+        for p in model.get_submodule(name).trainable_parameters():
+            p.requires_grad_(True)
+    return model
+
+
+def _replace(model: nn.Module, path: Path, name: str, make) -> None:
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise SlimtuneError(f"{path / MANIFEST}: module {name!r} is not in the model of config.json; "
+                            "the manifest does not match the model") from None
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, make(old))
+
+
+@torch.no_grad()
+def dequantize_to_dense(model: nn.Module) -> None:
+    """In place: every adapter becomes an nn.Linear with W = dequant(base) + delta (merged), and every
+    remaining quantized linear an nn.Linear with its dequantized weight (fp32)."""
+    from slimtune.adapters import adapter_modules
+    from slimtune.quant import dequantize_weight, is_quantized_linear
+
+    def dense(name: str, weight: torch.Tensor, bias) -> None:
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias.float())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, lin)
+
+    for name, m in list(adapter_modules(model).items()):
+        base = m.base
+        w = dequantize_weight(base) if is_quantized_linear(base) else base.weight.float()
+        dense(name, w + m.delta_weight(), base.bias)
+    for name, m in [(n, m) for n, m in model.named_modules() if is_quantized_linear(m)]:
+        dense(name, dequantize_weight(m), m.bias)
