@@ -77,7 +77,8 @@ class LQLoRAConfig:
     budget_bits: float = _help("average bits/param of the quantized base (codes + scales)", 3.0)
     fisher: bool = _help("weight the decomposition and the allocation by the diagonal Fisher", True)
     calibration_samples: int = _help("train blocks for the Fisher / EoRA activation statistics", 16)
-    max_iters: int = _help("alternations of quantize / low-rank (LQ-LoRA, LoftQ)", 10)
+    max_iters: int = _help("alternations of quantize / low-rank (LQ-LoRA, LoftQ) for the final decomposition", 10)
+    score_iters: int = _help("alternations when scoring every candidate format for the bit allocation", 2)
     bits: tuple = _help("NormalFloat bit widths the allocation may choose", (2, 3, 4))
     block_sizes: tuple = _help("block sizes the allocation may choose", (64, 128, 256))
 
@@ -343,7 +344,7 @@ def _validate_lowrank(cfg: RecipeConfig) -> None:
     if a.init != "default" and (a.type != "lora" or q.method in ("none", "lq_lora")):
         raise ConfigError(f"adapter.init={a.init} initialises LoRA on a quantized base: set adapter.type=lora and "
                           "a quant.method such as nf4 or nf3 (lq_lora already initialises its own factors)")
-    for key in ("calibration_samples", "max_iters"):
+    for key in ("calibration_samples", "max_iters", "score_iters"):
         if getattr(lq, key) <= 0:
             raise ConfigError(f"lq_lora.{key}={getattr(lq, key)} must be > 0")
     if not lq.bits or not all(isinstance(b, int) and 2 <= b <= 8 for b in lq.bits):

@@ -14,7 +14,11 @@ solver finds nothing in time (then `optimal` is False).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -148,6 +152,30 @@ def _greedy(e, b, w, budget_bits: float) -> np.ndarray:
         choice[i] = c
 
 
+@contextlib.contextmanager
+def _quiet_c_stdout():
+    """HiGHS 1.12 printf()s a stray debug line on some solves (HiGHS issue #2783): send file
+    descriptor 1 to /dev/null for the solve, flushing C's stdio buffer before it comes back."""
+    try:
+        fd = sys.stdout.fileno()
+        libc = ctypes.CDLL(None)
+    except (AttributeError, OSError, ValueError):  # no real stdout (e.g. captured): nothing to hide
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            try:
+                yield
+            finally:
+                libc.fflush(None)
+                os.dup2(saved, fd)
+    finally:
+        os.close(saved)
+
+
 def _solve_milp(cost: np.ndarray, b, w, available, rhs: float, time_limit_s: float):
     """One milp call on the scaled objective. -> (choice (M,) or None, proven optimal)."""
     m, c = cost.shape
@@ -157,10 +185,11 @@ def _solve_milp(cost: np.ndarray, b, w, available, rhs: float, time_limit_s: flo
     lower = np.concatenate([np.ones(m), [-np.inf]])
     upper = np.concatenate([np.ones(m), [rhs]])
     # mip_rel_gap=0: HiGHS's default 1e-4 relative gap would stop short of the true optimum
-    res = milp(np.where(available, cost, 0.0).ravel(), integrality=np.ones(m * c),
-               bounds=Bounds(0.0, available.ravel().astype(np.float64)),
-               constraints=LinearConstraint(a, lower, upper),
-               options={"time_limit": time_limit_s, "mip_rel_gap": 0.0})
+    with _quiet_c_stdout():
+        res = milp(np.where(available, cost, 0.0).ravel(), integrality=np.ones(m * c),
+                   bounds=Bounds(0.0, available.ravel().astype(np.float64)),
+                   constraints=LinearConstraint(a, lower, upper),
+                   options={"time_limit": time_limit_s, "mip_rel_gap": 0.0})
     if res.x is None:  # infeasible (ruled out beforehand) or time limit before any integer solution
         return None, False
     return res.x.reshape(m, c).argmax(axis=1), bool(res.success)

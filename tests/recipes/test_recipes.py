@@ -35,7 +35,8 @@ def test_recipe_lowers_loss(recipe, tmp_path, tiny_overrides):
     assert (out / "config.yaml").is_file()
     assert (out / "checkpoints" / "step_6" / "COMPLETE").is_file()
     final = out / "final"
-    expected = "config.json" if report["config"]["adapter"]["type"] == "none" else "adapter_config.json"
+    expected = {"none": "config.json", "lq_lora": "slimtune_quant.json"}.get(report["config"]["adapter"]["type"],
+                                                                          "adapter_config.json")
     assert (final / expected).is_file()
 
 
