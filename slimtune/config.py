@@ -85,11 +85,25 @@ class LQLoRAConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = _help("adamw | adamw8bit | sgd", "adamw")
+    name: str = _help("adamw | adamw8bit (bitsandbytes) | sgd | galore | frugal | dct", "adamw")
     weight_decay: float = _help("decoupled weight decay", 0.0)
     betas: tuple = _help("Adam betas", (0.9, 0.999))
     eps: float = _help("Adam epsilon", 1e-8)
     momentum: float = _help("SGD momentum", 0.0)
+    rank: int = _help("galore / dct: rank of the gradient projection (clamped to min(m, n))", 128)
+    update_gap: int = _help("galore / dct / frugal: steps between projection (subspace) updates", 200)
+    scale: float = _help("galore / dct: scale of the back-projected update", 0.25)
+    proj_type: str = _help("galore / dct: std (smaller side) | left | right", "std")
+    density: float = _help("frugal: fraction of each matrix updated state-full (AdamW)", 0.25)
+    subspace: str = _help("frugal: svd | random | blocks (rows/columns) | coordinates | modules (whole params)",
+                          "svd")
+    inactive_lr_scale: float = _help("frugal: lr multiplier of the state-free signSGD part", 1.0)
+    state_bits: int = _help("32 | 8: block-wise 8-bit Adam moments (adamw, galore, frugal, dct)", 32)
+    in_backward: bool = _help("step each parameter in backward and free its gradient (grad_accum 1, no clipping)",
+                              False)
+    full_rank_modules: tuple = _help("galore / dct / frugal: modules (name suffix) kept on plain AdamW",
+                                     ("embed_tokens", "lm_head"))
+    seed: int = _help("frugal: seed of the random subspaces (the same on every rank)", 0)
 
 
 @dataclass(frozen=True)
@@ -135,7 +149,10 @@ CHOICES = {
     "quant.method": ("none", "nf4", "int8", "nf2", "nf3", *(f"int{b}" for b in range(2, 8)),
                      *(f"int{b}a" for b in range(2, 9)), "lq_lora"),
     "quant.backend": ("slimtune", "bitsandbytes"),
-    "optim.name": ("adamw", "adamw8bit", "sgd"),
+    "optim.name": ("adamw", "adamw8bit", "sgd", "galore", "frugal", "dct"),
+    "optim.proj_type": ("std", "left", "right"),
+    "optim.subspace": ("svd", "random", "blocks", "coordinates", "modules"),
+    "optim.state_bits": (32, 8),
     "train.device": ("auto", "cpu", "cuda"),
 }
 
@@ -328,8 +345,32 @@ def validate(cfg: RecipeConfig) -> None:
         raise ConfigError(f"quant.method={cfg.quant.method} needs adapter.type=lora: a quantized base is "
                           "frozen, so full fine-tuning cannot train it (set quant.method=none)")
     _validate_lowrank(cfg)
+    _validate_optim(cfg)
     if cfg.quant.method == "nf4" and cfg.quant.block_size % 2:
         raise ConfigError(f"quant.block_size={cfg.quant.block_size} must be even for nf4 (2 codes per byte)")
+
+
+def _validate_optim(cfg: RecipeConfig) -> None:
+    o = cfg.optim
+    for key in ("rank", "update_gap"):
+        if getattr(o, key) <= 0:
+            raise ConfigError(f"optim.{key}={getattr(o, key)} must be > 0")
+    if not 0 <= o.density <= 1:
+        raise ConfigError(f"optim.density={o.density} must be in [0, 1]")
+    if o.scale <= 0 or o.inactive_lr_scale < 0:
+        raise ConfigError("optim.scale must be > 0 and optim.inactive_lr_scale >= 0")
+    if o.state_bits == 8 and o.name in ("sgd", "adamw8bit"):
+        raise ConfigError(f"optim.state_bits=8 applies to adamw, galore, frugal and dct, not optim.name={o.name}")
+    if o.in_backward:
+        if cfg.train.grad_accum != 1:
+            raise ConfigError(f"optim.in_backward=true steps during backward, so it needs train.grad_accum=1 "
+                              f"(got {cfg.train.grad_accum})")
+        if o.name == "frugal" and o.subspace == "modules":
+            raise ConfigError("optim.subspace=modules picks whole parameters across the model, which "
+                              "optim.in_backward=true (one optimizer per parameter) cannot do; drop one")
+        if cfg.train.max_grad_norm > 0:
+            raise ConfigError("optim.in_backward=true frees each gradient in backward, so gradients cannot be "
+                              "clipped: set train.max_grad_norm=0")
 
 
 def _validate_lowrank(cfg: RecipeConfig) -> None:

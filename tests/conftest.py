@@ -28,3 +28,12 @@ def tiny_model_dir():
     from slimtune.models import resolve_model_dir
 
     return resolve_model_dir("tiny-llama")
+
+
+def free_port() -> int:
+    """A TCP port free right now, for torchrun's --master_port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

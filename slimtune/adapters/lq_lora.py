@@ -73,13 +73,16 @@ def lowrank(R: torch.Tensor, rank: int, dr: torch.Tensor | None = None, dc: torc
 
 
 def fisher_weights(row_sums: torch.Tensor, col_sums: torch.Tensor, floor: float = 1e-3
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dr, dc) with dr_i^2 dc_j^2 = r_i c_j / sum(F), the rank-1 approximation of the Fisher F.
+                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(dr, dc, scale) with scale * dr_i^2 dc_j^2 = r_i c_j / sum(F), the rank-1 approximation of the
+    Fisher F. dr and dc are normalised to mean square 1 (Fisher values are tiny: unnormalised weights
+    would make float32 denormals, which are ~100x slower); weighted errors are multiplied by `scale`.
     Entries are floored at `floor` x their mean so no row/column gets weight 0 (and L stays finite)."""
-    total = row_sums.sum().clamp(min=1e-30)
-    r = row_sums.clamp(min=floor * float(row_sums.mean()) + 1e-30)
-    c = col_sums.clamp(min=floor * float(col_sums.mean()) + 1e-30)
-    return (r / total.sqrt()).sqrt(), (c / total.sqrt()).sqrt()
+    r, c = row_sums.double(), col_sums.double()
+    r = r.clamp(min=floor * float(r.mean()) + 1e-300)
+    c = c.clamp(min=floor * float(c.mean()) + 1e-300)
+    scale = float(r.mean() * c.mean() / row_sums.double().sum().clamp(min=1e-300))
+    return (r / r.mean()).sqrt().float(), (c / c.mean()).sqrt().float(), scale
 
 
 @torch.no_grad()
@@ -189,14 +192,14 @@ def apply_lq_lora(model: nn.Module, cfg, samples, compute_dtype: torch.dtype = t
     every = max(1, len(names) // 10)
     for i, name in enumerate(names):  # score every candidate with a short decomposition
         W = model.get_submodule(name).weight.detach().float()
-        dr, dc = fisher_weights(*fisher[name]) if name in fisher else (None, None)
+        dr, dc, scale = fisher_weights(*fisher[name]) if name in fisher else (None, None, 1.0)
         row_err, row_bits = [], []
         for fmt in formats:
             if W.numel() % fmt.block_size:
                 row_err.append(math.inf), row_bits.append(99.0)
                 continue
             d = decompose(W, _packed_quantizer(fmt), rank, lq.score_iters, dr, dc)
-            row_err.append(d.error), row_bits.append(fmt.bits_per_param(tuple(W.shape)))
+            row_err.append(d.error * scale), row_bits.append(fmt.bits_per_param(tuple(W.shape)))
         errors.append(row_err), bits.append(row_bits), numel.append(W.numel())
         if (i + 1) % every == 0 or i + 1 == len(names):
             log(f"lq_lora: scored {i + 1}/{len(names)} matrices at {len(formats)} formats "
@@ -205,13 +208,14 @@ def apply_lq_lora(model: nn.Module, cfg, samples, compute_dtype: torch.dtype = t
     modules = {}
     for i, name in enumerate(names):  # the chosen format, decomposed with max_iters alternations
         fmt, old = formats[alloc.choice[i]], model.get_submodule(name)
-        dr, dc = fisher_weights(*fisher[name]) if name in fisher else (None, None)
+        dr, dc, scale = fisher_weights(*fisher[name]) if name in fisher else (None, None, 1.0)
         d = decompose(old.weight, _packed_quantizer(fmt), rank, lq.max_iters, dr, dc)
         base = PackedLinear.from_packed(d.packed, bias=None if old.bias is None else old.bias.detach(),
                                         compute_dtype=compute_dtype)
         install(model, name, base, d.L1, d.L2, cfg.adapter)
         modules[name] = {"format": fmt.name, "shape": list(old.weight.shape), "bits_per_param": bits_per_param(base),
-                         "error": d.error, "score_error": errors[i][alloc.choice[i]], "iterations": len(d.history)}
+                         "error": d.error * scale, "score_error": errors[i][alloc.choice[i]],
+                         "iterations": len(d.history)}
     log(f"lq_lora: decomposed {len(names)} matrices at {alloc.avg_bits:.3f} bits/param "
         f"({time.perf_counter() - t0:.0f}s)")
     return {"allocation": alloc.to_dict(), "table": alloc.table(), "modules": modules,

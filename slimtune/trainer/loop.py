@@ -30,7 +30,8 @@ from slimtune.trainer.evaluate import count_params, perplexity
 from slimtune.trainer.hooks import Hooks
 from slimtune.trainer.io import write_json, write_text
 from slimtune.trainer.loss import CausalLMLoss, count_targets
-from slimtune.trainer.report import MetricsLog, peak_memory, plot_loss, print_main, start_wandb, summary_line
+from slimtune.trainer.report import (MetricsLog, optimizer_state_bytes, peak_memory, plot_loss, print_main,
+                                     start_wandb, summary_line)
 from slimtune.trainer.save import save_final
 
 
@@ -115,8 +116,12 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
     # quantized bases are built identically on every rank, so buffers need no broadcast
     train_model = (nn.parallel.DistributedDataParallel(loss_model, broadcast_buffers=False)
                    if info.enabled else loss_model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg.optim, params, t.lr)
+    named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named_params]
+    if cfg.optim.in_backward and info.enabled:
+        raise SlimtuneError("optim.in_backward=true is single-process only (DDP reduces gradients after the "
+                            "per-parameter step would run); drop it under torchrun")
+    optimizer = build_optimizer(cfg.optim, named_params, t.lr)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
     for h in hooks:
         h.on_setup(model, optimizer, cfg)
@@ -224,6 +229,9 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
             "device": str(device),
             "config": C.to_dict(cfg),
         }
+        report["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
+        if hasattr(optimizer, "projection_seconds"):
+            report["projection_seconds"] = optimizer.projection_seconds
         if quant_info:
             report["quantization"] = {k: quant_info[k] for k in ("bits_per_param", "seconds", "fisher_seconds")
                                       if k in quant_info}

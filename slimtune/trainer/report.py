@@ -91,3 +91,25 @@ def summary_line(report: dict) -> str:
 def print_main(msg: str, is_main: bool) -> None:
     if is_main:
         print(msg, file=sys.stdout, flush=True)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state (moments, projections, quantization scales)."""
+    total, seen = 0, set()
+
+    def walk(o):
+        nonlocal total
+        if isinstance(o, torch.Tensor):
+            key = (o.data_ptr(), o.numel(), o.dtype)
+            if o.numel() and key not in seen:
+                seen.add(key)
+                total += o.numel() * o.element_size()
+        elif isinstance(o, dict):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+
+    walk(optimizer.state_dict())  # param_groups hold no tensors
+    return total

@@ -78,15 +78,16 @@ def test_fisher_weights_are_the_rank1_fisher():
     g = torch.Generator().manual_seed(2)
     u, v = torch.rand(8, generator=g) + 0.1, torch.rand(5, generator=g) + 0.1
     F = u[:, None] * v[None, :]  # a rank-1 Fisher is reproduced exactly
-    dr, dc = fisher_weights(F.sum(1), F.sum(0))
-    torch.testing.assert_close((dr[:, None] * dc[None, :]).square(), F, rtol=1e-5, atol=0)
+    dr, dc, scale = fisher_weights(F.sum(1), F.sum(0))
+    torch.testing.assert_close(scale * (dr[:, None] * dc[None, :]).square(), F, rtol=1e-5, atol=0)
+    assert float(dr.square().mean()) == pytest.approx(1.0) and float(dc.square().mean()) == pytest.approx(1.0)
 
 
 def test_fisher_weighting_lowers_the_weighted_error():
     W = matrices()["random"]
     g = torch.Generator().manual_seed(3)
     rows, cols = torch.rand(96, generator=g) ** 4, torch.rand(128, generator=g) ** 4  # a few rows matter
-    dr, dc = fisher_weights(rows, cols)
+    dr, dc, _ = fisher_weights(rows, cols)
     weighted = decompose(W, nf4, rank=8, max_iters=4, dr=dr, dc=dc)
     plain = decompose(W, nf4, rank=8, max_iters=4)
     err_plain = weighted_sq_error(W - plain.packed.dequantize() - plain.L1 @ plain.L2, dr, dc)

@@ -2,15 +2,10 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port
 
 
 def _losses(d):
@@ -26,7 +21,7 @@ def test_two_processes_match_one(tmp_path, tiny_overrides):
                     f"output_dir={one}"], check=True, env=env, capture_output=True, timeout=600)
     two = tmp_path / "two"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                         "-m", "slimtune", "run", "lora", *common, "train.grad_accum=1", f"output_dir={two}"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

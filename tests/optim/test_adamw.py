@@ -1,0 +1,135 @@
+"""slimtune's AdamW against torch.optim.AdamW, exact resume (also through the checkpoint format), 8-bit states."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from slimtune.optim.adamw import AdamW
+from slimtune.optim.states8bit import state_nbytes
+from slimtune.trainer.io import flatten_state, unflatten_state
+
+
+def _params(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(17, 9), (300,), (5, 3, 7), ()]
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
+
+
+def _grads(params, step):
+    g = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(p.shape, generator=g) * (1 + i) for i, p in enumerate(params)]
+
+
+def _groups(params, lr2=3e-3, wd2=0.0):
+    return [{"params": params[:2]}, {"params": params[2:], "lr": lr2, "weight_decay": wd2}]
+
+
+def _run(opt, params, steps, start=0):
+    for t in range(start, start + steps):
+        for p, g in zip(params, _grads(params, t)):
+            p.grad = g.to(p.dtype)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_fp32_states_match_torch_adamw():
+    ours, ref = _params(), _params()
+    kw = {"lr": 1e-2, "betas": (0.8, 0.99), "eps": 1e-7, "weight_decay": 0.1}
+    opt = AdamW(_groups(ours), **kw)
+    ref_opt = torch.optim.AdamW(_groups(ref), foreach=False, **kw)
+    _run(opt, ours, 20)
+    _run(ref_opt, ref, 20)
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert not torch.equal(ours[0], _params()[0])  # it did move
+
+
+def test_half_precision_params_update_in_fp32():
+    p16 = _params(dtype=torch.bfloat16)
+    p32 = [p.detach().float().requires_grad_() for p in p16]
+    opt16, opt32 = AdamW(p16, lr=1e-2), torch.optim.AdamW(p32, lr=1e-2, foreach=False)
+    for p, q, g in zip(p16, p32, _grads(p16, 0)):
+        p.grad, q.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()
+    opt16.step()
+    opt32.step()
+    for p, q, p0 in zip(p16, p32, _params(dtype=torch.bfloat16)):
+        # one step from the same start: fp32's result rounded once to bf16 (a tie may flip by one ulp)
+        assert p.dtype == torch.bfloat16 and not torch.equal(p, p0)
+        torch.testing.assert_close(p, q.detach().to(torch.bfloat16), rtol=2**-7, atol=0)
+        assert (p == q.to(torch.bfloat16)).float().mean() > 0.97
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("via_checkpoint", [False, True])
+def test_resume_is_bit_identical(bits, via_checkpoint):
+    straight = _params()
+    opt = AdamW(_groups(straight, wd2=0.05), lr=1e-2, weight_decay=0.01, state_bits=bits)
+    _run(opt, straight, 20)
+
+    first = _params()
+    opt1 = AdamW(_groups(first, wd2=0.05), lr=1e-2, weight_decay=0.01, state_bits=bits)
+    _run(opt1, first, 10)
+    sd = copy.deepcopy(opt1.state_dict())
+    if via_checkpoint:  # the trainer's path: safetensors bytes + a JSON skeleton
+        tensors, skeleton = flatten_state(sd)
+        sd = unflatten_state(copy.deepcopy(skeleton), st_load(st_save(tensors)))
+    resumed = [p.detach().clone().requires_grad_() for p in first]
+    opt2 = AdamW(_groups(resumed), lr=0.5, weight_decay=0.0, state_bits=bits)  # groups come from sd
+    opt2.load_state_dict(sd)
+    if bits == 8:
+        st = opt2.state[resumed[0]]
+        assert st["exp_avg_q_int8"].dtype == torch.int8 and st["exp_avg_sq_q_uint8"].dtype == torch.uint8
+    _run(opt2, resumed, 10, start=10)
+    for p, q in zip(straight, resumed):
+        assert torch.equal(p, q)
+
+
+def test_8bit_state_bytes_ratio():
+    p32, p8 = _params(), _params()
+    opt32, opt8 = AdamW(p32, state_bits=32), AdamW(p8, state_bits=8)
+    _run(opt32, p32, 1)
+    _run(opt8, p8, 1)
+    ratio = state_nbytes(opt8) / state_nbytes(opt32)
+    assert ratio <= 0.3, ratio
+
+
+def _regression(bits, steps=200, check_at=50):
+    """Noisy linear regression, minibatch gradients (noise variance 0.01 is the floor). Returns the
+    full-data loss after `check_at` steps (mid-convergence) and after `steps`, and the initial loss."""
+    g = torch.Generator().manual_seed(0)
+    n, d_in, d_out = 2048, 64, 16
+    x = torch.randn(n, d_in, generator=g) * torch.logspace(-1, 1, d_in)  # badly scaled features
+    w_true = torch.randn(d_in, d_out, generator=g) / d_in**0.5
+    y = x @ w_true + 0.1 * torch.randn(n, d_out, generator=g)
+    w = torch.zeros(d_in, d_out, requires_grad=True)
+    b = torch.zeros(d_out, requires_grad=True)
+    opt = AdamW([w, b], lr=2e-2, state_bits=bits)
+    losses = []
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, n, (128,), generator=g)
+        loss = (x[idx] @ w + b - y[idx]).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step in (check_at, steps):
+            with torch.no_grad():
+                losses.append((x @ w + b - y).square().mean().item())
+    return losses[0], losses[1], y.square().mean().item()
+
+
+def test_8bit_states_train_like_fp32_states():
+    mid32, end32, initial = _regression(32)
+    mid8, end8, _ = _regression(8)
+    assert end32 < 0.002 * initial and mid32 < 0.01 * initial
+    assert abs(mid8 - mid32) <= 0.04 * mid32, (mid8, mid32)
+    assert abs(end8 - end32) <= 0.04 * end32, (end8, end32)
+
+
+def test_rejects_bad_options():
+    with pytest.raises(ValueError, match="state_bits"):
+        AdamW(_params(), state_bits=16)
+    with pytest.raises(ValueError, match="betas"):
+        AdamW(_params(), betas=(0.9, 1.0))

@@ -1,0 +1,141 @@
+"""Block-wise 8-bit moments: round-trip error bounded by the map's local step, exact codes, storage, state API."""
+
+import math
+
+import pytest
+import torch
+
+from slimtune.optim import states8bit as S
+
+NUMELS = [1, 255, 256, 257, 1000, 3 * 256]
+
+
+def _reference_levels(signed):
+    n, power = (127, 3) if signed else (255, 6)
+    return (torch.arange(n + 1, dtype=torch.float64) / n) ** power
+
+
+def _samples(kind, n, g):
+    if kind == "normal":
+        return torch.randn(n, generator=g)
+    if kind == "heavy":  # Cauchy: a few huge values per block
+        return torch.tan(math.pi * (torch.rand(n, generator=g) - 0.5))
+    if kind == "tiny":  # magnitudes spread over 12 decades
+        return torch.randn(n, generator=g) * 10 ** (-12 * torch.rand(n, generator=g))
+    if kind == "zeros_mixed":  # whole zero blocks next to live ones, and scattered exact zeros
+        x = torch.randn(n, generator=g)
+        x[: min(n, 256)] = 0
+        x[torch.rand(n, generator=g) < 0.2] = 0
+        return x
+    raise ValueError(kind)
+
+
+def _bound(x, signed):
+    """Per-element bound from an independent float64 computation: half the gap between the two levels
+    around |x| / absmax of its block (for unsigned, values under level[1] go up to level[1]), + fp32 slack."""
+    levels = _reference_levels(signed)
+    x64 = x.double().reshape(-1)
+    n = x64.numel()
+    padded = torch.cat([x64, x64.new_zeros(-n % 256)]).view(-1, 256)
+    absmax = padded.abs().amax(1, keepdim=True).expand(-1, 256).reshape(-1)[:n]
+    r = torch.where(absmax > 0, x64.abs() / absmax.clamp(min=1e-300), torch.zeros_like(x64))
+    hi = torch.searchsorted(levels, r).clamp(1, len(levels) - 1)
+    bound = (levels[hi] - levels[hi - 1]) / 2 * absmax
+    if not signed:
+        under = (x64 > 0) & (r < levels[1])
+        bound = torch.where(under, (levels[1] - r) * absmax, bound)
+    return bound + 2.0**-20 * torch.maximum(x64.abs(), absmax * levels[hi]), absmax
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("kind", ["normal", "heavy", "tiny", "zeros_mixed"])
+@pytest.mark.parametrize("numel", NUMELS)
+def test_round_trip_within_half_step_of_the_map(signed, kind, numel):
+    g = torch.Generator().manual_seed(numel)
+    x = _samples(kind, numel, g)
+    if not signed:
+        x = x.square()
+    codes, absmax = S.quantize_blockwise(x, signed)
+    assert codes.dtype == (torch.int8 if signed else torch.uint8) and codes.shape == x.shape
+    assert absmax.dtype == torch.float32 and absmax.shape == (math.ceil(numel / 256),)
+    y = S.dequantize_blockwise(codes, absmax, signed)
+    bound, _ = _bound(x, signed)
+    err = (y.double() - x.double()).abs()
+    assert (err <= bound).all(), f"worst excess {(err - bound).max().item():.3g}"
+    assert (y[x == 0] == 0).all()
+    if not signed:
+        assert (y[x > 0] > 0).all()  # a nonzero v never decodes to 0 (Adam would step m / eps)
+
+
+def test_relative_error_on_gaussian_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256 * 512, generator=g)
+    m = S.dequantize_blockwise(*S.quantize_blockwise(x, True), signed=True)
+    v = S.dequantize_blockwise(*S.quantize_blockwise(x.square(), False), signed=False)
+    assert ((m - x).abs() / x.abs()).mean() < 0.015
+    assert ((v.sqrt() - x.abs()).abs() / x.abs()).mean() < 0.008  # sqrt(v) is what Adam divides by
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_representable_values_are_exact(signed):
+    g = torch.Generator().manual_seed(1)
+    n = 127 if signed else 255
+    levels = S.magnitude_levels(signed)
+    torch.testing.assert_close(levels.double(), _reference_levels(signed), rtol=1e-7, atol=0)
+    codes = torch.randint(-n if signed else 0, n + 1, (4, 256), generator=g)
+    codes[:, 0] = n  # the block's absmax element
+    absmax = torch.tensor([1.0, 3.7e-5, 2.5e4, 0.123])
+    mags = levels[codes.abs()]
+    x = (torch.where(codes < 0, -mags, mags) * absmax[:, None]).reshape(-1)
+    got_codes, got_absmax = S.quantize_blockwise(x, signed)
+    assert torch.equal(got_codes.long(), codes.reshape(-1))
+    assert torch.equal(got_absmax, absmax)
+    assert torch.equal(S.dequantize_blockwise(got_codes, got_absmax, signed), x)
+
+
+def test_signed_map_is_symmetric_and_unsigned_floor():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1000, generator=g)
+    assert torch.equal(S.quantize_blockwise(-x, True)[0], -S.quantize_blockwise(x, True)[0])
+    v = torch.tensor([1e6, 1e-30, 1e-12, 0.0] + [1.0] * 252)
+    y = S.dequantize_blockwise(*S.quantize_blockwise(v, False), signed=False)
+    floor = 1e6 * 255.0**-6
+    assert y[1] == y[2] and abs(y[1].item() - floor) < 1e-6 * floor  # tiny v rounds up to level 1
+    assert y[3] == 0 and y[0] == 1e6
+
+
+def test_state_api_round_trip_and_storage():
+    shape = (37, 29)  # 1073 values: 5 blocks, the last one ragged
+    state = {}
+    S.new_moment8(state, "exp_avg", shape, True, "cpu")
+    S.new_moment8(state, "exp_avg_sq", shape, False, "cpu")
+    assert "exp_avg" not in state and "exp_avg_sq" not in state
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert torch.equal(S.read_moment8(state, "exp_avg"), torch.zeros(shape))
+    g = torch.Generator().manual_seed(3)
+    m, v = torch.randn(shape, generator=g), torch.rand(shape, generator=g)
+    codes_before = state["exp_avg_q_int8"]
+    S.write_moment8(state, "exp_avg", m)
+    S.write_moment8(state, "exp_avg_sq", v)
+    assert state["exp_avg_q_int8"] is codes_before  # re-quantized in place
+    for name, x, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
+        got = S.read_moment8(state, name)
+        assert got.dtype == torch.float32 and got.shape == shape
+        assert torch.equal(got, S.dequantize_blockwise(*S.quantize_blockwise(x, signed), signed=signed))
+        assert S.moment_nbytes(state, name) == 1073 + 4 * 5  # 1 byte a value + 4 bytes per 256
+    assert S.moment_nbytes(state, "exp_avg") / (1073 * 4) < 0.26
+    with pytest.raises(ValueError, match="shape"):
+        S.write_moment8(state, "exp_avg", torch.zeros(10))
+
+
+def test_state_survives_torch_load_cast():
+    """Optimizer.load_state_dict casts codes to the param dtype; reading is unchanged, writing re-compacts."""
+    state = {}
+    S.new_moment8(state, "exp_avg_sq", (300,), False, "cpu")
+    S.write_moment8(state, "exp_avg_sq", torch.rand(300) ** 4)
+    before = S.read_moment8(state, "exp_avg_sq")
+    cast = {k: t.to(torch.float32) for k, t in state.items()}
+    assert torch.equal(S.read_moment8(cast, "exp_avg_sq"), before)
+    S.write_moment8(cast, "exp_avg_sq", before)
+    assert cast["exp_avg_sq_q_uint8"].dtype == torch.uint8
+    assert torch.equal(S.read_moment8(cast, "exp_avg_sq"), before)
