@@ -87,6 +87,9 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args()
+    from slimtune.cli import _quiet_libraries
+
+    _quiet_libraries()  # no transformers progress bars in the table
     torch.manual_seed(0)
     tokenizer = load_tokenizer(a.model)
     data = build_splits("pydoc", tokenizer, a.seq_len, 0.05)

@@ -99,3 +99,22 @@ def adam_direction(state: dict, grad: torch.Tensor, betas: tuple[float, float], 
     bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
     denom = (v.sqrt() / bc2_sqrt).add_(eps)
     return (m / bc1).div_(denom)
+
+
+def apply_update(p: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """p <- p * (1 - lr * wd) - lr * update (decoupled decay), in fp32 and written back in p's dtype."""
+    w = p if p.dtype == torch.float32 else p.float()
+    if weight_decay:
+        w.mul_(1 - lr * weight_decay)
+    w.add_(update, alpha=-lr)
+    if w is not p:
+        p.copy_(w)
+
+
+def adamw_step(state: dict, p: torch.Tensor, group: dict) -> None:
+    """One AdamW step of `p` from p.grad (torch.optim.AdamW's arithmetic; 8-bit moments if
+    group["state_bits"] == 8). group: lr, betas, eps, weight_decay, state_bits."""
+    if "step" not in state:
+        init_adam_state(state, p.shape, group["state_bits"], p.device)
+    direction = adam_direction(state, p.grad.float(), tuple(group["betas"]), group["eps"])
+    apply_update(p, direction, group["lr"], group["weight_decay"])

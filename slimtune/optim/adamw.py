@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from slimtune.optim.adam_core import adam_direction, init_adam_state, keep_saved_dtypes
+from slimtune.optim.adam_core import adamw_step, keep_saved_dtypes
 
 
 class AdamW(torch.optim.Optimizer):
@@ -38,23 +38,12 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("slimtune AdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    init_adam_state(state, p.shape, group["state_bits"], p.device)
-                direction = adam_direction(state, p.grad.float(), tuple(group["betas"]), group["eps"])
-                # fp32 params are updated in place; others via an fp32 copy written back in their dtype
-                master = p if p.dtype == torch.float32 else p.float()
-                if wd:
-                    master.mul_(1 - lr * wd)
-                master.add_(direction, alpha=-lr)
-                if master is not p:
-                    p.copy_(master)
+                adamw_step(self.state[p], p, group)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:

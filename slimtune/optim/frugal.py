@@ -47,7 +47,8 @@ import time
 
 import torch
 
-from slimtune.optim.adam_core import adam_direction, init_adam_state, keep_saved_dtypes, reset_adam_moments
+from slimtune.optim.adam_core import (adam_direction, adamw_step, apply_update, init_adam_state, keep_saved_dtypes,
+                                      reset_adam_moments)
 
 SUBSPACES = ("svd", "random", "blocks", "coordinates", "modules")
 
@@ -145,14 +146,6 @@ def _drop_adam_state(state: dict) -> None:
         del state[key]
 
 
-def _apply_update(p: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float) -> None:
-    """p <- p * (1 - lr * wd) - lr * update, in fp32 and written back in p's dtype."""
-    w = p if p.dtype == torch.float32 else p.float()
-    if weight_decay:
-        w.mul_(1 - lr * weight_decay)
-    w.add_(update, alpha=-lr)
-    if w is not p:
-        p.copy_(w)
 
 
 class FRUGAL(torch.optim.Optimizer):
@@ -202,19 +195,12 @@ class FRUGAL(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("FRUGAL does not support sparse gradients")
                 if not (group["lowrank"] and p.dim() == 2):
-                    self._adamw_step(p, group)
+                    adamw_step(self.state[p], p, group)
                 elif group["subspace"] == "modules":
                     self._module_step(p, group, group_index, positions[id(p)], len(positions))
                 else:
                     self._split_step(p, group, index)
         return loss
-
-    def _adamw_step(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        if "step" not in state:
-            init_adam_state(state, p.shape, group["state_bits"], p.device)
-        direction = adam_direction(state, p.grad.float(), group["betas"], group["eps"])
-        _apply_update(p, direction, group["lr"], group["weight_decay"])
 
     def _split_step(self, p: torch.Tensor, group: dict, index: int) -> None:
         state, grad = self.state[p], p.grad.float()
@@ -242,7 +228,7 @@ class FRUGAL(torch.optim.Optimizer):
             else:
                 update = residual.sign_().mul_(group["inactive_lr_scale"])
             add_back(update, direction)
-        _apply_update(p, update, group["lr"], group["weight_decay"])
+        apply_update(p, update, group["lr"], group["weight_decay"])
 
     def _module_step(self, p: torch.Tensor, group: dict, group_index: int, position: int, count: int) -> None:
         state = self.state[p]
@@ -262,7 +248,7 @@ class FRUGAL(torch.optim.Optimizer):
             update = adam_direction(state, grad, group["betas"], group["eps"])
         else:
             update = grad.sign().mul_(group["inactive_lr_scale"])
-        _apply_update(p, update, group["lr"], group["weight_decay"])
+        apply_update(p, update, group["lr"], group["weight_decay"])
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from slimtune.optim.adam_core import adam_direction, init_adam_state, keep_saved_dtypes, reset_adam_moments
+from slimtune.optim.adam_core import (adam_direction, adamw_step, apply_update, init_adam_state, keep_saved_dtypes,
+                                      reset_adam_moments)
 
 PROJ_TYPES = ("std", "left", "right")
 
@@ -109,15 +110,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 if group["lowrank"] and p.dim() == 2:
                     self._lowrank_step(p, group)
                 else:
-                    self._adamw_step(p, group)
+                    adamw_step(self.state[p], p, group)
         return loss
 
-    def _adamw_step(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        if "step" not in state:
-            init_adam_state(state, p.shape, group["state_bits"], p.device)
-        direction = adam_direction(state, p.grad.float(), group["betas"], group["eps"])
-        _apply_update(p, direction, group["lr"], group["weight_decay"])
 
     def _lowrank_step(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
@@ -138,7 +133,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         proj = self.projection(state, shape, side)
         direction = adam_direction(state, project(grad, proj, side), group["betas"], group["eps"])
         update = project_back(direction, proj, side).mul_(group["scale"])
-        _apply_update(p, update, group["lr"], group["weight_decay"])
+        apply_update(p, update, group["lr"], group["weight_decay"])
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -146,11 +141,3 @@ class ProjectedAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         keep_saved_dtypes(self, state_dict)  # torch would cast codes / indices / fp32 moments
 
-def _apply_update(p: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float) -> None:
-    """p <- p * (1 - lr * wd) - lr * update, in fp32 and written back in p's dtype."""
-    w = p if p.dtype == torch.float32 else p.float()
-    if weight_decay:
-        w.mul_(1 - lr * weight_decay)
-    w.add_(update, alpha=-lr)
-    if w is not p:
-        p.copy_(w)
