@@ -204,7 +204,10 @@ def apply_lq_lora(model: nn.Module, cfg, samples, compute_dtype: torch.dtype = t
         if (i + 1) % every == 0 or i + 1 == len(names):
             log(f"lq_lora: scored {i + 1}/{len(names)} matrices at {len(formats)} formats "
                 f"({time.perf_counter() - t0:.0f}s)")
+    t_alloc = time.perf_counter()
     alloc = allocate_bits(errors, bits, numel, lq.budget_bits, names=names, config_names=[f.name for f in formats])
+    t_alloc = time.perf_counter() - t_alloc
+    log(f"lq_lora: bit allocation {'optimal' if alloc.optimal else 'NOT proven optimal'} in {t_alloc:.1f}s")
     modules = {}
     for i, name in enumerate(names):  # the chosen format, decomposed with max_iters alternations
         fmt, old = formats[alloc.choice[i]], model.get_submodule(name)
@@ -219,7 +222,7 @@ def apply_lq_lora(model: nn.Module, cfg, samples, compute_dtype: torch.dtype = t
     log(f"lq_lora: decomposed {len(names)} matrices at {alloc.avg_bits:.3f} bits/param "
         f"({time.perf_counter() - t0:.0f}s)")
     return {"allocation": alloc.to_dict(), "table": alloc.table(), "modules": modules,
-            "bits_per_param": alloc.avg_bits, "fisher_seconds": t_fisher,
+            "bits_per_param": alloc.avg_bits, "fisher_seconds": t_fisher, "allocation_seconds": t_alloc,
             "seconds": time.perf_counter() - t0}
 
 
