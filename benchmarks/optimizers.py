@@ -11,7 +11,7 @@ seq --seq-len x batch --batch-size, lr warmup + cosine, clip 1.0, activation che
 Low-rank settings: rank = hidden/4 (GaLore, DCT), density 0.25 (FRUGAL), update_gap --update-gap, and
 every 2-D weight is projected (`optim.full_rank_modules=[]`, embeddings included) so that the state
 ratio measures the optimizers; with the recipes' default (embeddings and lm_head on plain AdamW) the
-embedding's full AdamW state is added on top. Each lr is the recipe's default for that optimizer.
+embedding's full AdamW state is added on top. Every optimizer runs at lr 1e-4 (--lr to change).
 Targets: state <= 0.3x AdamW for galore/frugal/dct (<= 0.1x with 8-bit states); FRUGAL's loss after
 100 steps within 5% of AdamW's; DCT's projection time <= 0.3x GaLore's SVD time.
 Results: a table on stdout and JSON in --out (default benchmarks/results/optimizers.json).
@@ -54,8 +54,8 @@ def run_one(name: str, a, out_dir: Path) -> dict:
     args = [sys.executable, "-m", "slimtune", "run", recipe, f"model.name={a.model}", f"train.max_steps={a.steps}",
             f"train.seq_len={a.seq_len}", f"train.batch_size={a.batch_size}", f"train.lr={a.lr or lr}",
             f"optim.rank={max(1, hidden_size(a.model) // 4)}", "optim.density=0.25",
-            f"optim.update_gap={a.update_gap}", "optim.full_rank_modules=[]", "checkpoint.every=0",
-            "eval.max_batches=1", "logging.progress=false", f"output_dir={out_dir}", "overwrite=true", *extra]
+            f"optim.update_gap={a.update_gap}", "optim.full_rank_modules=[]", f"optim.proj_dtype={a.proj_dtype}",
+            "checkpoint.every=0", "eval.max_batches=1", "logging.progress=false", f"output_dir={out_dir}", "overwrite=true", *extra]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "WANDB_MODE": "offline"})
     stdout, stderr = proc.communicate()
@@ -76,6 +76,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--update-gap", type=int, default=50)
+    p.add_argument("--proj-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="storage of GaLore's / FRUGAL's projection P (optim.proj_dtype)")
     p.add_argument("--lr", default=None, help="one lr for every optimizer (default: per optimizer)")
     p.add_argument("--only", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -111,7 +113,8 @@ def main() -> None:
     for name, ok in checks.items():
         print(f"target: {name}: {'MET' if ok else 'NOT MET'}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"model": a.model, "steps": a.steps, "seq_len": a.seq_len, "batch_size": a.batch_size,
+    a.out.write_text(json.dumps({"model": a.model, "steps": a.steps, "proj_dtype": a.proj_dtype,
+                                 "seq_len": a.seq_len, "batch_size": a.batch_size,
                                  "update_gap": a.update_gap, "rows": rows, "targets": checks,
                                  "cpu": platform.processor() or platform.machine()}, indent=2))
     print(f"wrote {a.out}")

@@ -99,6 +99,8 @@ class OptimConfig:
                           "svd")
     inactive_lr_scale: float = _help("frugal: lr multiplier of the state-free signSGD part", 1.0)
     state_bits: int = _help("32 | 8: block-wise 8-bit Adam moments (adamw, galore, frugal, dct)", 32)
+    proj_dtype: str = _help("galore / frugal (svd, random): storage of the projection P, float32 | bfloat16",
+                            "float32")
     in_backward: bool = _help("step each parameter in backward and free its gradient (grad_accum 1, no clipping)",
                               False)
     full_rank_modules: tuple = _help("galore / dct / frugal: modules (name suffix) kept on plain AdamW",
@@ -153,6 +155,7 @@ CHOICES = {
     "optim.proj_type": ("std", "left", "right"),
     "optim.subspace": ("svd", "random", "blocks", "coordinates", "modules"),
     "optim.state_bits": (32, 8),
+    "optim.proj_dtype": ("float32", "bfloat16"),
     "train.device": ("auto", "cpu", "cuda"),
 }
 

@@ -88,7 +88,8 @@ def _projected(cls_path: str):
         module, cls = cls_path.rsplit(".", 1)
         optimizer_cls = getattr(importlib.import_module(module), cls)
         return optimizer_cls(lowrank_groups(cfg, named), lr=lr, rank=cfg.rank, update_gap=cfg.update_gap,
-                             scale=cfg.scale, proj_type=cfg.proj_type, state_bits=cfg.state_bits, **_adam_kwargs(cfg))
+                             scale=cfg.scale, proj_type=cfg.proj_type, state_bits=cfg.state_bits,
+                             proj_dtype=cfg.proj_dtype, **_adam_kwargs(cfg))
 
     return build
 
@@ -103,4 +104,4 @@ def _frugal(cfg, named, lr):
 
     return FRUGAL(lowrank_groups(cfg, named), lr=lr, density=cfg.density, subspace=cfg.subspace,
                   update_gap=cfg.update_gap, inactive_lr_scale=cfg.inactive_lr_scale, state_bits=cfg.state_bits,
-                  seed=cfg.seed, **_adam_kwargs(cfg))
+                  seed=cfg.seed, proj_dtype=cfg.proj_dtype, **_adam_kwargs(cfg))

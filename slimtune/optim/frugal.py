@@ -51,6 +51,9 @@ from slimtune.optim.adam_core import (adam_direction, adamw_step, apply_update, 
                                       reset_adam_moments)
 
 SUBSPACES = ("svd", "random", "blocks", "coordinates", "modules")
+# storage of the svd / random projection P (used in fp32): bfloat16 halves its memory, as galore-torch
+# does when it trains in bf16 (its P takes the gradient's dtype)
+PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def subspace_generator(seed: int, step: int, tag: str, device) -> torch.Generator:
@@ -116,7 +119,7 @@ def split_gradient(grad: torch.Tensor, state: dict, subspace: str, side: str, wh
     """grad (m, n) -> (G_S in the subspace's shape, residual (m, n) or None when S is the whole space,
     add_back(update, D): update += back(D) in place)."""
     if subspace in ("svd", "random"):
-        proj = state["proj"]
+        proj = state["proj"].float()
         if side == "right":
             low = grad @ proj.T
             residual = None if whole else grad - low @ proj
@@ -160,10 +163,12 @@ class FRUGAL(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  density: float = 0.25, subspace: str = "svd", update_gap: int = 200,
-                 inactive_lr_scale: float = 1.0, state_bits: int = 32, seed: int = 0):
+                 inactive_lr_scale: float = 1.0, state_bits: int = 32, seed: int = 0, proj_dtype: str = "float32"):
         if lr < 0 or eps < 0 or weight_decay < 0 or inactive_lr_scale < 0:
             raise ValueError(f"lr, eps, weight_decay and inactive_lr_scale must be >= 0, got "
                              f"{lr}, {eps}, {weight_decay}, {inactive_lr_scale}")
+        if proj_dtype not in PROJ_DTYPES:
+            raise ValueError(f"proj_dtype must be one of {', '.join(PROJ_DTYPES)}, got {proj_dtype!r}")
         if not 0.0 <= density <= 1.0:
             raise ValueError(f"density must be in [0, 1], got {density}")
         if subspace not in SUBSPACES:
@@ -174,7 +179,7 @@ class FRUGAL(torch.optim.Optimizer):
             raise ValueError(f"state_bits must be 32 or 8, got {state_bits}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, density=density,
                         subspace=subspace, update_gap=update_gap, inactive_lr_scale=inactive_lr_scale,
-                        state_bits=state_bits, seed=int(seed), lowrank=True)
+                        state_bits=state_bits, seed=int(seed), lowrank=True, proj_dtype=proj_dtype)
         super().__init__(params, defaults)
         self.projection_seconds = 0.0
 
@@ -210,6 +215,8 @@ class FRUGAL(torch.optim.Optimizer):
             start = time.perf_counter()
             gen = subspace_generator(group["seed"], taken, f"p{index}", p.device)
             state.update(select_subspace(grad, group["subspace"], side, k, gen))
+            if "proj" in state:
+                state["proj"] = state["proj"].to(PROJ_DTYPES[group["proj_dtype"]])
             self.projection_seconds += time.perf_counter() - start
             shape = low_shape(tuple(grad.shape), side, k)
             if "step" in state:  # reselection: zero the moments and restart bias correction

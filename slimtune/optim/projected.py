@@ -27,6 +27,10 @@ from slimtune.optim.adam_core import (adam_direction, adamw_step, apply_update, 
 PROJ_TYPES = ("std", "left", "right")
 
 
+# storage of P (used in fp32): bfloat16 halves it, as galore-torch does when it trains in bf16
+PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def projection_side(shape: tuple[int, int], proj_type: str) -> str:
     """"left" or "right" for a (m, n) gradient; "std" (GaLore) projects the smaller dimension away:
     right when m >= n (moments (m, r)), else left (moments (r, n))."""
@@ -63,7 +67,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  rank: int = 128, update_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
-                 state_bits: int = 32, reset_moments_on_update: bool | None = None):
+                 state_bits: int = 32, reset_moments_on_update: bool | None = None, proj_dtype: str = "float32"):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if rank < 1 or update_gap < 1:
@@ -71,11 +75,14 @@ class ProjectedAdamW(torch.optim.Optimizer):
         projection_side((1, 1), proj_type)  # validates proj_type
         if state_bits not in (32, 8):
             raise ValueError(f"state_bits must be 32 or 8, got {state_bits}")
+        if proj_dtype not in PROJ_DTYPES:
+            raise ValueError(f"proj_dtype must be one of {', '.join(PROJ_DTYPES)}, got {proj_dtype!r}")
         if reset_moments_on_update is None:
             reset_moments_on_update = self.reset_moments_on_update
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         update_gap=update_gap, scale=scale, proj_type=proj_type, state_bits=state_bits,
-                        lowrank=True, reset_moments_on_update=bool(reset_moments_on_update))
+                        lowrank=True, reset_moments_on_update=bool(reset_moments_on_update),
+                        proj_dtype=proj_dtype)
         super().__init__(params, defaults)
         self.projection_seconds = 0.0
 
@@ -91,7 +98,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
     def projection(self, state: dict, shape: tuple[int, int], side: str) -> torch.Tensor:
         """The current P (fp32) of a parameter of `shape` (m, n)."""
-        return state["proj"]
+        return state["proj"].float()
 
     # --- step -------------------------------------------------------------------------------------
 
@@ -127,6 +134,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
         if fresh or int(state["step"]) % group["update_gap"] == 0:
             start = time.perf_counter()
             self.new_projection(state, grad, rank, side)
+            if "proj" in state:  # stored P (GaLore); DCT keeps indices only
+                state["proj"] = state["proj"].to(PROJ_DTYPES[group["proj_dtype"]])
             self.projection_seconds += time.perf_counter() - start
             if not fresh and group["reset_moments_on_update"]:
                 reset_adam_moments(state, low_shape, group["state_bits"], p.device)

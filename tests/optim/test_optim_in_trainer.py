@@ -20,6 +20,7 @@ class CrashAfterSave(Hooks):
 
 
 @pytest.mark.parametrize("recipe, extra", [("galore", ["optim.rank=8"]),
+                                           ("galore", ["optim.rank=8", "optim.proj_dtype=bfloat16"]),
                                            ("frugal", ["optim.subspace=random"]),
                                            ("dct", ["optim.rank=8", "optim.state_bits=8"]),
                                            ("full", ["optim.state_bits=8"])])
@@ -71,3 +72,27 @@ def test_lowrank_state_is_smaller_than_adamw(tmp_path, tiny_overrides, recipe):
     ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("adamw", recipe))
     assert rb["optimizer_state_bytes"] < 0.45 * ra["optimizer_state_bytes"]
     assert rb["projection_seconds"] >= 0
+
+
+@pytest.mark.parametrize("recipe", ["galore", "frugal"])
+def test_bf16_projection_halves_its_storage_and_tracks_fp32(tmp_path, tiny_overrides, recipe):
+    import torch
+
+    from slimtune.trainer.report import optimizer_state_bytes
+
+    class Grab(Hooks):
+        def after_step(self, model, optimizer, step):
+            self.projs = [s["proj"] for s in optimizer.state.values() if "proj" in s]
+            self.bytes = optimizer_state_bytes(optimizer)
+
+    common = [*tiny_overrides, "train.max_steps=6", "train.lr=1e-3", "checkpoint.every=0", "optim.rank=16"]
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        grab = Grab()
+        run(C.load_config(recipe, [*common, f"optim.proj_dtype={dtype}", f"output_dir={tmp_path / dtype}"]), [grab])
+        runs[dtype] = grab
+        assert grab.projs and all(p.dtype == getattr(torch, dtype) for p in grab.projs)
+    proj_bytes = sum(p.numel() * 4 for p in runs["float32"].projs)
+    assert runs["float32"].bytes - runs["bfloat16"].bytes == proj_bytes // 2
+    f, b = losses(tmp_path / "float32"), losses(tmp_path / "bfloat16")
+    assert all(abs(x - y) <= 1e-2 * x for x, y in zip(f, b)), (f, b)
