@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from conftest import free_port
+from slimtune_testutil import free_port
 
 WORKER = textwrap.dedent('''
     import hashlib, json, sys

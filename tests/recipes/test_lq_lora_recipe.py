@@ -25,7 +25,7 @@ def logits(model, seed=0):
 
 @pytest.fixture(scope="module")
 def lq_ckpt(tmp_path_factory):
-    from conftest import TINY
+    from slimtune_testutil import TINY
 
     out = tmp_path_factory.mktemp("q") / "lq"
     assert main(["quantize", "lq_lora", *TINY, *LQ, "lq_lora.budget_bits=3.0", f"output_dir={out}"]) == 0

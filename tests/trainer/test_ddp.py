@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import free_port
+from slimtune_testutil import free_port
 
 
 def _losses(d):
