@@ -43,3 +43,16 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             raise RuntimeError("SLIMTUNE_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1")
         return True
     return triton_available() and (on_cuda or interpreting())
+
+
+def tile_size(dim: int, cap: int) -> int:
+    """A power-of-two tile for `dim`: the next power of two, between 16 (tl.dot's minimum) and `cap`."""
+    return max(16, min(cap, 1 << max(0, dim - 1).bit_length()))
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """tl.dot input_precision: fp32 inputs follow torch's matmul TF32 switch (off by default); other
+    dtypes take triton's default (None)."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"

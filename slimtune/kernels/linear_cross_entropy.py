@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from slimtune.kernels.dispatch import interpreting, triton_available, use_triton
+from slimtune.kernels.dispatch import dot_precision, interpreting, tile_size, triton_available, use_triton
 from slimtune.trainer.loss import ChunkedLinearCE
 
 if triton_available():
@@ -127,15 +127,6 @@ if triton_available():
                               mask=(rv[:, None] < V) & (rk[None, :] < H))
 
 
-def _block(dim: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(dim)))
-
-
-def _precision(dtype: torch.dtype) -> str | None:
-    """fp32 inputs follow torch's matmul TF32 switch (off by default); other dtypes take triton's default."""
-    if dtype != torch.float32:
-        return None
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _vocab_splits(row_tiles: int, vocab_tiles: int, device: torch.device) -> tuple[int, int]:
@@ -150,9 +141,9 @@ def _vocab_splits(row_tiles: int, vocab_tiles: int, device: torch.device) -> tup
 
 def _launch_args(h: torch.Tensor, weight: torch.Tensor) -> dict:
     n, hidden = h.shape
-    return {"UPCAST": interpreting() and h.dtype != torch.float32, "PRECISION": _precision(h.dtype),
-            "BLOCK_M": _block(n, BLOCK_M), "BLOCK_V": _block(weight.shape[0], BLOCK_V),
-            "BLOCK_H": _block(hidden, BLOCK_H), "num_warps": NUM_WARPS,
+    return {"UPCAST": interpreting() and h.dtype != torch.float32, "PRECISION": dot_precision(h.dtype),
+            "BLOCK_M": tile_size(n, BLOCK_M), "BLOCK_V": tile_size(weight.shape[0], BLOCK_V),
+            "BLOCK_H": tile_size(hidden, BLOCK_H), "num_warps": NUM_WARPS,
             "num_stages": NUM_STAGES.get(h.dtype, 3)}
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slimtune.kernels.dispatch import interpreting, triton_available, use_triton
+from slimtune.kernels.dispatch import dot_precision, interpreting, tile_size, triton_available, use_triton
 from slimtune.quant.nf4 import NF4_CODEBOOK, NF4Weight
 from slimtune.quant.scales import DQ_BLOCK
 
@@ -114,15 +114,6 @@ if triton_available():
                  mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
-def _block(dim: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(dim)))
-
-
-def _precision(dtype: torch.dtype) -> str | None:
-    """fp32 inputs follow torch's matmul TF32 switch (off by default); other dtypes take triton's default."""
-    if dtype != torch.float32:
-        return None
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _codebook(device: torch.device) -> torch.Tensor:
@@ -155,13 +146,13 @@ def nf4_matmul_forward(x2: torch.Tensor, weight: NF4Weight, bias: torch.Tensor |
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0:
         return y
-    bm, bn, bk = _block(m, BLOCK_M), _block(n, BLOCK_N), _block(k, BLOCK_K)
+    bm, bn, bk = tile_size(m, BLOCK_M), tile_size(n, BLOCK_N), tile_size(k, BLOCK_K)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _nf4_matmul_kernel[grid](
         x2, weight.codes, *_scale_args(weight), _codebook(x2.device), bias if bias is not None else y, y,
         m, n, k, x2.stride(0), y.stride(0), QBLOCK=weight.block_size,
         HAS_BIAS=bias is not None, DOUBLE_QUANT=weight.double_quant, DQ=DQ_BLOCK,
-        UPCAST=interpreting() and x2.dtype != torch.float32, PRECISION=_precision(x2.dtype),
+        UPCAST=interpreting() and x2.dtype != torch.float32, PRECISION=dot_precision(x2.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS, num_stages=NUM_STAGES.get(x2.dtype, 3))
     return y
 
@@ -173,13 +164,13 @@ def nf4_matmul_backward(g2: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
     if m == 0:
         return dx
     # the roles swap: N is the reduction (BLOCK_K-sized steps), K the output columns (BLOCK_N-wide tiles)
-    bm, bn, bk = _block(m, BLOCK_M), _block(n, BLOCK_K), _block(k, BLOCK_N)
+    bm, bn, bk = tile_size(m, BLOCK_M), tile_size(n, BLOCK_K), tile_size(k, BLOCK_N)
     grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
     _nf4_matmul_t_kernel[grid](
         g2, weight.codes, *_scale_args(weight), _codebook(g2.device), dx,
         m, n, k, g2.stride(0), dx.stride(0), QBLOCK=weight.block_size,
         DOUBLE_QUANT=weight.double_quant, DQ=DQ_BLOCK,
-        UPCAST=interpreting() and g2.dtype != torch.float32, PRECISION=_precision(g2.dtype),
+        UPCAST=interpreting() and g2.dtype != torch.float32, PRECISION=dot_precision(g2.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS, num_stages=NUM_STAGES.get(g2.dtype, 3))
     return dx
 
