@@ -126,3 +126,18 @@ def test_bad_lq_lora_config_is_rejected():
         C.load_config("lora", ["adapter.init=loftq"])
     with pytest.raises(C.ConfigError, match="budget_bits"):
         C.load_config("lq_lora", ["lq_lora.budget_bits=1.0"])
+
+
+def test_quantize_bad_input_is_one_line_exit_2(tmp_path, tiny_overrides, lq_ckpt, capsys):
+    capsys.readouterr()
+    # a budget below the cheapest candidate (nf2, blocks of 256, dq scales: ~2.05 bits/param)
+    assert main(["quantize", "lq_lora", *tiny_overrides, *LQ, "lq_lora.budget_bits=2.0",
+                 f"output_dir={tmp_path / 'q'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "budget" in err[0] and "2.0" in err[0], err
+    assert not (tmp_path / "q").exists()
+    # an existing checkpoint is never overwritten without overwrite=true
+    before = (lq_ckpt / "model.safetensors").read_bytes()
+    assert main(["quantize", "lq_lora", *tiny_overrides, *LQ, f"output_dir={lq_ckpt}"]) == 2
+    assert "overwrite=true" in capsys.readouterr().err
+    assert (lq_ckpt / "model.safetensors").read_bytes() == before
