@@ -50,6 +50,12 @@ class TrainConfig:
     activation_checkpointing: bool = _help("recompute activations in backward: less memory, ~30% slower", False)
     loss_chunk_tokens: int = _help("tokens per cross-entropy chunk (chunk x vocab fp32 live); 0 = naive", 256)
     device: str = _help("auto | cpu | cuda", "auto")
+    precision: str = _help("matmuls of the linear layers (lm_head excluded): default (model.dtype) | fp8 (e4m3 "
+                           "forward, e5m2 gradients) | halo (fp8 + Hadamard rotations) | mxfp4 (Quartet QAT)",
+                           "default")
+    halo_level: int = _help("train.precision=halo: 0 no rotation | 1 forward | 2 forward + input gradient", 2)
+    hadamard_block: int = _help("train.precision=halo: Hadamard block (power of two <= 256; reduced to what "
+                                "divides each dim)", 128)
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,8 @@ CHOICES = {
     "optim.state_bits": (32, 8),
     "optim.proj_dtype": ("float32", "bfloat16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("default", "fp8", "halo", "mxfp4"),
+    "train.halo_level": (0, 1, 2),
 }
 
 
@@ -317,7 +325,7 @@ def validate(cfg: RecipeConfig) -> None:
     flat = {k: _get(cfg, k) for k in all_keys()}
     for key, choices in CHOICES.items():
         if flat[key] not in choices:
-            raise ConfigError(f"{key}={flat[key]!r} is not one of: {', '.join(choices)}")
+            raise ConfigError(f"{key}={flat[key]!r} is not one of: {', '.join(map(str, choices))}")
     positive = ["train.max_steps", "train.seq_len", "train.batch_size", "train.grad_accum",
                 "adapter.rank", "quant.block_size", "checkpoint.keep"]
     for key in positive:
@@ -349,6 +357,7 @@ def validate(cfg: RecipeConfig) -> None:
                           "frozen, so full fine-tuning cannot train it (set quant.method=none)")
     _validate_lowrank(cfg)
     _validate_optim(cfg)
+    _validate_precision(cfg)
     if cfg.quant.method == "nf4" and cfg.quant.block_size % 2:
         raise ConfigError(f"quant.block_size={cfg.quant.block_size} must be even for nf4 (2 codes per byte)")
 
@@ -374,6 +383,16 @@ def _validate_optim(cfg: RecipeConfig) -> None:
         if cfg.train.max_grad_norm > 0:
             raise ConfigError("optim.in_backward=true frees each gradient in backward, so gradients cannot be "
                               "clipped: set train.max_grad_norm=0")
+
+
+def _validate_precision(cfg: RecipeConfig) -> None:
+    t = cfg.train
+    if not 2 <= t.hadamard_block <= 256 or t.hadamard_block & (t.hadamard_block - 1):
+        raise ConfigError(f"train.hadamard_block={t.hadamard_block} must be a power of two in [2, 256]")
+    if t.precision != "default" and cfg.quant.method != "none":
+        raise ConfigError(f"train.precision={t.precision} runs the linear layers' matmuls in low precision from "
+                          f"full-precision weights, but quant.method={cfg.quant.method} already stores the base "
+                          "quantized: set quant.method=none, or train.precision=default")
 
 
 def _validate_lowrank(cfg: RecipeConfig) -> None:

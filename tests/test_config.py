@@ -43,6 +43,9 @@ def test_overrides_are_typed():
     ("train.activation_checkpointing=maybe", "train.activation_checkpointing: expected bool"),
     ("adapter.target_modules=some", "adapter.target_modules='some'"),
     ("nonsense", "must look like key=value"),
+    ("train.precision=fp4", "train.precision='fp4' is not one of"),
+    ("train.halo_level=3", "train.halo_level=3 is not one of"),
+    ("train.hadamard_block=48", "train.hadamard_block=48 must be a power of two"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -53,6 +56,8 @@ def test_bad_overrides_name_the_key(override, needle):
 def test_cross_field_rules():
     with pytest.raises(ConfigError, match="quant.method=nf4 needs adapter.type=lora"):
         C.load_config("full", ["quant.method=nf4"])
+    with pytest.raises(ConfigError, match="train.precision=fp8 runs .* set quant.method=none"):
+        C.load_config("qlora", ["train.precision=fp8"])
 
 
 def test_unknown_key_in_yaml_file(tmp_path):

@@ -24,6 +24,7 @@ from slimtune.data import BatchOrder, build_splits, micro_batch
 from slimtune.errors import SlimtuneError
 from slimtune.models import context_length, load_model, load_tokenizer, resolve_model_dir
 from slimtune.optim import build_optimizer
+from slimtune.quant.precision import apply_precision, low_precision_linears
 from slimtune.trainer import dist
 from slimtune.trainer.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from slimtune.trainer.evaluate import count_params, perplexity
@@ -84,7 +85,12 @@ def setup_model(cfg: C.RecipeConfig, device: torch.device, train_blocks=None,
             for p in model.parameters():  # full fine-tuning: fp32 master weights, bf16 only via autocast
                 p.data = p.data.float()
                 p.requires_grad_(True)
-        else:
+        # fp8 / halo / mxfp4 linears; before adapters, so LoRA's base path runs in low precision too
+        t = cfg.train
+        n = apply_precision(model, t.precision, t.halo_level, t.hadamard_block)
+        if n:
+            print_main(f"train.precision={t.precision}: {n} linear layers compute in low precision", is_main)
+        if cfg.adapter.type != "none":
             apply_adapters(model, cfg.adapter)
     if cfg.train.activation_checkpointing:
         kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs and DDP
@@ -232,6 +238,7 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
         report["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
         if hasattr(optimizer, "projection_seconds"):
             report["projection_seconds"] = optimizer.projection_seconds
+        report["low_precision_linears"] = low_precision_linears(model)
         if quant_info:
             report["quantization"] = {k: quant_info[k] for k in ("bits_per_param", "seconds", "fisher_seconds")
                                       if k in quant_info}
