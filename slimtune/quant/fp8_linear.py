@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimtune.kernels.fp8_matmul import fp8_matmul, quantize_fp8
-from slimtune.kernels.hadamard import hadamard_transform
+# module references (not names): the kernel tests reload kernel modules in interpreter mode
+from slimtune.kernels import fp8_matmul as fp8k
+from slimtune.kernels import hadamard as hadk
 
 HALO_LEVELS = (0, 1, 2)
 
@@ -43,7 +44,7 @@ def pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 def rotate_last(x: torch.Tensor, block: int) -> torch.Tensor:
     """Block Hadamard rotation along the last dim (zero-padded to the block); fp32 out."""
-    return hadamard_transform(pad_last(x.float(), block), block)
+    return hadk.hadamard_transform(pad_last(x.float(), block), block)
 
 
 def rotate_rows(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -54,9 +55,9 @@ def rotate_rows(x: torch.Tensor, block: int) -> torch.Tensor:
 def _mm(a: torch.Tensor, a_fmt: str, b: torch.Tensor, b_fmt: str, per_row: bool, out_dtype) -> torch.Tensor:
     """a (M, K) @ b (N, K)^T with both operands quantized to fp8 (per row or per tensor)."""
     axis = -1 if per_row else None
-    a8, sa = quantize_fp8(a.contiguous(), a_fmt, axis)
-    b8, sb = quantize_fp8(b.contiguous(), b_fmt, axis)
-    return fp8_matmul(a8, sa, b8, sb, out_dtype=out_dtype)
+    a8, sa = fp8k.quantize_fp8(a.contiguous(), a_fmt, axis)
+    b8, sb = fp8k.quantize_fp8(b.contiguous(), b_fmt, axis)
+    return fp8k.fp8_matmul(a8, sa, b8, sb, out_dtype=out_dtype)
 
 
 class FP8LinearFunction(torch.autograd.Function):
@@ -69,9 +70,9 @@ class FP8LinearFunction(torch.autograd.Function):
         ctx.level, ctx.block, ctx.x_shape, ctx.x_dtype = level, block, x.shape, x.dtype
         ctx.w_dtype, ctx.has_bias = weight.dtype, bias is not None
         if level is None:
-            x8, sx = quantize_fp8(x2, "e4m3")
-            w8, sw = quantize_fp8(weight, "e4m3")
-            y = fp8_matmul(x8, sx, w8, sw, out_dtype=torch.float32)
+            x8, sx = fp8k.quantize_fp8(x2, "e4m3")
+            w8, sw = fp8k.quantize_fp8(weight, "e4m3")
+            y = fp8k.fp8_matmul(x8, sx, w8, sw, out_dtype=torch.float32)
             ctx.save_for_backward(x8, sx, w8, sw)
         else:
             a, b = (x2, weight) if level == 0 else (rotate_last(x2, block), rotate_last(weight, block))
@@ -89,11 +90,11 @@ class FP8LinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.level is None:
             x8, sx, w8, sw = ctx.saved_tensors
-            e8, se = quantize_fp8(e, "e5m2")
+            e8, se = fp8k.quantize_fp8(e, "e5m2")
             if ctx.needs_input_grad[0]:  # E (M, N) @ (W^T (K, N))^T
-                grad_x = fp8_matmul(e8, se, w8.t().contiguous(), sw, out_dtype=torch.float32)
+                grad_x = fp8k.fp8_matmul(e8, se, w8.t().contiguous(), sw, out_dtype=torch.float32)
             if ctx.needs_input_grad[1]:  # E^T (N, M) @ (X^T (K, M))^T
-                grad_w = fp8_matmul(e8.t().contiguous(), se, x8.t().contiguous(), sx, out_dtype=torch.float32)
+                grad_w = fp8k.fp8_matmul(e8.t().contiguous(), se, x8.t().contiguous(), sx, out_dtype=torch.float32)
         else:
             x2, weight = ctx.saved_tensors
             if ctx.needs_input_grad[0]:

@@ -111,8 +111,12 @@ class FrozenQuantLinear(nn.Module):
         autocast = torch.is_autocast_enabled(dev)
         dtype = torch.get_autocast_dtype(dev) if autocast else (self.compute_dtype or x.dtype)
         bias = self.bias.to(dtype) if self.bias is not None else None
-        y = self._function.apply(x.to(dtype), self._packed(), bias)
+        y = self._matmul(x.to(dtype), self._packed(), bias)
         return y if autocast else y.to(x.dtype)
+
+    def _matmul(self, x: torch.Tensor, packed, bias: torch.Tensor | None) -> torch.Tensor:
+        """y = x W^T + b through the format's autograd function (formats with a kernel override this)."""
+        return self._function.apply(x, packed, bias)
 
     def _apply(self, fn, recurse=True):
         # model.half() / .to(torch.bfloat16) casts every floating buffer, which would silently round the

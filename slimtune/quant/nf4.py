@@ -189,5 +189,14 @@ class NF4Linear(FrozenQuantLinear):
         return NF4Weight(shape=(self.out_features, self.in_features), block_size=self.block_size,
                          **dict(self.named_buffers(recurse=False)))
 
+    def _matmul(self, x: torch.Tensor, packed: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+        """On CUDA (or forced by SLIMTUNE_KERNELS) the Triton kernel dequantizes W tile by tile in
+        registers, forward and backward; elsewhere LinearNF4 dequantizes W whole, per matmul."""
+        from slimtune.kernels import nf4_matmul as kernel  # lazy: the kernel module imports this one
+
+        if kernel.use_triton(x, packed.codes):
+            return kernel.NF4MatmulFunction.apply(x, packed, bias)
+        return super()._matmul(x, packed, bias)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", double_quant={self.double_quant}"

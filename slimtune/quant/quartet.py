@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from slimtune.kernels import mxfp4 as mxk  # a module reference: kernel tests reload it in interpreter mode
 from slimtune.kernels.mxfp4 import (BLOCK_SIZE, E2M1_VALUES, _floor_e2m1, _rtn_e2m1, dequantize_mxfp4_reference,
-                                    mxfp4_matmul, pack_fp4)
+                                    pack_fp4)
 from slimtune.quant.fp8_linear import rotate_last
 
 dequantize_mxfp4 = dequantize_mxfp4_reference  # elementwise; torch is as fast as a kernel here
@@ -77,7 +78,7 @@ class QuartetLinearFunction(torch.autograd.Function):
         k = x2.shape[1]
         xq, xs, mask_x = quest_quantize(rotate_last(x2, BLOCK_SIZE))
         wq, ws, mask_w = quest_quantize(rotate_last(weight, BLOCK_SIZE))
-        y = mxfp4_matmul(dequantize_mxfp4(xq, xs), wq, ws, out_dtype=torch.float32)
+        y = mxk.mxfp4_matmul(dequantize_mxfp4(xq, xs), wq, ws, out_dtype=torch.float32)
         if bias is not None:
             y = y + bias.float()
         ctx.save_for_backward(xq, xs, mask_x, wq, ws, mask_w)

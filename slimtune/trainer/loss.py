@@ -86,6 +86,13 @@ def lm_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chu
     if chunk_tokens <= 0:
         return _ce_sum(head, h, y)
     plain = type(head) is nn.Linear
+    if plain:
+        from slimtune.kernels import linear_cross_entropy as lce  # lazy: the kernel imports this module
+
+        if lce.use_triton(h, head.weight):  # CUDA: the fused kernel, logits never leave registers
+            dtype = _compute_dtype(h)
+            bias = head.bias.to(dtype) if head.bias is not None else None
+            return lce.linear_cross_entropy(h.to(dtype), head.weight.to(dtype), y, bias)
     if plain and torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
         return ChunkedLinearCE.apply(h, head.weight, head.bias, y, chunk_tokens, _compute_dtype(h))
     total = torch.zeros((), dtype=torch.float32, device=h.device)
