@@ -105,7 +105,7 @@ class OptimConfig:
                           "svd")
     inactive_lr_scale: float = _help("frugal: lr multiplier of the state-free signSGD part", 1.0)
     state_bits: int = _help("32 | 8: block-wise 8-bit Adam moments (adamw, galore, frugal, dct)", 32)
-    proj_dtype: str = _help("galore / frugal (svd, random): storage of the projection P, float32 | bfloat16",
+    proj_dtype: str = _help("galore / frugal (svd, random): storage of the projection P, float32 | bfloat16 | int8",
                             "float32")
     in_backward: bool = _help("step each parameter in backward and free its gradient (grad_accum 1, no clipping)",
                               False)
@@ -161,7 +161,7 @@ CHOICES = {
     "optim.proj_type": ("std", "left", "right"),
     "optim.subspace": ("svd", "random", "blocks", "coordinates", "modules"),
     "optim.state_bits": (32, 8),
-    "optim.proj_dtype": ("float32", "bfloat16"),
+    "optim.proj_dtype": ("float32", "bfloat16", "int8"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("default", "fp8", "halo", "mxfp4"),
     "train.halo_level": (0, 1, 2),

@@ -49,11 +49,9 @@ import torch
 
 from slimtune.optim.adam_core import (adam_direction, adamw_step, apply_update, init_adam_state, keep_saved_dtypes,
                                       reset_adam_moments)
+from slimtune.optim.projected import PROJ_DTYPES, load_projection, store_projection
 
 SUBSPACES = ("svd", "random", "blocks", "coordinates", "modules")
-# storage of the svd / random projection P (used in fp32): bfloat16 halves its memory, as galore-torch
-# does when it trains in bf16 (its P takes the gradient's dtype)
-PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def subspace_generator(seed: int, step: int, tag: str, device) -> torch.Generator:
@@ -119,7 +117,7 @@ def split_gradient(grad: torch.Tensor, state: dict, subspace: str, side: str, wh
     """grad (m, n) -> (G_S in the subspace's shape, residual (m, n) or None when S is the whole space,
     add_back(update, D): update += back(D) in place)."""
     if subspace in ("svd", "random"):
-        proj = state["proj"].float()
+        proj = load_projection(state)
         if side == "right":
             low = grad @ proj.T
             residual = None if whole else grad - low @ proj
@@ -216,7 +214,7 @@ class FRUGAL(torch.optim.Optimizer):
             gen = subspace_generator(group["seed"], taken, f"p{index}", p.device)
             state.update(select_subspace(grad, group["subspace"], side, k, gen))
             if "proj" in state:
-                state["proj"] = state["proj"].to(PROJ_DTYPES[group["proj_dtype"]])
+                store_projection(state, group["proj_dtype"])
             self.projection_seconds += time.perf_counter() - start
             shape = low_shape(tuple(grad.shape), side, k)
             if "step" in state:  # reselection: zero the moments and restart bias correction

@@ -27,8 +27,29 @@ from slimtune.optim.adam_core import (adam_direction, adamw_step, apply_update, 
 PROJ_TYPES = ("std", "left", "right")
 
 
-# storage of P (used in fp32): bfloat16 halves it, as galore-torch does when it trains in bf16
-PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# storage of P (used in fp32): bfloat16 halves it, as galore-torch does when it trains in bf16; int8
+# quarters it (Q-GaLore's quantized projection): one absmax per basis vector, linear codes in [-127, 127]
+PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+
+
+def store_projection(state: dict, proj_dtype: str) -> None:
+    """Replace the fresh fp32 state["proj"] by its stored form: cast to float32 / bfloat16, or int8 codes
+    "proj_q_int8" + fp32 "proj_scale" (one per basis vector: rows of (r, n), columns of (m, r))."""
+    if proj_dtype != "int8":
+        state["proj"] = state["proj"].to(PROJ_DTYPES[proj_dtype])
+        return
+    proj = state.pop("proj").float()
+    dim = 1 if proj.shape[1] >= proj.shape[0] else 0  # along the basis vectors (the long side)
+    scale = proj.abs().amax(dim=dim, keepdim=True).clamp_min(1e-30) / 127
+    state["proj_q_int8"] = torch.round(proj / scale).to(torch.int8)
+    state["proj_scale"] = scale
+
+
+def load_projection(state: dict) -> torch.Tensor:
+    """P in fp32, from whichever form store_projection left."""
+    if "proj_q_int8" in state:
+        return state["proj_q_int8"].float() * state["proj_scale"]
+    return state["proj"].float()
 
 
 def projection_side(shape: tuple[int, int], proj_type: str) -> str:
@@ -98,7 +119,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
     def projection(self, state: dict, shape: tuple[int, int], side: str) -> torch.Tensor:
         """The current P (fp32) of a parameter of `shape` (m, n)."""
-        return state["proj"].float()
+        return load_projection(state)
 
     # --- step -------------------------------------------------------------------------------------
 
@@ -135,7 +156,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
             start = time.perf_counter()
             self.new_projection(state, grad, rank, side)
             if "proj" in state:  # stored P (GaLore); DCT keeps indices only
-                state["proj"] = state["proj"].to(PROJ_DTYPES[group["proj_dtype"]])
+                store_projection(state, group["proj_dtype"])
             self.projection_seconds += time.perf_counter() - start
             if not fresh and group["reset_moments_on_update"]:
                 reset_adam_moments(state, low_shape, group["state_bits"], p.device)

@@ -21,7 +21,9 @@ class CrashAfterSave(Hooks):
 
 @pytest.mark.parametrize("recipe, extra", [("galore", ["optim.rank=8"]),
                                            ("galore", ["optim.rank=8", "optim.proj_dtype=bfloat16"]),
+                                           ("galore", ["optim.rank=8", "optim.proj_dtype=int8"]),
                                            ("frugal", ["optim.subspace=random"]),
+                                           ("frugal", ["optim.subspace=svd", "optim.proj_dtype=int8"]),
                                            ("dct", ["optim.rank=8", "optim.state_bits=8"]),
                                            ("full", ["optim.state_bits=8"])])
 def test_resume_is_bit_identical(tmp_path, tiny_overrides, recipe, extra):
@@ -96,3 +98,38 @@ def test_bf16_projection_halves_its_storage_and_tracks_fp32(tmp_path, tiny_overr
     assert runs["float32"].bytes - runs["bfloat16"].bytes == proj_bytes // 2
     f, b = losses(tmp_path / "float32"), losses(tmp_path / "bfloat16")
     assert all(abs(x - y) <= 1e-2 * x for x, y in zip(f, b)), (f, b)
+
+
+@pytest.mark.parametrize("recipe", ["galore", "frugal"])
+def test_int8_projection_quarters_its_storage_and_tracks_fp32(tmp_path, tiny_overrides, recipe):
+    """Q-GaLore-style P: int8 codes + one fp32 scale per basis vector, within 1/254 of each vector's
+    absmax of the fp32 P computed from the same gradient, and the same loss curve to 1%."""
+    import torch
+
+    from slimtune.optim.projected import load_projection
+    from slimtune.trainer.report import optimizer_state_bytes
+
+    class Grab(Hooks):
+        def after_step(self, model, optimizer, step):
+            self.states = [s for s in optimizer.state.values() if "proj" in s or "proj_q_int8" in s]
+            self.bytes = optimizer_state_bytes(optimizer)
+
+    common = [*tiny_overrides, "train.max_steps=6", "train.lr=1e-3", "checkpoint.every=0", "optim.rank=16",
+              "optim.update_gap=100"]
+    runs = {}
+    for dtype in ("float32", "int8"):
+        runs[dtype] = grab = Grab()
+        run(C.load_config(recipe, [*common, f"optim.proj_dtype={dtype}", f"output_dir={tmp_path / dtype}"]), [grab])
+        assert grab.states
+    f32 = [s["proj"] for s in runs["float32"].states]
+    q = runs["int8"].states
+    assert all(s["proj_q_int8"].dtype == torch.int8 and "proj" not in s for s in q)
+    for full, s in zip(f32, q):  # P is computed once (step 0) from identical gradients in both runs
+        dim = 1 if full.shape[1] >= full.shape[0] else 0
+        bound = full.abs().amax(dim=dim, keepdim=True) / 254 + 1e-7
+        assert ((load_projection(s) - full).abs() <= bound).all()
+    proj_elems = sum(p.numel() for p in f32)
+    scales = sum(s["proj_scale"].numel() for s in q)
+    assert runs["float32"].bytes - runs["int8"].bytes == proj_elems * 3 - scales * 4
+    a, b = losses(tmp_path / "float32"), losses(tmp_path / "int8")
+    assert all(abs(x - y) <= 1e-2 * x for x, y in zip(a, b)), (a, b)
