@@ -76,7 +76,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--update-gap", type=int, default=50)
-    p.add_argument("--proj-dtype", default="float32", choices=["float32", "bfloat16"],
+    p.add_argument("--proj-dtype", default="float32", choices=["float32", "bfloat16", "int8"],
                    help="storage of GaLore's / FRUGAL's projection P (optim.proj_dtype)")
     p.add_argument("--lr", default=None, help="one lr for every optimizer (default: per optimizer)")
     p.add_argument("--only", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
