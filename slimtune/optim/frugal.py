@@ -214,7 +214,7 @@ class FRUGAL(torch.optim.Optimizer):
             gen = subspace_generator(group["seed"], taken, f"p{index}", p.device)
             state.update(select_subspace(grad, group["subspace"], side, k, gen))
             if "proj" in state:
-                store_projection(state, group["proj_dtype"])
+                store_projection(state, group["proj_dtype"], side)
             self.projection_seconds += time.perf_counter() - start
             shape = low_shape(tuple(grad.shape), side, k)
             if "step" in state:  # reselection: zero the moments and restart bias correction

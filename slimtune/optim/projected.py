@@ -32,14 +32,15 @@ PROJ_TYPES = ("std", "left", "right")
 PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 
-def store_projection(state: dict, proj_dtype: str) -> None:
+def store_projection(state: dict, proj_dtype: str, side: str) -> None:
     """Replace the fresh fp32 state["proj"] by its stored form: cast to float32 / bfloat16, or int8 codes
-    "proj_q_int8" + fp32 "proj_scale" (one per basis vector: rows of (r, n), columns of (m, r))."""
+    "proj_q_int8" + fp32 "proj_scale", one per basis vector: rows of a right-side (r, n) P, columns of a
+    left-side (m, r) P."""
     if proj_dtype != "int8":
         state["proj"] = state["proj"].to(PROJ_DTYPES[proj_dtype])
         return
     proj = state.pop("proj").float()
-    dim = 1 if proj.shape[1] >= proj.shape[0] else 0  # along the basis vectors (the long side)
+    dim = 1 if side == "right" else 0  # reduce along each basis vector
     scale = proj.abs().amax(dim=dim, keepdim=True).clamp_min(1e-30) / 127
     state["proj_q_int8"] = torch.round(proj / scale).to(torch.int8)
     state["proj_scale"] = scale
@@ -156,7 +157,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
             start = time.perf_counter()
             self.new_projection(state, grad, rank, side)
             if "proj" in state:  # stored P (GaLore); DCT keeps indices only
-                store_projection(state, group["proj_dtype"])
+                store_projection(state, group["proj_dtype"], side)
             self.projection_seconds += time.perf_counter() - start
             if not fresh and group["reset_moments_on_update"]:
                 reset_adam_moments(state, low_shape, group["state_bits"], p.device)

@@ -66,21 +66,19 @@ class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, level, block, out_dtype):
         x2 = x.reshape(-1, x.shape[-1])
-        k = x2.shape[1]
         ctx.level, ctx.block, ctx.x_shape, ctx.x_dtype = level, block, x.shape, x.dtype
         ctx.w_dtype, ctx.has_bias = weight.dtype, bias is not None
         if level is None:
             x8, sx = fp8k.quantize_fp8(x2, "e4m3")
             w8, sw = fp8k.quantize_fp8(weight, "e4m3")
             y = fp8k.fp8_matmul(x8, sx, w8, sw, out_dtype=torch.float32)
-            ctx.save_for_backward(x8, sx, w8, sw)
+            ctx.save_for_backward(x8 if ctx.needs_input_grad[1] else None, sx, w8, sw)  # x8: only for dW
         else:
             a, b = (x2, weight) if level == 0 else (rotate_last(x2, block), rotate_last(weight, block))
             y = _mm(a, "e4m3", b, "e4m3", True, torch.float32)
-            ctx.save_for_backward(x2, weight)
+            ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, weight)
         if bias is not None:
             y = y + bias.float()
-        ctx.k = k
         return y.to(out_dtype).reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod

@@ -194,7 +194,7 @@ class NF4Linear(FrozenQuantLinear):
         registers, forward and backward; elsewhere LinearNF4 dequantizes W whole, per matmul."""
         from slimtune.kernels import nf4_matmul as kernel  # lazy: the kernel module imports this one
 
-        if kernel.use_triton(x, packed.codes):
+        if self.in_features % 2 == 0 and kernel.use_triton(x, packed.codes):  # the kernel reads code pairs
             return kernel.NF4MatmulFunction.apply(x, packed, bias)
         return super()._matmul(x, packed, bias)
 

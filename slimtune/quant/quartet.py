@@ -78,17 +78,20 @@ class QuartetLinearFunction(torch.autograd.Function):
         k = x2.shape[1]
         xq, xs, mask_x = quest_quantize(rotate_last(x2, BLOCK_SIZE))
         wq, ws, mask_w = quest_quantize(rotate_last(weight, BLOCK_SIZE))
-        y = mxk.mxfp4_matmul(dequantize_mxfp4(xq, xs), wq, ws, out_dtype=torch.float32)
+        # Q(XH) is exact in bf16 (E2M1 x 2^e), which the kernel feeds to bf16 tensor cores
+        y = mxk.mxfp4_matmul(dequantize_mxfp4(xq, xs, torch.bfloat16), wq, ws, out_dtype=torch.float32)
         if bias is not None:
             y = y + bias.float()
-        ctx.save_for_backward(xq, xs, mask_x, wq, ws, mask_w)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen W (LoRA base): no dW
+        ctx.save_for_backward(*(xq, xs, mask_w) if need_w else (None,) * 3,
+                              *(wq, ws, mask_x) if need_x else (None,) * 3)
         ctx.k, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = k, x.shape, x.dtype, weight.dtype
         ctx.has_bias = bias is not None
         return y.to(out_dtype).reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
-        xq, xs, mask_x, wq, ws, mask_w = ctx.saved_tensors
+        xq, xs, mask_w, wq, ws, mask_x = ctx.saved_tensors
         e = grad_y.reshape(-1, grad_y.shape[-1]).float()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # inner dim N: E (M, N), Q(WH)^T (K', N)

@@ -70,6 +70,9 @@ def setup_model(cfg: C.RecipeConfig, device: torch.device, train_blocks=None,
         if cfg.adapter.type == "none":
             raise SlimtuneError(f"model.name={cfg.model.name!r} is a quantized checkpoint: its base is frozen, "
                                 "so train it with adapter.type=lora or lq_lora, not full fine-tuning")
+        if cfg.train.precision != "default":
+            raise SlimtuneError(f"train.precision={cfg.train.precision} needs full-precision linears, but "
+                                f"model.name={cfg.model.name!r} is a quantized checkpoint: use train.precision=default")
         model = load_model(cfg.model.name, cfg.model.dtype, cfg.quant, device="cpu")
         if not any(p.requires_grad for p in model.parameters()):  # no factors stored: add fresh LoRA
             apply_adapters(model, cfg.adapter)

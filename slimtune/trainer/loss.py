@@ -89,8 +89,10 @@ def lm_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chu
     if plain:
         from slimtune.kernels import linear_cross_entropy as lce  # lazy: the kernel imports this module
 
-        if lce.use_triton(h, head.weight):  # CUDA: the fused kernel, logits never leave registers
-            dtype = _compute_dtype(h)
+        dtype = _compute_dtype(h)
+        # CUDA: the fused kernel, logits never leave registers. It returns dW in the dtype it computes in,
+        # so a trainable head kept in another (fp32 master) dtype takes the chunked path instead.
+        if lce.use_triton(h, head.weight) and (head.weight.dtype == dtype or not head.weight.requires_grad):
             bias = head.bias.to(dtype) if head.bias is not None else None
             return lce.linear_cross_entropy(h.to(dtype), head.weight.to(dtype), y, bias)
     if plain and torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):

@@ -98,9 +98,17 @@ def test_module_shares_parameters_and_state_dict():
         FP8Linear(8, 8, level=1, block=48)
 
 
-def test_frozen_weight_gets_no_gradient():
-    """LoRA's base path: W frozen, only dX is computed."""
-    lin = nn.Linear(32, 16).requires_grad_(False)
-    x = torch.randn(4, 32, requires_grad=True)
-    FP8Linear.from_linear(lin, level=1, block=32)(x).sum().backward()
-    assert lin.weight.grad is None and x.grad is not None
+@pytest.mark.parametrize("level", [None, 1])
+def test_frozen_weight_skips_the_weight_gemm(monkeypatch, level):
+    """LoRA's base path: W frozen, so backward runs the dX GEMM only (2 fp8 GEMMs per step, not 3)."""
+    from slimtune.kernels import fp8_matmul as fp8k
+
+    calls = []
+    real = fp8k.fp8_matmul
+    monkeypatch.setattr(fp8k, "fp8_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for frozen, want in ((False, 3), (True, 2)):
+        calls.clear()
+        lin = nn.Linear(32, 16).requires_grad_(not frozen)
+        x = torch.randn(4, 32, requires_grad=True)
+        FP8Linear.from_linear(lin, level=level, block=32)(x).sum().backward()
+        assert len(calls) == want and x.grad is not None and (lin.weight.grad is None) == frozen

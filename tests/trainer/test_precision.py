@@ -36,6 +36,8 @@ def bf16_losses(tmp_path_factory):
     ("lora", "fp8", ()),
     ("lora", "halo", ()),
     ("lora", "mxfp4", ()),
+    ("full", "halo", ("model.dtype=bfloat16",)),  # under bf16 autocast
+    ("full", "mxfp4", ("train.activation_checkpointing=true",)),  # forward recomputed in backward
 ])
 def test_low_precision_training_tracks_bf16(tmp_path, tiny_overrides, bf16_losses, recipe, precision, extra):
     losses, report = _run(tmp_path, tiny_overrides, recipe, "run", f"train.precision={precision}", *extra)
