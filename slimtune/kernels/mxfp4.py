@@ -21,13 +21,14 @@ so only RTN is bit-identical between the two.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from slimtune.kernels.dispatch import interpreting, use_triton
+from slimtune.kernels.dispatch import interpreting, triton_available, use_triton
+
+if triton_available():
+    import triton
+    import triton.language as tl
 
 BLOCK_SIZE = 32  # values per shared scale (fixed by the spec)
-_KERNEL_BLOCK_SIZE = tl.constexpr(BLOCK_SIZE)  # the same, readable inside @triton.jit
 QUANT_BLOCKS_PER_PROGRAM = 64  # 64 blocks x 32 values = 2048 elements per quantize program
 # E2M1 magnitudes of codes 0..7; also the decode table of the reference.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -139,52 +140,55 @@ def _check_matmul_args(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.
 
 
 # ----------------------------------------------------------------------------- Triton kernels
-@triton.jit
-def _quantize_e2m1(v, inv_scale, u, STOCHASTIC: tl.constexpr):
-    """fp32 values (already in the block) -> uint8 codes 0..15 (same rules as the reference)."""
-    m = tl.minimum(tl.abs(v) * inv_scale, 6.0)
-    if STOCHASTIC:
-        lo = ((m >= 0.5).to(tl.int32) + (m >= 1.0).to(tl.int32) + (m >= 1.5).to(tl.int32)
-              + (m >= 2.0).to(tl.int32) + (m >= 3.0).to(tl.int32) + (m >= 4.0).to(tl.int32)
-              + (m >= 6.0).to(tl.int32))
-        # grid point and step of code lo: 0.5 apart below 2, then 1 (2..4), then 2 (4..6), 0 at 6
-        lo_value = tl.where(lo < 4, lo * 0.5, tl.where(lo < 6, lo - 2.0, tl.where(lo == 6, 4.0, 6.0)))
-        step = tl.where(lo < 4, 0.5, tl.where(lo < 6, 1.0, tl.where(lo == 6, 2.0, 0.0)))
-        mag = lo + (u * step < m - lo_value).to(tl.int32)
-    else:
-        mag = ((m > 0.25).to(tl.int32) + (m >= 0.75).to(tl.int32) + (m > 1.25).to(tl.int32)
-               + (m >= 1.75).to(tl.int32) + (m > 2.5).to(tl.int32) + (m >= 3.5).to(tl.int32)
-               + (m > 5.0).to(tl.int32))
-    return (mag | ((v < 0).to(tl.int32) << 3)).to(tl.uint8)
+if triton_available():
+    _KERNEL_BLOCK_SIZE = tl.constexpr(BLOCK_SIZE)  # BLOCK_SIZE, readable inside @triton.jit
+
+    @triton.jit
+    def _quantize_e2m1(v, inv_scale, u, STOCHASTIC: tl.constexpr):
+        """fp32 values (already in the block) -> uint8 codes 0..15 (same rules as the reference)."""
+        m = tl.minimum(tl.abs(v) * inv_scale, 6.0)
+        if STOCHASTIC:
+            lo = ((m >= 0.5).to(tl.int32) + (m >= 1.0).to(tl.int32) + (m >= 1.5).to(tl.int32)
+                  + (m >= 2.0).to(tl.int32) + (m >= 3.0).to(tl.int32) + (m >= 4.0).to(tl.int32)
+                  + (m >= 6.0).to(tl.int32))
+            # grid point and step of code lo: 0.5 apart below 2, then 1 (2..4), then 2 (4..6), 0 at 6
+            lo_value = tl.where(lo < 4, lo * 0.5, tl.where(lo < 6, lo - 2.0, tl.where(lo == 6, 4.0, 6.0)))
+            step = tl.where(lo < 4, 0.5, tl.where(lo < 6, 1.0, tl.where(lo == 6, 2.0, 0.0)))
+            mag = lo + (u * step < m - lo_value).to(tl.int32)
+        else:
+            mag = ((m > 0.25).to(tl.int32) + (m >= 0.75).to(tl.int32) + (m > 1.25).to(tl.int32)
+                   + (m >= 1.75).to(tl.int32) + (m > 2.5).to(tl.int32) + (m >= 3.5).to(tl.int32)
+                   + (m > 5.0).to(tl.int32))
+        return (mag | ((v < 0).to(tl.int32) << 3)).to(tl.uint8)
 
 
-@triton.jit
-def _quantize_mxfp4_kernel(x_ptr, packed_ptr, scales_ptr, num_blocks, seed,
-                           BLOCKS: tl.constexpr, STOCHASTIC: tl.constexpr):
-    """One program quantizes BLOCKS blocks of 32 values of the flat input (num_blocks * 32,)."""
-    block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,)
-    pair = tl.arange(0, _KERNEL_BLOCK_SIZE // 2)  # (16,) byte index inside a block
-    row_mask = (block < num_blocks)[:, None]
-    # even/odd elements as two (BLOCKS, 16) tiles: they are the low/high nibbles of the same bytes
-    even_offsets = block[:, None] * _KERNEL_BLOCK_SIZE + 2 * pair[None, :]
-    even = tl.load(x_ptr + even_offsets, mask=row_mask, other=0.0).to(tl.float32)
-    odd = tl.load(x_ptr + even_offsets + 1, mask=row_mask, other=0.0).to(tl.float32)
+    @triton.jit
+    def _quantize_mxfp4_kernel(x_ptr, packed_ptr, scales_ptr, num_blocks, seed,
+                               BLOCKS: tl.constexpr, STOCHASTIC: tl.constexpr):
+        """One program quantizes BLOCKS blocks of 32 values of the flat input (num_blocks * 32,)."""
+        block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,)
+        pair = tl.arange(0, _KERNEL_BLOCK_SIZE // 2)  # (16,) byte index inside a block
+        row_mask = (block < num_blocks)[:, None]
+        # even/odd elements as two (BLOCKS, 16) tiles: they are the low/high nibbles of the same bytes
+        even_offsets = block[:, None] * _KERNEL_BLOCK_SIZE + 2 * pair[None, :]
+        even = tl.load(x_ptr + even_offsets, mask=row_mask, other=0.0).to(tl.float32)
+        odd = tl.load(x_ptr + even_offsets + 1, mask=row_mask, other=0.0).to(tl.float32)
 
-    amax = tl.max(tl.maximum(tl.abs(even), tl.abs(odd)), axis=1)  # (BLOCKS,)
-    exponent_bits = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    code = tl.maximum(exponent_bits - 2, 0)  # see _e8m0_code
-    inv_scale = ((254 - code) << 23).to(tl.float32, bitcast=True)[:, None]
+        amax = tl.max(tl.maximum(tl.abs(even), tl.abs(odd)), axis=1)  # (BLOCKS,)
+        exponent_bits = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        code = tl.maximum(exponent_bits - 2, 0)  # see _e8m0_code
+        inv_scale = ((254 - code) << 23).to(tl.float32, bitcast=True)[:, None]
 
-    if STOCHASTIC:
-        u_even = tl.rand(seed, even_offsets)
-        u_odd = tl.rand(seed, even_offsets + 1)
-    else:
-        u_even = even
-        u_odd = odd
-    lo = _quantize_e2m1(even, inv_scale, u_even, STOCHASTIC)
-    hi = _quantize_e2m1(odd, inv_scale, u_odd, STOCHASTIC)
-    tl.store(packed_ptr + block[:, None] * (_KERNEL_BLOCK_SIZE // 2) + pair[None, :], lo | (hi << 4), mask=row_mask)
-    tl.store(scales_ptr + block, code.to(tl.uint8), mask=block < num_blocks)
+        if STOCHASTIC:
+            u_even = tl.rand(seed, even_offsets)
+            u_odd = tl.rand(seed, even_offsets + 1)
+        else:
+            u_even = even
+            u_odd = odd
+        lo = _quantize_e2m1(even, inv_scale, u_even, STOCHASTIC)
+        hi = _quantize_e2m1(odd, inv_scale, u_odd, STOCHASTIC)
+        tl.store(packed_ptr + block[:, None] * (_KERNEL_BLOCK_SIZE // 2) + pair[None, :], lo | (hi << 4), mask=row_mask)
+        tl.store(scales_ptr + block, code.to(tl.uint8), mask=block < num_blocks)
 
 
 def quantize_mxfp4(x: torch.Tensor, rounding: str = "nearest",
@@ -211,68 +215,69 @@ def quantize_mxfp4(x: torch.Tensor, rounding: str = "nearest",
     return packed, scales
 
 
-@triton.jit
-def _scale_from_code_bits(code):
-    """int32 E8M0 codes -> fp32 scales, as _scale_from_code."""
-    bits = code << 23
-    return tl.where((code == 0) | (code == 255), bits | (1 << 22), bits).to(tl.float32, bitcast=True)
+if triton_available():
+    @triton.jit
+    def _scale_from_code_bits(code):
+        """int32 E8M0 codes -> fp32 scales, as _scale_from_code."""
+        bits = code << 23
+        return tl.where((code == 0) | (code == 255), bits | (1 << 22), bits).to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def _dequantize_e2m1(codes, scale):
-    """uint8 codes 0..15 (any shape) and fp32 scales of the same shape -> fp32 values.
+    @triton.jit
+    def _dequantize_e2m1(codes, scale):
+        """uint8 codes 0..15 (any shape) and fp32 scales of the same shape -> fp32 values.
 
-    The fp32 bits are built directly: codes with exponent e > 0 are (1 + m/2) * 2^(e-1), i.e.
-    exponent field e + 126 and top mantissa bit m; e == 0 is 0 or 0.5 (exponent field 126)."""
-    c = codes.to(tl.int32)
-    e = (c >> 1) & 3
-    m = c & 1
-    bits = tl.where(e == 0, m * (126 << 23), ((e + 126) << 23) | (m << 22)) | ((c & 8) << 28)
-    return bits.to(tl.float32, bitcast=True) * scale
+        The fp32 bits are built directly: codes with exponent e > 0 are (1 + m/2) * 2^(e-1), i.e.
+        exponent field e + 126 and top mantissa bit m; e == 0 is 0 or 0.5 (exponent field 126)."""
+        c = codes.to(tl.int32)
+        e = (c >> 1) & 3
+        m = c & 1
+        bits = tl.where(e == 0, m * (126 << 23), ((e + 126) << 23) | (m << 22)) | ((c & 8) << 28)
+        return bits.to(tl.float32, bitcast=True) * scale
 
 
-@triton.jit
-def _mxfp4_matmul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K,
-                         stride_xm, stride_om,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """out[M, N] = x[M, K] @ dequant(w)[N, K].T; w is (N, K/2) packed bytes, scales (N, K/32)."""
-    # grouped ordering: GROUP_M row tiles sweep the N tiles together so W tiles stay in L2
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    @triton.jit
+    def _mxfp4_matmul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K,
+                             stride_xm, stride_om,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             GROUP_M: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+        """out[M, N] = x[M, K] @ dequant(w)[N, K].T; w is (N, K/2) packed bytes, scales (N, K/32)."""
+        # grouped ordering: GROUP_M row tiles sweep the N tiles together so W tiles stay in L2
+        pid = tl.program_id(0)
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        group_size = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+        pid_n = (pid % (GROUP_M * num_n)) // group_size
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_byte = tl.arange(0, BLOCK_K // 2)  # byte j holds columns 2j (low nibble) and 2j + 1
-    mask_m, mask_n = offs_m < M, offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + offs_k) < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
-                    mask=mask_m[:, None] & k_mask[None, :], other=0.0)
-        byte_col = k0 // 2 + offs_byte
-        w_mask = mask_n[:, None] & (byte_col < K // 2)[None, :]
-        packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + byte_col[None, :], mask=w_mask, other=0)
-        # one scale per 16 bytes; the repeated addresses are served from L1
-        code = tl.load(s_ptr + offs_n[:, None] * (K // _KERNEL_BLOCK_SIZE) + (byte_col // 16)[None, :],
-                       mask=w_mask, other=127).to(tl.int32)
-        scale = _scale_from_code_bits(code)
-        lo = _dequantize_e2m1(packed & 0xF, scale)
-        hi = _dequantize_e2m1(packed >> 4, scale)
-        # interleave back to column order: (BLOCK_N, BLOCK_K/2, 2) -> (BLOCK_N, BLOCK_K)
-        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
-        if UPCAST_DOT:  # bf16/fp16 tl.dot is wrong under TRITON_INTERPRET=1: do it in fp32
-            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
-        else:  # E2M1 x power-of-two scale is exact in bf16/fp16 (barring under/overflow)
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=INPUT_PRECISION)
-    out = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=mask_m[:, None] & mask_n[None, :])
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_byte = tl.arange(0, BLOCK_K // 2)  # byte j holds columns 2j (low nibble) and 2j + 1
+        mask_m, mask_n = offs_m < M, offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = (k0 + offs_k) < K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                        mask=mask_m[:, None] & k_mask[None, :], other=0.0)
+            byte_col = k0 // 2 + offs_byte
+            w_mask = mask_n[:, None] & (byte_col < K // 2)[None, :]
+            packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + byte_col[None, :], mask=w_mask, other=0)
+            # one scale per 16 bytes; the repeated addresses are served from L1
+            code = tl.load(s_ptr + offs_n[:, None] * (K // _KERNEL_BLOCK_SIZE) + (byte_col // 16)[None, :],
+                           mask=w_mask, other=127).to(tl.int32)
+            scale = _scale_from_code_bits(code)
+            lo = _dequantize_e2m1(packed & 0xF, scale)
+            hi = _dequantize_e2m1(packed >> 4, scale)
+            # interleave back to column order: (BLOCK_N, BLOCK_K/2, 2) -> (BLOCK_N, BLOCK_K)
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+            if UPCAST_DOT:  # bf16/fp16 tl.dot is wrong under TRITON_INTERPRET=1: do it in fp32
+                acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+            else:  # E2M1 x power-of-two scale is exact in bf16/fp16 (barring under/overflow)
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=INPUT_PRECISION)
+        out = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=mask_m[:, None] & mask_n[None, :])
 
 
 def _matmul_blocks(m: int, k: int) -> tuple[int, int, int]:
