@@ -19,7 +19,10 @@ def kernel_backend() -> str:
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as absent
+        return False
 
 
 def interpreting() -> bool:
