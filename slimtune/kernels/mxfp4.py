@@ -161,7 +161,6 @@ if triton_available():
                    + (m > 5.0).to(tl.int32))
         return (mag | ((v < 0).to(tl.int32) << 3)).to(tl.uint8)
 
-
     @triton.jit
     def _quantize_mxfp4_kernel(x_ptr, packed_ptr, scales_ptr, num_blocks, seed,
                                BLOCKS: tl.constexpr, STOCHASTIC: tl.constexpr):

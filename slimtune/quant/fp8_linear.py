@@ -112,11 +112,34 @@ class FP8LinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-class FP8Linear(nn.Linear):
+class TrainingLinear(nn.Linear):
+    """Base of the low-precision training linears (FP8Linear, quartet.QuartetLinear): an nn.Linear built
+    around an existing linear's own Parameters, whose matmuls run through `_run(x, out_dtype)` outside
+    autocast. Output dtype: the autocast dtype under autocast, else x's dtype."""
+
+    @classmethod
+    def _share(cls, linear: nn.Linear) -> "TrainingLinear":
+        """A module holding `linear`'s Parameters (no copy): optimizers and state_dicts see the same tensors."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.in_features, m.out_features = linear.in_features, linear.out_features
+        m.weight, m.bias = linear.weight, linear.bias
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dev = x.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        with torch.autocast(dev, enabled=False):
+            return self._run(x, out_dtype)
+
+    def _run(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FP8Linear(TrainingLinear):
     """nn.Linear whose matmuls run in fp8 (same parameters and state_dict keys as nn.Linear).
 
-    level=None: plain fp8 (per-tensor scales); 0, 1, 2: HALO levels with `block`-wide rotations.
-    Output dtype: the autocast dtype under autocast, else x's dtype."""
+    level=None: plain fp8 (per-tensor scales); 0, 1, 2: HALO levels with `block`-wide rotations."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, level: int | None = None,
                  block: int = 128, device=None, dtype=None):
@@ -132,19 +155,12 @@ class FP8Linear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, level: int | None = None, block: int = 128) -> "FP8Linear":
-        """Wrap `linear`'s own Parameters (no copy): optimizers and state_dicts see the same tensors."""
-        m = cls.__new__(cls)
-        nn.Module.__init__(m)
-        m.in_features, m.out_features = linear.in_features, linear.out_features
-        m.weight, m.bias = linear.weight, linear.bias
+        m = cls._share(linear)
         m._set_mode(level, block)
         return m
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dev = x.device.type
-        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        with torch.autocast(dev, enabled=False):
-            return FP8LinearFunction.apply(x, self.weight, self.bias, self.level, self.block, out_dtype)
+    def _run(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return FP8LinearFunction.apply(x, self.weight, self.bias, self.level, self.block, out_dtype)
 
     def extra_repr(self) -> str:
         kind = "fp8" if self.level is None else f"halo{self.level}, block={self.block}"

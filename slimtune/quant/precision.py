@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from slimtune.quant.fp8_linear import FP8Linear
+from slimtune.quant.fp8_linear import FP8Linear, TrainingLinear
 from slimtune.quant.quartet import QuartetLinear
 
 PRECISIONS = ("default", "fp8", "halo", "mxfp4")
@@ -47,4 +47,4 @@ def apply_precision(model: nn.Module, precision: str, halo_level: int = 2, block
 
 def low_precision_linears(model: nn.Module) -> int:
     """How many of the model's modules are fp8 / HALO / MXFP4 training linears (report.json)."""
-    return sum(isinstance(m, (FP8Linear, QuartetLinear)) for m in model.modules())
+    return sum(isinstance(m, TrainingLinear) for m in model.modules())

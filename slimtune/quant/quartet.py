@@ -24,7 +24,7 @@ import torch.nn as nn
 from slimtune.kernels import mxfp4 as mxk  # a module reference: kernel tests reload it in interpreter mode
 from slimtune.kernels.mxfp4 import (BLOCK_SIZE, E2M1_VALUES, _floor_e2m1, _rtn_e2m1, dequantize_mxfp4_reference,
                                     pack_fp4)
-from slimtune.quant.fp8_linear import rotate_last
+from slimtune.quant.fp8_linear import TrainingLinear, rotate_last
 
 dequantize_mxfp4 = dequantize_mxfp4_reference  # elementwise; torch is as fast as a kernel here
 
@@ -107,23 +107,15 @@ class QuartetLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-class QuartetLinear(nn.Linear):
+class QuartetLinear(TrainingLinear):
     """nn.Linear trained through MXFP4 forward/backward GEMMs (same Parameters and state_dict keys)."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "QuartetLinear":
-        m = cls.__new__(cls)
-        nn.Module.__init__(m)
-        m.in_features, m.out_features = linear.in_features, linear.out_features
-        m.weight, m.bias = linear.weight, linear.bias
-        return m
+        return cls._share(linear)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dev = x.device.type
-        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        with torch.autocast(dev, enabled=False):
-            return QuartetLinearFunction.apply(x, self.weight, self.bias, out_dtype)
+    def _run(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return QuartetLinearFunction.apply(x, self.weight, self.bias, out_dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mxfp4 (quartet)"
-
