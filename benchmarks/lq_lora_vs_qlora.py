@@ -33,7 +33,7 @@ from slimtune.data import build_splits
 from slimtune.models import load_model, load_tokenizer
 from slimtune.quant import bits_per_param, is_quantized_linear, quantize_model
 from slimtune.trainer.evaluate import perplexity
-from slimtune.trainer.loss import CausalLMLoss
+from slimtune.loss import CausalLMLoss
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "lq_lora_vs_qlora.json"

@@ -1,1 +1,9 @@
+"""slimtune: memory-efficient fine-tuning of language models.
+
+Importing the package imports the plugin packages, which fill the registries (slimtune.registry) that
+the config validates against: registering an adapter, format, optimizer or precision makes it selectable.
+"""
+
 __version__ = "0.1.0"
+
+from slimtune import adapters, optim, quant  # noqa: E402,F401  (fill the registries)

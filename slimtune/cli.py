@@ -6,6 +6,7 @@ Bad input (SlimtuneError) prints one line on stderr and exits with code 2, no tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -13,10 +14,11 @@ import sys
 from slimtune.errors import SlimtuneError
 
 USAGE = """slimtune run RECIPE [key=value ...]     train (RECIPE: a name from `slimtune recipes` or a .yaml path)
-       slimtune eval [RECIPE] [key=value ...]  eval-split perplexity of model.name (HF dir, built-in, adapter dir)
+       slimtune eval [RECIPE] [key=value ...]  perplexity of model.name (HF dir, built-in, quantized or adapter
+                 dir) on all of data.source when given (eval.split=true: its eval split), else on the eval split
        slimtune quantize [RECIPE] key=value ...  write a quantized checkpoint to output_dir, e.g.
                  model.name=M quant.method=lq_lora lq_lora.budget_bits=3.0 adapter.rank=16 output_dir=DIR
-       slimtune export RUN_DIR --merge [--out DIR]  merge a run's LoRA adapter into a full HF model
+       slimtune export RUN_DIR --merge [--onto full|quantized] [--out DIR]  merge a run's adapter into an HF model
        slimtune recipes                        list recipes
        slimtune config show RECIPE [key=value ...]  print the resolved config"""
 
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("run_dir")
     p_exp.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
     p_exp.add_argument("--out", default=None, help="output dir (default RUN_DIR/merged)")
+    p_exp.add_argument("--onto", default="full", choices=["full", "quantized"],
+                       help="merge into the full-precision base (default) or into dequant(Q), the quantized "
+                            "base the adapter was trained against")
     sub.add_parser("recipes")
     p_cfg = sub.add_parser("config")
     p_cfg.add_argument("action", choices=["show"])
@@ -76,10 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "eval":
             recipe, overrides = _split_recipe(args.args)
             cfg = C.load_config(recipe, overrides)
+            whole = "data.source" in C.given_keys(recipe, overrides) and not cfg.eval.split
             _quiet_libraries()
             from slimtune.trainer.evaluate import evaluate_model
 
-            print(json.dumps(evaluate_model(cfg)))
+            with contextlib.redirect_stdout(sys.stderr):  # stdout holds the JSON result only
+                result = evaluate_model(cfg, whole_text=whole)
+            print(json.dumps(result))
         elif args.cmd == "quantize":
             recipe, overrides = _split_recipe(args.args)
             cfg = C.load_config(recipe, overrides)
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             _quiet_libraries()
             from slimtune.trainer import export_merged
 
-            print(f"slimtune: wrote merged model to {export_merged(args.run_dir, args.out)}")
+            print(f"slimtune: wrote merged model to {export_merged(args.run_dir, args.out, args.onto)}")
     except SlimtuneError as e:
         print(f"slimtune: error: {e}", file=sys.stderr)
         return 2

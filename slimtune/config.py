@@ -16,18 +16,26 @@ from pathlib import Path
 import yaml
 
 from slimtune.errors import ConfigError
+from slimtune.registry import BY_KEY
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def _help(text: str, default, **kw):
-    return field(default=default, metadata={"help": text}, **kw)
+def _help(text: str, default, choices: tuple | None = None, **kw):
+    """A field with its help text; `choices` for a fixed set of values (keys that pick a plugin take theirs
+    from the plugin registry instead: registry.BY_KEY)."""
+    meta = {"help": text} if choices is None else {"help": text, "choices": tuple(choices)}
+    return field(default=default, metadata=meta, **kw)
+
+
+KERNEL_BACKENDS = ("auto", "reference", "triton")  # train.kernels (kernels/dispatch.py reads it from here)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _help("local HF causal-LM dir, or smollm2-135m | tiny-llama", "smollm2-135m")
-    dtype: str = _help("float32 | bfloat16: storage of frozen weights and autocast compute dtype", "float32")
+    dtype: str = _help("float32 | bfloat16: storage of frozen weights and autocast compute dtype", "float32",
+                       ("float32", "bfloat16"))
 
 
 @dataclass(frozen=True)
@@ -49,11 +57,15 @@ class TrainConfig:
     seed: int = _help("seed for init, dropout and data order", 0)
     activation_checkpointing: bool = _help("recompute activations in backward: less memory, ~30% slower", False)
     loss_chunk_tokens: int = _help("tokens per cross-entropy chunk (chunk x vocab fp32 live); 0 = naive", 256)
-    device: str = _help("auto | cpu | cuda", "auto")
+    device: str = _help("auto | cpu | cuda", "auto", ("auto", "cpu", "cuda"))
+    kernels: str = _help("auto (Triton kernels on CUDA when triton is installed) | reference (torch only) | triton "
+                         "(always; CPU tensors need TRITON_INTERPRET=1). The SLIMTUNE_KERNELS environment "
+                         "variable overrides it", "auto", KERNEL_BACKENDS)
     precision: str = _help("matmuls of the linear layers (lm_head excluded): default (model.dtype) | fp8 (e4m3 "
                            "forward, e5m2 gradients) | halo (fp8 + Hadamard rotations) | mxfp4 (Quartet QAT)",
                            "default")
-    halo_level: int = _help("train.precision=halo: 0 no rotation | 1 forward | 2 forward + input gradient", 2)
+    halo_level: int = _help("train.precision=halo: 0 no rotation | 1 forward | 2 forward + input gradient", 2,
+                            (0, 1, 2))
     hadamard_block: int = _help("train.precision=halo: Hadamard block (power of two <= 256; reduced to what "
                                 "divides each dim)", 128)
 
@@ -64,7 +76,8 @@ class AdapterConfig:
     rank: int = _help("LoRA rank r", 16)
     alpha: float = _help("LoRA scaling numerator: delta = alpha/r * B A", 32.0)
     dropout: float = _help("dropout on the LoRA input", 0.0)
-    target_modules: typing.Union[str, tuple] = _help("module names (suffix match) or all-linear", "all-linear")
+    target_modules: typing.Union[str, tuple[str, ...]] = _help("module names (suffix match) or all-linear",
+                                                               "all-linear")
     init: str = _help("default (B=0) | loftq (alternate quantize/SVD) | eora (activation-weighted SVD of the "
                       "quantization error); loftq/eora need a slimtune quant.method", "default")
 
@@ -73,7 +86,7 @@ class AdapterConfig:
 class QuantConfig:
     method: str = _help("none | nf4 | int8 | nf2 | nf3 | int2..int7 | int2a..int8a (asymmetric) | "
                         "lq_lora (per-matrix formats under lq_lora.budget_bits)", "none")
-    backend: str = _help("slimtune | bitsandbytes", "slimtune")
+    backend: str = _help("slimtune | bitsandbytes", "slimtune", ("slimtune", "bitsandbytes"))
     block_size: int = _help("weights per absmax block", 64)
     double_quant: bool = _help("quantize the NF4 block scales to 8 bits (saves ~0.4 bit/param)", True)
 
@@ -85,31 +98,31 @@ class LQLoRAConfig:
     calibration_samples: int = _help("train blocks for the Fisher / EoRA activation statistics", 16)
     max_iters: int = _help("alternations of quantize / low-rank (LQ-LoRA, LoftQ) for the final decomposition", 10)
     score_iters: int = _help("alternations when scoring every candidate format for the bit allocation", 2)
-    bits: tuple = _help("NormalFloat bit widths the allocation may choose", (2, 3, 4))
-    block_sizes: tuple = _help("block sizes the allocation may choose", (64, 128, 256))
+    bits: tuple[int, ...] = _help("NormalFloat bit widths the allocation may choose", (2, 3, 4))
+    block_sizes: tuple[int, ...] = _help("block sizes the allocation may choose", (64, 128, 256))
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = _help("adamw | adamw8bit (bitsandbytes) | sgd | galore | frugal | dct", "adamw")
     weight_decay: float = _help("decoupled weight decay", 0.0)
-    betas: tuple = _help("Adam betas", (0.9, 0.999))
+    betas: tuple[float, ...] = _help("Adam betas", (0.9, 0.999))
     eps: float = _help("Adam epsilon", 1e-8)
     momentum: float = _help("SGD momentum", 0.0)
     rank: int = _help("galore / dct: rank of the gradient projection (clamped to min(m, n))", 128)
     update_gap: int = _help("galore / dct / frugal: steps between projection (subspace) updates", 200)
     scale: float = _help("galore / dct: scale of the back-projected update", 0.25)
-    proj_type: str = _help("galore / dct: std (smaller side) | left | right", "std")
+    proj_type: str = _help("galore / dct: std (smaller side) | left | right", "std", ("std", "left", "right"))
     density: float = _help("frugal: fraction of each matrix updated state-full (AdamW)", 0.25)
     subspace: str = _help("frugal: svd | random | blocks (rows/columns) | coordinates | modules (whole params)",
-                          "svd")
+                          "svd", ("svd", "random", "blocks", "coordinates", "modules"))
     inactive_lr_scale: float = _help("frugal: lr multiplier of the state-free signSGD part", 1.0)
-    state_bits: int = _help("32 | 8: block-wise 8-bit Adam moments (adamw, galore, frugal, dct)", 32)
+    state_bits: int = _help("32 | 8: block-wise 8-bit Adam moments (adamw, galore, frugal, dct)", 32, (32, 8))
     proj_dtype: str = _help("galore / frugal (svd, random): storage of the projection P, float32 | bfloat16 | int8",
-                            "float32")
+                            "float32", ("float32", "bfloat16", "int8"))
     in_backward: bool = _help("step each parameter in backward and free its gradient (grad_accum 1, no clipping)",
                               False)
-    full_rank_modules: tuple = _help("galore / dct / frugal: modules (name suffix) kept on plain AdamW",
+    full_rank_modules: tuple[str, ...] = _help("galore / dct / frugal: modules (name suffix) kept on plain AdamW",
                                      ("embed_tokens", "lm_head"))
     seed: int = _help("frugal: seed of the random subspaces (the same on every rank)", 0)
 
@@ -123,7 +136,9 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = _help("eval perplexity every N steps (0 = only before and after)", 0)
-    max_batches: int = _help("cap on eval batches (0 = whole eval split)", 20)
+    max_batches: int = _help("cap on eval batches of the eval split (0 = whole split)", 20)
+    split: bool = _help("slimtune eval with data.source: score the eval split (as runs do) instead of every "
+                        "train.seq_len window of the whole text", False)
 
 
 @dataclass(frozen=True)
@@ -145,27 +160,10 @@ class RecipeConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hooks: tuple[str, ...] = _help("trainer hooks by registered name (registry.HOOKS), run in this order", ())
     output_dir: str = _help("where metrics, report, checkpoints go", "runs/default")
     resume: bool = _help("continue from the newest complete checkpoint in output_dir", False)
     overwrite: bool = _help("allow a fresh run in an output_dir that already holds one", False)
-
-
-CHOICES = {
-    "model.dtype": ("float32", "bfloat16"),
-    "adapter.type": ("lora", "lq_lora", "none"),
-    "adapter.init": ("default", "loftq", "eora"),
-    "quant.method": ("none", "nf4", "int8", "nf2", "nf3", *(f"int{b}" for b in range(2, 8)),
-                     *(f"int{b}a" for b in range(2, 9)), "lq_lora"),
-    "quant.backend": ("slimtune", "bitsandbytes"),
-    "optim.name": ("adamw", "adamw8bit", "sgd", "galore", "frugal", "dct"),
-    "optim.proj_type": ("std", "left", "right"),
-    "optim.subspace": ("svd", "random", "blocks", "coordinates", "modules"),
-    "optim.state_bits": (32, 8),
-    "optim.proj_dtype": ("float32", "bfloat16", "int8"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("default", "fp8", "halo", "mxfp4"),
-    "train.halo_level": (0, 1, 2),
-}
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -203,9 +201,12 @@ def _coerce(key: str, value, tp):
     elif tp is str:
         if isinstance(value, str):
             return value
-    elif tp is tuple:
+    elif tp is tuple or origin is tuple:
         if isinstance(value, (list, tuple)):
-            return tuple(value)
+            arms = typing.get_args(tp)
+            if not arms:
+                return tuple(value)
+            return tuple(_coerce(f"{key}[{i}]", v, arms[0]) for i, v in enumerate(value))
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
@@ -310,6 +311,19 @@ def _set(raw: dict, key: str, value) -> None:
     node[leaf] = value
 
 
+def given_keys(recipe: str | None, overrides: list[str] = ()) -> set[str]:
+    """Dotted keys the recipe file or the overrides set explicitly (the rest take dataclass defaults)."""
+    raw = _read_yaml(recipe_path(recipe)) if recipe else {}
+    for item in overrides:
+        apply_override(raw, item)
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            yield from walk(v, f"{prefix}{k}.") if isinstance(v, dict) else (prefix + str(k),)
+
+    return set(walk(raw))
+
+
 def load_config(recipe: str | None, overrides: list[str] = ()) -> RecipeConfig:
     """Recipe name or YAML path (None = defaults only), then `key=value` overrides; validated."""
     raw = _read_yaml(recipe_path(recipe)) if recipe else {}
@@ -320,12 +334,25 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> RecipeConfig:
     return cfg
 
 
+def choices(key: str) -> tuple | None:
+    """The values `key` accepts: its registry's (a plugin kind) or the field's fixed set; None if any."""
+    if key in BY_KEY:
+        return BY_KEY[key].choices()
+    section, _, name = key.rpartition(".")
+    cls = typing.get_type_hints(RecipeConfig)[section] if section else RecipeConfig
+    return {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("choices")
+
+
 def validate(cfg: RecipeConfig) -> None:
     """Value and cross-field rules; raises ConfigError naming the key and the fix."""
     flat = {k: _get(cfg, k) for k in all_keys()}
-    for key, choices in CHOICES.items():
-        if flat[key] not in choices:
-            raise ConfigError(f"{key}={flat[key]!r} is not one of: {', '.join(map(str, choices))}")
+    for key, value in flat.items():
+        allowed = choices(key)
+        if allowed is None:
+            continue
+        for v in value if isinstance(value, tuple) else (value,):
+            if v not in allowed:
+                raise ConfigError(f"{key}={v!r} is not one of: {', '.join(map(str, allowed)) or '(none registered)'}")
     positive = ["train.max_steps", "train.seq_len", "train.batch_size", "train.grad_accum",
                 "adapter.rank", "quant.block_size", "checkpoint.keep"]
     for key in positive:

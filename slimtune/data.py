@@ -34,8 +34,14 @@ def load_records(source: str) -> list[dict]:
         return [{"text": path.read_text(encoding="utf-8", errors="replace")}]
     if path.suffix != ".jsonl":
         raise SlimtuneError(f"data.source={source!r}: unsupported file type; use .txt or .jsonl")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise SlimtuneError(f"{path}:{line}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                            "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -90,6 +96,20 @@ def pack(ids: list[int], labels: list[int], seq_len: int) -> Blocks:
     x = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
     y = torch.tensor(labels[: n * seq_len], dtype=torch.long).view(n, seq_len)
     return Blocks(x, y)
+
+
+def text_windows(source: str, tokenizer, seq_len: int) -> list[Blocks]:
+    """Every non-overlapping seq_len window of the tokenized text (`slimtune eval data.source=...`): the full
+    windows as one Blocks, then the shorter tail window (if it holds a target) as a (1, r) Blocks."""
+    ids, labels = tokenize(load_records(source), tokenizer)
+    full = pack(ids, labels, seq_len)
+    out = [full] if len(full) else []
+    tail = len(ids) - len(full) * seq_len
+    if tail >= 2:
+        out.append(pack(ids[-tail:], labels[-tail:], tail))
+    if not out:
+        raise SlimtuneError(f"data.source={source!r}: fewer than 2 tokens, nothing to score")
+    return out
 
 
 def build_splits(source: str, tokenizer, seq_len: int, eval_fraction: float) -> DataSplits:

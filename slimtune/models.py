@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import warnings
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from slimtune.errors import SlimtuneError
+from slimtune.io import temp_dir
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny-llama"
@@ -36,7 +35,7 @@ def _atomic_build(name: str, build) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = temp_dir(target.parent, f".{name}-")
     try:
         build(tmp)
         try:
@@ -110,71 +109,87 @@ def resolve_model_dir(name: str) -> Path:
     return path
 
 
-def adapter_base(path: Path) -> str | None:
-    """For a PEFT adapter dir (e.g. runs/a/final), the base model it was trained on."""
-    mine, cfg = path / "slimtune_adapter.json", path / "adapter_config.json"
+def adapter_metadata(path: Path) -> dict | None:
+    """For a LoRA adapter dir (e.g. runs/a/final), what rebuilds the model it was trained on:
+    {"model_name": base model, "quant": the base's QuantConfig fields or None}; None if not an adapter dir.
+
+    slimtune writes slimtune_adapter.json beside PEFT's files; a plain PEFT adapter gives its
+    base_model_name_or_path (and no quantization)."""
+    mine, peft = Path(path) / "slimtune_adapter.json", Path(path) / "adapter_config.json"
     if mine.is_file():
-        return json.loads(mine.read_text())["model_name"]
-    if not cfg.is_file():
+        meta = _read_json(mine)
+        if not isinstance(meta.get("model_name"), str):
+            raise SlimtuneError(f"{mine}: no 'model_name'; re-save the adapter with slimtune, or delete the file "
+                                f"and set base_model_name_or_path in {peft.name}")
+        return {"model_name": meta["model_name"], "quant": meta.get("quant")}
+    if not peft.is_file():
         return None
-    return json.loads(cfg.read_text()).get("base_model_name_or_path")
+    base = _read_json(peft).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise SlimtuneError(f"{peft}: no base_model_name_or_path, so the base model is unknown; set it to the "
+                            "base model's directory (or a built-in name such as smollm2-135m)")
+    return {"model_name": base, "quant": None}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SlimtuneError(f"{path}: unreadable JSON ({e}); fix or re-create the file") from None
+    if not isinstance(data, dict):
+        raise SlimtuneError(f"{path}: expected a JSON object; fix or re-create the file")
+    return data
 
 
 def context_length(name: str) -> int:
     """Max positions from config.json alone (no weights loaded), for validating train.seq_len."""
-    path = _base_dir(name)
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = _read_json(base_dir(name) / "config.json")
     return int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2**31)
 
 
-def _base_dir(name: str) -> Path:
+def base_dir(name: str) -> Path:
+    """The HF model dir of `model.name`; for an adapter dir, of the base model it was trained on."""
     path = Path(name).expanduser()
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        return resolve_model_dir(adapter_base(path))
+    if not (path / "config.json").is_file():
+        meta = adapter_metadata(path)
+        if meta is not None:
+            return resolve_model_dir(meta["model_name"])
     return resolve_model_dir(name)
 
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(_base_dir(name))
+    path = base_dir(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise SlimtuneError(f"model.name={name!r}: no usable tokenizer in {path} ({str(e).splitlines()[0][:160]}); "
+                            "copy the base model's tokenizer files (tokenizer.json, tokenizer_config.json) "
+                            "into it") from None
+    if isinstance(tok, bool) or not hasattr(tok, "eos_token_id"):
+        raise SlimtuneError(f"model.name={name!r}: no tokenizer files in {path}; copy the base model's "
+                            "tokenizer files (tokenizer.json, tokenizer_config.json) into it")
     if tok.eos_token_id is None:
         raise SlimtuneError(f"model.name={name!r}: its tokenizer has no eos token; set one in tokenizer_config.json")
     return tok
 
 
-def load_model(name: str, dtype: str = "float32", quant=None, device: str = "cpu"):
-    """Load a causal LM; with `quant` (a QuantConfig) quantize every linear but lm_head in place.
-
-    Frozen weights are stored in `dtype`; the quantized base computes in `dtype` too. Loading happens in
-    bf16 when quantizing so the full-precision copy never exists in fp32 (lower peak memory).
-    """
+def load_model(name: str, dtype: str = "float32"):
+    """Load the causal LM of `model.name` (an HF dir, a built-in name, or an adapter dir's base) on CPU, with
+    every floating tensor in `dtype`, frozen, with the KV cache off (training needs none)."""
     from transformers import AutoModelForCausalLM
 
-    from slimtune.compress.qcheckpoint import is_quantized_checkpoint, load_quantized, read_manifest
-
-    if is_quantized_checkpoint(name):  # its manifest fixes the formats (and holds any LoRA factors)
-        method = read_manifest(Path(name).expanduser())["method"]
-        if quant is not None and quant.method not in ("none", method):
-            warnings.warn(f"model.name={name!r} is a {method} checkpoint; quant.method={quant.method} is ignored")
-        return load_quantized(Path(name).expanduser(), DTYPES[dtype]).to(device)
-    path = _base_dir(name)
-    quantize = quant is not None and quant.method != "none"
-    load_dtype = torch.bfloat16 if quantize else DTYPES[dtype]
+    path = base_dir(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype)
+        model, report = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], output_loading_info=True)
     except (OSError, ValueError) as e:
         raise SlimtuneError(f"model.name={name!r}: could not load ({str(e).splitlines()[0]})") from None
-    if quantize:
-        from slimtune.quant import quantize_model
-
-        if quant.backend == "bitsandbytes":
-            _require("bitsandbytes", "pip install bitsandbytes", "quant.backend=bitsandbytes")
-        quantize_model(model, quant.method, backend=quant.backend, block_size=quant.block_size,
-                       double_quant=quant.double_quant, compute_dtype=DTYPES[dtype])
-        # what was not quantized (embeddings, norms, lm_head) is stored in the compute dtype
-        for p in model.parameters():
-            if p.is_floating_point() and p.dtype != DTYPES[dtype]:
-                p.data = p.data.to(DTYPES[dtype])
+    missing = report.get("missing_keys") or []
+    if missing:  # transformers would fill them with random values: never train or score such a model
+        raise SlimtuneError(f"model.name={name!r}: {path} lacks {len(missing)} weights (e.g. {sorted(missing)[0]!r}); "
+                            "give a complete Hugging Face model dir")
     model.config.use_cache = False
-    return model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -1,9 +1,12 @@
-"""Registries by name for the pluggable families (adapters, optimizers, ...).
+"""One registry per plugin kind; the config key that selects an entry takes its allowed values from it.
 
-    OPTIMIZERS = Registry("optim.name")
-    @OPTIMIZERS.register("adamw")
-    def build(...): ...
-    OPTIMIZERS.get("adamw")   # unknown -> ConfigError naming the key and the registered names
+    @OPTIMIZERS.register("galore")
+    def build(cfg, named_params, lr): ...
+    OPTIMIZERS.get("galore")      # unknown -> ConfigError naming the key and every registered name
+
+Registering is all it takes to make a name selectable: `config.validate` checks each key against
+`registry.choices()`, so the error message lists the new name too. The registries are filled when the
+plugin packages are imported, which `slimtune/__init__.py` does (so any `import slimtune.x` sees them full).
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from slimtune.errors import ConfigError
 
 
 class Registry(dict):
-    def __init__(self, key: str):
+    def __init__(self, key: str, fixed: tuple = ()):
         super().__init__()
         self.key = key  # the config key that selects an entry, for error messages
+        self.fixed = tuple(fixed)  # values the key accepts that select no entry (e.g. "none")
 
     def register(self, name: str):
         def deco(obj):
-            if name in self:
+            if name in self or name in self.fixed:
                 raise ValueError(f"{self.key}: {name!r} is registered twice")
             self[name] = obj
             return obj
@@ -27,5 +31,20 @@ class Registry(dict):
 
     def get(self, name: str):
         if name not in self:
-            raise ConfigError(f"{self.key}={name!r} is not registered; registered: {', '.join(sorted(self))}")
+            raise ConfigError(f"{self.key}={name!r} is not registered; registered: {', '.join(self.choices())}")
         return self[name]
+
+    def choices(self) -> tuple:
+        """Every value the config key accepts: the fixed ones, then the registered names in order."""
+        return self.fixed + tuple(self)
+
+
+ADAPTERS = Registry("adapter.type", fixed=("none",))  # name -> adapter class (from_config(module, cfg))
+ADAPTER_INITS = Registry("adapter.init", fixed=("default",))  # name -> init(model, cfg, calibration, dtype, log)
+QUANT_FORMATS = Registry("quant.method", fixed=("none", "lq_lora"))  # name -> frozen quantized linear class
+OPTIMIZERS = Registry("optim.name")  # name -> builder(cfg, named_params, lr) -> torch.optim.Optimizer
+PRECISIONS = Registry("train.precision", fixed=("default",))  # name -> swap(linear, train_cfg) -> module
+HOOKS = Registry("hooks")  # name -> trainer.hooks.Hooks subclass, built with no arguments
+
+# config key -> its registry (config.validate reads the allowed values from here)
+BY_KEY = {r.key: r for r in (ADAPTERS, ADAPTER_INITS, QUANT_FORMATS, OPTIMIZERS, PRECISIONS, HOOKS)}

@@ -20,3 +20,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def use_kernels(monkeypatch, backend: str) -> None:
+    """Select the kernel backend for one test (what train.kernels / SLIMTUNE_KERNELS set at start-up)."""
+    from slimtune.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_backend", backend)

@@ -14,9 +14,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from slimtune.adapters.loftq import base_quantizer
+from slimtune.adapters.loftq import base_module, targets
 from slimtune.adapters.lora import LoRALinear
-from slimtune.adapters.lq_lora import check_rank, install, target_linears
+from slimtune.adapters.lq_lora import install
+from slimtune.registry import ADAPTER_INITS
 
 
 @torch.no_grad()
@@ -34,25 +35,25 @@ def eora_lowrank(E: torch.Tensor, cov: torch.Tensor, rank: int, damp: float = 1e
     return L1.float().contiguous(), L2.float().contiguous()
 
 
-def apply_eora(model: nn.Module, cfg, samples, compute_dtype: torch.dtype = torch.float32,
+@ADAPTER_INITS.register("eora")
+def apply_eora(model: nn.Module, cfg, calibration, compute_dtype: torch.dtype = torch.float32,
                log: Callable[[str], None] = print) -> dict:
     """Quantize every targeted nn.Linear of `model` in place at cfg.quant.method and wrap it with LoRA
-    initialised by EoRA from the calibration samples' activations."""
-    from slimtune.compress.calibration import input_covariance
-
+    initialised by EoRA from the activations `calibration.input_covariance(model, names)` gives
+    (compress/calibration.py)."""
     t0 = time.perf_counter()
-    quantize, make = base_quantizer(cfg.quant)
-    names = target_linears(model, cfg.adapter.target_modules)
-    check_rank(model, names, cfg.adapter.rank)
-    covs = input_covariance(model, names, samples)
+    names = targets(model, cfg)
+    covs = calibration.input_covariance(model, names)
     modules = {}
     for name in names:
         old = model.get_submodule(name)
         W = old.weight.detach().float()
-        packed = quantize(W)
+        base = base_module(cfg.quant, old, compute_dtype)
+        packed = base.quantize_weight(W)
+        base.set_weight(packed)
         E = W - packed.dequantize(torch.float32)
         L1, L2 = eora_lowrank(E, covs.pop(name), cfg.adapter.rank)
-        install(model, name, make(packed, old.bias, compute_dtype), L1, L2, cfg.adapter, LoRALinear)
+        install(model, name, base, L1, L2, cfg.adapter, LoRALinear)
         modules[name] = {"error": float((E - L1 @ L2).double().square().sum()),
                          "error_quant_only": float(E.double().square().sum())}
     log(f"eora: initialised {len(names)} LoRA adapters on {cfg.quant.method} in {time.perf_counter() - t0:.1f}s")

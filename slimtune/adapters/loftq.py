@@ -13,62 +13,46 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from slimtune.adapters.inject import check_rank, target_names
 from slimtune.adapters.lora import LoRALinear
-from slimtune.adapters.lq_lora import check_rank, decompose, install, target_linears
+from slimtune.adapters.lq_lora import decompose, install
+from slimtune.quant import QuantFormat
+from slimtune.registry import ADAPTER_INITS, QUANT_FORMATS
 
 
-def base_quantizer(quant_cfg) -> tuple[Callable, Callable]:
-    """(quantize(w) -> packed holder, make(holder, bias, compute_dtype) -> frozen quantized linear) for a
-    slimtune quant.method (nf4 / int8 / the packed NF-k and INT-k formats)."""
-    from slimtune.quant import Int8Linear, NF4Linear, PackedLinear, QuantFormat, quantize_int8, quantize_nf4
-    from slimtune.quant import quantize_packed
-
-    method, bs, dq = quant_cfg.method, quant_cfg.block_size, quant_cfg.double_quant
-    if method == "nf4":
-        def quantize(w):
-            return quantize_nf4(w, bs, dq)
-
-        def build(h, device):
-            return NF4Linear(h.shape[1], h.shape[0], bias=False, block_size=bs, double_quant=dq, device=device)
-    elif method == "int8":
-        def quantize(w):
-            return quantize_int8(w, bs)
-
-        def build(h, device):
-            return Int8Linear(h.shape[1], h.shape[0], bias=False, block_size=bs, device=device)
-    else:
-        fmt = QuantFormat.parse(method, block_size=bs, double_quant=dq)
-
-        def quantize(w):
-            return quantize_packed(w, fmt)
-
-        def build(h, device):
-            return PackedLinear(h.shape[1], h.shape[0], bias=False, fmt=fmt, device=device)
-
-    def make(holder, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> nn.Module:
-        m = build(holder, holder.codes.device)
-        m.compute_dtype = compute_dtype
-        m._set_packed(holder)
-        if bias is not None:
-            m.bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
-        return m
-
-    return quantize, make
+def base_module(quant_cfg, linear: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+    """An empty frozen quantized linear of `linear`'s shape in the slimtune format quant_cfg.method (its
+    `quantize_weight(w)` / `set_weight(holder)` do the rest), with `linear`'s bias."""
+    fmt = QuantFormat.parse(quant_cfg.method, block_size=quant_cfg.block_size, double_quant=quant_cfg.double_quant)
+    m = QUANT_FORMATS.get(quant_cfg.method).make(fmt, linear.in_features, linear.out_features, False, compute_dtype,
+                                                 linear.weight.device)
+    m.set_bias(linear.bias)
+    return m
 
 
-def apply_loftq(model: nn.Module, cfg, samples=None, compute_dtype: torch.dtype = torch.float32,
+def targets(model: nn.Module, cfg) -> list[str]:
+    """The plain nn.Linear layers cfg.adapter.target_modules selects, rank-checked."""
+    names = target_names(model, cfg.adapter.target_modules, plain_only=True)
+    check_rank(model, names, cfg.adapter.rank)
+    return names
+
+
+@ADAPTER_INITS.register("loftq")
+def apply_loftq(model: nn.Module, cfg, calibration=None, compute_dtype: torch.dtype = torch.float32,
                 log: Callable[[str], None] = print) -> dict:
     """Quantize every targeted nn.Linear of `model` in place at cfg.quant.method and wrap it with LoRA
-    initialised by LoftQ (lq_lora.max_iters alternations). Returns per-matrix errors and seconds."""
+    initialised by LoftQ (lq_lora.max_iters alternations); needs no calibration data. Returns per-matrix
+    errors and seconds."""
     t0 = time.perf_counter()
-    quantize, make = base_quantizer(cfg.quant)
-    names = target_linears(model, cfg.adapter.target_modules)
-    check_rank(model, names, cfg.adapter.rank)
     modules = {}
+    names = targets(model, cfg)
     for name in names:
         old = model.get_submodule(name)
-        d = decompose(old.weight, quantize, cfg.adapter.rank, cfg.lq_lora.max_iters, start="quantize", guard=False)
-        install(model, name, make(d.packed, old.bias, compute_dtype), d.L1, d.L2, cfg.adapter, LoRALinear)
+        base = base_module(cfg.quant, old, compute_dtype)
+        d = decompose(old.weight, base.quantize_weight, cfg.adapter.rank, cfg.lq_lora.max_iters, start="quantize",
+                      guard=False)
+        base.set_weight(d.packed)
+        install(model, name, base, d.L1, d.L2, cfg.adapter, LoRALinear)
         modules[name] = {"error": d.error, "error_quant_only": d.history[0] if d.history else None,
                          "iterations": len(d.history)}
     log(f"loftq: initialised {len(names)} LoRA adapters on {cfg.quant.method} in {time.perf_counter() - t0:.1f}s")

@@ -1,4 +1,5 @@
-"""LoRA (Hu et al. 2021): y = base(x) + (alpha / r) * B(A(dropout(x))).
+"""LoRA (Hu et al. 2021): y = base(x) + (alpha / r) * B(A(dropout(x))); rsLoRA (Kalajdzievski 2023) scales
+by alpha / sqrt(r) instead.
 
 `LoRALinear` wraps any linear-like module kept as `self.base` (nn.Linear, slimtune NF4/INT8, bnb
 Linear4bit/Linear8bitLt), frozen and never copied. A gets PEFT's Kaiming-uniform init and B starts
@@ -13,12 +14,12 @@ import math
 import torch
 import torch.nn as nn
 
-from slimtune.adapters import register
+from slimtune.registry import ADAPTERS
 
 
-@register("lora")
+@ADAPTERS.register("lora")
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         in_f, out_f = base.in_features, base.out_features
         if rank > min(in_f, out_f):
@@ -27,8 +28,8 @@ class LoRALinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.in_features, self.out_features = in_f, out_f
-        self.rank, self.alpha = rank, alpha
-        self.scaling = alpha / rank
+        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Trainable factors are fp32 whatever the base dtype: they are the master weights.
         self.lora_A = nn.Linear(in_f, rank, bias=False, dtype=torch.float32)
@@ -65,37 +66,44 @@ class LoRALinear(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.lora_A.weight, self.lora_B.weight]
 
+    @torch.no_grad()
     def merge(self, safe: bool = False) -> None:
-        """Add the delta into the base weight. A quantized base is re-quantized (lossy, explicit);
-        bitsandbytes bases cannot be merged in place (export merges into a full-precision base)."""
+        """Add the delta into the base weight. A slimtune quantized base is re-quantized (lossy, explicit)
+        and its codes before the merge are kept, so unmerge() restores them exactly; bitsandbytes bases
+        cannot be merged in place (export merges into a full-precision base). safe: raise, unmerged, if
+        the merged weight would not be finite."""
         if self.merged:
             raise RuntimeError("LoRA adapter is already merged; unmerge() first")
-        self._apply_delta(self.delta_weight(), safe)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            raise RuntimeError("LoRA adapter is not merged")
-        self._apply_delta(-self.delta_weight(), safe=False)
-        self.merged = False
-
-    @torch.no_grad()
-    def _apply_delta(self, delta: torch.Tensor, safe: bool) -> None:
         base = self.base
         if isinstance(base, nn.Linear):
-            new = base.weight.float() + delta.to(base.weight.device)
-            if safe and not torch.isfinite(new).all():
-                raise ValueError("merging this LoRA adapter gives non-finite weights; not merged")
-            base.weight.copy_(new.to(base.weight.dtype))
+            new = base.weight.float() + self.delta_weight().to(base.weight.device)
         elif hasattr(base, "requantize_"):
-            w = base.dequantize_weight(torch.float32)
-            new = w + delta.to(w.device)
-            if safe and not torch.isfinite(new).all():
-                raise ValueError("merging this LoRA adapter gives non-finite weights; not merged")
-            base.requantize_(new)
+            new = base.dequantize_weight(torch.float32)
+            new += self.delta_weight().to(new.device)
         else:
             raise NotImplementedError(f"cannot merge LoRA into {type(base).__name__} in place; export with "
                                       "`slimtune export RUN_DIR --merge`, which merges into the full-precision base")
+        if safe and not torch.isfinite(new).all():
+            raise ValueError("merging this LoRA adapter gives non-finite weights; not merged")
+        if isinstance(base, nn.Linear):
+            base.weight.copy_(new.to(base.weight.dtype))
+        else:
+            self._codes_before_merge = base._packed()  # a view of the current buffers: requantize_ replaces them
+            base.requantize_(new)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge(): subtract the delta from a plain base; give a quantized base back its exact codes."""
+        if not self.merged:
+            raise RuntimeError("LoRA adapter is not merged")
+        if isinstance(self.base, nn.Linear):
+            w = self.base.weight
+            w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
+        else:
+            self.base.set_weight(self._codes_before_merge)
+            del self._codes_before_merge
+        self.merged = False
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+        return f"rank={self.rank}, alpha={self.alpha}, rslora={self.use_rslora}, merged={self.merged}"

@@ -22,11 +22,14 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from slimtune.adapters import register
+from slimtune.adapters.inject import check_rank, replace_module, target_names
 from slimtune.adapters.lora import LoRALinear
+from slimtune.quant import PackedLinear, QuantFormat, bits_per_param, quantize_packed
+from slimtune.quant.bit_allocation import allocate_bits
+from slimtune.registry import ADAPTERS
 
 
-@register("lq_lora")
+@ADAPTERS.register("lq_lora")
 class LQLoRALinear(LoRALinear):
     """LoRA whose factors start (init_factors) at the low-rank part of W ~ Q + L1 L2; the base holds Q.
     Its own type so checkpoints and reports tell LQ-LoRA from LoRA on a uniformly quantized base."""
@@ -137,55 +140,29 @@ def decompose(W: torch.Tensor, quantize_fn: Callable, rank: int, max_iters: int 
 # ---------------------------------------------------------------- the model-level transform
 
 
-def target_linears(model: nn.Module, target_modules) -> list[str]:
-    """Qualified names of the plain nn.Linear layers that adapter.target_modules selects (never lm_head
-    for all-linear)."""
-    from slimtune.adapters import NEVER_ALL_LINEAR
-    from slimtune.errors import ConfigError
-
-    names = []
-    for name, m in model.named_modules():
-        last = name.rsplit(".", 1)[-1]
-        if type(m) is not nn.Linear:
-            continue
-        if (target_modules == "all-linear" and last not in NEVER_ALL_LINEAR) or (
-                target_modules != "all-linear" and (last in target_modules or name in target_modules)):
-            names.append(name)
-    if not names:
-        raise ConfigError(f"adapter.target_modules={target_modules!r} matches no nn.Linear of the model")
-    return names
-
-
 def install(model: nn.Module, name: str, base: nn.Module, L1: torch.Tensor, L2: torch.Tensor, cfg,
             cls: type = LQLoRALinear) -> nn.Module:
     """Replace module `name` by cls(base) (a LoRA wrapper) whose factors hold L1 L2. cfg: AdapterConfig."""
     wrapped = cls(base, L1.shape[1], cfg.alpha, cfg.dropout)
     wrapped.init_factors(L1, L2)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, wrapped)
-    return wrapped
+    return replace_module(model, name, wrapped)
 
 
 def candidate_formats(lq_cfg, double_quant: bool) -> list:
-    from slimtune.quant import QuantFormat
-
     return [QuantFormat("nf", b, bs, double_quant) for b in lq_cfg.bits for bs in lq_cfg.block_sizes]
 
 
-def apply_lq_lora(model: nn.Module, cfg, samples, compute_dtype: torch.dtype = torch.float32,
+def apply_lq_lora(model: nn.Module, cfg, calibration, compute_dtype: torch.dtype = torch.float32,
                   log: Callable[[str], None] = print) -> dict:
     """Decompose every targeted linear of the full-precision `model` in place (LQ-LoRA with bit
-    allocation) and wrap it with LQLoRALinear. cfg: RecipeConfig; samples: calibration (x, y) pairs.
+    allocation) and wrap it with LQLoRALinear. cfg: RecipeConfig; calibration: an object whose
+    `fisher_sums(model, names)` gives each matrix's Fisher row/column sums (compress/calibration.py).
     Returns a summary: allocation (dict), per-matrix formats/errors, achieved bits/param, seconds."""
-    from slimtune.compress.calibration import fisher_sums
-    from slimtune.quant import PackedLinear, bits_per_param
-    from slimtune.quant.bit_allocation import allocate_bits
-
     lq, rank = cfg.lq_lora, cfg.adapter.rank
     t0 = time.perf_counter()
-    names = target_linears(model, cfg.adapter.target_modules)
+    names = target_names(model, cfg.adapter.target_modules, plain_only=True)
     check_rank(model, names, rank)
-    fisher = fisher_sums(model, names, samples, cfg.train.loss_chunk_tokens) if lq.fisher else {}
+    fisher = calibration.fisher_sums(model, names) if lq.fisher else {}
     t_fisher = time.perf_counter() - t0
     formats = candidate_formats(lq, cfg.quant.double_quant)
     errors, bits, numel = [], [], []
@@ -227,16 +204,4 @@ def apply_lq_lora(model: nn.Module, cfg, samples, compute_dtype: torch.dtype = t
 
 
 def _packed_quantizer(fmt) -> Callable:
-    from slimtune.quant import quantize_packed
-
     return lambda w: quantize_packed(w, fmt)
-
-
-def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
-    from slimtune.errors import ConfigError
-
-    for n in names:
-        m = model.get_submodule(n)
-        if rank > min(m.in_features, m.out_features):
-            raise ConfigError(f"adapter.rank={rank} exceeds min(in, out)={min(m.in_features, m.out_features)} "
-                              f"of {n}; use a smaller rank")

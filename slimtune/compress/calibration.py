@@ -4,6 +4,8 @@
   LQ-LoRA's estimate), reduced at once to its row and column sums: LQ-LoRA weights the decomposition
   by the rank-1 approximation F ~ r c^T / sum(F), so only (out,) + (in,) values per matrix are kept.
 * `input_covariance`: X^T X of each layer's inputs (EoRA's activation statistics), (in, in) fp32.
+`Calibration` binds the samples, so a technique below this layer (adapters/lq_lora, adapters/eora) asks
+for the statistic it needs without importing up.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from slimtune.data import Blocks
-from slimtune.trainer.loss import CausalLMLoss, count_targets
+from slimtune.loss import CausalLMLoss, count_targets
 
 
 def calibration_samples(blocks: Blocks, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -78,3 +80,16 @@ def input_covariance(model: nn.Module, names: list[str], samples) -> dict[str, t
             h.remove()
         model.train(was_training)
     return cov
+
+
+class Calibration:
+    """Calibration samples + the statistics computed from them, for LQ-LoRA / LoftQ / EoRA."""
+
+    def __init__(self, samples, chunk_tokens: int = 256):
+        self.samples, self.chunk_tokens = samples, chunk_tokens
+
+    def fisher_sums(self, model: nn.Module, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return fisher_sums(model, names, self.samples, self.chunk_tokens)
+
+    def input_covariance(self, model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+        return input_covariance(model, names, self.samples)

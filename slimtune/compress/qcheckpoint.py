@@ -18,12 +18,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from slimtune.adapters import adapter_modules
 from slimtune.errors import SlimtuneError
-from slimtune.trainer.io import atomic_dir, write_json
+from slimtune.io import atomic_dir, write_json
+from slimtune.quant import FrozenQuantLinear, QuantFormat, bits_per_param, dequantize_weight, is_quantized_linear
+from slimtune.registry import ADAPTERS, QUANT_FORMATS
 
 MANIFEST = "slimtune_quant.json"
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a quantized linear is {"class", "format", ...} (1 had per-class fields)
 
 
 def is_quantized_checkpoint(name: str) -> bool:
@@ -31,41 +34,26 @@ def is_quantized_checkpoint(name: str) -> bool:
 
 
 def module_spec(m: nn.Module) -> dict:
-    """JSON description of a slimtune quantized linear, enough to rebuild it empty."""
-    from slimtune.quant import Int8Linear, NF4Linear, PackedLinear
-
-    spec = {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
-    if isinstance(m, PackedLinear):
-        return {"class": "packed", "format": m.fmt.name, **spec}
-    if isinstance(m, NF4Linear):
-        return {"class": "nf4", "block_size": m.block_size, "double_quant": m.double_quant, **spec}
-    if isinstance(m, Int8Linear):
-        return {"class": "int8", "block_size": m.block_size, **spec}
-    raise SlimtuneError(f"cannot write {type(m).__name__} to a slimtune quantized checkpoint "
-                        "(slimtune nf4 / int8 / packed formats only; use quant.backend=slimtune)")
+    """JSON description of a slimtune quantized linear, enough to rebuild it empty (its class and format)."""
+    if not isinstance(m, FrozenQuantLinear):
+        raise SlimtuneError(f"cannot write {type(m).__name__} to a slimtune quantized checkpoint "
+                            "(slimtune's own formats only; use quant.backend=slimtune)")
+    return m.spec()
 
 
 def build_from_spec(spec: dict, compute_dtype: torch.dtype) -> nn.Module:
-    from slimtune.quant import Int8Linear, NF4Linear, PackedLinear, QuantFormat
-
-    args = (spec["in_features"], spec["out_features"], spec["bias"])
-    if spec["class"] == "packed":
-        return PackedLinear(*args, fmt=QuantFormat.parse(spec["format"]), compute_dtype=compute_dtype)
-    if spec["class"] == "nf4":
-        return NF4Linear(*args, block_size=spec["block_size"], double_quant=spec["double_quant"],
-                         compute_dtype=compute_dtype)
-    if spec["class"] == "int8":
-        return Int8Linear(*args, block_size=spec["block_size"], compute_dtype=compute_dtype)
-    raise ValueError(f"unknown quantized class {spec['class']!r}")
+    """The empty module module_spec described: its class found among the registered formats."""
+    classes = {cls.__name__: cls for cls in QUANT_FORMATS.values()}
+    if spec.get("class") not in classes:
+        raise ValueError(f"class {spec.get('class')!r} is not a registered quantized format "
+                         f"({', '.join(sorted(classes))})")
+    return classes[spec["class"]].from_spec(spec, QuantFormat.parse(spec["format"]), compute_dtype)
 
 
 def save_quantized(model: nn.Module, path: Path, tokenizer, info: dict) -> Path:
     """Write `model` (quantized linears, optionally LoRA-wrapped) to `path`. info: extra manifest fields
     (method, base_model, budget_bits, allocation, ...)."""
     from safetensors.torch import save_file
-
-    from slimtune.adapters import adapter_modules
-    from slimtune.quant import bits_per_param, is_quantized_linear
 
     adapters = adapter_modules(model)
     quantized = {n: m for n, m in model.named_modules() if is_quantized_linear(m)}
@@ -96,8 +84,6 @@ def save_quantized(model: nn.Module, path: Path, tokenizer, info: dict) -> Path:
 
 
 def _adapter_type(m: nn.Module) -> str:
-    from slimtune.adapters import ADAPTERS
-
     return next(name for name, cls in ADAPTERS.items() if type(m) is cls)
 
 
@@ -113,13 +99,11 @@ def read_manifest(path: Path) -> dict:
 
 
 def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild the model of a quantized checkpoint on CPU: quantized linears, adapters (trainable LoRA
-    factors), everything else frozen in `dtype`."""
+    """Rebuild the model of a quantized checkpoint on CPU: quantized linears, adapters (LoRA factors), the
+    rest in `dtype`; every parameter frozen."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from slimtune.adapters import ADAPTERS
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -152,11 +136,8 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
                             "describes; the manifest does not match the tensors")
     model.load_state_dict(state, strict=True)
     model.tie_weights()
-    for p in model.parameters():
+    for p in model.parameters():  # frozen, factors included: the adapters stage decides what trains
         p.requires_grad_(False)
-    for name in manifest["adapters"]:
-        for p in model.get_submodule(name).trainable_parameters():
-            p.requires_grad_(True)
     return model
 
 
@@ -166,17 +147,19 @@ def _replace(model: nn.Module, path: Path, name: str, make) -> None:
     except AttributeError:
         raise SlimtuneError(f"{path / MANIFEST}: module {name!r} is not in the model of config.json; "
                             "the manifest does not match the model") from None
+    try:
+        new = make(old)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SlimtuneError(f"{path / MANIFEST}: module {name!r}: {e}; the manifest does not match the model "
+                            "(re-create the checkpoint with `slimtune quantize`)") from None
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, make(old))
+    setattr(model.get_submodule(parent), child, new)
 
 
 @torch.no_grad()
 def dequantize_to_dense(model: nn.Module) -> None:
     """In place: every adapter becomes an nn.Linear with W = dequant(base) + delta (merged), and every
     remaining quantized linear an nn.Linear with its dequantized weight (fp32)."""
-    from slimtune.adapters import adapter_modules
-    from slimtune.quant import dequantize_weight, is_quantized_linear
-
     def dense(name: str, weight: torch.Tensor, bias) -> None:
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
         lin.weight.copy_(weight)

@@ -1,23 +1,56 @@
-"""Which implementation a kernel op runs: the Triton kernel or its torch reference."""
+"""Which implementation a kernel op runs: the Triton kernel or its torch reference.
+
+The backend is process state, set once at start-up from `train.kernels` (`configure`), with the
+environment variable SLIMTUNE_KERNELS as an override; nothing reads the environment per call. Code that
+never calls `configure` (a library user, a test) gets SLIMTUNE_KERNELS or "auto" on first use.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton")
+from slimtune.config import KERNEL_BACKENDS as BACKENDS
+from slimtune.errors import ConfigError
+
+ENV = "SLIMTUNE_KERNELS"
+_backend: str | None = None  # None: not configured yet
 
 
-def kernel_backend() -> str:
-    """SLIMTUNE_KERNELS: auto (default) | reference | triton."""
-    value = os.environ.get("SLIMTUNE_KERNELS", "auto").strip().lower() or "auto"
+def _from_env(default: str) -> str:
+    value = os.environ.get(ENV, "").strip().lower()
+    if not value:
+        return default
     if value not in BACKENDS:
-        raise ValueError(f"SLIMTUNE_KERNELS={value!r}: use one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"{ENV}={os.environ[ENV]!r} is not one of: {', '.join(BACKENDS)}; fix or unset the "
+                          "environment variable (train.kernels selects the backend too)")
     return value
 
 
+def configure(requested: str = "auto", device: torch.device | None = None) -> str:
+    """Set the backend for this process: SLIMTUNE_KERNELS if set (validated: ConfigError), else `requested`
+    (train.kernels). Warns about a leftover TRITON_INTERPRET=1 on a real run (CUDA, or CPU with auto)."""
+    global _backend
+    _backend = _from_env(requested)
+    if interpreting() and (device is None or device.type == "cuda" or _backend == "auto"):
+        warnings.warn("TRITON_INTERPRET=1 is set: Triton kernels run in the (very slow) interpreter; unset it "
+                      "unless you are testing kernels", stacklevel=2)
+    return _backend
+
+
+def kernel_backend() -> str:
+    """auto | reference | triton (configure() or SLIMTUNE_KERNELS on first use; default auto)."""
+    global _backend
+    if _backend is None:
+        _backend = _from_env("auto")
+    return _backend
+
+
+@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     try:
         return importlib.util.find_spec("triton") is not None
@@ -33,7 +66,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     """True when the Triton kernel should run on these tensors.
 
     auto: CUDA tensors and triton installed (or CPU tensors under TRITON_INTERPRET=1).
-    triton: always (raises if triton is missing, or the tensors are on CPU without the interpreter).
+    triton: always (ConfigError if triton is missing, or the tensors are on CPU without the interpreter).
     reference: never."""
     backend = kernel_backend()
     if backend == "reference":
@@ -41,9 +74,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError("SLIMTUNE_KERNELS=triton but triton is not installed (pip install triton)")
+            raise ConfigError("train.kernels=triton (or SLIMTUNE_KERNELS=triton) but triton is not installed: "
+                              "pip install triton, or use train.kernels=auto")
         if not on_cuda and not interpreting():
-            raise RuntimeError("SLIMTUNE_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1")
+            raise ConfigError("train.kernels=triton on CPU tensors needs TRITON_INTERPRET=1 (the interpreter); "
+                              "use train.kernels=auto on CPU")
         return True
     return triton_available() and (on_cuda or interpreting())
 

@@ -86,16 +86,22 @@ def fp8_matmul(
 
 
 def _check_inputs(a_fp8, a_scale, b_fp8, b_scale, out_dtype) -> None:
+    """Shapes and dtypes only (ValueError; nothing reads device memory, so nothing waits for the GPU)."""
     fp8 = tuple(FP8_DTYPES.values())
-    assert a_fp8.dtype in fp8 and b_fp8.dtype in fp8, f"fp8 inputs expected, got {a_fp8.dtype} and {b_fp8.dtype}"
-    assert a_fp8.dim() == 2 and b_fp8.dim() == 2, f"a (M, K) and b (N, K) expected, got {a_fp8.shape}, {b_fp8.shape}"
-    assert a_fp8.shape[1] == b_fp8.shape[1], f"K mismatch: a {tuple(a_fp8.shape)}, b {tuple(b_fp8.shape)}"
+    if a_fp8.dtype not in fp8 or b_fp8.dtype not in fp8:
+        raise ValueError(f"fp8_matmul: fp8 inputs expected, got {a_fp8.dtype} and {b_fp8.dtype}")
+    if a_fp8.dim() != 2 or b_fp8.dim() != 2:
+        raise ValueError(f"fp8_matmul: a (M, K) and b (N, K) expected, got {tuple(a_fp8.shape)}, {tuple(b_fp8.shape)}")
+    if a_fp8.shape[1] != b_fp8.shape[1]:
+        raise ValueError(f"fp8_matmul: K mismatch: a {tuple(a_fp8.shape)}, b {tuple(b_fp8.shape)}")
     for name, scale, rows in (("a_scale", a_scale, a_fp8.shape[0]), ("b_scale", b_scale, b_fp8.shape[0])):
-        assert scale.dtype == torch.float32, f"{name} must be float32, got {scale.dtype}"
-        assert scale.numel() == 1 or tuple(scale.shape) == (rows, 1), (
-            f"{name} must be per-tensor (one value) or per-row ({rows}, 1), got {tuple(scale.shape)}"
-        )
-    assert out_dtype in OUT_DTYPES, f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}"
+        if scale.dtype != torch.float32:
+            raise ValueError(f"fp8_matmul: {name} must be float32, got {scale.dtype}")
+        if scale.numel() != 1 and tuple(scale.shape) != (rows, 1):
+            raise ValueError(f"fp8_matmul: {name} must be per-tensor (one value) or per-row ({rows}, 1), "
+                             f"got {tuple(scale.shape)}")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"fp8_matmul: out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
 
 
 def native_fp8(device: torch.device) -> bool:

@@ -72,7 +72,8 @@ def hadamard_transform(x: torch.Tensor, block: int) -> torch.Tensor:
 def hadamard_transform_triton(x: torch.Tensor, block: int) -> torch.Tensor:
     """Launch the fast Walsh-Hadamard kernel; x fp32/bf16/fp16 (..., D), computed in fp32."""
     _check_block(block, x.shape[-1])
-    assert x.dtype in (torch.float32, torch.bfloat16, torch.float16), f"float input expected, got {x.dtype}"
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"hadamard_transform: float32/bfloat16/float16 input expected, got {x.dtype}")
     x = x.contiguous()
     out = torch.empty_like(x)
     n_segments = x.numel() // block

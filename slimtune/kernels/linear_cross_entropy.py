@@ -1,9 +1,10 @@
-"""Cross-entropy of logits = h W^T (+ b) without materialising the (N, V) logits (Cut Cross-Entropy,
-Wijmans et al. 2024).
+"""Cross-entropy of logits = T(h W^T + b) without materialising the (N, V) logits (Cut Cross-Entropy,
+Wijmans et al. 2024). T is a model family's logit transform: z -> softcap * tanh(scale * z / softcap)
+(Gemma-2's final_logit_softcapping), or z -> scale * z (Cohere's logit_scale, Granite's 1 / logits_scaling).
 
 Memory: the naive loss keeps logits, softmax and its gradient, 3 x N x V x 4 bytes (N = 8192 tokens,
-V = 128256: 12 GB). The chunked torch reference (slimtune.trainer.loss.ChunkedLinearCE) keeps one
-(chunk, V) fp32 block. The Triton path keeps none: logits live only as (BLOCK_M, BLOCK_V) register tiles.
+V = 128256: 12 GB). The chunked torch reference (ChunkedLinearCE below) keeps one (chunk, V) fp32 block,
+and computes dh and dW during the forward pass (Liger-Kernel's trick), so backward is a multiply. The Triton path keeps none: logits live only as (BLOCK_M, BLOCK_V) register tiles.
   * forward, one program per (BLOCK_M rows, vocab slice): stream over the slice's vocab tiles, each tile's
     logits computed by a loop over H; keep a running max and rescaled sum of exponentials (online
     log-sum-exp) and pick out the target logit. The few slices' (splits, N) partial LSEs are combined in
@@ -14,6 +15,8 @@ V = 128256: 12 GB). The chunked torch reference (slimtune.trainer.loss.ChunkedLi
     (N * H * V / BLOCK_V of them for dh: the price of never holding a (BLOCK_M, H) accumulator).
     Extra memory is the fp32 gradient accumulators only: N x H + V x H (+ V) values.
 Compute: forward 2NVH flops, backward 6NVH (logits recomputed once).
+Input checks raise ValueError (never assert: `python -O` drops asserts) and read shapes only, so they
+never wait for the GPU; the target range is checked on CPU tensors only (a CUDA check would sync).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import torch
 
 from slimtune.kernels.dispatch import dot_precision, interpreting, tile_size, triton_available, use_triton
-from slimtune.trainer.loss import ChunkedLinearCE
 
 if triton_available():
     import triton
@@ -38,10 +40,11 @@ REDUCTIONS = ("sum", "mean")
 if triton_available():
 
     @triton.jit
-    def _logits_tile(h_ptr, w_ptr, b_ptr, rm, rv, N, V, H, stride_h, stride_w, HAS_BIAS: tl.constexpr,
+    def _logits_tile(h_ptr, w_ptr, b_ptr, rm, rv, N, V, H, stride_h, stride_w, scale, softcap,
+                     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                      BLOCK_H: tl.constexpr):
-        """fp32 (BLOCK_M, BLOCK_V) logits h[rm] @ W[rv]^T (+ b[rv]); columns v >= V are -inf."""
+        """fp32 (BLOCK_M, BLOCK_V) logits T(h[rm] @ W[rv]^T (+ b[rv])); columns v >= V are -inf."""
         acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_H):
             rk = k0 + tl.arange(0, BLOCK_H)
@@ -55,11 +58,14 @@ if triton_available():
                 acc = tl.dot(h, tl.trans(w.to(h.dtype)), acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rv, mask=rv < V, other=0.0).to(tl.float32)[None, :]
+        acc = acc * scale
+        if SOFTCAP:  # softcap * tanh(acc / softcap), tanh(u) = 1 - 2 / (exp(2u) + 1): saturates, never nan
+            acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
         return tl.where(rv[None, :] < V, acc, float("-inf"))
 
     @triton.jit
     def _lce_forward_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, target_ptr, N, V, H, stride_h, stride_w,
-                            tiles_per_split, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                            tiles_per_split, scale, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
         """Program (row tile, split s) over its vocab slice: lse[s, row] = logsumexp(logits[row, slice]) and
         target[s, row] = logits[row, y] if y falls in the slice else 0. lse/target are fp32 (splits, N)."""
@@ -72,8 +78,8 @@ if triton_available():
         v_start = split * tiles_per_split * BLOCK_V
         for v0 in range(v_start, tl.minimum(V, v_start + tiles_per_split * BLOCK_V), BLOCK_V):
             rv = v0 + tl.arange(0, BLOCK_V)
-            logits = _logits_tile(h_ptr, w_ptr, b_ptr, rm, rv, N, V, H, stride_h, stride_w, HAS_BIAS, UPCAST,
-                                  PRECISION, BLOCK_M, BLOCK_V, BLOCK_H)
+            logits = _logits_tile(h_ptr, w_ptr, b_ptr, rm, rv, N, V, H, stride_h, stride_w, scale, softcap,
+                                  HAS_BIAS, SOFTCAP, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_H)
             new_max = tl.maximum(run_max, tl.max(logits, axis=1))  # finite: every tile has a column v < V
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
             run_max = new_max
@@ -83,8 +89,8 @@ if triton_available():
 
     @triton.jit
     def _lce_backward_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, grad_ptr, dh_ptr, dw_ptr, db_ptr,
-                             N, V, H, stride_h, stride_w, ignore_index,
-                             HAS_BIAS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
+                             N, V, H, stride_h, stride_w, ignore_index, scale, softcap,
+                             HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
                              NEED_DB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
         """dh += dlogits @ W, dW += dlogits^T @ h, db += sum_rows dlogits for one (rows, vocab) tile (fp32 atomics).
@@ -95,10 +101,16 @@ if triton_available():
         y = tl.load(y_ptr + rm, mask=rm < N, other=ignore_index)
         lse = tl.load(lse_ptr + rm, mask=rm < N, other=0.0)
         row_grad = tl.where((rm < N) & (y != ignore_index), tl.load(grad_ptr), 0.0)
-        logits = _logits_tile(h_ptr, w_ptr, b_ptr, rm, rv, N, V, H, stride_h, stride_w, HAS_BIAS, UPCAST,
-                              PRECISION, BLOCK_M, BLOCK_V, BLOCK_H)
+        logits = _logits_tile(h_ptr, w_ptr, b_ptr, rm, rv, N, V, H, stride_h, stride_w, scale, softcap,
+                              HAS_BIAS, SOFTCAP, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_H)
         probs = tl.exp(logits - lse[:, None])  # softmax; 0 in the padding columns (logits = -inf)
         dlogits = (probs - tl.where(rv[None, :] == y[:, None], 1.0, 0.0)) * row_grad[:, None]
+        # chain rule through T: d softcap*tanh(s z / softcap) / dz = s (1 - (logit / softcap)^2); d s z / dz = s
+        if SOFTCAP:
+            t = logits / softcap
+            dlogits = tl.where(rv[None, :] < V, dlogits * (scale * (1.0 - t * t)), 0.0)
+        else:
+            dlogits = dlogits * scale
         if NEED_DB:
             tl.atomic_add(db_ptr + rv, tl.sum(dlogits, axis=0), mask=rv < V)
         if UPCAST:
@@ -127,8 +139,6 @@ if triton_available():
                               mask=(rv[:, None] < V) & (rk[None, :] < H))
 
 
-
-
 def _vocab_splits(row_tiles: int, vocab_tiles: int, device: torch.device) -> tuple[int, int]:
     """(vocab tiles per forward program, number of vocab slices): enough programs for ~4 per SM when the rows
     alone are too few (N = 8192 rows in tiles of 64 is 128 programs: one per H100 SM). 2 slices on CPU, so that
@@ -147,22 +157,92 @@ def _launch_args(h: torch.Tensor, weight: torch.Tensor) -> dict:
             "num_stages": NUM_STAGES.get(h.dtype, 3)}
 
 
-def _check(h, weight, bias, targets, ignore_index, reduction) -> None:
+def _check(h, weight, bias, targets, ignore_index, reduction, scale, softcap) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction={reduction!r}, use one of {REDUCTIONS}")
-    assert h.dim() == 2 and weight.dim() == 2 and h.shape[1] == weight.shape[1], \
-        f"linear_cross_entropy: h (N, H) and weight (V, H), got {tuple(h.shape)} and {tuple(weight.shape)}"
-    assert targets.shape == (h.shape[0],), f"targets must be ({h.shape[0]},), got {tuple(targets.shape)}"
-    assert bias is None or bias.shape == (weight.shape[0],), f"bias must be ({weight.shape[0]},)"
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
-    assert not bool(bad.any()), f"targets out of range [0, {weight.shape[0]}) (ignore_index={ignore_index})"
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: h (N, H) and weight (V, H), got {tuple(h.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if tuple(targets.shape) != (h.shape[0],):
+        raise ValueError(f"linear_cross_entropy: targets must be ({h.shape[0]},), got {tuple(targets.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"linear_cross_entropy: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if not scale > 0 or (softcap is not None and not softcap > 0):
+        raise ValueError(f"linear_cross_entropy: scale={scale} and softcap={softcap} must be > 0")
+    if not targets.is_cuda:  # free on CPU; on CUDA this check would wait for the GPU on every call
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"linear_cross_entropy: targets out of range [0, {weight.shape[0]}) "
+                             f"(ignore_index={ignore_index})")
+
+
+class ChunkedLinearCE(torch.autograd.Function):
+    """sum_i CE(T(h_i W^T + b), y_i) over rows, `chunk` rows at a time, computing in `dtype` with fp32
+    logits. h: (N, H), W: (V, H), b: (V,) or None, y: (N,) (no ignored rows) -> 0-d fp32.
+
+    The gradients wrt h, W and b are formed chunk by chunk during forward; backward only scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, chunk: int, dtype: torch.dtype, scale: float = 1.0,
+                softcap: float | None = None):
+        need_w = weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        w = weight.to(dtype)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], chunk):
+                hc, yc = h[s : s + chunk].to(dtype), y[s : s + chunk]
+                logits = (hc @ w.T).float()
+                if bias is not None:
+                    logits += bias.float()
+                if scale != 1.0:
+                    logits.mul_(scale)
+                if softcap is not None:  # keep tanh (the chain-rule factor is 1 - tanh^2)
+                    tanh = logits.div_(softcap).tanh_()
+                    logits = tanh * softcap
+                # log-sum-exp and softmax in place in the (chunk, V) fp32 buffer
+                target = logits.gather(1, yc[:, None]).squeeze(1)
+                top = logits.amax(dim=-1)
+                probs = logits.sub_(top[:, None]).exp_()
+                sumexp = probs.sum(dim=-1)
+                total += (top + sumexp.log() - target).sum()
+                # d(sum CE)/d logits = softmax - onehot, then through T
+                dlogits = probs.div_(sumexp[:, None])
+                dlogits[rows[: len(yc)], yc] -= 1.0
+                if softcap is not None:
+                    dlogits.mul_(tanh.square_().neg_().add_(1.0))
+                if scale != 1.0:
+                    dlogits.mul_(scale)
+                grad_h[s : s + chunk] = (dlogits.to(dtype) @ w).to(h.dtype)
+                if need_w:
+                    grad_w += dlogits.T @ hc.float()
+                if need_b:
+                    grad_b += dlogits.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype)
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        gb = (grad_b * grad_out).to(ctx.weight_dtype) if grad_b is not None else None
+        return gh, gw, gb, None, None, None, None, None
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """apply(h, weight, bias, targets, ignore_index, reduction) -> 0-d fp32 loss, Triton forward/backward."""
+    """apply(h, weight, bias, targets, ignore_index, reduction, scale, softcap) -> 0-d fp32 loss, Triton
+    forward/backward."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, ignore_index: int, reduction: str):
+    def forward(ctx, h, weight, bias, targets, ignore_index: int, reduction: str, scale: float = 1.0,
+                softcap: float | None = None):
         h, weight = h.contiguous(), weight.contiguous()
         bias = bias.contiguous() if bias is not None else None
         targets = targets.contiguous()
@@ -174,7 +254,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         target_part = torch.empty((splits, n), dtype=torch.float32, device=h.device)
         _lce_forward_kernel[(row_tiles, splits)](
             h, weight, bias if bias is not None else lse_part, targets, lse_part, target_part, n, weight.shape[0],
-            hidden, h.stride(0), weight.stride(0), per_split, HAS_BIAS=bias is not None, **args)
+            hidden, h.stride(0), weight.stride(0), per_split, float(scale), float(softcap or 1.0),
+            HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, **args)
         lse = torch.logsumexp(lse_part, dim=0)  # (N,): combine the vocab slices
         valid = targets != ignore_index
         loss = torch.where(valid, lse - target_part.sum(0), 0.0).sum()
@@ -182,7 +263,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if reduction == "mean":
             loss = loss / n_valid  # nan when every row is ignored, like F.cross_entropy
         ctx.save_for_backward(h, weight, bias, targets, lse, n_valid)
-        ctx.ignore_index, ctx.reduction = ignore_index, reduction
+        ctx.ignore_index, ctx.reduction, ctx.scale, ctx.softcap = ignore_index, reduction, scale, softcap
         return loss
 
     @staticmethod
@@ -203,32 +284,38 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         _lce_backward_kernel[grid](
             h, weight, bias if bias is not None else dummy, targets, lse, row_grad,
             dh if need_dh else dummy, dw if need_dw else dummy, db if need_db else dummy,
-            n, vocab, hidden, h.stride(0), weight.stride(0), ctx.ignore_index,
-            HAS_BIAS=bias is not None, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db, **args)
+            n, vocab, hidden, h.stride(0), weight.stride(0), ctx.ignore_index, float(ctx.scale),
+            float(ctx.softcap or 1.0), HAS_BIAS=bias is not None, SOFTCAP=ctx.softcap is not None, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db, **args)
         return (dh.to(h.dtype) if need_dh else None, dw.to(weight.dtype) if need_dw else None,
-                db.to(bias.dtype) if need_db else None, None, None, None)
+                db.to(bias.dtype) if need_db else None, None, None, None, None, None)
 
 
 def linear_cross_entropy_reference(h, weight, targets, bias=None, ignore_index: int = -100,
-                                   reduction: str = "sum") -> torch.Tensor:
-    """Chunked torch path: ignored rows dropped, then ChunkedLinearCE (one (chunk, V) fp32 block at a time)."""
+                                   reduction: str = "sum", scale: float = 1.0, softcap: float | None = None,
+                                   chunk: int | None = None) -> torch.Tensor:
+    """Chunked torch path: ignored rows dropped, then ChunkedLinearCE (one (chunk, V) fp32 block at a time;
+    default chunk: REFERENCE_CHUNK_BYTES of logits). Computes in h's dtype (the autocast dtype if enabled)."""
     keep = targets != ignore_index
     n_valid = keep.sum()
     if not bool(n_valid):
         zero = h.sum() * 0.0 + weight.sum() * 0.0 + (bias.sum() * 0.0 if bias is not None else 0.0)
         return zero.float() / 0.0 if reduction == "mean" else zero.float()
-    chunk = max(1, REFERENCE_CHUNK_BYTES // (4 * weight.shape[0]))
-    loss = ChunkedLinearCE.apply(h[keep], weight, bias, targets[keep], chunk, h.dtype)
+    chunk = chunk or max(1, REFERENCE_CHUNK_BYTES // (4 * weight.shape[0]))
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    loss = ChunkedLinearCE.apply(h[keep], weight, bias, targets[keep], chunk, dtype, scale, softcap)
     return loss / n_valid if reduction == "mean" else loss
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: torch.Tensor | None = None, ignore_index: int = -100,
-                         reduction: str = "sum") -> torch.Tensor:
-    """CE(h W^T + b, targets) without the (N, V) logits. h (N, H), weight (V, H), targets (N,) int,
+                         reduction: str = "sum", scale: float = 1.0, softcap: float | None = None,
+                         chunk: int | None = None) -> torch.Tensor:
+    """CE(T(h W^T + b), targets) without the (N, V) logits. h (N, H), weight (V, H), targets (N,) int,
     bias (V,) or None -> 0-d fp32: the sum over non-ignored rows, or their mean (reduction="mean").
-    Differentiable wrt h, weight and bias."""
-    _check(h, weight, bias, targets, ignore_index, reduction)
+    T(z) = softcap * tanh(scale * z / softcap), or scale * z when softcap is None. Differentiable wrt h,
+    weight and bias. `chunk`: rows per block of the torch reference (ignored by the kernel)."""
+    _check(h, weight, bias, targets, ignore_index, reduction, scale, softcap)
     if use_triton(h, weight):
-        return LinearCrossEntropyFunction.apply(h, weight, bias, targets, ignore_index, reduction)
-    return linear_cross_entropy_reference(h, weight, targets, bias, ignore_index, reduction)
+        return LinearCrossEntropyFunction.apply(h, weight, bias, targets, ignore_index, reduction, scale, softcap)
+    return linear_cross_entropy_reference(h, weight, targets, bias, ignore_index, reduction, scale, softcap, chunk)

@@ -1,4 +1,5 @@
-"""y = x W^T (+ b) with W stored as NF4 (slimtune.quant.nf4.NF4Weight), dequantized tile by tile in registers.
+"""y = x W^T (+ b) with W stored as NF4 (NF4Operand: plain tensors, e.g. from quant.nf4.NF4Weight.operand()),
+dequantized tile by tile in registers.
 
 The torch reference dequantizes the whole weight to x.dtype first (a full (N, K) temporary, 4x the NF4
 bytes in bf16); the Triton kernel reads only the packed codes (0.5 byte/value) and the block scales, so
@@ -15,12 +16,12 @@ second kernel) and to the bias; the frozen NF4 weight gets none.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from slimtune.kernels.dispatch import dot_precision, interpreting, tile_size, triton_available, use_triton
-from slimtune.quant.nf4 import NF4_CODEBOOK, NF4Weight
-from slimtune.quant.scales import DQ_BLOCK
 
 if triton_available():
     import triton
@@ -30,13 +31,6 @@ if triton_available():
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64
 NUM_WARPS = 8
 NUM_STAGES = {torch.float32: 2}  # pipeline depth; fp32 tiles need twice the shared memory (default 3)
-
-_CODEBOOK_CACHE: dict[torch.device, torch.Tensor] = {}
-
-
-def nf4_matmul_reference(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K), weight NF4 of shape (N, K), bias (N,) or None -> (..., N) in x.dtype."""
-    return F.linear(x, weight.dequantize(x.dtype), bias)
 
 
 if triton_available():
@@ -114,15 +108,45 @@ if triton_available():
                  mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
+class NF4Operand(NamedTuple):
+    """A packed NF4 weight as plain tensors (the kernel knows no quant class). W (n, k), flattened row-major
+    in blocks of `block_size`: codes uint8 (n*k/2,) (first value of a pair in the high nibble), codebook fp32
+    (16,), and per block either absmax fp32 (nb,) or double-quantized absmax_q int8 (nb,) with
+    absmax_scale fp32 (ceil(nb/dq_block),) and absmax_offset fp32 (1,): absmax = q * scale / 127 + offset."""
+
+    codes: torch.Tensor
+    codebook: torch.Tensor
+    shape: tuple
+    block_size: int
+    absmax: torch.Tensor | None = None
+    absmax_q: torch.Tensor | None = None
+    absmax_scale: torch.Tensor | None = None
+    absmax_offset: torch.Tensor | None = None
+    dq_block: int = 256
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax_q is not None
 
 
-def _codebook(device: torch.device) -> torch.Tensor:
-    if device not in _CODEBOOK_CACHE:
-        _CODEBOOK_CACHE[device] = NF4_CODEBOOK.to(device)
-    return _CODEBOOK_CACHE[device]
+def dequantize_reference(w: NF4Operand, dtype: torch.dtype) -> torch.Tensor:
+    """(n, k) tensor of `dtype`: codebook[code] * absmax of the value's block, in fp32 then cast."""
+    codes = torch.stack([w.codes >> 4, w.codes & 15], dim=1).reshape(-1).long()
+    if w.double_quant:
+        scale = w.absmax_scale.float().repeat_interleave(w.dq_block)[: w.absmax_q.numel()]
+        absmax = w.absmax_q.float() * (scale / 127) + w.absmax_offset.float()
+    else:
+        absmax = w.absmax.float()
+    vals = w.codebook.float()[codes].view(-1, w.block_size) * absmax[:, None]
+    return vals.view(w.shape).to(dtype)
 
 
-def _scale_args(weight: NF4Weight) -> tuple:
+def nf4_matmul_reference(x: torch.Tensor, weight: NF4Operand, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K), weight NF4 of shape (N, K), bias (N,) or None -> (..., N) in x.dtype; W dequantized whole."""
+    return F.linear(x, dequantize_reference(weight, x.dtype), bias)
+
+
+def _scale_args(weight: NF4Operand) -> tuple:
     """(absmax, absmax_q, absmax_scale, absmax_offset); unused slots get a valid dummy pointer."""
     if weight.double_quant:
         return weight.absmax_q, weight.absmax_q, weight.absmax_scale.float(), weight.absmax_offset.float()
@@ -130,17 +154,24 @@ def _scale_args(weight: NF4Weight) -> tuple:
     return absmax, absmax, absmax, absmax
 
 
-def _check(x: torch.Tensor, weight: NF4Weight) -> tuple[int, int]:
-    assert len(weight.shape) == 2, f"nf4_matmul needs a 2-d NF4 weight, got shape {tuple(weight.shape)}"
+def _check(x: torch.Tensor, weight: NF4Operand) -> tuple[int, int]:
+    """Shape and dtype checks only (no device read: nothing waits for the GPU)."""
+    if len(weight.shape) != 2:
+        raise ValueError(f"nf4_matmul needs a 2-d NF4 weight, got shape {tuple(weight.shape)}")
     n, k = weight.shape
-    assert x.shape[-1] == k, f"nf4_matmul: x has {x.shape[-1]} features, weight shape is {(n, k)}"
-    assert k % 2 == 0, f"nf4_matmul kernel needs an even in_features (two codes per byte), got K={k}"
-    assert weight.block_size % 2 == 0, f"NF4 block_size must be even, got {weight.block_size}"
-    assert weight.codes.dtype == torch.uint8 and weight.codes.is_contiguous(), "NF4 codes must be contiguous uint8"
+    if x.shape[-1] != k:
+        raise ValueError(f"nf4_matmul: x has {x.shape[-1]} features, weight shape is {(n, k)}")
+    if k % 2:
+        raise ValueError(f"nf4_matmul kernel needs an even in_features (two codes per byte), got K={k}")
+    if weight.block_size % 2:
+        raise ValueError(f"nf4_matmul: NF4 block_size must be even, got {weight.block_size}")
+    if weight.codes.dtype != torch.uint8 or not weight.codes.is_contiguous() or weight.codes.numel() * 2 != n * k:
+        raise ValueError(f"nf4_matmul: codes must be contiguous uint8 of {n * k // 2} bytes, got "
+                         f"{weight.codes.dtype} {tuple(weight.codes.shape)}")
     return n, k
 
 
-def nf4_matmul_forward(x2: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+def nf4_matmul_forward(x2: torch.Tensor, weight: NF4Operand, bias: torch.Tensor | None) -> torch.Tensor:
     """x2 (M, K) contiguous -> (M, N) in x2.dtype."""
     (n, k), m = weight.shape, x2.shape[0]
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
@@ -149,15 +180,15 @@ def nf4_matmul_forward(x2: torch.Tensor, weight: NF4Weight, bias: torch.Tensor |
     bm, bn, bk = tile_size(m, BLOCK_M), tile_size(n, BLOCK_N), tile_size(k, BLOCK_K)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _nf4_matmul_kernel[grid](
-        x2, weight.codes, *_scale_args(weight), _codebook(x2.device), bias if bias is not None else y, y,
+        x2, weight.codes, *_scale_args(weight), weight.codebook, bias if bias is not None else y, y,
         m, n, k, x2.stride(0), y.stride(0), QBLOCK=weight.block_size,
-        HAS_BIAS=bias is not None, DOUBLE_QUANT=weight.double_quant, DQ=DQ_BLOCK,
+        HAS_BIAS=bias is not None, DOUBLE_QUANT=weight.double_quant, DQ=weight.dq_block,
         UPCAST=interpreting() and x2.dtype != torch.float32, PRECISION=dot_precision(x2.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS, num_stages=NUM_STAGES.get(x2.dtype, 3))
     return y
 
 
-def nf4_matmul_backward(g2: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+def nf4_matmul_backward(g2: torch.Tensor, weight: NF4Operand) -> torch.Tensor:
     """g2 (M, N) contiguous grad of y -> dx (M, K) = g2 @ W in g2.dtype."""
     (n, k), m = weight.shape, g2.shape[0]
     dx = torch.empty((m, k), dtype=g2.dtype, device=g2.device)
@@ -167,9 +198,9 @@ def nf4_matmul_backward(g2: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
     bm, bn, bk = tile_size(m, BLOCK_M), tile_size(n, BLOCK_K), tile_size(k, BLOCK_N)
     grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
     _nf4_matmul_t_kernel[grid](
-        g2, weight.codes, *_scale_args(weight), _codebook(g2.device), dx,
+        g2, weight.codes, *_scale_args(weight), weight.codebook, dx,
         m, n, k, g2.stride(0), dx.stride(0), QBLOCK=weight.block_size,
-        DOUBLE_QUANT=weight.double_quant, DQ=DQ_BLOCK,
+        DOUBLE_QUANT=weight.double_quant, DQ=weight.dq_block,
         UPCAST=interpreting() and g2.dtype != torch.float32, PRECISION=dot_precision(g2.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS, num_stages=NUM_STAGES.get(g2.dtype, 3))
     return dx
@@ -179,7 +210,7 @@ class NF4MatmulFunction(torch.autograd.Function):
     """NF4MatmulFunction.apply(x, weight, bias): Triton y = x W^T + b with grads for x and bias (W is frozen)."""
 
     @staticmethod
-    def forward(ctx, x, weight: NF4Weight, bias):
+    def forward(ctx, x, weight: NF4Operand, bias):
         n, k = _check(x, weight)
         x2 = x.reshape(-1, k).contiguous()
         ctx.weight, ctx.bias_dtype = weight, None if bias is None else bias.dtype
@@ -196,7 +227,7 @@ class NF4MatmulFunction(torch.autograd.Function):
         return dx, None, db
 
 
-def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def nf4_matmul(x: torch.Tensor, weight: NF4Operand, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K), weight NF4 of shape (N, K), bias (N,) or None -> (..., N) in x.dtype.
 
     Triton kernel (W dequantized in registers) when use_triton(x, codes), else nf4_matmul_reference."""

@@ -14,9 +14,8 @@ import importlib
 import torch
 
 from slimtune.errors import SlimtuneError
-from slimtune.registry import Registry
+from slimtune.registry import OPTIMIZERS  # name -> builder (cfg, params, lr) -> Optimizer
 
-OPTIMIZERS = Registry("optim.name")  # name -> builder (cfg, params, lr) -> Optimizer
 register = OPTIMIZERS.register
 
 

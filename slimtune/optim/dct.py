@@ -13,13 +13,14 @@ one matmul (m * n * n) and a top-k instead of an SVD.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from slimtune.optim.projected import ProjectedAdamW
 
-_DCT_CACHE: dict[tuple[int, str], torch.Tensor] = {}  # (n, device) -> D (n, n) fp32, shared by all params
+DCT_CACHE_SIZE = 8  # distinct (n, device) kept: a model has a few matrix sides; D of n=8192 is 256 MB
 
 
 def dct_matrix(n: int, device=None) -> torch.Tensor:
@@ -27,16 +28,17 @@ def dct_matrix(n: int, device=None) -> torch.Tensor:
 
         D[k, j] = sqrt(2/n) * c_k * cos(pi * (2j + 1) * k / (2n)),  c_0 = 1/sqrt(2), c_k = 1 otherwise.
 
-    Cached per (n, device); callers must not modify it."""
-    device = torch.device(device if device is not None else "cpu")
-    key = (n, str(device))
-    if key not in _DCT_CACHE:
-        k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
-        j = torch.arange(n, dtype=torch.float64).unsqueeze(0)
-        d = math.sqrt(2.0 / n) * torch.cos(math.pi * (2 * j + 1) * k / (2 * n))
-        d[0] /= math.sqrt(2.0)
-        _DCT_CACHE[key] = d.to(device=device, dtype=torch.float32)
-    return _DCT_CACHE[key]
+    Cached per (n, device), least recently used first out beyond DCT_CACHE_SIZE; callers must not modify it."""
+    return _dct_matrix(n, str(torch.device(device if device is not None else "cpu")))
+
+
+@functools.lru_cache(maxsize=DCT_CACHE_SIZE)
+def _dct_matrix(n: int, device: str) -> torch.Tensor:
+    k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
+    j = torch.arange(n, dtype=torch.float64).unsqueeze(0)
+    d = math.sqrt(2.0 / n) * torch.cos(math.pi * (2 * j + 1) * k / (2 * n))
+    d[0] /= math.sqrt(2.0)
+    return d.to(device=device, dtype=torch.float32)
 
 
 def dct_indices(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:

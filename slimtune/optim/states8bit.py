@@ -32,6 +32,7 @@ block's largest sqrt(v)), so tiny v is over-estimated (smaller steps) instead. R
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -40,7 +41,6 @@ BLOCK = 256  # values per absmax
 SIGNED_CODES, SIGNED_POWER = 127, 3  # m: level[c] = (c / 127) ** 3
 UNSIGNED_CODES, UNSIGNED_POWER = 255, 6  # v: level[c] = (c / 255) ** 6
 _SUFFIXES = ("_q_int8", "_q_uint8", "_absmax")
-_TABLES: dict[tuple[bool, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def magnitude_levels(signed: bool, device="cpu") -> torch.Tensor:
@@ -49,15 +49,17 @@ def magnitude_levels(signed: bool, device="cpu") -> torch.Tensor:
 
 
 def _tables(signed: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(levels, midpoints between neighbouring levels) on `device`, cached."""
-    key = (signed, str(device))
-    if key not in _TABLES:
-        n, power = (SIGNED_CODES, SIGNED_POWER) if signed else (UNSIGNED_CODES, UNSIGNED_POWER)
-        levels = ((torch.arange(n + 1, dtype=torch.float64) / n) ** power).float()
-        lv = levels.double()
-        mids = ((lv[:-1] + lv[1:]) / 2).float()
-        _TABLES[key] = (levels.to(device), mids.to(device))
-    return _TABLES[key]
+    """(levels, midpoints between neighbouring levels) on `device`, cached (a few KB per device)."""
+    return _tables_on(signed, str(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _tables_on(signed: bool, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n, power = (SIGNED_CODES, SIGNED_POWER) if signed else (UNSIGNED_CODES, UNSIGNED_POWER)
+    levels = ((torch.arange(n + 1, dtype=torch.float64) / n) ** power).float()
+    lv = levels.double()
+    mids = ((lv[:-1] + lv[1:]) / 2).float()
+    return levels.to(device), mids.to(device)
 
 
 def num_blocks(numel: int) -> int:

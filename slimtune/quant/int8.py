@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from slimtune.quant.linear import FrozenQuantLinear, LinearDequant, check_packed_sizes, packed_nbytes
+from slimtune.quant.qformat import QuantFormat
+from slimtune.registry import QUANT_FORMATS
 
 
 def _check_layout(shape, block_size: int) -> int:
@@ -74,6 +76,7 @@ class LinearInt8(LinearDequant):
     """LinearDequant for an Int8Weight: LinearInt8.apply(x, int8_weight, bias)."""
 
 
+@QUANT_FORMATS.register("int8")
 class Int8Linear(FrozenQuantLinear):
     """Frozen block-wise INT8 linear. Buffers: codes int8 (out*in,), absmax fp32 (out*in/block_size,)."""
 
@@ -84,7 +87,19 @@ class Int8Linear(FrozenQuantLinear):
                  compute_dtype: torch.dtype | None = None, device=None):
         super().__init__()
         _check_layout((out_features, in_features), block_size)
+        self.fmt = QuantFormat("int", 8, block_size)
         self._init_common(in_features, out_features, bias, block_size, compute_dtype, device)
+
+    @classmethod
+    def make(cls, fmt, in_features, out_features, bias=False, compute_dtype=None, device=None) -> "Int8Linear":
+        if (fmt.kind, fmt.bits) != ("int", 8):  # its scales stay fp32: quant.double_quant does not apply
+            raise ValueError(f"Int8Linear stores int8 (symmetric), not {fmt.name}")
+        return cls(in_features, out_features, bias, fmt.block_size, compute_dtype, device)
+
+    @classmethod
+    def from_linear(cls, linear, block_size: int = 64, compute_dtype: torch.dtype | None = None) -> "Int8Linear":
+        """Quantize `linear`'s weight on its device; the bias is kept (frozen) in compute_dtype or its own."""
+        return cls.quantize_linear(linear, QuantFormat("int", 8, block_size), compute_dtype)
 
     def _quantize(self, w: torch.Tensor) -> Int8Weight:
         return quantize_int8(w, self.block_size)

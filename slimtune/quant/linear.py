@@ -1,8 +1,10 @@
-"""The frozen quantized linear shared by slimtune's formats (nf4.py, int8.py).
+"""The frozen quantized linear shared by slimtune's formats (nf4.py, int8.py, packed.py).
 
 A format subclass keeps its packed tensors as buffers (so `.to()`, `state_dict()`, DDP and
-safetensors work) and implements `_quantize(w)`, `_empty(device)` and `_packed()`, each returning a
-packed-weight holder with `.dequantize(dtype)` and `.tensors()`. `LinearDequant` dequantizes in forward
+safetensors work) and implements `make(fmt, ...)` (an empty module for a QuantFormat), `_quantize(w)`,
+`_empty(device)` and `_packed()`, each returning a packed-weight holder with `.dequantize(dtype)` and
+`.tensors()`. A format is one such file plus `QUANT_FORMATS.register(method)` on its class: quantizing a
+model, LoftQ / EoRA bases and the quantized checkpoints (`spec()` / `from_spec()`) all go through that. `LinearDequant` dequantizes in forward
 and again in backward instead of saving W: the dense weight lives only for one matmul, which is where
 QLoRA's memory saving comes from.
 """
@@ -60,6 +62,7 @@ class FrozenQuantLinear(nn.Module):
     """
 
     format = "?"
+    fmt = None  # the QuantFormat (kind, bits, block size, double quant) the subclass stores
     _function: type[torch.autograd.Function] = LinearDequant
 
     def _init_common(self, in_features, out_features, bias, block_size, compute_dtype, device) -> None:
@@ -72,15 +75,40 @@ class FrozenQuantLinear(nn.Module):
             if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, block_size: int = 64, compute_dtype: torch.dtype | None = None,
-                    **fmt_kwargs) -> "FrozenQuantLinear":
-        """Quantize `linear`'s weight on its device; the bias is kept (frozen) in compute_dtype or its own."""
-        m = cls(linear.in_features, linear.out_features, bias=False, block_size=block_size,
-                compute_dtype=compute_dtype, device=linear.weight.device, **fmt_kwargs)
+    def make(cls, fmt, in_features: int, out_features: int, bias: bool = False,
+             compute_dtype: torch.dtype | None = None, device=None) -> "FrozenQuantLinear":
+        """An empty (zero-code) module storing QuantFormat `fmt`; ValueError if the class cannot store it."""
+        raise NotImplementedError
+
+    @classmethod
+    def quantize_linear(cls, linear: nn.Linear, fmt, compute_dtype: torch.dtype | None = None) -> "FrozenQuantLinear":
+        """`linear` quantized to QuantFormat `fmt` on its device; its bias kept, frozen, in compute_dtype."""
+        m = cls.make(fmt, linear.in_features, linear.out_features, False, compute_dtype, linear.weight.device)
         m.requantize_(linear.weight)
-        if linear.bias is not None:
-            m.bias = nn.Parameter(linear.bias.detach().to(compute_dtype or linear.bias.dtype), requires_grad=False)
+        m.set_bias(linear.bias)
         return m
+
+    def set_bias(self, bias: torch.Tensor | None) -> None:
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().to(self.compute_dtype or bias.dtype), requires_grad=False)
+
+    def spec(self) -> dict:
+        """JSON description, enough for from_spec to rebuild the module empty (then load_state_dict)."""
+        return {"class": type(self).__name__, "format": self.fmt.name, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict, fmt, compute_dtype: torch.dtype | None) -> "FrozenQuantLinear":
+        """Inverse of spec() given the parsed QuantFormat of spec["format"]."""
+        return cls.make(fmt, spec["in_features"], spec["out_features"], spec["bias"], compute_dtype)
+
+    def quantize_weight(self, w: torch.Tensor):
+        """A packed-weight holder of `w` (out, in) in this module's format (the module is unchanged)."""
+        return self._quantize(w)
+
+    def set_weight(self, packed) -> None:
+        """Store a holder from quantize_weight (its tensors become the buffers, no copy)."""
+        self._set_packed(packed)
 
     def _set_packed(self, q) -> None:
         for name in [n for n in self._buffers]:

@@ -15,12 +15,17 @@ the scales (not the codes) differ from bnb's by up to half an int8 step.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimtune.kernels import nf4_matmul as nf4_kernel
+from slimtune.kernels.nf4_matmul import NF4Operand
+from slimtune.quant.qformat import QuantFormat
+from slimtune.registry import QUANT_FORMATS
 from slimtune.quant.linear import FrozenQuantLinear, LinearDequant, check_packed_sizes, packed_nbytes
 from slimtune.quant.scales import DQ_BLOCK, double_dequantize, double_quant_sizes, double_quantize
 
@@ -36,13 +41,12 @@ _MIDPOINTS = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2
 # byte -> (value of high nibble, value of low nibble): dequantization is one lookup per byte
 _PAIR_LUT = torch.stack([NF4_CODEBOOK[torch.arange(256) >> 4], NF4_CODEBOOK[torch.arange(256) & 15]], dim=1)
 
-_LUT_CACHE: dict[torch.device, torch.Tensor] = {}  # avoid a host->device copy of the LUT per forward
 
 
-def _pair_lut(device: torch.device) -> torch.Tensor:
-    if device not in _LUT_CACHE:
-        _LUT_CACHE[device] = _PAIR_LUT.to(device)
-    return _LUT_CACHE[device]
+@functools.lru_cache(maxsize=8)  # a few devices at most; bounded so a long-lived process cannot grow it
+def _on_device(table: str, device: torch.device) -> torch.Tensor:
+    """NF4_CODEBOOK or _PAIR_LUT on `device`, copied there once (not per forward)."""
+    return {"codebook": NF4_CODEBOOK, "pair_lut": _PAIR_LUT}[table].to(device)
 
 
 def _check_layout(shape, block_size: int) -> int:
@@ -93,9 +97,14 @@ class NF4Weight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """-> `shape` tensor of `dtype` (computed in fp32, then cast once)."""
         # int32 indices (not int64) and an in-place scale keep the transient memory near one fp32 copy
-        vals = F.embedding(self.codes.int(), _pair_lut(self.codes.device))  # (n/2, 2) fp32
+        vals = F.embedding(self.codes.int(), _on_device("pair_lut", self.codes.device))  # (n/2, 2) fp32
         w = vals.view(-1, self.block_size).mul_(self.block_absmax()[:, None])
         return w.view(self.shape).to(dtype)
+
+    def operand(self) -> NF4Operand:
+        """The same tensors (no copy) as the nf4_matmul kernel's plain-tensor operand."""
+        return NF4Operand(self.codes, _on_device("codebook", self.codes.device), tuple(self.shape), self.block_size,
+                          self.absmax, self.absmax_q, self.absmax_scale, self.absmax_offset, DQ_BLOCK)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by name (safetensors-ready; names match NF4Linear's buffers)."""
@@ -154,6 +163,7 @@ class LinearNF4(LinearDequant):
     get gradients. x: (..., in), nf4_weight: NF4Weight of shape (out, in), bias: (out,) or None."""
 
 
+@QUANT_FORMATS.register("nf4")
 class NF4Linear(FrozenQuantLinear):
     """Frozen NF4 linear (QLoRA's base layer). x: (..., in_features) -> (..., out_features) in x.dtype.
 
@@ -169,14 +179,20 @@ class NF4Linear(FrozenQuantLinear):
         super().__init__()
         _check_layout((out_features, in_features), block_size)
         self.double_quant = double_quant
+        self.fmt = QuantFormat("nf", 4, block_size, double_quant)
         self._init_common(in_features, out_features, bias, block_size, compute_dtype, device)
+
+    @classmethod
+    def make(cls, fmt, in_features, out_features, bias=False, compute_dtype=None, device=None) -> "NF4Linear":
+        if (fmt.kind, fmt.bits) != ("nf", 4):
+            raise ValueError(f"NF4Linear stores nf4, not {fmt.name}")
+        return cls(in_features, out_features, bias, fmt.block_size, fmt.double_quant, compute_dtype, device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_size: int = 64, double_quant: bool = True,
                     compute_dtype: torch.dtype | None = None) -> "NF4Linear":
         """Quantize `linear`'s weight on its device; the bias is kept (frozen) in compute_dtype or its own."""
-        return super().from_linear(linear, block_size=block_size, compute_dtype=compute_dtype,
-                                   double_quant=double_quant)
+        return cls.quantize_linear(linear, QuantFormat("nf", 4, block_size, double_quant), compute_dtype)
 
     def _quantize(self, w: torch.Tensor) -> NF4Weight:
         return quantize_nf4(w, self.block_size, self.double_quant)
@@ -192,10 +208,8 @@ class NF4Linear(FrozenQuantLinear):
     def _matmul(self, x: torch.Tensor, packed: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
         """On CUDA (or forced by SLIMTUNE_KERNELS) the Triton kernel dequantizes W tile by tile in
         registers, forward and backward; elsewhere LinearNF4 dequantizes W whole, per matmul."""
-        from slimtune.kernels import nf4_matmul as kernel  # lazy: the kernel module imports this one
-
-        if self.in_features % 2 == 0 and kernel.use_triton(x, packed.codes):  # the kernel reads code pairs
-            return kernel.NF4MatmulFunction.apply(x, packed, bias)
+        if self.in_features % 2 == 0 and nf4_kernel.use_triton(x, packed.codes):  # the kernel reads code pairs
+            return nf4_kernel.NF4MatmulFunction.apply(x, packed.operand(), bias)
         return super()._matmul(x, packed, bias)
 
     def extra_repr(self) -> str:

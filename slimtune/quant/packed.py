@@ -15,111 +15,23 @@ Storage per weight (blocks of 64): nf3 3.5 bits (3.127 with dq), int4a 5.0 (4.25
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from slimtune.quant.int8 import Int8Weight
-from slimtune.quant.intk import INT_BITS, dequantize_int_blocks, quantize_int_blocks
+from slimtune.registry import QUANT_FORMATS
+from slimtune.quant.intk import dequantize_int_blocks, quantize_int_blocks
 from slimtune.quant.linear import (
     FrozenQuantLinear,
     LinearDequant,
     check_packed_sizes,
     packed_nbytes,
 )
-from slimtune.quant.nf4 import NF4Weight
-from slimtune.quant.nfk import NF_BITS, dequantize_nf_blocks, quantize_nf_blocks
-from slimtune.quant.packing import pack_bits, packed_len, unpack_bits
-from slimtune.quant.scales import double_dequantize, double_quant_sizes, double_quantize
-
-KINDS = {"nf": NF_BITS, "int": INT_BITS, "int_asym": INT_BITS}  # kind -> valid bits
-_NAME_RE = re.compile(r"(nf|int)(\d+)(a?)(?:-b(\d+))?(-dq)?")
-_VALID_NAMES = ("nf2..nf8, int2..int8 (symmetric), int2a..int8a (asymmetric), optionally followed by "
-                "-b<block_size> and -dq, e.g. 'nf3', 'int4a-b128', 'nf3-b64-dq'")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-@dataclass(frozen=True)
-class QuantFormat:
-    """A packed format: kind "nf" | "int" | "int_asym", bits, block_size (> 0, must divide numel), and
-    whether the per-block fp32 vectors are double-quantized to int8."""
-
-    kind: str
-    bits: int
-    block_size: int = 64
-    double_quant: bool = False
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown QuantFormat kind {self.kind!r}; valid: {', '.join(KINDS)}")
-        valid = KINDS[self.kind]
-        if not _is_int(self.bits) or self.bits not in valid:
-            raise ValueError(f"{self.kind} bits must be in {valid.start}..{valid.stop - 1}, got {self.bits!r}")
-        if not _is_int(self.block_size) or self.block_size <= 0:
-            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
-        if not isinstance(self.double_quant, bool):
-            raise TypeError(f"double_quant must be a bool, got {self.double_quant!r}")
-
-    @property
-    def name(self) -> str:
-        """E.g. "nf3-b64", "int4a-b128-dq"; QuantFormat.parse(fmt.name) == fmt."""
-        prefix = "nf" if self.kind == "nf" else "int"
-        suffix = "a" if self.kind == "int_asym" else ""
-        return f"{prefix}{self.bits}{suffix}-b{self.block_size}" + ("-dq" if self.double_quant else "")
-
-    @classmethod
-    def parse(cls, name: str | QuantFormat, block_size: int | None = None,
-              double_quant: bool | None = None) -> QuantFormat:
-        """"nf3" / "int4a-b128" / "nf3-b64-dq" (or a QuantFormat) -> QuantFormat. Short names default to
-        block_size=64, double_quant=False; the keyword arguments, when not None, override the name."""
-        if isinstance(name, QuantFormat):
-            fmt = name
-        else:
-            m = _NAME_RE.fullmatch(name.strip().lower()) if isinstance(name, str) else None
-            if m is None:
-                raise ValueError(f"unknown quantization format {name!r}; valid: {_VALID_NAMES}")
-            prefix, bits, asym, block, dq = m.groups()
-            if prefix == "nf" and asym:
-                raise ValueError(f"unknown quantization format {name!r} (NF has no asymmetric variant); "
-                                 f"valid: {_VALID_NAMES}")
-            try:
-                fmt = cls("int_asym" if asym else prefix, int(bits), int(block) if block else 64, dq is not None)
-            except ValueError as e:
-                raise ValueError(f"unknown quantization format {name!r} ({e}); valid: {_VALID_NAMES}") from None
-        overrides = {k: v for k, v in (("block_size", block_size), ("double_quant", double_quant)) if v is not None}
-        return replace(fmt, **overrides) if overrides else fmt
-
-    def check_shape(self, shape) -> int:
-        """numel of `shape`; ValueError unless it is positive and divisible by block_size."""
-        numel = math.prod(shape)
-        if numel == 0 or numel % self.block_size:
-            raise ValueError(f"{self.name} needs numel divisible by block_size={self.block_size}; weight shape "
-                             f"{tuple(shape)} has {numel} elements")
-        return numel
-
-    def tensor_layout(self, shape) -> dict[str, tuple[int, torch.dtype]]:
-        """Stored tensors by name -> (element count, dtype), in PackedWeight.tensors() order."""
-        numel = self.check_shape(shape)
-        nb = numel // self.block_size
-        layout = {"codes": (packed_len(numel, self.bits), torch.uint8)}
-        for prefix in ("scale", "zero") if self.kind == "int_asym" else ("scale",):
-            if not self.double_quant:
-                layout[prefix] = (nb, torch.float32)
-                continue
-            for k, n in double_quant_sizes(nb, prefix).items():
-                layout[k] = (n, torch.int8 if k.endswith("_q") else torch.float32)
-        return layout
-
-    def bits_per_param(self, shape) -> float:
-        """Exact storage bits per weight value (codes incl. last-byte padding + scales), without quantizing."""
-        nbytes = sum(n * dt.itemsize for n, dt in self.tensor_layout(shape).values())
-        return nbytes * 8 / math.prod(shape)
-
+from slimtune.quant.nfk import dequantize_nf_blocks, quantize_nf_blocks
+from slimtune.quant.packing import pack_bits, unpack_bits
+from slimtune.quant.qformat import QuantFormat
+from slimtune.quant.scales import double_dequantize, double_quantize
 
 @dataclass
 class PackedWeight:
@@ -207,18 +119,22 @@ def quantize(w: torch.Tensor, fmt: QuantFormat | str) -> PackedWeight:
 
 
 def bits_per_param(x) -> float:
-    """Storage bits per weight value of a PackedWeight, NF4Weight, Int8Weight, or a slimtune quantized
-    linear (PackedLinear / NF4Linear / Int8Linear; its packed weight only, bias excluded)."""
+    """Storage bits per weight value of a packed-weight holder (PackedWeight, NF4Weight, Int8Weight: any
+    with .nbytes and .shape) or a slimtune quantized linear (its packed weight only, bias excluded)."""
     if isinstance(x, FrozenQuantLinear):
         x = x._packed()
-    if isinstance(x, (PackedWeight, NF4Weight, Int8Weight)):
-        return x.nbytes * 8 / math.prod(x.shape)
-    raise TypeError(f"bits_per_param: expected a packed weight or a slimtune quantized linear, "
-                    f"got {type(x).__name__}")
+    if not (hasattr(x, "nbytes") and hasattr(x, "shape") and hasattr(x, "dequantize")):
+        raise TypeError(f"bits_per_param: expected a packed weight or a slimtune quantized linear, "
+                        f"got {type(x).__name__}")
+    return x.nbytes * 8 / math.prod(x.shape)
 
 
 class LinearPacked(LinearDequant):
     """LinearDequant for a PackedWeight: LinearPacked.apply(x, packed_weight, bias)."""
+
+
+# quant.method names PackedLinear serves ("nf4" and "int8" have their own NF4Linear / Int8Linear)
+PACKED_METHODS = ("nf2", "nf3", *(f"int{k}" for k in range(2, 8)), *(f"int{k}a" for k in range(2, 9)))
 
 
 class PackedLinear(FrozenQuantLinear):
@@ -239,15 +155,14 @@ class PackedLinear(FrozenQuantLinear):
         self._init_common(in_features, out_features, bias, self.fmt.block_size, compute_dtype, device)
 
     @classmethod
+    def make(cls, fmt, in_features, out_features, bias=False, compute_dtype=None, device=None) -> PackedLinear:
+        return cls(in_features, out_features, bias, fmt, compute_dtype, device)
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: QuantFormat | str = "nf3",
                     compute_dtype: torch.dtype | None = None) -> PackedLinear:
         """Quantize `linear`'s weight on its device; the bias is kept (frozen) in compute_dtype or its own."""
-        m = cls(linear.in_features, linear.out_features, bias=False, fmt=fmt, compute_dtype=compute_dtype,
-                device=linear.weight.device)
-        m.requantize_(linear.weight)
-        if linear.bias is not None:
-            m.bias = nn.Parameter(linear.bias.detach().to(compute_dtype or linear.bias.dtype), requires_grad=False)
-        return m
+        return cls.quantize_linear(linear, QuantFormat.parse(fmt), compute_dtype)
 
     @classmethod
     def from_packed(cls, packed: PackedWeight, bias: torch.Tensor | None = None,
@@ -259,8 +174,7 @@ class PackedLinear(FrozenQuantLinear):
         m = cls(in_features, out_features, bias=False, fmt=packed.fmt, compute_dtype=compute_dtype,
                 device=packed.codes.device)
         m._set_packed(PackedWeight.from_tensors(packed.tensors(), packed.fmt, packed.shape))
-        if bias is not None:
-            m.bias = nn.Parameter(bias.detach().to(compute_dtype or bias.dtype), requires_grad=False)
+        m.set_bias(bias)
         return m
 
     def _quantize(self, w: torch.Tensor) -> PackedWeight:
@@ -278,3 +192,7 @@ class PackedLinear(FrozenQuantLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", double_quant={self.double_quant}"
+
+
+for _method in PACKED_METHODS:
+    QUANT_FORMATS.register(_method)(PackedLinear)

@@ -1,9 +1,10 @@
 """`train.precision`: swap the model's linear layers for low-precision training linears.
 
-fp8 / halo -> `FP8Linear` (fp8_linear.py), mxfp4 -> `QuartetLinear` (quartet.py). Every nn.Linear is
-swapped except the output head (the loss computes it, chunked, in full precision). The new modules share
-the old ones' Parameters, so state_dict keys, optimizers, LoRA wrapping and merging are unchanged.
-Call it before adapters are applied: LoRA then wraps the low-precision linear as its base path.
+fp8 / halo -> `FP8Linear` (fp8_linear.py), mxfp4 -> `QuartetLinear` (quartet.py), each registered in
+PRECISIONS as `swap(linear, train_cfg) -> module`. Every nn.Linear is swapped except the output head (the
+loss computes it, chunked, in full precision) and the modules the caller skips (an adapter's own factors).
+The new modules share the old ones' Parameters, so state_dict keys, optimizers, LoRA wrapping and merging
+are unchanged; inside a LoRA wrapper the base path computes in low precision, the factors do not.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import torch.nn as nn
 
 from slimtune.quant.fp8_linear import FP8Linear, TrainingLinear
 from slimtune.quant.quartet import QuartetLinear
-
-PRECISIONS = ("default", "fp8", "halo", "mxfp4")
+from slimtune.registry import PRECISIONS
 
 
 def largest_block(dim: int, block: int) -> int:
@@ -21,27 +21,34 @@ def largest_block(dim: int, block: int) -> int:
     return min(block, dim & -dim)
 
 
-def _swap(linear: nn.Linear, precision: str, halo_level: int, block: int) -> nn.Linear:
-    if precision == "fp8":
-        return FP8Linear.from_linear(linear)
-    if precision == "halo":
-        # rotations along K need a block dividing in_features, level 2's along tokens are padded
-        return FP8Linear.from_linear(linear, halo_level, max(2, largest_block(linear.in_features, block)))
+@PRECISIONS.register("fp8")
+def _fp8(linear: nn.Linear, t) -> nn.Module:
+    return FP8Linear.from_linear(linear)
+
+
+@PRECISIONS.register("halo")
+def _halo(linear: nn.Linear, t) -> nn.Module:
+    # rotations along K need a block dividing in_features, level 2's along tokens are padded
+    return FP8Linear.from_linear(linear, t.halo_level, max(2, largest_block(linear.in_features, t.hadamard_block)))
+
+
+@PRECISIONS.register("mxfp4")
+def _mxfp4(linear: nn.Linear, t) -> nn.Module:
     return QuartetLinear.from_linear(linear)
 
 
-def apply_precision(model: nn.Module, precision: str, halo_level: int = 2, block: int = 128) -> int:
-    """Swap in place; returns how many linears were swapped (0 for precision='default')."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision == "default":
+def apply_precision(model: nn.Module, t, skip: frozenset = frozenset()) -> int:
+    """Swap in place per t (TrainConfig: precision, halo_level, hadamard_block); returns how many linears
+    were swapped (0 for precision='default'). `skip`: ids of modules to leave alone."""
+    if t.precision == "default":
         return 0
+    swap = PRECISIONS.get(t.precision)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     swaps = [(name, mod) for name, mod in model.named_modules()
-             if type(mod) is nn.Linear and mod is not head]
+             if type(mod) is nn.Linear and mod is not head and id(mod) not in skip]
     for name, mod in swaps:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, _swap(mod, precision, halo_level, block))
+        setattr(model.get_submodule(parent_name), child, swap(mod, t))
     return len(swaps)
 
 

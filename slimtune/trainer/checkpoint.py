@@ -23,8 +23,9 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from slimtune.config import to_dict
 from slimtune.errors import SlimtuneError
-from slimtune.trainer.io import atomic_dir, flatten_state, unflatten_state, write_json, write_text
+from slimtune.io import atomic_dir, flatten_state, unflatten_state, write_json, write_text
 
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -42,10 +43,6 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, trainer_
         tensors, skeleton = flatten_state(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "optimizer.json", skeleton)
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, str(tmp / "rng.safetensors"))
         write_json(tmp / "trainer_state.json", {**trainer_state, "step": step})
         write_text(tmp / "config.yaml", config_yaml)
         write_text(tmp / MARKER, "ok\n")
@@ -78,7 +75,6 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer) -> dict:
         weights = load_file(str(ckpt / "trainable.safetensors"))
         opt_tensors = load_file(str(ckpt / "optimizer.safetensors"))
         skeleton = json.loads((ckpt / "optimizer.json").read_text())
-        rng = load_file(str(ckpt / "rng.safetensors"))
         state = json.loads((ckpt / "trainer_state.json").read_text())
     except (FileNotFoundError, SafetensorError, json.JSONDecodeError, OSError) as e:
         raise SlimtuneError(f"checkpoint {ckpt} is corrupted ({e}); delete it to resume from an older one") from None
@@ -95,8 +91,45 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer) -> dict:
         optimizer.load_state_dict(unflatten_state(skeleton, opt_tensors))
     except (KeyError, ValueError, RuntimeError) as e:
         raise SlimtuneError(f"checkpoint {ckpt}: optimizer state does not match ({e}); same optim.name needed") from None
-    torch.set_rng_state(rng["cpu"])
-    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
     return state
+
+
+# keys (or sections, ending in ".") a resumed run must keep: they fix the data order or what the saved
+# weights and optimizer state mean
+FROZEN_ON_RESUME = ("model.", "data.source", "data.eval_fraction", "adapter.", "quant.", "lq_lora.",
+                    "train.seq_len", "train.seed", "train.precision", "train.halo_level", "train.hadamard_block",
+                    "optim.name", "optim.state_bits", "optim.rank", "optim.proj_type", "optim.subspace",
+                    "optim.density", "optim.proj_dtype", "optim.full_rank_modules", "optim.seed", "optim.in_backward")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_resume(ckpt: Path, cfg, world: int) -> None:
+    """SlimtuneError naming the first key whose change would make resuming from `ckpt` wrong."""
+    import yaml
+
+    try:
+        old = _flat(yaml.safe_load((Path(ckpt) / "config.yaml").read_text()))
+        state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+    except (OSError, yaml.YAMLError, json.JSONDecodeError, AttributeError) as e:
+        raise SlimtuneError(f"checkpoint {ckpt} is corrupted ({e}); delete it to resume from an older one") from None
+    new = _flat(to_dict(cfg))
+    for key in new:
+        if key.startswith(FROZEN_ON_RESUME) or key in FROZEN_ON_RESUME:
+            if key in old and old[key] != new[key]:
+                raise SlimtuneError(f"resume: {key}={new[key]!r} differs from {old[key]!r} in {ckpt}/config.yaml, and "
+                                    "changing it changes the data order or the meaning of the saved state; resume "
+                                    f"with {key}={old[key]!r}, or start a new run in another output_dir")
+    t_new = cfg.train
+    old_global = old.get("train.batch_size", 0) * old.get("train.grad_accum", 0) * state.get("world_size", 1)
+    new_global = t_new.batch_size * t_new.grad_accum * world
+    if old_global != new_global:
+        raise SlimtuneError(f"resume: the global batch train.batch_size x train.grad_accum x world size = "
+                            f"{t_new.batch_size} x {t_new.grad_accum} x {world} = {new_global} differs from the "
+                            f"checkpoint's {old_global} ({ckpt}); keep the product equal (e.g. double grad_accum "
+                            "when halving the processes)")

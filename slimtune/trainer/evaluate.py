@@ -7,15 +7,20 @@ import math
 import torch
 import torch.nn as nn
 
-from slimtune.data import Blocks, eval_batches
+from slimtune import kernels
+from slimtune.data import Blocks, build_splits, eval_batches, text_windows
+from slimtune.loss import CausalLMLoss, count_targets
+from slimtune.models import load_tokenizer
+from slimtune.quant import is_quantized_linear
 from slimtune.trainer import dist
-from slimtune.trainer.loss import count_targets
+from slimtune.trainer.pipeline import build_for_eval
 
 
 @torch.no_grad()
-def perplexity(loss_model: nn.Module, blocks: Blocks, batch_size: int, max_batches: int,
-               device: torch.device, info: dist.DistInfo = dist.DistInfo()) -> float:
-    """exp(mean next-token CE) over the eval blocks; ranks split the batches and sum their totals."""
+def loss_totals(loss_model: nn.Module, blocks: Blocks, batch_size: int, max_batches: int,
+                device: torch.device, info: dist.DistInfo = dist.DistInfo()) -> tuple[float, int]:
+    """(summed next-token CE in nats, target tokens) over the blocks (at most max_batches batches, 0 = all);
+    ranks split the batches and sum their totals."""
     was_training = loss_model.training
     loss_model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
@@ -24,12 +29,18 @@ def perplexity(loss_model: nn.Module, blocks: Blocks, batch_size: int, max_batch
         totals[1] += count_targets(y)
     dist.all_reduce_sum(totals, info)
     loss_model.train(was_training)
-    return math.exp(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    return float(totals[0]), int(totals[1])
+
+
+def perplexity(loss_model: nn.Module, blocks: Blocks, batch_size: int, max_batches: int,
+               device: torch.device, info: dist.DistInfo = dist.DistInfo()) -> float:
+    """exp(mean next-token CE) over the eval blocks."""
+    nats, tokens = loss_totals(loss_model, blocks, batch_size, max_batches, device, info)
+    return math.exp(nats / tokens) if tokens > 0 else float("nan")
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(trainable, total). A quantized linear counts its logical out x in weights, not packed bytes."""
-    from slimtune.quant import is_quantized_linear
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total, skip = 0, set()
@@ -47,26 +58,27 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def evaluate_model(cfg) -> dict:
-    """`slimtune eval`: perplexity of model.name (an HF dir, a built-in name, or a LoRA adapter dir such
-    as runs/a/final) on the eval split of data.source."""
-    from pathlib import Path
-
-    from slimtune.data import build_splits
-    from slimtune.models import load_model, load_tokenizer
-    from slimtune.trainer.loss import CausalLMLoss
-
+def evaluate_model(cfg, whole_text: bool = False) -> dict:
+    """`slimtune eval`: score model.name (an HF dir, a built-in name, a quantized checkpoint, or an adapter
+    dir such as runs/a/final on the base it was trained on). whole_text: every non-overlapping
+    train.seq_len window of data.source, uncapped; else the eval split (capped by eval.max_batches), as a
+    run's own eval does. Returns eval_perplexity, eval_loss (mean nats per target token), eval_tokens."""
     device = dist.pick_device(cfg.train.device)
+    kernels.configure(cfg.train.kernels, device)
     tokenizer = load_tokenizer(cfg.model.name)
-    data = build_splits(cfg.data.source, tokenizer, cfg.train.seq_len, cfg.data.eval_fraction)
-    model = load_model(cfg.model.name, cfg.model.dtype, cfg.quant, device="cpu")
-    if (Path(cfg.model.name) / "adapter_config.json").is_file():
-        from slimtune.adapters.peft_format import load_peft_adapter
-
-        load_peft_adapter(model, Path(cfg.model.name))
-    model.to(device)
+    t = cfg.train
+    if whole_text:
+        parts, cap = text_windows(cfg.data.source, tokenizer, t.seq_len), 0
+    else:
+        parts, cap = [build_splits(cfg.data.source, tokenizer, t.seq_len, cfg.data.eval_fraction).eval], cfg.eval.max_batches
+    model = build_for_eval(cfg).to(device)
+    loss_model = CausalLMLoss(model, t.loss_chunk_tokens)
+    nats, tokens = 0.0, 0
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16"):
-        ppl = perplexity(CausalLMLoss(model, cfg.train.loss_chunk_tokens), data.eval, cfg.train.batch_size,
-                         cfg.eval.max_batches, device)
-    return {"model": cfg.model.name, "data": cfg.data.source, "eval_blocks": len(data.eval),
-            "seq_len": cfg.train.seq_len, "eval_perplexity": ppl}
+        for blocks in parts:
+            n, k = loss_totals(loss_model, blocks, t.batch_size, cap, device)
+            nats, tokens = nats + n, tokens + k
+    loss = nats / tokens if tokens else float("nan")
+    return {"model": cfg.model.name, "data": cfg.data.source, "seq_len": t.seq_len,
+            "scored": "whole text" if whole_text else "eval split", "eval_loss": loss,
+            "eval_perplexity": math.exp(loss) if tokens else float("nan"), "eval_tokens": tokens}

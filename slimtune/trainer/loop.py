@@ -11,26 +11,26 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 from slimtune import config as C
-from slimtune.adapters import apply_adapters
+from slimtune import kernels
 from slimtune.data import BatchOrder, build_splits, micro_batch
 from slimtune.errors import SlimtuneError
-from slimtune.models import context_length, load_model, load_tokenizer, resolve_model_dir
+from slimtune.io import write_json, write_text
+from slimtune.loss import count_targets
+from slimtune.models import base_dir, context_length, load_tokenizer
 from slimtune.optim import build_optimizer
-from slimtune.quant.precision import apply_precision, low_precision_linears
+from slimtune.quant.precision import low_precision_linears
+from slimtune.registry import HOOKS
 from slimtune.trainer import dist
-from slimtune.trainer.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from slimtune.trainer.checkpoint import check_resume, complete_checkpoints, load_checkpoint, save_checkpoint
 from slimtune.trainer.evaluate import count_params, perplexity
 from slimtune.trainer.hooks import Hooks
-from slimtune.trainer.io import write_json, write_text
-from slimtune.trainer.loss import CausalLMLoss, count_targets
+from slimtune.trainer.pipeline import build_model
 from slimtune.trainer.report import (MetricsLog, optimizer_state_bytes, peak_memory, plot_loss, print_main,
                                      start_wandb, summary_line)
 from slimtune.trainer.save import save_final
@@ -44,75 +44,35 @@ def lr_at(step: int, t: C.TrainConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def check_output_dir(cfg: C.RecipeConfig) -> Path | None:
-    """Refuse to clobber an earlier run; returns the checkpoint to resume from (or None)."""
+def check_output_dir(cfg: C.RecipeConfig, world: int) -> Path | None:
+    """Refuse to clobber an earlier run; returns the checkpoint to resume from (or None). resume=true needs
+    a complete checkpoint whose config is compatible with `cfg` (checkpoint.check_resume)."""
     out = Path(cfg.output_dir)
-    holds_run = any((out / f).exists() for f in ("metrics.jsonl", "report.json", "checkpoints"))
     if cfg.resume:
         ckpts = complete_checkpoints(out / "checkpoints")
         if not ckpts:
-            warnings.warn(f"resume=true but {out}/checkpoints has no complete checkpoint; starting from step 0")
-        return ckpts[-1] if ckpts else None
+            raise SlimtuneError(f"resume=true but {out}/checkpoints holds no complete checkpoint; drop resume=true "
+                                "(add overwrite=true to replace the run) or give the output_dir of a checkpointed run")
+        check_resume(ckpts[-1], cfg, world)
+        return ckpts[-1]
+    holds_run = any((out / f).exists() for f in ("metrics.jsonl", "report.json", "checkpoints"))
     if holds_run and not cfg.overwrite:
         raise SlimtuneError(f"output_dir={str(out)!r} already holds a run; pass resume=true to continue it, "
                             "overwrite=true to replace it, or another output_dir")
     return None
 
 
-def setup_model(cfg: C.RecipeConfig, device: torch.device, train_blocks=None,
-                is_main: bool = True) -> tuple[nn.Module, dict]:
-    """The model to train, and a summary of any low-rank quantization done here (LQ-LoRA, LoftQ, EoRA)."""
-    from slimtune.compress.qcheckpoint import is_quantized_checkpoint
-    from slimtune.compress.quantize import needs_lowrank, quantize_lowrank
-
-    info: dict = {}
-    if is_quantized_checkpoint(cfg.model.name):
-        if cfg.adapter.type == "none":
-            raise SlimtuneError(f"model.name={cfg.model.name!r} is a quantized checkpoint: its base is frozen, "
-                                "so train it with adapter.type=lora or lq_lora, not full fine-tuning")
-        if cfg.train.precision != "default":
-            raise SlimtuneError(f"train.precision={cfg.train.precision} needs full-precision linears, but "
-                                f"model.name={cfg.model.name!r} is a quantized checkpoint: use train.precision=default")
-        model = load_model(cfg.model.name, cfg.model.dtype, cfg.quant, device="cpu")
-        if not any(p.requires_grad for p in model.parameters()):  # no factors stored: add fresh LoRA
-            apply_adapters(model, cfg.adapter)
-    elif needs_lowrank(cfg):
-        from slimtune.compress.calibration import calibration_samples
-
-        model = load_model(cfg.model.name, cfg.model.dtype, device="cpu")
-        samples = calibration_samples(train_blocks, cfg.lq_lora.calibration_samples, cfg.train.seed)
-        info = quantize_lowrank(model, cfg, samples, log=lambda s: print_main(s, is_main))
-    else:
-        model = load_model(cfg.model.name, cfg.model.dtype, cfg.quant, device="cpu")
-        if cfg.adapter.type == "none":
-            for p in model.parameters():  # full fine-tuning: fp32 master weights, bf16 only via autocast
-                p.data = p.data.float()
-                p.requires_grad_(True)
-        # fp8 / halo / mxfp4 linears; before adapters, so LoRA's base path runs in low precision too
-        t = cfg.train
-        n = apply_precision(model, t.precision, t.halo_level, t.hadamard_block)
-        if n:
-            print_main(f"train.precision={t.precision}: {n} linear layers compute in low precision", is_main)
-        if cfg.adapter.type != "none":
-            apply_adapters(model, cfg.adapter)
-    if cfg.train.activation_checkpointing:
-        kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs and DDP
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    return model.to(device), info
-
-
 def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
     """Train per `cfg`; returns the report dict (also written to output_dir/report.json on rank 0)."""
     t = cfg.train
     device = dist.pick_device(t.device)
+    kernels.configure(t.kernels, device)  # validates SLIMTUNE_KERNELS before anything loads
+    hooks = [HOOKS.get(name)() for name in cfg.hooks] + list(hooks)
     info = dist.setup(device)
     ctx_len = context_length(cfg.model.name)
     if t.seq_len > ctx_len:
         raise SlimtuneError(f"train.seq_len={t.seq_len} exceeds the model's context of {ctx_len} tokens")
-    resume_from = check_output_dir(cfg)
+    resume_from = check_output_dir(cfg, info.world)
     dist.barrier(info)  # every rank has checked output_dir before rank 0 writes to it
     out = Path(cfg.output_dir)
     config_yaml = C.dump_yaml(cfg)
@@ -120,11 +80,8 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
     torch.manual_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model.name)
     data = build_splits(cfg.data.source, tokenizer, t.seq_len, cfg.data.eval_fraction)
-    model, quant_info = setup_model(cfg, device, data.train, info.is_main)
-    loss_model = CausalLMLoss(model, t.loss_chunk_tokens)
-    # quantized bases are built identically on every rank, so buffers need no broadcast
-    train_model = (nn.parallel.DistributedDataParallel(loss_model, broadcast_buffers=False)
-                   if info.enabled else loss_model)
+    built = build_model(cfg, device, info, data.train, log=lambda s: print_main(s, info.is_main))
+    model, loss_model, train_model, quant_info = built.model, built.loss_model, built.train_model, built.info
     named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named_params]
     if cfg.optim.in_backward and info.enabled:
@@ -139,6 +96,8 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer)
         step = state["step"]
+        for h in hooks:
+            h.on_load(resume_from, step)
         print_main(f"slimtune: resumed from {resume_from} (step {step})", info.is_main)
     if info.is_main:  # only now that data, model and checkpoint all loaded: bad input writes nothing
         out.mkdir(parents=True, exist_ok=True)
@@ -207,8 +166,8 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.max_steps:
             if info.is_main:
                 save_checkpoint(out / "checkpoints", step, model, optimizer,
-                                {"tokens": tokens_seen, "seconds": train_seconds, "eval_perplexity_before": ppl_before},
-                                config_yaml, cfg.checkpoint.keep)
+                                {"tokens": tokens_seen, "seconds": train_seconds, "eval_perplexity_before": ppl_before,
+                                 "world_size": info.world}, config_yaml, cfg.checkpoint.keep)
             for h in hooks:
                 h.on_save(out / "checkpoints" / f"step_{step}", step)
             dist.barrier(info)
@@ -218,7 +177,7 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
     ppl_after = evaluate()
     report = None
     if info.is_main:
-        save_final(model, cfg, out / "final", str(resolve_model_dir(cfg.model.name)), tokenizer)
+        save_final(model, cfg, out / "final", str(base_dir(cfg.model.name)), tokenizer)
         rows = metrics.rows
         mem, kind = peak_memory(device)
         trainable, total = count_params(model)

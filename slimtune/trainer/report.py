@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from slimtune.trainer.io import write_text
+from slimtune.io import write_text
 
 
 class MetricsLog:

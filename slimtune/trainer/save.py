@@ -1,4 +1,4 @@
-"""Final artefacts: `final/` (PEFT adapter or full model) and `slimtune export RUN_DIR --merge`."""
+"""Final artefacts: `final/` (PEFT adapter, full model or quantized checkpoint) and `slimtune export`."""
 
 from __future__ import annotations
 
@@ -6,17 +6,24 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from slimtune.adapters import adapter_modules, unwrap_adapters
+from slimtune.adapters.peft_format import load_peft_adapter, save_peft_adapter
+from slimtune.compress.load import load_base
+from slimtune.compress.qcheckpoint import dequantize_to_dense, is_quantized_checkpoint, read_manifest, save_quantized
+from slimtune.compress.quantize import load_dtype, needs_lowrank, quantize_base
+from slimtune.config import load_config, to_dict
 from slimtune.errors import SlimtuneError
-from slimtune.trainer.io import atomic_dir
+from slimtune.io import atomic_dir
+from slimtune.models import DTYPES, load_tokenizer
+
+ONTO = ("full", "quantized")  # export --merge --onto: the full-precision base, or dequant(Q) (what was trained)
 
 
 def save_final(model: nn.Module, cfg, path: Path, base_path: str, tokenizer) -> None:
-    """LoRA: PEFT adapter dir. Full fine-tuning: an HF model dir (+ tokenizer). A base quantized together
-    with its factors (LQ-LoRA, LoftQ, EoRA, or a quantized checkpoint): a quantized checkpoint dir, since
-    the adapter alone cannot rebuild that base. Written atomically."""
-    from slimtune.compress.qcheckpoint import is_quantized_checkpoint, read_manifest, save_quantized
-    from slimtune.compress.quantize import needs_lowrank
-
+    """LoRA: PEFT adapter dir, with the base's quantization recorded so `slimtune eval model.name=path`
+    rebuilds the base it was trained on. Full fine-tuning: an HF model dir (+ tokenizer). A base quantized
+    together with its factors (LQ-LoRA, LoftQ, EoRA, or a quantized checkpoint): a quantized checkpoint
+    dir, since the adapter alone cannot rebuild that base. Written atomically."""
     if is_quantized_checkpoint(cfg.model.name) or needs_lowrank(cfg):
         info = {"method": cfg.quant.method, "init": cfg.adapter.init, "base_model": base_path}
         if is_quantized_checkpoint(cfg.model.name):
@@ -28,42 +35,46 @@ def save_final(model: nn.Module, cfg, path: Path, base_path: str, tokenizer) -> 
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     else:
-        from slimtune.adapters.peft_format import save_peft_adapter
+        quant = to_dict(cfg.quant) if cfg.quant.method != "none" else None
+        save_peft_adapter(model, cfg.adapter, path, cfg.model.name, base_path, quant)
 
-        save_peft_adapter(model, cfg.adapter, path, cfg.model.name, base_path)
 
+def export_merged(run_dir: Path, out_dir: Path | None = None, onto: str = "full") -> Path:
+    """Merge `run_dir/final` into its base and write an HF model dir that `from_pretrained` loads.
 
-def export_merged(run_dir: Path, out_dir: Path | None = None) -> Path:
-    """Merge `run_dir/final` into the full-precision base and write an HF model dir that
-    `AutoModelForCausalLM.from_pretrained` loads. Quantized runs merge into the original (unquantized)
-    base weights, as PEFT's merge_and_unload does for a re-loaded base."""
-    from slimtune.adapters import adapter_modules, unwrap_adapters
-    from slimtune.adapters.peft_format import load_peft_adapter
-    from slimtune.config import load_config
-    from slimtune.models import load_model, load_tokenizer
-
+    onto="full": a LoRA adapter is merged into the original full-precision base weights, as PEFT's
+    merge_and_unload does for a re-loaded base. onto="quantized": into dequant(Q), the weights the adapter
+    was trained against (the same as "full" for an unquantized run). A base quantized together with its
+    factors (LQ-LoRA, LoftQ, EoRA) has only Q: both give dequant(Q) + delta."""
+    if onto not in ONTO:
+        raise SlimtuneError(f"export --onto {onto!r}: use one of {', '.join(ONTO)}")
     run_dir = Path(run_dir)
-    final = run_dir / "final"
-    cfg_path = run_dir / "config.yaml"
+    final, cfg_path = run_dir / "final", run_dir / "config.yaml"
     if not cfg_path.is_file() or not final.is_dir():
         raise SlimtuneError(f"{run_dir}: not a finished slimtune run (needs config.yaml and final/); "
                             "give the output_dir of a completed `slimtune run`")
     cfg = load_config(str(cfg_path))
     out = Path(out_dir) if out_dir else run_dir / "merged"
     tokenizer = load_tokenizer(cfg.model.name)
-    from slimtune.compress.qcheckpoint import dequantize_to_dense, is_quantized_checkpoint
-
-    if is_quantized_checkpoint(str(final)):  # LQ-LoRA / LoftQ / EoRA: W = dequant(Q) + delta, dense
-        model = load_model(str(final), cfg.model.dtype)
+    if is_quantized_checkpoint(str(final)):  # W = dequant(Q) + delta, dense
+        model = load_base(str(final), cfg.model.dtype)
         dequantize_to_dense(model)
     elif (final / "adapter_config.json").is_file():
-        model = load_model(cfg.model.name, cfg.model.dtype)
+        quantized = onto == "quantized" and cfg.quant.method != "none"
+        # loaded and quantized exactly as the run did, so dequant(Q) is what the adapter was trained against
+        model = load_base(cfg.model.name, load_dtype(cfg) if quantized else cfg.model.dtype)
+        if quantized:
+            quantize_base(model, cfg)
         load_peft_adapter(model, final)
-        for m in adapter_modules(model).values():
-            m.merge(safe=True)
-        unwrap_adapters(model)
+        if quantized:
+            dequantize_to_dense(model)  # each adapter -> nn.Linear(dequant(Q) + delta), computed in fp32
+            model.to(DTYPES[cfg.model.dtype])
+        else:
+            for m in adapter_modules(model).values():
+                m.merge(safe=True)
+            unwrap_adapters(model)
     else:
-        model = load_model(str(final), cfg.model.dtype)
+        model = load_base(str(final), cfg.model.dtype)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -5,6 +5,7 @@ conftest.py), and the fused rotate + FP8 quantize against quantize_fp8 of the ro
 import math
 
 import pytest
+from slimtune_testutil import use_kernels
 import scipy.linalg
 import torch
 
@@ -96,9 +97,9 @@ def test_kernel_orthonormal_and_self_inverse(block):
 @needs_kernel
 def test_dispatch(monkeypatch):
     x = _inputs((5, 128)).to(DEVICE)
-    monkeypatch.setenv("SLIMTUNE_KERNELS", "reference")
+    use_kernels(monkeypatch, "reference")
     assert torch.equal(hadamard_transform(x, 64), hadamard_transform_reference(x, 64))
-    monkeypatch.setenv("SLIMTUNE_KERNELS", "triton")
+    use_kernels(monkeypatch, "triton")
     torch.testing.assert_close(hadamard_transform(x, 64), hadamard_transform_triton(x, 64))
 
 
@@ -152,7 +153,7 @@ def test_fused_dispatch_and_pre_sm89_fallback(monkeypatch):
     q_fallback, scale_fallback = hadamard_quantize_fp8(x, 64)
     torch.testing.assert_close(scale_fallback, scale, rtol=1e-5, atol=0)
     assert (q_fallback.view(torch.uint8) != q.view(torch.uint8)).float().mean() < 1e-2
-    monkeypatch.setenv("SLIMTUNE_KERNELS", "reference")
+    use_kernels(monkeypatch, "reference")
     q_ref, scale_ref = hadamard_quantize_fp8(x, 64)
     q_expected, scale_expected = hadamard_quantize_fp8_reference(x, 64)
     assert torch.equal(q_ref.view(torch.uint8), q_expected.view(torch.uint8)) and torch.equal(scale_ref, scale_expected)

@@ -5,6 +5,7 @@ Kernel tests run on CUDA, or on CPU under TRITON_INTERPRET=1 (set before triton 
 import math
 
 import pytest
+from slimtune_testutil import use_kernels
 import torch
 
 from slimtune.kernels.dispatch import interpreting
@@ -26,7 +27,7 @@ needs_kernel = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
 
 @pytest.fixture
 def force_triton(monkeypatch):
-    monkeypatch.setenv("SLIMTUNE_KERNELS", "triton")
+    use_kernels(monkeypatch, "triton")
 
 
 def _one_block(*values: float) -> torch.Tensor:
@@ -246,7 +247,7 @@ def test_matmul_kernel_batched_input_and_input_gradient(force_triton):
 
 
 def test_reference_backend_runs_without_triton(monkeypatch):
-    monkeypatch.setenv("SLIMTUNE_KERNELS", "reference")
+    use_kernels(monkeypatch, "reference")
     x = torch.randn(3, 64)
     packed, scales = quantize_mxfp4(x)
     assert torch.equal(packed, quantize_mxfp4_reference(x)[0])

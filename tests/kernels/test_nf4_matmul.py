@@ -1,6 +1,8 @@
-"""nf4_matmul: the Triton kernel (TRITON_INTERPRET=1 without CUDA) against its torch reference."""
+"""nf4_matmul: the Triton kernel (TRITON_INTERPRET=1 without CUDA) against its torch reference, and the
+reference against independent ones: bitsandbytes' NF4 dequantization, and the QLoRA formula written out."""
 
 import pytest
+from slimtune_testutil import use_kernels
 import torch
 
 from slimtune.kernels.dispatch import interpreting
@@ -18,12 +20,12 @@ SHAPES = [(1, 16, 64, 64), (5, 48, 128, 64), (33, 40, 192, 64), (7, 24, 96, 32),
 
 @pytest.fixture(autouse=True)
 def _triton_backend(monkeypatch):
-    monkeypatch.setenv("SLIMTUNE_KERNELS", "triton")
+    use_kernels(monkeypatch, "triton")
 
 
 def _problem(m, n, k, block_size, double_quant, dtype, bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    w = quantize_nf4(torch.randn(n, k, generator=g).to(DEVICE), block_size, double_quant)
+    w = quantize_nf4(torch.randn(n, k, generator=g).to(DEVICE), block_size, double_quant).operand()
     x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
     b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
     return x, w, b
@@ -73,15 +75,52 @@ def test_grads_match_reference(double_quant):
     _assert_close(gb, rb, torch.float32)
 
 
-def test_reference_backend_is_plain_linear(monkeypatch):
-    monkeypatch.setenv("SLIMTUNE_KERNELS", "reference")
-    x, w, b = _problem(4, 16, 64, 64, True, torch.float32)
-    assert torch.equal(nf4_matmul(x, w, b), torch.nn.functional.linear(x, w.dequantize(), b))
+# the 16 NF4 values of the QLoRA paper (appendix E), typed in here: independent of slimtune's constant
+QLORA_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+             0.7229568362236023, 1.0]
+
+
+def _by_hand(w):
+    """W[i] = NF4[code_i] * absmax(block of i); codes two per byte, the first in the high nibble; a
+    double-quantized absmax = q * scale[block // 256] / 127 + offset. Plain Python loops over values."""
+    codes = w.codes.cpu().tolist()
+    flat_codes = [c for byte in codes for c in (byte >> 4, byte & 15)]
+    if w.double_quant:
+        q, sc, off = w.absmax_q.cpu().tolist(), w.absmax_scale.cpu().tolist(), w.absmax_offset.cpu().tolist()[0]
+        absmax = [q[i] * (sc[i // 256] / 127) + off for i in range(len(q))]
+    else:
+        absmax = w.absmax.cpu().tolist()
+    vals = [QLORA_NF4[c] * absmax[i // w.block_size] for i, c in enumerate(flat_codes)]
+    return torch.tensor(vals, dtype=torch.float32).view(w.shape)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_reference_matches_the_formula_by_hand(monkeypatch, double_quant):
+    use_kernels(monkeypatch, "reference")
+    x, w, b = _problem(4, 8, 48, 16, double_quant, torch.float32)
+    want = x.cpu() @ _by_hand(w).T + b.cpu()
+    torch.testing.assert_close(nf4_matmul(x, w, b).cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_matches_bitsandbytes(monkeypatch):
+    """slimtune's NF4 codes and fp32 absmax are bitsandbytes' (double quantization differs: bnb's 8-bit
+    dynamic map for the scales), so without it the reference equals bnb's dequantize_4bit of the same W."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    use_kernels(monkeypatch, "reference")
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(24, 64, generator=g)
+    x = torch.randn(5, 64, generator=g)
+    packed, state = bnb_f.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=False)
+    theirs = bnb_f.dequantize_4bit(packed, state)
+    ours = nf4_matmul(x.to(DEVICE), quantize_nf4(W.to(DEVICE), 64, double_quant=False).operand())
+    torch.testing.assert_close(ours.cpu(), x @ theirs.T, rtol=1e-5, atol=1e-5)
 
 
 def test_odd_in_features_rejected():
-    w = quantize_nf4(torch.randn(2, 3, device=DEVICE), block_size=2, double_quant=False)
-    with pytest.raises(AssertionError, match="even in_features"):
+    w = quantize_nf4(torch.randn(2, 3, device=DEVICE), block_size=2, double_quant=False).operand()
+    with pytest.raises(ValueError, match="even in_features"):
         nf4_matmul(torch.randn(1, 3, device=DEVICE), w)
 
 

@@ -3,6 +3,7 @@ linear_cross_entropy when dispatch picks Triton (CUDA, or here TRITON_INTERPRET=
 torch paths give (SLIMTUNE_KERNELS=reference)."""
 
 import pytest
+from slimtune_testutil import use_kernels
 import torch
 import torch.nn as nn
 
@@ -10,7 +11,7 @@ from slimtune.kernels import linear_cross_entropy as lce
 from slimtune.kernels import nf4_matmul as nf4k
 from slimtune.kernels.dispatch import interpreting
 from slimtune.quant.nf4 import NF4Linear
-from slimtune.trainer.loss import IGNORE, lm_loss_sum
+from slimtune.loss import IGNORE, lm_loss_sum
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
@@ -40,9 +41,9 @@ def test_nf4_linear_runs_the_kernel(monkeypatch):
     torch.manual_seed(0)
     layer = NF4Linear.from_linear(nn.Linear(128, 48).to(DEVICE))
     x = torch.randn(2, 5, 128, device=DEVICE)
-    monkeypatch.setenv("SLIMTUNE_KERNELS", "reference")
+    use_kernels(monkeypatch, "reference")
     want_y, want_dx = _nf4_step(layer, x)
-    monkeypatch.setenv("SLIMTUNE_KERNELS", "auto")
+    use_kernels(monkeypatch, "auto")
     calls = _spy(monkeypatch, nf4k.NF4MatmulFunction)
     y, dx = _nf4_step(layer, x)
     assert calls, "NF4Linear did not run the nf4_matmul kernel"
@@ -64,9 +65,9 @@ def test_loss_runs_linear_cross_entropy_kernel(monkeypatch):
     hidden = torch.randn(2, 12, 32, device=DEVICE)
     labels = torch.randint(0, 100, (2, 12), device=DEVICE)
     labels[0, :4] = IGNORE  # a masked prompt
-    monkeypatch.setenv("SLIMTUNE_KERNELS", "reference")
+    use_kernels(monkeypatch, "reference")
     want = _loss_step(head, hidden, labels)
-    monkeypatch.setenv("SLIMTUNE_KERNELS", "auto")
+    use_kernels(monkeypatch, "auto")
     calls = _spy(monkeypatch, lce.LinearCrossEntropyFunction)
     got = _loss_step(head, hidden, labels)
     assert calls, "the trainer's loss did not run the linear_cross_entropy kernel"
@@ -85,13 +86,13 @@ def test_training_linears_run_the_kernels(monkeypatch, make):
     layer = {"fp8": lambda: FP8Linear.from_linear(lin), "halo2": lambda: FP8Linear.from_linear(lin, 2, 32),
              "mxfp4": lambda: QuartetLinear.from_linear(lin)}[make]()
     x = torch.randn(3, 7, 64, device=DEVICE)
-    monkeypatch.setenv("SLIMTUNE_KERNELS", "reference")
+    use_kernels(monkeypatch, "reference")
     want = layer(x)
-    monkeypatch.setenv("SLIMTUNE_KERNELS", "triton")
+    use_kernels(monkeypatch, "triton")
     got = layer(x)
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
     if make != "mxfp4":  # mxfp4's backward is stochastic
         triton_dx = torch.autograd.grad(layer(x.requires_grad_()).sum(), x)[0]
-        monkeypatch.setenv("SLIMTUNE_KERNELS", "reference")
+        use_kernels(monkeypatch, "reference")
         reference_dx = torch.autograd.grad(layer(x).sum(), x)[0]
         torch.testing.assert_close(triton_dx, reference_dx, rtol=2e-2, atol=2e-2)

@@ -9,7 +9,7 @@ from safetensors.torch import save as st_save
 
 from slimtune.optim.adamw import AdamW
 from slimtune.optim.states8bit import state_nbytes
-from slimtune.trainer.io import flatten_state, unflatten_state
+from slimtune.io import flatten_state, unflatten_state
 
 
 def _params(seed=0, dtype=torch.float32):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from slimtune.optim.dct import DCTAdamW, dct_indices, dct_matrix, dct_projection
 from slimtune.optim.galore import svd_projection
-from slimtune.trainer.io import flatten_state, unflatten_state
+from slimtune.io import flatten_state, unflatten_state
 
 B1, B2 = 0.9, 0.999
 

@@ -18,7 +18,7 @@ WORKER = textwrap.dedent('''
     from slimtune import config as C
     from slimtune.trainer import run
     from slimtune.trainer.hooks import Hooks
-    from slimtune.trainer.io import flatten_state
+    from slimtune.io import flatten_state
 
     def digest(tensors):
         h = hashlib.sha256()

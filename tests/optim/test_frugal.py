@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slimtune.optim.frugal import FRUGAL
-from slimtune.trainer.io import flatten_state, unflatten_state
+from slimtune.io import flatten_state, unflatten_state
 
 SPLIT = ("svd", "random", "blocks", "coordinates")
 ALL = SPLIT + ("modules",)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slimtune.optim.galore import GaLoreAdamW
-from slimtune.trainer.io import flatten_state, unflatten_state
+from slimtune.io import flatten_state, unflatten_state
 
 B1, B2 = 0.9, 0.999
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from slimtune.optim.adamw import AdamW
 from slimtune.optim.in_backward import OptimizerInBackward
-from slimtune.trainer.io import flatten_state, unflatten_state
+from slimtune.io import flatten_state, unflatten_state
 
 MAKERS = {
     "slimtune_adamw": lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.01),

@@ -9,7 +9,6 @@ from torch import nn
 
 from slimtune.quant import (
     PACKED_METHODS,
-    QUANT_LINEARS,
     Int8Linear,
     NF4Linear,
     PackedLinear,
@@ -293,10 +292,19 @@ def test_quantize_model_nf3():
     assert model(torch.randn(2, 64)).shape == (2, 8)
 
 
-def test_quant_linears_table():
+def test_quant_formats_registry():
+    """Every quant.method is one registered class; the config accepts exactly the registered names."""
+    from slimtune.config import choices
+    from slimtune.registry import QUANT_FORMATS
+
     assert set(PACKED_METHODS) == {"nf2", "nf3", *(f"int{k}" for k in range(2, 8)), *(f"int{k}a" for k in range(2, 9))}
     for name in PACKED_METHODS:
-        m = QUANT_LINEARS[("slimtune", name)](nn.Linear(64, 32), 32, False, torch.float32)
-        assert isinstance(m, PackedLinear) and m.fmt == QuantFormat.parse(name, block_size=32)
-    assert isinstance(QUANT_LINEARS[("slimtune", "nf4")](nn.Linear(64, 32), 64, True, None), NF4Linear)
-    assert isinstance(QUANT_LINEARS[("slimtune", "int8")](nn.Linear(64, 32), 64, True, None), Int8Linear)
+        model = nn.Sequential(nn.Linear(64, 32))
+        quantize_model(model, name, block_size=32, double_quant=False)
+        assert QUANT_FORMATS[name] is PackedLinear
+        assert isinstance(model[0], PackedLinear) and model[0].fmt == QuantFormat.parse(name, block_size=32)
+    for name, cls in (("nf4", NF4Linear), ("int8", Int8Linear)):
+        model = nn.Sequential(nn.Linear(64, 32))
+        quantize_model(model, name)
+        assert QUANT_FORMATS[name] is cls and isinstance(model[0], cls)
+    assert set(choices("quant.method")) == {"none", "lq_lora", *QUANT_FORMATS}

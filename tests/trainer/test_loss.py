@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimtune.trainer.loss import IGNORE, lm_loss_sum
+from slimtune.loss import IGNORE, lm_loss_sum
 
 
 def naive(hidden, head, labels):

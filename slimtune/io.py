@@ -2,7 +2,8 @@
 
 Everything on disk is safetensors + JSON (never pickle). A file is written to a temp name and renamed;
 a directory is filled under a temp name and renamed, so a crash leaves the old copy or the new one,
-never half of either.
+never half of either. tempfile creates 0600 files and 0700 dirs; they get the process umask's modes
+(0644 / 0755 by default) before the rename, so other users on a shared machine can read a run.
 """
 
 from __future__ import annotations
@@ -17,13 +18,19 @@ from pathlib import Path
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it back at once
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp, mode: int) -> None:
+    """Give a temp file/dir (0600/0700 from tempfile) the modes open()/mkdir() would have given it."""
+    os.chmod(tmp, mode & ~_umask())
+
+
 def write_json(path: Path, obj) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -31,6 +38,7 @@ def write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    _publish(tmp, 0o666)
     os.replace(tmp, path)
 
 
@@ -42,12 +50,19 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def temp_dir(parent: Path, prefix: str) -> Path:
+    """A new empty dir in `parent` (same file system: renaming it into place is atomic), umask modes."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    _publish(tmp, 0o777)
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path):
     """`with atomic_dir(d) as tmp:` fill tmp; on success tmp replaces d (an older d is removed last)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    tmp = temp_dir(target.parent, f".tmp-{target.name}-")
     try:
         yield tmp
         old = None

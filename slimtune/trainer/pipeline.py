@@ -1,0 +1,101 @@
+"""Model setup as one pipeline of stages, each in its own module, called in this order; none calls back up.
+
+  1. load the base         compress/load.py       HF dir, built-in name, quantized checkpoint (+ its factors)
+  2. quantize / decompose  compress/quantize.py   quant.method (QUANT_FORMATS), LQ-LoRA, adapter.init
+  3. adapters              adapters/inject.py     adapter.type (ADAPTERS); none = full fine-tuning
+  4. training precision    quant/precision.py     train.precision (PRECISIONS), adapter factors excluded
+  5. engine                trainer/engine.py      activation checkpointing, device, loss module, DDP
+
+After stage 1, loss.check_head refuses a model whose loss slimtune cannot reproduce. `build_for_eval` runs
+stages 1-3 for a model to score: an adapter dir gets its base rebuilt as it was trained (quantization
+included) and its weights loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from slimtune.adapters import adapter_internals, adapter_modules, apply_adapters
+from slimtune.adapters.peft_format import load_peft_adapter
+from slimtune.compress.load import load_base
+from slimtune.compress.qcheckpoint import is_quantized_checkpoint
+from slimtune.compress.quantize import load_dtype, quantize_base
+from slimtune.config import QuantConfig
+from slimtune.errors import SlimtuneError
+from slimtune.loss import check_head
+from slimtune.models import adapter_metadata
+from slimtune.quant.precision import apply_precision
+from slimtune.trainer import engine
+from slimtune.trainer.dist import DistInfo
+
+
+@dataclass
+class Built:
+    model: nn.Module  # the HF model, adapters inside
+    loss_model: nn.Module  # (input_ids, labels) -> summed loss
+    train_model: nn.Module  # loss_model, DDP-wrapped under torchrun
+    info: dict = field(default_factory=dict)  # a decomposition's summary (LQ-LoRA allocation, errors, ...)
+
+
+def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), train_blocks=None,
+                log=print) -> Built:
+    """Run the stages for training per `cfg` (RecipeConfig); train_blocks feed calibration (LQ-LoRA ...)."""
+    prebuilt = is_quantized_checkpoint(cfg.model.name)
+    _check_prebuilt(cfg, prebuilt)
+    model = load_base(cfg.model.name, cfg.model.dtype if prebuilt else load_dtype(cfg))
+    check_head(model, cfg.model.name)
+    info = {} if prebuilt else quantize_base(model, cfg, train_blocks, log)
+    existing = adapter_modules(model)
+    if existing:  # factors installed by stage 1 or 2 (a quantized checkpoint, LQ-LoRA, LoftQ, EoRA)
+        for m in existing.values():
+            for p in m.trainable_parameters():
+                p.requires_grad_(True)
+    else:
+        apply_adapters(model, cfg.adapter)
+    n = apply_precision(model, cfg.train, skip=adapter_internals(model))
+    if n:
+        log(f"train.precision={cfg.train.precision}: {n} linear layers compute in low precision")
+    loss_model, train_model = engine.wrap(model, cfg.train, device, dist_info)
+    return Built(model, loss_model, train_model, info)
+
+
+def _check_prebuilt(cfg, prebuilt: bool) -> None:
+    if not prebuilt:
+        return
+    if cfg.adapter.type == "none":
+        raise SlimtuneError(f"model.name={cfg.model.name!r} is a quantized checkpoint: its base is frozen, "
+                            "so train it with adapter.type=lora or lq_lora, not full fine-tuning")
+    if cfg.train.precision != "default":
+        raise SlimtuneError(f"train.precision={cfg.train.precision} needs full-precision linears, but "
+                            f"model.name={cfg.model.name!r} is a quantized checkpoint: use train.precision=default")
+
+
+def build_for_eval(cfg) -> nn.Module:
+    """The model `slimtune eval model.name=...` scores (CPU, eval mode): an HF dir or built-in name
+    (quantized per cfg.quant, if set), a quantized checkpoint, or an adapter dir (e.g. runs/a/final) on the
+    base it was trained on, quantized as recorded in its slimtune_adapter.json."""
+    name = cfg.model.name
+    meta = None if is_quantized_checkpoint(name) else adapter_metadata(Path(name).expanduser())
+    if meta is not None and (Path(name).expanduser() / "config.json").is_file():
+        meta = None  # a full model dir that also carries adapter files: score the model itself
+    quant = cfg.quant
+    if meta is not None and meta["quant"]:
+        quant = QuantConfig(**meta["quant"])
+    stage_cfg = _with_quant(cfg, quant)
+    model = load_base(meta["model_name"] if meta else name, load_dtype(stage_cfg))
+    check_head(model, name)
+    if not is_quantized_checkpoint(name):
+        quantize_base(model, stage_cfg)
+    if meta is not None:
+        load_peft_adapter(model, Path(name).expanduser())
+    return model.eval()
+
+
+def _with_quant(cfg, quant):
+    import dataclasses
+
+    return dataclasses.replace(cfg, quant=quant)
