@@ -65,6 +65,8 @@ def atomic_dir(target: Path):
     tmp = temp_dir(target.parent, f".tmp-{target.name}-")
     try:
         yield tmp
+        for path in tmp.rglob("*"):  # some writers (safetensors) create 0600 files too
+            _publish(path, 0o777 if path.is_dir() else 0o666)
         old = None
         if target.exists():
             old = target.with_name(f".old-{target.name}-{os.getpid()}")

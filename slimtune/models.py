@@ -163,10 +163,9 @@ def load_tokenizer(name: str):
     path = base_dir(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise SlimtuneError(f"model.name={name!r}: no usable tokenizer in {path} ({str(e).splitlines()[0][:160]}); "
-                            "copy the base model's tokenizer files (tokenizer.json, tokenizer_config.json) "
-                            "into it") from None
+    except (OSError, ValueError, TypeError, KeyError):
+        raise SlimtuneError(f"model.name={name!r}: no usable tokenizer files in {path}; copy the base model's "
+                            "tokenizer files (tokenizer.json, tokenizer_config.json) into it") from None
     if isinstance(tok, bool) or not hasattr(tok, "eos_token_id"):
         raise SlimtuneError(f"model.name={name!r}: no tokenizer files in {path}; copy the base model's "
                             "tokenizer files (tokenizer.json, tokenizer_config.json) into it")

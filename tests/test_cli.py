@@ -67,3 +67,45 @@ def test_export_merge_and_eval(tmp_path, tiny_overrides):
     got = json.loads(r.stdout.strip().splitlines()[-1])["eval_perplexity"]
     want = json.loads((run_dir / "report.json").read_text())["eval_perplexity"]
     assert abs(got - want) < 1e-3 * want
+
+
+def _no_tokenizer_model(tmp_path, tiny_model_dir):
+    import shutil
+
+    d = tmp_path / "model_without_tokenizer"
+    d.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / f, d / f)
+    return d
+
+
+@pytest.mark.parametrize("case", ["betas", "kernels_env", "not_utf8", "no_tokenizer", "adapter_no_base"])
+def test_input_errors_never_show_a_traceback(case, tmp_path, tiny_model_dir):
+    """Each expected input error is one line naming the key / variable / file and the fix, exit 2."""
+    common = ["model.name=tiny-llama", "train.seq_len=32", "train.max_steps=1", "logging.progress=false",
+              f"output_dir={tmp_path / 'out'}"]
+    env = {}
+    if case == "betas":
+        args, needle = ["run", "lora", *common, "optim.betas=[0.9,abc]"], "optim.betas[1]: expected float"
+    elif case == "kernels_env":
+        args, needle, env = ["run", "lora", *common], "SLIMTUNE_KERNELS='fastest'", {"SLIMTUNE_KERNELS": "fastest"}
+    elif case == "not_utf8":
+        bad = tmp_path / "latin1.jsonl"
+        bad.write_bytes('{"text": "café"}\n'.encode("latin-1"))
+        args, needle = ["run", "lora", *common, f"data.source={bad}"], f"{bad}:1: not UTF-8"
+    elif case == "no_tokenizer":
+        d = _no_tokenizer_model(tmp_path, tiny_model_dir)
+        args, needle = ["run", "lora", *common, f"model.name={d}"], f"no usable tokenizer files in {d}"
+    else:
+        a = tmp_path / "adapter"
+        a.mkdir()
+        (a / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+        args, needle = ["eval", f"model.name={a}", "train.seq_len=32"], "base_model_name_or_path"
+    r = subprocess.run([sys.executable, "-m", "slimtune", *args], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "WANDB_MODE": "offline", **env})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert needle in lines[-1] and lines[-1].startswith("slimtune: error:"), r.stderr
+    assert len(lines) <= 3, r.stderr  # the error, and at most a couple of warning lines before it
+    assert not (tmp_path / "out").exists()

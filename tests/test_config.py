@@ -75,3 +75,47 @@ def test_dump_roundtrip(tmp_path):
     p.write_text(C.dump_yaml(cfg))
     assert C.load_config(str(p)) == cfg
     assert C.replace(cfg, **{"train.max_steps": 3}).train.max_steps == 3
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.betas=[0.9,abc]", "optim.betas[1]: expected float, got 'abc'"),
+    ("lq_lora.bits=[2,x]", "lq_lora.bits[1]: expected int"),
+    ("hooks=[nosuchhook]", "hooks='nosuchhook' is not one of"),
+    ("train.kernels=cuda", "train.kernels='cuda' is not one of: auto, reference, triton"),
+])
+def test_element_types_and_new_keys(override, needle):
+    with pytest.raises(ConfigError) as e:
+        C.load_config("lora", [override])
+    assert needle in str(e.value)
+
+
+def test_choices_come_from_the_registries():
+    """@register alone makes a name selectable and listed in the error message (no second list in config)."""
+    from slimtune.registry import ADAPTERS, OPTIMIZERS, PRECISIONS, QUANT_FORMATS
+
+    assert C.choices("optim.name") == tuple(OPTIMIZERS)
+    assert C.choices("adapter.type") == ("none", *ADAPTERS)
+    assert C.choices("quant.method") == ("none", "lq_lora", *QUANT_FORMATS)
+    assert C.choices("train.precision") == ("default", *PRECISIONS)
+    with pytest.raises(ConfigError, match="optim.name='my_sgd' is not one of"):
+        C.load_config("lora", ["optim.name=my_sgd"])
+
+    @OPTIMIZERS.register("my_sgd")
+    def build(cfg, named, lr):  # pragma: no cover - only its registration matters here
+        raise NotImplementedError
+
+    try:
+        assert C.load_config("lora", ["optim.name=my_sgd"]).optim.name == "my_sgd"
+        with pytest.raises(ConfigError, match="optim.name='nope' is not one of: .*my_sgd"):
+            C.load_config("lora", ["optim.name=nope"])
+    finally:
+        del OPTIMIZERS["my_sgd"]
+    with pytest.raises(ValueError, match="registered twice"):
+        OPTIMIZERS.register("adamw")(build)
+
+
+def test_given_keys_are_what_the_user_set(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  max_steps: 3\ndata:\n  source: pydoc\n")
+    assert C.given_keys(str(p), ["model.name=x"]) == {"train.max_steps", "data.source", "model.name"}
+    assert C.given_keys(None, []) == set()

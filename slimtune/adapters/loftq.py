@@ -16,16 +16,15 @@ import torch.nn as nn
 from slimtune.adapters.inject import check_rank, target_names
 from slimtune.adapters.lora import LoRALinear
 from slimtune.adapters.lq_lora import decompose, install
-from slimtune.quant import QuantFormat
 from slimtune.registry import ADAPTER_INITS, QUANT_FORMATS
 
 
 def base_module(quant_cfg, linear: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     """An empty frozen quantized linear of `linear`'s shape in the slimtune format quant_cfg.method (its
     `quantize_weight(w)` / `set_weight(holder)` do the rest), with `linear`'s bias."""
-    fmt = QuantFormat.parse(quant_cfg.method, block_size=quant_cfg.block_size, double_quant=quant_cfg.double_quant)
-    m = QUANT_FORMATS.get(quant_cfg.method).make(fmt, linear.in_features, linear.out_features, False, compute_dtype,
-                                                 linear.weight.device)
+    cls = QUANT_FORMATS.get(quant_cfg.method)
+    fmt = cls.format_for(quant_cfg.method, quant_cfg.block_size, quant_cfg.double_quant)
+    m = cls.make(fmt, linear.in_features, linear.out_features, False, compute_dtype, linear.weight.device)
     m.set_bias(linear.bias)
     return m
 

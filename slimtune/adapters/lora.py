@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
+from slimtune.quant import is_quantized_linear
 from slimtune.registry import ADAPTERS
 
 
@@ -75,21 +76,21 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("LoRA adapter is already merged; unmerge() first")
         base = self.base
-        if isinstance(base, nn.Linear):
-            new = base.weight.float() + self.delta_weight().to(base.weight.device)
-        elif hasattr(base, "requantize_"):
+        if hasattr(base, "requantize_"):  # slimtune's formats
             new = base.dequantize_weight(torch.float32)
             new += self.delta_weight().to(new.device)
+        elif isinstance(base, nn.Linear) and not is_quantized_linear(base):  # (bnb's layers subclass nn.Linear)
+            new = base.weight.float() + self.delta_weight().to(base.weight.device)
         else:
             raise NotImplementedError(f"cannot merge LoRA into {type(base).__name__} in place; export with "
                                       "`slimtune export RUN_DIR --merge`, which merges into the full-precision base")
         if safe and not torch.isfinite(new).all():
             raise ValueError("merging this LoRA adapter gives non-finite weights; not merged")
-        if isinstance(base, nn.Linear):
-            base.weight.copy_(new.to(base.weight.dtype))
-        else:
+        if hasattr(base, "requantize_"):
             self._codes_before_merge = base._packed()  # a view of the current buffers: requantize_ replaces them
             base.requantize_(new)
+        else:
+            base.weight.copy_(new.to(base.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -97,12 +98,12 @@ class LoRALinear(nn.Module):
         """Undo merge(): subtract the delta from a plain base; give a quantized base back its exact codes."""
         if not self.merged:
             raise RuntimeError("LoRA adapter is not merged")
-        if isinstance(self.base, nn.Linear):
-            w = self.base.weight
-            w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
-        else:
+        if hasattr(self.base, "requantize_"):
             self.base.set_weight(self._codes_before_merge)
             del self._codes_before_merge
+        else:
+            w = self.base.weight
+            w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:

@@ -149,11 +149,11 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> list[str]:
         raise SlimtuneError(f"{path}: cannot read adapter weights ({e}); the checkpoint is missing or corrupted") from None
     for p in model.parameters():
         p.requires_grad_(False)
-    saved = {}
+    saved: set[str] = set()
     for name in cfg.get("modules_to_save") or []:  # whole modules, trained and saved in full
         for n, m in model.named_modules():
             if n == name or n.endswith("." + name):
-                saved.update(_load_saved_module(m, n, state, path))
+                saved |= _load_saved_module(m, n, state, path)
     for name in names:
         r = int(_pattern_value(cfg.get("rank_pattern"), name, cfg["r"]))
         alpha = float(_pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]))

@@ -21,7 +21,7 @@ import torch.nn as nn
 from slimtune.adapters import adapter_modules
 from slimtune.errors import SlimtuneError
 from slimtune.io import atomic_dir, write_json
-from slimtune.quant import FrozenQuantLinear, QuantFormat, bits_per_param, dequantize_weight, is_quantized_linear
+from slimtune.quant import FrozenQuantLinear, bits_per_param, dequantize_weight, is_quantized_linear
 from slimtune.registry import ADAPTERS, QUANT_FORMATS
 
 MANIFEST = "slimtune_quant.json"
@@ -47,7 +47,7 @@ def build_from_spec(spec: dict, compute_dtype: torch.dtype) -> nn.Module:
     if spec.get("class") not in classes:
         raise ValueError(f"class {spec.get('class')!r} is not a registered quantized format "
                          f"({', '.join(sorted(classes))})")
-    return classes[spec["class"]].from_spec(spec, QuantFormat.parse(spec["format"]), compute_dtype)
+    return classes[spec["class"]].from_spec(spec, compute_dtype)
 
 
 def save_quantized(model: nn.Module, path: Path, tokenizer, info: dict) -> Path:

@@ -2,9 +2,12 @@
 
 The moments live in the optimizer state as plain tensors (so checkpoints stay safetensors + JSON):
 fp32 `state[name]`, or with 8-bit states the block-wise quantized form written by states8bit.py
-under `state[name + "_q"]` and friends. `adam_direction` follows torch.optim.AdamW's arithmetic
-(up to float rounding), so with fp32 states and full-rank inputs every optimizer here reproduces
-torch's AdamW.
+under `state[name + "_q_int8"]` / `"_q_uint8"` and `"_absmax"`. With 8-bit states, small moments (under
+MIN_8BIT_SIZE = 4096 values) and the moments of 1-D parameters (norms, biases) stay in fp32, as in
+bitsandbytes (`min_8bit_size=4096`) and torchao's 8-bit Adam: they cost little memory and are where
+quantization error hurts most (`moment_bits`). `adam_direction` follows torch.optim.AdamW's arithmetic
+(up to float rounding; `adamw_step` exactly), so with fp32 states and full-rank inputs every optimizer
+here reproduces torch's AdamW.
 """
 
 from __future__ import annotations
@@ -15,18 +18,31 @@ from itertools import chain
 import torch
 
 MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, signed)
+MIN_8BIT_SIZE = 4096  # moments with fewer values stay fp32 with 8-bit states (bitsandbytes' min_8bit_size)
 
 
-def new_moment(state: dict, name: str, shape, bits: int, signed: bool, device) -> None:
-    """Zero moment `name` of `shape` in `state`: fp32 (bits 32) or block-wise 8-bit (bits 8)."""
-    if bits == 32:
+def moment_bits(shape, bits: int, param_ndim: int | None = None) -> int:
+    """The storage (32 or 8) of a moment of `shape` under `optim.state_bits=bits`: 8-bit only when the
+    moment has at least MIN_8BIT_SIZE values and its parameter is not 1-D (norms, biases; `param_ndim`
+    defaults to the moment's own ndim, i.e. a moment in the parameter's shape)."""
+    if bits not in (32, 8):
+        raise ValueError(f"optim.state_bits must be 32 or 8, got {bits}")
+    shape = tuple(shape)
+    ndim = len(shape) if param_ndim is None else param_ndim
+    if bits == 8 and (math.prod(shape) < MIN_8BIT_SIZE or ndim <= 1):
+        return 32
+    return bits
+
+
+def new_moment(state: dict, name: str, shape, bits: int, signed: bool, device, param_ndim: int | None = None) -> None:
+    """Zero moment `name` of `shape` in `state`: fp32 (bits 32, or a small / 1-D parameter's moment, see
+    `moment_bits`) or block-wise 8-bit."""
+    if moment_bits(shape, bits, param_ndim) == 32:
         state[name] = torch.zeros(shape, dtype=torch.float32, device=device)
-    elif bits == 8:
+    else:
         from slimtune.optim.states8bit import new_moment8
 
         new_moment8(state, name, shape, signed, device)
-    else:
-        raise ValueError(f"optim.state_bits must be 32 or 8, got {bits}")
 
 
 def read_moment(state: dict, name: str) -> torch.Tensor:
@@ -49,10 +65,12 @@ def write_moment(state: dict, name: str, value: torch.Tensor) -> None:
     write_moment8(state, name, value)
 
 
-def init_adam_state(state: dict, shape, bits: int, device) -> None:
+def init_adam_state(state: dict, shape, bits: int, device, param_ndim: int | None = None) -> None:
+    """`step` and both moments, zero, in `shape`; param_ndim: the parameter's ndim when the moments do
+    not have the parameter's shape (FRUGAL's (k,) coordinates of a 2-D weight), for `moment_bits`."""
     state["step"] = torch.zeros((), dtype=torch.float32)
     for name, signed in MOMENTS:
-        new_moment(state, name, shape, bits, signed, device)
+        new_moment(state, name, shape, bits, signed, device, param_ndim)
 
 
 def moment_keys(name: str) -> tuple[str, ...]:
@@ -60,12 +78,12 @@ def moment_keys(name: str) -> tuple[str, ...]:
     return (name, name + "_q_int8", name + "_q_uint8", name + "_absmax")
 
 
-def reset_adam_moments(state: dict, shape, bits: int, device) -> None:
+def reset_adam_moments(state: dict, shape, bits: int, device, param_ndim: int | None = None) -> None:
     """Zero both moments (keeping `step`), e.g. when a projection's subspace changes."""
     for name, signed in MOMENTS:
         for k in moment_keys(name):
             state.pop(k, None)
-        new_moment(state, name, shape, bits, signed, device)
+        new_moment(state, name, shape, bits, signed, device, param_ndim)
 
 
 def keep_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
@@ -80,14 +98,11 @@ def keep_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> Non
                 optimizer.state[p][key] = value.to(device=p.device, copy=True)
 
 
-@torch.no_grad()
-def adam_direction(state: dict, grad: torch.Tensor, betas: tuple[float, float], eps: float) -> torch.Tensor:
-    """Advance the moments with `grad` (fp32, the state's shape) and return the update direction
-
-        d = m_hat / (sqrt(v_hat) + eps)   with   m_hat = m / (1 - b1^t),  v_hat = v / (1 - b2^t)
-
-    with torch.optim.AdamW's arithmetic (p -= lr * d matches it to float rounding with fp32 states).
-    Increments state["step"]."""
+def _advance_moments(state: dict, grad: torch.Tensor, betas: tuple[float, float],
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Increment state["step"], advance both moments with `grad` and return (m, denom, bc1):
+    m the new first moment (fp32), denom = sqrt(v) / sqrt(1 - b2^t) + eps, bc1 = 1 - b1^t, each with
+    torch.optim.AdamW's (single-tensor) arithmetic."""
     b1, b2 = betas
     state["step"] += 1
     t = float(state["step"])
@@ -96,8 +111,19 @@ def adam_direction(state: dict, grad: torch.Tensor, betas: tuple[float, float], 
     v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
     write_moment(state, "exp_avg", m)
     write_moment(state, "exp_avg_sq", v)
-    bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
-    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+    bc1, bc2_sqrt = 1 - b1**t, (1 - b2**t) ** 0.5
+    return m, (v.sqrt() / bc2_sqrt).add_(eps), bc1
+
+
+@torch.no_grad()
+def adam_direction(state: dict, grad: torch.Tensor, betas: tuple[float, float], eps: float) -> torch.Tensor:
+    """Advance the moments with `grad` (fp32, the state's shape) and return the update direction
+
+        d = m_hat / (sqrt(v_hat) + eps)   with   m_hat = m / (1 - b1^t),  v_hat = v / (1 - b2^t)
+
+    with torch.optim.AdamW's arithmetic (p -= lr * d matches it to float rounding with fp32 states;
+    adamw_step, which needs no direction tensor, matches it exactly). Increments state["step"]."""
+    m, denom, bc1 = _advance_moments(state, grad, betas, eps)
     return (m / bc1).div_(denom)
 
 
@@ -112,9 +138,18 @@ def apply_update(p: torch.Tensor, update: torch.Tensor, lr: float, weight_decay:
 
 
 def adamw_step(state: dict, p: torch.Tensor, group: dict) -> None:
-    """One AdamW step of `p` from p.grad (torch.optim.AdamW's arithmetic; 8-bit moments if
-    group["state_bits"] == 8). group: lr, betas, eps, weight_decay, state_bits."""
+    """One AdamW step of `p` from p.grad, with 8-bit moments if group["state_bits"] == 8 and p is large
+    enough (see `moment_bits`). group: lr, betas, eps, weight_decay, state_bits.
+
+    torch.optim.AdamW(foreach=False)'s exact operations (decay, then p += -lr / bc1 * m / denom by
+    addcdiv), in fp32: with fp32 moments and fp32 parameters the result is bit-identical to torch's."""
     if "step" not in state:
-        init_adam_state(state, p.shape, group["state_bits"], p.device)
-    direction = adam_direction(state, p.grad.float(), tuple(group["betas"]), group["eps"])
-    apply_update(p, direction, group["lr"], group["weight_decay"])
+        init_adam_state(state, p.shape, group["state_bits"], p.device, p.dim())
+    lr, weight_decay = group["lr"], group["weight_decay"]
+    m, denom, bc1 = _advance_moments(state, p.grad.float(), tuple(group["betas"]), group["eps"])
+    w = p if p.dtype == torch.float32 else p.float()
+    if weight_decay:
+        w.mul_(1 - lr * weight_decay)
+    w.addcdiv_(m, denom, value=-lr / bc1)
+    if w is not p:
+        p.copy_(w)

@@ -2,8 +2,10 @@
 
     p <- p * (1 - lr * weight_decay) - lr * m_hat / (sqrt(v_hat) + eps)      (decoupled weight decay)
 
-With state_bits=32 it matches torch.optim.AdamW(foreach=False) to float rounding; with state_bits=8 the
-two moments take ~1.02 bytes per value instead of 4 each (states8bit.py). Parameters of any float dtype
+With state_bits=32 it matches torch.optim.AdamW(foreach=False) bit for bit (fp32 parameters); with state_bits=8 the
+two moments take ~1.02 bytes per value instead of 4 each (states8bit.py), except for parameters under
+4096 values and 1-D ones (norms, biases), whose moments stay fp32 (adam_core.moment_bits, the
+bitsandbytes / torchao rule), so their updates are torch's AdamW exactly. Parameters of any float dtype
 are updated in fp32 and written back in their own dtype.
 """
 

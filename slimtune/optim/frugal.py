@@ -218,10 +218,10 @@ class FRUGAL(torch.optim.Optimizer):
             self.projection_seconds += time.perf_counter() - start
             shape = low_shape(tuple(grad.shape), side, k)
             if "step" in state:  # reselection: zero the moments and restart bias correction
-                reset_adam_moments(state, shape, group["state_bits"], p.device)
+                reset_adam_moments(state, shape, group["state_bits"], p.device, p.dim())
                 state["step"].zero_()
-            else:
-                init_adam_state(state, shape, group["state_bits"], p.device)
+            else:  # p.dim(): "coordinates" moments are (k,) but belong to a matrix (8-bit when large)
+                init_adam_state(state, shape, group["state_bits"], p.device, p.dim())
         state["frugal_step"] = taken + 1
         if k == 0:
             update = grad.sign().mul_(group["inactive_lr_scale"])
@@ -245,7 +245,7 @@ class FRUGAL(torch.optim.Optimizer):
             state["active"] = bool((chosen == position).any())
             _drop_adam_state(state)  # the official BlockOptimizer re-inits every block on reselection
             if state["active"]:
-                init_adam_state(state, p.shape, group["state_bits"], p.device)
+                init_adam_state(state, p.shape, group["state_bits"], p.device, p.dim())
             self.projection_seconds += time.perf_counter() - start
         state["frugal_step"] = taken + 1
         grad = p.grad.float()

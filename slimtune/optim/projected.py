@@ -152,7 +152,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         low_shape = projected_shape(shape, rank, side)
         fresh = "step" not in state
         if fresh:
-            init_adam_state(state, low_shape, group["state_bits"], p.device)
+            init_adam_state(state, low_shape, group["state_bits"], p.device, p.dim())
         if fresh or int(state["step"]) % group["update_gap"] == 0:
             start = time.perf_counter()
             self.new_projection(state, grad, rank, side)
@@ -160,7 +160,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 store_projection(state, group["proj_dtype"], side)
             self.projection_seconds += time.perf_counter() - start
             if not fresh and group["reset_moments_on_update"]:
-                reset_adam_moments(state, low_shape, group["state_bits"], p.device)
+                reset_adam_moments(state, low_shape, group["state_bits"], p.device, p.dim())
         proj = self.projection(state, shape, side)
         direction = adam_direction(state, project(grad, proj, side), group["betas"], group["eps"])
         update = project_back(direction, proj, side).mul_(group["scale"])

@@ -6,7 +6,9 @@ Layout in the optimizer state (plain tensors only, so checkpoints stay safetenso
     {name}_q_uint8   uint8  codes in [0, 255],    the moment's shape   (unsigned moment: exp_avg_sq)
     {name}_absmax    fp32   (ceil(numel / 256),)  max |value| of each block of 256 (row-major order)
 
-The key `name` itself is never written (adam_core reads `name in state` as "fp32 moment"). Codes keep the
+Which moments are 8-bit is decided by adam_core.moment_bits: moments under 4096 values and those of 1-D
+parameters stay fp32 (the plain `name` key) even with optim.state_bits=8. The key `name` itself is never
+written by this module (adam_core reads `name in state` as "fp32 moment"). Codes keep the
 moment's shape, so reading needs neither the parameter nor a stored shape; the code dtype is in the key
 name, so a state cast by torch's Optimizer.load_state_dict (it casts every non-step state tensor to the
 parameter's dtype, codes included) is read back exactly; adam_core.keep_saved_dtypes puts the dtypes back.

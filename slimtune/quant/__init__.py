@@ -66,7 +66,7 @@ def quantize_model(model: nn.Module, method: str, backend: str = "slimtune", blo
             return to_bnb_linear(linear, method, block_size, double_quant, compute_dtype)
     elif backend == "slimtune":
         cls = QUANT_FORMATS.get(method)
-        fmt = QuantFormat.parse(method, block_size=block_size, double_quant=double_quant)
+        fmt = cls.format_for(method, block_size, double_quant)
 
         def make(linear):
             return cls.quantize_linear(linear, fmt, compute_dtype)

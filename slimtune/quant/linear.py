@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimtune.quant.qformat import QuantFormat
+
 
 def packed_nbytes(tensors: dict[str, torch.Tensor]) -> int:
     """Storage in bytes of a packed weight's tensors (codes + scales)."""
@@ -75,6 +77,12 @@ class FrozenQuantLinear(nn.Module):
             if bias else None)
 
     @classmethod
+    def format_for(cls, name: str, block_size: int | None = None, double_quant: bool | None = None):
+        """The format object (`.name` round-trips through here) for a quant.method name or a stored format
+        name; the block-wise formats use QuantFormat ("nf4", "int4a-b128-dq"). Override for other names."""
+        return QuantFormat.parse(name, block_size=block_size, double_quant=double_quant)
+
+    @classmethod
     def make(cls, fmt, in_features: int, out_features: int, bias: bool = False,
              compute_dtype: torch.dtype | None = None, device=None) -> "FrozenQuantLinear":
         """An empty (zero-code) module storing QuantFormat `fmt`; ValueError if the class cannot store it."""
@@ -98,9 +106,10 @@ class FrozenQuantLinear(nn.Module):
                 "out_features": self.out_features, "bias": self.bias is not None}
 
     @classmethod
-    def from_spec(cls, spec: dict, fmt, compute_dtype: torch.dtype | None) -> "FrozenQuantLinear":
-        """Inverse of spec() given the parsed QuantFormat of spec["format"]."""
-        return cls.make(fmt, spec["in_features"], spec["out_features"], spec["bias"], compute_dtype)
+    def from_spec(cls, spec: dict, compute_dtype: torch.dtype | None) -> "FrozenQuantLinear":
+        """Inverse of spec(): the empty module (load_state_dict fills it)."""
+        return cls.make(cls.format_for(spec["format"]), spec["in_features"], spec["out_features"], spec["bias"],
+                        compute_dtype)
 
     def quantize_weight(self, w: torch.Tensor):
         """A packed-weight holder of `w` (out, in) in this module's format (the module is unchanged)."""

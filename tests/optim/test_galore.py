@@ -191,14 +191,14 @@ def test_state_dict_roundtrip_is_bit_identical(via_checkpoint, state_bits, tmp_p
     """12 steps straight, or 7 + save/load into a fresh optimizer + 5 (crossing the refresh at step 10).
     A bf16 parameter keeps fp32 P and moments (torch's loader alone would cast them, and 8-bit codes,
     to bf16). Checkpoint path: flatten_state -> safetensors + JSON -> unflatten_state."""
-    shapes = [(20, 12), (12, 20), (12,)]
+    shapes = [(160, 96), (96, 160), (12,)]  # rank-48 moments of 48 x 96 = 4608 values: 8-bit (>= 4096) when asked
     init = [torch.randn(s, generator=torch.Generator().manual_seed(20 + i)) for i, s in enumerate(shapes)]
     init[1] = init[1].bfloat16()
     grads = grads_like(shapes, 12, seed=30)
 
     def build(params):
         return GaLoreAdamW([{"params": params[:2]}, {"params": params[2:], "lowrank": False}], lr=1e-2,
-                           weight_decay=0.1, rank=4, update_gap=5, scale=0.25, state_bits=state_bits)
+                           weight_decay=0.1, rank=48, update_gap=5, scale=0.25, state_bits=state_bits)
 
     def roundtrip(state_dict):
         if not via_checkpoint:
@@ -225,6 +225,8 @@ def test_state_dict_roundtrip_is_bit_identical(via_checkpoint, state_bits, tmp_p
         for key in sa:
             assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
     assert second.state[resumed[1]]["proj"].dtype == torch.float32
+    quantized = ["exp_avg_q_int8" in second.state[p] for p in resumed]
+    assert quantized == ([True, True, False] if state_bits == 8 else [False] * 3)  # the 1-D bias stays fp32
 
 
 def test_non_2d_and_full_rank_groups_are_adamw():

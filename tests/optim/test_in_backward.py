@@ -19,7 +19,8 @@ MAKERS = {
 
 def _mlp(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+    # the 96 x 64 middle layer has 6144 values: its moments are 8-bit under state_bits=8 (>= 4096)
+    return nn.Sequential(nn.Linear(12, 64), nn.GELU(), nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 3))
 
 
 def _batch(step, micro=0):
@@ -109,5 +110,7 @@ def test_state_dict_round_trip_resumes_identically(maker):
     assert len(opt2.state) == len(list(resumed.parameters()))
     _train(resumed, opt2, 6, start=6)
     _assert_same(straight, resumed, atol=0)
+    eight_bit = sum("exp_avg_q_int8" in st for st in opt2.state.values())
+    assert eight_bit == (1 if maker == "slimtune_adamw8" else 0)  # the 96 x 64 weight
     with pytest.raises(ValueError, match="per-parameter"):
         opt2.load_state_dict({0: sd[0]})

@@ -139,3 +139,90 @@ def test_state_survives_torch_load_cast():
     S.write_moment8(cast, "exp_avg_sq", before)
     assert cast["exp_avg_sq_q_uint8"].dtype == torch.uint8
     assert torch.equal(S.read_moment8(cast, "exp_avg_sq"), before)
+
+
+# --- which moments are 8-bit: >= 4096 values and a parameter that is not 1-D (bitsandbytes' min_8bit_size) ---
+
+def _kinds(state):
+    """"8" if both moments are 8-bit codes, "32" if both are plain fp32 tensors (anything else fails)."""
+    if {"exp_avg_q_int8", "exp_avg_sq_q_uint8", "exp_avg_absmax", "exp_avg_sq_absmax"} <= state.keys():
+        assert "exp_avg" not in state and "exp_avg_sq" not in state
+        return "8"
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    assert not any(k.endswith(("_q_int8", "_q_uint8", "_absmax")) for k in state)
+    return "32"
+
+
+def _moment_shape(state):
+    from slimtune.optim.adam_core import read_moment
+
+    return tuple(read_moment(state, "exp_avg").shape)
+
+
+def test_moment_bits_rule():
+    from slimtune.optim.adam_core import MIN_8BIT_SIZE, moment_bits
+
+    assert MIN_8BIT_SIZE == 4096
+    assert moment_bits((64, 64), 8) == 8 and moment_bits((4095, 1), 8) == 32 and moment_bits((63, 65), 8) == 32
+    assert moment_bits((8192,), 8) == 32  # a 1-D parameter (a norm of a 8192-wide model)
+    assert moment_bits((8192,), 8, param_ndim=2) == 8  # (k,) moments of a matrix (FRUGAL coordinates)
+    assert moment_bits((2, 64, 64), 8) == 8 and moment_bits((4096, 4096), 32) == 32
+    with pytest.raises(ValueError, match="32 or 8"):
+        moment_bits((64, 64), 4)
+
+
+# shape -> 8-bit in bitsandbytes.optim.AdamW8bit; slimtune agrees except for 1-D parameters (fp32 here)
+BNB_SHAPES = [(64,), (32, 32), (4095,), (63, 65), (4096,), (64, 64), (128, 64), (3, 40, 40)]
+
+
+def test_agrees_with_bitsandbytes_min_8bit_size():
+    from slimtune.optim.adamw import AdamW
+
+    bnb = pytest.importorskip("bitsandbytes")
+    g = torch.Generator().manual_seed(4)
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in BNB_SHAPES]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt, ref = AdamW(ours, lr=1e-3, state_bits=8), bnb.optim.AdamW8bit(theirs, lr=1e-3)
+    for p, q in zip(ours, theirs):
+        p.grad = q.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    ref.step()
+    for p, q in zip(ours, theirs):
+        bnb8 = ref.state[q]["state1"].dtype == torch.uint8
+        assert bnb8 == (p.numel() >= 4096), p.shape  # bitsandbytes: p.numel() < min_8bit_size -> fp32
+        assert _kinds(opt.state[p]) == ("8" if bnb8 and p.dim() > 1 else "32"), p.shape
+
+
+@pytest.mark.parametrize("shape, rank, kind", [((512, 64), 8, "8"),    # moments (512, 8): 4096 values
+                                               ((64, 512), 8, "8"),    # left side: (8, 512)
+                                               ((128, 64), 8, "32"),   # (128, 8): 1024, though W has 8192
+                                               ((64, 64), 64, "8"), ((64, 64), 63, "32")])
+def test_galore_decides_by_the_projected_moment(shape, rank, kind):
+    from slimtune.optim.galore import GaLoreAdamW
+
+    g = torch.Generator().manual_seed(5)
+    p, b = torch.nn.Parameter(torch.randn(shape, generator=g)), torch.nn.Parameter(torch.randn(64, generator=g))
+    opt = GaLoreAdamW([p, b], lr=1e-3, rank=rank, update_gap=2, state_bits=8, reset_moments_on_update=True)
+    for _ in range(3):  # across a refresh that re-creates the moments
+        p.grad, b.grad = torch.randn(shape, generator=g), torch.randn(64, generator=g)
+        opt.step()
+        low = (shape[0], rank) if shape[0] >= shape[1] else (rank, shape[1])
+        assert _kinds(opt.state[p]) == kind and _kinds(opt.state[b]) == "32"
+        assert _moment_shape(opt.state[p]) == low
+
+
+@pytest.mark.parametrize("subspace, shape, density, kind", [("coordinates", (128, 128), 0.25, "8"),  # (4096,)
+                                                            ("coordinates", (128, 128), 0.2, "32"),  # (3277,)
+                                                            ("blocks", (128, 64), 0.5, "8"),  # (128, 32)
+                                                            ("blocks", (128, 64), 0.25, "32"),  # (128, 16)
+                                                            ("modules", (64, 64), 1.0, "8")])
+def test_frugal_decides_by_the_subspace_moment(subspace, shape, density, kind):
+    from slimtune.optim.frugal import FRUGAL
+
+    g = torch.Generator().manual_seed(6)
+    p, b = torch.nn.Parameter(torch.randn(shape, generator=g)), torch.nn.Parameter(torch.randn(300, generator=g))
+    opt = FRUGAL([p, b], lr=1e-3, density=density, subspace=subspace, update_gap=2, state_bits=8)
+    for _ in range(3):  # across a reselection that re-creates the moments
+        p.grad, b.grad = torch.randn(shape, generator=g), torch.randn(300, generator=g)
+        opt.step()
+        assert _kinds(opt.state[p]) == kind and _kinds(opt.state[b]) == "32"
