@@ -106,9 +106,9 @@ if triton_available():
         probs = tl.exp(logits - lse[:, None])  # softmax; 0 in the padding columns (logits = -inf)
         dlogits = (probs - tl.where(rv[None, :] == y[:, None], 1.0, 0.0)) * row_grad[:, None]
         # chain rule through T: d softcap*tanh(s z / softcap) / dz = s (1 - (logit / softcap)^2); d s z / dz = s
-        if SOFTCAP:
-            t = logits / softcap
-            dlogits = tl.where(rv[None, :] < V, dlogits * (scale * (1.0 - t * t)), 0.0)
+        if SOFTCAP:  # padding columns (logits -inf) would give 0 * inf = nan: give them t = 0
+            t = tl.where(rv[None, :] < V, logits / softcap, 0.0)
+            dlogits = dlogits * (scale * (1.0 - t * t))
         else:
             dlogits = dlogits * scale
         if NEED_DB:

@@ -13,6 +13,7 @@ included) and its weights loaded.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +24,9 @@ from slimtune.adapters import adapter_internals, adapter_modules, apply_adapters
 from slimtune.adapters.peft_format import load_peft_adapter
 from slimtune.compress.load import load_base
 from slimtune.compress.qcheckpoint import is_quantized_checkpoint
-from slimtune.compress.quantize import load_dtype, quantize_base
+from slimtune.compress.quantize import load_dtype, needs_lowrank, quantize_base
 from slimtune.config import QuantConfig
-from slimtune.errors import SlimtuneError
+from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.loss import check_head
 from slimtune.models import adapter_metadata
 from slimtune.quant.precision import apply_precision
@@ -84,8 +85,16 @@ def build_for_eval(cfg) -> nn.Module:
         meta = None  # a full model dir that also carries adapter files: score the model itself
     quant = cfg.quant
     if meta is not None and meta["quant"]:
-        quant = QuantConfig(**meta["quant"])
-    stage_cfg = _with_quant(cfg, quant)
+        try:
+            quant = QuantConfig(**meta["quant"])
+        except TypeError as e:
+            raise SlimtuneError(f"{Path(name) / 'slimtune_adapter.json'}: bad 'quant' record ({e}); re-save the "
+                                "adapter with slimtune or fix the record") from None
+    stage_cfg = dataclasses.replace(cfg, quant=quant)
+    if needs_lowrank(stage_cfg):
+        raise ConfigError(f"slimtune eval with quant.method={quant.method} adapter.init={cfg.adapter.init}: the "
+                          "decomposition needs calibration data; write it with `slimtune quantize ... output_dir=DIR` "
+                          "and evaluate model.name=DIR")
     model = load_base(meta["model_name"] if meta else name, load_dtype(stage_cfg))
     check_head(model, name)
     if not is_quantized_checkpoint(name):
@@ -94,8 +103,3 @@ def build_for_eval(cfg) -> nn.Module:
         load_peft_adapter(model, Path(name).expanduser())
     return model.eval()
 
-
-def _with_quant(cfg, quant):
-    import dataclasses
-
-    return dataclasses.replace(cfg, quant=quant)
