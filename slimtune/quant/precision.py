@@ -44,8 +44,8 @@ def apply_precision(model: nn.Module, t, skip: frozenset = frozenset()) -> int:
         return 0
     swap = PRECISIONS.get(t.precision)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    swaps = [(name, mod) for name, mod in model.named_modules()
-             if type(mod) is nn.Linear and mod is not head and id(mod) not in skip]
+    skip = skip | {id(m) for m in head.modules()} if head is not None else skip  # a LoRA-wrapped head too
+    swaps = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear and id(mod) not in skip]
     for name, mod in swaps:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, swap(mod, t))

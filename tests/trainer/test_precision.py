@@ -46,3 +46,24 @@ def test_low_precision_training_tracks_bf16(tmp_path, tiny_overrides, bf16_losse
     assert losses[-1] < losses[0] - 0.05
     ref = bf16_losses[recipe][-1]
     assert abs(losses[-1] - ref) < TOLERANCE[precision] * ref, (losses[-1], ref)
+
+
+def test_precision_stage_swaps_lora_bases_not_factors_nor_head():
+    """The pipeline applies train.precision after the adapters: the wrapped bases compute in low precision,
+    LoRA's own factors and the output head (even LoRA-wrapped) stay full precision."""
+    import torch.nn as nn
+
+    from slimtune.adapters import adapter_internals, adapter_modules, apply_adapters
+    from slimtune.config import AdapterConfig, TrainConfig
+    from slimtune.models import load_model
+    from slimtune.quant.fp8_linear import FP8Linear
+    from slimtune.quant.precision import apply_precision
+
+    model = load_model("tiny-llama")
+    apply_adapters(model, AdapterConfig(rank=4, target_modules=("q_proj", "lm_head")))
+    n = apply_precision(model, TrainConfig(precision="fp8"), skip=adapter_internals(model))
+    adapters = adapter_modules(model)
+    assert n == 2 * 7  # every decoder linear (2 layers x 7, the two q_proj bases included), not the head
+    for name, m in adapters.items():
+        assert type(m.lora_A) is nn.Linear and type(m.lora_B) is nn.Linear
+        assert isinstance(m.base, FP8Linear) != name.endswith("lm_head")
