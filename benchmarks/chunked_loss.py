@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -61,15 +60,9 @@ def worker(variant: str, tokens: int, hidden: int, vocab: int, chunk: int) -> di
 def _processor(device: str) -> str:
     import torch
 
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from qlora_vs_peft import cpu_name  # benchmarks/ is on sys.path when a script here runs
+
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_name()
 
 
 def measure(tokens: int, hidden: int, vocab: int, chunk: int) -> dict:
