@@ -145,8 +145,15 @@ def adamw_step(state: dict, p: torch.Tensor, group: dict) -> None:
     addcdiv), in fp32: with fp32 moments and fp32 parameters the result is bit-identical to torch's."""
     if "step" not in state:
         init_adam_state(state, p.shape, group["state_bits"], p.device, p.dim())
+    adamw_update(state, p, p.grad.float(), group)
+
+
+def adamw_update(state: dict, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+    """adamw_step's arithmetic on an initialised `state`, with `grad` given: every operation is elementwise,
+    so a slice of p, grad and the moments (8-bit ones cut at whole blocks of 256) gives the bits the whole
+    tensor gives. The offload engine streams the state through it chunk by chunk."""
     lr, weight_decay = group["lr"], group["weight_decay"]
-    m, denom, bc1 = _advance_moments(state, p.grad.float(), tuple(group["betas"]), group["eps"])
+    m, denom, bc1 = _advance_moments(state, grad, tuple(group["betas"]), group["eps"])
     w = p if p.dtype == torch.float32 else p.float()
     if weight_decay:
         w.mul_(1 - lr * weight_decay)

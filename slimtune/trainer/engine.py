@@ -1,17 +1,25 @@
-"""The engine stage of model setup: how the built model runs forward/backward.
+"""The engine stage of model setup: how the built model runs forward, backward and the optimizer step.
 
-Today: activation checkpointing, the model on its device, the loss module (loss.CausalLMLoss, which DDP
-sees as one forward), and DDP under torchrun. An engine that replaces forward/backward/step (offload,
-FSDP, DeepSpeed) plugs in here, not through the loop's hooks.
+`Engine` is the in-memory one (DDP under torchrun): activation checkpointing, the model on its device, the
+loss module (loss.CausalLMLoss, one forward for DDP), the optimizer, clipping, checkpoints and the final
+save. An engine that replaces forward/backward/step (offload_engine.OffloadEngine, later FSDP or DeepSpeed)
+implements the same few methods, so loop.py does not change with it.
 """
 
 from __future__ import annotations
+
+import contextlib
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from slimtune.loss import CausalLMLoss
+from slimtune.optim import build_optimizer
+from slimtune.trainer import checkpoint as ckpt
 from slimtune.trainer.dist import DistInfo
+from slimtune.trainer.report import count_params
+from slimtune.trainer.save import save_final
 
 
 def activation_checkpointing(model: nn.Module) -> None:
@@ -22,13 +30,67 @@ def activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def wrap(model: nn.Module, t, device: torch.device, info: DistInfo) -> tuple[nn.Module, nn.Module]:
-    """(loss_model, train_model): `train_model(input_ids, labels)` is what the loop calls (DDP-wrapped
-    under torchrun), `loss_model` the same without DDP (eval). t: TrainConfig."""
-    if t.activation_checkpointing:
-        activation_checkpointing(model)
-    model.to(device)
-    loss_model = CausalLMLoss(model, t.loss_chunk_tokens)
-    # quantized bases are built identically on every rank, so buffers need no broadcast
-    train_model = nn.parallel.DistributedDataParallel(loss_model, broadcast_buffers=False) if info.enabled else loss_model
-    return loss_model, train_model
+class Engine:
+    """In-memory training (DDP under torchrun). cfg: RecipeConfig."""
+
+    def __init__(self, model: nn.Module, cfg, device: torch.device, info: DistInfo):
+        t = cfg.train
+        self.model, self.cfg, self.device, self.info = model, cfg, device, info
+        if t.activation_checkpointing:
+            activation_checkpointing(model)
+        model.to(device)
+        self.loss_model = CausalLMLoss(model, t.loss_chunk_tokens)
+        # quantized bases are built identically on every rank, so buffers need no broadcast
+        self.train_model = (nn.parallel.DistributedDataParallel(self.loss_model, broadcast_buffers=False)
+                            if info.enabled else self.loss_model)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        self.optimizer = build_optimizer(self.cfg.optim, self.trainable(), self.cfg.train.lr)
+        return self.optimizer
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, n_targets: torch.Tensor, last: bool) -> torch.Tensor:
+        """One micro-step: the summed loss of (x, y); its gradient divided by the global batch's target count
+        `n_targets` is accumulated. Gradients are reduced over ranks on the `last` micro-step only."""
+        sync = contextlib.nullcontext() if (last or not self.info.enabled) else self.train_model.no_sync()
+        with sync:
+            with self.autocast:
+                loss = self.train_model(x.to(self.device), y.to(self.device))
+            # DDP averages gradients over ranks; x world turns that into a sum over the global batch
+            (loss * self.info.world / n_targets.clamp(min=1)).backward()
+        return loss.detach().float().cpu()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor | None:
+        if max_norm <= 0:
+            return None
+        return torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable()], max_norm)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def evaluate(self, fn):
+        """Run `fn(loss_model)` (an eval pass) in the engine's precision."""
+        with self.autocast:
+            return fn(self.loss_model)
+
+    def save_checkpoint(self, root: Path, step: int, trainer_state: dict, config_yaml: str, keep: int) -> Path:
+        return ckpt.save_checkpoint(root, step, self.model, self.optimizer, trainer_state, config_yaml, keep)
+
+    def load_checkpoint(self, path: Path) -> dict:
+        return ckpt.load_checkpoint(path, self.model, self.optimizer)
+
+    def save_final(self, path: Path, base_path: str, tokenizer) -> None:
+        save_final(self.model, self.cfg, path, base_path, tokenizer)
+
+    def count_params(self) -> tuple[int, int]:
+        return count_params(self.model)
+
+    def report(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass

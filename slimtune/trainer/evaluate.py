@@ -11,7 +11,6 @@ from slimtune import kernels
 from slimtune.data import Blocks, build_splits, eval_batches, text_windows
 from slimtune.loss import CausalLMLoss, count_targets
 from slimtune.models import load_tokenizer
-from slimtune.quant import is_quantized_linear
 from slimtune.trainer import dist
 from slimtune.trainer.pipeline import build_for_eval
 
@@ -37,25 +36,6 @@ def perplexity(loss_model: nn.Module, blocks: Blocks, batch_size: int, max_batch
     """exp(mean next-token CE) over the eval blocks."""
     nats, tokens = loss_totals(loss_model, blocks, batch_size, max_batches, device, info)
     return math.exp(nats / tokens) if tokens > 0 else float("nan")
-
-
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total). A quantized linear counts its logical out x in weights, not packed bytes."""
-
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total, skip = 0, set()
-    for module in model.modules():
-        if is_quantized_linear(module):
-            total += module.in_features * module.out_features
-            bias = getattr(module, "bias", None)
-            total += bias.numel() if bias is not None else 0
-            skip.update(id(p) for p in module.parameters())
-    seen = set()
-    for p in model.parameters():
-        if id(p) not in skip and id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return trainable, total
 
 
 def evaluate_model(cfg, whole_text: bool = False) -> dict:

@@ -8,7 +8,6 @@ and ranks, so 1 process x accum 2 == 2 processes x accum 1).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -23,17 +22,15 @@ from slimtune.errors import SlimtuneError
 from slimtune.io import write_json, write_text
 from slimtune.loss import count_targets
 from slimtune.models import base_dir, context_length, load_tokenizer
-from slimtune.optim import build_optimizer
 from slimtune.quant.precision import low_precision_linears
 from slimtune.registry import HOOKS
 from slimtune.trainer import dist
-from slimtune.trainer.checkpoint import check_resume, complete_checkpoints, load_checkpoint, save_checkpoint
-from slimtune.trainer.evaluate import count_params, perplexity
+from slimtune.trainer.checkpoint import check_resume, complete_checkpoints
+from slimtune.trainer.evaluate import perplexity
 from slimtune.trainer.hooks import Hooks
 from slimtune.trainer.pipeline import build_model
 from slimtune.trainer.report import (MetricsLog, optimizer_state_bytes, peak_memory, plot_loss, print_main,
                                      start_wandb, summary_line)
-from slimtune.trainer.save import save_final
 
 
 def lr_at(step: int, t: C.TrainConfig) -> float:
@@ -80,21 +77,18 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
     torch.manual_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model.name)
     data = build_splits(cfg.data.source, tokenizer, t.seq_len, cfg.data.eval_fraction)
-    built = build_model(cfg, device, info, data.train, log=lambda s: print_main(s, info.is_main))
-    model, loss_model, train_model, quant_info = built.model, built.loss_model, built.train_model, built.info
-    named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named_params]
     if cfg.optim.in_backward and info.enabled:
         raise SlimtuneError("optim.in_backward=true is single-process only (DDP reduces gradients after the "
                             "per-parameter step would run); drop it under torchrun")
-    optimizer = build_optimizer(cfg.optim, named_params, t.lr)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
+    built = build_model(cfg, device, info, data.train, log=lambda s: print_main(s, info.is_main))
+    engine, model, quant_info = built.engine, built.model, built.info
+    optimizer = engine.make_optimizer()
     for h in hooks:
         h.on_setup(model, optimizer, cfg)
 
     step, state = 0, {}
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer)
+        state = engine.load_checkpoint(resume_from)
         step = state["step"]
         for h in hooks:
             h.on_load(resume_from, step)
@@ -106,8 +100,7 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
     metrics = MetricsLog(out / "metrics.jsonl", step if resume_from else None, wandb_run) if info.is_main else None
 
     def evaluate():
-        with autocast:
-            return perplexity(loss_model, data.eval, t.batch_size, cfg.eval.max_batches, device, info)
+        return engine.evaluate(lambda m: perplexity(m, data.eval, t.batch_size, cfg.eval.max_batches, device, info))
 
     ppl_before = state["eval_perplexity_before"] if "eval_perplexity_before" in state else evaluate()
     tokens_seen, train_seconds = state.get("tokens", 0), state.get("seconds", 0.0)
@@ -128,21 +121,13 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
         n_targets = dist.all_reduce_sum(torch.tensor(float(sum(count_targets(y) for _, y in batches))), info)
         loss_sum = torch.zeros(())
         for m, (x, y) in enumerate(batches):
-            last = m == t.grad_accum - 1
-            sync = contextlib.nullcontext() if (last or not info.enabled) else train_model.no_sync()
-            with sync:
-                with autocast:
-                    micro_loss = train_model(x.to(device), y.to(device))
-                # DDP averages gradients over ranks; x world turns that into a sum over the global batch
-                (micro_loss * info.world / n_targets.clamp(min=1)).backward()
-            loss_sum += micro_loss.detach().float().cpu()
+            loss_sum += engine.forward_backward(x, y, n_targets, last=m == t.grad_accum - 1)
         for h in hooks:
             h.after_backward(model, step)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
+        grad_norm = engine.clip_grad_norm(t.max_grad_norm)
         for h in hooks:
             h.before_step(optimizer, step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        engine.step()
         step += 1
         for h in hooks:
             h.after_step(model, optimizer, step)
@@ -165,9 +150,9 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.max_steps:
             if info.is_main:
-                save_checkpoint(out / "checkpoints", step, model, optimizer,
-                                {"tokens": tokens_seen, "seconds": train_seconds, "eval_perplexity_before": ppl_before,
-                                 "world_size": info.world}, config_yaml, cfg.checkpoint.keep)
+                engine.save_checkpoint(out / "checkpoints", step, {"tokens": tokens_seen, "seconds": train_seconds,
+                                       "eval_perplexity_before": ppl_before, "world_size": info.world},
+                                       config_yaml, cfg.checkpoint.keep)
             for h in hooks:
                 h.on_save(out / "checkpoints" / f"step_{step}", step)
             dist.barrier(info)
@@ -177,10 +162,10 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
     ppl_after = evaluate()
     report = None
     if info.is_main:
-        save_final(model, cfg, out / "final", str(base_dir(cfg.model.name)), tokenizer)
+        engine.save_final(out / "final", str(base_dir(cfg.model.name)), tokenizer)
         rows = metrics.rows
         mem, kind = peak_memory(device)
-        trainable, total = count_params(model)
+        trainable, total = engine.count_params()
         report = {
             "initial_loss": rows[0]["loss"] if rows else None,
             "final_loss": rows[-1]["loss"] if rows else None,
@@ -201,6 +186,7 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
         if hasattr(optimizer, "projection_seconds"):
             report["projection_seconds"] = optimizer.projection_seconds
         report["low_precision_linears"] = low_precision_linears(model)
+        report.update(engine.report())
         if quant_info:
             report["quantization"] = {k: quant_info[k] for k in ("bits_per_param", "seconds", "fisher_seconds")
                                       if k in quant_info}
@@ -214,5 +200,6 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
             wandb_run.finish()
         print_main(summary_line(report) + f"\nslimtune: wrote {out}/", True)
     dist.barrier(info)
+    engine.close()
     dist.teardown(info)
     return report

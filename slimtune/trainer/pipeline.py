@@ -30,15 +30,14 @@ from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.loss import check_head
 from slimtune.models import adapter_metadata
 from slimtune.quant.precision import apply_precision
-from slimtune.trainer import engine
+from slimtune.trainer.engine import Engine
 from slimtune.trainer.dist import DistInfo
 
 
 @dataclass
 class Built:
     model: nn.Module  # the HF model, adapters inside
-    loss_model: nn.Module  # (input_ids, labels) -> summed loss
-    train_model: nn.Module  # loss_model, DDP-wrapped under torchrun
+    engine: object  # trainer.engine.Engine (or an engine with its interface): forward/backward/step, saving
     info: dict = field(default_factory=dict)  # a decomposition's summary (LQ-LoRA allocation, errors, ...)
 
 
@@ -60,8 +59,7 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
     n = apply_precision(model, cfg.train, skip=adapter_internals(model))
     if n:
         log(f"train.precision={cfg.train.precision}: {n} linear layers compute in low precision")
-    loss_model, train_model = engine.wrap(model, cfg.train, device, dist_info)
-    return Built(model, loss_model, train_model, info)
+    return Built(model, Engine(model, cfg, device, dist_info), info)
 
 
 def _check_prebuilt(cfg, prebuilt: bool) -> None:
