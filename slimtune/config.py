@@ -128,6 +128,19 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class OffloadConfig:
+    params: str = _help("where the model's weights live between uses: none (RAM) | cpu (pinned host memory, the GPU "
+                        "case; none on a CPU-only machine) | disk (streamed layer by layer from offload.dir)", "none",
+                        ("none", "cpu", "disk"))
+    optimizer: str = _help("where the optimizer state (and fp32 master weights) live: none | cpu | disk", "none",
+                           ("none", "cpu", "disk"))
+    dir: str = _help("the store's directory (default: offload/ inside output_dir); a fast local disk", "")
+    prefetch: int = _help("units (decoder layers) read ahead of the one computing", 2)
+    io_threads: int = _help("threads doing the store's reads and writes", 4)
+    direct_io: bool = _help("O_DIRECT reads/writes (bypass the page cache) where the file system allows", True)
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every: int = _help("save every N steps (0 = only at the end)", 0)
     keep: int = _help("how many step checkpoints to keep", 2)
@@ -156,6 +169,7 @@ class RecipeConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     lq_lora: LQLoRAConfig = field(default_factory=LQLoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -287,7 +301,8 @@ def _read_yaml(path: Path) -> dict:
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """`a.b=value` sets raw['a']['b'] to the YAML scalar parse of value."""
+    """`a.b=value` sets raw['a']['b'] to the YAML scalar parse of value; a string key takes the text as
+    written (YAML 1.1 would read output_dir=off as False, or a pattern 2:4 as the integer 124)."""
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like key=value (e.g. train.max_steps=50)")
     key, text = item.split("=", 1)
@@ -298,7 +313,15 @@ def apply_override(raw: dict, item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    if _annotation(key) is str and not isinstance(value, str):
+        value = text.strip()
     _set(raw, key, value)
+
+
+def _annotation(key: str):
+    section, _, name = key.rpartition(".")
+    cls = typing.get_type_hints(RecipeConfig)[section] if section else RecipeConfig
+    return typing.get_type_hints(cls)[name]
 
 
 def _set(raw: dict, key: str, value) -> None:
@@ -384,6 +407,7 @@ def validate(cfg: RecipeConfig) -> None:
                           "frozen, so full fine-tuning cannot train it (set quant.method=none)")
     _validate_lowrank(cfg)
     _validate_optim(cfg)
+    _validate_offload(cfg)
     _validate_precision(cfg)
     if cfg.quant.method == "nf4" and cfg.quant.block_size % 2:
         raise ConfigError(f"quant.block_size={cfg.quant.block_size} must be even for nf4 (2 codes per byte)")
@@ -410,6 +434,23 @@ def _validate_optim(cfg: RecipeConfig) -> None:
         if cfg.train.max_grad_norm > 0:
             raise ConfigError("optim.in_backward=true frees each gradient in backward, so gradients cannot be "
                               "clipped: set train.max_grad_norm=0")
+
+
+def _validate_offload(cfg: RecipeConfig) -> None:
+    o = cfg.offload
+    for key in ("prefetch", "io_threads"):
+        if getattr(o, key) < 1:
+            raise ConfigError(f"offload.{key}={getattr(o, key)} must be >= 1")
+    if o.params == "none" and o.optimizer == "none":
+        return
+    if cfg.optim.in_backward:
+        raise ConfigError("offload.* already steps each layer in backward; drop optim.in_backward=true")
+    if cfg.optim.name == "frugal" and cfg.optim.subspace == "modules":
+        raise ConfigError("optim.subspace=modules picks whole parameters across the model, which the offload "
+                          "engine (one layer at a time) cannot do; use another optim.subspace or offload.*=none")
+    if cfg.optim.name == "adamw8bit":
+        raise ConfigError("optim.name=adamw8bit (bitsandbytes) keeps its state on its own; with offload.* use "
+                          "optim.name=adamw optim.state_bits=8 (slimtune's 8-bit states, streamed to disk)")
 
 
 def _validate_precision(cfg: RecipeConfig) -> None:

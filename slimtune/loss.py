@@ -114,16 +114,22 @@ def count_targets(labels: torch.Tensor) -> int:
 class CausalLMLoss(nn.Module):
     """Wraps an HF causal LM so DDP sees one forward: (input_ids, labels) -> summed loss."""
 
-    def __init__(self, model: nn.Module, chunk_tokens: int):
+    def __init__(self, model: nn.Module, chunk_tokens: int, before_head=None):
+        """before_head(head module): called between the decoder and the loss (the loss reads the head's weight
+        directly, without calling the module: an engine that streams weights loads it there)."""
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.transform = logit_transform(model.config)
+        self.before_head = before_head
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         decoder = self.model.get_decoder()
         hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-        return lm_loss_sum(hidden, self.model.get_output_embeddings(), labels, self.chunk_tokens, self.transform)
+        head = self.model.get_output_embeddings()
+        if self.before_head is not None:
+            self.before_head(head)
+        return lm_loss_sum(hidden, head, labels, self.chunk_tokens, self.transform)
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ load is the same `from_pretrained` of a local directory.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -192,3 +193,56 @@ def load_model(name: str, dtype: str = "float32"):
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+@contextlib.contextmanager
+def _params_on_meta():
+    """Parameters created inside land on the meta device (no memory); buffers stay real (rotary tables)."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def empty_model(name: str, dtype: str = "float32"):
+    """The architecture of `model.name` with every parameter on the meta device (nothing allocated), for
+    filling tensor by tensor from its safetensors files (safetensor_files)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = base_dir(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with _params_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as e:
+        raise SlimtuneError(f"model.name={name!r}: could not build its architecture ({str(e).splitlines()[0]})") from None
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def safetensor_files(name: str) -> dict[str, Path]:
+    """tensor name -> the .safetensors file holding it (single file or sharded with an index)."""
+    path = base_dir(name)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map", {})
+        return {k: path / f for k, f in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise SlimtuneError(f"model.name={name!r}: no model.safetensors (or .index.json) in {path}; streaming "
+                            "the weights (offload.params=disk) needs safetensors; re-save the model with "
+                            "save_pretrained(..., safe_serialization=True)")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {k: single for k in f.keys()}

@@ -119,3 +119,10 @@ def test_given_keys_are_what_the_user_set(tmp_path):
     p.write_text("train:\n  max_steps: 3\ndata:\n  source: pydoc\n")
     assert C.given_keys(str(p), ["model.name=x"]) == {"train.max_steps", "data.source", "model.name"}
     assert C.given_keys(None, []) == set()
+
+
+def test_string_keys_take_the_text_as_written():
+    """YAML 1.1 reads off / yes / 2:4 as bool / bool / int; a string key must get the text."""
+    cfg = C.load_config("lora", ["output_dir=off", "model.name=yes", "data.source=2:4"])
+    assert (cfg.output_dir, cfg.model.name, cfg.data.source) == ("off", "yes", "2:4")
+    assert C.load_config("lora", ["train.activation_checkpointing=yes"]).train.activation_checkpointing is True

@@ -31,15 +31,19 @@ MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: nn.Module, skip=frozenset()) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name (but the names in `skip`: an engine's own, saved its own way)."""
+    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters()
+            if p.requires_grad and n not in skip}
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, trainer_state: dict,
-                    config_yaml: str, keep: int) -> Path:
+                    config_yaml: str, keep: int, skip=frozenset()) -> Path:
+    """Write checkpoints/step_<step> (atomically) and drop all but the newest `keep`. skip: parameter
+    names an engine saves itself (the offload store's)."""
     target = Path(root) / f"step_{step}"
     with atomic_dir(target) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(trainable_state(model, skip), str(tmp / "trainable.safetensors"))
         tensors, skeleton = flatten_state(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "optimizer.json", skeleton)
@@ -68,8 +72,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module, optimizer) -> dict:
-    """Restore weights, optimizer and RNG from `ckpt`; returns trainer_state. Corruption is a SlimtuneError."""
+def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, skip=frozenset()) -> dict:
+    """Restore weights and optimizer from `ckpt`; returns trainer_state. Corruption is a SlimtuneError."""
     ckpt = Path(ckpt)
     try:
         weights = load_file(str(ckpt / "trainable.safetensors"))
@@ -79,7 +83,7 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer) -> dict:
     except (FileNotFoundError, SafetensorError, json.JSONDecodeError, OSError) as e:
         raise SlimtuneError(f"checkpoint {ckpt} is corrupted ({e}); delete it to resume from an older one") from None
     params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
+    expected = {n for n, p in params.items() if p.requires_grad and n not in skip}
     if set(weights) != expected:
         diff = sorted(set(weights) ^ expected)
         raise SlimtuneError(f"checkpoint {ckpt} does not match the model (e.g. '{diff[0]}'); "

@@ -22,15 +22,16 @@ import torch.nn as nn
 
 from slimtune.adapters import adapter_internals, adapter_modules, apply_adapters
 from slimtune.adapters.peft_format import load_peft_adapter
-from slimtune.compress.load import load_base
+from slimtune.compress.load import load_base, load_streamed
 from slimtune.compress.qcheckpoint import is_quantized_checkpoint
 from slimtune.compress.quantize import load_dtype, needs_lowrank, quantize_base
 from slimtune.config import QuantConfig
 from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.loss import check_head
-from slimtune.models import adapter_metadata
+from slimtune.models import adapter_metadata, empty_model
 from slimtune.quant.precision import apply_precision
 from slimtune.trainer.engine import Engine
+from slimtune.trainer.offload_engine import OffloadEngine, offload_active, offload_dir, open_store
 from slimtune.trainer.dist import DistInfo
 
 
@@ -44,6 +45,8 @@ class Built:
 def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), train_blocks=None,
                 log=print) -> Built:
     """Run the stages for training per `cfg` (RecipeConfig); train_blocks feed calibration (LQ-LoRA ...)."""
+    if offload_active(cfg):
+        return _build_offloaded(cfg, device, dist_info, log)
     prebuilt = is_quantized_checkpoint(cfg.model.name)
     _check_prebuilt(cfg, prebuilt)
     model = load_base(cfg.model.name, cfg.model.dtype if prebuilt else load_dtype(cfg))
@@ -60,6 +63,38 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
     if n:
         log(f"train.precision={cfg.train.precision}: {n} linear layers compute in low precision")
     return Built(model, Engine(model, cfg, device, dist_info), info)
+
+
+def _build_offloaded(cfg, device, dist_info, log) -> Built:
+    """The same stages with the offload engine: the base streamed into the store unit by unit
+    (offload.params=disk) or loaded as usual, adapters, then OffloadEngine; the loss check runs last (it
+    needs the engine's streaming)."""
+    name, o = cfg.model.name, cfg.offload
+    if is_quantized_checkpoint(name) or cfg.quant.method != "none":
+        raise ConfigError("offload.* with a quantized base is not supported yet; use quant.method=none (a plain "
+                          "base, streamed in model.dtype) or offload.params=none offload.optimizer=none")
+    if cfg.train.precision != "default":
+        raise ConfigError(f"train.precision={cfg.train.precision} with offload.* is not supported yet; use "
+                          "train.precision=default")
+    full = cfg.adapter.type == "none"
+    if full and o.params == "disk" and o.optimizer != "disk":
+        raise ConfigError("offload.params=disk with full fine-tuning keeps the fp32 master weights on disk, so their "
+                          "optimizer state goes there too: set offload.optimizer=disk")
+    meta = empty_model(name, cfg.model.dtype)
+    numel = sum(p.numel() for p in meta.parameters())
+    store = open_store(cfg, numel, numel if full else 0)
+    del meta
+    if o.params == "disk":
+        model = load_streamed(name, cfg.model.dtype, store, trainable=full)
+    else:
+        model = load_base(name, cfg.model.dtype)
+    apply_adapters(model, cfg.adapter)
+    engine = OffloadEngine(model, cfg, device, dist_info, store, streamed_weights=o.params == "disk")
+    check_head(model, name)
+    engine.streamer.release_all()
+    log(f"offload: params={o.params} optimizer={o.optimizer}, store in {offload_dir(cfg)} "
+        f"({engine.pool.nbytes / 2**20:.0f} MiB of buffers)")
+    return Built(model, engine, {})
 
 
 def _check_prebuilt(cfg, prebuilt: bool) -> None:

@@ -1,0 +1,52 @@
+"""Fixed buffer pool (MemAscend): page-aligned slabs allocated once, in a few size classes sized from the
+model's units, and reused for every read and write. Host memory stays flat as the model grows: a bigger
+model means more units streamed through the same slabs, not more buffers.
+
+`acquire(cls)` blocks until a slab of that class is free, which is also the engine's back-pressure: the
+prefetcher cannot run further ahead than the slabs allow.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+
+import torch
+
+
+class Slab:
+    """One aligned buffer; `view(offset, dtype, shape)` carves tensors out of it (no copy)."""
+
+    def __init__(self, cls: str, nbytes: int):
+        self.cls, self.nbytes = cls, nbytes
+        self._map = mmap.mmap(-1, max(nbytes, mmap.PAGESIZE))  # anonymous, page-aligned, lazily backed
+        self.data = torch.frombuffer(self._map, dtype=torch.uint8)[:nbytes]
+
+    def view(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        size = n * torch.empty((), dtype=dtype).element_size()
+        if offset + size > self.nbytes:
+            raise ValueError(f"slab of {self.nbytes} bytes cannot hold {size} bytes at {offset}")
+        return self.data[offset : offset + size].view(dtype).view(tuple(shape))
+
+
+class BufferPool:
+    def __init__(self, classes: dict[str, tuple[int, int]]):
+        """classes: name -> (bytes per slab, number of slabs)."""
+        self._free = {c: [Slab(c, size) for _ in range(count)] for c, (size, count) in classes.items()}
+        self.sizes = {c: size for c, (size, count) in classes.items()}
+        self.nbytes = sum(size * count for size, count in classes.values())
+        self._cond = threading.Condition()
+
+    def acquire(self, cls: str) -> Slab:
+        with self._cond:
+            while not self._free[cls]:
+                self._cond.wait()
+            return self._free[cls].pop()
+
+    def release(self, slab: Slab) -> None:
+        with self._cond:
+            self._free[slab.cls].append(slab)
+            self._cond.notify_all()

@@ -1,0 +1,334 @@
+"""Layer streaming: forward hooks load a unit's weights into pooled slabs just before its module runs (the
+next `prefetch` units already on their way), and release them after; backward recomputes each layer
+(activation checkpointing), which loads it again in reverse order; when the last gradient of a unit's
+trainable parameters has arrived, its update is queued on a worker thread (Fuyou: the optimizer step
+overlaps the backward of the layers below), and no full-model gradient ever exists.
+
+With gradient clipping, or on the micro-steps before the last of an accumulation, a finished unit's
+gradient goes to the store (`<unit>~grad`, added to what is there) instead, and `finish_step` runs the
+updates once the global norm is known: clipping keeps its exact meaning at the price of writing and
+reading the gradients once more (4 + 4 bytes per parameter and step).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from slimtune.offload.pool import BufferPool, Slab
+from slimtune.offload.store import ALIGN, UnitStore
+from slimtune.offload.units import Unit, Use, placeholder
+from slimtune.offload.update import UnitOptimizer
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class Loaded:
+    slab: Slab | None
+    views: dict[str, torch.Tensor]
+    futures: list = field(default_factory=list)
+    ready: bool = False
+
+
+class Streamer:
+    """Owns which units are in memory. units: forward order; streamed: unit -> {param name: "frozen" |
+    "train"} for the parameters whose weights live in the store (the rest stay resident)."""
+
+    def __init__(self, units: list[Unit], uses: list[Use], store: UnitStore, pool: BufferPool,
+                 streamed: dict[str, dict[str, str]], prefetch: int, optimizer: UnitOptimizer | None,
+                 trained: dict[str, list[str]], store_names: dict[str, str]):
+        self.units = {u.name: u for u in units}
+        self.order = [u.name for u in units if u.name in streamed and streamed[u.name]]
+        self.uses, self.store, self.pool = uses, store, pool
+        self.streamed, self.prefetch, self.optimizer = streamed, prefetch, optimizer
+        self.trained = trained  # unit -> trainable params whose state is in the store (updated per unit)
+        self.store_names = store_names  # param name -> its name in the store (written before adapters renamed it)
+        self.loaded: dict[str, Loaded] = {}
+        self.loading: set[str] = set()
+        self.lock = threading.RLock()
+        self.hooks = []
+        self.waiting: dict[str, set[str]] = {}  # unit -> trainable params still without their gradient
+        self.accumulate = False  # set per micro-step: gradients to the store instead of an update
+        self.defer = False  # clipping: every update waits for finish_step
+        self.norms: dict[str, torch.Tensor] = {}  # param -> its gradient's 2-norm (clipping)
+        self.with_grad_store: set[str] = set()  # units whose ~grad holds a partial sum
+        self.worker = _Worker()
+        self.placeholder = {}
+        for u, names in streamed.items():
+            for n in names:
+                p = self.units[u].params[n]
+                self.placeholder[n] = (tuple(p.shape), p.dtype)
+                p.data = placeholder(tuple(p.shape), p.dtype)
+
+    # ------------------------------------------------------------------ slabs and loading
+
+    def slab_class(self, unit: str) -> str:
+        return "big" if unit in ("embed", "head") else "layer"
+
+    def unit_bytes(self, unit: str) -> int:
+        return sum(_align(_nbytes(*self.placeholder[n])) for n in self.streamed.get(unit, {}))
+
+    def start_load(self, unit: str) -> None:
+        """Begin reading `unit`'s weights (no-op if loaded or loading). The slab is taken outside the lock:
+        waiting for one must not stop the worker from releasing another."""
+        with self.lock:
+            if unit in self.loaded or unit in self.loading or not self.streamed.get(unit):
+                return
+            self.loading.add(unit)
+        try:
+            self.worker.wait_for(unit)  # its pending update must be on disk first
+            slab = self.pool.acquire(self.slab_class(unit))
+            views, futures, offset = {}, [], 0
+            for name, where in self.streamed[unit].items():
+                shape, dtype = self.placeholder[name]
+                views[name] = slab.view(offset, dtype, shape)
+                offset += _align(views[name].numel() * views[name].element_size())
+                store_unit = f"{unit}~frozen" if where == "frozen" else unit
+                futures.append(self.store.read(store_unit, self.store_names.get(name, name), views[name]))
+            with self.lock:
+                self.loaded[unit] = Loaded(slab, views, futures)
+        finally:
+            with self.lock:
+                self.loading.discard(unit)
+
+    def ensure(self, unit: str) -> None:
+        """`unit`'s weights in its parameters (waiting for their reads)."""
+        self.start_load(unit)
+        with self.lock:
+            entry = self.loaded.get(unit)
+        if entry is None or entry.ready:
+            return
+        for f in entry.futures:
+            f.result()
+        with self.lock:
+            if not entry.ready:
+                params = self.units[unit].params
+                for name, view in entry.views.items():
+                    params[name].data = view
+                entry.ready = True
+
+    def release(self, unit: str) -> None:
+        with self.lock:
+            entry = self.loaded.pop(unit, None)
+        if entry is None:
+            return
+        for f in entry.futures:
+            f.result()
+        params = self.units[unit].params
+        for name in entry.views:
+            params[name].data = placeholder(*self.placeholder[name])
+        self.pool.release(entry.slab)
+
+    def release_all(self) -> None:
+        self.worker.drain()
+        for unit in list(self.loaded):
+            self.release(unit)
+
+    # ------------------------------------------------------------------ hooks
+
+    def attach(self) -> None:
+        by_module: dict[int, list[Use]] = {}
+        for use in self.uses:
+            by_module.setdefault(id(use.module), []).append(use)
+        for use in self.uses:
+            if by_module.get(id(use.module)) is None:
+                continue
+            uses = by_module.pop(id(use.module))
+            self.hooks.append(use.module.register_forward_pre_hook(self._pre(uses)))
+            self.hooks.append(use.module.register_forward_hook(self._post(uses)))
+        for unit, names in self.trained.items():
+            for n in names:
+                p = self.units[unit].params[n]
+                self.hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(unit, n)))
+
+    def detach(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def _pre(self, uses: list[Use]):
+        def hook(module, args):
+            backward = in_backward()
+            for use in uses:
+                if backward:
+                    self._release_passed(use.unit)
+                self.ensure(use.unit)
+                self._prefetch_from(use.unit, reverse=backward)
+        return hook
+
+    def load_for(self, module: nn.Module) -> None:
+        """Load what `module` needs when its weights are read without calling it (the loss reads the head's
+        weight directly); they stay until the unit's update, or the step's end."""
+        for use in self.uses:
+            if use.module is module:
+                self.ensure(use.unit)
+
+    def _release_passed(self, unit: str) -> None:
+        """In backward, entering `unit` means every later unit's backward is done (autograd runs the nodes
+        of later layers first): release those that no update will release (frozen, streamed weights)."""
+        if unit not in self.order:
+            return
+        i = self.order.index(unit)
+        for later in self.order[i + 1 :]:
+            if later in self.loaded and not self._released_by_update(later):
+                self.release(later)
+
+    def _released_by_update(self, unit: str) -> bool:
+        """A unit whose streamed weights all train leaves memory after its update (its last gradient means
+        its backward is over); one with frozen weights only when backward has passed it (a frozen norm's
+        backward may come after the last LoRA factor's gradient)."""
+        names = self.streamed.get(unit, {})
+        return bool(self.trained.get(unit)) and all(w == "train" for w in names.values())
+
+    def _post(self, uses: list[Use]):
+        def hook(module, args, out):
+            if in_backward():
+                return  # a recompute: backward needs the weights, the update releases them
+            grad = torch.is_grad_enabled()
+            for use in uses:
+                keep = grad and (not use.release_after_forward or self._kept_for_backward(use.unit))
+                if not keep:
+                    self.release(use.unit)
+        return hook
+
+    def _kept_for_backward(self, unit: str) -> bool:
+        """The last `prefetch` streamed units stay loaded after a training forward: backward starts there."""
+        if unit not in self.order:
+            return True
+        i = self.order.index(unit)
+        return i >= len(self.order) - self.prefetch
+
+    def _prefetch_from(self, unit: str, reverse: bool) -> None:
+        if unit not in self.order:
+            return
+        i = self.order.index(unit)
+        ahead = self.order[max(0, i - self.prefetch) : i][::-1] if reverse else self.order[i + 1 : i + 1 + self.prefetch]
+        for u in ahead:
+            if u not in self.loaded:
+                self.start_load(u)
+
+    # ------------------------------------------------------------------ gradients and updates
+
+    def begin_backward(self, accumulate: bool, defer: bool) -> None:
+        self.accumulate, self.defer = accumulate, defer
+        self.waiting = {u: set(names) for u, names in self.trained.items() if names}
+
+    def _grad_hook(self, unit: str, name: str):
+        def hook(p: torch.Tensor) -> None:
+            pending = self.waiting.get(unit)
+            if pending is None or name not in pending:
+                return
+            pending.discard(name)
+            if not pending:
+                self._unit_ready(unit)
+        return hook
+
+    def _unit_ready(self, unit: str) -> None:
+        params = {n: self.units[unit].params[n] for n in self.trained[unit]}
+        grads = {}
+        for n, p in params.items():
+            grads[n], p.grad = p.grad, None
+        if unit in self.with_grad_store:  # the earlier micro-steps' sum (g1 + g2 == g2 + g1 exactly)
+            for n, g in grads.items():
+                old = torch.empty_like(g)
+                self.store.read(f"{unit}~grad", n, old).result()
+                g.add_(old)
+        if self.accumulate or self.defer:
+            if not self.accumulate:
+                for n, g in grads.items():
+                    self.norms[n] = torch.linalg.vector_norm(g, 2.0)
+            self.store.write_all(f"{unit}~grad", grads)
+            self.with_grad_store.add(unit)
+            if self._released_by_update(unit):
+                self.release(unit)
+            return
+        self.with_grad_store.discard(unit)
+        self.worker.submit(unit, lambda: self._update(unit, params, grads))
+
+    def _update(self, unit: str, params: dict, grads: dict) -> None:
+        self.ensure(unit)
+        self.optimizer.step(self.store, unit, params, grads, write_weights=True)
+        if self._released_by_update(unit):
+            self.release(unit)
+
+    def _always_loaded(self) -> set[str]:
+        return {u for u in self.units if not self.streamed.get(u)}
+
+    def deferred_updates(self, coef: torch.Tensor | None) -> None:
+        """Run the updates the gradient store holds (clipping: each gradient times `coef` first)."""
+        for unit in [u for u in self.order + sorted(self._always_loaded()) if u in self.with_grad_store]:
+            self._prefetch_from(unit, reverse=False)
+            params = {n: self.units[unit].params[n] for n in self.trained[unit]}
+            grads = {}
+            for n, p in params.items():
+                g = torch.empty(p.shape, dtype=torch.float32)
+                self.store.read(f"{unit}~grad", n, g).result()
+                if coef is not None:
+                    g.mul_(coef)
+                grads[n] = g
+            self.with_grad_store.discard(unit)
+            self._update(unit, params, grads)
+        self.norms = {}
+
+
+def _nbytes(shape, dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class _Worker:
+    """One thread running unit updates in submission order; `wait_for(unit)` blocks until that unit's queued
+    update is done (a read of its new version must not start before)."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue(maxsize=1)  # back-pressure: at most one unit's gradients waiting
+        self.pending: dict[str, threading.Event] = {}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="slimtune-update")
+        self.thread.start()
+
+    def submit(self, unit: str, fn) -> None:
+        self._raise()
+        done = threading.Event()
+        self.pending[unit] = done
+        self.q.put((unit, fn, done))
+
+    def _run(self) -> None:
+        while True:
+            unit, fn, done = self.q.get()
+            try:
+                if self.error is None:
+                    fn()
+            except BaseException as e:  # surfaced on the main thread at the next submit / wait
+                self.error = e
+            finally:
+                done.set()
+                self.q.task_done()
+
+    def wait_for(self, unit: str) -> None:
+        ev = self.pending.get(unit)
+        if ev is not None and threading.current_thread() is not self.thread:
+            ev.wait()
+        self._raise()
+
+    def drain(self) -> None:
+        self.q.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e

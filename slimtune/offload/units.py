@@ -1,0 +1,110 @@
+"""How a causal LM is cut into units: the input embedding, each decoder layer, the output head (unless
+tied to the embedding), and what is left (final norm, small extras) in one resident unit.
+
+Each parameter belongs to exactly one unit. `uses` lists, in forward order, the modules whose forward needs
+a unit's weights and whether they may leave memory right after that forward:
+  embedding  yes: its backward needs no weight values
+  layers     yes: their backward recomputes them (activation checkpointing), which loads them again
+  lm_head    no: the loss may keep the weight for its backward; it goes after the unit's update (a tied
+             head is the embedding's unit, loaded again at the end of forward)
+The resident unit (final norm, ...) never leaves memory: its backward needs its values and it is small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from slimtune.errors import SlimtuneError
+
+
+@dataclass
+class Unit:
+    name: str  # "embed", "layer.3", "head", "resident"
+    params: dict[str, nn.Parameter] = field(default_factory=dict)  # qualified name -> parameter
+
+    @property
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.params.items() if p.requires_grad}
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+
+@dataclass(frozen=True)
+class Use:
+    module: nn.Module
+    unit: str
+    release_after_forward: bool
+
+
+def _parts(model: nn.Module):
+    try:
+        embed, decoder, head = model.get_input_embeddings(), model.get_decoder(), model.get_output_embeddings()
+        layers = list(decoder.layers)
+    except (AttributeError, TypeError, NotImplementedError):
+        layers = None
+    if layers is None or embed is None or head is None:
+        raise SlimtuneError(f"offload: {type(model).__name__} does not expose input embeddings, decoder layers "
+                            "and an output head; offload.params/optimizer need a decoder-only causal LM")
+    return embed, layers, head
+
+
+def split_units(model: nn.Module) -> list[Unit]:
+    """Units in forward order (embed, layer.0 .. layer.N-1, head, resident), each with its parameters."""
+    embed, layers, head = _parts(model)
+    order = [("embed", embed), *((f"layer.{i}", m) for i, m in enumerate(layers)), ("head", head)]
+    owner: dict[int, str] = {}
+    for name, module in order:
+        for p in module.parameters():
+            owner.setdefault(id(p), name)
+    units = {name: Unit(name) for name, _ in order}
+    units["resident"] = Unit("resident")
+    seen = set()
+    for qname, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        units[owner.get(id(p), "resident")].params[qname] = p
+    return [u for u in units.values() if u.params]
+
+
+def uses(model: nn.Module, units: list[Unit]) -> list[Use]:
+    """The modules that need a non-resident unit's weights, in forward order."""
+    embed, layers, head = _parts(model)
+    unit_of = {id(p): u.name for u in units for p in u.params.values()}
+    out = []
+    for module, release in [(embed, True), *((m, True) for m in layers), (head, False)]:
+        names = {unit_of[id(p)] for p in module.parameters()}
+        for name in sorted(names - {"resident"}):
+            out.append(Use(module, name, release))
+    return out
+
+
+def placeholder(shape: tuple, dtype) -> "torch.Tensor":
+    """What an unloaded parameter holds: its shape (numel, grads and autograd's shape checks all work) over
+    one zero element (no memory; a stray read gives zeros, but every use is behind a load hook)."""
+    import torch
+
+    return torch.zeros((), dtype=dtype).expand(shape)
+
+
+def materialize(model: nn.Module, values: dict, dtype) -> None:
+    """Replace every meta parameter of `model` by a CPU one: values[name] where given (resident weights),
+    else a placeholder of `dtype`. Tied parameters stay tied; requires_grad is kept."""
+    import torch
+
+    new: dict[int, nn.Parameter] = {}
+    names = {}
+    for qname, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), qname)
+    for module in model.modules():
+        for attr, p in list(module._parameters.items()):
+            if p is None or p.device.type != "meta":
+                continue
+            if id(p) not in new:
+                qname = names[id(p)]
+                data = values[qname] if qname in values else placeholder(tuple(p.shape), dtype)
+                new[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
+            module._parameters[attr] = new[id(p)]

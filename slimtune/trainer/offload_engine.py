@@ -1,0 +1,264 @@
+"""The offload engine (`offload.params` / `offload.optimizer`): the Engine interface over slimtune/offload.
+
+Weights stream layer by layer from the store (offload.params=disk), every decoder layer is recomputed in
+backward, and each unit's optimizer step runs as soon as its gradients are complete, with its state read
+from and written to the store (offload.optimizer=disk). Parameters the store does not hold (LoRA factors on
+a streamed base, with offload.optimizer=none) train with an ordinary in-memory optimizer beside it.
+
+Checkpoints: the store is the checkpoint of what it holds. A snapshot (hard links + manifest, no copy) goes
+to <offload dir>/snapshots/step_N and checkpoints/step_N names it, with the in-memory rest as usual.
+`final/` is written unit by unit: an HF directory in model.dtype, never the whole model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from slimtune.errors import SlimtuneError
+from slimtune.io import atomic_dir, write_json
+from slimtune.loss import CausalLMLoss
+from slimtune.models import DTYPES
+from slimtune.offload.pool import BufferPool
+from slimtune.offload.store import UnitStore
+from slimtune.offload.stream import Streamer
+from slimtune.offload.units import split_units, uses
+from slimtune.offload.update import UnitOptimizer
+from slimtune.optim import build_optimizer
+from slimtune.trainer import checkpoint as ckpt
+from slimtune.trainer.engine import Engine, activation_checkpointing
+from slimtune.trainer.save import save_final
+
+STORE_REF = "offload_snapshot.json"  # in checkpoints/step_N: which snapshot holds the store's part
+
+
+def offload_dir(cfg) -> Path:
+    return Path(cfg.offload.dir) if cfg.offload.dir else Path(cfg.output_dir) / "offload"
+
+
+class OffloadOptimizer:
+    """What the loop holds as its optimizer: the lr group the unit updates read, plus the in-memory
+    optimizer of the parameters outside the store (if any)."""
+
+    def __init__(self, resident: torch.optim.Optimizer | None):
+        self.resident = resident
+        self.group = {"lr": 0.0}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [self.group] + (self.resident.param_groups if self.resident else [])
+
+    def state_dict(self) -> dict:
+        return self.resident.state_dict() if self.resident else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.resident:
+            self.resident.load_state_dict(state)
+
+
+class OffloadEngine(Engine):
+    def __init__(self, model: nn.Module, cfg, device: torch.device, info, store: UnitStore, streamed_weights: bool):
+        if info.enabled:
+            raise SlimtuneError("offload.* runs in one process for now; launch without torchrun")
+        if device.type != "cpu":
+            raise SlimtuneError("offload.* runs on CPU for now; set train.device=cpu")
+        t, o = cfg.train, cfg.offload
+        self.model, self.cfg, self.device, self.info, self.store = model, cfg, device, info, store
+        activation_checkpointing(model)  # backward recomputes each layer: it streams in again, in reverse
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
+        units = split_units(model)
+        on_disk = o.optimizer == "disk"
+        by_id = getattr(model, "offload_store_names", {}) if streamed_weights else {}
+        store_names = {n: by_id[id(p)] for u in units for n, p in u.params.items() if id(p) in by_id}
+        streamed = {u.name: {n: ("train" if p.requires_grad else "frozen") for n, p in u.params.items()
+                             if n in store_names and u.name != "resident"} for u in units}
+        self.trained = {u.name: [n for n, p in u.params.items() if p.requires_grad] if on_disk else [] for u in units}
+        self.in_store = {n for names in self.trained.values() for n in names}
+        index = {n: i for i, (n, p) in enumerate(model.named_parameters()) if p.requires_grad}
+        self.unit_opt = UnitOptimizer(cfg.optim, index, read_ahead=2)
+        self.pool = BufferPool(self._slab_classes(units, streamed, o.prefetch))
+        self.streamer = Streamer(units, uses(model, units), store, self.pool, streamed, o.prefetch, self.unit_opt,
+                                 self.trained, store_names)
+        self.streamer.attach()
+        self.loss_model = self.train_model = CausalLMLoss(model, t.loss_chunk_tokens, self.streamer.load_for)
+        self.coef = None
+
+    @staticmethod
+    def _slab_classes(units, streamed, prefetch: int) -> dict[str, tuple[int, int]]:
+        def size(u):
+            return sum(-(-p.numel() * p.element_size() // 4096) * 4096 for n, p in u.params.items() if n in streamed[u.name])
+
+        layer = max([size(u) for u in units if u.name.startswith("layer.")] or [0])
+        big = max([size(u) for u in units if u.name in ("embed", "head")] or [0])
+        # layers: the one computing, `prefetch` ahead, one whose update is being written
+        return {"layer": (max(layer, 4096), prefetch + 2), "big": (max(big, 4096), 1)}
+
+    # ------------------------------------------------------------------ the step
+
+    def make_optimizer(self):
+        resident = [(n, p) for n, p in self.trainable() if n not in self.in_store]
+        self.resident_opt = build_optimizer(self.cfg.optim, resident, self.cfg.train.lr) if resident else None
+        self.optimizer = OffloadOptimizer(self.resident_opt)
+        return self.optimizer
+
+    def forward_backward(self, x, y, n_targets, last: bool):
+        self.unit_opt.lr = self.optimizer.group["lr"]
+        self.streamer.begin_backward(accumulate=not last, defer=self.cfg.train.max_grad_norm > 0)
+        with self.autocast:
+            loss = self.loss_model(x.to(self.device), y.to(self.device))
+        (loss * self.info.world / n_targets.clamp(min=1)).backward()
+        self.streamer.worker.drain()  # the updates of this backward are on disk before anything else reads
+        return loss.detach().float().cpu()
+
+    def clip_grad_norm(self, max_norm: float):
+        """torch.nn.utils.clip_grad_norm_'s arithmetic over every trainable parameter, in model order: the
+        store's gradients' norms were taken when they were finished, and they are scaled at their update."""
+        if max_norm <= 0:
+            return None
+        norms = []
+        for n, p in self.trainable():
+            norms.append(self.streamer.norms[n] if n in self.in_store else torch.linalg.vector_norm(p.grad, 2.0))
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        self.coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for n, p in self.trainable():
+            if n not in self.in_store:
+                p.grad.mul_(self.coef)
+        return total
+
+    def step(self) -> None:
+        self.streamer.worker.drain()
+        self.streamer.deferred_updates(self.coef)
+        self.coef = None
+        if self.resident_opt is not None:
+            self.resident_opt.step()
+            self.resident_opt.zero_grad(set_to_none=True)
+        self.streamer.release_all()
+
+    def evaluate(self, fn):
+        try:
+            with self.autocast:
+                return fn(self.loss_model)
+        finally:
+            self.streamer.release_all()
+
+    # ------------------------------------------------------------------ checkpoints and the final save
+
+    def save_checkpoint(self, root: Path, step: int, trainer_state: dict, config_yaml: str, keep: int) -> Path:
+        snap = offload_dir(self.cfg) / "snapshots" / f"step_{step}"
+        self.store.snapshot(snap, {"step": step})
+        target = ckpt.save_checkpoint(root, step, self.model, self.optimizer, {**trainer_state, "offload": str(snap)},
+                                      config_yaml, keep, skip=self._store_params())
+        kept = {json.loads((d / "trainer_state.json").read_text()).get("offload") for d in ckpt.complete_checkpoints(root)}
+        for d in (offload_dir(self.cfg) / "snapshots").iterdir():
+            if str(d) not in kept:
+                shutil.rmtree(d, ignore_errors=True)
+        return target
+
+    def load_checkpoint(self, path: Path) -> dict:
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, skip=self._store_params())
+        snap = state.get("offload")
+        if not snap or not Path(snap).is_dir():
+            raise SlimtuneError(f"checkpoint {path}: its offload snapshot {snap!r} is missing; resume from an earlier "
+                                "checkpoint (or restore the offload dir)")
+        self.store.restore(Path(snap))
+        with torch.no_grad():  # weights kept in memory that the store also holds (the resident unit, ...)
+            for unit, names in self.trained.items():
+                for n in names:
+                    p = self.streamer.units[unit].params[n]
+                    if n not in self.streamer.placeholder:
+                        self.store.read(unit, n, p.data).result()
+        return state
+
+    def _store_params(self) -> frozenset:
+        return frozenset(self.in_store) | frozenset(self.streamer.placeholder)
+
+    def save_final(self, path: Path, base_path: str, tokenizer) -> None:
+        if self.cfg.adapter.type != "none":
+            save_final(self.model, self.cfg, path, base_path, tokenizer)  # adapters are in memory
+            return
+        dtype = DTYPES[self.cfg.model.dtype]
+        with atomic_dir(path) as tmp:
+            from safetensors.torch import save_file
+
+            weight_map, shards = {}, [u for u in self.streamer.units.values()]
+            for i, unit in enumerate(shards):
+                tensors = {}
+                for n, p in unit.params.items():
+                    if n in self.streamer.placeholder:
+                        t = torch.empty(p.shape, dtype=p.dtype)
+                        self.store.read(_store_unit(unit.name, p), self.streamer.store_names[n], t).result()
+                    else:
+                        t = p.detach()
+                    tensors[n] = t.to(dtype).contiguous()
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({n: fname for n in tensors})
+                del tensors
+            write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+            self.model.config.torch_dtype = str(dtype).removeprefix("torch.")
+            self.model.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+    def count_params(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for _, p in self.trainable())
+        total = sum(p.numel() for p in self.model.parameters())
+        return trainable, total
+
+    def report(self) -> dict:
+        s = self.store
+        return {"offload": {"params": self.cfg.offload.params, "optimizer": self.cfg.offload.optimizer,
+                            "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
+                            "io_seconds": round(s.io_seconds, 3), "buffer_pool_bytes": self.pool.nbytes,
+                            "projection_seconds": self.unit_opt.projection_seconds}}
+
+    def close(self) -> None:
+        """After a finished run: the live store goes (final/ holds the weights, checkpoints their snapshots)."""
+        self.streamer.release_all()
+        self.streamer.detach()
+        self.store.close()
+        shutil.rmtree(self.store.root, ignore_errors=True)
+
+
+def _store_unit(unit: str, p: nn.Parameter) -> str:
+    return unit if p.requires_grad else f"{unit}~frozen"
+
+
+def offload_active(cfg) -> bool:
+    """True when some weights or optimizer state go to disk (cpu = pinned host memory: nothing to do on a
+    CPU-only machine, where it equals none)."""
+    return "disk" in (cfg.offload.params, cfg.offload.optimizer)
+
+
+def open_store(cfg, numel: int, trainable: int) -> UnitStore:
+    """The run's store in offload.dir (checked writable and large enough before anything is written)."""
+    root = offload_dir(cfg)
+    try:
+        (root / "live").mkdir(parents=True, exist_ok=True)
+        probe = root / ".writable"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SlimtuneError(f"offload.dir={str(root)!r}: not writable ({e.strerror}); give a writable directory on a "
+                            "fast local disk") from None
+    need = store_bytes(cfg, numel, trainable)
+    free = shutil.disk_usage(root).free
+    if need > free:
+        raise SlimtuneError(f"offload.dir={str(root)!r}: the store needs about {need / 1e9:.1f} GB (weights, optimizer "
+                            f"state and checkpoint.keep={cfg.checkpoint.keep} snapshots) but {free / 1e9:.1f} GB are "
+                            "free; free space, lower checkpoint.keep, or point offload.dir at a larger disk")
+    return UnitStore(root / "live", cfg.offload.io_threads, cfg.offload.direct_io)
+
+
+def store_bytes(cfg, numel: int, trainable: int) -> int:
+    """An upper bound of the store's disk use: every version a snapshot can pin counted in full."""
+    o, t = cfg.offload, cfg.train
+    state = 0
+    if o.optimizer == "disk":
+        state = 4 + (2.1 if cfg.optim.state_bits == 8 else 8) + (4 if t.max_grad_norm > 0 or t.grad_accum > 1 else 0)
+    frozen = (numel - trainable) * (4 if cfg.model.dtype == "float32" else 2) if o.params == "disk" else 0
+    versions = 1 + (cfg.checkpoint.keep if cfg.checkpoint.every else 0)
+    return int(frozen + trainable * state * versions)

@@ -1,0 +1,172 @@
+"""Offloaded training equals in-memory training bit for bit on CPU fp32: the same losses step for step and
+the same final weights, for AdamW (with and without clipping, with grad_accum and batch > 1), 8-bit states,
+GaLore, and LoRA on a streamed base. The store's chunks are made small so every parameter streams in
+several pieces (8 for the embedding)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slimtune.config import load_config
+from slimtune.offload import store as S
+from slimtune.trainer import run
+
+BASE = ["model.name=tiny-llama", "model.dtype=float32", "train.seq_len=64", "train.warmup_steps=2",
+        "eval.max_batches=2", "logging.progress=false", "train.max_steps=10", "train.lr=1e-3"]
+DISK = ["offload.params=disk", "offload.optimizer=disk"]
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(S, "CHUNK", 4096)
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(final):
+    out = {}
+    for f in sorted(final.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+CASES = {
+    "adamw": ("full", ["train.max_grad_norm=0", "train.batch_size=4"]),
+    "adamw_clip_accum": ("full", ["train.max_grad_norm=0.5", "train.batch_size=2", "train.grad_accum=2"]),
+    "adamw_accum": ("full", ["train.max_grad_norm=0", "train.batch_size=3", "train.grad_accum=2"]),
+    "adamw_8bit": ("full", ["optim.state_bits=8", "train.max_grad_norm=1.0", "train.batch_size=4"]),
+    "galore": ("galore", ["optim.rank=8", "optim.update_gap=4", "train.batch_size=4"]),
+    "lora_streamed_base": ("lora", ["train.batch_size=4", "adapter.rank=4"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_offload_equals_in_memory_bitwise(case, tmp_path):
+    recipe, extra = CASES[case]
+    disk = ["offload.params=disk"] if recipe == "lora" else DISK
+    ref = run(load_config(recipe, [*BASE, *extra, f"output_dir={tmp_path / 'mem'}"]))
+    off = run(load_config(recipe, [*BASE, *extra, *disk, f"output_dir={tmp_path / 'off'}"]))
+    assert _losses(tmp_path / "off") == _losses(tmp_path / "mem")
+    assert off["eval_perplexity"] == ref["eval_perplexity"]
+    a, b = _weights(tmp_path / "mem" / "final"), _weights(tmp_path / "off" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert off["offload"]["bytes_read"] > 0 and off["offload"]["bytes_written"] > 0
+    assert not (tmp_path / "off" / "offload" / "live").exists()  # the finished run's live store is gone
+
+
+KILLER = """
+import os, signal, sys
+from slimtune.config import load_config
+from slimtune.trainer import run
+from slimtune.trainer.hooks import Hooks
+
+class KillMidStep(Hooks):
+    def after_backward(self, model, step):
+        if step == 5:  # step 6's units are already updated in the live store, no checkpoint has them
+            os.kill(os.getpid(), signal.SIGKILL)
+
+run(load_config("full", sys.argv[1:]), hooks=[KillMidStep()])
+"""
+
+
+def _cli(*args, check=True):
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "WANDB_MODE": "offline"})
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_kill_mid_step_then_resume_gives_the_same_losses(tmp_path):
+    args = [*BASE, *DISK, "train.max_grad_norm=0", "train.batch_size=4", "checkpoint.every=2", "checkpoint.keep=2"]
+    ref = tmp_path / "ref"
+    _cli("-m", "slimtune", "run", "full", *args, f"output_dir={ref}")
+    b = tmp_path / "b"
+    killed = _cli("-c", KILLER, *args, f"output_dir={b}", check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    assert sorted(p.name for p in (b / "offload" / "snapshots").iterdir()) == ["step_2", "step_4"]
+    _cli("-m", "slimtune", "run", "full", *args, f"output_dir={b}", "resume=true")
+    assert _losses(b) == _losses(ref) and len(_losses(b)) == 10
+    assert _weights(b / "final").keys() == _weights(ref / "final").keys()
+    assert all(torch.equal(x, _weights(b / "final")[k]) for k, x in _weights(ref / "final").items())
+
+
+def test_a_corrupted_store_file_stops_the_run_naming_it(tmp_path):
+    out = tmp_path / "run"
+    args = [*BASE, *DISK, "train.batch_size=4", "checkpoint.every=2", "train.max_steps=3", f"output_dir={out}"]
+    _cli("-m", "slimtune", "run", "full", *args)
+    layer = next((out / "offload" / "snapshots" / "step_2").glob("layer.1.*.bin"))
+    data = bytearray(layer.read_bytes())
+    data[8192 + 100] ^= 0x01  # a byte of the first tensor's data (the header takes the first block(s))
+    layer.write_bytes(bytes(data))
+    before = (out / "metrics.jsonl").read_text()
+    r = _cli("-m", "slimtune", "run", "full", *args[:-2], "train.max_steps=5", f"output_dir={out}", "resume=true",
+             check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
+    assert "checksum mismatch" in last and layer.name.rsplit(".", 2)[0] in last
+    assert (out / "metrics.jsonl").read_text().startswith(before)  # nothing trained after the bad read
+
+
+def test_full_disk_mid_run_is_a_clear_error_and_the_checkpoint_resumes(tmp_path, monkeypatch):
+    import errno
+
+    from slimtune.errors import SlimtuneError
+
+    args = [*BASE, *DISK, "train.max_grad_norm=0", "train.batch_size=4", "checkpoint.every=2", "checkpoint.keep=2"]
+    run(load_config("full", [*args, f"output_dir={tmp_path / 'ref'}"]))
+    real, calls = S.os.pwritev, {"n": 0}
+
+    def pwritev(fd, bufs, offset):
+        if (tmp_path / "b" / "checkpoints" / "step_4").is_dir():
+            calls["n"] += 1
+            if calls["n"] > 40:  # the disk fills up in the middle of step 5 or 6
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(S.os, "pwritev", pwritev)
+    with pytest.raises(SlimtuneError, match="no space left on the device"):
+        run(load_config("full", [*args, f"output_dir={tmp_path / 'b'}"]))
+    monkeypatch.setattr(S.os, "pwritev", real)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    run(load_config("full", [*args, f"output_dir={tmp_path / 'b'}", "resume=true"]))
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["offload.params=disk"], "set offload.optimizer=disk"),
+    (["offload.params=disk", "offload.optimizer=disk", "quant.method=nf4", "adapter.type=lora"], "quantized base"),
+    (["offload.optimizer=disk", "offload.prefetch=0"], "offload.prefetch=0 must be >= 1"),
+    (["offload.optimizer=disk", "optim.in_backward=true", "train.max_grad_norm=0"], "drop optim.in_backward"),
+])
+def test_bad_offload_settings_are_one_line(override, needle, tmp_path):
+    r = _cli("-m", "slimtune", "run", "full", *BASE, *override, f"output_dir={tmp_path / 'o'}", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert needle in [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_unwritable_or_too_small_offload_dir(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from slimtune.errors import SlimtuneError
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(SlimtuneError, match="offload.dir=.*not writable"):
+        run(load_config("full", [*BASE, *DISK, f"offload.dir={blocked / 'sub'}", f"output_dir={tmp_path / 'a'}"]))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(SlimtuneError, match=r"the store needs about .* GB .* but 0.0 GB are free"):
+        run(load_config("full", [*BASE, *DISK, f"output_dir={tmp_path / 'b'}"]))
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
