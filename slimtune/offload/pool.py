@@ -46,6 +46,12 @@ class BufferPool:
                 self._cond.wait()
             return self._free[cls].pop()
 
+    def try_acquire(self, cls: str) -> Slab | None:
+        """A free slab of `cls`, or None at once (prefetching must never wait for a slab: the one it would
+        wait for may be held by the very compute that is to run first)."""
+        with self._cond:
+            return self._free[cls].pop() if self._free[cls] else None
+
     def release(self, slab: Slab) -> None:
         with self._cond:
             self._free[slab.cls].append(slab)

@@ -133,6 +133,8 @@ class UnitStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.direct = direct
         self.pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="slimtune-io")
+        # commits wait for their writes: on their own thread, never holding an I/O thread
+        self.committer = ThreadPoolExecutor(1, thread_name_prefix="slimtune-commit")
         self.files: dict[str, str] = {}  # unit -> current file name
         self.entries: dict[str, dict[str, Entry]] = {}  # unit -> tensor name -> entry (current file)
         self.metas: dict[str, dict] = {}  # unit -> its JSON metadata
@@ -314,6 +316,7 @@ class UnitStore:
         return entries, meta.get("meta", {})
 
     def close(self) -> None:
+        self.committer.shutdown(wait=True)
         self.pool.shutdown(wait=True)
 
 

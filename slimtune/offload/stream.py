@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from slimtune.offload.pool import BufferPool, Slab
 from slimtune.offload.store import ALIGN, UnitStore
@@ -55,7 +56,8 @@ class Streamer:
         self.trained = trained  # unit -> trainable params whose state is in the store (updated per unit)
         self.store_names = store_names  # param name -> its name in the store (written before adapters renamed it)
         self.loaded: dict[str, Loaded] = {}
-        self.loading: set[str] = set()
+        self.loading: dict[str, threading.Event] = {}  # unit -> set once its load entry exists
+        self.commits: dict = {}  # unit -> future of its new version's commit (+ release)
         self.lock = threading.RLock()
         self.hooks = []
         self.waiting: dict[str, set[str]] = {}  # unit -> trainable params still without their gradient
@@ -79,16 +81,23 @@ class Streamer:
     def unit_bytes(self, unit: str) -> int:
         return sum(_align(_nbytes(*self.placeholder[n])) for n in self.streamed.get(unit, {}))
 
-    def start_load(self, unit: str) -> None:
+    def start_load(self, unit: str, wait: bool = True) -> None:
         """Begin reading `unit`'s weights (no-op if loaded or loading). The slab is taken outside the lock:
-        waiting for one must not stop the worker from releasing another."""
+        waiting for one must not stop the worker from releasing another. wait=False (a prefetch): skip if
+        no slab is free or the unit's update is still pending, rather than block."""
         with self.lock:
             if unit in self.loaded or unit in self.loading or not self.streamed.get(unit):
                 return
-            self.loading.add(unit)
+            if not wait and (self.worker.is_pending(unit) or unit in self.commits):
+                return
+            slab = None if wait else self.pool.try_acquire(self.slab_class(unit))
+            if not wait and slab is None:
+                return
+            self.loading[unit] = threading.Event()
         try:
             self.worker.wait_for(unit)  # its pending update must be on disk first
-            slab = self.pool.acquire(self.slab_class(unit))
+            self.wait_commit(unit)
+            slab = slab or self.pool.acquire(self.slab_class(unit))
             views, futures, offset = {}, [], 0
             for name, where in self.streamed[unit].items():
                 shape, dtype = self.placeholder[name]
@@ -100,14 +109,22 @@ class Streamer:
                 self.loaded[unit] = Loaded(slab, views, futures)
         finally:
             with self.lock:
-                self.loading.discard(unit)
+                self.loading.pop(unit).set()
 
     def ensure(self, unit: str) -> None:
-        """`unit`'s weights in its parameters (waiting for their reads)."""
+        """`unit`'s weights in its parameters (waiting for their reads, or for another thread's load)."""
         self.start_load(unit)
         with self.lock:
+            started = self.loading.get(unit)
+        if started is not None:
+            started.wait()
+        with self.lock:
             entry = self.loaded.get(unit)
-        if entry is None or entry.ready:
+        if entry is None:
+            if self.streamed.get(unit):
+                raise RuntimeError(f"offload: unit {unit} was released while it was needed")  # a bug if reached
+            return
+        if entry.ready:
             return
         for f in entry.futures:
             f.result()
@@ -130,14 +147,28 @@ class Streamer:
             params[name].data = placeholder(*self.placeholder[name])
         self.pool.release(entry.slab)
 
-    def release_all(self) -> None:
+    def wait_commit(self, unit: str) -> None:
+        f = self.commits.pop(unit, None)
+        if f is not None:
+            f.result()
+
+    def drain(self) -> None:
+        """Every queued update done and committed (errors of either surface here)."""
         self.worker.drain()
+        for unit in list(self.commits):
+            self.wait_commit(unit)
+
+    def release_all(self) -> None:
+        self.drain()
         for unit in list(self.loaded):
             self.release(unit)
 
     # ------------------------------------------------------------------ hooks
 
     def attach(self) -> None:
+        """Hooks on every module that uses streamed weights. A decoder layer's forward is also wrapped in
+        activation checkpointing here, with the load inside the checkpointed function: the recompute in
+        backward must load the layer again, and module hooks (outside the checkpoint) do not run then."""
         by_module: dict[int, list[Use]] = {}
         for use in self.uses:
             by_module.setdefault(id(use.module), []).append(use)
@@ -145,8 +176,13 @@ class Streamer:
             if by_module.get(id(use.module)) is None:
                 continue
             uses = by_module.pop(id(use.module))
-            self.hooks.append(use.module.register_forward_pre_hook(self._pre(uses)))
-            self.hooks.append(use.module.register_forward_hook(self._post(uses)))
+            module = use.module
+            if any(u.recompute for u in uses):
+                self.hooks.append(_Restore(module, "forward", module.forward))
+                module.forward = self._checkpointed(module, module.forward, uses)
+            else:
+                self.hooks.append(module.register_forward_pre_hook(self._pre(uses)))
+            self.hooks.append(module.register_forward_hook(self._post(uses)))
         for unit, names in self.trained.items():
             for n in names:
                 p = self.units[unit].params[n]
@@ -157,15 +193,59 @@ class Streamer:
             h.remove()
         self.hooks = []
 
+    def _checkpointed(self, module: nn.Module, forward, uses: list[Use]):
+        def run(*args, **kwargs):
+            self._enter(uses)
+            return forward(*args, **kwargs)
+
+        def wrapped(*args, **kwargs):
+            if module.training and torch.is_grad_enabled():
+                return checkpoint(run, *args, use_reentrant=False, **kwargs)
+            return run(*args, **kwargs)
+
+        return wrapped
+
     def _pre(self, uses: list[Use]):
         def hook(module, args):
-            backward = in_backward()
-            for use in uses:
-                if backward:
-                    self._release_passed(use.unit)
-                self.ensure(use.unit)
-                self._prefetch_from(use.unit, reverse=backward)
+            self._enter(uses)
         return hook
+
+    def _enter(self, uses: list[Use]) -> None:
+        """Before a module computes: its units loaded, the next ones on their way (the previous ones in
+        backward, where the units backward has passed are let go)."""
+        backward = in_backward()
+        for use in uses:
+            if backward:
+                self._release_passed(use.unit)
+            self.ensure(use.unit)
+            self._prefetch_from(use.unit, reverse=backward)
+
+    def _post(self, uses: list[Use]):
+        def hook(module, args, out):
+            if in_backward():
+                return  # a recompute: backward needs the weights, the update releases them
+            grad = torch.is_grad_enabled()
+            for use in uses:
+                keep = grad and (not use.release_after_forward or self._kept_for_backward(use.unit))
+                if not keep:
+                    self.release(use.unit)
+        return hook
+
+    def _kept_for_backward(self, unit: str) -> bool:
+        """The last `prefetch` streamed units stay loaded after a training forward: backward starts there."""
+        if unit not in self.order:
+            return True
+        i = self.order.index(unit)
+        return i >= len(self.order) - self.prefetch
+
+    def _prefetch_from(self, unit: str, reverse: bool) -> None:
+        if unit not in self.order:
+            return
+        i = self.order.index(unit)
+        ahead = self.order[max(0, i - self.prefetch) : i][::-1] if reverse else self.order[i + 1 : i + 1 + self.prefetch]
+        for u in ahead:
+            if u not in self.loaded:
+                self.start_load(u, wait=False)
 
     def load_for(self, module: nn.Module) -> None:
         """Load what `module` needs when its weights are read without calling it (the loss reads the head's
@@ -216,7 +296,7 @@ class Streamer:
         ahead = self.order[max(0, i - self.prefetch) : i][::-1] if reverse else self.order[i + 1 : i + 1 + self.prefetch]
         for u in ahead:
             if u not in self.loaded:
-                self.start_load(u)
+                self.start_load(u, wait=False)
 
     # ------------------------------------------------------------------ gradients and updates
 
@@ -257,10 +337,17 @@ class Streamer:
         self.worker.submit(unit, lambda: self._update(unit, params, grads))
 
     def _update(self, unit: str, params: dict, grads: dict) -> None:
+        """Update, then commit on the store's commit thread: the next unit's update need not wait for these
+        writes. The weights' slab is released once they are written."""
         self.ensure(unit)
-        self.optimizer.step(self.store, unit, params, grads, write_weights=True)
-        if self._released_by_update(unit):
-            self.release(unit)
+        writer = self.optimizer.step(self.store, unit, params, grads, write_weights=True)
+
+        def finish():
+            writer.commit()
+            if self._released_by_update(unit):
+                self.release(unit)
+
+        self.commits[unit] = self.store.committer.submit(finish)
 
     def _always_loaded(self) -> set[str]:
         return {u for u in self.units if not self.streamed.get(u)}
@@ -287,6 +374,17 @@ def _nbytes(shape, dtype) -> int:
     for s in shape:
         n *= s
     return n * torch.empty((), dtype=dtype).element_size()
+
+
+class _Restore:
+    """A handle putting a patched attribute back (like a hook handle's remove())."""
+
+    def __init__(self, obj, attr: str, value):
+        self.obj, self.attr, self.value = obj, attr, value
+
+    def remove(self) -> None:
+        if self.attr in vars(self.obj):
+            delattr(self.obj, self.attr)  # the instance attribute goes; the class's method shows again
 
 
 class _Worker:
@@ -317,6 +415,10 @@ class _Worker:
             finally:
                 done.set()
                 self.q.task_done()
+
+    def is_pending(self, unit: str) -> bool:
+        ev = self.pending.get(unit)
+        return ev is not None and not ev.is_set()
 
     def wait_for(self, unit: str) -> None:
         ev = self.pending.get(unit)

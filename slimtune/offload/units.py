@@ -37,6 +37,7 @@ class Use:
     module: nn.Module
     unit: str
     release_after_forward: bool
+    recompute: bool = False  # a decoder layer: backward runs its forward again (activation checkpointing)
 
 
 def _parts(model: nn.Module):
@@ -75,10 +76,10 @@ def uses(model: nn.Module, units: list[Unit]) -> list[Use]:
     embed, layers, head = _parts(model)
     unit_of = {id(p): u.name for u in units for p in u.params.values()}
     out = []
-    for module, release in [(embed, True), *((m, True) for m in layers), (head, False)]:
+    for module, release, again in [(embed, True, False), *((m, True, True) for m in layers), (head, False, False)]:
         names = {unit_of[id(p)] for p in module.parameters()}
         for name in sorted(names - {"resident"}):
-            out.append(Use(module, name, release))
+            out.append(Use(module, name, release, again))
     return out
 
 

@@ -36,8 +36,10 @@ class UnitOptimizer:
     """cfg: OptimConfig. `index` numbers every trainable parameter of the model (the per-parameter seeds
     of random subspaces, as optimizer-in-backward does). `lr` is set by the loop every step."""
 
-    def __init__(self, cfg, index: dict[str, int], read_ahead: int = 2):
+    def __init__(self, cfg, index: dict[str, int], pool=None, read_ahead: int = 4):
+        """pool: a BufferPool with a "chunk" class (CHUNK fp32 values per slab, 2 x (read_ahead + 2) of them)."""
         self.cfg, self.index, self.read_ahead = cfg, index, read_ahead
+        self.pool = pool
         self.lr = 0.0
         self.projection_seconds = 0.0
 
@@ -61,9 +63,10 @@ class UnitOptimizer:
 
     @torch.no_grad()
     def step(self, store: UnitStore, unit: str, params: dict[str, nn.Parameter], grads: dict[str, torch.Tensor],
-             write_weights: bool) -> None:
-        """Update `params` in place (their .data: the fp32 master weights) from `grads`, and write the unit's
-        new version: the weights (if write_weights) and every state tensor."""
+             write_weights: bool):
+        """Update `params` in place (their .data: the fp32 master weights) from `grads`, and queue the unit's
+        new version: the weights (if write_weights) and every state tensor. Returns the writer, whose commit()
+        (waiting for the writes) makes it the current version."""
         old = StateSource(store, unit)
         meta, small, specs, chunked = {}, {}, [], []
         for name, p in params.items():
@@ -82,15 +85,14 @@ class UnitOptimizer:
         try:
             for k, t in small.items():
                 writer.write(k, t)
-            for name, p, g, adam in chunked:
-                self._adamw_chunks(name, p, g, adam, old, writer)
+            self._adamw_chunks(chunked, old, writer)
             if write_weights:
                 for name, p in params.items():
                     writer.write(name, p.data)
         except BaseException:
             writer.abort()
             raise
-        writer.commit()
+        return writer
 
     def _generic(self, name: str, p: nn.Parameter, g: torch.Tensor, old: "StateSource") -> tuple[dict, dict]:
         cfg = dataclasses.replace(self.cfg, seed=self.cfg.seed * 1_000_003 + self.index[name])
@@ -108,41 +110,52 @@ class UnitOptimizer:
         return ({k: v.contiguous() for k, v in out.items() if isinstance(v, torch.Tensor)},
                 {k: v for k, v in out.items() if not isinstance(v, torch.Tensor)})
 
-    def _adamw_chunks(self, name: str, p: nn.Parameter, g: torch.Tensor, specs: dict, old: "StateSource",
-                      writer) -> None:
+    def _adamw_chunks(self, jobs: list, old: "StateSource", writer) -> None:
+        """Chunked AdamW over every (parameter, chunk) of the unit in one pipeline: the moments of the next
+        `read_ahead` chunks are being read into pooled slabs while one chunk is updated, and a slab goes
+        back to the pool when its write is done."""
         group = {"lr": self.lr, "betas": tuple(self.cfg.betas), "eps": self.cfg.eps,
                  "weight_decay": self.cfg.weight_decay, "state_bits": self.cfg.state_bits}
-        step_key = state_key(name, "step")
-        whole = [k for k in specs if k.endswith("_absmax")]  # one value per 256 elements: read whole
-        chunked = [k for k in specs if k != step_key and k not in whole]
-        fresh = not old.has(step_key)
-        step = torch.zeros((), dtype=torch.float32) if fresh else old.read(step_key).result()
-        absmax = {k: torch.zeros(specs[k][1], dtype=specs[k][0]) if fresh else old.read(k).result() for k in whole}
-        w, grad, n = p.data.reshape(-1), g.reshape(-1), p.numel()
         chunk = store_mod.CHUNK
-        starts = list(range(0, n, chunk))
+        plan, params = [], []
+        for name, p, g, specs in jobs:
+            step_key = state_key(name, "step")
+            whole = [k for k in specs if k.endswith("_absmax")]  # one value per 256 elements: read whole
+            fresh = not old.has(step_key)
+            params.append({
+                "name": name, "w": p.data.reshape(-1), "g": g.reshape(-1), "specs": specs, "fresh": fresh,
+                "chunked": [k for k in specs if k != step_key and k not in whole],
+                "step": torch.zeros((), dtype=torch.float32) if fresh else old.read(step_key).result(),
+                "absmax": {k: torch.zeros(specs[k][1], dtype=specs[k][0]) if fresh else old.read(k).result()
+                           for k in whole}})
+            plan += [(len(params) - 1, s, min(p.numel(), s + chunk)) for s in range(0, p.numel(), chunk)]
 
-        def fetch(start):
-            count = min(n, start + chunk) - start
-            if fresh:
-                return {k: _done(torch.zeros(count, dtype=specs[k][0])) for k in chunked}
-            return {k: old.read(k, start, count) for k in chunked}
+        def fetch(j: int, start: int, stop: int) -> dict:
+            job, out = params[j], {}
+            for k in job["chunked"]:
+                slab = self.pool.acquire("chunk")
+                view = slab.view(0, job["specs"][k][0], (stop - start,))
+                out[k] = (slab, view, _done(view.zero_()) if job["fresh"] else old.store.read(old.unit, k, view, start))
+            return out
 
-        ahead = deque(fetch(s) for s in starts[: self.read_ahead])
-        for i, start in enumerate(starts):
-            stop = min(n, start + chunk)
-            if i + self.read_ahead < len(starts):
-                ahead.append(fetch(starts[i + self.read_ahead]))
-            st = {"step": step.clone(), **{k.split(":", 1)[1]: f.result() for k, f in ahead.popleft().items()}}
-            for k in whole:
-                st[k.split(":", 1)[1]] = absmax[k][start // BLOCK : -(-stop // BLOCK)]
-            adamw_update(st, w[start:stop], grad[start:stop].float(), group)
-            for k in chunked:
-                writer.write(k, st[k.split(":", 1)[1]], start)
-            new_step = st["step"]
-        for k in whole:
-            writer.write(k, absmax[k])
-        writer.write(step_key, new_step)
+        ahead = deque(fetch(*plan[i]) for i in range(min(self.read_ahead, len(plan))))
+        for i, (j, start, stop) in enumerate(plan):
+            if i + self.read_ahead < len(plan):
+                ahead.append(fetch(*plan[i + self.read_ahead]))
+            job, bufs = params[j], ahead.popleft()
+            st = {"step": job["step"].clone()}
+            for k, (slab, view, f) in bufs.items():
+                f.result()
+                st[k.split(":", 1)[1]] = view
+            for k, t in job["absmax"].items():
+                st[k.split(":", 1)[1]] = t[start // BLOCK : -(-stop // BLOCK)]
+            adamw_update(st, job["w"][start:stop], job["g"][start:stop].float(), group)
+            for k, (slab, view, f) in bufs.items():
+                writer.write(k, view, start).add_done_callback(lambda _, s=slab: self.pool.release(s))
+            if stop == job["w"].numel():  # the parameter's last chunk: its step and scales
+                for k, t in job["absmax"].items():
+                    writer.write(k, t)
+                writer.write(state_key(job["name"], "step"), st["step"])
 
 
 def _done(value):

@@ -24,16 +24,31 @@ from slimtune.io import atomic_dir, write_json
 from slimtune.loss import CausalLMLoss
 from slimtune.models import DTYPES
 from slimtune.offload.pool import BufferPool
+from slimtune.offload import store as store_mod
 from slimtune.offload.store import UnitStore
 from slimtune.offload.stream import Streamer
 from slimtune.offload.units import split_units, uses
 from slimtune.offload.update import UnitOptimizer
 from slimtune.optim import build_optimizer
 from slimtune.trainer import checkpoint as ckpt
-from slimtune.trainer.engine import Engine, activation_checkpointing
+from slimtune.trainer.engine import Engine
 from slimtune.trainer.save import save_final
 
-STORE_REF = "offload_snapshot.json"  # in checkpoints/step_N: which snapshot holds the store's part
+READ_AHEAD = 4  # state chunks read ahead of the one being updated
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, where the churn of
+    per-layer gradients and temporaries fragments it and RSS creeps up to about twice the live memory.
+    Large blocks mmap'd (threshold 128 KiB, fixed) go back to the OS when freed: RSS stays the live set."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 def offload_dir(cfg) -> Path:
@@ -67,8 +82,10 @@ class OffloadEngine(Engine):
         if device.type != "cpu":
             raise SlimtuneError("offload.* runs on CPU for now; set train.device=cpu")
         t, o = cfg.train, cfg.offload
+        _return_freed_memory()
         self.model, self.cfg, self.device, self.info, self.store = model, cfg, device, info, store
-        activation_checkpointing(model)  # backward recomputes each layer: it streams in again, in reverse
+        # backward recomputes each decoder layer (streamer.attach wraps their forward in checkpointing, with
+        # the load inside, so the recompute loads the layer again, in reverse order)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
         units = split_units(model)
         on_disk = o.optimizer == "disk"
@@ -79,8 +96,8 @@ class OffloadEngine(Engine):
         self.trained = {u.name: [n for n, p in u.params.items() if p.requires_grad] if on_disk else [] for u in units}
         self.in_store = {n for names in self.trained.values() for n in names}
         index = {n: i for i, (n, p) in enumerate(model.named_parameters()) if p.requires_grad}
-        self.unit_opt = UnitOptimizer(cfg.optim, index, read_ahead=2)
-        self.pool = BufferPool(self._slab_classes(units, streamed, o.prefetch))
+        self.pool = BufferPool(self._slab_classes(units, streamed, o.prefetch, READ_AHEAD))
+        self.unit_opt = UnitOptimizer(cfg.optim, index, self.pool, READ_AHEAD)
         self.streamer = Streamer(units, uses(model, units), store, self.pool, streamed, o.prefetch, self.unit_opt,
                                  self.trained, store_names)
         self.streamer.attach()
@@ -88,14 +105,16 @@ class OffloadEngine(Engine):
         self.coef = None
 
     @staticmethod
-    def _slab_classes(units, streamed, prefetch: int) -> dict[str, tuple[int, int]]:
+    def _slab_classes(units, streamed, prefetch: int, read_ahead: int) -> dict[str, tuple[int, int]]:
         def size(u):
             return sum(-(-p.numel() * p.element_size() // 4096) * 4096 for n, p in u.params.items() if n in streamed[u.name])
 
         layer = max([size(u) for u in units if u.name.startswith("layer.")] or [0])
         big = max([size(u) for u in units if u.name in ("embed", "head")] or [0])
-        # layers: the one computing, `prefetch` ahead, one whose update is being written
-        return {"layer": (max(layer, 4096), prefetch + 2), "big": (max(big, 4096), 1)}
+        # layers: the one computing, `prefetch` ahead, one whose update is being written; chunks: the moments
+        # (two tensors) of `read_ahead` chunks being read, one being updated, one being written
+        return {"layer": (max(layer, 4096), prefetch + 2), "big": (max(big, 4096), 1),
+                "chunk": (store_mod.CHUNK * 4, 2 * (read_ahead + 2))}
 
     # ------------------------------------------------------------------ the step
 
@@ -111,7 +130,7 @@ class OffloadEngine(Engine):
         with self.autocast:
             loss = self.loss_model(x.to(self.device), y.to(self.device))
         (loss * self.info.world / n_targets.clamp(min=1)).backward()
-        self.streamer.worker.drain()  # the updates of this backward are on disk before anything else reads
+        self.streamer.drain()  # the updates of this backward are on disk before anything else reads
         return loss.detach().float().cpu()
 
     def clip_grad_norm(self, max_norm: float):
@@ -130,7 +149,7 @@ class OffloadEngine(Engine):
         return total
 
     def step(self) -> None:
-        self.streamer.worker.drain()
+        self.streamer.drain()
         self.streamer.deferred_updates(self.coef)
         self.coef = None
         if self.resident_opt is not None:
@@ -149,6 +168,7 @@ class OffloadEngine(Engine):
 
     def save_checkpoint(self, root: Path, step: int, trainer_state: dict, config_yaml: str, keep: int) -> Path:
         snap = offload_dir(self.cfg) / "snapshots" / f"step_{step}"
+        self.streamer.drain()
         self.store.snapshot(snap, {"step": step})
         target = ckpt.save_checkpoint(root, step, self.model, self.optimizer, {**trainer_state, "offload": str(snap)},
                                       config_yaml, keep, skip=self._store_params())

@@ -1,7 +1,8 @@
 """Offloaded training equals in-memory training bit for bit on CPU fp32: the same losses step for step and
 the same final weights, for AdamW (with and without clipping, with grad_accum and batch > 1), 8-bit states,
-GaLore, and LoRA on a streamed base. The store's chunks are made small so every parameter streams in
-several pieces (8 for the embedding)."""
+GaLore, and LoRA on a streamed base; on tiny-llama (tied head, 2 layers: everything fits the slabs) and on
+a 6-layer untied model at offload.prefetch=1 (layers leave memory after their forward and are loaded again
+by backward's recompute). The store's chunks are made small so parameters stream in several pieces."""
 
 import json
 
@@ -44,10 +45,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("model", ["tiny-llama", "deep"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_offload_equals_in_memory_bitwise(case, tmp_path):
+def test_offload_equals_in_memory_bitwise(case, model, tmp_path, request):
     recipe, extra = CASES[case]
     disk = ["offload.params=disk"] if recipe == "lora" else DISK
+    if model == "deep":
+        extra = [*extra, f"model.name={request.getfixturevalue('deep_tiny')}", "train.max_steps=6"]
+        disk = [*disk, "offload.prefetch=1"]
     ref = run(load_config(recipe, [*BASE, *extra, f"output_dir={tmp_path / 'mem'}"]))
     off = run(load_config(recipe, [*BASE, *extra, *disk, f"output_dir={tmp_path / 'off'}"]))
     assert _losses(tmp_path / "off") == _losses(tmp_path / "mem")
