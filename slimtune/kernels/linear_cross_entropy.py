@@ -219,8 +219,8 @@ class ChunkedLinearCE(torch.autograd.Function):
                 if scale != 1.0:
                     dlogits.mul_(scale)
                 grad_h[s : s + chunk] = (dlogits.to(dtype) @ w).to(h.dtype)
-                if need_w:
-                    grad_w += dlogits.T @ hc.float()
+                if need_w:  # in place: `grad_w += dlogits.T @ hc` would hold a second (V, H) fp32 temporary
+                    grad_w.addmm_(dlogits.T, hc.float())
                 if need_b:
                     grad_b += dlogits.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -228,11 +228,14 @@ class ChunkedLinearCE(torch.autograd.Function):
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        # scaled in place (the buffers are this function's own and backward runs once): a (V, H) fp32 copy
+        # of the head's gradient would double its memory at the peak of a step
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype)
-        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        gb = (grad_b * grad_out).to(ctx.weight_dtype) if grad_b is not None else None
+        gh = grad_h.mul_(grad_out.to(grad_h.dtype))
+        gw = grad_w.mul_(grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        gb = grad_b.mul_(grad_out).to(ctx.weight_dtype) if grad_b is not None else None
         return gh, gw, gb, None, None, None, None, None
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,7 @@ class Streamer:
         self.loaded: dict[str, Loaded] = {}
         self.loading: dict[str, threading.Event] = {}  # unit -> set once its load entry exists
         self.commits: dict = {}  # unit -> future of its new version's commit (+ release)
+        self.wait_seconds = 0.0  # the main thread blocked on reads and updates (I/O not hidden by compute)
         self.lock = threading.RLock()
         self.hooks = []
         self.waiting: dict[str, set[str]] = {}  # unit -> trainable params still without their gradient
@@ -126,8 +128,11 @@ class Streamer:
             return
         if entry.ready:
             return
+        t0 = time.perf_counter()
         for f in entry.futures:
             f.result()
+        if threading.current_thread() is threading.main_thread():
+            self.wait_seconds += time.perf_counter() - t0
         with self.lock:
             if not entry.ready:
                 params = self.units[unit].params
@@ -154,9 +159,11 @@ class Streamer:
 
     def drain(self) -> None:
         """Every queued update done and committed (errors of either surface here)."""
+        t0 = time.perf_counter()
         self.worker.drain()
         for unit in list(self.commits):
             self.wait_commit(unit)
+        self.wait_seconds += time.perf_counter() - t0
 
     def release_all(self) -> None:
         self.drain()
@@ -392,7 +399,10 @@ class _Worker:
     update is done (a read of its new version must not start before)."""
 
     def __init__(self):
-        self.q: queue.Queue = queue.Queue(maxsize=1)  # back-pressure: at most one unit's gradients waiting
+        self.q: queue.Queue = queue.Queue()
+        # back-pressure: one unit's update at a time; backward may finish the next unit's gradients meanwhile,
+        # but waits there (so at most two units' gradients exist at once)
+        self.slot = threading.Semaphore(1)
         self.pending: dict[str, threading.Event] = {}
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name="slimtune-update")
@@ -400,6 +410,7 @@ class _Worker:
 
     def submit(self, unit: str, fn) -> None:
         self._raise()
+        self.slot.acquire()
         done = threading.Event()
         self.pending[unit] = done
         self.q.put((unit, fn, done))
@@ -414,6 +425,7 @@ class _Worker:
                 self.error = e
             finally:
                 done.set()
+                self.slot.release()
                 self.q.task_done()
 
     def is_pending(self, unit: str) -> bool:

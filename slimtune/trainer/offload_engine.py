@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -103,6 +104,8 @@ class OffloadEngine(Engine):
         self.streamer.attach()
         self.loss_model = self.train_model = CausalLMLoss(model, t.loss_chunk_tokens, self.streamer.load_for)
         self.coef = None
+        self.io = {"steps": 0, "read": 0, "written": 0, "io_seconds": 0.0, "wait_seconds": 0.0, "seconds": 0.0}
+        self._step_start = None
 
     @staticmethod
     def _slab_classes(units, streamed, prefetch: int, read_ahead: int) -> dict[str, tuple[int, int]]:
@@ -125,6 +128,10 @@ class OffloadEngine(Engine):
         return self.optimizer
 
     def forward_backward(self, x, y, n_targets, last: bool):
+        if self._step_start is None:  # the step's first micro-step: its I/O is counted from here
+            s = self.store
+            self._step_start = (time.perf_counter(), s.bytes_read, s.bytes_written, s.io_seconds,
+                                self.streamer.wait_seconds)
         self.unit_opt.lr = self.optimizer.group["lr"]
         self.streamer.begin_backward(accumulate=not last, defer=self.cfg.train.max_grad_norm > 0)
         with self.autocast:
@@ -156,6 +163,12 @@ class OffloadEngine(Engine):
             self.resident_opt.step()
             self.resident_opt.zero_grad(set_to_none=True)
         self.streamer.release_all()
+        t0, r0, w0, io0, wait0 = self._step_start
+        s, self._step_start = self.store, None
+        for key, delta in (("seconds", time.perf_counter() - t0), ("read", s.bytes_read - r0),
+                           ("written", s.bytes_written - w0), ("io_seconds", s.io_seconds - io0),
+                           ("wait_seconds", self.streamer.wait_seconds - wait0), ("steps", 1)):
+            self.io[key] += delta
 
     def evaluate(self, fn):
         try:
@@ -229,11 +242,21 @@ class OffloadEngine(Engine):
         return trainable, total
 
     def report(self) -> dict:
-        s = self.store
-        return {"offload": {"params": self.cfg.offload.params, "optimizer": self.cfg.offload.optimizer,
-                            "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
-                            "io_seconds": round(s.io_seconds, 3), "buffer_pool_bytes": self.pool.nbytes,
-                            "projection_seconds": self.unit_opt.projection_seconds}}
+        """report.json's `offload`: per training step (evals and setup excluded) the bytes read and written,
+        the achieved GB/s, the I/O threads' busy time (io_seconds, summed over threads), the time the training
+        thread waited for I/O or updates (wait_seconds) and computed (compute_seconds), and the share of I/O
+        time hidden behind compute: 1 - wait / (io_seconds / io_threads)."""
+        s, io, n = self.store, self.io, max(self.io["steps"], 1)
+        io_wall = io["io_seconds"] / max(self.cfg.offload.io_threads, 1)
+        return {"offload": {
+            "params": self.cfg.offload.params, "optimizer": self.cfg.offload.optimizer,
+            "bytes_read_per_step": io["read"] / n, "bytes_written_per_step": io["written"] / n,
+            "gb_per_second": (io["read"] + io["written"]) / 1e9 / max(io["seconds"], 1e-9),
+            "io_seconds_per_step": io["io_seconds"] / n, "wait_seconds_per_step": io["wait_seconds"] / n,
+            "compute_seconds_per_step": (io["seconds"] - io["wait_seconds"]) / n,
+            "io_hidden_fraction": max(0.0, 1 - io["wait_seconds"] / io_wall) if io_wall else None,
+            "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,  # whole run, setup and evals included
+            "buffer_pool_bytes": self.pool.nbytes, "projection_seconds": self.unit_opt.projection_seconds}}
 
     def close(self) -> None:
         """After a finished run: the live store goes (final/ holds the weights, checkpoints their snapshots)."""
