@@ -67,9 +67,12 @@ def make_model(path: Path, layers: int, hidden: int, intermediate: int) -> None:
     tmp.rename(path)
 
 
-def run_child(cmd: list[str], env: dict | None = None) -> tuple[int, dict, float]:
-    """(peak RSS bytes of that child, its last /proc io counters, wall seconds)."""
+def run_child(cmd: list[str], env: dict | None = None, disk: Path | None = None) -> tuple[int, dict, float]:
+    """(peak RSS bytes of that child, its last /proc io counters (+ "disk_peak_bytes": the most the file
+    system of `disk` filled up while it ran), wall seconds)."""
     t = time.perf_counter()
+    start_free = shutil.disk_usage(disk).free if disk else 0
+    min_free = start_free
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, cwd=ROOT)
     io = {}
     while True:
@@ -80,7 +83,11 @@ def run_child(cmd: list[str], env: dict | None = None) -> tuple[int, dict, float
             io = dict(line.split(": ") for line in Path(f"/proc/{proc.pid}/io").read_text().splitlines())
         except OSError:
             pass
+        if disk:
+            min_free = min(min_free, shutil.disk_usage(disk).free)
         time.sleep(0.5)
+    if disk:
+        io["disk_peak_bytes"] = start_free - min_free
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         sys.exit(f"offload_vs_deepspeed: {' '.join(cmd)} failed (exit {code})")
@@ -96,7 +103,7 @@ def slimtune_side(model: Path, work: Path, steps: int, scale: bool) -> dict:
             "offload.prefetch=1", f"output_dir={out}"]
     if scale:
         args += ["checkpoint.every=1", "checkpoint.keep=1"]
-    peak, io, wall = run_child([sys.executable, "-m", "slimtune", "run", "full", *args])
+    peak, io, wall = run_child([sys.executable, "-m", "slimtune", "run", "full", *args], disk=work if scale else None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     secs = [b["seconds"] - a["seconds"] for a, b in zip([{"seconds": 0.0}] + rows, rows)]
     report = json.loads((out / "report.json").read_text())
@@ -106,8 +113,9 @@ def slimtune_side(model: Path, work: Path, steps: int, scale: bool) -> dict:
               "read_bytes_per_step": off["bytes_read_per_step"], "written_bytes_per_step": off["bytes_written_per_step"],
               "io_hidden_fraction": off["io_hidden_fraction"], "gb_per_second": off["gb_per_second"],
               "buffer_pool_bytes": off["buffer_pool_bytes"], "losses": [r["loss"] for r in rows]}
-    if scale:
-        result["disk_bytes"] = _du(out) + _du(model)
+    if scale:  # the source model, plus the most the run added at once (store, snapshot, final/)
+        result["disk_bytes"] = _du(model) + io["disk_peak_bytes"]
+        result["eval_perplexity"] = [report["eval_perplexity_before"], report["eval_perplexity"]]
     shutil.rmtree(out / "final", ignore_errors=True)
     return result
 
