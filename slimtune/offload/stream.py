@@ -278,33 +278,6 @@ class Streamer:
         names = self.streamed.get(unit, {})
         return bool(self.trained.get(unit)) and all(w == "train" for w in names.values())
 
-    def _post(self, uses: list[Use]):
-        def hook(module, args, out):
-            if in_backward():
-                return  # a recompute: backward needs the weights, the update releases them
-            grad = torch.is_grad_enabled()
-            for use in uses:
-                keep = grad and (not use.release_after_forward or self._kept_for_backward(use.unit))
-                if not keep:
-                    self.release(use.unit)
-        return hook
-
-    def _kept_for_backward(self, unit: str) -> bool:
-        """The last `prefetch` streamed units stay loaded after a training forward: backward starts there."""
-        if unit not in self.order:
-            return True
-        i = self.order.index(unit)
-        return i >= len(self.order) - self.prefetch
-
-    def _prefetch_from(self, unit: str, reverse: bool) -> None:
-        if unit not in self.order:
-            return
-        i = self.order.index(unit)
-        ahead = self.order[max(0, i - self.prefetch) : i][::-1] if reverse else self.order[i + 1 : i + 1 + self.prefetch]
-        for u in ahead:
-            if u not in self.loaded:
-                self.start_load(u, wait=False)
-
     # ------------------------------------------------------------------ gradients and updates
 
     def begin_backward(self, accumulate: bool, defer: bool) -> None:
