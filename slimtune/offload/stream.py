@@ -60,6 +60,7 @@ class Streamer:
         self.loading: dict[str, threading.Event] = {}  # unit -> set once its load entry exists
         self.commits: dict = {}  # unit -> future of its new version's commit (+ release)
         self.wait_seconds = 0.0  # the main thread blocked on reads and updates (I/O not hidden by compute)
+        self.reduce = None  # reduce(grads): the gradients over ranks (torchrun), before a unit's update
         self.lock = threading.RLock()
         self.hooks = []
         self.waiting: dict[str, set[str]] = {}  # unit -> trainable params still without their gradient
@@ -304,6 +305,8 @@ class Streamer:
                 old = torch.empty_like(g)
                 self.store.read(f"{unit}~grad", n, old).result()
                 g.add_(old)
+        if not self.accumulate and self.reduce is not None:
+            self.reduce(list(grads.values()))  # under torchrun: every rank's sum, as DDP's last micro-step
         if self.accumulate or self.defer:
             if not self.accumulate:
                 for n, g in grads.items():

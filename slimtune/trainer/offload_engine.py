@@ -56,6 +56,11 @@ def offload_dir(cfg) -> Path:
     return Path(cfg.offload.dir) if cfg.offload.dir else Path(cfg.output_dir) / "offload"
 
 
+def live_dir(cfg, rank: int) -> Path:
+    """Each rank streams from its own store (snapshots are rank 0's, restored by every rank)."""
+    return offload_dir(cfg) / ("live" if rank == 0 else f"live.rank{rank}")
+
+
 class OffloadOptimizer:
     """What the loop holds as its optimizer: the lr group the unit updates read, plus the in-memory
     optimizer of the parameters outside the store (if any)."""
@@ -78,8 +83,6 @@ class OffloadOptimizer:
 
 class OffloadEngine(Engine):
     def __init__(self, model: nn.Module, cfg, device: torch.device, info, store: UnitStore, streamed_weights: bool):
-        if info.enabled:
-            raise SlimtuneError("offload.* runs in one process for now; launch without torchrun")
         if device.type != "cpu":
             raise SlimtuneError("offload.* runs on CPU for now; set train.device=cpu")
         t, o = cfg.train, cfg.offload
@@ -102,6 +105,8 @@ class OffloadEngine(Engine):
         self.streamer = Streamer(units, uses(model, units), store, self.pool, streamed, o.prefetch, self.unit_opt,
                                  self.trained, store_names)
         self.streamer.attach()
+        if info.enabled:
+            self.streamer.reduce = self._all_reduce
         self.loss_model = self.train_model = CausalLMLoss(model, t.loss_chunk_tokens, self.streamer.load_for)
         self.coef = None
         self.io = {"steps": 0, "read": 0, "written": 0, "io_seconds": 0.0, "wait_seconds": 0.0, "seconds": 0.0}
@@ -140,9 +145,24 @@ class OffloadEngine(Engine):
         self.streamer.drain()  # the updates of this backward are on disk before anything else reads
         return loss.detach().float().cpu()
 
+    def _all_reduce(self, grads: list[torch.Tensor]) -> None:
+        """DDP's reduction, bit for bit: each gradient times 1 / world size, then summed over ranks."""
+        import torch.distributed as tdist
+
+        for g in grads:
+            g.mul_(1.0 / self.info.world)
+            tdist.all_reduce(g, op=tdist.ReduceOp.SUM)
+
+    def _reduce_resident(self) -> None:
+        """The gradients outside the store (in-memory optimizer), reduced over ranks like the store's."""
+        if self.info.enabled:
+            grads = [p.grad for n, p in self.trainable() if n not in self.in_store and p.grad is not None]
+            self._all_reduce(grads)
+
     def clip_grad_norm(self, max_norm: float):
         """torch.nn.utils.clip_grad_norm_'s arithmetic over every trainable parameter, in model order: the
         store's gradients' norms were taken when they were finished, and they are scaled at their update."""
+        self._reduce_resident()  # the loop calls this once per step, after the last micro-step's backward
         if max_norm <= 0:
             return None
         norms = []
@@ -276,24 +296,24 @@ def offload_active(cfg) -> bool:
     return "disk" in (cfg.offload.params, cfg.offload.optimizer)
 
 
-def open_store(cfg, numel: int, trainable: int) -> UnitStore:
+def open_store(cfg, numel: int, trainable: int, rank: int = 0, world: int = 1) -> UnitStore:
     """The run's store in offload.dir (checked writable and large enough before anything is written)."""
     root = offload_dir(cfg)
     try:
-        (root / "live").mkdir(parents=True, exist_ok=True)
-        probe = root / ".writable"
+        live_dir(cfg, rank).mkdir(parents=True, exist_ok=True)
+        probe = live_dir(cfg, rank) / ".writable"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         raise SlimtuneError(f"offload.dir={str(root)!r}: not writable ({e.strerror}); give a writable directory on a "
                             "fast local disk") from None
-    need = store_bytes(cfg, numel, trainable)
+    need = store_bytes(cfg, numel, trainable) * world  # every rank's store on this disk
     free = shutil.disk_usage(root).free
     if need > free:
         raise SlimtuneError(f"offload.dir={str(root)!r}: the store needs about {need / 1e9:.1f} GB (weights, optimizer "
                             f"state and checkpoint.keep={cfg.checkpoint.keep} snapshots) but {free / 1e9:.1f} GB are "
                             "free; free space, lower checkpoint.keep, or point offload.dir at a larger disk")
-    return UnitStore(root / "live", cfg.offload.io_threads, cfg.offload.direct_io)
+    return UnitStore(live_dir(cfg, rank), cfg.offload.io_threads, cfg.offload.direct_io)
 
 
 def store_bytes(cfg, numel: int, trainable: int) -> int:

@@ -82,7 +82,7 @@ def _build_offloaded(cfg, device, dist_info, log) -> Built:
                           "optimizer state goes there too: set offload.optimizer=disk")
     meta = empty_model(name, cfg.model.dtype)
     numel = sum(p.numel() for p in meta.parameters())
-    store = open_store(cfg, numel, numel if full else 0)
+    store = open_store(cfg, numel, numel if full else 0, dist_info.rank, dist_info.world)
     del meta
     if o.params == "disk":
         model = load_streamed(name, cfg.model.dtype, store, trainable=full)
