@@ -21,6 +21,7 @@ import torch.nn as nn
 from slimtune.adapters import adapter_modules
 from slimtune.errors import SlimtuneError
 from slimtune.io import atomic_dir, write_json
+from slimtune.models import DTYPES, empty_model
 from slimtune.quant import FrozenQuantLinear, bits_per_param, dequantize_weight, is_quantized_linear
 from slimtune.registry import ADAPTERS, QUANT_FORMATS
 
@@ -100,15 +101,14 @@ def read_manifest(path: Path) -> dict:
 
 def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild the model of a quantized checkpoint on CPU: quantized linears, adapters (LoRA factors), the
-    rest in `dtype`; every parameter frozen."""
+    rest in `dtype`; every parameter frozen. The architecture is built on the meta device and the stored
+    tensors are assigned into it: no full-precision copy of the model is ever allocated."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     manifest = read_manifest(path)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-    model.config.use_cache = False
+    model = empty_model(str(path), next(k for k, v in DTYPES.items() if v == dtype))
     # adapters first: a quantized base lives at "<adapter>.base", which exists once the adapter wraps
     for name, spec in manifest["adapters"].items():
         _replace(model, path, name, lambda old, s=spec: ADAPTERS.get(s["type"])(old, s["rank"], s["alpha"]))
@@ -134,7 +134,7 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     if extra:
         raise SlimtuneError(f"{path / WEIGHTS}: tensor {extra[0]!r} is not in the model the manifest {MANIFEST} "
                             "describes; the manifest does not match the tensors")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     for p in model.parameters():  # frozen, factors included: the adapters stage decides what trains
         p.requires_grad_(False)
