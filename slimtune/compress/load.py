@@ -22,21 +22,27 @@ def load_base(name: str, dtype: str = "float32") -> nn.Module:
     return load_model(name, dtype)
 
 
-def load_streamed(name: str, dtype: str, store, trainable: bool) -> nn.Module:
+def load_streamed(name: str, dtype: str, store, trainable: bool, quant=None) -> nn.Module:
     """The architecture of `name` on the meta device, its weights streamed tensor by tensor from the
-    memory-mapped safetensors files into `store` (an offload UnitStore), one unit (decoder layer) at a
-    time: no code path holds more than one unit. Weights that will train are stored as fp32 master weights
-    (store unit `<unit>`), frozen ones in `dtype` (`<unit>~frozen`). The resident unit (final norm, ...) is
-    loaded into the model itself. Returns the model (streamed parameters still on meta)."""
+    safetensors files into `store` (an offload UnitStore), one unit (decoder layer) at a time: no code path
+    holds more than one unit. Weights that will train are stored as fp32 master weights (store unit
+    `<unit>`), frozen ones in `dtype` (`<unit>~frozen`). With `quant` (a uniform slimtune format) each decoder
+    layer is quantized as it passes (its codes and scales stored instead), exactly as quantize_base would.
+    The resident unit (final norm, ...) is loaded into the model itself."""
     import torch
 
     from slimtune.offload.units import materialize, split_units
 
     model = empty_model(name, dtype)
     files = safetensor_files(name)
+    owner = {qname: (module, attr) for module_name, module in model.named_modules()
+             for attr, p in module._parameters.items() if p is not None
+             for qname in [f"{module_name}.{attr}" if module_name else attr]}
+    quantize = quant is not None and quant.method != "none"
     headers: dict = {}
     resident: dict = {}
     target = torch.float32 if trainable else DTYPES[dtype]
+    model.offload_store_buffers = {}  # (id(module), attr) -> the buffer's name in the store
     for unit in split_units(model):
         tensors = {}
         for qname, p in unit.params.items():
@@ -47,16 +53,50 @@ def load_streamed(name: str, dtype: str, store, trainable: bool) -> nn.Module:
             if tuple(t.shape) != tuple(p.shape):
                 raise SlimtuneError(f"{files[qname]}: tensor {qname!r} is {tuple(t.shape)}, the model's config "
                                     f"says {tuple(p.shape)}")
-            tensors[qname] = t.to(target).contiguous()
+            # quantize_base's path: loaded in bf16, what stays unquantized cast to model.dtype afterwards
+            tensors[qname] = (t.to(torch.bfloat16).to(target) if quantize else t.to(target)).contiguous()
         if unit.name == "resident":
             resident.update(tensors)
             continue
+        if quantize and unit.name.startswith("layer."):
+            tensors = _quantize_layer(model, unit.name, tensors, owner, quant, dtype)
         store.write_all(unit.name if trainable else f"{unit.name}~frozen", tensors)
+        del tensors
     materialize(model, resident, target)
     # the store knows each parameter by its name now; adapters wrapping a linear rename it (q_proj.weight ->
     # q_proj.base.weight), so the engine finds the stored name through the parameter itself
     model.offload_store_names = {id(p): n for n, p in model.named_parameters()}
     return model
+
+
+def _quantize_layer(model, unit: str, tensors: dict, owner: dict, quant, dtype: str) -> dict:
+    """Quantize decoder layer `unit` (its tensors given, in bf16) in place; returns every tensor it now holds
+    by qualified name: frozen params in model.dtype, the quantized linears' codes and scales."""
+    from slimtune.offload.units import placeholder
+    from slimtune.quant import quantize_model
+
+    layer = list(model.get_decoder().layers)[int(unit.split(".", 1)[1])]
+    for qname, t in tensors.items():
+        module, attr = owner[qname]
+        module._parameters[attr] = nn.Parameter(t, requires_grad=False)
+    quantize_model(layer, quant.method, backend="slimtune", block_size=quant.block_size,
+                   double_quant=quant.double_quant, compute_dtype=DTYPES[dtype])
+    prefix = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for local, module in layer.named_modules():
+        base = prefix[id(module)]
+        for attr, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            t = p.detach().to(DTYPES[dtype]).contiguous()
+            out[f"{base}.{attr}"] = t
+            module._parameters[attr] = nn.Parameter(placeholder(tuple(t.shape), t.dtype), requires_grad=False)
+        for attr, b in list(module._buffers.items()):
+            if b is not None and attr not in module._non_persistent_buffers_set:
+                out[f"{base}.{attr}"] = b.contiguous()
+                model.offload_store_buffers[(id(module), attr)] = f"{base}.{attr}"
+                module._buffers[attr] = placeholder(tuple(b.shape), b.dtype)  # in memory only when streamed in
+    return out
 
 
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",

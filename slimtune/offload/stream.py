@@ -69,12 +69,28 @@ class Streamer:
         self.norms: dict[str, torch.Tensor] = {}  # param -> its gradient's 2-norm (clipping)
         self.with_grad_store: set[str] = set()  # units whose ~grad holds a partial sum
         self.worker = _Worker()
-        self.placeholder = {}
+        self.placeholder = {}  # name of every streamed tensor -> (shape, dtype)
         for u, names in streamed.items():
             for n in names:
-                p = self.units[u].params[n]
-                self.placeholder[n] = (tuple(p.shape), p.dtype)
-                p.data = placeholder(tuple(p.shape), p.dtype)
+                t = self._get(u, n)
+                self.placeholder[n] = (tuple(t.shape), t.dtype)
+                self._set(u, n, placeholder(tuple(t.shape), t.dtype))
+
+    def _get(self, unit: str, name: str) -> torch.Tensor:
+        u = self.units[unit]
+        if name in u.params:
+            return u.params[name]
+        module, attr = u.buffers[name]
+        return module._buffers[attr]
+
+    def _set(self, unit: str, name: str, value: torch.Tensor) -> None:
+        """Point a streamed parameter (its .data) or buffer (a quantized base's codes) at `value`."""
+        u = self.units[unit]
+        if name in u.params:
+            u.params[name].data = value
+        else:
+            module, attr = u.buffers[name]
+            module._buffers[attr] = value
 
     # ------------------------------------------------------------------ slabs and loading
 
@@ -136,9 +152,8 @@ class Streamer:
             self.wait_seconds += time.perf_counter() - t0
         with self.lock:
             if not entry.ready:
-                params = self.units[unit].params
                 for name, view in entry.views.items():
-                    params[name].data = view
+                    self._set(unit, name, view)
                 entry.ready = True
 
     def release(self, unit: str) -> None:
@@ -148,9 +163,8 @@ class Streamer:
             return
         for f in entry.futures:
             f.result()
-        params = self.units[unit].params
         for name in entry.views:
-            params[name].data = placeholder(*self.placeholder[name])
+            self._set(unit, name, placeholder(*self.placeholder[name]))
         self.pool.release(entry.slab)
 
     def wait_commit(self, unit: str) -> None:

@@ -23,6 +23,7 @@ from slimtune.errors import SlimtuneError
 class Unit:
     name: str  # "embed", "layer.3", "head", "resident"
     params: dict[str, nn.Parameter] = field(default_factory=dict)  # qualified name -> parameter
+    buffers: dict[str, tuple] = field(default_factory=dict)  # qualified name -> (module, attr): streamed codes
 
     @property
     def trainable(self) -> dict[str, nn.Parameter]:
@@ -52,8 +53,9 @@ def _parts(model: nn.Module):
     return embed, layers, head
 
 
-def split_units(model: nn.Module) -> list[Unit]:
-    """Units in forward order (embed, layer.0 .. layer.N-1, head, resident), each with its parameters."""
+def split_units(model: nn.Module, buffers: set[str] = frozenset()) -> list[Unit]:
+    """Units in forward order (embed, layer.0 .. layer.N-1, head, resident), each with its parameters and
+    the named `buffers` its modules hold (a quantized base's codes and scales, streamed like weights)."""
     embed, layers, head = _parts(model)
     order = [("embed", embed), *((f"layer.{i}", m) for i, m in enumerate(layers)), ("head", head)]
     owner: dict[int, str] = {}
@@ -68,7 +70,14 @@ def split_units(model: nn.Module) -> list[Unit]:
             continue
         seen.add(id(p))
         units[owner.get(id(p), "resident")].params[qname] = p
-    return [u for u in units.values() if u.params]
+    if buffers:
+        inside = {id(m): name for name, module in order for m in module.modules()}
+        for mod_name, mod in model.named_modules():
+            for attr in mod._buffers:
+                qname = f"{mod_name}.{attr}" if mod_name else attr
+                if qname in buffers:
+                    units[inside.get(id(mod), "resident")].buffers[qname] = (mod, attr)
+    return [u for u in units.values() if u.params or u.buffers]
 
 
 def uses(model: nn.Module, units: list[Unit]) -> list[Use]:

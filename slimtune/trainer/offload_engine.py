@@ -91,12 +91,18 @@ class OffloadEngine(Engine):
         # backward recomputes each decoder layer (streamer.attach wraps their forward in checkpointing, with
         # the load inside, so the recompute loads the layer again, in reverse order)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
-        units = split_units(model)
         on_disk = o.optimizer == "disk"
+        # names in the store (written before adapters renamed q_proj.weight to q_proj.base.weight ...)
         by_id = getattr(model, "offload_store_names", {}) if streamed_weights else {}
+        by_buffer = getattr(model, "offload_store_buffers", {}) if streamed_weights else {}
+        buffers = {f"{mn}.{attr}": by_buffer[(id(m), attr)] for mn, m in model.named_modules() for attr in m._buffers
+                   if (id(m), attr) in by_buffer}
+        units = split_units(model, set(buffers))
         store_names = {n: by_id[id(p)] for u in units for n, p in u.params.items() if id(p) in by_id}
-        streamed = {u.name: {n: ("train" if p.requires_grad else "frozen") for n, p in u.params.items()
-                             if n in store_names and u.name != "resident"} for u in units}
+        store_names.update(buffers)
+        streamed = {u.name: {n: ("train" if n in u.params and u.params[n].requires_grad else "frozen")
+                             for n in [*u.params, *u.buffers] if n in store_names and u.name != "resident"}
+                    for u in units}
         self.trained = {u.name: [n for n, p in u.params.items() if p.requires_grad] if on_disk else [] for u in units}
         self.in_store = {n for names in self.trained.values() for n in names}
         index = {n: i for i, (n, p) in enumerate(model.named_parameters()) if p.requires_grad}
@@ -115,7 +121,8 @@ class OffloadEngine(Engine):
     @staticmethod
     def _slab_classes(units, streamed, prefetch: int, read_ahead: int) -> dict[str, tuple[int, int]]:
         def size(u):
-            return sum(-(-p.numel() * p.element_size() // 4096) * 4096 for n, p in u.params.items() if n in streamed[u.name])
+            tensors = [*u.params.items(), *((n, m._buffers[a]) for n, (m, a) in u.buffers.items())]
+            return sum(-(-t.numel() * t.element_size() // 4096) * 4096 for n, t in tensors if n in streamed[u.name])
 
         layer = max([size(u) for u in units if u.name.startswith("layer.")] or [0])
         big = max([size(u) for u in units if u.name in ("embed", "head")] or [0])
@@ -255,11 +262,6 @@ class OffloadEngine(Engine):
             self.model.config.torch_dtype = str(dtype).removeprefix("torch.")
             self.model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-
-    def count_params(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for _, p in self.trainable())
-        total = sum(p.numel() for p in self.model.parameters())
-        return trainable, total
 
     def report(self) -> dict:
         """report.json's `offload`: per training step (evals and setup excluded) the bytes read and written,

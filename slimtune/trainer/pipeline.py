@@ -70,9 +70,10 @@ def _build_offloaded(cfg, device, dist_info, log) -> Built:
     (offload.params=disk) or loaded as usual, adapters, then OffloadEngine; the loss check runs last (it
     needs the engine's streaming)."""
     name, o = cfg.model.name, cfg.offload
-    if is_quantized_checkpoint(name) or cfg.quant.method != "none":
-        raise ConfigError("offload.* with a quantized base is not supported yet; use quant.method=none (a plain "
-                          "base, streamed in model.dtype) or offload.params=none offload.optimizer=none")
+    if is_quantized_checkpoint(name) or needs_lowrank(cfg) or cfg.quant.backend != "slimtune":
+        raise ConfigError("offload.* takes a plain base or one quantized on load with a slimtune format (quant.method="
+                          "nf4, int8, nf3, ...; quant.backend=slimtune); LQ-LoRA / LoftQ / EoRA bases and quantized "
+                          "checkpoints are not streamed yet")
     if cfg.train.precision != "default":
         raise ConfigError(f"train.precision={cfg.train.precision} with offload.* is not supported yet; use "
                           "train.precision=default")
@@ -85,9 +86,10 @@ def _build_offloaded(cfg, device, dist_info, log) -> Built:
     store = open_store(cfg, numel, numel if full else 0, dist_info.rank, dist_info.world)
     del meta
     if o.params == "disk":
-        model = load_streamed(name, cfg.model.dtype, store, trainable=full)
+        model = load_streamed(name, cfg.model.dtype, store, trainable=full, quant=cfg.quant)
     else:
-        model = load_base(name, cfg.model.dtype)
+        model = load_base(name, load_dtype(cfg))
+        quantize_base(model, cfg)
     apply_adapters(model, cfg.adapter)
     engine = OffloadEngine(model, cfg, device, dist_info, store, streamed_weights=o.params == "disk")
     check_head(model, name)

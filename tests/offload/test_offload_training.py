@@ -42,6 +42,9 @@ CASES = {
     "adamw_8bit": ("full", ["optim.state_bits=8", "train.max_grad_norm=1.0", "train.batch_size=4"]),
     "galore": ("galore", ["optim.rank=8", "optim.update_gap=4", "train.batch_size=4"]),
     "lora_streamed_base": ("lora", ["train.batch_size=4", "adapter.rank=4"]),
+    "qlora_streamed_nf4_base": ("qlora", ["train.batch_size=4", "adapter.rank=4"]),
+    "lora_streamed_nf3_base": ("lora", ["train.batch_size=4", "adapter.rank=4", "quant.method=nf3",
+                                        "quant.block_size=32"]),
 }
 
 
@@ -49,7 +52,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_offload_equals_in_memory_bitwise(case, model, tmp_path, request):
     recipe, extra = CASES[case]
-    disk = ["offload.params=disk"] if recipe == "lora" else DISK
+    disk = ["offload.params=disk"] if recipe in ("lora", "qlora") else DISK
     if model == "deep":
         extra = [*extra, f"model.name={request.getfixturevalue('deep_tiny')}", "train.max_steps=6"]
         disk = [*disk, "offload.prefetch=1"]
@@ -149,7 +152,9 @@ def test_full_disk_mid_run_is_a_clear_error_and_the_checkpoint_resumes(tmp_path,
 
 @pytest.mark.parametrize("override, needle", [
     (["offload.params=disk"], "set offload.optimizer=disk"),
-    (["offload.params=disk", "offload.optimizer=disk", "quant.method=nf4", "adapter.type=lora"], "quantized base"),
+    (["offload.params=disk", "quant.method=lq_lora", "adapter.type=lq_lora"], "not streamed yet"),
+    (["offload.params=disk", "quant.method=nf4", "adapter.type=lora", "quant.backend=bitsandbytes"],
+     "quant.backend=slimtune"),
     (["offload.optimizer=disk", "offload.prefetch=0"], "offload.prefetch=0 must be >= 1"),
     (["offload.optimizer=disk", "optim.in_backward=true", "train.max_grad_norm=0"], "drop optim.in_backward"),
 ])
