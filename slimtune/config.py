@@ -138,6 +138,9 @@ class OffloadConfig:
     prefetch: int = _help("units (decoder layers) read ahead of the one computing", 2)
     io_threads: int = _help("threads doing the store's reads and writes", 4)
     direct_io: bool = _help("O_DIRECT reads/writes (bypass the page cache) where the file system allows", True)
+    activations: str = _help("backward: keep each layer's activations in RAM (weights loaded again when backward "
+                             "reads them) | recompute each layer from its input | auto (keep when they fit in 1/8 "
+                             "of RAM and the streamed weights are plain)", "auto", ("auto", "keep", "recompute"))
 
 
 @dataclass(frozen=True)
@@ -448,6 +451,9 @@ def _validate_offload(cfg: RecipeConfig) -> None:
     if cfg.optim.name == "frugal" and cfg.optim.subspace == "modules":
         raise ConfigError("optim.subspace=modules picks whole parameters across the model, which the offload "
                           "engine (one layer at a time) cannot do; use another optim.subspace or offload.*=none")
+    if o.activations == "keep" and o.params == "disk" and cfg.quant.method != "none":
+        raise ConfigError("offload.activations=keep would keep each layer's dequantized weights for backward on a "
+                          "quantized streamed base; use offload.activations=recompute (or auto)")
     if cfg.optim.name == "adamw8bit":
         raise ConfigError("optim.name=adamw8bit (bitsandbytes) keeps its state on its own; with offload.* use "
                           "optim.name=adamw optim.state_bits=8 (slimtune's 8-bit states, streamed to disk)")

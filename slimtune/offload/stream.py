@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from slimtune.offload.pool import BufferPool, Slab
+from slimtune.offload.saved import SavedWeights
 from slimtune.offload.store import ALIGN, UnitStore
 from slimtune.offload.units import Unit, Use, placeholder
 from slimtune.offload.update import UnitOptimizer
@@ -69,6 +70,7 @@ class Streamer:
         self.norms: dict[str, torch.Tensor] = {}  # param -> its gradient's 2-norm (clipping)
         self.with_grad_store: set[str] = set()  # units whose ~grad holds a partial sum
         self.worker = _Worker()
+        self.saved = SavedWeights(self._ready_views, self._backward_load)  # offload.activations=keep
         self.placeholder = {}  # name of every streamed tensor -> (shape, dtype)
         for u, names in streamed.items():
             for n in names:
@@ -241,6 +243,18 @@ class Streamer:
                 self._release_passed(use.unit)
             self.ensure(use.unit)
             self._prefetch_from(use.unit, reverse=backward)
+
+    def _ready_views(self) -> dict[str, dict[str, torch.Tensor]]:
+        with self.lock:
+            return {u: e.views for u, e in self.loaded.items() if e.ready}
+
+    def _backward_load(self, unit: str) -> dict[str, torch.Tensor]:
+        """Backward reads `unit`'s saved weights (activations kept): load it, as a recompute would."""
+        self._release_passed(unit)
+        self.ensure(unit)
+        self._prefetch_from(unit, reverse=True)
+        with self.lock:
+            return self.loaded[unit].views
 
     def _post(self, uses: list[Use]):
         def hook(module, args, out):

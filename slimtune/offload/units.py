@@ -4,7 +4,9 @@ tied to the embedding), and what is left (final norm, small extras) in one resid
 Each parameter belongs to exactly one unit. `uses` lists, in forward order, the modules whose forward needs
 a unit's weights and whether they may leave memory right after that forward:
   embedding  yes: its backward needs no weight values
-  layers     yes: their backward recomputes them (activation checkpointing), which loads them again
+  layers     yes: their backward recomputes them (activation checkpointing), which loads them again, or
+             (activations kept) reads the saved weights through the streamer's saved-tensor hooks, which
+             load them again
   lm_head    no: the loss may keep the weight for its backward; it goes after the unit's update (a tied
              head is the embedding's unit, loaded again at the end of forward)
 The resident unit (final norm, ...) never leaves memory: its backward needs its values and it is small.
@@ -80,12 +82,13 @@ def split_units(model: nn.Module, buffers: set[str] = frozenset()) -> list[Unit]
     return [u for u in units.values() if u.params or u.buffers]
 
 
-def uses(model: nn.Module, units: list[Unit]) -> list[Use]:
-    """The modules that need a non-resident unit's weights, in forward order."""
+def uses(model: nn.Module, units: list[Unit], recompute: bool = True) -> list[Use]:
+    """The modules that need a non-resident unit's weights, in forward order (recompute: decoder layers
+    run again in backward)."""
     embed, layers, head = _parts(model)
     unit_of = {id(p): u.name for u in units for p in u.params.values()}
     out = []
-    for module, release, again in [(embed, True, False), *((m, True, True) for m in layers), (head, False, False)]:
+    for module, release, again in [(embed, True, False), *((m, True, recompute) for m in layers), (head, False, False)]:
         names = {unit_of[id(p)] for p in module.parameters()}
         for name in sorted(names - {"resident"}):
             out.append(Use(module, name, release, again))

@@ -48,11 +48,16 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("activations", ["keep", "recompute"])
 @pytest.mark.parametrize("model", ["tiny-llama", "deep"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_offload_equals_in_memory_bitwise(case, model, tmp_path, request):
+def test_offload_equals_in_memory_bitwise(case, model, activations, tmp_path, request):
     recipe, extra = CASES[case]
+    quantized = recipe == "qlora" or any(e.startswith("quant.method") for e in extra)
+    if quantized and activations == "keep":
+        pytest.skip("a quantized streamed base recomputes (keep is refused: see test_bad_offload_settings)")
     disk = ["offload.params=disk"] if recipe in ("lora", "qlora") else DISK
+    disk = [*disk, f"offload.activations={activations}"]
     if model == "deep":
         extra = [*extra, f"model.name={request.getfixturevalue('deep_tiny')}", "train.max_steps=6"]
         disk = [*disk, "offload.prefetch=1"]
@@ -63,6 +68,9 @@ def test_offload_equals_in_memory_bitwise(case, model, tmp_path, request):
     a, b = _weights(tmp_path / "mem" / "final"), _weights(tmp_path / "off" / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert off["offload"]["bytes_read"] > 0 and off["offload"]["bytes_written"] > 0
+    assert off["offload"]["activations"] == activations
+    # keep: backward read streamed weights through references, not through copies autograd held
+    assert (off["offload"]["weights_reloaded_for_backward"] > 0) == (activations == "keep")
     assert not (tmp_path / "off" / "offload" / "live").exists()  # the finished run's live store is gone
 
 
@@ -156,6 +164,8 @@ def test_full_disk_mid_run_is_a_clear_error_and_the_checkpoint_resumes(tmp_path,
     (["offload.params=disk", "quant.method=nf4", "adapter.type=lora", "quant.backend=bitsandbytes"],
      "quant.backend=slimtune"),
     (["offload.optimizer=disk", "offload.prefetch=0"], "offload.prefetch=0 must be >= 1"),
+    (["offload.params=disk", "quant.method=nf4", "adapter.type=lora", "offload.activations=keep"],
+     "use offload.activations=recompute"),
     (["offload.optimizer=disk", "optim.in_backward=true", "train.max_grad_norm=0"], "drop optim.in_backward"),
 ])
 def test_bad_offload_settings_are_one_line(override, needle, tmp_path):

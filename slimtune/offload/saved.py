@@ -1,0 +1,55 @@
+"""Keeping activations without keeping weights (offload.activations=keep).
+
+Autograd saves, beside a layer's activations, views of its weights (`mm` keeps `weight.t()`, RMSNorm keeps
+its weight). Those views point into a pooled slab that is reused as soon as the layer leaves memory after
+its forward. `saved_tensors_hooks` replace such a view by a reference (unit, parameter, view geometry) when
+it is saved; when backward unpacks it, the unit is loaded again (the units below start loading too) and
+the same view is taken of the freshly read weights. Activations themselves are saved as usual: backward
+runs without recomputing any layer, at the price of holding every layer's activations in RAM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    unit: str
+    name: str
+    size: tuple
+    stride: tuple
+    offset: int  # storage offset relative to the parameter's own view
+
+
+class SavedWeights:
+    """pack/unpack for torch.autograd.graph.saved_tensors_hooks. views(): unit -> {name: view} of the units
+    in memory now (kept by the streamer); enter(unit): load `unit` for backward and return its views."""
+
+    def __init__(self, views, enter):
+        self.views, self.enter = views, enter
+        self.kept = 0  # references packed (a test and report figure: weights not held by autograd)
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    def pack(self, t: torch.Tensor):
+        if t.device.type != "cpu" or t.numel() == 0:
+            return t
+        ptr = t.data_ptr()
+        for unit, views in self.views().items():
+            for name, v in views.items():
+                start = v.data_ptr()
+                if start <= ptr < start + v.numel() * v.element_size() and t.dtype == v.dtype:
+                    self.kept += 1
+                    return WeightRef(unit, name, tuple(t.size()), tuple(t.stride()),
+                                     t.storage_offset() - v.storage_offset())
+        return t
+
+    def unpack(self, saved):
+        if not isinstance(saved, WeightRef):
+            return saved
+        v = self.enter(saved.unit)[saved.name]
+        return v.as_strided(saved.size, saved.stride, v.storage_offset() + saved.offset)
