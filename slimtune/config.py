@@ -1,6 +1,6 @@
 """Recipe configuration: YAML + dotted `key=value` overrides -> a frozen, validated dataclass tree.
 
-Defaults live only in the dataclasses below. Every key is checked (unknown keys get the nearest valid
+Defaults live only in the dataclasses of `schema.py`. Every key is checked (unknown keys get the nearest valid
 one suggested), every value is type-checked, and cross-field rules run before any model is loaded.
 """
 
@@ -10,177 +10,17 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from slimtune.errors import ConfigError
 from slimtune.registry import BY_KEY
+from slimtune.schema import (  # noqa: F401  (re-exported: config.TrainConfig, ... as before)
+    AdapterConfig, CheckpointConfig, CramConfig, DataConfig, EvalConfig, LoggingConfig, LQLoRAConfig, ModelConfig,
+    OffloadConfig, OptimConfig, PruneConfig, QuantConfig, RecipeConfig, RecoverConfig, TrainConfig)
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
-
-def _help(text: str, default, choices: tuple | None = None, **kw):
-    """A field with its help text; `choices` for a fixed set of values (keys that pick a plugin take theirs
-    from the plugin registry instead: registry.BY_KEY)."""
-    meta = {"help": text} if choices is None else {"help": text, "choices": tuple(choices)}
-    return field(default=default, metadata=meta, **kw)
-
-
-KERNEL_BACKENDS = ("auto", "reference", "triton")  # train.kernels (kernels/dispatch.py reads it from here)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str = _help("local HF causal-LM dir, or smollm2-135m | tiny-llama", "smollm2-135m")
-    dtype: str = _help("float32 | bfloat16: storage of frozen weights and autocast compute dtype", "float32",
-                       ("float32", "bfloat16"))
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    source: str = _help("pydoc | path to .txt | path to .jsonl (text or prompt/response)", "pydoc")
-    eval_fraction: float = _help("fraction of packed blocks held out for eval (deterministic)", 0.05)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    max_steps: int = _help("optimizer steps", 100)
-    seq_len: int = _help("tokens per packed block", 256)
-    batch_size: int = _help("blocks per micro-batch per process", 4)
-    grad_accum: int = _help("micro-batches per optimizer step", 1)
-    lr: float = _help("peak learning rate", 2e-4)
-    warmup_steps: int = _help("linear warmup steps, then cosine decay", 10)
-    min_lr_ratio: float = _help("cosine floor as a fraction of lr", 0.1)
-    max_grad_norm: float = _help("gradient clipping (0 disables)", 1.0)
-    seed: int = _help("seed for init, dropout and data order", 0)
-    activation_checkpointing: bool = _help("recompute activations in backward: less memory, ~30% slower", False)
-    loss_chunk_tokens: int = _help("tokens per cross-entropy chunk (chunk x vocab fp32 live); 0 = naive", 256)
-    device: str = _help("auto | cpu | cuda", "auto", ("auto", "cpu", "cuda"))
-    kernels: str = _help("auto (Triton kernels on CUDA when triton is installed) | reference (torch only) | triton "
-                         "(always; CPU tensors need TRITON_INTERPRET=1). The SLIMTUNE_KERNELS environment "
-                         "variable overrides it", "auto", KERNEL_BACKENDS)
-    precision: str = _help("matmuls of the linear layers (lm_head excluded): default (model.dtype) | fp8 (e4m3 "
-                           "forward, e5m2 gradients) | halo (fp8 + Hadamard rotations) | mxfp4 (Quartet QAT)",
-                           "default")
-    halo_level: int = _help("train.precision=halo: 0 no rotation | 1 forward | 2 forward + input gradient", 2,
-                            (0, 1, 2))
-    hadamard_block: int = _help("train.precision=halo: Hadamard block (power of two <= 256; reduced to what "
-                                "divides each dim)", 128)
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    type: str = _help("lora | lq_lora (needs quant.method=lq_lora) | none (full fine-tuning)", "lora")
-    rank: int = _help("LoRA rank r", 16)
-    alpha: float = _help("LoRA scaling numerator: delta = alpha/r * B A", 32.0)
-    dropout: float = _help("dropout on the LoRA input", 0.0)
-    target_modules: typing.Union[str, tuple[str, ...]] = _help("module names (suffix match) or all-linear",
-                                                               "all-linear")
-    init: str = _help("default (B=0) | loftq (alternate quantize/SVD) | eora (activation-weighted SVD of the "
-                      "quantization error); loftq/eora need a slimtune quant.method", "default")
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    method: str = _help("none | nf4 | int8 | nf2 | nf3 | int2..int7 | int2a..int8a (asymmetric) | "
-                        "lq_lora (per-matrix formats under lq_lora.budget_bits)", "none")
-    backend: str = _help("slimtune | bitsandbytes", "slimtune", ("slimtune", "bitsandbytes"))
-    block_size: int = _help("weights per absmax block", 64)
-    double_quant: bool = _help("quantize the NF4 block scales to 8 bits (saves ~0.4 bit/param)", True)
-
-
-@dataclass(frozen=True)
-class LQLoRAConfig:
-    budget_bits: float = _help("average bits/param of the quantized base (codes + scales)", 3.0)
-    fisher: bool = _help("weight the decomposition and the allocation by the diagonal Fisher", True)
-    calibration_samples: int = _help("train blocks for the Fisher / EoRA activation statistics", 16)
-    max_iters: int = _help("alternations of quantize / low-rank (LQ-LoRA, LoftQ) for the final decomposition", 10)
-    score_iters: int = _help("alternations when scoring every candidate format for the bit allocation", 2)
-    bits: tuple[int, ...] = _help("NormalFloat bit widths the allocation may choose", (2, 3, 4))
-    block_sizes: tuple[int, ...] = _help("block sizes the allocation may choose", (64, 128, 256))
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    name: str = _help("adamw | adamw8bit (bitsandbytes) | sgd | galore | frugal | dct", "adamw")
-    weight_decay: float = _help("decoupled weight decay", 0.0)
-    betas: tuple[float, ...] = _help("Adam betas", (0.9, 0.999))
-    eps: float = _help("Adam epsilon", 1e-8)
-    momentum: float = _help("SGD momentum", 0.0)
-    rank: int = _help("galore / dct: rank of the gradient projection (clamped to min(m, n))", 128)
-    update_gap: int = _help("galore / dct / frugal: steps between projection (subspace) updates", 200)
-    scale: float = _help("galore / dct: scale of the back-projected update", 0.25)
-    proj_type: str = _help("galore / dct: std (smaller side) | left | right", "std", ("std", "left", "right"))
-    density: float = _help("frugal: fraction of each matrix updated state-full (AdamW)", 0.25)
-    subspace: str = _help("frugal: svd | random | blocks (rows/columns) | coordinates | modules (whole params)",
-                          "svd", ("svd", "random", "blocks", "coordinates", "modules"))
-    inactive_lr_scale: float = _help("frugal: lr multiplier of the state-free signSGD part", 1.0)
-    state_bits: int = _help("32 | 8: block-wise 8-bit Adam moments (adamw, galore, frugal, dct)", 32, (32, 8))
-    proj_dtype: str = _help("galore / frugal (svd, random): storage of the projection P, float32 | bfloat16 | int8",
-                            "float32", ("float32", "bfloat16", "int8"))
-    in_backward: bool = _help("step each parameter in backward and free its gradient (grad_accum 1, no clipping)",
-                              False)
-    full_rank_modules: tuple[str, ...] = _help("galore / dct / frugal: modules (name suffix) kept on plain AdamW",
-                                     ("embed_tokens", "lm_head"))
-    seed: int = _help("frugal: seed of the random subspaces (the same on every rank)", 0)
-
-
-@dataclass(frozen=True)
-class OffloadConfig:
-    params: str = _help("where the model's weights live between uses: none (RAM) | cpu (pinned host memory, the GPU "
-                        "case; none on a CPU-only machine) | disk (streamed layer by layer from offload.dir)", "none",
-                        ("none", "cpu", "disk"))
-    optimizer: str = _help("where the optimizer state (and fp32 master weights) live: none | cpu | disk", "none",
-                           ("none", "cpu", "disk"))
-    dir: str = _help("the store's directory (default: offload/ inside output_dir); a fast local disk", "")
-    prefetch: int = _help("units (decoder layers) read ahead of the one computing", 2)
-    io_threads: int = _help("threads doing the store's reads and writes", 4)
-    direct_io: bool = _help("O_DIRECT reads/writes (bypass the page cache) where the file system allows", True)
-    activations: str = _help("backward: keep each layer's activations in RAM (weights loaded again when backward "
-                             "reads them) | recompute each layer from its input | auto (keep when they fit in 1/8 "
-                             "of RAM and the streamed weights are plain)", "auto", ("auto", "keep", "recompute"))
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    every: int = _help("save every N steps (0 = only at the end)", 0)
-    keep: int = _help("how many step checkpoints to keep", 2)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    every: int = _help("eval perplexity every N steps (0 = only before and after)", 0)
-    max_batches: int = _help("cap on eval batches of the eval split (0 = whole split)", 20)
-    split: bool = _help("slimtune eval with data.source: score the eval split (as runs do) instead of every "
-                        "train.seq_len window of the whole text", False)
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    wandb: bool = _help("log to Weights & Biases (set WANDB_MODE=offline without network)", False)
-    wandb_project: str = _help("wandb project name", "slimtune")
-    progress: bool = _help("tqdm progress bar", True)
-
-
-@dataclass(frozen=True)
-class RecipeConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    lq_lora: LQLoRAConfig = field(default_factory=LQLoRAConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    offload: OffloadConfig = field(default_factory=OffloadConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    hooks: tuple[str, ...] = _help("trainer hooks by registered name (registry.HOOKS), run in this order", ())
-    output_dir: str = _help("where metrics, report, checkpoints go", "runs/default")
-    resume: bool = _help("continue from the newest complete checkpoint in output_dir", False)
-    overwrite: bool = _help("allow a fresh run in an output_dir that already holds one", False)
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -249,7 +89,10 @@ def _build(cls, raw: dict, prefix: str = ""):
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, raw[name] or {}, f"{prefix}{name}.")
         else:
-            kwargs[name] = _coerce(prefix + name, raw[name], tp)
+            value = raw[name]
+            if f.metadata.get("ratio") and isinstance(value, int) and not isinstance(value, bool) and value >= 60:
+                value = f"{value // 60}:{value % 60}"  # YAML 1.1 read an unquoted 2:4 as base 60 (124)
+            kwargs[name] = _coerce(prefix + name, value, tp)
     return cls(**kwargs)
 
 
@@ -409,6 +252,7 @@ def validate(cfg: RecipeConfig) -> None:
         raise ConfigError(f"quant.method={cfg.quant.method} needs adapter.type=lora: a quantized base is "
                           "frozen, so full fine-tuning cannot train it (set quant.method=none)")
     _validate_lowrank(cfg)
+    _validate_compress(cfg)
     _validate_optim(cfg)
     _validate_offload(cfg)
     _validate_precision(cfg)
@@ -437,6 +281,33 @@ def _validate_optim(cfg: RecipeConfig) -> None:
         if cfg.train.max_grad_norm > 0:
             raise ConfigError("optim.in_backward=true frees each gradient in backward, so gradients cannot be "
                               "clipped: set train.max_grad_norm=0")
+
+
+def _validate_compress(cfg: RecipeConfig) -> None:
+    p, r, c = cfg.prune, cfg.recover, cfg.cram
+    if not 0 < p.sparsity < 1:
+        raise ConfigError(f"prune.sparsity={p.sparsity} must be in (0, 1)")
+    for key, value in (("prune.calibration_samples", p.calibration_samples), ("prune.blocksize", p.blocksize)):
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if not 0 <= p.percdamp < 1:
+        raise ConfigError(f"prune.percdamp={p.percdamp} must be in [0, 1)")
+    for key in ("ce", "kd", "feature"):
+        if getattr(r, key) < 0:
+            raise ConfigError(f"recover.{key}={getattr(r, key)} must be >= 0")
+    if r.ce + r.kd + r.feature == 0:
+        raise ConfigError("recover.ce, recover.kd and recover.feature are all 0: give at least one a weight")
+    if r.temperature <= 0:
+        raise ConfigError(f"recover.temperature={r.temperature} must be > 0")
+    if not 0 < cfg.data.select_fraction <= 1:
+        raise ConfigError(f"data.select_fraction={cfg.data.select_fraction} must be in (0, 1]")
+    if c.rho <= 0:
+        raise ConfigError(f"cram.rho={c.rho} must be > 0")
+    if not c.sparsities or not all(0 < s < 1 for s in c.sparsities):
+        raise ConfigError(f"cram.sparsities={list(c.sparsities)} must be numbers in (0, 1)")
+    if cfg.optim.cram and (cfg.optim.in_backward or cfg.offload.params != "none" or cfg.offload.optimizer != "none"):
+        raise ConfigError("optim.cram=true needs the whole gradient before it steps: drop optim.in_backward and "
+                          "offload.*")
 
 
 def _validate_offload(cfg: RecipeConfig) -> None:

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from slimtune.config import KERNEL_BACKENDS as BACKENDS
+from slimtune.schema import KERNEL_BACKENDS as BACKENDS
 from slimtune.errors import ConfigError
 
 ENV = "SLIMTUNE_KERNELS"

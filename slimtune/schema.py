@@ -1,0 +1,221 @@
+"""The recipe schema: one frozen dataclass per section, each field with its default and help text.
+
+Defaults live only here. `config.py` builds these from YAML + overrides and validates them; keys that pick a
+plugin (adapter.type, optim.name, ...) take their allowed values from the plugin registries.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+
+def _help(text: str, default, choices: tuple | None = None, ratio: bool = False, **kw):
+    """A field with its help text; `choices` for a fixed set of values (keys that pick a plugin take theirs
+    from the plugin registry instead: registry.BY_KEY). ratio: an "N:M" string, which YAML 1.1 reads as a
+    base-60 integer when unquoted (2:4 -> 124); config turns such an integer back into its text."""
+    meta = {"help": text} if choices is None else {"help": text, "choices": tuple(choices)}
+    if ratio:
+        meta["ratio"] = True
+    return field(default=default, metadata=meta, **kw)
+
+
+KERNEL_BACKENDS = ("auto", "reference", "triton")  # train.kernels (kernels/dispatch.py reads it from here)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _help("local HF causal-LM dir, or smollm2-135m | tiny-llama", "smollm2-135m")
+    dtype: str = _help("float32 | bfloat16: storage of frozen weights and autocast compute dtype", "float32",
+                       ("float32", "bfloat16"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = _help("pydoc | path to .txt | path to .jsonl (text or prompt/response)", "pydoc")
+    eval_fraction: float = _help("fraction of packed blocks held out for eval (deterministic)", 0.05)
+    select: str = _help("recovery data: all | degradation (blocks the pruning hurt most, spread over k-means "
+                        "clusters of the dense model's hidden states; PASER-like) | random", "all",
+                        ("all", "degradation", "random"))
+    select_fraction: float = _help("data.select: fraction of the training blocks kept", 0.25)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = _help("optimizer steps", 100)
+    seq_len: int = _help("tokens per packed block", 256)
+    batch_size: int = _help("blocks per micro-batch per process", 4)
+    grad_accum: int = _help("micro-batches per optimizer step", 1)
+    lr: float = _help("peak learning rate", 2e-4)
+    warmup_steps: int = _help("linear warmup steps, then cosine decay", 10)
+    min_lr_ratio: float = _help("cosine floor as a fraction of lr", 0.1)
+    max_grad_norm: float = _help("gradient clipping (0 disables)", 1.0)
+    seed: int = _help("seed for init, dropout and data order", 0)
+    activation_checkpointing: bool = _help("recompute activations in backward: less memory, ~30% slower", False)
+    loss_chunk_tokens: int = _help("tokens per cross-entropy chunk (chunk x vocab fp32 live); 0 = naive", 256)
+    device: str = _help("auto | cpu | cuda", "auto", ("auto", "cpu", "cuda"))
+    kernels: str = _help("auto (Triton kernels on CUDA when triton is installed) | reference (torch only) | triton "
+                         "(always; CPU tensors need TRITON_INTERPRET=1). The SLIMTUNE_KERNELS environment "
+                         "variable overrides it", "auto", KERNEL_BACKENDS)
+    precision: str = _help("matmuls of the linear layers (lm_head excluded): default (model.dtype) | fp8 (e4m3 "
+                           "forward, e5m2 gradients) | halo (fp8 + Hadamard rotations) | mxfp4 (Quartet QAT)",
+                           "default")
+    halo_level: int = _help("train.precision=halo: 0 no rotation | 1 forward | 2 forward + input gradient", 2,
+                            (0, 1, 2))
+    hadamard_block: int = _help("train.precision=halo: Hadamard block (power of two <= 256; reduced to what "
+                                "divides each dim)", 128)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    type: str = _help("lora | lq_lora (needs quant.method=lq_lora) | none (full fine-tuning)", "lora")
+    rank: int = _help("LoRA rank r", 16)
+    alpha: float = _help("LoRA scaling numerator: delta = alpha/r * B A", 32.0)
+    dropout: float = _help("dropout on the LoRA input", 0.0)
+    target_modules: typing.Union[str, tuple[str, ...]] = _help("module names (suffix match) or all-linear",
+                                                               "all-linear")
+    init: str = _help("default (B=0) | loftq (alternate quantize/SVD) | eora (activation-weighted SVD of the "
+                      "quantization error); loftq/eora need a slimtune quant.method", "default")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = _help("none | nf4 | int8 | nf2 | nf3 | int2..int7 | int2a..int8a (asymmetric) | "
+                        "lq_lora (per-matrix formats under lq_lora.budget_bits)", "none")
+    backend: str = _help("slimtune | bitsandbytes", "slimtune", ("slimtune", "bitsandbytes"))
+    block_size: int = _help("weights per absmax block", 64)
+    double_quant: bool = _help("quantize the NF4 block scales to 8 bits (saves ~0.4 bit/param)", True)
+
+
+@dataclass(frozen=True)
+class LQLoRAConfig:
+    budget_bits: float = _help("average bits/param of the quantized base (codes + scales)", 3.0)
+    fisher: bool = _help("weight the decomposition and the allocation by the diagonal Fisher", True)
+    calibration_samples: int = _help("train blocks for the Fisher / EoRA activation statistics", 16)
+    max_iters: int = _help("alternations of quantize / low-rank (LQ-LoRA, LoftQ) for the final decomposition", 10)
+    score_iters: int = _help("alternations when scoring every candidate format for the bit allocation", 2)
+    bits: tuple[int, ...] = _help("NormalFloat bit widths the allocation may choose", (2, 3, 4))
+    block_sizes: tuple[int, ...] = _help("block sizes the allocation may choose", (64, 128, 256))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = _help("adamw | adamw8bit (bitsandbytes) | sgd | galore | frugal | dct", "adamw")
+    weight_decay: float = _help("decoupled weight decay", 0.0)
+    betas: tuple[float, ...] = _help("Adam betas", (0.9, 0.999))
+    eps: float = _help("Adam epsilon", 1e-8)
+    momentum: float = _help("SGD momentum", 0.0)
+    rank: int = _help("galore / dct: rank of the gradient projection (clamped to min(m, n))", 128)
+    update_gap: int = _help("galore / dct / frugal: steps between projection (subspace) updates", 200)
+    scale: float = _help("galore / dct: scale of the back-projected update", 0.25)
+    proj_type: str = _help("galore / dct: std (smaller side) | left | right", "std", ("std", "left", "right"))
+    density: float = _help("frugal: fraction of each matrix updated state-full (AdamW)", 0.25)
+    subspace: str = _help("frugal: svd | random | blocks (rows/columns) | coordinates | modules (whole params)",
+                          "svd", ("svd", "random", "blocks", "coordinates", "modules"))
+    inactive_lr_scale: float = _help("frugal: lr multiplier of the state-free signSGD part", 1.0)
+    state_bits: int = _help("32 | 8: block-wise 8-bit Adam moments (adamw, galore, frugal, dct)", 32, (32, 8))
+    proj_dtype: str = _help("galore / frugal (svd, random): storage of the projection P, float32 | bfloat16 | int8",
+                            "float32", ("float32", "bfloat16", "int8"))
+    in_backward: bool = _help("step each parameter in backward and free its gradient (grad_accum 1, no clipping)",
+                              False)
+    full_rank_modules: tuple[str, ...] = _help("galore / dct / frugal: modules (name suffix) kept on plain AdamW",
+                                     ("embed_tokens", "lm_head"))
+    seed: int = _help("frugal: seed of the random subspaces (the same on every rank)", 0)
+    cram: bool = _help("compression-aware training (CrAM+): each step also takes the gradient at the top-k "
+                       "compressed w + rho g (two forward/backward passes per step); see the cram section", False)
+
+
+PATTERNS = ("unstructured", "2:4", "4:8")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = _help("magnitude | wanda (|W| x input norm) | sparsegpt (OBS with weight updates)", "wanda",
+                        ("magnitude", "wanda", "sparsegpt"))
+    sparsity: float = _help("fraction of each matrix's weights set to 0 (pattern=unstructured)", 0.5)
+    pattern: str = _help("unstructured | 2:4 | 4:8 (N:M: N kept in every M consecutive inputs)", "unstructured",
+                         PATTERNS, ratio=True)
+    scope: str = _help("unstructured: the sparsity holds per output row | per layer (matrix)", "row",
+                       ("row", "layer"))
+    calibration_samples: int = _help("train.seq_len blocks of data.source run through the model, layer by layer",
+                                     32)
+    blocksize: int = _help("sparsegpt: columns per lazy-update block", 128)
+    percdamp: float = _help("sparsegpt: dampening of the Hessian, a fraction of its mean diagonal", 0.01)
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    ce: float = _help("weight of the cross-entropy on the data", 1.0)
+    kd: float = _help("weight of T^2 KL(teacher || student) over target tokens (needs a teacher)", 0.0)
+    feature: float = _help("weight of SquareHead: per layer ||h_s - h_t||^2 / ||h_t||^2, averaged over layers", 0.0)
+    temperature: float = _help("KD temperature T", 1.0)
+    teacher: str = _help("the dense teacher (default: the source model in the sparse model's manifest)", "")
+    teacher_quant: str = _help("hold the teacher in NF4 to halve its memory: none | nf4", "none", ("none", "nf4"))
+
+
+@dataclass(frozen=True)
+class CramConfig:
+    rho: float = _help("optim.cram: step size of the perturbation w + rho g", 0.05)
+    sparsities: tuple[float, ...] = _help("optim.cram: top-k sparsity, one drawn per step", (0.5, 0.6, 0.7))
+    pattern: str = _help("optim.cram: unstructured (cram.sparsities) | 2:4 | 4:8", "unstructured", PATTERNS,
+                         ratio=True)
+    plus: bool = _help("CrAM+: add the clean gradient to the compressed one", True)
+    seed: int = _help("optim.cram: seed of the sparsity draws", 0)
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    params: str = _help("where the model's weights live between uses: none (RAM) | cpu (pinned host memory, the GPU "
+                        "case; none on a CPU-only machine) | disk (streamed layer by layer from offload.dir)", "none",
+                        ("none", "cpu", "disk"))
+    optimizer: str = _help("where the optimizer state (and fp32 master weights) live: none | cpu | disk", "none",
+                           ("none", "cpu", "disk"))
+    dir: str = _help("the store's directory (default: offload/ inside output_dir); a fast local disk", "")
+    prefetch: int = _help("units (decoder layers) read ahead of the one computing", 2)
+    io_threads: int = _help("threads doing the store's reads and writes", 4)
+    direct_io: bool = _help("O_DIRECT reads/writes (bypass the page cache) where the file system allows", True)
+    activations: str = _help("backward: keep each layer's activations in RAM (weights loaded again when backward "
+                             "reads them) | recompute each layer from its input | auto (keep when they fit in 1/8 "
+                             "of RAM and the streamed weights are plain)", "auto", ("auto", "keep", "recompute"))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = _help("save every N steps (0 = only at the end)", 0)
+    keep: int = _help("how many step checkpoints to keep", 2)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = _help("eval perplexity every N steps (0 = only before and after)", 0)
+    max_batches: int = _help("cap on eval batches of the eval split (0 = whole split)", 20)
+    split: bool = _help("slimtune eval with data.source: score the eval split (as runs do) instead of every "
+                        "train.seq_len window of the whole text", False)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    wandb: bool = _help("log to Weights & Biases (set WANDB_MODE=offline without network)", False)
+    wandb_project: str = _help("wandb project name", "slimtune")
+    progress: bool = _help("tqdm progress bar", True)
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lq_lora: LQLoRAConfig = field(default_factory=LQLoRAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    cram: CramConfig = field(default_factory=CramConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hooks: tuple[str, ...] = _help("trainer hooks by registered name (registry.HOOKS), run in this order", ())
+    output_dir: str = _help("where metrics, report, checkpoints go", "runs/default")
+    resume: bool = _help("continue from the newest complete checkpoint in output_dir", False)
+    overwrite: bool = _help("allow a fresh run in an output_dir that already holds one", False)
