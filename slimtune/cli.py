@@ -18,6 +18,8 @@ USAGE = """slimtune run RECIPE [key=value ...]     train (RECIPE: a name from `s
                  dir) on all of data.source when given (eval.split=true: its eval split), else on the eval split
        slimtune quantize [RECIPE] key=value ...  write a quantized checkpoint to output_dir, e.g.
                  model.name=M quant.method=lq_lora lq_lora.budget_bits=3.0 adapter.rank=16 output_dir=DIR
+       slimtune prune [RECIPE] key=value ...  prune model.name (prune.method=magnitude|wanda|sparsegpt,
+                 prune.sparsity / prune.pattern=2:4, calibrated on data.source) into output_dir
        slimtune export RUN_DIR --merge [--onto full|quantized] [--out DIR]  merge a run's adapter into an HF model
        slimtune recipes                        list recipes
        slimtune config show RECIPE [key=value ...]  print the resolved config"""
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("args", nargs="*")
     p_q = sub.add_parser("quantize")
     p_q.add_argument("args", nargs="*")
+    p_prune = sub.add_parser("prune")
+    p_prune.add_argument("args", nargs="*")
     p_exp = sub.add_parser("export")
     p_exp.add_argument("run_dir")
     p_exp.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
@@ -95,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             from slimtune.compress.quantize import quantize_command
 
             quantize_command(cfg)
+        elif args.cmd == "prune":
+            recipe, overrides = _split_recipe(args.args)
+            cfg = C.load_config(recipe, overrides)
+            _quiet_libraries()
+            from slimtune.compress.prune_model import prune_command
+
+            prune_command(cfg)
         elif args.cmd == "export":
             if not args.merge:
                 raise SlimtuneError("export needs --merge (the PEFT adapter itself is already in RUN_DIR/final)")
