@@ -5,6 +5,10 @@ by alpha / sqrt(r) instead.
 Linear4bit/Linear8bitLt), frozen and never copied. A gets PEFT's Kaiming-uniform init and B starts
 at zero, so at init the wrapped model's output equals the base model's. Parameter names `lora_A.weight`
 / `lora_B.weight` match PEFT's, which keeps the PEFT checkpoint mapping a pure rename.
+
+On a pruned base (`set_weight_mask`) the update is mask * (B A): pruned weights stay 0 when the adapter is
+merged, so the forward computes the masked (out, in) delta instead of the low-rank product (PEFT has no
+such mode; the mask comes back from the base's zeros whenever the adapter is loaded onto it).
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.merged = False
+        self.register_buffer("weight_mask", None, persistent=False)  # set_weight_mask on a pruned base
+
+    def set_weight_mask(self, mask: torch.Tensor) -> None:
+        """Hold the base's sparsity: the update becomes mask * delta (mask: (out, in) bool, True = kept)."""
+        if tuple(mask.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight mask {tuple(mask.shape)} does not match ({self.out_features}, {self.in_features})")
+        self.weight_mask = mask.to(device=self.lora_A.weight.device, dtype=torch.bool)
 
     @classmethod
     def from_config(cls, base: nn.Module, cfg) -> "LoRALinear":
@@ -50,7 +61,11 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         # under autocast the factors run in the autocast dtype; otherwise in fp32
-        delta = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        x = self.dropout(x.to(self.lora_A.weight.dtype))
+        if self.weight_mask is not None:
+            w = (self.lora_B.weight @ self.lora_A.weight) * self.weight_mask
+            return y + (nn.functional.linear(x, w) * self.scaling).to(y.dtype)
+        delta = self.lora_B(self.lora_A(x))
         return y + (delta * self.scaling).to(y.dtype)
 
     @torch.no_grad()
@@ -61,8 +76,9 @@ class LoRALinear(nn.Module):
         self.lora_B.weight.copy_(L1 / self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
-        """(out, in) fp32: scaling * B @ A."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        """(out, in) fp32: scaling * B @ A (times the weight mask on a pruned base)."""
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        return delta if self.weight_mask is None else delta * self.weight_mask
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.lora_A.weight, self.lora_B.weight]

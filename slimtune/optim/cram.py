@@ -156,3 +156,10 @@ def compression_mask(w: torch.Tensor, choice: float | tuple[int, int]) -> torch.
     if k > 0:
         keep[a.flatten().topk(k).indices] = True
     return keep.reshape(w.shape)
+
+
+def wrap_cram(base: torch.optim.Optimizer, cfg) -> CrAM:
+    """optim.cram=true: `base` wrapped per the cram section (rho, sparsities, pattern 'unstructured' | 'n:m',
+    plus, seed)."""
+    nm = None if cfg.pattern == "unstructured" else tuple(int(v) for v in cfg.pattern.split(":"))
+    return CrAM(base, rho=cfg.rho, sparsities=cfg.sparsities, nm=nm, plus=cfg.plus, seed=cfg.seed)

@@ -28,6 +28,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.io import atomic_dir, flatten_state, unflatten_state, write_json, write_text
 
 MARKER = "COMPLETE"
+MASKS = "masks.safetensors"  # a pruned base's masks (recovery): uint8 per trained matrix
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -38,11 +39,13 @@ def trainable_state(model: nn.Module, skip=frozenset()) -> dict[str, torch.Tenso
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, trainer_state: dict,
-                    config_yaml: str, keep: int, skip=frozenset()) -> Path:
+                    config_yaml: str, keep: int, skip=frozenset(), extra: dict | None = None) -> Path:
     """Write checkpoints/step_<step> (atomically) and drop all but the newest `keep`. skip: parameter
-    names an engine saves itself (the offload store's)."""
+    names an engine saves itself (the offload store's); extra: file name -> tensors, saved beside."""
     target = Path(root) / f"step_{step}"
     with atomic_dir(target) as tmp:
+        for fname, tensors in (extra or {}).items():
+            save_file(tensors, str(tmp / fname))
         save_file(trainable_state(model, skip), str(tmp / "trainable.safetensors"))
         tensors, skeleton = flatten_state(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -137,3 +140,16 @@ def check_resume(ckpt: Path, cfg, world: int) -> None:
                             f"{t_new.batch_size} x {t_new.grad_accum} x {world} = {new_global} differs from the "
                             f"checkpoint's {old_global} ({ckpt}); keep the product equal (e.g. double grad_accum "
                             "when halving the processes)")
+
+
+def check_masks(ckpt: Path, masks: dict[str, torch.Tensor]) -> None:
+    """The checkpoint's masks equal the ones read from the sparse base now (else the base changed)."""
+    path = Path(ckpt) / MASKS
+    try:
+        saved = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise SlimtuneError(f"{path}: cannot read the checkpoint's sparsity masks ({e}); resume from an earlier "
+                            "checkpoint") from None
+    if saved.keys() != masks.keys() or any(not torch.equal(saved[k], masks[k]) for k in masks):
+        raise SlimtuneError(f"{path}: the masks differ from the pruned base's zeros now; model.name must be the "
+                            "sparse model the run started from")

@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from slimtune.compress.recover import write_sparse_manifest
 from slimtune.loss import CausalLMLoss
 from slimtune.optim import build_optimizer
+from slimtune.optim.cram import wrap_cram
 from slimtune.trainer import checkpoint as ckpt
 from slimtune.trainer.dist import DistInfo
 from slimtune.trainer.report import count_params
@@ -33,16 +35,18 @@ def activation_checkpointing(model: nn.Module) -> None:
 class Engine:
     """In-memory training (DDP under torchrun). cfg: RecipeConfig."""
 
-    def __init__(self, model: nn.Module, cfg, device: torch.device, info: DistInfo):
+    def __init__(self, model: nn.Module, cfg, device: torch.device, info: DistInfo, recovery=None):
         t = cfg.train
         self.model, self.cfg, self.device, self.info = model, cfg, device, info
+        self.recovery = recovery  # compress/recover.Recovery: masks held, the teacher's loss
         if t.activation_checkpointing:
             activation_checkpointing(model)
         model.to(device)
-        self.loss_model = CausalLMLoss(model, t.loss_chunk_tokens)
+        self.loss_model = CausalLMLoss(model, t.loss_chunk_tokens)  # eval: plain cross-entropy
+        train_loss = (recovery.loss(model, cfg) if recovery is not None else None) or self.loss_model
         # quantized bases are built identically on every rank, so buffers need no broadcast
-        self.train_model = (nn.parallel.DistributedDataParallel(self.loss_model, broadcast_buffers=False)
-                            if info.enabled else self.loss_model)
+        self.train_model = (nn.parallel.DistributedDataParallel(train_loss, broadcast_buffers=False)
+                            if info.enabled else train_loss)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -50,6 +54,10 @@ class Engine:
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         self.optimizer = build_optimizer(self.cfg.optim, self.trainable(), self.cfg.train.lr)
+        if self.cfg.optim.cram:
+            self.optimizer = wrap_cram(self.optimizer, self.cfg.cram)
+        if self.recovery is not None and self.recovery.held is not None:
+            self.recovery.held.wrap_optimizer(self.optimizer)  # pruned entries back to 0 after every step
         return self.optimizer
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, n_targets: torch.Tensor, last: bool) -> torch.Tensor:
@@ -78,13 +86,21 @@ class Engine:
             return fn(self.loss_model)
 
     def save_checkpoint(self, root: Path, step: int, trainer_state: dict, config_yaml: str, keep: int) -> Path:
-        return ckpt.save_checkpoint(root, step, self.model, self.optimizer, trainer_state, config_yaml, keep)
+        masks = self.recovery.mask_tensors() if self.recovery is not None else {}
+        return ckpt.save_checkpoint(root, step, self.model, self.optimizer, trainer_state, config_yaml, keep,
+                                    extra={ckpt.MASKS: masks} if masks else None)
 
     def load_checkpoint(self, path: Path) -> dict:
-        return ckpt.load_checkpoint(path, self.model, self.optimizer)
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        if self.recovery is not None and self.recovery.held is not None:
+            ckpt.check_masks(path, self.recovery.mask_tensors())
+        return state
 
     def save_final(self, path: Path, base_path: str, tokenizer) -> None:
         save_final(self.model, self.cfg, path, base_path, tokenizer)
+        rec = self.recovery
+        if rec is not None and rec.manifest is not None and self.cfg.adapter.type == "none":
+            write_sparse_manifest(path, self.model, rec.manifest, recovered_by=str(Path(path).parent))
 
     def count_params(self) -> tuple[int, int]:
         return count_params(self.model)

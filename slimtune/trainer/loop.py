@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from slimtune import config as C
 from slimtune import kernels
+from slimtune.compress.recover import select_data
 from slimtune.data import BatchOrder, build_splits, micro_batch
 from slimtune.errors import SlimtuneError
 from slimtune.io import write_json, write_text
@@ -82,6 +83,9 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
                             "per-parameter step would run); drop it under torchrun")
     built = build_model(cfg, device, info, data.train, log=lambda s: print_main(s, info.is_main))
     engine, model, quant_info = built.engine, built.model, built.info
+    if cfg.data.select != "all":  # recovery data: the blocks the pruning hurt most (or a random subset)
+        data.train = select_data(cfg, built.recovery, model, data.train, device,
+                                 log=lambda s: print_main(s, info.is_main))
     optimizer = engine.make_optimizer()
     for h in hooks:
         h.on_setup(model, optimizer, cfg)
@@ -122,6 +126,11 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
         loss_sum = torch.zeros(())
         for m, (x, y) in enumerate(batches):
             loss_sum += engine.forward_backward(x, y, n_targets, last=m == t.grad_accum - 1)
+        if cfg.optim.cram:  # CrAM: the same batch again at the compressed, perturbed weights
+            optimizer.perturb()
+            for m, (x, y) in enumerate(batches):
+                engine.forward_backward(x, y, n_targets, last=m == t.grad_accum - 1)
+            optimizer.restore()  # grad = g~ + g: clipping and hooks see the combined gradient
         for h in hooks:
             h.after_backward(model, step)
         grad_norm = engine.clip_grad_norm(t.max_grad_norm)
@@ -177,6 +186,7 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
             "total_params": total,
             "tokens_per_second": session_tokens / max(session_seconds, 1e-9),
             "steps": step,
+            "train_blocks": len(data.train),
             "wall_seconds": train_seconds,
             "world_size": info.world,
             "device": str(device),

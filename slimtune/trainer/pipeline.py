@@ -1,10 +1,12 @@
 """Model setup as one pipeline of stages, each in its own module, called in this order; none calls back up.
 
-  1. load the base         compress/load.py       HF dir, built-in name, quantized checkpoint (+ its factors)
+  1. load the base         compress/load.py       HF dir, built-in name, quantized checkpoint (+ its factors);
+                                                  a pruned base's masks are read here (compress/recover.py)
   2. quantize / decompose  compress/quantize.py   quant.method (QUANT_FORMATS), LQ-LoRA, adapter.init
   3. adapters              adapters/inject.py     adapter.type (ADAPTERS); none = full fine-tuning
-  4. training precision    quant/precision.py     train.precision (PRECISIONS), adapter factors excluded
-  5. engine                trainer/engine.py      activation checkpointing, device, loss module, DDP
+  4. recovery              compress/recover.py    masks held, the dense teacher (recover.*), data.select
+  5. training precision    quant/precision.py     train.precision (PRECISIONS), adapter factors excluded
+  6. engine                trainer/engine.py      activation checkpointing, device, loss module, DDP
 
 After stage 1, loss.check_head refuses a model whose loss slimtune cannot reproduce. `build_for_eval` runs
 stages 1-3 for a model to score: an adapter dir gets its base rebuilt as it was trained (quantization
@@ -24,7 +26,9 @@ from slimtune.adapters import adapter_internals, adapter_modules, apply_adapters
 from slimtune.adapters.peft_format import load_peft_adapter
 from slimtune.compress.load import load_base, load_streamed
 from slimtune.compress.qcheckpoint import is_quantized_checkpoint
+from slimtune.compress.prune_model import is_sparse_model
 from slimtune.compress.quantize import load_dtype, needs_lowrank, quantize_base
+from slimtune.compress.recover import Recovery, hold_masks, read_masks, recovery_stage
 from slimtune.config import QuantConfig
 from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.loss import check_head
@@ -40,6 +44,7 @@ class Built:
     model: nn.Module  # the HF model, adapters inside
     engine: object  # trainer.engine.Engine (or an engine with its interface): forward/backward/step, saving
     info: dict = field(default_factory=dict)  # a decomposition's summary (LQ-LoRA allocation, errors, ...)
+    recovery: Recovery | None = None  # a pruned base's masks, the teacher (compress/recover.py)
 
 
 def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), train_blocks=None,
@@ -51,6 +56,7 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
     _check_prebuilt(cfg, prebuilt)
     model = load_base(cfg.model.name, cfg.model.dtype if prebuilt else load_dtype(cfg))
     check_head(model, cfg.model.name)
+    manifest, masks = read_masks(cfg.model.name, model)
     info = {} if prebuilt else quantize_base(model, cfg, train_blocks, log)
     existing = adapter_modules(model)
     if existing:  # factors installed by stage 1 or 2 (a quantized checkpoint, LQ-LoRA, LoftQ, EoRA)
@@ -59,10 +65,11 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
                 p.requires_grad_(True)
     else:
         apply_adapters(model, cfg.adapter)
+    recovery = recovery_stage(cfg, model, manifest, masks, device, log)
     n = apply_precision(model, cfg.train, skip=adapter_internals(model))
     if n:
         log(f"train.precision={cfg.train.precision}: {n} linear layers compute in low precision")
-    return Built(model, Engine(model, cfg, device, dist_info), info)
+    return Built(model, Engine(model, cfg, device, dist_info, recovery), info, recovery)
 
 
 def _build_offloaded(cfg, device, dist_info, log) -> Built:
@@ -77,6 +84,9 @@ def _build_offloaded(cfg, device, dist_info, log) -> Built:
     if cfg.train.precision != "default":
         raise ConfigError(f"train.precision={cfg.train.precision} with offload.* is not supported yet; use "
                           "train.precision=default")
+    if is_sparse_model(name) or cfg.recover.kd or cfg.recover.feature or cfg.data.select != "all":
+        raise ConfigError("offload.* does not run recovery yet (a pruned base's masks, recover.kd / recover.feature, "
+                          "data.select); set offload.params=none offload.optimizer=none")
     full = cfg.adapter.type == "none"
     if full and o.params == "disk" and o.optimizer != "disk":
         raise ConfigError("offload.params=disk with full fine-tuning keeps the fp32 master weights on disk, so their "
@@ -130,11 +140,14 @@ def build_for_eval(cfg) -> nn.Module:
         raise ConfigError(f"slimtune eval with quant.method={quant.method} adapter.init={cfg.adapter.init}: the "
                           "decomposition needs calibration data; write it with `slimtune quantize ... output_dir=DIR` "
                           "and evaluate model.name=DIR")
-    model = load_base(meta["model_name"] if meta else name, load_dtype(stage_cfg))
+    base = meta["model_name"] if meta else name
+    model = load_base(base, load_dtype(stage_cfg))
     check_head(model, name)
+    _, masks = read_masks(base, model)
     if not is_quantized_checkpoint(name):
         quantize_base(model, stage_cfg)
     if meta is not None:
         load_peft_adapter(model, Path(name).expanduser())
+        hold_masks(model, masks)  # an adapter trained on a pruned base learned mask * (B A)
     return model.eval()
 

@@ -10,7 +10,9 @@ from slimtune.adapters import adapter_modules, unwrap_adapters
 from slimtune.adapters.peft_format import load_peft_adapter, save_peft_adapter
 from slimtune.compress.load import load_base
 from slimtune.compress.qcheckpoint import dequantize_to_dense, is_quantized_checkpoint, read_manifest, save_quantized
+from slimtune.compress.prune_model import is_sparse_model, read_sparse_manifest
 from slimtune.compress.quantize import load_dtype, needs_lowrank, quantize_base
+from slimtune.compress.recover import hold_masks, read_masks, write_sparse_manifest
 from slimtune.config import load_config, to_dict
 from slimtune.errors import SlimtuneError
 from slimtune.io import atomic_dir
@@ -56,6 +58,7 @@ def export_merged(run_dir: Path, out_dir: Path | None = None, onto: str = "full"
     cfg = load_config(str(cfg_path))
     out = Path(out_dir) if out_dir else run_dir / "merged"
     tokenizer = load_tokenizer(cfg.model.name)
+    sparse = None  # the pruned base's manifest: the merged model keeps its masks and gets the manifest
     if is_quantized_checkpoint(str(final)):  # W = dequant(Q) + delta, dense
         model = load_base(str(final), cfg.model.dtype)
         dequantize_to_dense(model)
@@ -63,9 +66,11 @@ def export_merged(run_dir: Path, out_dir: Path | None = None, onto: str = "full"
         quantized = onto == "quantized" and cfg.quant.method != "none"
         # loaded and quantized exactly as the run did, so dequant(Q) is what the adapter was trained against
         model = load_base(cfg.model.name, load_dtype(cfg) if quantized else cfg.model.dtype)
+        sparse, masks = read_masks(cfg.model.name, model)
         if quantized:
             quantize_base(model, cfg)
         load_peft_adapter(model, final)
+        hold_masks(model, masks)  # a pruned base: W + mask * (B A), the merged model stays sparse
         if quantized:
             dequantize_to_dense(model)  # each adapter -> nn.Linear(dequant(Q) + delta), computed in fp32
             model.to(DTYPES[cfg.model.dtype])
@@ -75,7 +80,11 @@ def export_merged(run_dir: Path, out_dir: Path | None = None, onto: str = "full"
             unwrap_adapters(model)
     else:
         model = load_base(str(final), cfg.model.dtype)
+    if sparse is None and is_sparse_model(str(final)):  # full fine-tuning of a pruned base
+        sparse = read_sparse_manifest(str(final))
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if sparse is not None:
+            write_sparse_manifest(tmp, model, sparse, recovered_by=str(run_dir))
     return out

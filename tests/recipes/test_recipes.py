@@ -8,7 +8,7 @@ from slimtune import config as C
 from slimtune.cli import main
 
 # per-recipe lr for a random tiny model (the recipes' own lrs suit SmolLM2)
-LR = {"full": "3e-3", "lora": "1e-2", "qlora": "1e-2"}
+LR = {"full": "3e-3", "lora": "1e-2", "qlora": "1e-2", "recover": "3e-3"}
 REPORT_KEYS = {"initial_loss", "final_loss", "eval_perplexity", "eval_perplexity_before", "peak_memory_bytes",
                "peak_memory_kind", "trainable_params", "total_params", "tokens_per_second", "steps",
                "wall_seconds", "config"}
@@ -17,7 +17,15 @@ REPORT_KEYS = {"initial_loss", "final_loss", "eval_perplexity", "eval_perplexity
 @pytest.mark.parametrize("recipe", C.list_recipes())
 def test_recipe_lowers_loss(recipe, tmp_path, tiny_overrides):
     out = tmp_path / recipe
-    rc = main(["run", recipe, *tiny_overrides, "train.max_steps=12", f"train.lr={LR.get(recipe, '1e-2')}",
+    extra = []
+    if recipe == "recover":  # recovers a pruned model: train the tiny one a little (a teacher worth copying), prune it
+        assert main(["run", "full", *tiny_overrides, "train.max_steps=30", "train.lr=3e-3",
+                     f"output_dir={tmp_path / 'dense'}"]) == 0
+        # 80% by magnitude: a tiny model loses little at 50%, and recovery needs something to recover
+        assert main(["prune", *tiny_overrides, f"model.name={tmp_path / 'dense' / 'final'}", "prune.method=magnitude",
+                     "prune.sparsity=0.8", f"output_dir={tmp_path / 'pruned'}"]) == 0
+        extra = [f"model.name={tmp_path / 'pruned'}"]
+    rc = main(["run", recipe, *tiny_overrides, *extra, "train.max_steps=12", f"train.lr={LR.get(recipe, '1e-2')}",
                "checkpoint.every=6", f"output_dir={out}"])
     assert rc == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
