@@ -33,9 +33,14 @@ class Slab:
 
 
 class BufferPool:
-    def __init__(self, classes: dict[str, tuple[int, int]]):
-        """classes: name -> (bytes per slab, number of slabs)."""
+    def __init__(self, classes: dict[str, tuple[int, int]], pin=None):
+        """classes: name -> (bytes per slab, number of slabs); pin(data) page-locks a slab (the CUDA path pins
+        the classes copied to the device)."""
         self._free = {c: [Slab(c, size) for _ in range(count)] for c, (size, count) in classes.items()}
+        if pin is not None:
+            for slabs in self._free.values():
+                for slab in slabs:
+                    pin(slab.data)
         self.sizes = {c: size for c, (size, count) in classes.items()}
         self.nbytes = sum(size * count for size, count in classes.values())
         self._cond = threading.Condition()

@@ -36,13 +36,13 @@ class SavedWeights:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def pack(self, t: torch.Tensor):
-        if t.device.type != "cpu" or t.numel() == 0:
+        if t.numel() == 0:
             return t
         ptr = t.data_ptr()
         for unit, views in self.views().items():
             for name, v in views.items():
                 start = v.data_ptr()
-                if start <= ptr < start + v.numel() * v.element_size() and t.dtype == v.dtype:
+                if start <= ptr < start + v.numel() * v.element_size() and t.dtype == v.dtype and t.device == v.device:
                     self.kept += 1
                     return WeightRef(unit, name, tuple(t.size()), tuple(t.stride()),
                                      t.storage_offset() - v.storage_offset())

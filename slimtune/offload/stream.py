@@ -12,7 +12,6 @@ reading the gradients once more (4 + 4 bytes per parameter and step).
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,8 +20,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from slimtune.offload.device import DeviceMirror, synchronize
 from slimtune.offload.pool import BufferPool, Slab
 from slimtune.offload.saved import SavedWeights
+from slimtune.offload.worker import Restore, Worker
 from slimtune.offload.store import ALIGN, UnitStore
 from slimtune.offload.units import Unit, Use, placeholder
 from slimtune.offload.update import UnitOptimizer
@@ -39,9 +40,12 @@ def in_backward() -> bool:
 @dataclass
 class Loaded:
     slab: Slab | None
-    views: dict[str, torch.Tensor]
+    views: dict[str, torch.Tensor]  # what the parameters point at (device copies with a mirror)
     futures: list = field(default_factory=list)
     ready: bool = False
+    host: dict[str, torch.Tensor] | None = None  # with a mirror: the host slab's views (master weights)
+    device_buf: torch.Tensor | None = None
+    event: object = None  # with a mirror on CUDA: the upload's
 
 
 class Streamer:
@@ -50,7 +54,7 @@ class Streamer:
 
     def __init__(self, units: list[Unit], uses: list[Use], store: UnitStore, pool: BufferPool,
                  streamed: dict[str, dict[str, str]], prefetch: int, optimizer: UnitOptimizer | None,
-                 trained: dict[str, list[str]], store_names: dict[str, str]):
+                 trained: dict[str, list[str]], store_names: dict[str, str], mirror: DeviceMirror | None = None):
         self.units = {u.name: u for u in units}
         self.order = [u.name for u in units if u.name in streamed and streamed[u.name]]
         self.uses, self.store, self.pool = uses, store, pool
@@ -69,14 +73,29 @@ class Streamer:
         self.defer = False  # clipping: every update waits for finish_step
         self.norms: dict[str, torch.Tensor] = {}  # param -> its gradient's 2-norm (clipping)
         self.with_grad_store: set[str] = set()  # units whose ~grad holds a partial sum
-        self.worker = _Worker()
+        self.worker = Worker()
         self.saved = SavedWeights(self._ready_views, self._backward_load)  # offload.activations=keep
+        self.mirror = mirror  # compute on an accelerator: units copied there, updates on the host copy
+        self.device = mirror.device if mirror is not None else torch.device("cpu")
         self.placeholder = {}  # name of every streamed tensor -> (shape, dtype)
         for u, names in streamed.items():
             for n in names:
                 t = self._get(u, n)
                 self.placeholder[n] = (tuple(t.shape), t.dtype)
-                self._set(u, n, placeholder(tuple(t.shape), t.dtype))
+                self._set(u, n, self._placeholder(n))
+        # with a mirror, trained parameters kept in memory (the resident unit's) have their master copy on the
+        # host, where updates run; the parameter itself is the compute copy on the device
+        self.host_master: dict[str, nn.Parameter] = {}
+        if mirror is not None:
+            for unit, names in trained.items():
+                for n in names:
+                    if n not in self.placeholder:
+                        p = self.units[unit].params[n]
+                        self.host_master[n] = nn.Parameter(p.data, requires_grad=True)
+                        p.data = mirror.to_device(p.data)
+
+    def _placeholder(self, name: str) -> torch.Tensor:
+        return placeholder(*self.placeholder[name], device=self.device)
 
     def _get(self, unit: str, name: str) -> torch.Tensor:
         u = self.units[unit]
@@ -154,6 +173,10 @@ class Streamer:
             self.wait_seconds += time.perf_counter() - t0
         with self.lock:
             if not entry.ready:
+                if self.mirror is not None:  # the compute copy, on the copy stream; compute waits for it only
+                    entry.host = entry.views
+                    entry.device_buf, entry.views, entry.event = self.mirror.upload(self.slab_class(unit), entry.host)
+                    self.mirror.wait(entry.event)
                 for name, view in entry.views.items():
                     self._set(unit, name, view)
                 entry.ready = True
@@ -166,7 +189,10 @@ class Streamer:
         for f in entry.futures:
             f.result()
         for name in entry.views:
-            self._set(unit, name, placeholder(*self.placeholder[name]))
+            self._set(unit, name, self._placeholder(name))
+        if entry.device_buf is not None:
+            synchronize(entry.event)  # the upload has read the host slab
+            self.mirror.release(self.slab_class(unit), entry.device_buf)
         self.pool.release(entry.slab)
 
     def wait_commit(self, unit: str) -> None:
@@ -202,7 +228,7 @@ class Streamer:
             uses = by_module.pop(id(use.module))
             module = use.module
             if any(u.recompute for u in uses):
-                self.hooks.append(_Restore(module, "forward", module.forward))
+                self.hooks.append(Restore(module, "forward", module.forward))
                 module.forward = self._checkpointed(module, module.forward, uses)
             else:
                 self.hooks.append(module.register_forward_pre_hook(self._pre(uses)))
@@ -328,6 +354,12 @@ class Streamer:
         grads = {}
         for n, p in params.items():
             grads[n], p.grad = p.grad, None
+        ready = None
+        if self.mirror is not None:  # to pinned host memory on the copy stream; updates run on the host
+            grads, ready = self.mirror.download(grads)
+            if unit in self.with_grad_store or self.accumulate or self.defer or self.reduce is not None:
+                synchronize(ready)  # read on this thread below
+                ready = None
         if unit in self.with_grad_store:  # the earlier micro-steps' sum (g1 + g2 == g2 + g1 exactly)
             for n, g in grads.items():
                 old = torch.empty_like(g)
@@ -345,13 +377,17 @@ class Streamer:
                 self.release(unit)
             return
         self.with_grad_store.discard(unit)
-        self.worker.submit(unit, lambda: self._update(unit, params, grads))
+        self.worker.submit(unit, lambda: (synchronize(ready), self._update(unit, params, grads)))
 
     def _update(self, unit: str, params: dict, grads: dict) -> None:
         """Update, then commit on the store's commit thread: the next unit's update need not wait for these
         writes. The weights' slab is released once they are written."""
         self.ensure(unit)
+        params = self._host_params(unit, params)
         writer = self.optimizer.step(self.store, unit, params, grads, write_weights=True)
+        for n, p in params.items():  # a resident parameter's compute copy follows its host master
+            if n in self.host_master:
+                self.mirror.to_device(p.data, into=self.units[unit].params[n].data)
 
         def finish():
             writer.commit()
@@ -359,6 +395,16 @@ class Streamer:
                 self.release(unit)
 
         self.commits[unit] = self.store.committer.submit(finish)
+
+    def _host_params(self, unit: str, params: dict) -> dict:
+        """What the update steps: the parameters themselves, or with a mirror their host copies (the loaded
+        unit's host views, the resident parameters' masters)."""
+        if self.mirror is None:
+            return params
+        with self.lock:
+            host = self.loaded[unit].host if unit in self.loaded else {}
+        return {n: self.host_master[n] if n in self.host_master else nn.Parameter(host[n], requires_grad=True)
+                for n in params}
 
     def _always_loaded(self) -> set[str]:
         return {u for u in self.units if not self.streamed.get(u)}
@@ -385,68 +431,3 @@ def _nbytes(shape, dtype) -> int:
     for s in shape:
         n *= s
     return n * torch.empty((), dtype=dtype).element_size()
-
-
-class _Restore:
-    """A handle putting a patched attribute back (like a hook handle's remove())."""
-
-    def __init__(self, obj, attr: str, value):
-        self.obj, self.attr, self.value = obj, attr, value
-
-    def remove(self) -> None:
-        if self.attr in vars(self.obj):
-            delattr(self.obj, self.attr)  # the instance attribute goes; the class's method shows again
-
-
-class _Worker:
-    """One thread running unit updates in submission order; `wait_for(unit)` blocks until that unit's queued
-    update is done (a read of its new version must not start before)."""
-
-    def __init__(self):
-        self.q: queue.Queue = queue.Queue()
-        # back-pressure: one unit's update at a time; backward may finish the next unit's gradients meanwhile,
-        # but waits there (so at most two units' gradients exist at once)
-        self.slot = threading.Semaphore(1)
-        self.pending: dict[str, threading.Event] = {}
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True, name="slimtune-update")
-        self.thread.start()
-
-    def submit(self, unit: str, fn) -> None:
-        self._raise()
-        self.slot.acquire()
-        done = threading.Event()
-        self.pending[unit] = done
-        self.q.put((unit, fn, done))
-
-    def _run(self) -> None:
-        while True:
-            unit, fn, done = self.q.get()
-            try:
-                if self.error is None:
-                    fn()
-            except BaseException as e:  # surfaced on the main thread at the next submit / wait
-                self.error = e
-            finally:
-                done.set()
-                self.slot.release()
-                self.q.task_done()
-
-    def is_pending(self, unit: str) -> bool:
-        ev = self.pending.get(unit)
-        return ev is not None and not ev.is_set()
-
-    def wait_for(self, unit: str) -> None:
-        ev = self.pending.get(unit)
-        if ev is not None and threading.current_thread() is not self.thread:
-            ev.wait()
-        self._raise()
-
-    def drain(self) -> None:
-        self.q.join()
-        self._raise()
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            e, self.error = self.error, None
-            raise e

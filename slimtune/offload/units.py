@@ -95,12 +95,12 @@ def uses(model: nn.Module, units: list[Unit], recompute: bool = True) -> list[Us
     return out
 
 
-def placeholder(shape: tuple, dtype) -> "torch.Tensor":
+def placeholder(shape: tuple, dtype, device=None) -> "torch.Tensor":
     """What an unloaded parameter holds: its shape (numel, grads and autograd's shape checks all work) over
     one zero element (no memory; a stray read gives zeros, but every use is behind a load hook)."""
     import torch
 
-    return torch.zeros((), dtype=dtype).expand(shape)
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
 
 
 def materialize(model: nn.Module, values: dict, dtype) -> None:

@@ -26,6 +26,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.io import atomic_dir, write_json
 from slimtune.loss import CausalLMLoss
 from slimtune.models import DTYPES
+from slimtune.offload.device import DeviceMirror, pin
 from slimtune.offload.pool import BufferPool
 from slimtune.offload import store as store_mod
 from slimtune.offload.store import UnitStore
@@ -84,9 +85,11 @@ class OffloadOptimizer:
 
 
 class OffloadEngine(Engine):
+    stage_on_cpu = False  # tests: run the accelerator path on CPU (compute on copies, updates on the host)
+
     def __init__(self, model: nn.Module, cfg, device: torch.device, info, store: UnitStore, streamed_weights: bool):
-        if device.type != "cpu":
-            raise SlimtuneError("offload.* runs on CPU for now; set train.device=cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise SlimtuneError(f"offload.* runs on CPU or CUDA, not {device.type}; set train.device=cpu or cuda")
         t, o = cfg.train, cfg.offload
         _return_freed_memory()
         self.model, self.cfg, self.device, self.info, self.store = model, cfg, device, info, store
@@ -108,11 +111,16 @@ class OffloadEngine(Engine):
         self.trained = {u.name: [n for n, p in u.params.items() if p.requires_grad] if on_disk else [] for u in units}
         self.in_store = {n for names in self.trained.values() for n in names}
         index = {n: i for i, (n, p) in enumerate(model.named_parameters()) if p.requires_grad}
-        self.pool = BufferPool(self._slab_classes(units, streamed, o.prefetch, READ_AHEAD))
+        classes = self._slab_classes(units, streamed, o.prefetch, READ_AHEAD)
+        mirrored = {c: classes[c] for c in ("layer", "big")}
+        self.mirror = DeviceMirror(device, mirrored) if device.type == "cuda" or self.stage_on_cpu else None
+        self.pool = BufferPool(classes, pin=pin if device.type == "cuda" else None)
         self.unit_opt = UnitOptimizer(cfg.optim, index, self.pool, READ_AHEAD)
         self.keep_activations = keep_activations(cfg, model, streamed_weights)
         self.streamer = Streamer(units, uses(model, units, recompute=not self.keep_activations), store, self.pool, streamed, o.prefetch, self.unit_opt,
-                                 self.trained, store_names)
+                                 self.trained, store_names, self.mirror)
+        if device.type == "cuda":  # what stays in memory (norms, rotary tables, LoRA factors) computes there
+            _resident_to(model, device)
         self.streamer.attach()
         if info.enabled:
             self.streamer.reduce = self._all_reduce
@@ -157,12 +165,19 @@ class OffloadEngine(Engine):
         return loss.detach().float().cpu()
 
     def _all_reduce(self, grads: list[torch.Tensor]) -> None:
-        """DDP's reduction, bit for bit: each gradient times 1 / world size, then summed over ranks."""
+        """DDP's reduction, bit for bit: each gradient times 1 / world size, then summed over ranks. Host
+        gradients (the CUDA path copies them out) go over NCCL through a device copy."""
         import torch.distributed as tdist
 
+        nccl = self.device.type == "cuda" and tdist.get_backend() == "nccl"
         for g in grads:
             g.mul_(1.0 / self.info.world)
-            tdist.all_reduce(g, op=tdist.ReduceOp.SUM)
+            if nccl and g.device.type == "cpu":
+                d = g.to(self.device)
+                tdist.all_reduce(d, op=tdist.ReduceOp.SUM)
+                g.copy_(d)
+            else:
+                tdist.all_reduce(g, op=tdist.ReduceOp.SUM)
 
     def _reduce_resident(self) -> None:
         """The gradients outside the store (in-memory optimizer), reduced over ranks like the store's."""
@@ -178,7 +193,8 @@ class OffloadEngine(Engine):
             return None
         norms = []
         for n, p in self.trainable():
-            norms.append(self.streamer.norms[n] if n in self.in_store else torch.linalg.vector_norm(p.grad, 2.0))
+            norm = self.streamer.norms[n] if n in self.in_store else torch.linalg.vector_norm(p.grad, 2.0)
+            norms.append(norm.cpu())
         total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
         self.coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for n, p in self.trainable():
@@ -233,7 +249,11 @@ class OffloadEngine(Engine):
             for unit, names in self.trained.items():
                 for n in names:
                     p = self.streamer.units[unit].params[n]
-                    if n not in self.streamer.placeholder:
+                    if n in self.streamer.host_master:  # the accelerator path: host master, then its device copy
+                        host = self.streamer.host_master[n].data
+                        self.store.read(unit, n, host).result()
+                        self.mirror.to_device(host, into=p.data)
+                    elif n not in self.streamer.placeholder:
                         self.store.read(unit, n, p.data).result()
         return state
 
@@ -256,7 +276,7 @@ class OffloadEngine(Engine):
                         t = torch.empty(p.shape, dtype=p.dtype)
                         self.store.read(_store_unit(unit.name, p), self.streamer.store_names[n], t).result()
                     else:
-                        t = p.detach()
+                        t = p.detach().cpu()
                     tensors[n] = t.to(dtype).contiguous()
                 fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                 save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
@@ -284,7 +304,7 @@ class OffloadEngine(Engine):
             "compute_seconds_per_step": (io["seconds"] - io["wait_seconds"]) / n,
             "io_hidden_fraction": max(0.0, 1 - io["wait_seconds"] / io_wall) if io_wall else None,
             "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,  # whole run, setup and evals included
-            "buffer_pool_bytes": self.pool.nbytes, "projection_seconds": self.unit_opt.projection_seconds}}
+            "buffer_pool_bytes": self.pool.nbytes, "device_buffer_bytes": self.mirror.nbytes if self.mirror else 0, "projection_seconds": self.unit_opt.projection_seconds}}
 
     def close(self) -> None:
         """After a finished run: the live store goes (final/ holds the weights, checkpoints their snapshots)."""
@@ -292,6 +312,17 @@ class OffloadEngine(Engine):
         self.streamer.detach()
         self.store.close()
         shutil.rmtree(self.store.root, ignore_errors=True)
+
+
+def _resident_to(model: nn.Module, device: torch.device) -> None:
+    """Every parameter and buffer still on the host (what no unit streams) moved to `device`, in place."""
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.device.type == "cpu":
+                p.data = p.data.to(device)
+        for name, b in module._buffers.items():
+            if b is not None and b.device.type == "cpu":
+                module._buffers[name] = b.to(device)
 
 
 def _store_unit(unit: str, p: nn.Parameter) -> str:

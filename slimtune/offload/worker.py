@@ -1,0 +1,71 @@
+"""The offload engine's update thread (units stepped in submission order) and a patch handle."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+
+class Restore:
+    """A handle putting a patched attribute back (like a hook handle's remove())."""
+
+    def __init__(self, obj, attr: str, value):
+        self.obj, self.attr, self.value = obj, attr, value
+
+    def remove(self) -> None:
+        if self.attr in vars(self.obj):
+            delattr(self.obj, self.attr)  # the instance attribute goes; the class's method shows again
+
+
+class Worker:
+    """One thread running unit updates in submission order; `wait_for(unit)` blocks until that unit's queued
+    update is done (a read of its new version must not start before)."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue()
+        # back-pressure: one unit's update at a time; backward may finish the next unit's gradients meanwhile,
+        # but waits there (so at most two units' gradients exist at once)
+        self.slot = threading.Semaphore(1)
+        self.pending: dict[str, threading.Event] = {}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="slimtune-update")
+        self.thread.start()
+
+    def submit(self, unit: str, fn) -> None:
+        self._raise()
+        self.slot.acquire()
+        done = threading.Event()
+        self.pending[unit] = done
+        self.q.put((unit, fn, done))
+
+    def _run(self) -> None:
+        while True:
+            unit, fn, done = self.q.get()
+            try:
+                if self.error is None:
+                    fn()
+            except BaseException as e:  # surfaced on the main thread at the next submit / wait
+                self.error = e
+            finally:
+                done.set()
+                self.slot.release()
+                self.q.task_done()
+
+    def is_pending(self, unit: str) -> bool:
+        ev = self.pending.get(unit)
+        return ev is not None and not ev.is_set()
+
+    def wait_for(self, unit: str) -> None:
+        ev = self.pending.get(unit)
+        if ev is not None and threading.current_thread() is not self.thread:
+            ev.wait()
+        self._raise()
+
+    def drain(self) -> None:
+        self.q.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e
