@@ -18,7 +18,7 @@ from slimtune.errors import ConfigError
 from slimtune.registry import BY_KEY
 from slimtune.schema import (  # noqa: F401  (re-exported: config.TrainConfig, ... as before)
     AdapterConfig, CheckpointConfig, CramConfig, DataConfig, EvalConfig, LoggingConfig, LQLoRAConfig, ModelConfig,
-    OffloadConfig, OptimConfig, PruneConfig, QuantConfig, RecipeConfig, RecoverConfig, TrainConfig)
+    OffloadConfig, OptimConfig, PruneConfig, QuantConfig, RecipeConfig, RecoverConfig, SparseFTConfig, TrainConfig)
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -253,6 +253,7 @@ def validate(cfg: RecipeConfig) -> None:
                           "frozen, so full fine-tuning cannot train it (set quant.method=none)")
     _validate_lowrank(cfg)
     _validate_compress(cfg)
+    _validate_sparse_ft(cfg)
     _validate_optim(cfg)
     _validate_offload(cfg)
     _validate_precision(cfg)
@@ -281,6 +282,24 @@ def _validate_optim(cfg: RecipeConfig) -> None:
         if cfg.train.max_grad_norm > 0:
             raise ConfigError("optim.in_backward=true frees each gradient in backward, so gradients cannot be "
                               "clipped: set train.max_grad_norm=0")
+
+
+def _validate_sparse_ft(cfg: RecipeConfig) -> None:
+    a, s = cfg.adapter, cfg.sparse_ft
+    if not 0 < a.density <= 1:
+        raise ConfigError(f"adapter.density={a.density} must be in (0, 1]")
+    if a.num_params < 0:
+        raise ConfigError(f"adapter.num_params={a.num_params} must be >= 0 (0: use adapter.density)")
+    if s.reselect_every < 1 or not 0 <= s.accumulate_steps <= s.reselect_every:
+        raise ConfigError(f"sparse_ft.reselect_every={s.reselect_every} must be >= 1 and sparse_ft.accumulate_steps="
+                          f"{s.accumulate_steps} in [0, reselect_every]")
+    if not 0 <= s.drop_fraction <= 1:
+        raise ConfigError(f"sparse_ft.drop_fraction={s.drop_fraction} must be in [0, 1]")
+    if a.type == "sparse_ft" and s.drop_fraction > 0 and s.accumulate_steps == 0:
+        raise ConfigError("sparse_ft.accumulate_steps=0 leaves regrowth without statistics; set it >= 1 (or "
+                          "sparse_ft.drop_fraction=0 for a fixed random set)")
+    if a.type == "sparse_ft" and (cfg.offload.params != "none" or cfg.offload.optimizer != "none"):
+        raise ConfigError("adapter.type=sparse_ft with offload.* is not supported yet; set offload.*=none")
 
 
 def _validate_compress(cfg: RecipeConfig) -> None:

@@ -117,19 +117,19 @@ def adapter_metadata(path: Path) -> dict | None:
     slimtune writes slimtune_adapter.json beside PEFT's files; a plain PEFT adapter gives its
     base_model_name_or_path (and no quantization)."""
     mine, peft = Path(path) / "slimtune_adapter.json", Path(path) / "adapter_config.json"
-    if mine.is_file():
+    if mine.is_file():  # "format" names its adapters.base.AdapterFormat (peft when absent)
         meta = _read_json(mine)
         if not isinstance(meta.get("model_name"), str):
             raise SlimtuneError(f"{mine}: no 'model_name'; re-save the adapter with slimtune, or delete the file "
                                 f"and set base_model_name_or_path in {peft.name}")
-        return {"model_name": meta["model_name"], "quant": meta.get("quant")}
+        return {"model_name": meta["model_name"], "quant": meta.get("quant"), "format": meta.get("format", "peft")}
     if not peft.is_file():
         return None
     base = _read_json(peft).get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         raise SlimtuneError(f"{peft}: no base_model_name_or_path, so the base model is unknown; set it to the "
                             "base model's directory (or a built-in name such as smollm2-135m)")
-    return {"model_name": base, "quant": None}
+    return {"model_name": base, "quant": None, "format": "peft"}
 
 
 def _read_json(path: Path) -> dict:

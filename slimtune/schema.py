@@ -75,6 +75,10 @@ class AdapterConfig:
                                                                "all-linear")
     init: str = _help("default (B=0) | loftq (alternate quantize/SVD) | eora (activation-weighted SVD of the "
                       "quantization error); loftq/eora need a slimtune quant.method", "default")
+    density: float = _help("sparse_ft: fraction of each target matrix's entries that train", 0.01)
+    num_params: int = _help("sparse_ft: total trainable entries over all targets instead of density (0: use "
+                            "density)", 0)
+    seed: int = _help("sparse_ft: seed of the initial random entries (mixed with each module's name)", 0)
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,16 @@ class CramConfig:
 
 
 @dataclass(frozen=True)
+class SparseFTConfig:
+    reselect_every: int = _help("sparse_ft: steps between drop/regrow reselections", 20)
+    drop_fraction: float = _help("sparse_ft: fraction of the active entries changed at the first reselection, "
+                                 "decayed (cosine) to 0 by train.max_steps", 0.25)
+    regrow: str = _help("sparse_ft: ma (SM3 row/column statistics, no dense gradient) | ag (dense gradient "
+                        "accumulated over sparse_ft.accumulate_steps)", "ma", ("ma", "ag"))
+    accumulate_steps: int = _help("sparse_ft: steps before each reselection whose gradients feed regrowth", 5)
+
+
+@dataclass(frozen=True)
 class OffloadConfig:
     params: str = _help("where the model's weights live between uses: none (RAM) | cpu (pinned host memory, the GPU "
                         "case; none on a CPU-only machine) | disk (streamed layer by layer from offload.dir)", "none",
@@ -208,6 +222,7 @@ class RecipeConfig:
     lq_lora: LQLoRAConfig = field(default_factory=LQLoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    sparse_ft: SparseFTConfig = field(default_factory=SparseFTConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     cram: CramConfig = field(default_factory=CramConfig)

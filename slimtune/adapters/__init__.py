@@ -1,11 +1,13 @@
 """Adapters: a registry by name (slimtune.registry.ADAPTERS) and the stage that puts them into a model.
 
 `apply_adapters(model, cfg.adapter)` freezes the model, then replaces every targeted module with the
-registered adapter wrapping it. A new adapter is one file plus `@ADAPTERS.register("name")`, imported here.
+registered adapter wrapping it. A new adapter family is one file plus `@ADAPTERS.register("name")`, imported
+here, following the contract in adapters/base.py (and an ADAPTER_FORMATS entry for how it is saved).
 LoRA initialisations that start from the full-precision weight (LoftQ, EoRA) register in ADAPTER_INITS.
 """
 
-from slimtune.adapters import eora, loftq, lora, lq_lora  # noqa: F401  (fill the registries)
+from slimtune.adapters import eora, loftq, lora, lq_lora, peft_format, sparse_ft, sparse_ft_format  # noqa: F401
+# (importing them fills the registries: ADAPTERS, ADAPTER_INITS, ADAPTER_FORMATS)
 from slimtune.adapters.inject import (  # noqa: F401
     DISPATCH,
     NEVER_ALL_LINEAR,

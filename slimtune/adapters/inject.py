@@ -86,9 +86,9 @@ def apply_adapters(model: nn.Module, cfg) -> list[str]:
     for p in model.parameters():
         p.requires_grad_(False)
     names = target_names(model, cfg.target_modules)
-    check_rank(model, names, cfg.rank)
+    cfg = adapter_cls.configure(model, names, cfg)
     for name in names:
-        replace_module(model, name, adapter_cls.from_config(model.get_submodule(name), cfg))
+        replace_module(model, name, adapter_cls.from_config(model.get_submodule(name), cfg, name=name))
     return names
 
 

@@ -18,12 +18,16 @@ import math
 import torch
 import torch.nn as nn
 
+from slimtune.adapters.base import AdapterDefaults
+from slimtune.errors import ConfigError
 from slimtune.quant import is_quantized_linear
 from slimtune.registry import ADAPTERS
 
 
 @ADAPTERS.register("lora")
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterDefaults, nn.Module):
+    format = "peft"  # saved in PEFT's format (adapters/peft_format.py)
+
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         in_f, out_f = base.in_features, base.out_features
@@ -51,9 +55,18 @@ class LoRALinear(nn.Module):
         self.weight_mask = mask.to(device=self.lora_A.weight.device, dtype=torch.bool)
 
     @classmethod
-    def from_config(cls, base: nn.Module, cfg) -> "LoRALinear":
+    def from_config(cls, base: nn.Module, cfg, name: str | None = None) -> "LoRALinear":
         """cfg: AdapterConfig (rank, alpha, dropout)."""
         return cls(base, cfg.rank, cfg.alpha, cfg.dropout)
+
+    @classmethod
+    def configure(cls, model: nn.Module, names: list[str], cfg):
+        for n in names:
+            m = model.get_submodule(n)
+            if cfg.rank > min(m.in_features, m.out_features):
+                raise ConfigError(f"adapter.rank={cfg.rank} exceeds min(in, out)={min(m.in_features, m.out_features)} "
+                                  f"of {n}; use a smaller rank")
+        return cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features), in the base output's dtype."""

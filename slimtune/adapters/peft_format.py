@@ -21,10 +21,12 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from slimtune.adapters.base import AdapterFormat
 from slimtune.adapters.inject import NEVER_ALL_LINEAR, adapter_modules, linear_kind, replace_module
 from slimtune.adapters.lora import LoRALinear
 from slimtune.errors import SlimtuneError
 from slimtune.io import atomic_dir, write_json
+from slimtune.registry import ADAPTER_FORMATS
 
 PREFIX = "base_model.model."
 # PEFT LoraConfig options slimtune's LoRALinear does not implement: loading with any of them set would give
@@ -77,7 +79,7 @@ def save_peft_adapter(model: nn.Module, adapter_cfg, out_dir: Path, model_name: 
     with atomic_dir(out_dir) as tmp:
         save_file(peft_state_dict(model), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "adapter_config.json", peft_config(model, adapter_cfg, base_path))
-        write_json(tmp / "slimtune_adapter.json", {"model_name": model_name, "quant": quant})
+        write_json(tmp / "slimtune_adapter.json", {"format": "peft", "model_name": model_name, "quant": quant})
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:
@@ -195,3 +197,6 @@ def _load_saved_module(module: nn.Module, name: str, state: dict, path: Path) ->
         setattr(module, pname, nn.Parameter(state[key].to(p.dtype), requires_grad=False))
         keys.add(key)
     return keys
+
+
+ADAPTER_FORMATS.register("peft")(AdapterFormat(save=save_peft_adapter, load=load_peft_adapter))

@@ -18,22 +18,21 @@ Per step the integrator: `in_accumulation_window` -> `start()` the statistics; a
 
 from __future__ import annotations
 
-import math
+import dataclasses
+
 import zlib
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from slimtune.adapters.base import AdapterDefaults
+from slimtune.errors import ConfigError
 from slimtune.quant import is_quantized_linear
 from slimtune.registry import ADAPTERS
 
-# Upper bound on the elements of one (tokens x k) temporary of the gather path, one (rows x in) score block
-# and one statistics block: 2^24 fp32 values are 64 MiB, whatever the token count or matrix size.
-CHUNK_ELEMENTS = 2**24
-EIGHT_BIT_SUFFIXES = ("_q_int8", "_q_uint8", "_absmax")  # states8bit's keys (never used for 1-D params)
-
-ScoreBlocks = Callable[[int, int], torch.Tensor]  # (row_start, row_end) -> (row_end - row_start, in) scores
+from slimtune.adapters.sparse_ft_regrow import (  # noqa: F401  (the regrowth half, re-exported)
+    CHUNK_ELEMENTS, GradAccumulator, RegrowSchedule, ScoreBlocks, SM3Stats, _top_candidates, all_reduce_stats,
+    drop_fraction_at, grad_square_sums, in_accumulation_window, remap_adam_state)
 
 
 def pick_path(tokens: int, k: int, out_features: int, in_features: int) -> str:
@@ -119,116 +118,6 @@ def sparse_delta_linear(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     return y.reshape(*lead, out_features)
 
 
-class GradAccumulator:
-    """SpIEL-AG's statistic: `grad` (out, in) fp32 = sum of the dense gradients dy^T x of every backward pass
-    while active (micro-batches included); growth score |grad|. The buffer exists only between start() and
-    reset(): one (out, in) fp32 per module during the accumulation window, none outside it."""
-
-    def __init__(self, out_features: int, in_features: int):
-        self.out_features, self.in_features = out_features, in_features
-        self.active, self.grad = False, None
-
-    def start(self) -> None:
-        self.active = True  # the buffer is allocated at the first backward, on the activations' device
-
-    def reset(self) -> None:
-        self.active, self.grad = False, None
-
-    @torch.no_grad()
-    def observe(self, x: torch.Tensor, dy: torch.Tensor, dense_grad: torch.Tensor | None) -> None:
-        if self.grad is None:
-            self.grad = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=x.device)
-        if dense_grad is not None:
-            self.grad.add_(dense_grad)
-        elif x.dtype == torch.float32:
-            self.grad.addmm_(dy.T, x)
-        else:  # bf16: the matmul accumulates in fp32 inside; its (out, in) result is transient
-            self.grad.add_(dy.T @ x)
-
-    def score_blocks(self) -> ScoreBlocks:
-        if self.grad is None:
-            raise RuntimeError("GradAccumulator has no statistics: start() it and run a backward first")
-        return lambda r0, r1: self.grad[r0:r1].abs()
-
-
-def grad_square_sums(x: torch.Tensor, dy: torch.Tensor, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact (sum_j g_ij^2 (out,), sum_i g_ij^2 (in,)) fp32 of g = dy^T x without the (out, in) matrix g.
-    x: (T, in), dy: (T, out). "gram": sum_j g_ij^2 = diag(DY^T (X X^T) DY)_i and sum_i g_ij^2 =
-    diag(X^T (DY DY^T) X)_j, over blocks of token rows of the Gram matrices, 2 T^2 (in + out) flops, on
-    fp32 copies of x and dy (the Gram products cancel); "blocked": g a block of rows at a time in x's dtype
-    (bf16: fp32 accumulation inside the matmul, g rounded to bf16 before squaring), 2 T in out flops.
-    "auto" takes the cheaper one. Temporaries are capped near CHUNK_ELEMENTS values (plus gram's copies)."""
-    tokens, in_features, out_features = x.shape[0], x.shape[1], dy.shape[1]
-    if method == "auto":
-        method = "gram" if tokens * (in_features + out_features) < in_features * out_features else "blocked"
-    row = torch.zeros(out_features, dtype=torch.float32, device=x.device)
-    col = torch.zeros(in_features, dtype=torch.float32, device=x.device)
-    if method == "gram":
-        xf, df = x.float(), dy.float()
-        step = max(1, CHUNK_ELEMENTS // max(tokens, in_features, out_features))
-        for t0 in range(0, tokens, step):
-            xb, db = xf[t0:t0 + step], df[t0:t0 + step]
-            row += (db * ((xb @ xf.T) @ df)).sum(0)  # rows t0.. of (X X^T) DY, times DY, summed over tokens
-            col += (xb * ((db @ df.T) @ xf)).sum(0)
-    elif method == "blocked":
-        step = max(1, CHUNK_ELEMENTS // in_features)
-        for r0 in range(0, out_features, step):
-            g2 = (dy[:, r0:r0 + step].T @ x).float().square_()
-            row[r0:r0 + step] = g2.sum(1)
-            col += g2.sum(0)
-    else:
-        raise ValueError(f"method must be auto, gram or blocked, got {method!r}")
-    return row, col
-
-
-class SM3Stats:
-    """SpIEL-MA's statistic, SM3's row and column covers fed with exact sums. Stored (fp32, out + in values):
-
-        row_i <- decay * row_i + sum_j g_ij^2      col_j <- decay * col_j + sum_i g_ij^2
-
-    for every backward pass while active, g = dy^T x that pass's dense gradient of W (SM3 keeps per-cover
-    maxima of entries; the sums here are exact without g). Both bound acc_ij = sum over passes of g_ij^2
-    from above. Growth score ("product", default) row_i * col_j / sum(row): Adafactor's rank-1 estimate of
-    acc_ij, ranked like SpIEL's reference code's outer(row, col); "min": min(row_i, col_j), SM3's estimate,
-    which ties along whole rows and columns. decay=1 sums since start()/reset()."""
-
-    def __init__(self, out_features: int, in_features: int, decay: float = 1.0, score: str = "product"):
-        if score not in ("product", "min"):
-            raise ValueError(f"SM3 score must be product or min, got {score!r}")
-        self.out_features, self.in_features, self.decay, self.score = out_features, in_features, decay, score
-        self.active, self.row, self.col = False, None, None
-
-    def start(self) -> None:
-        self.active = True
-
-    def reset(self) -> None:
-        self.active, self.row, self.col = False, None, None
-
-    @torch.no_grad()
-    def observe(self, x: torch.Tensor, dy: torch.Tensor, dense_grad: torch.Tensor | None) -> None:
-        if self.row is None:
-            self.row = torch.zeros(self.out_features, dtype=torch.float32, device=x.device)
-            self.col = torch.zeros(self.in_features, dtype=torch.float32, device=x.device)
-        if dense_grad is not None:  # the dense path has g already: square it a block of rows at a time
-            row, col = torch.zeros_like(self.row), torch.zeros_like(self.col)
-            step = max(1, CHUNK_ELEMENTS // self.in_features)
-            for r0 in range(0, self.out_features, step):
-                g2 = dense_grad[r0:r0 + step].float().square()
-                row[r0:r0 + step], col = g2.sum(1), col + g2.sum(0)
-        else:
-            row, col = grad_square_sums(x, dy)
-        self.row.mul_(self.decay).add_(row)
-        self.col.mul_(self.decay).add_(col)
-
-    def score_blocks(self) -> ScoreBlocks:
-        if self.row is None:
-            raise RuntimeError("SM3Stats has no statistics: start() it and run a backward first")
-        if self.score == "min":
-            return lambda r0, r1: torch.minimum(self.row[r0:r1, None], self.col[None, :])
-        total = self.row.sum().clamp_min(torch.finfo(torch.float32).tiny)
-        return lambda r0, r1: torch.outer(self.row[r0:r1], self.col) / total
-
-
 def module_seed(seed: int, name: str) -> int:
     """A per-module seed from the run's seed and the module's qualified name (the same on every rank)."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
@@ -246,81 +135,6 @@ def _sample_unique(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
     return drawn[torch.randperm(drawn.numel(), generator=generator)[:k]].sort().values
 
 
-def _top_candidates(scores: torch.Tensor | ScoreBlocks, n: int, excluded: torch.Tensor,
-                    out_features: int, in_features: int) -> torch.Tensor:
-    """Flat indices (n,) of the n highest scores outside `excluded` (sorted flat indices), scoring one block
-    of rows at a time (at most ~CHUNK_ELEMENTS scores alive). NaN and -inf scores rank last; ties are
-    broken by torch.topk (deterministic for the same input on the same device)."""
-    if torch.is_tensor(scores):
-        if tuple(scores.shape) != (out_features, in_features):
-            raise ValueError(f"scores {tuple(scores.shape)} do not match ({out_features}, {in_features})")
-        dense = scores
-        scores = lambda r0, r1: dense[r0:r1]  # noqa: E731
-    step = max(1, CHUNK_ELEMENTS // in_features)
-    best_s = torch.empty(0, device=excluded.device)
-    best_i = torch.empty(0, dtype=torch.int64, device=excluded.device)
-    lowest = torch.finfo(torch.float32).min
-    for r0 in range(0, out_features, step):
-        r1 = min(out_features, r0 + step)
-        s = scores(r0, r1).to(device=excluded.device, dtype=torch.float32).reshape(-1)
-        s = torch.where(torch.isnan(s) | (s == -math.inf), lowest, s)  # a fresh tensor: the caller's is untouched
-        lo, hi = torch.searchsorted(excluded, torch.tensor([r0 * in_features, r1 * in_features],
-                                                           device=excluded.device)).tolist()
-        s[excluded[lo:hi] - r0 * in_features] = -math.inf  # active or just dropped: never regrown
-        top_s, top_i = s.topk(min(n, s.numel()))
-        best_s, best_i = torch.cat([best_s, top_s]), torch.cat([best_i, top_i + r0 * in_features])
-        if best_s.numel() > n:
-            best_s, keep = best_s.topk(n)
-            best_i = best_i[keep]
-    return best_i
-
-
-def drop_fraction_at(step: int, reselect_every: int, initial_fraction: float, max_steps: int) -> float:
-    """Fraction of the active entries to change after optimizer step `step` (1-based): RigL's cosine decay
-    f(t) = initial_fraction / 2 * (1 + cos(pi * t / max_steps)) at the reselection steps (t a positive
-    multiple of reselect_every below max_steps), 0.0 at every other step."""
-    if step <= 0 or step % reselect_every != 0 or step >= max_steps:
-        return 0.0
-    return initial_fraction / 2 * (1 + math.cos(math.pi * step / max_steps))
-
-
-def in_accumulation_window(step: int, reselect_every: int, accumulate_steps: int) -> bool:
-    """True when optimizer step `step` (1-based) is one of the `accumulate_steps` steps whose backward passes
-    feed the statistics of the reselection after step m * reselect_every."""
-    return (step - 1) % reselect_every >= reselect_every - accumulate_steps
-
-
-def remap_adam_state(state: dict, old_to_new: torch.Tensor, new_len: int) -> dict:
-    """Move an AdamW per-parameter state (slimtune's or torch's: step, exp_avg, exp_avg_sq[, max_exp_avg_sq])
-    of `deltas` through a reselection, in place: entry i of every (old_len,) tensor goes to position
-    old_to_new[i] (dropped entries: -1), grown entries start at 0, `step` and other keys are kept.
-    Tensors keep their identity when new_len == old_len. Returns `state`."""
-    old_len = old_to_new.numel()
-    kept = old_to_new >= 0
-    for key, value in list(state.items()):
-        if key.endswith(EIGHT_BIT_SUFFIXES):
-            raise ValueError(f"optimizer state key {key!r} is 8-bit; the 1-D deltas always keep fp32 moments")
-        if key == "step" or not torch.is_tensor(value) or value.shape != (old_len,):
-            continue
-        moved = torch.zeros(new_len, dtype=value.dtype, device=value.device)
-        moved[old_to_new[kept].to(value.device)] = value[kept.to(value.device)]
-        if new_len == old_len:
-            value.copy_(moved)
-        else:
-            state[key] = moved
-    return state
-
-
-def all_reduce_stats(tensors: list[torch.Tensor]) -> None:
-    """Sum the regrowth statistics over ranks (no-op in one process): every rank then grows the same entries.
-    The statistics are linear in what each rank observed, so one reduction before reselection suffices."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for t in tensors:
-            dist.all_reduce(t)
-
-
 def _base_device(base: nn.Module) -> torch.device:
     for t in list(base.parameters()) + list(base.buffers()):
         return t.device
@@ -328,7 +142,7 @@ def _base_device(base: nn.Module) -> torch.device:
 
 
 @ADAPTERS.register("sparse_ft")
-class SparseFTLinear(nn.Module):
+class SparseFTLinear(AdapterDefaults, nn.Module):
     """y = base(x) + x S^T with S (out, in) holding `deltas` at `indices`. `base` is any linear-like module
     (nn.Linear, slimtune quantized, bitsandbytes), frozen and never copied. Give exactly one of density
     (k = max(1, round(density * out * in))) or num_params (k). seed: the initial random draw's (use
@@ -365,6 +179,35 @@ class SparseFTLinear(nn.Module):
         module's qualified name, mixed into the seed (`module_seed`) so that each module draws its own set."""
         seed = getattr(cfg, "seed", 0)
         return cls(base, density=getattr(cfg, "density", 0.01), seed=seed if name is None else module_seed(seed, name))
+
+    format = "sparse_ft"  # adapters/sparse_ft_format.py: indices + deltas in safetensors, a JSON manifest
+
+    @classmethod
+    def configure(cls, model: nn.Module, names: list[str], cfg):
+        """adapter.num_params (a total over the targets) becomes the density every target gets."""
+        if not cfg.num_params:
+            return cfg
+        total = sum(model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in names)
+        if cfg.num_params > total:
+            raise ConfigError(f"adapter.num_params={cfg.num_params} exceeds the {total} weights of the targeted "
+                              "matrices; lower it or target more modules")
+        return dataclasses.replace(cfg, density=cfg.num_params / total)
+
+    @classmethod
+    def training_hooks(cls, model: nn.Module, cfg) -> list:
+        modules = [m for m in model.modules() if isinstance(m, cls)]
+        return [RegrowSchedule(cfg.sparse_ft, cfg.train.max_steps, modules)]
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        return {"indices": self.indices, **self.regrow_state()}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "indices" not in state or state["indices"].shape != self.indices.shape:
+            raise ValueError(f"sparse_ft checkpoint state needs indices of shape {tuple(self.indices.shape)}")
+        self.indices.copy_(state["indices"])
+        self.grad_acc.reset()
+        self.sm3.reset()
+        self.load_regrow_state({k: v for k, v in state.items() if k != "indices"})
 
     @property
     def num_params(self) -> int:

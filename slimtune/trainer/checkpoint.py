@@ -29,6 +29,7 @@ from slimtune.io import atomic_dir, flatten_state, unflatten_state, write_json, 
 
 MARKER = "COMPLETE"
 MASKS = "masks.safetensors"  # a pruned base's masks (recovery): uint8 per trained matrix
+ADAPTERS = "adapters.safetensors"  # adapters' state beyond trainable parameters (sparse_ft's indices, ...)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -153,3 +154,12 @@ def check_masks(ckpt: Path, masks: dict[str, torch.Tensor]) -> None:
     if saved.keys() != masks.keys() or any(not torch.equal(saved[k], masks[k]) for k in masks):
         raise SlimtuneError(f"{path}: the masks differ from the pruned base's zeros now; model.name must be the "
                             "sparse model the run started from")
+
+
+def load_extra(ckpt: Path, fname: str) -> dict[str, torch.Tensor]:
+    """A file save_checkpoint(extra=...) wrote (a corrupted or missing one is a SlimtuneError)."""
+    path = Path(ckpt) / fname
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise SlimtuneError(f"{path}: cannot read it ({e}); resume from an earlier checkpoint") from None

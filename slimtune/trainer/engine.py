@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from slimtune.adapters import adapter_modules
+from slimtune.adapters.base import checkpoint_state, load_checkpoint_state
 from slimtune.compress.recover import write_sparse_manifest
 from slimtune.loss import CausalLMLoss
 from slimtune.optim import build_optimizer
@@ -86,12 +88,21 @@ class Engine:
             return fn(self.loss_model)
 
     def save_checkpoint(self, root: Path, step: int, trainer_state: dict, config_yaml: str, keep: int) -> Path:
+        extra = {}
         masks = self.recovery.mask_tensors() if self.recovery is not None else {}
+        if masks:
+            extra[ckpt.MASKS] = masks
+        adapters = checkpoint_state(self.model, adapter_modules(self.model))  # sparse_ft's indices, ...
+        if adapters:
+            extra[ckpt.ADAPTERS] = adapters
         return ckpt.save_checkpoint(root, step, self.model, self.optimizer, trainer_state, config_yaml, keep,
-                                    extra={ckpt.MASKS: masks} if masks else None)
+                                    extra=extra or None)
 
     def load_checkpoint(self, path: Path) -> dict:
         state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        modules = adapter_modules(self.model)
+        if any(m.checkpoint_state() for m in modules.values()):
+            load_checkpoint_state(modules, ckpt.load_extra(path, ckpt.ADAPTERS))
         if self.recovery is not None and self.recovery.held is not None:
             ckpt.check_masks(path, self.recovery.mask_tensors())
         return state

@@ -83,6 +83,7 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
                             "per-parameter step would run); drop it under torchrun")
     built = build_model(cfg, device, info, data.train, log=lambda s: print_main(s, info.is_main))
     engine, model, quant_info = built.engine, built.model, built.info
+    hooks = hooks + built.hooks
     if cfg.data.select != "all":  # recovery data: the blocks the pruning hurt most (or a random subset)
         data.train = select_data(cfg, built.recovery, model, data.train, device,
                                  log=lambda s: print_main(s, info.is_main))

@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 
 from slimtune.adapters import adapter_internals, adapter_modules, apply_adapters
-from slimtune.adapters.peft_format import load_peft_adapter
 from slimtune.compress.load import load_base, load_streamed
 from slimtune.compress.qcheckpoint import is_quantized_checkpoint
 from slimtune.compress.prune_model import is_sparse_model
@@ -34,6 +33,7 @@ from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.loss import check_head
 from slimtune.models import adapter_metadata, empty_model
 from slimtune.quant.precision import apply_precision
+from slimtune.registry import ADAPTER_FORMATS, ADAPTERS
 from slimtune.trainer.engine import Engine
 from slimtune.trainer.offload_engine import OffloadEngine, offload_active, offload_dir, open_store
 from slimtune.trainer.dist import DistInfo
@@ -45,6 +45,7 @@ class Built:
     engine: object  # trainer.engine.Engine (or an engine with its interface): forward/backward/step, saving
     info: dict = field(default_factory=dict)  # a decomposition's summary (LQ-LoRA allocation, errors, ...)
     recovery: Recovery | None = None  # a pruned base's masks, the teacher (compress/recover.py)
+    hooks: list = field(default_factory=list)  # the adapter family's per-step work (adapters/base.py)
 
 
 def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), train_blocks=None,
@@ -69,7 +70,8 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
     n = apply_precision(model, cfg.train, skip=adapter_internals(model))
     if n:
         log(f"train.precision={cfg.train.precision}: {n} linear layers compute in low precision")
-    return Built(model, Engine(model, cfg, device, dist_info, recovery), info, recovery)
+    hooks = ADAPTERS.get(cfg.adapter.type).training_hooks(model, cfg) if cfg.adapter.type != "none" else []
+    return Built(model, Engine(model, cfg, device, dist_info, recovery), info, recovery, hooks)
 
 
 def _build_offloaded(cfg, device, dist_info, log) -> Built:
@@ -147,7 +149,7 @@ def build_for_eval(cfg) -> nn.Module:
     if not is_quantized_checkpoint(name):
         quantize_base(model, stage_cfg)
     if meta is not None:
-        load_peft_adapter(model, Path(name).expanduser())
+        ADAPTER_FORMATS.get(meta["format"]).load(model, Path(name).expanduser())
         hold_masks(model, masks)  # an adapter trained on a pruned base learned mask * (B A)
     return model.eval()
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch.nn as nn
 
 from slimtune.adapters import adapter_modules, unwrap_adapters
-from slimtune.adapters.peft_format import load_peft_adapter, save_peft_adapter
 from slimtune.compress.load import load_base
 from slimtune.compress.qcheckpoint import dequantize_to_dense, is_quantized_checkpoint, read_manifest, save_quantized
 from slimtune.compress.prune_model import is_sparse_model, read_sparse_manifest
@@ -16,7 +15,8 @@ from slimtune.compress.recover import hold_masks, read_masks, write_sparse_manif
 from slimtune.config import load_config, to_dict
 from slimtune.errors import SlimtuneError
 from slimtune.io import atomic_dir
-from slimtune.models import DTYPES, load_tokenizer
+from slimtune.models import DTYPES, adapter_metadata, load_tokenizer
+from slimtune.registry import ADAPTER_FORMATS, ADAPTERS
 
 ONTO = ("full", "quantized")  # export --merge --onto: the full-precision base, or dequant(Q) (what was trained)
 
@@ -36,9 +36,10 @@ def save_final(model: nn.Module, cfg, path: Path, base_path: str, tokenizer) -> 
         with atomic_dir(path) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-    else:
+    else:  # the adapter family's own format (adapters/base.py)
         quant = to_dict(cfg.quant) if cfg.quant.method != "none" else None
-        save_peft_adapter(model, cfg.adapter, path, cfg.model.name, base_path, quant)
+        fmt = ADAPTER_FORMATS.get(ADAPTERS.get(cfg.adapter.type).format)
+        fmt.save(model, cfg.adapter, path, cfg.model.name, base_path, quant)
 
 
 def export_merged(run_dir: Path, out_dir: Path | None = None, onto: str = "full") -> Path:
@@ -62,14 +63,14 @@ def export_merged(run_dir: Path, out_dir: Path | None = None, onto: str = "full"
     if is_quantized_checkpoint(str(final)):  # W = dequant(Q) + delta, dense
         model = load_base(str(final), cfg.model.dtype)
         dequantize_to_dense(model)
-    elif (final / "adapter_config.json").is_file():
+    elif adapter_metadata(final) is not None:
         quantized = onto == "quantized" and cfg.quant.method != "none"
         # loaded and quantized exactly as the run did, so dequant(Q) is what the adapter was trained against
         model = load_base(cfg.model.name, load_dtype(cfg) if quantized else cfg.model.dtype)
         sparse, masks = read_masks(cfg.model.name, model)
         if quantized:
             quantize_base(model, cfg)
-        load_peft_adapter(model, final)
+        ADAPTER_FORMATS.get(adapter_metadata(final)["format"]).load(model, final)
         hold_masks(model, masks)  # a pruned base: W + mask * (B A), the merged model stays sparse
         if quantized:
             dequantize_to_dense(model)  # each adapter -> nn.Linear(dequant(Q) + delta), computed in fp32

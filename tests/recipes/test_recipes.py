@@ -8,7 +8,7 @@ from slimtune import config as C
 from slimtune.cli import main
 
 # per-recipe lr for a random tiny model (the recipes' own lrs suit SmolLM2)
-LR = {"full": "3e-3", "lora": "1e-2", "qlora": "1e-2", "recover": "3e-3"}
+LR = {"full": "3e-3", "lora": "1e-2", "qlora": "1e-2", "recover": "3e-3", "sparse_ft": "5e-2"}
 REPORT_KEYS = {"initial_loss", "final_loss", "eval_perplexity", "eval_perplexity_before", "peak_memory_bytes",
                "peak_memory_kind", "trainable_params", "total_params", "tokens_per_second", "steps",
                "wall_seconds", "config"}
@@ -43,8 +43,8 @@ def test_recipe_lowers_loss(recipe, tmp_path, tiny_overrides):
     assert (out / "config.yaml").is_file()
     assert (out / "checkpoints" / "step_6" / "COMPLETE").is_file()
     final = out / "final"
-    expected = {"none": "config.json", "lq_lora": "slimtune_quant.json"}.get(report["config"]["adapter"]["type"],
-                                                                          "adapter_config.json")
+    expected = {"none": "config.json", "lq_lora": "slimtune_quant.json", "sparse_ft": "sparse_ft.safetensors"}.get(
+        report["config"]["adapter"]["type"], "adapter_config.json")
     assert (final / expected).is_file()
 
 
