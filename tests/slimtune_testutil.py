@@ -27,3 +27,34 @@ def use_kernels(monkeypatch, backend: str) -> None:
     from slimtune.kernels import dispatch
 
     monkeypatch.setattr(dispatch, "_backend", backend)
+
+
+def killer_script(recipe: str, after_backward_step: int) -> str:
+    """Python source (for `python -c SRC key=value ...`) that runs `recipe` and SIGKILLs itself right after
+    the backward of step `after_backward_step` + 1: mid-step, before its update, after earlier checkpoints."""
+    return f"""
+import os, signal, sys
+from slimtune.config import load_config
+from slimtune.trainer import run
+from slimtune.hooks import Hooks
+
+class KillMidStep(Hooks):
+    def after_backward(self, model, step):
+        if step == {after_backward_step}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+run(load_config({recipe!r}, sys.argv[1:]), hooks=[KillMidStep()])
+"""
+
+
+def run_cli(*args, check: bool = True):
+    """`python *args` in a subprocess (offline wandb, one OpenMP thread); asserts exit 0 when check."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r

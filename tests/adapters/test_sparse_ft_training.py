@@ -3,8 +3,6 @@ regrowth rules), the same decisions on every rank, final/ -> eval and export --m
 quantized bases (nf4, int8, packed nf3)."""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from slimtune.cli import main
-from slimtune_testutil import TINY, free_port
+from slimtune_testutil import TINY, free_port, killer_script, run_cli
 
 SFT = [*TINY, "train.max_steps=12", "train.lr=1e-2", "train.warmup_steps=1", "sparse_ft.reselect_every=4",
        "sparse_ft.accumulate_steps=3", "sparse_ft.drop_fraction=0.5"]
@@ -22,12 +20,7 @@ def _losses(d):
     return [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
 
 
-def _cli(*args, check=True):
-    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
+_cli = run_cli
 
 
 @pytest.mark.parametrize("regrow", ["ma", "ag"])
@@ -55,19 +48,7 @@ def test_trains_reselects_and_counts_only_deltas(tmp_path, regrow):
     assert not torch.equal(first, final[f"{name}.indices"])
 
 
-KILLER = """
-import os, signal, sys
-from slimtune.config import load_config
-from slimtune.trainer import run
-from slimtune.hooks import Hooks
-
-class KillMidStep(Hooks):
-    def after_backward(self, model, step):
-        if step == 6:  # step 7's backward is done: mid accumulation window, after the step-6 checkpoint
-            os.kill(os.getpid(), signal.SIGKILL)
-
-run(load_config("sparse_ft", sys.argv[1:]), hooks=[KillMidStep()])
-"""
+KILLER = killer_script("sparse_ft", 6)  # mid-step, after the step-6 checkpoint
 
 
 @pytest.mark.parametrize("regrow", ["ma", "ag"])

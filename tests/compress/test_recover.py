@@ -3,9 +3,6 @@ QLoRA recovery (merged model stays sparse), torchrun, distillation from the dens
 CrAM, and the one-line errors."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +10,7 @@ from safetensors.torch import load_file
 
 from slimtune.cli import main
 from slimtune.compress.prune_model import MANIFEST
-from slimtune_testutil import TINY, free_port
+from slimtune_testutil import TINY, free_port, killer_script, run_cli
 
 RUN = [*TINY, "train.max_steps=6", "train.lr=3e-3", "train.warmup_steps=1"]
 
@@ -45,12 +42,7 @@ def pruned(tmp_path_factory):
     return root / "w50"
 
 
-def _cli(*args, check=True):
-    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
+_cli = run_cli
 
 
 def test_full_recovery_keeps_masks_and_distills(pruned, tmp_path):
@@ -69,19 +61,7 @@ def test_full_recovery_keeps_masks_and_distills(pruned, tmp_path):
     assert main(["eval", f"model.name={out / 'final'}", *TINY]) == 0  # the recovered dir loads and scores
 
 
-KILLER = """
-import os, signal, sys
-from slimtune.config import load_config
-from slimtune.trainer import run
-from slimtune.trainer.hooks import Hooks
-
-class KillMidStep(Hooks):
-    def after_backward(self, model, step):
-        if step == 4:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-run(load_config("recover", sys.argv[1:]), hooks=[KillMidStep()])
-"""
+KILLER = killer_script("recover", 4)  # mid-step, after the step-4 checkpoint
 
 
 def test_kill_then_resume_is_bitwise_and_masks_are_checked(pruned, tmp_path):
