@@ -21,6 +21,8 @@ USAGE = """slimtune run RECIPE [key=value ...]     train (RECIPE: a name from `s
        slimtune prune [RECIPE] key=value ...  prune model.name (prune.method=magnitude|wanda|sparsegpt,
                  prune.sparsity / prune.pattern=2:4, calibrated on data.source) into output_dir
        slimtune export RUN_DIR --merge [--onto full|quantized] [--out DIR]  merge a run's adapter into an HF model
+       slimtune export RUN_OR_MODEL --format dfloat11|sparse|sparse-nf4|sparse-int8 [--out DIR]  compressed
+                 checkpoint (lossless bf16, or a pruned model's masks + kept values); eval and run load it
        slimtune recipes                        list recipes
        slimtune config show RECIPE [key=value ...]  print the resolved config"""
 
@@ -42,6 +44,29 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _export_compressed(args, export_compressed) -> None:
+    """`export SRC --format F`: a run dir's final model (its adapter merged first, into a temporary dir next
+    to the output), a model dir or a built-in name."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    src = Path(args.run_dir).expanduser()
+    if not ((src / "config.yaml").is_file() and (src / "final").is_dir()):
+        export_compressed(args.run_dir, args.format, args.out)
+        return
+    final = src / "final"
+    if (final / "config.json").is_file():  # full fine-tuning: final/ is the model
+        export_compressed(args.run_dir, args.format, args.out, model_dir=final)
+        return
+    from slimtune.trainer import export_merged
+
+    with tempfile.TemporaryDirectory(dir=src) as tmp:
+        merged = export_merged(src, Path(tmp) / "merged", args.onto)
+        export_compressed(args.run_dir, args.format, args.out, model_dir=merged)
+        shutil.rmtree(merged, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slimtune", usage=USAGE)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -57,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p_exp = sub.add_parser("export")
     p_exp.add_argument("run_dir")
     p_exp.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
+    p_exp.add_argument("--format", default="hf", help="hf (the merged model, default) | dfloat11 | sparse | "
+                       "sparse-nf4 | sparse-int8")
     p_exp.add_argument("--out", default=None, help="output dir (default RUN_DIR/merged)")
     p_exp.add_argument("--onto", default="full", choices=["full", "quantized"],
                        help="merge into the full-precision base (default) or into dequant(Q), the quantized "
@@ -106,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             from slimtune.compress.prune_model import prune_command
 
             prune_command(cfg)
+        elif args.cmd == "export" and args.format != "hf":
+            _quiet_libraries()
+            from slimtune.compress.compressed_io import export_compressed
+
+            _export_compressed(args, export_compressed)
         elif args.cmd == "export":
-            if not args.merge:
-                raise SlimtuneError("export needs --merge (the PEFT adapter itself is already in RUN_DIR/final)")
             _quiet_libraries()
             from slimtune.trainer import export_merged
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from slimtune.compress.compressed import is_compressed_checkpoint
+from slimtune.compress.compressed_io import load_compressed
 from slimtune.compress.qcheckpoint import is_quantized_checkpoint, load_quantized
 from slimtune.errors import SlimtuneError
 from slimtune.models import DTYPES, empty_model, load_model, safetensor_files
@@ -19,6 +21,8 @@ def load_base(name: str, dtype: str = "float32") -> nn.Module:
     """model.name -> the model (CPU, frozen, use_cache off); `dtype` for what is stored in full precision."""
     if is_quantized_checkpoint(name):  # its manifest fixes the formats (and holds any LoRA factors)
         return load_quantized(Path(name).expanduser(), DTYPES[dtype])
+    if is_compressed_checkpoint(name):  # dfloat11 / sparse / sparse-nf4: decoded tensor by tensor
+        return load_compressed(Path(name), DTYPES[dtype])
     return load_model(name, dtype)
 
 

@@ -1,0 +1,128 @@
+"""Writing and loading compressed checkpoints (formats and tensor kinds: compress/compressed.py).
+
+`export_compressed(src, fmt, out)`: src is a model dir or a built-in name (cli.py merges a run's adapter
+first, as `export --merge` does, and passes the merged dir); the sparse formats need a pruned model (its slimtune_sparse.json names the
+pruned matrices and the pattern). Prints the bytes on disk and bits per parameter against bf16 safetensors.
+`load_compressed(path, dtype)` is what compress/load.load_base calls, so eval, run and export all load them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from slimtune.compress.compressed import FORMATS, MANIFEST, TENSORS, decode_tensor, encode_tensor
+from slimtune.errors import SlimtuneError
+from slimtune.io import atomic_dir, write_json
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of a model dir without its tokenizer files."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file() and f.name not in TOKENIZER_FILES)
+
+
+def export_compressed(src: str, fmt: str, out: str | None = None, model_dir: Path | None = None) -> Path:
+    """src: what the user named (the default --out is derived from it); model_dir: the HF dir to compress
+    (default: src resolved)."""
+    if fmt not in FORMATS or fmt == "hf":
+        raise SlimtuneError(f"export --format {fmt!r}: use one of {', '.join(FORMATS)}")
+    from slimtune.compress.prune_model import is_sparse_model, read_sparse_manifest
+    from slimtune.models import load_model, load_tokenizer
+
+    path = Path(src).expanduser()
+    out_dir = Path(out) if out else (path / fmt if path.is_dir() else Path.cwd() / f"{Path(src).name}-{fmt}")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise SlimtuneError(f"--out {str(out_dir)!r} is not empty; give another --out or remove it")
+    t0 = time.perf_counter()
+    if model_dir is None:
+        from slimtune.models import resolve_model_dir
+
+        model_dir = resolve_model_dir(src)
+    sparse = read_sparse_manifest(model_dir) if is_sparse_model(str(model_dir)) else None
+    if fmt != "dfloat11" and sparse is None:
+        raise SlimtuneError(f"--format {fmt} stores pruned matrices; {src} has no slimtune_sparse.json (prune it "
+                            "with `slimtune prune`, or use --format dfloat11)")
+    model = load_model(str(model_dir), _stored_dtype(model_dir))
+    nm = None if sparse is None or sparse["pattern"] == "unstructured" else \
+        tuple(int(v) for v in sparse["pattern"].split(":"))
+    pruned = {f"{n}.weight" for n in (sparse or {}).get("matrices", {})}
+    entries, records, seen = {}, {}, {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        if t.data_ptr() in seen and seen[t.data_ptr()][1] == t.shape:  # tied: stored once
+            records[name] = {"tied_to": seen[t.data_ptr()][0]}
+            continue
+        seen[t.data_ptr()] = (name, t.shape)
+        e, records[name] = encode_tensor(name, t.detach().cpu(), fmt, nm, name in pruned)
+        entries.update(e)
+    with atomic_dir(out_dir) as tmp:
+        save_file(entries, str(tmp / TENSORS), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        load_tokenizer(str(model_dir)).save_pretrained(tmp)
+        (tmp / "model.safetensors.index.json").unlink(missing_ok=True)
+        params = sum(int(torch.Size(r["shape"]).numel()) for r in records.values() if "shape" in r)
+        manifest = {"format": "slimtune-compressed", "version": 1, "codec": fmt, "source": str(src),
+                    "tensors": records, "params": params, "pruned": sparse}
+        write_json(tmp / MANIFEST, manifest)
+        nbytes = dir_bytes(tmp)
+        bf16 = params * 2
+        write_json(tmp / MANIFEST, {**manifest, "bytes": nbytes, "bits_per_param": 8 * nbytes / params,
+                                    "ratio_to_bf16": nbytes / bf16})
+    print(f"slimtune: wrote {out_dir}/ ({fmt}): {nbytes / 2**20:.1f} MiB, {8 * nbytes / params:.2f} bits/param, "
+          f"{nbytes / bf16:.3f}x bf16 ({time.perf_counter() - t0:.1f}s)")
+    return out_dir
+
+
+def _stored_dtype(model_dir: Path) -> str:
+    """The dtype the model dir stores (bfloat16 or float32), so the export is lossless."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return "bfloat16" if dtype == "bfloat16" else "float32"
+
+
+def load_compressed(path: Path, dtype=None) -> nn.Module:
+    """The model of a compressed dir: built on the meta device, each tensor decoded and assigned (in the dtype
+    it was stored in, then cast to `dtype` if given). A manifest that does not match its tensors: one line."""
+    from slimtune.models import empty_model
+
+    path = Path(path).expanduser()
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format") != "slimtune-compressed" or manifest.get("version") != 1:
+        raise SlimtuneError(f"{path / MANIFEST}: not a slimtune compressed checkpoint of version 1")
+    try:
+        stored = load_file(str(path / TENSORS))
+    except (OSError, SafetensorError) as e:
+        raise SlimtuneError(f"{path / TENSORS}: cannot read it ({e}); the checkpoint is truncated or corrupted; "
+                            "export it again") from None
+    model = empty_model(str(path), "float32")
+    by_name = {}
+    for name, record in manifest["tensors"].items():
+        if "tied_to" in record:
+            continue
+        parts = {k.split("::", 1)[1]: v for k, v in stored.items() if k.split("::", 1)[0] == name}
+        try:
+            t = decode_tensor(name, record, parts)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise SlimtuneError(f"{path / TENSORS}: tensor {name!r} does not match {MANIFEST} ({e}); the checkpoint "
+                                "is corrupted or was tampered with; export it again") from None
+        by_name[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    for name, record in manifest["tensors"].items():
+        if "tied_to" in record:
+            by_name[name] = by_name[record["tied_to"]]
+    missing = set(model.state_dict()) - set(by_name)
+    if missing:
+        raise SlimtuneError(f"{path / MANIFEST}: no tensor for {sorted(missing)[:3]}; the checkpoint is incomplete")
+    model.load_state_dict(by_name, assign=True, strict=False)
+    model.tie_weights()
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
