@@ -8,7 +8,8 @@ import pytest
 from slimtune_testutil import use_kernels
 import torch
 
-from slimtune.compress.dfloat11 import decode, decode_triton, encode
+from slimtune.compress.dfloat11 import decode, encode
+from slimtune.kernels.dfloat11_decode import decode_triton
 from slimtune.kernels.dfloat11_decode import dfloat11_decode
 from slimtune.kernels.dispatch import interpreting
 
