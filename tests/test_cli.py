@@ -24,7 +24,9 @@ def slimtune(*args):
     (["run", "lora", "model.name=tiny-llama", "train.seq_len=4096"], "train.seq_len=4096 exceeds the model's context of 1024"),
     (["run", "lora", "model.name=tiny-llama", "train.seq_len=32", "data.source=/no/file.txt"], "data.source='/no/file.txt': file not found"),
     (["run", "lora", "model.name=tiny-llama", "train.seq_len=32", "adapter.rank=999"], "adapter.rank=999"),
-    (["export", "/no/run"], "export needs --merge"),
+    (["export", "/no/run"], "not a finished slimtune run"),
+    (["export", "/no/run", "--format", "zip"], "export --format 'zip': use one of hf, dfloat11"),
+    (["export", "/no/model", "--format", "dfloat11"], "/no/model"),
     (["export", "/no/run", "--merge"], "not a finished slimtune run"),
 ])
 def test_bad_input_is_one_line_exit_2(args, needle, tmp_path):
