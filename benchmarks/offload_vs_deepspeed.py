@@ -112,7 +112,8 @@ def slimtune_side(model: Path, work: Path, steps: int, scale: bool) -> dict:
               "read_bytes": io.get("read_bytes"), "written_bytes": io.get("write_bytes"), "wall_seconds": wall,
               "read_bytes_per_step": off["bytes_read_per_step"], "written_bytes_per_step": off["bytes_written_per_step"],
               "io_hidden_fraction": off["io_hidden_fraction"], "gb_per_second": off["gb_per_second"],
-              "buffer_pool_bytes": off["buffer_pool_bytes"], "losses": [r["loss"] for r in rows]}
+              "buffer_pool_bytes": off["buffer_pool_bytes"], "losses": [r["loss"] for r in rows],
+              "activations": off.get("activations")}
     if scale:  # the source model, plus the most the run added at once (store, snapshot, final/)
         result["disk_bytes"] = _du(model) + io["disk_peak_bytes"]
         result["eval_perplexity"] = [report["eval_perplexity_before"], report["eval_perplexity"]]
