@@ -2,8 +2,8 @@
 
 Every run is its own `slimtune run` process (peak RSS is the whole process's) with the same data, steps, seq
 and batch. LoRA: rank 16 on all-linear (the recipe). sparse_ft: adapter.num_params = LoRA's trainable count,
-on the same modules. Each is tried at a few learning rates (the same number for both, the recipe's among
-them) at the short budget; the best of each by eval loss (pydoc's eval split) then runs the longer budget
+on the same modules. Each is tried at three learning rates (the recipe's among
+them; the same grid for both) at the short budget; the best of each by eval loss (pydoc's eval split) then runs the longer budget
 and on an NF4 base (QLoRA vs qSpIEL). Writes benchmarks/results/sparse_ft_vs_lora.json and prints a table.
 
     python benchmarks/sparse_ft_vs_lora.py [--steps 30] [--long-steps 120] [--batch 2]
@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "sparse_ft_vs_lora.json"
-LRS = {"lora": ["1e-3", "3e-3"], "sparse_ft": ["3e-4", "1e-3"]}
+LRS = {"lora": ["1e-3", "3e-3", "1e-2"], "sparse_ft": ["1e-3", "3e-3", "1e-2"]}  # the same grid for both
 
 
 def run(recipe: str, work: Path, tag: str, overrides: list[str]) -> dict:

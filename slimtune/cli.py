@@ -59,6 +59,13 @@ def _export_compressed(args, export_compressed) -> None:
     if (final / "config.json").is_file():  # full fine-tuning: final/ is the model
         export_compressed(args.run_dir, args.format, args.out, model_dir=final)
         return
+    if args.format in ("sparse-nf4", "sparse-int8") and (final / "adapter_config.json").is_file():
+        # quantized kept values: the adapter stays beside them in full precision rather than merged and rounded
+        from slimtune.config import load_config
+
+        base = load_config(str(src / "config.yaml")).model.name
+        export_compressed(args.run_dir, args.format, args.out, model_dir=Path(base), adapter_dir=final)
+        return
     from slimtune.trainer import export_merged
 
     with tempfile.TemporaryDirectory(dir=src) as tmp:

@@ -174,6 +174,9 @@ class SparseFTConfig:
     regrow: str = _help("sparse_ft: ma (SM3 row/column statistics, no dense gradient) | ag (dense gradient "
                         "accumulated over sparse_ft.accumulate_steps)", "ma", ("ma", "ag"))
     accumulate_steps: int = _help("sparse_ft: steps before each reselection whose gradients feed regrowth", 5)
+    grown_moments: str = _help("sparse_ft: Adam moments of grown entries: zero | mean (second moment seeded with "
+                               "the kept entries' mean, so their first steps are not amplified)", "zero",
+                               ("zero", "mean"))
 
 
 @dataclass(frozen=True)

@@ -58,3 +58,23 @@ def run_cli(*args, check: bool = True):
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def losses(out_dir) -> list[float]:
+    """The loss column of a run's metrics.jsonl."""
+    import json
+    from pathlib import Path
+
+    return [json.loads(line)["loss"] for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def safetensors_dir(path) -> dict:
+    """Every tensor of the *.safetensors files in a directory (a final/ or merged/ model), by name."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out

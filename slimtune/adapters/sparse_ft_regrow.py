@@ -175,10 +175,13 @@ def in_accumulation_window(step: int, reselect_every: int, accumulate_steps: int
     return (step - 1) % reselect_every >= reselect_every - accumulate_steps
 
 
-def remap_adam_state(state: dict, old_to_new: torch.Tensor, new_len: int) -> dict:
+def remap_adam_state(state: dict, old_to_new: torch.Tensor, new_len: int, grown: str = "zero") -> dict:
     """Move an AdamW per-parameter state (slimtune's or torch's: step, exp_avg, exp_avg_sq[, max_exp_avg_sq])
     of `deltas` through a reselection, in place: entry i of every (old_len,) tensor goes to position
-    old_to_new[i] (dropped entries: -1), grown entries start at 0, `step` and other keys are kept.
+    old_to_new[i] (dropped entries: -1), `step` and other keys are kept. Grown entries start at 0
+    (grown="zero"), or (grown="mean") with the kept entries' mean second moment: Adam's bias correction
+    treats every entry as old as the run, so from zero moments a new entry's first updates come out up to
+    ~6x a normal step ((1 - b1^k) / sqrt(1 - b2^k)); a seeded second moment makes them start small instead.
     Tensors keep their identity when new_len == old_len. Returns `state`."""
     old_len = old_to_new.numel()
     kept = old_to_new >= 0
@@ -187,7 +190,10 @@ def remap_adam_state(state: dict, old_to_new: torch.Tensor, new_len: int) -> dic
             raise ValueError(f"optimizer state key {key!r} is 8-bit; the 1-D deltas always keep fp32 moments")
         if key == "step" or not torch.is_tensor(value) or value.shape != (old_len,):
             continue
-        moved = torch.zeros(new_len, dtype=value.dtype, device=value.device)
+        fill = 0.0
+        if grown == "mean" and key in ("exp_avg_sq", "max_exp_avg_sq") and bool(kept.any()):
+            fill = value[kept.to(value.device)].mean().item()
+        moved = torch.full((new_len,), fill, dtype=value.dtype, device=value.device)
         moved[old_to_new[kept].to(value.device)] = value[kept.to(value.device)]
         if new_len == old_len:
             value.copy_(moved)
@@ -250,7 +256,7 @@ class RegrowSchedule:
                 old_to_new, _ = m.regrow(fraction, c.regrow)
                 state = optimizer.state.get(m.deltas)
                 if state:
-                    remap_adam_state(state, old_to_new, m.num_params)
+                    remap_adam_state(state, old_to_new, m.num_params, c.grown_moments)
         if step % c.reselect_every == 0:  # the window is over, used or not
             for m in self.modules:
                 self._stats(m).reset()

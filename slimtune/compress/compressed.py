@@ -152,6 +152,20 @@ def encode_tensor(name: str, t: torch.Tensor, fmt: str, nm=None, pruned: bool = 
     return {f"{prefix}raw": t.contiguous()}, record
 
 
+def keep_mask(record: dict, parts: dict) -> torch.Tensor | None:
+    """The stored keep-mask of a pruned matrix (None for other kinds)."""
+    shape = tuple(record["shape"])
+    if record["kind"] == "mask":
+        n = int(torch.Size(shape).numel())
+        bits = np.unpackbits(parts["mask"].numpy())
+        if bits.size < n:
+            raise ValueError(f"bitmask holds {bits.size} bits, {n} needed")
+        return torch.from_numpy(bits[:n].astype(bool)).reshape(shape)
+    if record["kind"] == "nm":
+        return nm_decode(parts["patterns"], shape, record["n"], record["m"])
+    return None
+
+
 def decode_tensor(name: str, record: dict, parts: dict) -> torch.Tensor:
     shape, dtype = tuple(record["shape"]), getattr(torch, record["dtype"])
     kind = record["kind"]
@@ -160,15 +174,8 @@ def decode_tensor(name: str, record: dict, parts: dict) -> torch.Tensor:
     if kind in ("df11", "df11f"):
         coded = {**parts, "shape": list(shape), "block_values": record["block_values"]}
         return df11.decode(coded) if kind == "df11" else df11.decode_fp32(coded)
-    if kind == "mask":
-        n = int(torch.Size(shape).numel())
-        bits = np.unpackbits(parts["mask"].numpy())
-        if bits.size < n:
-            raise ValueError(f"bitmask holds {bits.size} bits, {n} needed")
-        keep = torch.from_numpy(bits[:n].astype(bool)).reshape(shape)
-    elif kind == "nm":
-        keep = nm_decode(parts["patterns"], shape, record["n"], record["m"])
-    else:
+    keep = keep_mask(record, parts)
+    if keep is None:
         raise ValueError(f"unknown tensor kind {kind!r}")
     values = _decode_values({k.removeprefix("v."): v for k, v in parts.items() if k.startswith("v.")}, record, dtype)
     if values.numel() != int(keep.sum()):

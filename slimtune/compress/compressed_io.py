@@ -9,6 +9,7 @@ pruned matrices and the pattern). Prints the bytes on disk and bits per paramete
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from slimtune.compress.compressed import FORMATS, MANIFEST, TENSORS, decode_tensor, encode_tensor
+from slimtune.compress.compressed import FORMATS, MANIFEST, TENSORS, decode_tensor, encode_tensor, keep_mask
 from slimtune.errors import SlimtuneError
 from slimtune.io import atomic_dir, write_json
 
@@ -30,9 +31,11 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file() and f.name not in TOKENIZER_FILES)
 
 
-def export_compressed(src: str, fmt: str, out: str | None = None, model_dir: Path | None = None) -> Path:
+def export_compressed(src: str, fmt: str, out: str | None = None, model_dir: Path | None = None,
+                      adapter_dir: Path | None = None) -> Path:
     """src: what the user named (the default --out is derived from it); model_dir: the HF dir to compress
-    (default: src resolved)."""
+    (default: src resolved); adapter_dir: a trained adapter (a recovery run's LoRA) kept beside the compressed
+    base in full precision, in `adapter/`, instead of merged into values that are then quantized."""
     if fmt not in FORMATS or fmt == "hf":
         raise SlimtuneError(f"export --format {fmt!r}: use one of {', '.join(FORMATS)}")
     from slimtune.compress.prune_model import is_sparse_model, read_sparse_manifest
@@ -65,12 +68,15 @@ def export_compressed(src: str, fmt: str, out: str | None = None, model_dir: Pat
         entries.update(e)
     with atomic_dir(out_dir) as tmp:
         save_file(entries, str(tmp / TENSORS), metadata={"format": "pt"})
+        if adapter_dir is not None:
+            shutil.copytree(adapter_dir, tmp / "adapter")
         model.config.save_pretrained(tmp)
         load_tokenizer(str(model_dir)).save_pretrained(tmp)
         (tmp / "model.safetensors.index.json").unlink(missing_ok=True)
         params = sum(int(torch.Size(r["shape"]).numel()) for r in records.values() if "shape" in r)
         manifest = {"format": "slimtune-compressed", "version": 1, "codec": fmt, "source": str(src),
-                    "tensors": records, "params": params, "pruned": sparse}
+                    "tensors": records, "params": params, "pruned": sparse,
+                    "adapter": "adapter" if adapter_dir is not None else None}
         write_json(tmp / MANIFEST, manifest)
         nbytes = dir_bytes(tmp)
         bf16 = params * 2
@@ -103,13 +109,16 @@ def load_compressed(path: Path, dtype=None) -> nn.Module:
         raise SlimtuneError(f"{path / TENSORS}: cannot read it ({e}); the checkpoint is truncated or corrupted; "
                             "export it again") from None
     model = empty_model(str(path), "float32")
-    by_name = {}
+    by_name, masks = {}, {}
     for name, record in manifest["tensors"].items():
         if "tied_to" in record:
             continue
         parts = {k.split("::", 1)[1]: v for k, v in stored.items() if k.split("::", 1)[0] == name}
         try:
             t = decode_tensor(name, record, parts)
+            keep = keep_mask(record, parts)
+            if keep is not None:
+                masks[name.removesuffix(".weight")] = keep
         except (ValueError, KeyError, RuntimeError) as e:
             raise SlimtuneError(f"{path / TENSORS}: tensor {name!r} does not match {MANIFEST} ({e}); the checkpoint "
                                 "is corrupted or was tampered with; export it again") from None
@@ -123,6 +132,22 @@ def load_compressed(path: Path, dtype=None) -> nn.Module:
     model.load_state_dict(by_name, assign=True, strict=False)
     model.tie_weights()
     model.config.use_cache = False
+    if manifest.get("adapter"):  # a recovery run's adapter, kept beside the compressed base
+        _load_adapter(model, path / manifest["adapter"], masks)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def _load_adapter(model: nn.Module, adapter_dir: Path, masks: dict) -> None:
+    """Wrap the base with the stored adapter; on pruned matrices its update stays mask * (B A), with the
+    stored masks (a kept value quantized to 0 is still kept)."""
+    from slimtune.compress.recover import hold_masks
+    from slimtune.models import adapter_metadata
+    from slimtune.registry import ADAPTER_FORMATS
+
+    meta = adapter_metadata(adapter_dir)
+    if meta is None:
+        raise SlimtuneError(f"{adapter_dir}: the adapter its {MANIFEST} names is missing; export it again")
+    ADAPTER_FORMATS.get(meta["format"]).load(model, adapter_dir)
+    hold_masks(model, masks)

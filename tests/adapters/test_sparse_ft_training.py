@@ -10,14 +10,17 @@ import torch
 from safetensors.torch import load_file
 
 from slimtune.cli import main
-from slimtune_testutil import TINY, free_port, killer_script, run_cli
+from slimtune_testutil import (
+    TINY,
+    free_port,
+    killer_script,
+    run_cli,
+    losses as _losses,
+)
 
 SFT = [*TINY, "train.max_steps=12", "train.lr=1e-2", "train.warmup_steps=1", "sparse_ft.reselect_every=4",
        "sparse_ft.accumulate_steps=3", "sparse_ft.drop_fraction=0.5"]
 
-
-def _losses(d):
-    return [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
 
 
 _cli = run_cli

@@ -131,3 +131,23 @@ def test_sparse_needs_a_pruned_model_and_out_must_be_empty(models, tmp_path, cap
     (tmp_path / "y" / "f").write_text("keep me")
     assert main(["export", str(models / "dense"), "--format", "dfloat11", "--out", str(tmp_path / "y")]) == 2
     assert (tmp_path / "y" / "f").read_text() == "keep me"
+
+
+def test_a_lora_recovery_run_keeps_its_adapter_beside_sparse_nf4(models, tmp_path):
+    run = tmp_path / "rec"
+    assert main(["run", "lora", *TINY, f"model.name={models / 'w50'}", "train.max_steps=4", "train.lr=1e-2",
+                 f"output_dir={run}"]) == 0
+    out = tmp_path / "snf4"
+    assert main(["export", str(run), "--format", "sparse-nf4", "--out", str(out)]) == 0
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    from slimtune.adapters import adapter_modules
+    from slimtune.compress.load import load_base
+
+    model = load_base(str(out), "float32")
+    mods = adapter_modules(model)
+    assert mods and all(m.weight_mask is not None for m in mods.values())  # mask * (B A) on the pruned base
+    pruned = json.loads((models / "w50" / "slimtune_sparse.json").read_text())["matrices"]
+    name = next(iter(pruned))
+    zero = _weights(models / "w50")[f"{name}.weight"] == 0
+    assert torch.all(mods[name].delta_weight()[zero] == 0) and mods[name].delta_weight().abs().sum() > 0
+    assert main(["eval", *TINY, f"model.name={out}"]) == 0

@@ -10,20 +10,18 @@ from safetensors.torch import load_file
 
 from slimtune.cli import main
 from slimtune.compress.prune_model import MANIFEST
-from slimtune_testutil import TINY, free_port, killer_script, run_cli
+from slimtune_testutil import (
+    TINY,
+    free_port,
+    killer_script,
+    run_cli,
+    safetensors_dir as _weights,
+    losses as _losses,
+)
 
 RUN = [*TINY, "train.max_steps=6", "train.lr=3e-3", "train.warmup_steps=1"]
 
 
-def _weights(d):
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def _losses(d):
-    return [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
 
 
 def _zeros(d):

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from slimtune_testutil import free_port
+from slimtune_testutil import free_port, safetensors_dir as _weights
 
 BASE = ["train.seq_len=64", "train.batch_size=2", "train.warmup_steps=2", "eval.max_batches=2",
         "logging.progress=false", "train.max_steps=4", "train.lr=1e-3"]
@@ -23,12 +22,6 @@ def _torchrun(recipe, args, out):
     assert r.returncode == 0, r.stderr[-3000:]
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
-
-def _weights(final):
-    out = {}
-    for f in sorted(final.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 @pytest.mark.parametrize("recipe, extra, disk", [

@@ -4,12 +4,11 @@ GaLore, and LoRA on a streamed base; on tiny-llama (tied head, 2 layers: everyth
 a 6-layer untied model at offload.prefetch=1 (layers leave memory after their forward and are loaded again
 by backward's recompute). The store's chunks are made small so parameters stream in several pieces."""
 
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from slimtune_testutil import safetensors_dir as _weights, losses as _losses
 from slimtune.config import load_config
 from slimtune.offload import store as S
 from slimtune.trainer import run
@@ -24,15 +23,6 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(S, "CHUNK", 4096)
 
 
-def _losses(out):
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(final):
-    out = {}
-    for f in sorted(final.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 CASES = {
