@@ -142,7 +142,7 @@ def load_compressed(path: Path, dtype=None) -> nn.Module:
 def _load_adapter(model: nn.Module, adapter_dir: Path, masks: dict) -> None:
     """Wrap the base with the stored adapter; on pruned matrices its update stays mask * (B A), with the
     stored masks (a kept value quantized to 0 is still kept)."""
-    from slimtune.compress.recover import hold_masks
+    from slimtune.compress.masks import hold_masks
     from slimtune.models import adapter_metadata
     from slimtune.registry import ADAPTER_FORMATS
 

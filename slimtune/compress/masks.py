@@ -125,3 +125,22 @@ def merge_masked(base_weight: torch.Tensor, delta: torch.Tensor, mask: torch.Ten
     keep = mask.to(device=base_weight.device, dtype=torch.bool)
     merged = base_weight.float() + delta.to(base_weight.device).float().masked_fill(~keep, 0)
     return merged.to(base_weight.dtype)
+
+
+def hold_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> MaskedParams | None:
+    """After adapters: a LoRA-wrapped matrix gets the mask on its update, a trained weight a MaskedParams
+    (returned, attached: gradients masked); frozen ones need nothing."""
+    from slimtune.adapters.lora import LoRALinear
+
+    trained = {}
+    for name, mask in masks.items():
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear):
+            module.set_weight_mask(mask)
+        elif module.weight.requires_grad:
+            trained[f"{name}.weight"] = mask
+    if not trained:
+        return None
+    held = MaskedParams(model, trained)
+    held.attach()
+    return held

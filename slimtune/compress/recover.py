@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from slimtune.compress.distill import RecoveryLoss, Teacher
-from slimtune.compress.masks import MaskedParams
+from slimtune.compress.masks import MaskedParams, hold_masks  # noqa: F401  (hold_masks: re-exported)
 from slimtune.compress.prune_model import MANIFEST, is_sparse_model, load_masks, read_sparse_manifest
 from slimtune.compress.select import random_blocks, select_recovery_data
 from slimtune.errors import ConfigError, SlimtuneError
@@ -54,25 +54,6 @@ def read_masks(name: str, model: nn.Module) -> tuple[dict | None, dict[str, torc
     if not is_sparse_model(name):
         return None, {}
     return read_sparse_manifest(name), load_masks(name, model)
-
-
-def hold_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> MaskedParams | None:
-    """After adapters: a LoRA-wrapped matrix gets the mask on its update, a trained weight a MaskedParams
-    (returned, attached: gradients masked); frozen ones need nothing."""
-    from slimtune.adapters.lora import LoRALinear
-
-    trained = {}
-    for name, mask in masks.items():
-        module = model.get_submodule(name)
-        if isinstance(module, LoRALinear):
-            module.set_weight_mask(mask)
-        elif module.weight.requires_grad:
-            trained[f"{name}.weight"] = mask
-    if not trained:
-        return None
-    held = MaskedParams(model, trained)
-    held.attach()
-    return held
 
 
 def load_teacher(cfg, manifest: dict | None, log=print) -> nn.Module | None:
