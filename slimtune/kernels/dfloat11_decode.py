@@ -199,19 +199,102 @@ def _decode_exponents(parts: dict, n: int, device: str | torch.device) -> torch.
     return out.reshape(-1)[:n]
 
 
+def _decode_exponents_many(many: list[dict], sizes: list[int], device) -> list[torch.Tensor]:
+    """_decode_exponents for several tensors in ONE lockstep: their bitstreams concatenated, each block
+    reading its own tensor's tables (stacked), so a model's matrices take block_values steps in all instead
+    of block_values each. Every tensor must use the same block_values."""
+    device = torch.device(device)
+    bv = many[0]["block_values"]
+    if any(p["block_values"] != bv for p in many):
+        raise ValueError("decode_many: every tensor must have the same block_values")
+    fast, limits, base, symbols, streams, starts, counts, tids, ends_want = [], [], [], [], [], [], [], [], []
+    byte_start = 0
+    for t, (p, n) in enumerate(zip(many, sizes)):
+        lengths = p["code_lengths"].cpu().numpy()
+        fast.append(fast_table(lengths))
+        lim, bas, sym = decode_tables(lengths)
+        limits.append(lim)
+        base.append(bas)
+        symbols.append(torch.nn.functional.pad(sym, (0, 256 - sym.numel())))
+        off = p["block_offsets"].cpu()
+        nb = off.numel() - 1
+        starts.append(off[:-1] + 8 * byte_start)
+        ends_want.append(off[1:] + 8 * byte_start)
+        counts.append(torch.clamp(n - torch.arange(nb) * bv, max=bv))
+        tids.append(torch.full((nb,), t, dtype=torch.int64))
+        streams.append(p["bitstream"].cpu())
+        byte_start += p["bitstream"].numel()
+    fast_t = torch.stack(fast).reshape(-1).to(device)
+    limits_t, base_t, symbols_t = (torch.stack(x).to(device) for x in (limits, base, symbols))
+    padded = torch.cat([*streams, torch.zeros(_WINDOW_BYTES, dtype=torch.uint8)]).to(device)
+    pos = torch.cat(starts).to(device)
+    count, tid = torch.cat(counts).to(device), torch.cat(tids).to(device)
+    total_bits = 8 * byte_start
+    out = torch.empty(pos.numel(), bv, dtype=torch.uint8, device=device)
+    ends, bad = pos.clone(), torch.zeros(pos.numel(), dtype=torch.bool, device=device)
+    fast_base = tid * (1 << FAST_BITS)
+    with _one_cpu_thread(device):
+        for i in range(bv):
+            byte = pos >> 3
+            window = padded.take(byte).long()
+            for k in range(1, _WINDOW_BYTES):
+                window = (window << 8) | padded.take(byte + k)
+            x = (window >> (8 - (pos & 7))) & _MASK32
+            entry = fast_t.take(fast_base + (x >> (MAX_CODE_LENGTH - FAST_BITS)))
+            slow = entry == 0
+            if bool(slow.any()):
+                where = slow.nonzero().squeeze(1)
+                xs, tw = x[where], tid[where]
+                li = torch.searchsorted(limits_t[tw], xs[:, None], right=True).squeeze(1)
+                bad[where] |= (li == MAX_CODE_LENGTH) & (i < count[where])
+                li.clamp_(max=MAX_CODE_LENGTH - 1)
+                idx = (base_t[tw, li] + (xs >> (MAX_CODE_LENGTH - 1 - li))).clamp_(0, 255)
+                entry[where] = (li + 1) << 8 | symbols_t[tw, idx]
+            out[:, i] = entry & 0xFF
+            pos = (pos + (entry >> 8)).clamp_max_(total_bits)
+            ends = torch.where(count == i + 1, pos, ends)  # a block's state when its last value is read
+    check_block_ends(ends.cpu(), bad.cpu(), torch.cat([torch.zeros(1, dtype=torch.int64), torch.cat(ends_want)]))
+    result, b0 = [], 0
+    for n, c in zip(sizes, counts):
+        result.append(out[b0 : b0 + c.numel()].reshape(-1)[:n])
+        b0 += c.numel()
+    return result
+
+
+def _assemble_bf16(exponent: torch.Tensor, parts: dict, device) -> torch.Tensor:
+    sm = parts["sign_mantissa"].to(device).to(torch.int32)
+    bits = ((sm & 0x80) << 8) | (exponent.to(torch.int32) << 7) | (sm & 0x7F)
+    return ((bits ^ 0x8000) - 0x8000).to(torch.int16).view(torch.bfloat16).reshape(parts["shape"])
+
+
+def decode_many(many: list[dict], fp32: list[bool] | None = None, device: str | torch.device = "cpu") -> list:
+    """decode / decode_fp32 of several tensors at once (one lockstep over all their blocks), bit for bit."""
+    fp32 = fp32 or [False] * len(many)
+    sizes = [check_parts(p, raw_bytes=3 if f else 1) for p, f in zip(many, fp32)]
+    keep = [i for i, n in enumerate(sizes) if n > 0]
+    exps = dict(zip(keep, _decode_exponents_many([many[i] for i in keep], [sizes[i] for i in keep], device))) \
+        if keep else {}
+    out = []
+    for i, (p, f) in enumerate(zip(many, fp32)):
+        e = exps.get(i, torch.zeros(0, dtype=torch.uint8, device=device))
+        out.append(_assemble_fp32(e, p, device) if f else _assemble_bf16(e, p, device))
+    return out
+
+
 def decode(parts: dict, device: str | torch.device = "cpu") -> torch.Tensor:
     """The bf16 tensor `encode` was given, bit for bit (vectorised torch; the Triton kernel's reference)."""
     n = check_parts(parts, raw_bytes=1)
-    exponent = _decode_exponents(parts, n, device).to(torch.int32)
-    sm = parts["sign_mantissa"].to(device).to(torch.int32)
-    bits = ((sm & 0x80) << 8) | (exponent << 7) | (sm & 0x7F)
-    return ((bits ^ 0x8000) - 0x8000).to(torch.int16).view(torch.bfloat16).reshape(parts["shape"])
+    return _assemble_bf16(_decode_exponents(parts, n, device), parts, device)
 
 
 def decode_fp32(parts: dict, device: str | torch.device = "cpu") -> torch.Tensor:
     """The fp32 tensor `encode_fp32` was given, bit for bit."""
     n = check_parts(parts, raw_bytes=3)
-    exponent = _decode_exponents(parts, n, device).to(torch.int64)
+    return _assemble_fp32(_decode_exponents(parts, n, device), parts, device)
+
+
+def _assemble_fp32(exponent: torch.Tensor, parts: dict, device) -> torch.Tensor:
+    exponent = exponent.to(torch.int64)
     sm = parts["sign_mantissa"].to(device).to(torch.int64)
     raw = (sm[:, 0] << 16) | (sm[:, 1] << 8) | sm[:, 2]
     bits = ((raw & 0x800000) << 8) | (exponent << 23) | (raw & 0x7FFFFF)

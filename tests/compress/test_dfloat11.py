@@ -215,3 +215,24 @@ def test_bit_pattern_that_is_no_code_raises():
     parts = encode(t, block_values=64)  # one symbol: the code "0"; a 1 bit starts no code
     with pytest.raises(ValueError, match="no code"):
         decode(_tampered(parts, bitstream=parts["bitstream"] | 0x10))
+
+
+def test_decode_many_is_bit_exact_across_tensors_of_every_size():
+    """One lockstep over several tensors' blocks (their tables stacked) equals decoding each alone."""
+    from slimtune.kernels.dfloat11_decode import decode_many
+
+    torch.manual_seed(0)
+    all_bits = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    tensors = [(torch.randn(300, 70) * 0.02).bfloat16(), torch.tensor([], dtype=torch.bfloat16),
+               torch.randn(5).bfloat16(), (torch.randn(64, 4096) * 3).bfloat16(), all_bits]
+    f32 = torch.randn(1000) * 0.1
+    parts = [encode(t) for t in tensors] + [encode_fp32(f32)]
+    out = decode_many(parts, [False] * len(tensors) + [True])
+    for a, b in zip(tensors, out[:-1]):
+        assert a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
+    assert torch.equal(out[-1].view(torch.int32), f32.view(torch.int32))
+    bad = dict(parts[0])
+    bad["block_offsets"] = bad["block_offsets"].clone()
+    bad["block_offsets"][1] += 3
+    with pytest.raises(ValueError, match="block_offsets"):
+        decode_many([bad, parts[2]])
