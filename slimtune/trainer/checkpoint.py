@@ -5,6 +5,8 @@ Layout (all safetensors + JSON):
   optimizer.safetensors   optimizer tensors;  optimizer.json  its skeleton (param groups, scalars)
   rng.safetensors         torch CPU (and CUDA) RNG states
   trainer_state.json      step, tokens seen, seconds so far
+  masks.safetensors       a pruned base's masks (recovery; checked against the base on resume)
+  adapters.safetensors    adapters' state beyond trainable parameters (sparse_ft's indices and statistics)
   config.yaml             the resolved config
   COMPLETE                written last; a directory without it is ignored on resume
 The directory is filled under a temp name and renamed; only the newest `keep` are kept.
