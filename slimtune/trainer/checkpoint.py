@@ -1,9 +1,9 @@
-"""Step checkpoints: `checkpoints/step_N/` = trainable weights, optimizer state, RNG and data position.
+"""Step checkpoints: `checkpoints/step_N/` = trainable weights, optimizer state and the step (which fixes the
+data position and every seed: no RNG state is stored).
 
 Layout (all safetensors + JSON):
   trainable.safetensors   trainable parameters by qualified name
   optimizer.safetensors   optimizer tensors;  optimizer.json  its skeleton (param groups, scalars)
-  rng.safetensors         torch CPU (and CUDA) RNG states
   trainer_state.json      step, tokens seen, seconds so far
   masks.safetensors       a pruned base's masks (recovery; checked against the base on resume)
   adapters.safetensors    adapters' state beyond trainable parameters (sparse_ft's indices and statistics)
