@@ -129,13 +129,7 @@ def select_data(cfg, rec: Recovery | None, model: nn.Module, blocks, device, log
     return subset
 
 
-def write_sparse_manifest(out_dir: Path, model_or_weights, manifest: dict, **extra) -> None:
+def write_sparse_manifest(out_dir: Path, model: nn.Module, manifest: dict, **extra) -> None:
     """slimtune_sparse.json in a recovered model dir: the base's manifest with the sparsity now measured."""
-    matrices = {}
-    for name in manifest["matrices"]:
-        if isinstance(model_or_weights, dict):
-            w = model_or_weights[f"{name}.weight"]
-        else:
-            w = model_or_weights.get_submodule(name).weight
-        matrices[name] = (w == 0).float().mean().item()
+    matrices = {name: (model.get_submodule(name).weight == 0).float().mean().item() for name in manifest["matrices"]}
     write_json(Path(out_dir) / MANIFEST, {**manifest, "matrices": matrices, **extra})
