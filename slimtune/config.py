@@ -256,9 +256,27 @@ def validate(cfg: RecipeConfig) -> None:
     _validate_sparse_ft(cfg)
     _validate_optim(cfg)
     _validate_offload(cfg)
+    _validate_engine(cfg)
     _validate_precision(cfg)
     if cfg.quant.method == "nf4" and cfg.quant.block_size % 2:
         raise ConfigError(f"quant.block_size={cfg.quant.block_size} must be even for nf4 (2 codes per byte)")
+
+
+def _validate_engine(cfg: RecipeConfig) -> None:
+    e = cfg.engine
+    if e.name != "deepspeed":
+        for key, value, default in (("zero_stage", e.zero_stage, 2), ("offload", e.offload, "none"),
+                                    ("nvme_dir", e.nvme_dir, ""), ("config", e.config, "")):
+            if value != default:
+                raise ConfigError(f"engine.{key}={value} is a DeepSpeed setting: add engine.name=deepspeed "
+                                  f"(engine.name={e.name})")
+    if e.name != "ddp" and (cfg.offload.params != "none" or cfg.offload.optimizer != "none"):
+        raise ConfigError(f"offload.* is slimtune's own offload engine (one process or DDP); with engine.name="
+                          f"{e.name} use engine.name=deepspeed engine.offload=cpu|nvme instead, or drop one")
+    if e.offload == "nvme" and e.zero_stage < 2:
+        raise ConfigError(f"engine.offload=nvme needs engine.zero_stage>=2 (got {e.zero_stage})")
+    if e.config and not Path(e.config).expanduser().is_file():
+        raise ConfigError(f"engine.config={e.config}: no such file; give the path of a DeepSpeed JSON")
 
 
 def _validate_optim(cfg: RecipeConfig) -> None:

@@ -196,6 +196,18 @@ class OffloadConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    name: str = _help("ddp (one process, or DDP under torchrun) | fsdp2 (torch fully_shard per decoder layer) | "
+                      "deepspeed (ZeRO)", "ddp", ("ddp", "fsdp2", "deepspeed"))
+    zero_stage: int = _help("engine.name=deepspeed: ZeRO stage 0..3", 2, (0, 1, 2, 3))
+    offload: str = _help("engine.name=deepspeed: DeepSpeed's own offload of optimizer state (zero_stage>=2) and "
+                         "parameters (zero_stage=3): none | cpu | nvme", "none", ("none", "cpu", "nvme"))
+    nvme_dir: str = _help("engine.offload=nvme: DeepSpeed's swap directory (default: nvme/ inside output_dir)", "")
+    config: str = _help("engine.name=deepspeed: a DeepSpeed JSON of one's own (batch sizes, lr and clipping still "
+                        "come from the recipe); the config used is written to output_dir either way", "")
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every: int = _help("save every N steps (0 = only at the end)", 0)
     keep: int = _help("how many step checkpoints to keep", 2)
@@ -225,6 +237,7 @@ class RecipeConfig:
     lq_lora: LQLoRAConfig = field(default_factory=LQLoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     sparse_ft: SparseFTConfig = field(default_factory=SparseFTConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
