@@ -1,8 +1,8 @@
 """Compressed checkpoints on SmolLM2-135M: bytes on disk, load time and held-out perplexity.
 
 bf16 safetensors (the reference), dfloat11 (lossless), and a 50%-sparse (Wanda) and a 2:4 (SparseGPT) model
-each in `sparse` and `sparse-nf4`. Bytes are the whole exported dir without tokenizer files; bits per
-parameter are also given over the pruned matrices alone (their mask/pattern + values entries). Held-out
+each in `sparse`, `sparse-nf4` and `sparse-nf4 --rank 16` (LQ-LoRA factors beside the values). Bytes are the whole exported dir without tokenizer files; bits per
+parameter are also given over the pruned matrices alone (their mask/pattern + values entries, + factors). Held-out
 text: IDLE's NEWS.txt + README.txt (as benchmarks/prune_recover.py). Writes
 benchmarks/results/compressed_checkpoints.json.
 
@@ -60,6 +60,9 @@ def pruned_bits(out: Path) -> float | None:
                 t = f.get_tensor(key)
                 nbytes += t.numel() * t.element_size()
     params = sum(r["shape"][0] * r["shape"][1] for r in pruned.values())
+    factors = out / "adapter" / "adapter_model.safetensors"
+    if factors.is_file():  # --rank: the factors belong to the pruned matrices
+        nbytes += factors.stat().st_size
     return 8 * nbytes / params
 
 
@@ -99,14 +102,16 @@ def main() -> None:
     jobs = [("dfloat11", "smollm2-135m", dense, "dfloat11"), ("w50 bf16 safetensors", None, work / "w50", None),
             ("w50 sparse", str(work / "w50"), None, "sparse"), ("w50 sparse-nf4", str(work / "w50"), None, "sparse-nf4"),
             ("sg24 bf16 safetensors", None, work / "sg24", None), ("sg24 sparse", str(work / "sg24"), None, "sparse"),
-            ("sg24 sparse-nf4", str(work / "sg24"), None, "sparse-nf4")]
+            ("sg24 sparse-nf4", str(work / "sg24"), None, "sparse-nf4"),
+            ("w50 sparse-nf4 rank16", str(work / "w50"), None, "sparse-nf4"),
+            ("sg24 sparse-nf4 rank16", str(work / "sg24"), None, "sparse-nf4")]
     for key, src, path, fmt in jobs:
         if fmt is None:
             record(key, path, ref)
             continue
         out = work / key.replace(" ", "_")
         if not (out / MANIFEST).is_file():
-            export_compressed(src, fmt, str(out))
+            export_compressed(src, fmt, str(out), rank=16 if key.endswith("rank16") else 0)
         record(key, out, ref, pruned_bits(out))
     from qlora_vs_peft import cpu_name  # benchmarks/ is on sys.path when a script here runs
 

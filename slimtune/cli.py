@@ -21,8 +21,9 @@ USAGE = """slimtune run RECIPE [key=value ...]     train (RECIPE: a name from `s
        slimtune prune [RECIPE] key=value ...  prune model.name (prune.method=magnitude|wanda|sparsegpt,
                  prune.sparsity / prune.pattern=2:4, calibrated on data.source) into output_dir
        slimtune export RUN_DIR --merge [--onto full|quantized] [--out DIR]  merge a run's adapter into an HF model
-       slimtune export RUN_OR_MODEL --format dfloat11|sparse|sparse-nf4|sparse-int8 [--out DIR]  compressed
-                 checkpoint (lossless bf16, or a pruned model's masks + kept values); eval and run load it
+       slimtune export RUN_OR_MODEL --format dfloat11|sparse|sparse-nf4|sparse-int8 [--rank R] [--out DIR]
+                 compressed checkpoint (lossless bf16, or a pruned model's masks + kept values, with --rank R
+                 low-rank factors beside quantized values); eval and run load it
        slimtune recipes                        list recipes
        slimtune config show RECIPE [key=value ...]  print the resolved config"""
 
@@ -53,24 +54,25 @@ def _export_compressed(args, export_compressed) -> None:
 
     src = Path(args.run_dir).expanduser()
     if not ((src / "config.yaml").is_file() and (src / "final").is_dir()):
-        export_compressed(args.run_dir, args.format, args.out)
+        export_compressed(args.run_dir, args.format, args.out, rank=args.rank)
         return
     final = src / "final"
     if (final / "config.json").is_file():  # full fine-tuning: final/ is the model
-        export_compressed(args.run_dir, args.format, args.out, model_dir=final)
+        export_compressed(args.run_dir, args.format, args.out, model_dir=final, rank=args.rank)
         return
     if args.format in ("sparse-nf4", "sparse-int8") and (final / "adapter_config.json").is_file():
         # quantized kept values: the adapter stays beside them in full precision rather than merged and rounded
         from slimtune.config import load_config
 
         base = load_config(str(src / "config.yaml")).model.name
-        export_compressed(args.run_dir, args.format, args.out, model_dir=Path(base), adapter_dir=final)
+        export_compressed(args.run_dir, args.format, args.out, model_dir=Path(base), adapter_dir=final,
+                          rank=args.rank)
         return
     from slimtune.trainer import export_merged
 
     with tempfile.TemporaryDirectory(dir=src) as tmp:
         merged = export_merged(src, Path(tmp) / "merged", args.onto)
-        export_compressed(args.run_dir, args.format, args.out, model_dir=merged)
+        export_compressed(args.run_dir, args.format, args.out, model_dir=merged, rank=args.rank)
         shutil.rmtree(merged, ignore_errors=True)
 
 
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
     p_exp.add_argument("--format", default="hf", help="hf (the merged model, default) | dfloat11 | sparse | "
                        "sparse-nf4 | sparse-int8")
+    p_exp.add_argument("--rank", type=int, default=0, help="sparse-nf4 / sparse-int8: keep rank-R factors beside "
+                       "the quantized kept values (LQ-LoRA's decomposition on the kept entries)")
     p_exp.add_argument("--out", default=None, help="output dir (default RUN_DIR/merged)")
     p_exp.add_argument("--onto", default="full", choices=["full", "quantized"],
                        help="merge into the full-precision base (default) or into dequant(Q), the quantized "

@@ -54,12 +54,19 @@ def _target_names(model: nn.Module) -> list[str]:
 
 
 def peft_config(model: nn.Module, adapter_cfg, base_path: str) -> dict:
+    """Rank and alpha are read off the modules (factors that came with the base may differ from adapter.*);
+    modules that differ from the first go to rank_pattern / alpha_pattern, as PEFT writes them."""
+    modules = adapter_modules(model)
+    first = next(iter(modules.values()), None)
+    r, alpha = (first.rank, first.alpha) if first is not None else (adapter_cfg.rank, adapter_cfg.alpha)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_path,
-        "r": adapter_cfg.rank,
-        "lora_alpha": adapter_cfg.alpha,
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {n: m.rank for n, m in modules.items() if m.rank != r},
+        "alpha_pattern": {n: m.alpha for n, m in modules.items() if m.alpha != alpha},
         "lora_dropout": adapter_cfg.dropout,
         "target_modules": _target_names(model),
         "bias": "none",
@@ -126,8 +133,8 @@ def _peft_targets(model: nn.Module, targets, path: Path) -> list[str]:
             hit = re.fullmatch(targets, name) is not None
         else:
             hit = any(name == t or name.endswith("." + t) for t in targets)
-        if hit:
-            if linear_kind(m) is None:
+        if hit and not isinstance(model.get_submodule(name.rpartition(".")[0]), LoRALinear):
+            if linear_kind(m) is None and not isinstance(m, LoRALinear):
                 raise SlimtuneError(f"{path}: target module {name!r} is a {type(m).__name__}; slimtune's LoRA wraps "
                                     "linear layers only")
             names.append(name)
@@ -162,6 +169,11 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> list[str]:
         base = model.get_submodule(name)
         if r <= 0 or r > min(base.in_features, base.out_features):
             raise SlimtuneError(f"{cfg_path}: rank {r} for {name} is not in 1..{min(base.in_features, base.out_features)}")
+        if isinstance(base, LoRALinear):  # factors that came with the base (a compressed export's): replaced
+            if (base.rank, base.alpha) != (r, alpha):
+                raise SlimtuneError(f"{cfg_path}: {name} has rank {r} / alpha {alpha}, but the base carries factors of "
+                                    f"rank {base.rank} / alpha {base.alpha}; is base_model_name_or_path the right base?")
+            continue
         replace_module(model, name, LoRALinear(base, r, alpha, use_rslora=bool(cfg.get("use_rslora"))))
     wanted = peft_state_dict(model)
     missing = sorted(set(wanted) - set(state))

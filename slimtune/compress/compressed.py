@@ -125,18 +125,24 @@ def _decode_values(parts: dict, record: dict, dtype) -> torch.Tensor:
 # ------------------------------------------------------------------ one tensor
 
 
-def encode_tensor(name: str, t: torch.Tensor, fmt: str, nm=None, pruned: bool = False) -> tuple[dict, dict]:
-    """(safetensors entries "<name>::<part>", manifest record) of one tensor in format `fmt`."""
+def pruned_keep(t: torch.Tensor, nm=None) -> torch.Tensor:
+    """The keep-mask of a pruned matrix from its zeros (N:M: exactly n kept per group)."""
+    return nm_keep(t, *nm) if nm is not None else t != 0
+
+
+def encode_tensor(name: str, t: torch.Tensor, fmt: str, nm=None, pruned: bool = False,
+                  keep: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """(safetensors entries "<name>::<part>", manifest record) of one tensor in format `fmt`. keep: a pruned
+    matrix's keep-mask when `t` is not zero exactly off it (default: from t's zeros)."""
     record = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
     prefix = f"{name}::"
     if pruned and fmt != "dfloat11" and t.dim() == 2:
         codec = {"sparse": "bf16", "sparse-nf4": "nf4", "sparse-int8": "int8"}[fmt]
+        keep = pruned_keep(t, nm) if keep is None else keep
         if nm is not None:
-            keep = nm_keep(t, *nm)
             entries = {f"{prefix}patterns": nm_encode(keep, *nm)}
             record.update(kind="nm", n=nm[0], m=nm[1])
         else:
-            keep = t != 0
             entries = {f"{prefix}mask": torch.from_numpy(np.packbits(keep.reshape(-1).numpy()))}
             record["kind"] = "mask"
         values, extra = _encode_values(t.reshape(-1)[keep.reshape(-1)], codec, f"{prefix}v")

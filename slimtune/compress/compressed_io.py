@@ -28,17 +28,25 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def dir_bytes(path: Path) -> int:
-    """Bytes of a model dir without its tokenizer files."""
-    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file() and f.name not in TOKENIZER_FILES)
+    """Bytes of a model dir (and its adapter/) without its tokenizer files."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.name not in TOKENIZER_FILES)
 
 
 def export_compressed(src: str, fmt: str, out: str | None = None, model_dir: Path | None = None,
-                      adapter_dir: Path | None = None) -> Path:
+                      adapter_dir: Path | None = None, rank: int = 0) -> Path:
     """src: what the user named (the default --out is derived from it); model_dir: the HF dir to compress
     (default: src resolved); adapter_dir: a trained adapter (a recovery run's LoRA) kept beside the compressed
-    base in full precision, in `adapter/`, instead of merged into values that are then quantized."""
+    base in full precision, in `adapter/`, instead of merged into values that are then quantized. rank > 0
+    (sparse-nf4 / sparse-int8): each pruned matrix is decomposed into quantized kept values + rank-`rank`
+    factors kept beside them as a LoRA adapter (compress/sparse_lowrank.py)."""
     if fmt not in FORMATS or fmt == "hf":
         raise SlimtuneError(f"export --format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if rank < 0 or (rank and fmt not in ("sparse-nf4", "sparse-int8")):
+        raise SlimtuneError(f"export --rank {rank}: low-rank factors correct quantized kept values, so give --rank "
+                            "> 0 with --format sparse-nf4 or sparse-int8 (or --rank 0)")
+    if rank and adapter_dir is not None:
+        raise SlimtuneError("export --rank: this run has its own adapter, which is kept beside the values; drop "
+                            "--rank (or export its merged model: slimtune export RUN --merge, then that dir)")
     from slimtune.compress.prune_model import is_sparse_model, read_sparse_manifest
     from slimtune.models import load_model, load_tokenizer
 
@@ -59,25 +67,35 @@ def export_compressed(src: str, fmt: str, out: str | None = None, model_dir: Pat
     nm = None if sparse is None or sparse["pattern"] == "unstructured" else \
         tuple(int(v) for v in sparse["pattern"].split(":"))
     pruned = {f"{n}.weight" for n in (sparse or {}).get("matrices", {})}
-    entries, records, seen = {}, {}, {}
+    entries, records, seen, factors = {}, {}, {}, {}
     for name, t in model.state_dict(keep_vars=False).items():
         if t.data_ptr() in seen and seen[t.data_ptr()][1] == t.shape:  # tied: stored once
             records[name] = {"tied_to": seen[t.data_ptr()][0]}
             continue
         seen[t.data_ptr()] = (name, t.shape)
-        e, records[name] = encode_tensor(name, t.detach().cpu(), fmt, nm, name in pruned)
+        t, keep = t.detach().cpu(), None
+        if rank and name in pruned:
+            t, keep, factors[name.removesuffix(".weight")] = _decompose(name, t, fmt, nm, rank)
+        e, records[name] = encode_tensor(name, t, fmt, nm, name in pruned, keep)
         entries.update(e)
+    if factors:
+        adapter_dir = _factor_adapter(model, factors, rank, out_dir)
     with atomic_dir(out_dir) as tmp:
         save_file(entries, str(tmp / TENSORS), metadata={"format": "pt"})
         if adapter_dir is not None:
             shutil.copytree(adapter_dir, tmp / "adapter")
+            if factors:  # the factors' temporary dir
+                shutil.rmtree(adapter_dir.parent, ignore_errors=True)
         model.config.save_pretrained(tmp)
         load_tokenizer(str(model_dir)).save_pretrained(tmp)
         (tmp / "model.safetensors.index.json").unlink(missing_ok=True)
         params = sum(int(torch.Size(r["shape"]).numel()) for r in records.values() if "shape" in r)
         manifest = {"format": "slimtune-compressed", "version": 1, "codec": fmt, "source": str(src),
                     "tensors": records, "params": params, "pruned": sparse,
-                    "adapter": "adapter" if adapter_dir is not None else None}
+                    "adapter": "adapter" if adapter_dir is not None else None,
+                    "lowrank": {"rank": rank, "error_without": sum(f["error_without"] for f in factors.values())
+                                / len(factors), "error": sum(f["error"] for f in factors.values()) / len(factors)}
+                    if factors else None}
         write_json(tmp / MANIFEST, manifest)
         nbytes = dir_bytes(tmp)
         bf16 = params * 2
@@ -86,6 +104,41 @@ def export_compressed(src: str, fmt: str, out: str | None = None, model_dir: Pat
     print(f"slimtune: wrote {out_dir}/ ({fmt}): {nbytes / 2**20:.1f} MiB, {8 * nbytes / params:.2f} bits/param, "
           f"{nbytes / bf16:.3f}x bf16 ({time.perf_counter() - t0:.1f}s)")
     return out_dir
+
+
+def _decompose(name: str, t: torch.Tensor, fmt: str, nm, rank: int):
+    """(values to store, keep-mask, factors) of a pruned matrix with low-rank factors beside its values."""
+    from slimtune.compress.compressed import pruned_keep
+    from slimtune.compress.sparse_lowrank import decompose
+
+    if rank >= min(t.shape):
+        raise SlimtuneError(f"export --rank {rank}: {name} is {tuple(t.shape)}; give a rank below {min(t.shape)}")
+    keep = pruned_keep(t, nm)
+    d = decompose(t, keep, fmt.removeprefix("sparse-"), rank)
+    return d["values"].to(t.dtype), keep, {k: d[k] for k in ("L1", "L2", "error", "error_without")}
+
+
+def _factor_adapter(model: nn.Module, factors: dict, rank: int, out_dir: Path) -> Path:
+    """The decomposition's factors as a PEFT LoRA adapter (alpha = rank: scaling 1), written to a temporary
+    dir beside out_dir (copied into the export as adapter/, then removed)."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from slimtune.adapters.inject import replace_module
+    from slimtune.adapters.lora import LoRALinear
+    from slimtune.adapters.peft_format import save_peft_adapter
+
+    for name, f in factors.items():
+        m = replace_module(model, name, LoRALinear(model.get_submodule(name), rank, float(rank)))
+        m.init_factors(f["L1"], f["L2"])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-factors-"))
+    save_peft_adapter(model, SimpleNamespace(rank=rank, alpha=float(rank), dropout=0.0), tmp / "adapter",
+                      str(out_dir), str(out_dir))
+    weights = tmp / "adapter" / "adapter_model.safetensors"  # stored in bf16: half the bytes of PEFT's fp32
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}, str(weights),
+              metadata={"format": "pt"})
+    return tmp / "adapter"
 
 
 def _stored_dtype(model_dir: Path) -> str:

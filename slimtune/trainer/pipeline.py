@@ -59,6 +59,7 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
     check_head(model, cfg.model.name)
     manifest, masks = read_masks(cfg.model.name, model)
     info = {} if prebuilt else quantize_base(model, cfg, train_blocks, log)
+    _check_sparse_kept(model, masks, cfg)
     existing = adapter_modules(model)
     if existing:  # factors installed by stage 1 or 2 (a quantized checkpoint, LQ-LoRA, LoftQ, EoRA)
         for m in existing.values():
@@ -109,6 +110,22 @@ def _build_offloaded(cfg, device, dist_info, log) -> Built:
     log(f"offload: params={o.params} optimizer={o.optimizer}, store in {offload_dir(cfg)} "
         f"({engine.pool.nbytes / 2**20:.0f} MiB of buffers)")
     return Built(model, engine, {})
+
+
+def _check_sparse_kept(model: nn.Module, masks: dict, cfg) -> None:
+    """A pruned base must stay sparse once quantized: NF4 / INT-k keep a 0 exactly, but a decomposition
+    (LQ-LoRA, LoftQ, EoRA) quantizes W - L1 L2, which is not 0 where W was pruned."""
+    from slimtune.quant import dequantize_weight, is_quantized_linear
+
+    for name, mask in masks.items():
+        m = model.get_submodule(name)
+        base = getattr(m, "base", m)
+        if is_quantized_linear(base) and bool((dequantize_weight(base)[~mask.bool()] != 0).any()):
+            raise ConfigError(f"model.name={cfg.model.name!r} is pruned, but quant.method={cfg.quant.method} / "
+                              f"adapter.init={cfg.adapter.init} makes its pruned weights nonzero ({name}): use "
+                              "quant.method=nf4 or int8 with adapter.init=default (the LoRA update is masked), or "
+                              "`slimtune export PRUNED --format sparse-nf4 --rank R` for LQ-LoRA factors on the "
+                              "kept weights, then train that")
 
 
 def _check_prebuilt(cfg, prebuilt: bool) -> None:

@@ -161,3 +161,36 @@ def test_bad_recovery_settings_are_one_line(override, needle, tmp_path, capsys):
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_decomposition_that_densifies_a_pruned_base_is_refused(pruned, tmp_path, capsys):
+    """LQ-LoRA quantizes W - L1 L2, which is not 0 where W was pruned: the run would silently train a dense
+    model, so it is one line pointing at what keeps it sparse."""
+    assert main(["run", "lq_lora", *RUN, f"model.name={pruned}", "adapter.rank=4", "lq_lora.calibration_samples=2",
+                 f"output_dir={tmp_path / 'lq'}"]) == 2
+    err = capsys.readouterr().err
+    assert "makes its pruned weights nonzero" in err and err.count("\n") == 1, err
+
+
+def test_lowrank_factors_of_a_sparse_nf4_export_train_on(pruned, tmp_path):
+    """export --format sparse-nf4 --rank R, then `run lora` on it trains those factors (LQ-LoRA's recipe on
+    the kept weights) and the update stays masked."""
+    out = tmp_path / "snf4"
+    assert main(["export", str(pruned), "--format", "sparse-nf4", "--rank", "4", "--out", str(out)]) == 0
+    run = tmp_path / "run"
+    assert main(["run", "lora", *RUN, f"model.name={out}", "train.lr=1e-2", f"output_dir={run}"]) == 0
+    curve = _losses(run)
+    assert curve[-1] < curve[0]
+    adapter = load_file(str(run / "final" / "adapter_model.safetensors"))
+    start = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert adapter.keys() == start.keys()  # the export's factors, trained (not a fresh adapter)
+    assert any(not torch.equal(adapter[k].float(), start[k].float()) for k in adapter)
+    from slimtune.config import load_config
+    from slimtune.trainer.pipeline import build_for_eval
+    from slimtune.adapters import adapter_modules
+
+    model = build_for_eval(load_config(None, [*TINY, f"model.name={run / 'final'}"]))
+    zeros = _zeros(pruned)
+    for name, m in adapter_modules(model).items():
+        eff = m.base.weight.float() + m.delta_weight()
+        assert torch.all(eff[zeros[name]] == 0), name
