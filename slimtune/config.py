@@ -273,6 +273,18 @@ def _validate_engine(cfg: RecipeConfig) -> None:
     if e.name != "ddp" and (cfg.offload.params != "none" or cfg.offload.optimizer != "none"):
         raise ConfigError(f"offload.* is slimtune's own offload engine (one process or DDP); with engine.name="
                           f"{e.name} use engine.name=deepspeed engine.offload=cpu|nvme instead, or drop one")
+    o = cfg.optim
+    if e.name in ("fsdp2", "deepspeed"):
+        if o.name not in ("adamw", "sgd") or o.state_bits != 32 or o.in_backward or o.cram:
+            raise ConfigError(f"engine.name={e.name} hands each rank a shard of every parameter, while optim.name="
+                              f"{o.name} (state_bits={o.state_bits}, in_backward={o.in_backward}, cram={o.cram}) needs "
+                              "whole matrices: use optim.name=adamw|sgd with optim.state_bits=32, or engine.name=ddp")
+        if cfg.adapter.type == "sparse_ft":
+            raise ConfigError(f"adapter.type=sparse_ft with engine.name={e.name} is not supported yet; use engine.name=ddp")
+    if e.name == "deepspeed" and e.zero_stage < 3 and cfg.checkpoint.every:
+        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} with engine.name=deepspeed engine.zero_stage="
+                          f"{e.zero_stage}: step checkpoints are written under ZeRO-3 only for now; set "
+                          "engine.zero_stage=3 or checkpoint.every=0")
     if e.offload == "nvme" and e.zero_stage < 2:
         raise ConfigError(f"engine.offload=nvme needs engine.zero_stage>=2 (got {e.zero_stage})")
     if e.config and not Path(e.config).expanduser().is_file():

@@ -45,12 +45,20 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, trainer_
                     config_yaml: str, keep: int, skip=frozenset(), extra: dict | None = None) -> Path:
     """Write checkpoints/step_<step> (atomically) and drop all but the newest `keep`. skip: parameter
     names an engine saves itself (the offload store's); extra: file name -> tensors, saved beside."""
+    return save_state(root, step, trainable_state(model, skip), optimizer.state_dict(), trainer_state, config_yaml,
+                      keep, extra)
+
+
+def save_state(root: Path, step: int, weights: dict, optimizer_state: dict, trainer_state: dict, config_yaml: str,
+               keep: int, extra: dict | None = None) -> Path:
+    """save_checkpoint's writer, from the tensors themselves (an engine that gathers a sharded model's full
+    weights and name-keyed optimizer state hands them here)."""
     target = Path(root) / f"step_{step}"
     with atomic_dir(target) as tmp:
         for fname, tensors in (extra or {}).items():
             save_file(tensors, str(tmp / fname))
-        save_file(trainable_state(model, skip), str(tmp / "trainable.safetensors"))
-        tensors, skeleton = flatten_state(optimizer.state_dict())
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        tensors, skeleton = flatten_state(optimizer_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "optimizer.json", skeleton)
         write_json(tmp / "trainer_state.json", {**trainer_state, "step": step})
@@ -78,8 +86,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, skip=frozenset()) -> dict:
-    """Restore weights and optimizer from `ckpt`; returns trainer_state. Corruption is a SlimtuneError."""
+def read_state(ckpt: Path) -> tuple[dict, dict, dict]:
+    """(trainable weights, optimizer state, trainer_state) of `ckpt`. Corruption is a SlimtuneError."""
     ckpt = Path(ckpt)
     try:
         weights = load_file(str(ckpt / "trainable.safetensors"))
@@ -88,6 +96,13 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, skip=frozenset()) -
         state = json.loads((ckpt / "trainer_state.json").read_text())
     except (FileNotFoundError, SafetensorError, json.JSONDecodeError, OSError) as e:
         raise SlimtuneError(f"checkpoint {ckpt} is corrupted ({e}); delete it to resume from an older one") from None
+    return weights, unflatten_state(skeleton, opt_tensors), state
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, skip=frozenset()) -> dict:
+    """Restore weights and optimizer from `ckpt`; returns trainer_state. Corruption is a SlimtuneError."""
+    ckpt = Path(ckpt)
+    weights, optimizer_state, state = read_state(ckpt)
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad and n not in skip}
     if set(weights) != expected:
@@ -98,7 +113,7 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, skip=frozenset()) -
         for n, t in weights.items():
             params[n].copy_(t)
     try:
-        optimizer.load_state_dict(unflatten_state(skeleton, opt_tensors))
+        optimizer.load_state_dict(optimizer_state)
     except (KeyError, ValueError, RuntimeError) as e:
         raise SlimtuneError(f"checkpoint {ckpt}: optimizer state does not match ({e}); same optim.name needed") from None
     return state

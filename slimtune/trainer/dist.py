@@ -1,7 +1,8 @@
 """One code path for one process and for torchrun: RANK/WORLD_SIZE from the environment.
 
 A missing RANK means world size 1 and no process group. Only rank 0 logs and writes files.
-gloo on CPU, nccl on CUDA.
+On CUDA the group has two backends, "cpu:gloo,cuda:nccl": a collective runs on its tensors' device (the
+loop's token counts and eval totals are CPU tensors; NCCL alone would reject them).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def setup(device: torch.device) -> DistInfo:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
@@ -49,6 +50,12 @@ def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum over ranks (a no-op for one process); returns x."""
     if info.enabled:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_max(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
 
 

@@ -37,7 +37,11 @@ def activation_checkpointing(model: nn.Module) -> None:
 class Engine:
     """In-memory training (DDP under torchrun). cfg: RecipeConfig."""
 
-    def __init__(self, model: nn.Module, cfg, device: torch.device, info: DistInfo, recovery=None):
+    sharded = False  # FSDP2 / ZeRO-3: every rank must run each forward (eval pads its batches)
+
+    def __init__(self, model: nn.Module, cfg, device: torch.device, info: DistInfo, recovery=None,
+                 wrap: bool = True):
+        """wrap: DDP under torchrun (an engine that shards the model itself passes False)."""
         t = cfg.train
         self.model, self.cfg, self.device, self.info = model, cfg, device, info
         self.recovery = recovery  # compress/recover.Recovery: masks held, the teacher's loss
@@ -48,7 +52,7 @@ class Engine:
         train_loss = (recovery.loss(model, cfg) if recovery is not None else None) or self.loss_model
         # quantized bases are built identically on every rank, so buffers need no broadcast
         self.train_model = (nn.parallel.DistributedDataParallel(train_loss, broadcast_buffers=False)
-                            if info.enabled else train_loss)
+                            if info.enabled and wrap else train_loss)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -88,6 +92,7 @@ class Engine:
             return fn(self.loss_model)
 
     def save_checkpoint(self, root: Path, step: int, trainer_state: dict, config_yaml: str, keep: int) -> Path:
+        """Called on rank 0 (on every rank for a sharded engine, which gathers first)."""
         extra = {}
         masks = self.recovery.mask_tensors() if self.recovery is not None else {}
         if masks:
@@ -109,6 +114,9 @@ class Engine:
 
     def save_final(self, path: Path, base_path: str, tokenizer) -> None:
         save_final(self.model, self.cfg, path, base_path, tokenizer)
+        self.save_final_extras(path)
+
+    def save_final_extras(self, path: Path) -> None:
         rec = self.recovery
         if rec is not None and rec.manifest is not None and self.cfg.adapter.type == "none":
             write_sparse_manifest(path, self.model, rec.manifest, recovered_by=str(Path(path).parent))

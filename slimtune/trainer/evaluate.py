@@ -17,24 +17,33 @@ from slimtune.trainer.pipeline import build_for_eval
 
 @torch.no_grad()
 def loss_totals(loss_model: nn.Module, blocks: Blocks, batch_size: int, max_batches: int,
-                device: torch.device, info: dist.DistInfo = dist.DistInfo()) -> tuple[float, int]:
+                device: torch.device, info: dist.DistInfo = dist.DistInfo(), lockstep: bool = False) -> tuple[float, int]:
     """(summed next-token CE in nats, target tokens) over the blocks (at most max_batches batches, 0 = all);
-    ranks split the batches and sum their totals."""
+    ranks split the batches and sum their totals. lockstep (a sharded model, whose forward is collective):
+    every rank runs as many forwards as the busiest one, the extra ones on its first batch, not counted."""
     was_training = loss_model.training
     loss_model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
-    for x, y in eval_batches(blocks, batch_size, max_batches, info.rank, info.world):
+    mine = list(eval_batches(blocks, batch_size, max_batches, info.rank, info.world))
+    extra = 0
+    if lockstep and info.enabled:
+        most = dist.all_reduce_max(torch.tensor(float(len(mine))), info)
+        extra = int(most) - len(mine)
+    for x, y in mine:
         totals[0] += float(loss_model(x.to(device), y.to(device)))
         totals[1] += count_targets(y)
+    for _ in range(extra):
+        x, y = blocks.input_ids[:batch_size], blocks.labels[:batch_size]
+        loss_model(x.to(device), y.to(device))
     dist.all_reduce_sum(totals, info)
     loss_model.train(was_training)
     return float(totals[0]), int(totals[1])
 
 
 def perplexity(loss_model: nn.Module, blocks: Blocks, batch_size: int, max_batches: int,
-               device: torch.device, info: dist.DistInfo = dist.DistInfo()) -> float:
+               device: torch.device, info: dist.DistInfo = dist.DistInfo(), lockstep: bool = False) -> float:
     """exp(mean next-token CE) over the eval blocks."""
-    nats, tokens = loss_totals(loss_model, blocks, batch_size, max_batches, device, info)
+    nats, tokens = loss_totals(loss_model, blocks, batch_size, max_batches, device, info, lockstep)
     return math.exp(nats / tokens) if tokens > 0 else float("nan")
 
 

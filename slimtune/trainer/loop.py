@@ -105,7 +105,8 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
     metrics = MetricsLog(out / "metrics.jsonl", step if resume_from else None, wandb_run) if info.is_main else None
 
     def evaluate():
-        return engine.evaluate(lambda m: perplexity(m, data.eval, t.batch_size, cfg.eval.max_batches, device, info))
+        return engine.evaluate(lambda m: perplexity(m, data.eval, t.batch_size, cfg.eval.max_batches, device, info,
+                                                    lockstep=engine.sharded))
 
     ppl_before = state["eval_perplexity_before"] if "eval_perplexity_before" in state else evaluate()
     tokens_seen, train_seconds = state.get("tokens", 0), state.get("seconds", 0.0)
@@ -159,7 +160,7 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.max_steps:
-            if info.is_main:
+            if info.is_main or engine.sharded:  # a sharded engine gathers on every rank, rank 0 writes
                 engine.save_checkpoint(out / "checkpoints", step, {"tokens": tokens_seen, "seconds": train_seconds,
                                        "eval_perplexity_before": ppl_before, "world_size": info.world},
                                        config_yaml, cfg.checkpoint.keep)
@@ -171,8 +172,9 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
 
     ppl_after = evaluate()
     report = None
-    if info.is_main:
+    if info.is_main or engine.sharded:
         engine.save_final(out / "final", str(base_dir(cfg.model.name)), tokenizer)
+    if info.is_main:
         rows = metrics.rows
         mem, kind = peak_memory(device)
         trainable, total = engine.count_params()

@@ -72,7 +72,12 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
     if n:
         log(f"train.precision={cfg.train.precision}: {n} linear layers compute in low precision")
     hooks = ADAPTERS.get(cfg.adapter.type).training_hooks(model, cfg) if cfg.adapter.type != "none" else []
-    return Built(model, Engine(model, cfg, device, dist_info, recovery), info, recovery, hooks)
+    engine_cls = Engine
+    if cfg.engine.name == "fsdp2":
+        from slimtune.trainer.fsdp_engine import FSDP2Engine as engine_cls
+    elif cfg.engine.name == "deepspeed":
+        from slimtune.trainer.deepspeed_engine import DeepSpeedEngine as engine_cls
+    return Built(model, engine_cls(model, cfg, device, dist_info, recovery), info, recovery, hooks)
 
 
 def _build_offloaded(cfg, device, dist_info, log) -> Built:

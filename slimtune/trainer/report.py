@@ -113,7 +113,10 @@ def optimizer_state_bytes(optimizer) -> int:
             for v in o:
                 walk(v)
 
-    walk(optimizer.state_dict())  # param_groups hold no tensors
+    try:
+        walk(optimizer.state_dict())  # param_groups hold no tensors
+    except KeyError:  # ZeRO keys the client optimizer's state by its own flat partitions
+        walk(list(optimizer.state.values()))
     return total
 
 

@@ -1,0 +1,137 @@
+"""`engine.name=fsdp2`: torch's FSDP2 (`fully_shard`) per decoder layer, the loss module as the root.
+
+Each decoder layer is one FSDP unit (its parameters sharded on dim 0 over the ranks, gathered for its forward
+and backward); the loss module is the root unit, so the embedding, final norm and lm_head are gathered when
+the loss runs, which is where the chunked loss reads the head's weight. Gradients are reduce-scattered
+(averaged), so the same x world scaling as DDP gives a sum over the global batch; only the last micro-step
+syncs. Frozen weights stay as they are: a quantized base's packed codes are buffers, which FSDP2 does not
+shard (each rank holds the whole quantized base; only trainable parameters are sharded).
+
+Checkpoints keep slimtune's layout (safetensors + JSON) with full, unsharded tensors gathered to rank 0 and
+the optimizer state keyed by parameter name (`torch.distributed.checkpoint.state_dict`, full_state_dict), so
+a run saved on N processes resumes on any other number (same global batch). One process runs the same code
+on a one-rank group.
+
+GaLore / FRUGAL / DCT project whole matrices and 8-bit states quantize whole tensors, while FSDP2 hands each
+rank a shard: they are refused with one line (config.py), as is optim.in_backward.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+
+from slimtune.errors import SlimtuneError
+from slimtune.trainer import checkpoint as ckpt
+from slimtune.trainer.engine import Engine
+from slimtune.trainer.save import save_final
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def one_rank_group() -> None:
+    """A one-process gloo group, so FSDP2 (which needs a process group) runs the same code without torchrun."""
+    if tdist.is_initialized():
+        return
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise SlimtuneError(f"engine.name=fsdp2: {type(model).__name__} has no decoder `layers` list to shard; "
+                            "use engine.name=ddp")
+    return list(layers)
+
+
+class FSDP2Engine(Engine):
+    sharded = True  # every rank must run each forward (eval batches are padded to the same count)
+
+    def __init__(self, model: nn.Module, cfg, device: torch.device, info, recovery=None):
+        if recovery is not None and recovery.held is not None:
+            raise SlimtuneError("engine.name=fsdp2: full fine-tuning of a pruned base holds masks on whole weights, "
+                                "which FSDP2 shards; recover with adapter.type=lora, or engine.name=ddp")
+        if not info.enabled:
+            one_rank_group()
+        super().__init__(model, cfg, device, info, recovery, wrap=False)
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(self.train_model)  # the root: embedding, norm, head (read by the loss), loss modules
+        if self.train_model is not self.loss_model:  # eval's plain loss shares the root's parameters
+            self.eval_model = self.loss_model
+        self.root = self.train_model
+
+    def forward_backward(self, x, y, n_targets, last: bool) -> torch.Tensor:
+        self.root.set_requires_gradient_sync(last)
+        with self.autocast:
+            loss = self.train_model(x.to(self.device), y.to(self.device))
+        (loss * self.info.world / n_targets.clamp(min=1)).backward()
+        return loss.detach().float().cpu()
+
+    def clip_grad_norm(self, max_norm: float):
+        norm = super().clip_grad_norm(max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def evaluate(self, fn):
+        with self.autocast:
+            return fn(self.root)  # through the root, so its parameters are gathered
+
+    # ---------------------------------------------------------------- checkpoints: full tensors, by name
+
+    def _full_state(self) -> tuple[dict, dict]:
+        """(trainable weights, optimizer state keyed by name): collectives on every rank, tensors on rank 0."""
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        weights = get_model_state_dict(self.model, options=FULL)
+        weights = {n: t for n, t in weights.items() if n in names}
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
+        return weights, optim
+
+    def save_checkpoint(self, root: Path, step: int, trainer_state: dict, config_yaml: str, keep: int) -> Path:
+        weights, optim = self._full_state()
+        target = Path(root) / f"step_{step}"
+        if self.info.is_main:
+            ckpt.save_state(root, step, weights, optim, trainer_state, config_yaml, keep)
+        return target
+
+    def load_checkpoint(self, path: Path) -> dict:
+        weights, optim, state = ckpt.read_state(path)
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(weights) != names:
+            diff = sorted(set(weights) ^ names)
+            raise SlimtuneError(f"checkpoint {path} does not match the model (e.g. '{diff[0]}'); resume with the "
+                                "config it was written with (an engine.name=fsdp2 run resumes with fsdp2)")
+        try:
+            set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+            set_optimizer_state_dict(self.model, self.optimizer, optim, options=StateDictOptions(full_state_dict=True))
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise SlimtuneError(f"checkpoint {path}: its state does not match ({e}); same optim.name and engine "
+                                "needed") from None
+        return state
+
+    def save_final(self, path: Path, base_path: str, tokenizer) -> None:
+        """The last use of the model: gathered on every rank (collectives), then on rank 0 each parameter is
+        replaced by its full tensor and the usual final save runs."""
+        full = get_model_state_dict(self.model, options=FULL)
+        if not self.info.is_main:
+            return
+        with torch.no_grad():
+            for n, p in list(self.model.named_parameters()):
+                mod, _, leaf = n.rpartition(".")
+                owner = self.model.get_submodule(mod) if mod else self.model
+                setattr(owner, leaf, nn.Parameter(full[n].to(self.device), requires_grad=p.requires_grad))
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+        save_final(self.model, self.cfg, path, base_path, tokenizer)
+        super().save_final_extras(path)
+
+    def close(self) -> None:
+        if not self.info.enabled and tdist.is_initialized() and os.environ.get("RANK") is None:
+            tdist.destroy_process_group()

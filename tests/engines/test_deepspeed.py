@@ -1,0 +1,75 @@
+"""engine.name=deepspeed on 2 processes (gloo): ZeRO-2 and ZeRO-3 full fine-tuning follow DDP step for step;
+a ZeRO-3 run saved on 2 processes resumes on 1 (slimtune's safetensors checkpoint, not DeepSpeed's pickles);
+the generated DeepSpeed JSON round-trips with a user's own and carries the NVMe settings."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from slimtune.cli import main
+from slimtune_testutil import TINY, free_port, losses, run_cli, safetensors_dir
+
+pytest.importorskip("deepspeed")
+
+RUN = [*TINY, "train.batch_size=2", "train.max_steps=6", "train.lr=3e-3", "train.warmup_steps=1", "eval.max_batches=3"]
+
+
+def _torchrun(recipe, *overrides):
+    return run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                   "--master_port", str(free_port()), "-m", "slimtune", "run", recipe, *RUN, *overrides)
+
+
+def _close(a, b, rel=1e-4):
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert abs(x - y) <= rel * abs(y), (a, b)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    _torchrun("full", "checkpoint.every=0", f"output_dir={root / 'ddp'}")
+    _torchrun("full", "engine.name=deepspeed", "engine.zero_stage=2", "checkpoint.every=0", f"output_dir={root / 'z2'}")
+    _torchrun("full", "engine.name=deepspeed", "engine.zero_stage=3", "checkpoint.every=3", f"output_dir={root / 'z3'}")
+    return root
+
+
+@pytest.mark.parametrize("stage", ["z2", "z3"])
+def test_zero_follows_ddp(runs, stage):
+    _close(losses(runs / stage), losses(runs / "ddp"))
+    a, b = safetensors_dir(runs / stage / "final"), safetensors_dir(runs / "ddp" / "final")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    used = json.loads((runs / stage / "deepspeed.json").read_text())
+    assert used["zero_optimization"]["stage"] == int(stage[1])
+    assert used["train_batch_size"] == 2 * 1 * 2 and used["gradient_clipping"] == 1.0
+
+
+def test_zero3_saved_on_two_resumes_on_one(runs, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(runs / "z3", out)
+    shutil.rmtree(out / "final")
+    ckpt = out / "checkpoints" / "step_3"
+    assert (ckpt / "optimizer.safetensors").is_file() and not list(ckpt.rglob("*.pt"))
+    assert main(["run", "full", *RUN, "engine.name=deepspeed", "engine.zero_stage=3", "checkpoint.every=3",
+                 "train.grad_accum=2", "resume=true", f"output_dir={out}"]) == 0
+    _close(losses(out), losses(runs / "z3"))
+
+
+def test_generated_config_round_trips_with_ones_own(tmp_path):
+    from slimtune.config import load_config
+    from slimtune.trainer.deepspeed_engine import deepspeed_config
+
+    own = tmp_path / "ds.json"
+    own.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 12345}, "communication_data_type": "fp32",
+                               "train_micro_batch_size_per_gpu": 99}))
+    cfg = load_config("full", [*RUN, "engine.name=deepspeed", "engine.zero_stage=3", "engine.offload=nvme",
+                               f"engine.nvme_dir={tmp_path / 'nvme'}", f"engine.config={own}", "train.grad_accum=3"])
+    ds = deepspeed_config(cfg, world=2)
+    assert json.loads(json.dumps(ds)) == ds  # plain JSON
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["reduce_bucket_size"] == 12345 and ds["communication_data_type"] == "fp32"
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["train_batch_size"] == 2 * 3 * 2  # the recipe's
+    assert z["offload_param"] == {"device": "nvme", "nvme_path": str(tmp_path / "nvme"), "max_in_cpu": 0}
+    assert z["offload_optimizer"]["device"] == "nvme" and z["stage3_max_reuse_distance"] == 0

@@ -1,0 +1,89 @@
+"""engine.name=fsdp2 on 2 processes (gloo): full fine-tuning follows DDP on 2 processes and one process with
+grad_accum 2 step for step; LoRA follows DDP and QLoRA trains; a run saved on 2 processes resumes on 1 with the
+curve continuing; what FSDP2 cannot shard is one line."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from slimtune.cli import main
+from slimtune_testutil import TINY, free_port, losses, run_cli, safetensors_dir
+
+RUN = [*TINY, "train.batch_size=2", "train.max_steps=6", "train.lr=3e-3", "train.warmup_steps=1", "eval.max_batches=3"]
+
+
+def _torchrun(recipe, *overrides):
+    return run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                   "--master_port", str(free_port()), "-m", "slimtune", "run", recipe, *RUN, *overrides)
+
+
+def _close(a, b, rel=1e-4):
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert abs(x - y) <= rel * abs(y), (a, b)
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp2")
+    _torchrun("full", "engine.name=ddp", f"output_dir={root / 'ddp'}")
+    _torchrun("full", "engine.name=fsdp2", "checkpoint.every=3", f"output_dir={root / 'fsdp2'}")
+    assert main(["run", "full", *RUN, "train.grad_accum=2", f"output_dir={root / 'one'}"]) == 0
+    return root
+
+
+def test_full_fine_tuning_follows_ddp_and_one_process(full_runs):
+    fsdp = losses(full_runs / "fsdp2")
+    _close(fsdp, losses(full_runs / "ddp"))
+    _close(fsdp, losses(full_runs / "one"))
+    a, b = safetensors_dir(full_runs / "fsdp2" / "final"), safetensors_dir(full_runs / "ddp" / "final")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    report = json.loads((full_runs / "fsdp2" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["config"]["engine"]["name"] == "fsdp2"
+
+
+def test_a_run_saved_on_two_processes_resumes_on_one(full_runs, tmp_path):
+    """The checkpoint holds full tensors and name-keyed optimizer state (safetensors + JSON): one process
+    with grad_accum 2 (the same global batch) continues the 2-process curve from step 3."""
+    out = tmp_path / "resumed"
+    shutil.copytree(full_runs / "fsdp2", out)
+    (out / "final").rename(out / "final.old")
+    ckpt = out / "checkpoints" / "step_3"
+    assert {p.name for p in ckpt.iterdir()} >= {"trainable.safetensors", "optimizer.safetensors", "optimizer.json"}
+    assert not list(ckpt.glob("*.pt")) and not list(ckpt.glob("*.bin"))
+    assert main(["run", "full", *RUN, "engine.name=fsdp2", "train.grad_accum=2", "resume=true",
+                 f"output_dir={out}"]) == 0
+    _close(losses(out), losses(full_runs / "fsdp2"))
+    a, b = safetensors_dir(out / "final"), safetensors_dir(full_runs / "fsdp2" / "final")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_lora_follows_ddp_and_qlora_trains(tmp_path):
+    _torchrun("lora", "engine.name=fsdp2", f"output_dir={tmp_path / 'lora'}")
+    _torchrun("lora", "engine.name=ddp", f"output_dir={tmp_path / 'ddp'}")
+    _close(losses(tmp_path / "lora"), losses(tmp_path / "ddp"))
+    assert (tmp_path / "lora" / "final" / "adapter_model.safetensors").is_file()
+    a = safetensors_dir(tmp_path / "lora" / "final")
+    b = safetensors_dir(tmp_path / "ddp" / "final")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    _torchrun("qlora", "engine.name=fsdp2", "train.lr=1e-2", f"output_dir={tmp_path / 'qlora'}")
+    curve = losses(tmp_path / "qlora")
+    assert curve[-1] < curve[0]
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["engine.name=fsdp2", "optim.name=galore"], "hands each rank a shard"),
+    (["engine.name=fsdp2", "optim.state_bits=8"], "hands each rank a shard"),
+    (["engine.name=fsdp2", "offload.optimizer=disk"], "offload.* is slimtune's own offload engine"),
+    (["engine.zero_stage=3"], "is a DeepSpeed setting"),
+    (["engine.name=deepspeed", "engine.offload=nvme", "engine.zero_stage=1"], "needs engine.zero_stage>=2"),
+    (["engine.name=deepspeed", "engine.config=/nonexistent/ds.json"], "no such file"),
+])
+def test_what_an_engine_cannot_do_is_one_line(override, needle, tmp_path, capsys):
+    assert main(["run", "full", *RUN, *override, f"output_dir={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()
