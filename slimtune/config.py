@@ -281,14 +281,14 @@ def _validate_engine(cfg: RecipeConfig) -> None:
                               "whole matrices: use optim.name=adamw|sgd with optim.state_bits=32, or engine.name=ddp")
         if cfg.adapter.type == "sparse_ft":
             raise ConfigError(f"adapter.type=sparse_ft with engine.name={e.name} is not supported yet; use engine.name=ddp")
-    if e.name == "deepspeed" and e.zero_stage < 3 and cfg.checkpoint.every:
-        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} with engine.name=deepspeed engine.zero_stage="
-                          f"{e.zero_stage}: step checkpoints are written under ZeRO-3 only for now; set "
-                          "engine.zero_stage=3 or checkpoint.every=0")
     if e.offload == "nvme" and e.zero_stage < 2:
         raise ConfigError(f"engine.offload=nvme needs engine.zero_stage>=2 (got {e.zero_stage})")
     if e.config and not Path(e.config).expanduser().is_file():
         raise ConfigError(f"engine.config={e.config}: no such file; give the path of a DeepSpeed JSON")
+    if e.name == "deepspeed" and e.zero_stage < 3 and cfg.checkpoint.every:
+        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} with engine.name=deepspeed engine.zero_stage="
+                          f"{e.zero_stage}: step checkpoints are written under ZeRO-3 only for now; set "
+                          "engine.zero_stage=3 or checkpoint.every=0")
 
 
 def _validate_optim(cfg: RecipeConfig) -> None:

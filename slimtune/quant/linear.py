@@ -125,6 +125,12 @@ class FrozenQuantLinear(nn.Module):
         for name, t in q.tensors().items():
             self.register_buffer(name, t)
 
+    def packed_tensors(self) -> dict[str, torch.Tensor]:
+        """The packed tensors by name: the buffers, or the views a sharding engine keeps of them
+        (trainer/fsdp_engine.shardable_quant stores them as one gathered uint8 Parameter)."""
+        views = self.__dict__.get("_packed_views")
+        return dict(views) if views is not None else dict(self.named_buffers(recurse=False))
+
     @property
     def nbytes(self) -> int:
         """Bytes of the packed weight incl. scales (bias excluded)."""

@@ -203,7 +203,7 @@ class NF4Linear(FrozenQuantLinear):
     def _packed(self) -> NF4Weight:
         """The buffers viewed as an NF4Weight (shares storage, no copy)."""
         return NF4Weight(shape=(self.out_features, self.in_features), block_size=self.block_size,
-                         **dict(self.named_buffers(recurse=False)))
+                         **self.packed_tensors())
 
     def _matmul(self, x: torch.Tensor, packed: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
         """On CUDA (or forced by SLIMTUNE_KERNELS) the Triton kernel dequantizes W tile by tile in

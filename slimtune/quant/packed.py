@@ -188,7 +188,7 @@ class PackedLinear(FrozenQuantLinear):
     def _packed(self) -> PackedWeight:
         """The buffers viewed as a PackedWeight (shares storage, no copy)."""
         return PackedWeight(fmt=self.fmt, shape=(self.out_features, self.in_features),
-                            **dict(self.named_buffers(recurse=False)))
+                            **self.packed_tensors())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", double_quant={self.double_quant}"

@@ -4,8 +4,10 @@ Each decoder layer is one FSDP unit (its parameters sharded on dim 0 over the ra
 and backward); the loss module is the root unit, so the embedding, final norm and lm_head are gathered when
 the loss runs, which is where the chunked loss reads the head's weight. Gradients are reduce-scattered
 (averaged), so the same x world scaling as DDP gives a sum over the global batch; only the last micro-step
-syncs. Frozen weights stay as they are: a quantized base's packed codes are buffers, which FSDP2 does not
-shard (each rank holds the whole quantized base; only trainable parameters are sharded).
+syncs. A quantized base (QLoRA) is sharded too: FSDP2 shards parameters, not buffers, so each quantized
+linear's packed tensors (codes, scales, double-quant constants) are concatenated into one frozen uint8
+Parameter (`packed_bytes`, the role bitsandbytes' `quant_storage` plays for FSDP1), gathered with its layer,
+and a pre-forward hook re-views the gathered bytes as the named tensors the format reads.
 
 Checkpoints keep slimtune's layout (safetensors + JSON) with full, unsharded tensors gathered to rank 0 and
 the optimizer state keyed by parameter name (`torch.distributed.checkpoint.state_dict`, full_state_dict), so
@@ -44,6 +46,39 @@ def one_rank_group() -> None:
     tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
 
 
+def shardable_quant(model: nn.Module) -> int:
+    """Every FrozenQuantLinear's buffers -> one frozen uint8 Parameter + views made before each forward.
+    Returns the number of modules converted."""
+    from slimtune.quant.linear import FrozenQuantLinear
+
+    n = 0
+    for m in model.modules():
+        if not isinstance(m, FrozenQuantLinear) or not m._buffers:
+            continue
+        layout, chunks, off = [], [], 0
+        for name, t in list(m._buffers.items()):
+            raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            layout.append((name, t.dtype, tuple(t.shape), off, raw.numel()))
+            chunks.append(raw)
+            off += raw.numel()
+            del m._buffers[name]
+        m.packed_bytes = nn.Parameter(torch.cat(chunks), requires_grad=False)
+        m._packed_layout = layout
+        _view_packed(m, ())
+        m.register_forward_pre_hook(_view_packed)
+        n += 1
+    return n
+
+
+def _view_packed(m: nn.Module, args) -> None:
+    """The format's tensors as views of the (gathered) bytes; plain attributes, so not in state_dict."""
+    flat = m.packed_bytes
+    flat = flat.full_tensor() if hasattr(flat, "full_tensor") else flat  # sharded (outside forward): gather
+    views = {name: flat[off:off + nbytes].view(dtype).view(shape) for name, dtype, shape, off, nbytes in m._packed_layout}
+    m.__dict__.update(views)  # Int8Linear reads self.codes / self.absmax
+    m._packed_views = views
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     layers = getattr(model.get_decoder(), "layers", None)
     if not isinstance(layers, nn.ModuleList) or not len(layers):
@@ -62,6 +97,7 @@ class FSDP2Engine(Engine):
         if not info.enabled:
             one_rank_group()
         super().__init__(model, cfg, device, info, recovery, wrap=False)
+        shardable_quant(model)
         for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(self.train_model)  # the root: embedding, norm, head (read by the loss), loss modules

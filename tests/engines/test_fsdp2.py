@@ -70,8 +70,34 @@ def test_lora_follows_ddp_and_qlora_trains(tmp_path):
     b = safetensors_dir(tmp_path / "ddp" / "final")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     _torchrun("qlora", "engine.name=fsdp2", "train.lr=1e-2", f"output_dir={tmp_path / 'qlora'}")
+    _torchrun("qlora", "engine.name=ddp", "train.lr=1e-2", f"output_dir={tmp_path / 'qlora_ddp'}")
     curve = losses(tmp_path / "qlora")
     assert curve[-1] < curve[0]
+    _close(curve, losses(tmp_path / "qlora_ddp"))
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8", "nf3"])
+def test_quantized_base_becomes_one_shardable_parameter(method):
+    """The packed codes / scales become one frozen uint8 Parameter (what FSDP2 shards); the layer computes
+    exactly what it did from its buffers."""
+    from slimtune.quant import QUANT_FORMATS
+    from slimtune.trainer.fsdp_engine import shardable_quant
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64)
+    cls = QUANT_FORMATS.get(method)
+    q = cls.quantize_linear(lin, cls.format_for(method, 64, True))
+    x = torch.randn(3, 128)
+    want, nbytes = q(x), q.nbytes
+    wrapper = torch.nn.Sequential(q)
+    assert shardable_quant(wrapper) == 1
+    assert not list(q.buffers())
+    (p,) = [p for n, p in q.named_parameters() if n == "packed_bytes"]
+    assert p.dtype == torch.uint8 and not p.requires_grad and p.numel() == nbytes
+    assert torch.equal(q(x), want)
+    with torch.no_grad():  # a new gathered tensor (what FSDP2's unshard swaps in) is re-viewed at forward
+        q.packed_bytes = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+    assert torch.equal(q(x), want)
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -81,6 +107,7 @@ def test_lora_follows_ddp_and_qlora_trains(tmp_path):
     (["engine.zero_stage=3"], "is a DeepSpeed setting"),
     (["engine.name=deepspeed", "engine.offload=nvme", "engine.zero_stage=1"], "needs engine.zero_stage>=2"),
     (["engine.name=deepspeed", "engine.config=/nonexistent/ds.json"], "no such file"),
+    (["engine.name=deepspeed", "engine.zero_stage=2", "checkpoint.every=5"], "written under ZeRO-3 only"),
 ])
 def test_what_an_engine_cannot_do_is_one_line(override, needle, tmp_path, capsys):
     assert main(["run", "full", *RUN, *override, f"output_dir={tmp_path / 'x'}"]) == 2
