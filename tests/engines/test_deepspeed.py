@@ -73,3 +73,31 @@ def test_generated_config_round_trips_with_ones_own(tmp_path):
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["train_batch_size"] == 2 * 3 * 2  # the recipe's
     assert z["offload_param"] == {"device": "nvme", "nvme_path": str(tmp_path / "nvme"), "max_in_cpu": 0}
     assert z["offload_optimizer"]["device"] == "nvme" and z["stage3_max_reuse_distance"] == 0
+
+
+def _one_process(out, *overrides):
+    assert main(["run", "full", *RUN, "train.max_steps=4", "engine.name=deepspeed", "engine.zero_stage=3",
+                 "checkpoint.every=2", f"output_dir={out}", *overrides]) == 0
+    return losses(out)
+
+
+def test_zero3_cpu_offload_follows_zero3(tmp_path):
+    assert _one_process(tmp_path / "off", "engine.offload=cpu") == _one_process(tmp_path / "on")
+
+
+def _aio_ok() -> bool:
+    try:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+        return AsyncIOBuilder().is_compatible(verbose=False)
+    except Exception:  # noqa: BLE001  (no libaio, no compiler)
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _aio_ok(), reason="DeepSpeed's async_io needs libaio-dev (apt-get install libaio-dev)")
+def test_zero3_nvme_offload_follows_zero3(tmp_path):
+    """Parameters and optimizer state swapped to files (first run JIT-compiles DeepSpeed's async_io op)."""
+    nvme = tmp_path / "nvme"
+    assert _one_process(tmp_path / "off", "engine.offload=nvme", f"engine.nvme_dir={nvme}") == \
+        _one_process(tmp_path / "on")
+    assert any(nvme.rglob("*.swp")) or any(nvme.iterdir())
