@@ -252,6 +252,7 @@ def validate(cfg: RecipeConfig) -> None:
         raise ConfigError(f"quant.method={cfg.quant.method} needs adapter.type=lora: a quantized base is "
                           "frozen, so full fine-tuning cannot train it (set quant.method=none)")
     _validate_lowrank(cfg)
+    _validate_lora_variants(cfg)
     _validate_compress(cfg)
     _validate_sparse_ft(cfg)
     _validate_optim(cfg)
@@ -398,7 +399,11 @@ def _validate_lowrank(cfg: RecipeConfig) -> None:
     if q.method != "none" and q.backend != "slimtune" and (q.method not in ("nf4", "int8") or a.init != "default"):
         raise ConfigError(f"quant.method={q.method} adapter.init={a.init} needs quant.backend=slimtune "
                           "(bitsandbytes offers nf4/int8 with default init only)")
-    if a.init != "default" and (a.type != "lora" or q.method in ("none", "lq_lora")):
+    if a.init == "pissa" and (a.type != "lora" or q.method == "lq_lora"):
+        raise ConfigError(f"adapter.init=pissa with adapter.type={a.type} quant.method={q.method}: PiSSA initialises "
+                          "plain LoRA on a plain or uniformly quantized base; set adapter.type=lora (and quant.method="
+                          "none, nf4, ...)")
+    if a.init not in ("default", "pissa") and (a.type != "lora" or q.method in ("none", "lq_lora")):
         raise ConfigError(f"adapter.init={a.init} initialises LoRA on a quantized base: set adapter.type=lora and "
                           "a quant.method such as nf4 or nf3 (lq_lora already initialises its own factors)")
     for key in ("calibration_samples", "max_iters", "score_iters"):
@@ -411,6 +416,29 @@ def _validate_lowrank(cfg: RecipeConfig) -> None:
     if not min(lq.bits) <= lq.budget_bits <= max(lq.bits) + 1:
         raise ConfigError(f"lq_lora.budget_bits={lq.budget_bits} is outside the candidate range "
                           f"{min(lq.bits)}..{max(lq.bits) + 1} bits/param (lq_lora.bits={list(lq.bits)})")
+
+
+def _validate_lora_variants(cfg: RecipeConfig) -> None:
+    """Rules of rsLoRA, DoRA, PiSSA and LoRA+."""
+    a, o, off = cfg.adapter, cfg.optim, cfg.offload
+    lora_like = a.type in ("lora", "dora", "lq_lora")
+    offloaded = off.params != "none" or off.optimizer != "none"
+    if a.use_rslora and not lora_like:
+        raise ConfigError(f"adapter.use_rslora=true scales LoRA factors, but adapter.type={a.type} has none: set "
+                          "adapter.type=lora or dora, or drop adapter.use_rslora")
+    if o.lora_plus_ratio < 0:
+        raise ConfigError(f"optim.lora_plus_ratio={o.lora_plus_ratio} must be >= 0 (0 = off; LoRA+ suggests 16)")
+    if o.lora_plus_ratio > 0 and (not lora_like or offloaded):
+        raise ConfigError(f"optim.lora_plus_ratio={o.lora_plus_ratio} needs lora_B factors in slimtune's own "
+                          f"optimizer (adapter.type={a.type}, offload.*={off.params}/{off.optimizer}): set "
+                          "adapter.type=lora or dora and offload.*=none, or optim.lora_plus_ratio=0")
+    if a.init == "pissa" and offloaded:
+        raise ConfigError("adapter.init=pissa rewrites the base weights, which offload.* streams: set offload.*=none "
+                          "or adapter.init=default")
+    if a.type == "dora" and (offloaded or cfg.train.precision != "default"
+                             or (cfg.engine.name == "deepspeed" and cfg.engine.zero_stage == 3)):
+        raise ConfigError("adapter.type=dora reads the whole base weight in its forward, which offload.*, "
+                          "train.precision!=default and ZeRO-3 do not give it: drop those, or use adapter.type=lora")
 
 
 def _get(cfg, dotted: str):

@@ -67,14 +67,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    type: str = _help("lora | lq_lora (needs quant.method=lq_lora) | none (full fine-tuning)", "lora")
+    type: str = _help("lora | dora (weight-decomposed LoRA: a trained magnitude per output row) | lq_lora (needs "
+                      "quant.method=lq_lora) | none (full fine-tuning)", "lora")
     rank: int = _help("LoRA rank r", 16)
     alpha: float = _help("LoRA scaling numerator: delta = alpha/r * B A", 32.0)
+    use_rslora: bool = _help("rsLoRA: scale by alpha/sqrt(r) instead of alpha/r", False)
     dropout: float = _help("dropout on the LoRA input", 0.0)
     target_modules: typing.Union[str, tuple[str, ...]] = _help("module names (suffix match) or all-linear",
                                                                "all-linear")
     init: str = _help("default (B=0) | loftq (alternate quantize/SVD) | eora (activation-weighted SVD of the "
-                      "quantization error); loftq/eora need a slimtune quant.method", "default")
+                      "quantization error); loftq/eora need a slimtune quant.method | pissa (principal singular "
+                      "vectors as the factors, the base keeps the residual; any base)", "default")
     density: float = _help("sparse_ft: fraction of each target matrix's entries that train", 0.01)
     num_params: int = _help("sparse_ft: total trainable entries over all targets instead of density (0: use "
                             "density)", 0)
@@ -124,6 +127,8 @@ class OptimConfig:
     full_rank_modules: tuple[str, ...] = _help("galore / dct / frugal: modules (name suffix) kept on plain AdamW",
                                      ("embed_tokens", "lm_head"))
     seed: int = _help("frugal: seed of the random subspaces (the same on every rank)", 0)
+    lora_plus_ratio: float = _help("LoRA+: lora_B (and DoRA's magnitude) train at lr x this ratio (16 is the "
+                                   "paper's choice); 0 = off", 0.0)
     cram: bool = _help("compression-aware training (CrAM+): each step also takes the gradient at the top-k "
                        "compressed w + rho g (two forward/backward passes per step); see the cram section", False)
 

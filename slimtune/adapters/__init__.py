@@ -3,10 +3,11 @@
 `apply_adapters(model, cfg.adapter)` freezes the model, then replaces every targeted module with the
 registered adapter wrapping it. A new adapter family is one file plus `@ADAPTERS.register("name")`, imported
 here, following the contract in adapters/base.py (and an ADAPTER_FORMATS entry for how it is saved).
-LoRA initialisations that start from the full-precision weight (LoftQ, EoRA) register in ADAPTER_INITS.
+LoRA initialisations that start from the full-precision weight (LoftQ, EoRA, PiSSA) register in ADAPTER_INITS.
 """
 
-from slimtune.adapters import eora, loftq, lora, lq_lora, peft_format, sparse_ft, sparse_ft_format  # noqa: F401
+from slimtune.adapters import (  # noqa: F401
+    dora, eora, loftq, lora, lq_lora, peft_format, pissa, sparse_ft, sparse_ft_format)
 # (importing them fills the registries: ADAPTERS, ADAPTER_INITS, ADAPTER_FORMATS)
 from slimtune.adapters.inject import (  # noqa: F401
     DISPATCH,

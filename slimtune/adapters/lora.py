@@ -24,6 +24,11 @@ from slimtune.quant import is_quantized_linear
 from slimtune.registry import ADAPTERS
 
 
+# adapter.init methods that run on each module as it is wrapped, on a full-precision base (PiSSA:
+# adapters/pissa.py fills this): name -> init(module, cfg, name), which may raise ConfigError
+WRAP_INITS: dict = {}
+
+
 @ADAPTERS.register("lora")
 class LoRALinear(AdapterDefaults, nn.Module):
     format = "peft"  # saved in PEFT's format (adapters/peft_format.py)
@@ -50,14 +55,21 @@ class LoRALinear(AdapterDefaults, nn.Module):
 
     def set_weight_mask(self, mask: torch.Tensor) -> None:
         """Hold the base's sparsity: the update becomes mask * delta (mask: (out, in) bool, True = kept)."""
+        if getattr(self, "pissa_A0", None) is not None:  # its residual base is dense, B0 A0 would be masked
+            raise ConfigError("adapter.init=pissa on a pruned base would make the pruned weights nonzero; use "
+                              "adapter.init=default")
         if tuple(mask.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight mask {tuple(mask.shape)} does not match ({self.out_features}, {self.in_features})")
         self.weight_mask = mask.to(device=self.lora_A.weight.device, dtype=torch.bool)
 
     @classmethod
     def from_config(cls, base: nn.Module, cfg, name: str | None = None) -> "LoRALinear":
-        """cfg: AdapterConfig (rank, alpha, dropout)."""
-        return cls(base, cfg.rank, cfg.alpha, cfg.dropout)
+        """cfg: AdapterConfig (rank, alpha, dropout, use_rslora; init if it is one of WRAP_INITS)."""
+        m = cls(base, cfg.rank, cfg.alpha, cfg.dropout, use_rslora=cfg.use_rslora)
+        init = WRAP_INITS.get(cfg.init)
+        if init is not None:
+            init(m, cfg, name)
+        return m
 
     @classmethod
     def configure(cls, model: nn.Module, names: list[str], cfg):
@@ -75,11 +87,14 @@ class LoRALinear(AdapterDefaults, nn.Module):
             return y
         # under autocast the factors run in the autocast dtype; otherwise in fp32
         x = self.dropout(x.to(self.lora_A.weight.dtype))
+        return y + self.lora_output(x).to(y.dtype)
+
+    def lora_output(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling * B A x (x: the dropped-out input in the factors' dtype); mask * (B A) on a pruned base."""
         if self.weight_mask is not None:
             w = (self.lora_B.weight @ self.lora_A.weight) * self.weight_mask
-            return y + (nn.functional.linear(x, w) * self.scaling).to(y.dtype)
-        delta = self.lora_B(self.lora_A(x))
-        return y + (delta * self.scaling).to(y.dtype)
+            return nn.functional.linear(x, w) * self.scaling
+        return self.lora_B(self.lora_A(x)) * self.scaling
 
     @torch.no_grad()
     def init_factors(self, L1: torch.Tensor, L2: torch.Tensor) -> None:

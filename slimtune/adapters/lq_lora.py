@@ -143,7 +143,7 @@ def decompose(W: torch.Tensor, quantize_fn: Callable, rank: int, max_iters: int 
 def install(model: nn.Module, name: str, base: nn.Module, L1: torch.Tensor, L2: torch.Tensor, cfg,
             cls: type = LQLoRALinear) -> nn.Module:
     """Replace module `name` by cls(base) (a LoRA wrapper) whose factors hold L1 L2. cfg: AdapterConfig."""
-    wrapped = cls(base, L1.shape[1], cfg.alpha, cfg.dropout)
+    wrapped = cls(base, L1.shape[1], cfg.alpha, cfg.dropout, use_rslora=cfg.use_rslora)
     wrapped.init_factors(L1, L2)
     return replace_module(model, name, wrapped)
 

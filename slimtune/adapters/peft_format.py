@@ -3,8 +3,10 @@
 `adapter_config.json` + `adapter_model.safetensors` with PEFT's key names
 (`base_model.model.<module path>.lora_A.weight`), so `peft.PeftModel.from_pretrained(base, dir)` loads
 what slimtune trained, and slimtune loads PEFT's LoRA adapters: per-module ranks and alphas
-(`rank_pattern`, `alpha_pattern`), rsLoRA scaling, regex `target_modules` and `modules_to_save` (full copies
-of e.g. lm_head). What would load silently wrong (DoRA, LoRA biases, fan_in_fan_out, ...) or tensors that
+(`rank_pattern`, `alpha_pattern`), rsLoRA scaling, DoRA (`use_dora`, `<module>.lora_magnitude_vector`), regex
+`target_modules` and `modules_to_save` (full copies of e.g. lm_head). A PiSSA adapter of a plain base is saved
+converted to plain LoRA on the original base (adapters/pissa.py). What would load silently wrong (LoRA
+biases, fan_in_fan_out, ...) or tensors that
 belong to no wrapped module are refused with one line. `slimtune_adapter.json` beside them records the
 slimtune model name and the base's quantization (PEFT ignores it), so `slimtune eval model.name=runs/a/final`
 rebuilds the base the adapter was trained on.
@@ -22,8 +24,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from slimtune.adapters.base import AdapterFormat
+from slimtune.adapters.dora import DoRALinear
 from slimtune.adapters.inject import NEVER_ALL_LINEAR, adapter_modules, linear_kind, replace_module
 from slimtune.adapters.lora import LoRALinear
+from slimtune.adapters.pissa import peft_factors
 from slimtune.errors import SlimtuneError
 from slimtune.io import atomic_dir, write_json
 from slimtune.registry import ADAPTER_FORMATS
@@ -31,7 +35,7 @@ from slimtune.registry import ADAPTER_FORMATS
 PREFIX = "base_model.model."
 # PEFT LoraConfig options slimtune's LoRALinear does not implement: loading with any of them set would give
 # a different model, so they must be at their default (None / False / "none" / empty)
-UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "layers_to_transform", "layers_pattern",
+UNSUPPORTED = ("fan_in_fan_out", "lora_bias", "layers_to_transform", "layers_pattern",
                "layer_replication", "exclude_modules", "trainable_token_indices", "use_qalora", "target_parameters",
                "alora_invocation_tokens", "use_bdlora")
 
@@ -39,8 +43,11 @@ UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "layers_to_transform",
 def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, m in adapter_modules(model).items():
-        out[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous().clone()
-        out[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().float().contiguous().clone()
+        A, B, _, _ = peft_factors(m)
+        out[f"{PREFIX}{name}.lora_A.weight"] = A.contiguous().clone()
+        out[f"{PREFIX}{name}.lora_B.weight"] = B.contiguous().clone()
+        if isinstance(m, DoRALinear):
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().float().clone()
     return out
 
 
@@ -56,17 +63,17 @@ def _target_names(model: nn.Module) -> list[str]:
 def peft_config(model: nn.Module, adapter_cfg, base_path: str) -> dict:
     """Rank and alpha are read off the modules (factors that came with the base may differ from adapter.*);
     modules that differ from the first go to rank_pattern / alpha_pattern, as PEFT writes them."""
-    modules = adapter_modules(model)
-    first = next(iter(modules.values()), None)
-    r, alpha = (first.rank, first.alpha) if first is not None else (adapter_cfg.rank, adapter_cfg.alpha)
+    modules = {n: peft_factors(m)[2:] for n, m in adapter_modules(model).items()}  # (rank, alpha) as saved
+    first = next(iter(adapter_modules(model).values()), None)
+    r, alpha = next(iter(modules.values()), (adapter_cfg.rank, adapter_cfg.alpha))
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_path,
         "r": r,
         "lora_alpha": alpha,
-        "rank_pattern": {n: m.rank for n, m in modules.items() if m.rank != r},
-        "alpha_pattern": {n: m.alpha for n, m in modules.items() if m.alpha != alpha},
+        "rank_pattern": {n: mr for n, (mr, _) in modules.items() if mr != r},
+        "alpha_pattern": {n: ma for n, (_, ma) in modules.items() if ma != alpha},
         "lora_dropout": adapter_cfg.dropout,
         "target_modules": _target_names(model),
         "bias": "none",
@@ -74,8 +81,8 @@ def peft_config(model: nn.Module, adapter_cfg, base_path: str) -> dict:
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": bool(first.use_rslora) if first is not None else adapter_cfg.use_rslora,
+        "use_dora": isinstance(first, DoRALinear),
     }
 
 
@@ -169,12 +176,16 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> list[str]:
         base = model.get_submodule(name)
         if r <= 0 or r > min(base.in_features, base.out_features):
             raise SlimtuneError(f"{cfg_path}: rank {r} for {name} is not in 1..{min(base.in_features, base.out_features)}")
+        cls = DoRALinear if cfg.get("use_dora") else LoRALinear
         if isinstance(base, LoRALinear):  # factors that came with the base (a compressed export's): replaced
+            if bool(cfg.get("use_dora")) != isinstance(base, DoRALinear):
+                raise SlimtuneError(f"{cfg_path}: use_dora={bool(cfg.get('use_dora'))}, but the base carries "
+                                    f"{type(base).__name__} factors at {name}; is base_model_name_or_path right?")
             if (base.rank, base.alpha) != (r, alpha):
                 raise SlimtuneError(f"{cfg_path}: {name} has rank {r} / alpha {alpha}, but the base carries factors of "
                                     f"rank {base.rank} / alpha {base.alpha}; is base_model_name_or_path the right base?")
             continue
-        replace_module(model, name, LoRALinear(base, r, alpha, use_rslora=bool(cfg.get("use_rslora"))))
+        replace_module(model, name, cls(base, r, alpha, use_rslora=bool(cfg.get("use_rslora"))))
     wanted = peft_state_dict(model)
     missing = sorted(set(wanted) - set(state))
     if missing:
@@ -186,9 +197,11 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> list[str]:
                             "to load (load this adapter with PEFT)")
     with torch.no_grad():
         for name, m in adapter_modules(model).items():
-            for part in ("lora_A", "lora_B"):
-                t = state[f"{PREFIX}{name}.{part}.weight"]
-                w = getattr(m, part).weight
+            parts = {"lora_A.weight": m.lora_A.weight, "lora_B.weight": m.lora_B.weight}
+            if isinstance(m, DoRALinear):
+                parts["lora_magnitude_vector"] = m.lora_magnitude_vector
+            for part, w in parts.items():
+                t = state[f"{PREFIX}{name}.{part}"]
                 if t.shape != w.shape:
                     raise SlimtuneError(f"{path}: {name}.{part} has shape {tuple(t.shape)}, model expects {tuple(w.shape)}")
                 w.copy_(t)

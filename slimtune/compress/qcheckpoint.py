@@ -72,7 +72,9 @@ def save_quantized(model: nn.Module, path: Path, tokenizer, info: dict) -> Path:
         "format": "slimtune-quantized", "version": FORMAT_VERSION, **info,
         "bits_per_param": bits / max(numel, 1),
         "quantized": {n: module_spec(m) for n, m in quantized.items()},
-        "adapters": {n: {"type": _adapter_type(m), "rank": m.rank, "alpha": m.alpha} for n, m in adapters.items()},
+        "adapters": {n: {"type": _adapter_type(m), "rank": m.rank, "alpha": m.alpha,
+                         **({"use_rslora": True} if getattr(m, "use_rslora", False) else {})}
+                     for n, m in adapters.items()},
         "tied": tied,
     }
     with atomic_dir(Path(path)) as tmp:
@@ -111,7 +113,8 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     model = empty_model(str(path), next(k for k, v in DTYPES.items() if v == dtype))
     # adapters first: a quantized base lives at "<adapter>.base", which exists once the adapter wraps
     for name, spec in manifest["adapters"].items():
-        _replace(model, path, name, lambda old, s=spec: ADAPTERS.get(s["type"])(old, s["rank"], s["alpha"]))
+        _replace(model, path, name, lambda old, s=spec: ADAPTERS.get(s["type"])(
+            old, s["rank"], s["alpha"], use_rslora=s.get("use_rslora", False)))
     for name, spec in manifest["quantized"].items():
         _replace(model, path, name, lambda old, s=spec: build_from_spec(s, dtype))
     try:

@@ -25,8 +25,10 @@ from slimtune.registry import ADAPTER_INITS
 
 
 def needs_lowrank(cfg) -> bool:
-    """True when the base is quantized together with its low-rank factors (from the full-precision W)."""
-    return cfg.quant.method == "lq_lora" or cfg.adapter.init != "default"
+    """True when the base is quantized together with its low-rank factors (from the full-precision W). PiSSA on
+    a plain base is not: it is set up as the adapters wrap it (adapters/pissa.py) and saved as a PEFT adapter."""
+    return cfg.quant.method == "lq_lora" or (cfg.adapter.init != "default" and
+                                             not (cfg.adapter.init == "pissa" and cfg.quant.method == "none"))
 
 
 def load_dtype(cfg) -> str:

@@ -3,7 +3,8 @@
 A new optimizer is one file plus `@register("name")` on a builder `(cfg, named_params, lr) -> Optimizer`,
 named_params a list of (qualified name, parameter). Low-rank optimizers (galore, dct, frugal) get two
 param groups: {"lowrank": True} for 2-D weights and {"lowrank": False} (plain AdamW) for the rest and for
-`optim.full_rank_modules` (embeddings, lm_head by default, as GaLore does).
+`optim.full_rank_modules` (embeddings, lm_head by default, as GaLore does). LoRA+ (optim.lora_plus_ratio)
+then moves lora_B into groups of their own with "lr_scale": ratio, which `set_lr` honours.
 """
 
 from __future__ import annotations
@@ -32,10 +33,37 @@ def build_optimizer(cfg, named_params, lr: float) -> torch.optim.Optimizer:
 
         def make(params):  # one optimizer per parameter; a per-parameter seed keeps random subspaces distinct
             own = dataclasses.replace(cfg, seed=cfg.seed * 1_000_003 + index[id(params[0])])
-            return build(own, _names_of(named, params), lr)
+            return lora_plus(build(own, _names_of(named, params), lr), named, cfg.lora_plus_ratio, lr)
 
         return OptimizerInBackward([p for _, p in named], make)
-    return build(cfg, named, lr)
+    return lora_plus(build(cfg, named, lr), named, cfg.lora_plus_ratio, lr)
+
+
+def lora_plus(optimizer, named, ratio: float, lr: float):
+    """LoRA+ (Hayou et al. 2024) grouped as PEFT's create_loraplus_optimizer does: lora_B factors and 1-D
+    parameters (DoRA's magnitude) go to a copy of their param group whose lr is ratio x the schedule's
+    ("lr_scale"); every other group gets lr_scale 1. ratio 0: off, the optimizer is returned unchanged."""
+    if not ratio:
+        return optimizer
+    fast = {id(p) for n, p in named if "lora_B" in n or p.dim() == 1}
+    for group in list(optimizer.param_groups):
+        group["lr_scale"] = 1.0
+        moved = [p for p in group["params"] if id(p) in fast]
+        if len(moved) == len(group["params"]):  # nothing to split (in_backward: one parameter per group)
+            group["lr_scale"] = ratio if moved else 1.0
+            continue
+        if moved:
+            group["params"] = [p for p in group["params"] if id(p) not in fast]
+            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved,
+                                       "lr_scale": ratio})
+    set_lr(optimizer, lr)
+    return optimizer
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """The schedule's lr on every param group, times the group's "lr_scale" (LoRA+'s lora_B groups)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def _names_of(named, params):

@@ -23,6 +23,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.io import write_json, write_text
 from slimtune.loss import count_targets
 from slimtune.models import base_dir, context_length, load_tokenizer
+from slimtune.optim import set_lr
 from slimtune.quant.precision import low_precision_linears
 from slimtune.registry import HOOKS
 from slimtune.trainer import dist
@@ -120,8 +121,7 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
         # per-step reseeding makes dropout a function of (seed, step, rank): resume is exact on every rank
         torch.manual_seed(t.seed * 1_000_003 + step * 1009 + info.rank)
         lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)  # times each group's lr_scale (LoRA+)
         batches = [micro_batch(data.train, order, step, m, info.rank, info.world, t.batch_size, t.grad_accum)
                    for m in range(t.grad_accum)]
         n_targets = dist.all_reduce_sum(torch.tensor(float(sum(count_targets(y) for _, y in batches))), info)

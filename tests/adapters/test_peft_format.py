@@ -92,7 +92,7 @@ def test_slimtune_loads_peft_adapters_with_its_options(tmp_path, kwargs):
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"target_modules": ["q_proj"], "use_dora": True}, "use_dora=True is not supported"),
+    ({"target_modules": ["q_proj"], "lora_bias": True}, "lora_bias=True is not supported"),
     ({"target_modules": ["q_proj"], "bias": "lora_only"}, "bias='lora_only'"),
 ])
 def test_options_slimtune_cannot_load_are_refused(tmp_path, kwargs, needle):
