@@ -25,8 +25,9 @@ KERNEL_BACKENDS = ("auto", "reference", "triton")  # train.kernels (kernels/disp
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _help("local HF causal-LM dir, or smollm2-135m | tiny-llama", "smollm2-135m")
-    dtype: str = _help("float32 | bfloat16: storage of frozen weights and autocast compute dtype", "float32",
-                       ("float32", "bfloat16"))
+    dtype: str = _help("auto | float32 | bfloat16: storage of frozen weights and autocast compute dtype; auto: "
+                       "bf16 where the hardware multiplies it fast (CUDA bf16, CPU AVX512-BF16/AMX), else fp32 "
+                       "(eval, generate, export: fp32 unless given)", "auto", ("auto", "float32", "bfloat16"))
 
 
 @dataclass(frozen=True)

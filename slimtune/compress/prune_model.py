@@ -231,8 +231,10 @@ def prune_command(cfg) -> Path:
     data.source, written to cfg.output_dir (an HF model dir + slimtune_sparse.json)."""
     from slimtune.compress.calibration import calibration_samples
     from slimtune.data import build_splits
+    from slimtune.hardware import fixed_dtype
     from slimtune.models import load_model, load_tokenizer, resolve_model_dir
 
+    cfg = fixed_dtype(cfg)  # model.dtype=auto not resolved by the command line: fp32
     p, out = cfg.prune, Path(cfg.output_dir)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise SlimtuneError(f"output_dir={str(out)!r} is not empty; pass overwrite=true or another output_dir")

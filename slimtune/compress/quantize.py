@@ -18,6 +18,7 @@ from slimtune.compress.calibration import Calibration, calibration_samples
 from slimtune.compress.qcheckpoint import is_quantized_checkpoint, read_manifest, save_quantized
 from slimtune.data import build_splits
 from slimtune.errors import ConfigError, SlimtuneError
+from slimtune.hardware import fixed_dtype
 from slimtune.io import write_json, write_text
 from slimtune.models import DTYPES, load_model, load_tokenizer, resolve_model_dir
 from slimtune.quant import quantize_model
@@ -76,6 +77,7 @@ def quantize_lowrank(model: nn.Module, cfg, calibration: Calibration, log=print)
 def quantize_command(cfg) -> Path:
     """Write cfg.output_dir: a quantized checkpoint of cfg.model.name at cfg.quant.method (and adapter
     init); prints the allocation table / per-matrix errors and the achieved bits/param."""
+    cfg = fixed_dtype(cfg)  # model.dtype=auto not resolved by the command line: fp32
     out = Path(cfg.output_dir)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise SlimtuneError(f"output_dir={str(out)!r} is not empty; pass overwrite=true or another output_dir")

@@ -4,10 +4,10 @@ data position and every seed: no RNG state is stored).
 Layout (all safetensors + JSON):
   trainable.safetensors   trainable parameters by qualified name
   optimizer.safetensors   optimizer tensors;  optimizer.json  its skeleton (param groups, scalars)
-  trainer_state.json      step, tokens seen, seconds so far
+  trainer_state.json      step, tokens seen, seconds so far, compute_dtype (what model.dtype=auto chose)
   masks.safetensors       a pruned base's masks (recovery; checked against the base on resume)
   adapters.safetensors    adapters' state beyond trainable parameters (sparse_ft's indices and statistics)
-  config.yaml             the resolved config
+  config.yaml             the resolved config (model.dtype as asked: auto stays auto)
   COMPLETE                written last; a directory without it is ignored on resume
 The directory is filled under a temp name and renamed; only the newest `keep` are kept.
 """
@@ -144,6 +144,10 @@ def check_resume(ckpt: Path, cfg, world: int) -> None:
     except (OSError, yaml.YAMLError, json.JSONDecodeError, AttributeError) as e:
         raise SlimtuneError(f"checkpoint {ckpt} is corrupted ({e}); delete it to resume from an older one") from None
     new = _flat(to_dict(cfg))
+    if "model.dtype" in old:  # model.dtype=auto on either side: compare the dtype the checkpoint's run used
+        old["model.dtype"] = state.get("compute_dtype", old["model.dtype"])
+        if new["model.dtype"] == "auto" or old["model.dtype"] == "auto":
+            del old["model.dtype"]  # auto resumes in the checkpoint's dtype (hardware.resolve_dtype)
     for key in new:
         if key.startswith(FROZEN_ON_RESUME) or key in FROZEN_ON_RESUME:
             if key in old and old[key] != new[key]:
@@ -158,6 +162,21 @@ def check_resume(ckpt: Path, cfg, world: int) -> None:
                             f"{t_new.batch_size} x {t_new.grad_accum} x {world} = {new_global} differs from the "
                             f"checkpoint's {old_global} ({ckpt}); keep the product equal (e.g. double grad_accum "
                             "when halving the processes)")
+
+
+def checkpoint_dtype(ckpt: Path | None) -> str | None:
+    """The compute dtype `ckpt`'s run used (trainer_state.json, else its config's model.dtype); None without."""
+    import yaml
+
+    if ckpt is None:
+        return None
+    try:
+        state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+        if "compute_dtype" in state:
+            return state["compute_dtype"]
+        return (yaml.safe_load((Path(ckpt) / "config.yaml").read_text()).get("model") or {}).get("dtype")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
 
 
 def check_masks(ckpt: Path, masks: dict[str, torch.Tensor]) -> None:

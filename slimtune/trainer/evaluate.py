@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from slimtune import kernels
 from slimtune.data import Blocks, build_splits, eval_batches, text_windows
+from slimtune.hardware import fixed_dtype
 from slimtune.loss import CausalLMLoss, count_targets
 from slimtune.models import load_tokenizer
 from slimtune.trainer import dist
@@ -51,7 +52,9 @@ def evaluate_model(cfg, whole_text: bool = False) -> dict:
     """`slimtune eval`: score model.name (an HF dir, a built-in name, a quantized checkpoint, or an adapter
     dir such as runs/a/final on the base it was trained on). whole_text: every non-overlapping
     train.seq_len window of data.source, uncapped; else the eval split (capped by eval.max_batches), as a
-    run's own eval does. Returns eval_perplexity, eval_loss (mean nats per target token), eval_tokens."""
+    run's own eval does. Returns eval_perplexity, eval_loss (mean nats per target token), eval_tokens.
+    model.dtype=auto (not resolved by the command line) computes in fp32."""
+    cfg = fixed_dtype(cfg)
     device = dist.pick_device(cfg.train.device)
     kernels.configure(cfg.train.kernels, device)
     tokenizer = load_tokenizer(cfg.model.name)

@@ -20,6 +20,7 @@ from slimtune import kernels
 from slimtune.compress.recover import select_data
 from slimtune.data import BatchOrder, build_splits, micro_batch
 from slimtune.errors import SlimtuneError
+from slimtune.hardware import resolve_dtype
 from slimtune.io import write_json, write_text
 from slimtune.loss import count_targets
 from slimtune.models import base_dir, context_length, load_tokenizer
@@ -27,7 +28,7 @@ from slimtune.optim import set_lr
 from slimtune.quant.precision import low_precision_linears
 from slimtune.registry import HOOKS
 from slimtune.trainer import dist
-from slimtune.trainer.checkpoint import check_resume, complete_checkpoints
+from slimtune.trainer.checkpoint import check_resume, checkpoint_dtype, complete_checkpoints
 from slimtune.trainer.evaluate import perplexity
 from slimtune.trainer.hooks import Hooks
 from slimtune.trainer.pipeline import build_model
@@ -74,7 +75,9 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
     resume_from = check_output_dir(cfg, info.world)
     dist.barrier(info)  # every rank has checked output_dir before rank 0 writes to it
     out = Path(cfg.output_dir)
-    config_yaml = C.dump_yaml(cfg)
+    config_yaml, requested = C.dump_yaml(cfg), cfg  # config.yaml keeps model.dtype=auto; report.json the choice
+    cfg, dtype_choice = resolve_dtype(cfg, device, resumed=checkpoint_dtype(resume_from))
+    print_main(f"slimtune: compute dtype {dtype_choice['dtype']} ({dtype_choice['reason']})", info.is_main)
 
     torch.manual_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model.name)
@@ -162,7 +165,8 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.max_steps:
             if info.is_main or engine.sharded:  # a sharded engine gathers on every rank, rank 0 writes
                 engine.save_checkpoint(out / "checkpoints", step, {"tokens": tokens_seen, "seconds": train_seconds,
-                                       "eval_perplexity_before": ppl_before, "world_size": info.world},
+                                       "eval_perplexity_before": ppl_before, "world_size": info.world,
+                                       "compute_dtype": cfg.model.dtype},
                                        config_yaml, cfg.checkpoint.keep)
             for h in hooks:
                 h.on_save(out / "checkpoints" / f"step_{step}", step)
@@ -193,7 +197,9 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
             "wall_seconds": train_seconds,
             "world_size": info.world,
             "device": str(device),
-            "config": C.to_dict(cfg),
+            "config": C.to_dict(requested),
+            "compute_dtype": dtype_choice["dtype"],
+            "compute_dtype_reason": dtype_choice["reason"],
         }
         report["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
         if hasattr(optimizer, "projection_seconds"):

@@ -30,6 +30,7 @@ from slimtune.compress.quantize import load_dtype, needs_lowrank, quantize_base
 from slimtune.compress.recover import Recovery, hold_masks, read_masks, recovery_stage
 from slimtune.config import QuantConfig
 from slimtune.errors import ConfigError, SlimtuneError
+from slimtune.hardware import fixed_dtype
 from slimtune.loss import check_head
 from slimtune.models import adapter_metadata, empty_model
 from slimtune.quant.precision import apply_precision
@@ -147,7 +148,8 @@ def _check_prebuilt(cfg, prebuilt: bool) -> None:
 def build_for_eval(cfg) -> nn.Module:
     """The model `slimtune eval model.name=...` scores (CPU, eval mode): an HF dir or built-in name
     (quantized per cfg.quant, if set), a quantized checkpoint, or an adapter dir (e.g. runs/a/final) on the
-    base it was trained on, quantized as recorded in its slimtune_adapter.json."""
+    base it was trained on, quantized as recorded in its slimtune_adapter.json. model.dtype=auto: fp32."""
+    cfg = fixed_dtype(cfg)
     name = cfg.model.name
     meta = None if is_quantized_checkpoint(name) else adapter_metadata(Path(name).expanduser())
     if meta is not None and (Path(name).expanduser() / "config.json").is_file():

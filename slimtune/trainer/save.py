@@ -14,6 +14,7 @@ from slimtune.compress.quantize import load_dtype, needs_lowrank, quantize_base
 from slimtune.compress.recover import hold_masks, read_masks, write_sparse_manifest
 from slimtune.config import load_config, to_dict
 from slimtune.errors import SlimtuneError
+from slimtune.hardware import fixed_dtype
 from slimtune.io import atomic_dir
 from slimtune.models import DTYPES, adapter_metadata, load_tokenizer
 from slimtune.registry import ADAPTER_FORMATS, ADAPTERS
@@ -56,7 +57,7 @@ def export_merged(run_dir: Path, out_dir: Path | None = None, onto: str = "full"
     if not cfg_path.is_file() or not final.is_dir():
         raise SlimtuneError(f"{run_dir}: not a finished slimtune run (needs config.yaml and final/); "
                             "give the output_dir of a completed `slimtune run`")
-    cfg = load_config(str(cfg_path))
+    cfg = fixed_dtype(load_config(str(cfg_path)))  # a model.dtype=auto run merges in fp32 (exact)
     out = Path(out_dir) if out_dir else run_dir / "merged"
     tokenizer = load_tokenizer(cfg.model.name)
     sparse = None  # the pruned base's manifest: the merged model keeps its masks and gets the manifest

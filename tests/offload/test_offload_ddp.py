@@ -10,7 +10,7 @@ import pytest
 import torch
 from slimtune_testutil import free_port, safetensors_dir as _weights
 
-BASE = ["train.seq_len=64", "train.batch_size=2", "train.warmup_steps=2", "eval.max_batches=2",
+BASE = ["model.dtype=float32", "train.seq_len=64", "train.batch_size=2", "train.warmup_steps=2", "eval.max_batches=2",
         "logging.progress=false", "train.max_steps=4", "train.lr=1e-3"]
 
 
