@@ -16,6 +16,9 @@ from slimtune.errors import SlimtuneError
 USAGE = """slimtune run RECIPE [key=value ...]     train (RECIPE: a name from `slimtune recipes` or a .yaml path)
        slimtune eval [RECIPE] [key=value ...]  perplexity of model.name (HF dir, built-in, quantized or adapter
                  dir) on all of data.source when given (eval.split=true: its eval split), else on the eval split
+       slimtune generate [RECIPE] model.name=M prompt="..." [messages=F.json max_new_tokens=128 temperature=0
+                 top_p=1.0 seed=0]  the continuation only on stdout (greedy at temperature=0; M as for eval,
+                 or a run dir); computes in fp32 unless model.dtype is given
        slimtune quantize [RECIPE] key=value ...  write a quantized checkpoint to output_dir, e.g.
                  model.name=M quant.method=lq_lora lq_lora.budget_bits=3.0 adapter.rank=16 output_dir=DIR
        slimtune prune [RECIPE] key=value ...  prune model.name (prune.method=magnitude|wanda|sparsegpt,
@@ -32,6 +35,18 @@ def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
     if args and "=" not in args[0]:
         return args[0], args[1:]
     return None, args
+
+
+def _load(C, recipe, overrides):
+    """eval / generate / quantize / prune: model.dtype=auto on the command line resolves per the hardware
+    (hardware.py); from a recipe or by default it leaves the command's fp32."""
+    cfg = C.load_config(recipe, overrides)
+    if any(o.partition("=")[0].strip() == "model.dtype" for o in overrides):
+        from slimtune.hardware import resolve_dtype
+
+        cfg, choice = resolve_dtype(cfg)
+        print(f"slimtune: compute dtype {choice['dtype']} ({choice['reason']})", file=sys.stderr)
+    return cfg
 
 
 def _quiet_libraries() -> None:
@@ -84,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("overrides", nargs="*")
     p_eval = sub.add_parser("eval")
     p_eval.add_argument("args", nargs="*")
+    p_gen = sub.add_parser("generate")
+    p_gen.add_argument("args", nargs="*")
     p_q = sub.add_parser("quantize")
     p_q.add_argument("args", nargs="*")
     p_prune = sub.add_parser("prune")
@@ -122,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             run(cfg)
         elif args.cmd == "eval":
             recipe, overrides = _split_recipe(args.args)
-            cfg = C.load_config(recipe, overrides)
+            cfg = _load(C, recipe, overrides)
             whole = "data.source" in C.given_keys(recipe, overrides) and not cfg.eval.split
             _quiet_libraries()
             from slimtune.trainer.evaluate import evaluate_model
@@ -130,16 +147,26 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.redirect_stdout(sys.stderr):  # stdout holds the JSON result only
                 result = evaluate_model(cfg, whole_text=whole)
             print(json.dumps(result))
+        elif args.cmd == "generate":
+            from slimtune.trainer.generate import generate, split_args
+
+            recipe, rest = _split_recipe(args.args)
+            gen, overrides = split_args(rest)
+            cfg = _load(C, recipe, overrides)
+            _quiet_libraries()
+            with contextlib.redirect_stdout(sys.stderr):  # stdout holds the continuation only
+                text = generate(cfg, gen, log=lambda s: print(s, file=sys.stderr))
+            print(text)
         elif args.cmd == "quantize":
             recipe, overrides = _split_recipe(args.args)
-            cfg = C.load_config(recipe, overrides)
+            cfg = _load(C, recipe, overrides)
             _quiet_libraries()
             from slimtune.compress.quantize import quantize_command
 
             quantize_command(cfg)
         elif args.cmd == "prune":
             recipe, overrides = _split_recipe(args.args)
-            cfg = C.load_config(recipe, overrides)
+            cfg = _load(C, recipe, overrides)
             _quiet_libraries()
             from slimtune.compress.prune_model import prune_command
 
