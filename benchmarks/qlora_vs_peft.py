@@ -96,7 +96,7 @@ def peft_worker(a: argparse.Namespace) -> None:
         torch.manual_seed(t.seed * 1_000_003 + step * 1009)  # slimtune's per-step seed (no dropout anyway)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, t)
-        x, y = micro_batch(data.train, order, step, 0, 0, 1, t.batch_size, 1)
+        x, y, _ = micro_batch(data.train, order, step, 0, 0, 1, t.batch_size, 1)  # stream packing: no positions
         # HF's ordinary loss: full (B, T, V) fp32 logits, mean CE over the shifted targets
         loss = model(input_ids=x, labels=y).loss
         loss.backward()

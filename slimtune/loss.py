@@ -111,6 +111,16 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
+def position_kwargs(position_ids: torch.Tensor | None) -> dict:
+    """Decoder kwargs for data.packing's position ids (see CausalLMLoss.forward)."""
+    if position_ids is None:
+        return {}
+    pad = position_ids < 0
+    if bool(pad.any()):
+        return {"position_ids": position_ids.clamp(min=0), "attention_mask": (~pad).long()}
+    return {"position_ids": position_ids}
+
+
 class CausalLMLoss(nn.Module):
     """Wraps an HF causal LM so DDP sees one forward: (input_ids, labels) -> summed loss."""
 
@@ -123,9 +133,12 @@ class CausalLMLoss(nn.Module):
         self.transform = logit_transform(model.config)
         self.before_head = before_head
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """position_ids (data.packing): restarting at each packed document (the model then masks attention
+        across documents), or -1 on padding (an attention mask is made from it)."""
         decoder = self.model.get_decoder()
-        hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+        hidden = decoder(input_ids=input_ids, use_cache=False, **position_kwargs(position_ids)).last_hidden_state
         head = self.model.get_output_embeddings()
         if self.before_head is not None:
             self.before_head(head)

@@ -32,7 +32,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = _help("pydoc | path to .txt | path to .jsonl (text or prompt/response)", "pydoc")
+    source: str = _help("pydoc | a .txt | a .jsonl or .parquet of records (text, prompt/response or messages) | "
+                        "a datasets.save_to_disk directory", "pydoc")
+    packing: str = _help("documents (blocks of whole documents, no attention across them) | stream (one token "
+                         "stream cut into blocks) | none (a padded row per document, length-grouped)", "documents",
+                         ("documents", "stream", "none"))
+    train_on: str = _help("assistant (loss on assistant turns / responses only) | all", "assistant",
+                          ("assistant", "all"))
+    chat_template: str = _help("a Jinja chat template file for 'messages' records (default: the tokenizer's)", "")
     eval_fraction: float = _help("fraction of packed blocks held out for eval (deterministic)", 0.05)
     select: str = _help("recovery data: all | degradation (blocks the pruning hurt most, spread over k-means "
                         "clusters of the dense model's hidden states; PASER-like) | random", "all",

@@ -58,7 +58,7 @@ def test_global_batch_same_for_any_world_size():
 
 @pytest.mark.parametrize("content, needle", [
     ("{not json}\n", "not valid JSON"),
-    (json.dumps({"prompt": "x"}) + "\n", "needs a 'text' string or 'prompt' and 'response'"),
+    (json.dumps({"prompt": "x"}) + "\n", "needs a 'text' string, 'prompt' and 'response' strings, or 'messages'"),
 ])
 def test_bad_jsonl(tmp_path, content, needle):
     p = tmp_path / "bad.jsonl"

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from slimtune.loss import IGNORE, LogitTransform, count_targets, lm_loss_sum, logit_transform
+from slimtune.loss import IGNORE, LogitTransform, count_targets, lm_loss_sum, logit_transform, position_kwargs
 
 
 def _kd_chunk(head_s: nn.Module, head_t: nn.Module, hs: torch.Tensor, ht: torch.Tensor, temperature: float,
@@ -128,11 +128,14 @@ class Teacher:
         return self.model.get_output_embeddings()
 
     @torch.no_grad()
-    def hidden_states(self, input_ids: torch.Tensor, layers: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def hidden_states(self, input_ids: torch.Tensor, layers: bool = True,
+                      position_ids: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(per-layer outputs, or [] when layers=False; final normed hidden state), each (B, T, H)."""
         self.model.eval()  # stays frozen even if someone called .train() on it
+        kw = {k: v.to(self.device) for k, v in position_kwargs(position_ids).items()}
         with capture_layer_outputs(self.model) if layers else contextlib.nullcontext([]) as outputs:
-            final = self.model.get_decoder()(input_ids=input_ids.to(self.device), use_cache=False).last_hidden_state
+            final = self.model.get_decoder()(input_ids=input_ids.to(self.device), use_cache=False,
+                                             **kw).last_hidden_state
         return list(outputs), final
 
 
@@ -162,13 +165,15 @@ class RecoveryLoss(nn.Module):
         self.before_head = before_head
         self.last: dict[str, torch.Tensor] = {}
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         use_teacher = bool(self.kd or self.feature)
         with capture_layer_outputs(self.model) if self.feature else contextlib.nullcontext([]) as student_states:
-            hidden = self.model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+            hidden = self.model.get_decoder()(input_ids=input_ids, use_cache=False,
+                                              **position_kwargs(position_ids)).last_hidden_state
         student_states = list(student_states)
         if use_teacher:
-            teacher_states, teacher_hidden = self.teacher.hidden_states(input_ids, layers=bool(self.feature))
+            teacher_states, teacher_hidden = self.teacher.hidden_states(input_ids, bool(self.feature), position_ids)
         head = self.model.get_output_embeddings()
         if self.before_head is not None:
             self.before_head(head)

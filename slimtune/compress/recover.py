@@ -109,7 +109,7 @@ def select_data(cfg, rec: Recovery | None, model: nn.Module, blocks, device, log
     if d.select == "random":
         idx = random_blocks(len(blocks), d.select_fraction, cfg.train.seed)
         log(f"data.select=random: {len(idx)} of {len(blocks)} blocks")
-        return type(blocks)(blocks.input_ids[idx], blocks.labels[idx])
+        return blocks.subset(idx)
     dense = rec.teacher_model if rec is not None else None
     if dense is None:  # no teacher for the loss: the dense model only for the scores
         name = cfg.recover.teacher or ((rec.manifest or {}).get("source_model") if rec else None)

@@ -255,4 +255,4 @@ def select_recovery_data(dense: nn.Module, pruned: nn.Module, blocks: Blocks, fr
     idx, clusters = _select(scores, emb, fraction, k, seed)
     summary = {"n_candidates": len(blocks), "n_selected": len(idx), "clusters": clusters, "measure": measure,
                "mean_score_selected": float(scores[idx].mean()), "mean_score_all": float(scores.mean())}
-    return Blocks(blocks.input_ids[idx], blocks.labels[idx]), summary
+    return blocks.subset(idx), summary

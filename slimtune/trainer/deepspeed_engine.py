@@ -106,9 +106,9 @@ class DeepSpeedEngine(Engine):
         self.optimizer = client  # the loop sets the lr on its param groups, which ZeRO's optimizer shares
         return client
 
-    def forward_backward(self, x, y, n_targets, last: bool) -> torch.Tensor:
+    def forward_backward(self, x, y, n_targets, last: bool, pos=None) -> torch.Tensor:
         with self.autocast:
-            loss = self.ds(x.to(self.device), y.to(self.device))
+            loss = self.ds(*self.inputs(x, y, pos))
         self.ds.backward(loss * self.info.world / n_targets.clamp(min=1), scale_wrt_gas=False)
         if not last:
             self.ds.step()  # not a boundary: DeepSpeed only counts the micro-step

@@ -66,13 +66,18 @@ class Engine:
             self.recovery.held.wrap_optimizer(self.optimizer)  # pruned entries back to 0 after every step
         return self.optimizer
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, n_targets: torch.Tensor, last: bool) -> torch.Tensor:
+    def inputs(self, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor | None) -> tuple:
+        """The loss module's arguments on the engine's device (position ids only when data.packing made them)."""
+        return (x.to(self.device), y.to(self.device)) + (() if pos is None else (pos.to(self.device),))
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, n_targets: torch.Tensor, last: bool,
+                         pos: torch.Tensor | None = None) -> torch.Tensor:
         """One micro-step: the summed loss of (x, y); its gradient divided by the global batch's target count
         `n_targets` is accumulated. Gradients are reduced over ranks on the `last` micro-step only."""
         sync = contextlib.nullcontext() if (last or not self.info.enabled) else self.train_model.no_sync()
         with sync:
             with self.autocast:
-                loss = self.train_model(x.to(self.device), y.to(self.device))
+                loss = self.train_model(*self.inputs(x, y, pos))
             # DDP averages gradients over ranks; x world turns that into a sum over the global batch
             (loss * self.info.world / n_targets.clamp(min=1)).backward()
         return loss.detach().float().cpu()

@@ -8,12 +8,17 @@ import torch
 import torch.nn as nn
 
 from slimtune import kernels
-from slimtune.data import Blocks, build_splits, eval_batches, text_windows
+from slimtune.chat import set_chat_template
+from slimtune.data import Blocks, eval_batches, splits_for, text_windows
 from slimtune.hardware import fixed_dtype
 from slimtune.loss import CausalLMLoss, count_targets
 from slimtune.models import load_tokenizer
 from slimtune.trainer import dist
 from slimtune.trainer.pipeline import build_for_eval
+
+
+def _on(device, x, y, pos) -> tuple:
+    return (x.to(device), y.to(device)) + (() if pos is None else (pos.to(device),))
 
 
 @torch.no_grad()
@@ -30,12 +35,11 @@ def loss_totals(loss_model: nn.Module, blocks: Blocks, batch_size: int, max_batc
     if lockstep and info.enabled:
         most = dist.all_reduce_max(torch.tensor(float(len(mine))), info)
         extra = int(most) - len(mine)
-    for x, y in mine:
-        totals[0] += float(loss_model(x.to(device), y.to(device)))
+    for x, y, pos in mine:
+        totals[0] += float(loss_model(*_on(device, x, y, pos)))
         totals[1] += count_targets(y)
     for _ in range(extra):
-        x, y = blocks.input_ids[:batch_size], blocks.labels[:batch_size]
-        loss_model(x.to(device), y.to(device))
+        loss_model(*_on(device, *next(eval_batches(blocks, batch_size, 1))))
     dist.all_reduce_sum(totals, info)
     loss_model.train(was_training)
     return float(totals[0]), int(totals[1])
@@ -60,9 +64,11 @@ def evaluate_model(cfg, whole_text: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg.model.name)
     t = cfg.train
     if whole_text:
-        parts, cap = text_windows(cfg.data.source, tokenizer, t.seq_len), 0
+        if cfg.data.chat_template:
+            set_chat_template(tokenizer, cfg.data.chat_template)
+        parts, cap = text_windows(cfg.data.source, tokenizer, t.seq_len, cfg.data.train_on), 0
     else:
-        parts, cap = [build_splits(cfg.data.source, tokenizer, t.seq_len, cfg.data.eval_fraction).eval], cfg.eval.max_batches
+        parts, cap = [splits_for(cfg, tokenizer).eval], cfg.eval.max_batches
     model = build_for_eval(cfg).to(device)
     loss_model = CausalLMLoss(model, t.loss_chunk_tokens)
     nats, tokens = 0.0, 0

@@ -105,10 +105,10 @@ class FSDP2Engine(Engine):
             self.eval_model = self.loss_model
         self.root = self.train_model
 
-    def forward_backward(self, x, y, n_targets, last: bool) -> torch.Tensor:
+    def forward_backward(self, x, y, n_targets, last: bool, pos=None) -> torch.Tensor:
         self.root.set_requires_gradient_sync(last)
         with self.autocast:
-            loss = self.train_model(x.to(self.device), y.to(self.device))
+            loss = self.train_model(*self.inputs(x, y, pos))
         (loss * self.info.world / n_targets.clamp(min=1)).backward()
         return loss.detach().float().cpu()
 

@@ -18,13 +18,13 @@ from tqdm import tqdm
 from slimtune import config as C
 from slimtune import kernels
 from slimtune.compress.recover import select_data
-from slimtune.data import BatchOrder, build_splits, micro_batch
+from slimtune.data import BatchOrder, micro_batch, splits_for
 from slimtune.errors import SlimtuneError
 from slimtune.hardware import resolve_dtype
 from slimtune.io import write_json, write_text
 from slimtune.loss import count_targets
-from slimtune.models import base_dir, context_length, load_tokenizer
 from slimtune.optim import set_lr
+from slimtune.models import base_dir, context_length, load_tokenizer
 from slimtune.quant.precision import low_precision_linears
 from slimtune.registry import HOOKS
 from slimtune.trainer import dist
@@ -81,7 +81,7 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
 
     torch.manual_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model.name)
-    data = build_splits(cfg.data.source, tokenizer, t.seq_len, cfg.data.eval_fraction)
+    data = splits_for(cfg, tokenizer)
     if cfg.optim.in_backward and info.enabled:
         raise SlimtuneError("optim.in_backward=true is single-process only (DDP reduces gradients after the "
                             "per-parameter step would run); drop it under torchrun")
@@ -114,7 +114,7 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
 
     ppl_before = state["eval_perplexity_before"] if "eval_perplexity_before" in state else evaluate()
     tokens_seen, train_seconds = state.get("tokens", 0), state.get("seconds", 0.0)
-    order = BatchOrder(len(data.train), t.seed)
+    order = BatchOrder(len(data.train), t.seed, data.train.lengths())
     bar = tqdm(total=t.max_steps, initial=step, disable=not (info.is_main and cfg.logging.progress),
                desc="train", dynamic_ncols=True)
     session_tokens, session_start = 0, time.perf_counter()
@@ -127,14 +127,14 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
         set_lr(optimizer, lr)  # times each group's lr_scale (LoRA+)
         batches = [micro_batch(data.train, order, step, m, info.rank, info.world, t.batch_size, t.grad_accum)
                    for m in range(t.grad_accum)]
-        n_targets = dist.all_reduce_sum(torch.tensor(float(sum(count_targets(y) for _, y in batches))), info)
+        n_targets = dist.all_reduce_sum(torch.tensor(float(sum(count_targets(y) for _, y, _ in batches))), info)
         loss_sum = torch.zeros(())
-        for m, (x, y) in enumerate(batches):
-            loss_sum += engine.forward_backward(x, y, n_targets, last=m == t.grad_accum - 1)
+        for m, (x, y, pos) in enumerate(batches):
+            loss_sum += engine.forward_backward(x, y, n_targets, last=m == t.grad_accum - 1, pos=pos)
         if cfg.optim.cram:  # CrAM: the same batch again at the compressed, perturbed weights
             optimizer.perturb()
-            for m, (x, y) in enumerate(batches):
-                engine.forward_backward(x, y, n_targets, last=m == t.grad_accum - 1)
+            for m, (x, y, pos) in enumerate(batches):
+                engine.forward_backward(x, y, n_targets, last=m == t.grad_accum - 1, pos=pos)
             optimizer.restore()  # grad = g~ + g: clipping and hooks see the combined gradient
         for h in hooks:
             h.after_backward(model, step)
@@ -146,7 +146,7 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
         for h in hooks:
             h.after_step(model, optimizer, step)
         loss = (dist.all_reduce_sum(loss_sum, info) / n_targets.clamp(min=1)).item()
-        step_tokens = sum(x.numel() for x, _ in batches) * info.world
+        step_tokens = sum(x.numel() for x, _, _ in batches) * info.world
         tokens_seen += step_tokens
         session_tokens += step_tokens
         dt = time.perf_counter() - t0

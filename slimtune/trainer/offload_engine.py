@@ -150,7 +150,7 @@ class OffloadEngine(Engine):
         self.optimizer = OffloadOptimizer(self.resident_opt)
         return self.optimizer
 
-    def forward_backward(self, x, y, n_targets, last: bool):
+    def forward_backward(self, x, y, n_targets, last: bool, pos=None):
         if self._step_start is None:  # the step's first micro-step: its I/O is counted from here
             s = self.store
             self._step_start = (time.perf_counter(), s.bytes_read, s.bytes_written, s.io_seconds,
@@ -159,7 +159,7 @@ class OffloadEngine(Engine):
         self.streamer.begin_backward(accumulate=not last, defer=self.cfg.train.max_grad_norm > 0)
         saved = self.streamer.saved.hooks() if self.keep_activations else contextlib.nullcontext()
         with self.autocast, saved:
-            loss = self.loss_model(x.to(self.device), y.to(self.device))
+            loss = self.loss_model(*self.inputs(x, y, pos))
         (loss * self.info.world / n_targets.clamp(min=1)).backward()
         self.streamer.drain()  # the updates of this backward are on disk before anything else reads
         return loss.detach().float().cpu()
