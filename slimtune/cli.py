@@ -41,11 +41,13 @@ def _load(C, recipe, overrides):
     """eval / generate / quantize / prune: model.dtype=auto on the command line resolves per the hardware
     (hardware.py); from a recipe or by default it leaves the command's fp32."""
     cfg = C.load_config(recipe, overrides)
-    if any(o.partition("=")[0].strip() == "model.dtype" for o in overrides):
+    given = [o.partition("=")[2].strip() for o in overrides if o.partition("=")[0].strip() == "model.dtype"]
+    if given:
         from slimtune.hardware import resolve_dtype
 
         cfg, choice = resolve_dtype(cfg)
-        print(f"slimtune: compute dtype {choice['dtype']} ({choice['reason']})", file=sys.stderr)
+        if given[-1] == "auto":  # say what auto chose; an explicit dtype needs no notice
+            print(f"slimtune: compute dtype {choice['dtype']} ({choice['reason']})", file=sys.stderr)
     return cfg
 
 
