@@ -108,6 +108,12 @@ def test_chat_template_prompt_and_messages(chat_model, tmp_path, capsys):
     f.write_text(json.dumps(conv))
     got = _generate(capsys, f"model.name={chat_model}", f"messages={f}", "max_new_tokens=16")
     assert got == _hf_greedy(chat_model, _template_ids(chat_model, conv), 16) + "\n"
+    from transformers import AutoTokenizer
+
+    template = tmp_path / "chat.jinja"  # data.chat_template=FILE on the template-less model: the same prompt
+    template.write_text(AutoTokenizer.from_pretrained(chat_model).chat_template)
+    assert _generate(capsys, "model.name=tiny-llama", f"data.chat_template={template}", f"messages={f}",
+                     "max_new_tokens=16") == got
 
 
 def test_seeded_sampling_is_reproducible(capsys):

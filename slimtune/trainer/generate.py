@@ -3,7 +3,7 @@ writes, built as `slimtune eval` builds it (trainer/pipeline.build_for_eval): an
 quantized or compressed checkpoint, an adapter dir on its rebuilt (quantized) base, or a run dir (its final/).
 
 Generation arguments are undotted (prompt=, messages=, max_new_tokens=, temperature=, top_p=, seed=), config
-keys dotted (model.name=, model.dtype=). The decoding loop runs the HF model's forward with its KV cache:
+keys dotted (model.name=, model.dtype=, data.chat_template= for a template file). The decoding loop runs the HF model's forward with its KV cache:
 greedy at temperature=0, else temperature + nucleus (top_p) sampling from a generator seeded with `seed`.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from slimtune.chat import set_chat_template
 from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.hardware import fixed_dtype
 from slimtune.models import context_length, load_tokenizer
@@ -150,6 +151,8 @@ def generate(cfg, gen: dict, log=print) -> str:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=name))
     device = pick_device(cfg.train.device)
     tokenizer = load_tokenizer(name)
+    if cfg.data.chat_template:  # the template a run trained with (data.chat_template=PATH)
+        set_chat_template(tokenizer, cfg.data.chat_template)
     ids = prompt_ids(tokenizer, gen, name)
     room = context_length(name) - len(ids)
     if room < 1:
