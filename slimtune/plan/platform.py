@@ -1,0 +1,39 @@
+"""What the platform adds to the tensors: the process's libraries and the allocator, on CPU or CUDA.
+
+CPU (peak RSS, report.json's cpu_peak_rss). Measured on this project's 2-core x86_64 CPU machine (torch 2.13 CPU,
+transformers 5.x, glibc malloc) with `python benchmarks/plan_accuracy.py --calibrate`, whose configurations
+are not the ones the accuracy table reports (benchmarks/results/plan_calibration.json):
+  LIBRARY_RSS      the process before the model loads: torch, transformers, slimtune's trainer imported, the
+                   pydoc data tokenized, the first forward's runtime (OpenMP threads, oneDNN caches), fitted on
+                   the tiny-llama calibration runs (whose tensors are a few MB)
+  TOKENIZER_RSS_PER_BYTE  the fast tokenizer in memory per byte of its files: SmolLM2's 3.5 MB tokenizer.json
+                   adds 22 MiB at the start of model loading (VmRSS, SmolLM2 vs tiny-llama runs)
+  MMAP_MAX         glibc serves blocks under its mmap threshold (128 KiB, raised by frees up to 32 MiB) from
+                   the heap, which keeps freed holes; bigger blocks are mapped and unmapped
+  FRAGMENTATION_*  the heap's growth beyond the live bytes over a training step: what a run's peak RSS exceeds
+                   the same run's with MALLOC_MMAP_THRESHOLD_=131072 (every tensor mapped, RSS ~ live bytes)
+                   by, as factors of the heap-sized saved activations and of the heap-sized gradients
+                   (least squares over the SmolLM2 calibration runs)
+  DATA_RSS_PER_BYTE  a .txt / .jsonl data.source: token ids and the Python lists tokenization goes through
+                   (not measured here: pydoc is part of LIBRARY_RSS)
+  RUNTIME_RSS      growth after the first training step that no tensor explains (allocator arenas, autograd
+                   graph objects); part of LIBRARY_RSS's fit, kept separate so the load phase excludes it
+CUDA (what nvidia-smi shows): the CUDA context and kernels (~500 MiB on recent GPUs with torch's kernels loaded
+lazily) and the caching allocator's reserve above the allocated peak (block rounding, segments kept for reuse,
+~10%). No GPU was available to calibrate these two: they are the commonly reported figures.
+"""
+
+from __future__ import annotations
+
+MiB = 2**20
+
+LIBRARY_RSS = 454 * MiB
+TOKENIZER_RSS_PER_BYTE = 6.5
+RUNTIME_RSS = 46 * MiB
+MMAP_MAX = 32 * MiB
+FRAGMENTATION_ACTIVATIONS = 0.85
+FRAGMENTATION_GRADIENTS = 0.30
+DATA_RSS_PER_BYTE = 13.0
+
+CUDA_CONTEXT = 500 * MiB
+CUDA_ALLOCATOR_SLACK = 0.10
