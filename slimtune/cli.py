@@ -27,6 +27,8 @@ USAGE = """slimtune run RECIPE [key=value ...]     train (RECIPE: a name from `s
        slimtune export RUN_OR_MODEL --format dfloat11|sparse|sparse-nf4|sparse-int8 [--rank R] [--out DIR]
                  compressed checkpoint (lossless bf16, or a pruned model's masks + kept values, with --rank R
                  low-rank factors beside quantized values); eval and run load it
+       slimtune plan RECIPE [key=value ...] [--json] [--fit BUDGET] [--nproc N]  predicted peak memory of the
+                 run (breakdown by component, from config.json alone); --fit 24GiB prints the overrides that fit
        slimtune recipes                        list recipes
        slimtune config show RECIPE [key=value ...]  print the resolved config"""
 
@@ -118,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("--onto", default="full", choices=["full", "quantized"],
                        help="merge into the full-precision base (default) or into dequant(Q), the quantized "
                             "base the adapter was trained against")
+    p_plan = sub.add_parser("plan")
+    p_plan.add_argument("recipe")
+    p_plan.add_argument("overrides", nargs="*")
+    p_plan.add_argument("--json", action="store_true", help="print one JSON object (peak_memory_bytes, breakdown)")
+    p_plan.add_argument("--fit", default=None, metavar="BUDGET", help="e.g. 24GiB, 800MiB, bytes: print the "
+                        "overrides (last line) whose predicted peak fits")
+    p_plan.add_argument("--nproc", type=int, default=None, help="processes (ranks); default WORLD_SIZE or 1")
     sub.add_parser("recipes")
     p_cfg = sub.add_parser("config")
     p_cfg.add_argument("action", choices=["show"])
@@ -173,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             from slimtune.compress.prune_model import prune_command
 
             prune_command(cfg)
+        elif args.cmd == "plan":
+            _quiet_libraries()
+            from slimtune.plan.cli import plan_command
+
+            return plan_command(args.recipe, args.overrides, args.json, args.fit, args.nproc)
         elif args.cmd == "export" and args.format != "hf":
             _quiet_libraries()
             from slimtune.compress.compressed_io import export_compressed
