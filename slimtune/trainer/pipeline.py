@@ -33,6 +33,7 @@ from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.hardware import fixed_dtype
 from slimtune.loss import check_head
 from slimtune.models import adapter_metadata, empty_model
+from slimtune.plan.report import with_planned_peak
 from slimtune.quant.precision import apply_precision
 from slimtune.registry import ADAPTER_FORMATS, ADAPTERS
 from slimtune.trainer.engine import Engine
@@ -53,7 +54,7 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
                 log=print) -> Built:
     """Run the stages for training per `cfg` (RecipeConfig); train_blocks feed calibration (LQ-LoRA ...)."""
     if offload_active(cfg):
-        return _build_offloaded(cfg, device, dist_info, log)
+        return with_planned_peak(_build_offloaded(cfg, device, dist_info, log), cfg, dist_info.world, device)
     prebuilt = is_quantized_checkpoint(cfg.model.name)
     _check_prebuilt(cfg, prebuilt)
     model = load_base(cfg.model.name, cfg.model.dtype if prebuilt else load_dtype(cfg))
@@ -78,7 +79,8 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
         from slimtune.trainer.fsdp_engine import FSDP2Engine as engine_cls
     elif cfg.engine.name == "deepspeed":
         from slimtune.trainer.deepspeed_engine import DeepSpeedEngine as engine_cls
-    return Built(model, engine_cls(model, cfg, device, dist_info, recovery), info, recovery, hooks)
+    built = Built(model, engine_cls(model, cfg, device, dist_info, recovery), info, recovery, hooks)
+    return with_planned_peak(built, cfg, dist_info.world, device)  # report.json's planned_peak_memory_bytes
 
 
 def _build_offloaded(cfg, device, dist_info, log) -> Built:
