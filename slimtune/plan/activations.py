@@ -35,6 +35,7 @@ from slimtune.plan.weights import Weights
 class Activations:
     saved: int  # bytes autograd holds at the end of forward (layers + final norm + loss)
     saved_heap: int  # the part of `saved` in tensors under the allocator's mmap threshold
+    churn_heap: int  # heap-sized bytes of what a forward would save without checkpointing (the step's churn)
     layer: int  # bytes one decoder layer saves (what a checkpointed layer's recompute holds)
     loss_forward: int  # the loss's working buffers in forward (chunk logits), on top of `saved`
     loss_backward: int  # the naive loss's softmax gradients in backward (0 for the chunked loss)
@@ -145,12 +146,13 @@ def activations(arch: Arch, cfg, weights: Weights, device: str, batch_size: int 
         loss_fwd = (n_loss + V) * H * 4 if triton else (
             (2 if n_loss > chunk else 1) * c * V * 4 + (2 * c * V * 2 if bf16 else 0))
         loss_bwd = 0
+    every = [tokens * w for w in first + per_layer * (arch.layers - 1)] + rope
+    layers = every
     if t.activation_checkpointing:  # every layer's input, cos / sin and the bool mask, held for the recompute
         layers = [tokens * rb * H] * arch.layers + rope + ([tokens * S] if masked else [])
-    else:
-        layers = [tokens * w for w in first + per_layer * (arch.layers - 1)] + rope
-    # autocast's bf16 copies of the trainable fp32 linear weights (cached for the forward, saved for backward);
-    # a linear whose input needs no gradient saves none: LoRA's A on q/k/v of layer 0 in an adapter run
+    # autocast's bf16 copies of the trainable fp32 linear weights (cached for the forward, saved for backward;
+    # under checkpointing the cache still holds them through forward); a linear whose input needs no gradient
+    # saves none: LoRA's A on q/k/v of layer 0 in an adapter run
     matmul = {f"{lin.name}.weight" for lin in arch.linears if lin.name != arch.head}
     no_input_grad = set() if full else {f"{lin.name}.lora_A.weight" for role, lin in arch.layer_linears(0).items()
                                         if role in ("q_proj", "k_proj", "v_proj")}
@@ -159,7 +161,8 @@ def activations(arch: Arch, cfg, weights: Weights, device: str, batch_size: int 
     everything = layers + other + copies
     # backward of one layer: the residual's gradient (2 x H) and the MLP's (3 x I), in fp32 / compute dtype
     backward = tokens * (2 * 4 * H + 3 * a * arch.intermediate)
-    return Activations(saved=sum(everything), saved_heap=_heap(everything), layer=sum(per_layer) * tokens,
+    return Activations(saved=sum(everything), saved_heap=_heap(everything),
+                       churn_heap=_heap(every + other + copies), layer=sum(per_layer) * tokens,
                        loss_forward=loss_fwd, loss_backward=loss_bwd, backward=backward,
                        weight_copies=sum(copies))
 

@@ -108,7 +108,7 @@ def _data_bytes(cfg) -> int:
         return 0
 
 
-def _train_steps(cfg, arch: Arch, w: Weights, s: Sizes, acts, device: str) -> dict[str, dict[str, int]]:
+def _train_steps(cfg, arch: Arch, w: Weights, s: Sizes, acts) -> dict[str, dict[str, int]]:
     """The train phase's sub-phases, each a dict of components live together."""
     t, o = cfg.train, cfg.optim
     full = cfg.adapter.type == "none"
@@ -136,12 +136,15 @@ def _train_steps(cfg, arch: Arch, w: Weights, s: Sizes, acts, device: str) -> di
     return {"forward": forward, "backward": backward, "backward_end": end, "step": step}
 
 
-def _fragmentation(cfg, w: Weights, acts, device: str) -> int:
-    """glibc's heap growth beyond the live bytes over a training step (platform.py), CPU only."""
+def _fragmentation(cfg, arch: Arch, w: Weights, acts, device: str) -> int:
+    """glibc's heap growth beyond the live bytes over a training step (platform.py), CPU only: a share of the
+    heap-sized activations a step churns through and of the dense weights a quantized base dequantizes."""
     if device != "cpu" or offload_active(cfg, device):  # the offload engine fixes the mmap threshold
         return 0
-    heap_grads = w.heap_trainable_bytes(P.MMAP_MAX)
-    return int(P.FRAGMENTATION_ACTIVATIONS * acts.saved_heap + P.FRAGMENTATION_GRADIENTS * heap_grads)
+    a = DTYPE_BYTES[cfg.model.dtype]
+    dequant = sum(lin.numel * a for lin in arch.linears if lin.name in w.quantized and lin.numel * a < P.MMAP_MAX)
+    f_act, f_deq = P.FRAGMENTATION[cfg.model.dtype]
+    return int(f_act * acts.churn_heap + f_deq * dequant)
 
 
 def _load_phases(cfg, arch: Arch, w: Weights, device: str) -> dict[str, dict[str, int]]:
@@ -185,7 +188,7 @@ def plan_memory(cfg, world_size: int = 1, device: str | None = None) -> Plan:
     acts = activations(arch, cfg, w, device)
     resident = {"weights.frozen": s.frozen, "weights.trainable": s.trainable, "engine.buffers": s.engine,
                 "offload.buffers": s.offload}
-    steps = _train_steps(cfg, arch, w, s, acts, device)
+    steps = _train_steps(cfg, arch, w, s, acts)
     name, top = max(steps.items(), key=lambda kv: sum(kv[1].values()))
     train = {**resident, **top}
     evaluate = {**resident, "optimizer.state": s.state, "activations.eval": acts.backward + acts.loss_forward}
@@ -197,7 +200,7 @@ def plan_memory(cfg, world_size: int = 1, device: str | None = None) -> Plan:
                           "save.copy": arch.numel * DTYPE_BYTES[cfg.model.dtype]}
     platform = _platform(cfg, arch, device)
     if device == "cpu":
-        frag = _fragmentation(cfg, w, acts, device)
+        frag = _fragmentation(cfg, arch, w, acts, device)
         for key in phases:  # the heap the training step grew stays for the rest of the run
             if not key.startswith("load"):
                 phases[key]["runtime"] = P.RUNTIME_RSS

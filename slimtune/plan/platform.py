@@ -2,7 +2,7 @@
 
 CPU (peak RSS, report.json's cpu_peak_rss). Measured on this project's 2-core x86_64 CPU machine (torch 2.13 CPU,
 transformers 5.x, glibc malloc) with `python benchmarks/plan_accuracy.py --calibrate`, whose configurations
-are not the ones the accuracy table reports (benchmarks/results/plan_calibration.json):
+are not the ones the accuracy table reports (benchmarks/results/plan_accuracy.json, "calibration"):
   LIBRARY_RSS      the process before the model loads: torch, transformers, slimtune's trainer imported, the
                    pydoc data tokenized, the first forward's runtime (OpenMP threads, oneDNN caches), fitted on
                    the tiny-llama calibration runs (whose tensors are a few MB)
@@ -10,10 +10,14 @@ are not the ones the accuracy table reports (benchmarks/results/plan_calibration
                    adds 22 MiB at the start of model loading (VmRSS, SmolLM2 vs tiny-llama runs)
   MMAP_MAX         glibc serves blocks under its mmap threshold (128 KiB, raised by frees up to 32 MiB) from
                    the heap, which keeps freed holes; bigger blocks are mapped and unmapped
-  FRAGMENTATION_*  the heap's growth beyond the live bytes over a training step: what a run's peak RSS exceeds
-                   the same run's with MALLOC_MMAP_THRESHOLD_=131072 (every tensor mapped, RSS ~ live bytes)
-                   by, as factors of the heap-sized saved activations and of the heap-sized gradients
-                   (least squares over the SmolLM2 calibration runs)
+  FRAGMENTATION    the heap's growth beyond the live bytes over a training step, as factors of the heap-sized
+                   activations one step allocates for backward (what it would save without checkpointing: the
+                   churn, whether or not they are kept) and of the dense weights a quantized base dequantizes
+                   at each use. bf16: least squares of measured peak minus the predicted live bytes over the six
+                   SmolLM2 calibration runs (residuals within -6%..+9%); fp32: the peak RSS with glibc's defaults
+                   minus the same run's with MALLOC_MMAP_THRESHOLD_=131072 (every tensor mapped, RSS ~ live
+                   bytes) on SmolLM2 LoRA (4 x 256 tokens: 0.80 x) and QLoRA (2 x 128: 0.86 x), the mean.
+                   Gradients add nothing measurable (their least-squares factor came out -0.06..-0.1)
   DATA_RSS_PER_BYTE  a .txt / .jsonl data.source: token ids and the Python lists tokenization goes through
                    (not measured here: pydoc is part of LIBRARY_RSS)
   RUNTIME_RSS      growth after the first training step that no tensor explains (allocator arenas, autograd
@@ -31,8 +35,9 @@ LIBRARY_RSS = 454 * MiB
 TOKENIZER_RSS_PER_BYTE = 6.5
 RUNTIME_RSS = 46 * MiB
 MMAP_MAX = 32 * MiB
-FRAGMENTATION_ACTIVATIONS = 0.85
-FRAGMENTATION_GRADIENTS = 0.30
+# model.dtype -> (x the heap-sized activations of a step without checkpointing, x a quantized base's
+# heap-sized dequantized weights)
+FRAGMENTATION = {"bfloat16": (0.44, 1.16), "float32": (0.83, 0.0)}
 DATA_RSS_PER_BYTE = 13.0
 
 CUDA_CONTEXT = 500 * MiB
