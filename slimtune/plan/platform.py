@@ -4,8 +4,8 @@ CPU (peak RSS, report.json's cpu_peak_rss). Measured on this project's 2-core x8
 transformers 5.x, glibc malloc) with `python benchmarks/plan_accuracy.py --calibrate`, whose configurations
 are not the ones the accuracy table reports (benchmarks/results/plan_accuracy.json, "calibration"):
   LIBRARY_RSS      the process before the model loads: torch, transformers, slimtune's trainer imported, the
-                   pydoc data tokenized, the first forward's runtime (OpenMP threads, oneDNN caches), fitted on
-                   the tiny-llama calibration runs (whose tensors are a few MB)
+                   pydoc data tokenized: the three tiny-llama calibration runs' peak RSS (whose tensors are a few
+                   MB) minus everything else predicted: 465, 476 and 467 MiB, the mean
   TOKENIZER_RSS_PER_BYTE  the fast tokenizer in memory per byte of its files: SmolLM2's 3.5 MB tokenizer.json
                    adds 22 MiB at the start of model loading (VmRSS, SmolLM2 vs tiny-llama runs)
   MMAP_MAX         glibc serves blocks under its mmap threshold (128 KiB, raised by frees up to 32 MiB) from
@@ -14,14 +14,16 @@ are not the ones the accuracy table reports (benchmarks/results/plan_accuracy.js
                    activations one step allocates for backward (what it would save without checkpointing: the
                    churn, whether or not they are kept) and of the dense weights a quantized base dequantizes
                    at each use. bf16: least squares of measured peak minus the predicted live bytes over the six
-                   SmolLM2 calibration runs (residuals within -6%..+9%); fp32: the peak RSS with glibc's defaults
-                   minus the same run's with MALLOC_MMAP_THRESHOLD_=131072 (every tensor mapped, RSS ~ live
-                   bytes) on SmolLM2 LoRA (4 x 256 tokens: 0.80 x) and QLoRA (2 x 128: 0.86 x), the mean.
-                   Gradients add nothing measurable (their least-squares factor came out -0.06..-0.1)
+                   SmolLM2 calibration runs (they come within -6%..+9% with it); fp32: the peak RSS with glibc's
+                   defaults minus the same run's with MALLOC_MMAP_THRESHOLD_=131072 (every tensor mapped, RSS ~
+                   live bytes) on SmolLM2 LoRA (4 x 256 tokens: 0.80 x) and QLoRA (2 x 128: 0.86 x), the mean
+                   (fp32 runs show no dequantization term). Gradients add nothing measurable (a least-squares
+                   factor of -0.06..-0.1)
   DATA_RSS_PER_BYTE  a .txt / .jsonl data.source: token ids and the Python lists tokenization goes through
                    (not measured here: pydoc is part of LIBRARY_RSS)
-  RUNTIME_RSS      growth after the first training step that no tensor explains (allocator arenas, autograd
-                   graph objects); part of LIBRARY_RSS's fit, kept separate so the load phase excludes it
+  RUNTIME_RSS      growth by the first training step that no tensor explains (allocator arenas, OpenMP
+                   threads, oneDNN caches): tiny-llama's VmRSS went from 454 MiB at the start of model loading to
+                   a 505 MiB peak in its first step; kept apart from LIBRARY_RSS so the load phase excludes it
 CUDA (what nvidia-smi shows): the CUDA context and kernels (~500 MiB on recent GPUs with torch's kernels loaded
 lazily) and the caching allocator's reserve above the allocated peak (block rounding, segments kept for reuse,
 ~10%). No GPU was available to calibrate these two: they are the commonly reported figures.
@@ -31,13 +33,13 @@ from __future__ import annotations
 
 MiB = 2**20
 
-LIBRARY_RSS = 454 * MiB
+LIBRARY_RSS = 469 * MiB
 TOKENIZER_RSS_PER_BYTE = 6.5
 RUNTIME_RSS = 46 * MiB
 MMAP_MAX = 32 * MiB
 # model.dtype -> (x the heap-sized activations of a step without checkpointing, x a quantized base's
 # heap-sized dequantized weights)
-FRAGMENTATION = {"bfloat16": (0.44, 1.16), "float32": (0.83, 0.0)}
+FRAGMENTATION = {"bfloat16": (0.445, 1.21), "float32": (0.83, 0.0)}
 DATA_RSS_PER_BYTE = 13.0
 
 CUDA_CONTEXT = 500 * MiB
