@@ -78,3 +78,19 @@ def safetensors_dir(path) -> dict:
     for f in sorted(Path(path).glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+# tests/engines: a short full fine-tuning run, on 2 processes through torchrun, and its curve compared per step
+ENGINE_RUN = [*TINY, "train.batch_size=2", "train.max_steps=6", "train.lr=3e-3", "train.warmup_steps=1",
+              "eval.max_batches=3"]
+
+
+def torchrun2(recipe, *overrides):
+    return run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                   "--master_port", str(free_port()), "-m", "slimtune", "run", recipe, *ENGINE_RUN, *overrides)
+
+
+def close_curves(a, b, rel=1e-4, steps=6):
+    assert len(a) == len(b) == steps
+    for x, y in zip(a, b):
+        assert abs(x - y) <= rel * abs(y), (a, b)

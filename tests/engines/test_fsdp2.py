@@ -9,20 +9,10 @@ import pytest
 import torch
 
 from slimtune.cli import main
-from slimtune_testutil import TINY, free_port, losses, run_cli, safetensors_dir
+from slimtune_testutil import ENGINE_RUN, close_curves, losses, safetensors_dir, torchrun2
 
-RUN = [*TINY, "train.batch_size=2", "train.max_steps=6", "train.lr=3e-3", "train.warmup_steps=1", "eval.max_batches=3"]
-
-
-def _torchrun(recipe, *overrides):
-    return run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                   "--master_port", str(free_port()), "-m", "slimtune", "run", recipe, *RUN, *overrides)
-
-
-def _close(a, b, rel=1e-4):
-    assert len(a) == len(b) == 6
-    for x, y in zip(a, b):
-        assert abs(x - y) <= rel * abs(y), (a, b)
+RUN = ENGINE_RUN
+_torchrun, _close = torchrun2, close_curves
 
 
 @pytest.fixture(scope="module")
