@@ -3,8 +3,8 @@
 For lora, qlora, full, galore, frugal and lq_lora on smollm2-135m and tiny-llama, with and without activation
 checkpointing: the predicted peak (`slimtune plan ... --json`, a separate process) against report.json's
 peak_memory_bytes (peak RSS on CPU) of `slimtune run` with the same overrides (a few steps, eval limited).
-Then `slimtune plan full --fit B` for budgets of 1.5, 2 and 3 GiB on smollm2: the recommended overrides are
-run and their measured peak checked against the budget. (lq_lora runs with fewer decomposition iterations and
+Then `slimtune plan full|lora --fit B` for budgets of 1.5, 2 and 3 GiB on smollm2: the recommended overrides
+are run and their measured peak checked against the budget (a refusal, nothing predicted to fit, is recorded). (lq_lora runs with fewer decomposition iterations and
 Fisher samples than its recipe: LQ_FAST.)
 
   python benchmarks/plan_accuracy.py                      # everything (~30-60 min on a 2-core CPU)
@@ -35,6 +35,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 RECIPES = ("lora", "qlora", "full", "galore", "frugal", "lq_lora")
 MODELS = ("smollm2-135m", "tiny-llama")
 BUDGETS_GIB = (1.5, 2.0, 3.0)
+FIT_RECIPES = ("full", "lora")
 RUN = ["train.max_steps=3", "eval.max_batches=2", "checkpoint.every=0", "logging.progress=false"]
 TARGET = 0.15  # every prediction within 15% of the measured peak
 # LQ-LoRA's decomposition takes ~30 min on SmolLM2 at the recipe's 10 alternations x 16 Fisher samples on a
@@ -114,15 +115,23 @@ def one(name: str, recipe: str, overrides: list[str], tmp: Path) -> dict:
     return row
 
 
-def fit_case(budget_gib: float, tmp: Path) -> dict:
+def fit_case(recipe: str, budget_gib: float, tmp: Path) -> dict:
+    """`slimtune plan RECIPE --fit B` on smollm2; the recommended overrides run and checked against B. A refusal
+    (nothing predicted to fit, exit 2) is recorded with its message."""
     budget = int(budget_gib * 2**30)
     base = ["model.name=smollm2-135m"]
-    out, plan_seconds = predict("full", base + RUN, ["--fit", f"{budget_gib}GiB"])
-    tokens = out.strip().splitlines()[-1].split()
-    plan = json.loads(predict("full", base + RUN + tokens, ["--json"])[0])
-    row = {"case": f"smollm2 full --fit {budget_gib}GiB", "budget": budget, "overrides": tokens,
-           "predicted": plan["peak_memory_bytes"], "plan_seconds": round(plan_seconds, 2)}
-    row.update(measure("full", base + tokens, tmp / f"fit_{budget_gib}"))
+    row = {"case": f"smollm2 {recipe} --fit {budget_gib}GiB", "recipe": recipe, "budget": budget}
+    r = subprocess.run([sys.executable, "-m", "slimtune", "plan", recipe, *base, *RUN, "--fit", f"{budget_gib}GiB"],
+                       cwd=ROOT, capture_output=True, text=True, env=_env())
+    if r.returncode == 2:
+        row.update(fits=False, message=r.stderr.strip())
+        return row
+    if r.returncode:
+        raise RuntimeError(f"plan --fit: {r.stderr.strip()[-2000:]}")
+    tokens = r.stdout.strip().splitlines()[-1].split()
+    plan = json.loads(predict(recipe, base + RUN + tokens, ["--json"])[0])
+    row.update(fits=True, overrides=tokens, predicted=plan["peak_memory_bytes"], peak_phase=plan["peak_phase"])
+    row.update(measure(recipe, base + tokens, tmp / f"fit_{recipe}_{budget_gib}"))
     row["ratio"] = row["predicted"] / row["measured"]
     row["under_budget"] = row["measured"] < budget
     return row
@@ -135,10 +144,15 @@ def _mib(n) -> str:
 def table(rows: list[dict]) -> str:
     lines = [f"{'case':<34}{'predicted MiB':>14}{'measured MiB':>14}{'ratio':>8}  phase / note"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['case']:<34}{'-':>14}{'-':>14}{'-':>8}  failed: {r['error'][-200:]}")
+            continue
+        if r.get("fits") is False:
+            lines.append(f"{r['case']:<34}{'-':>14}{'-':>14}{'-':>8}  {r['message']}")
+            continue
         note = r.get("peak_phase", "")
         if "budget" in r:
-            note = f"budget {r['budget'] / 2**30:.1f} GiB: {'under' if r['under_budget'] else 'OVER'}; " \
-                   + " ".join(r["overrides"])
+            note = f"{'under' if r['under_budget'] else 'OVER'} the budget with: " + " ".join(r["overrides"])
         lines.append(f"{r['case']:<34}{_mib(r['predicted']):>14}{_mib(r['measured']):>14}{r['ratio']:>8.3f}  {note}")
     return "\n".join(lines)
 
@@ -192,46 +206,64 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", default=[], help="run the cases whose name contains every word")
     ap.add_argument("--calibrate", action="store_true", help="run the calibration set and fit the constants")
     ap.add_argument("--no-fit", action="store_true", help="skip the --fit budget runs")
+    ap.add_argument("--fit-only", action="store_true", help="only the --fit budget runs (kept beside stored rows)")
     ap.add_argument("--refit", action="store_true", help="fit the constants again on the stored calibration rows")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    todo = calibration_cases() if args.calibrate else cases()
-    todo = [c for c in todo if all(w in c[0] for w in args.only)]
     path = RESULTS / "plan_accuracy.json"  # the calibration under its "calibration" key, the rest beside it
     previous = json.loads(path.read_text()) if path.is_file() else {}
     if args.refit:
         print(json.dumps(fit_constants(previous["calibration"]["rows"]), indent=1))
         return 0
-    rows = []
+    todo = [] if args.fit_only else calibration_cases() if args.calibrate else cases()
+    todo = [c for c in todo if all(w in c[0] for w in args.only)]
+    kept = [r for r in previous.get("rows", []) if "budget" not in r] if args.fit_only else []
+    rows: list[dict] = []
+
+    def save() -> dict:
+        result = summary(kept + rows)
+        if args.calibrate:
+            result = {**previous, "calibration": result}
+        elif "calibration" in previous:
+            result["calibration"] = previous["calibration"]
+        path.write_text(json.dumps(result, indent=1) + "\n")  # after every case: a crash loses nothing
+        return result
+
     with tempfile.TemporaryDirectory(prefix="plan_accuracy_") as tmp:
-        for name, recipe, overrides in todo:
-            print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
-            rows.append(one(name, recipe, overrides, Path(tmp)))
-            print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        jobs = [(name, lambda r=recipe, o=overrides, n=name: one(n, r, o, Path(tmp))) for name, recipe, overrides in todo]
         if not args.calibrate and not args.no_fit and not args.only:
-            for b in BUDGETS_GIB:
-                print(f"[{time.strftime('%H:%M:%S')}] --fit {b}GiB", file=sys.stderr, flush=True)
-                rows.append(fit_case(b, Path(tmp)))
-    print(table(rows))
+            jobs += [(f"smollm2 {r} --fit {b}GiB", lambda r=r, b=b: fit_case(r, b, Path(tmp)))
+                     for r in FIT_RECIPES for b in BUDGETS_GIB]
+        for name, job in jobs:
+            print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
+            try:
+                rows.append(job())
+            except Exception as e:  # noqa: BLE001  (record the failure, go on with the other cases)
+                rows.append({"case": name, "error": str(e)})
+            print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+            save()
+    print(table(kept + rows))
+    result = save()
+    if "within_target" in result:
+        print(f"\n{result['within_target']}/{result['cases']} predictions within {TARGET:.0%} of the measured peak; "
+              f"worst {result['worst']['case']} ({result['worst']['ratio']:.3f})")
+    if args.calibrate:
+        result["calibration"]["fitted"] = fit_constants([r for r in rows if "error" not in r])
+        print(json.dumps(result["calibration"]["fitted"], indent=1))
+        path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+def summary(rows: list[dict]) -> dict:
     result = {"machine": _machine(), "target": TARGET, "rows": rows}
-    accuracy = [r for r in rows if "budget" not in r]
+    accuracy = [r for r in rows if "budget" not in r and "ratio" in r]
     if accuracy:
         worst = max(accuracy, key=lambda r: abs(r["ratio"] - 1))
         result["within_target"] = sum(abs(r["ratio"] - 1) <= TARGET for r in accuracy)
         result["cases"] = len(accuracy)
         result["worst"] = {"case": worst["case"], "ratio": worst["ratio"]}
-        print(f"\n{result['within_target']}/{len(accuracy)} predictions within {TARGET:.0%} of the measured peak; "
-              f"worst {worst['case']} ({worst['ratio']:.3f})")
-    if args.calibrate:
-        result = {**previous, "calibration": result}
-        path.write_text(json.dumps(result, indent=1) + "\n")  # the measurements first, whatever the fit does
-        result["calibration"]["fitted"] = fit_constants(rows)
-        print(json.dumps(result["calibration"]["fitted"], indent=1))
-    elif "calibration" in previous:
-        result["calibration"] = previous["calibration"]
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {path}")
-    return 0
+    return result
 
 
 def _machine() -> dict:

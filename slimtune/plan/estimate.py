@@ -186,8 +186,10 @@ def plan_memory(cfg, world_size: int = 1, device: str | None = None) -> Plan:
     if recompute is not None:  # the offload engine's own recompute decision replaces activation checkpointing
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=recompute))
     acts = activations(arch, cfg, w, device)
-    resident = {"weights.frozen": s.frozen, "weights.trainable": s.trainable, "engine.buffers": s.engine,
-                "offload.buffers": s.offload}
+    unsharded = w.frozen_bytes + w.adapter_buffers + w.regrowth
+    quantized = round(s.frozen * sum(w.quantized.values()) / unsharded) if unsharded else 0
+    resident = {"weights.quantized": quantized, "weights.frozen": s.frozen - quantized,
+                "weights.trainable": s.trainable, "engine.buffers": s.engine, "offload.buffers": s.offload}
     steps = _train_steps(cfg, arch, w, s, acts)
     name, top = max(steps.items(), key=lambda kv: sum(kv[1].values()))
     train = {**resident, **top}
