@@ -122,7 +122,8 @@ def fit(cfg, budget: int, world: int = 1, device: str | None = None) -> tuple[di
     over, plan = smallest
     shown = " ".join(f"{k}={_text(v)}" for k, v in over.items()) or "the current settings"
     raise SlimtuneError(f"nothing fits in {_gib(budget)}: the smallest predicted peak is "
-                        f"{_gib(plan.peak_memory_bytes)} ({plan.peak_memory_bytes} bytes, with {shown}); raise "
+                        f"{_gib(plan.peak_memory_bytes)} ({plan.peak_memory_bytes} bytes, with {shown}), above the "
+                        f"{FIT_MARGIN:.0%} of the budget --fit allows (a safety margin for the prediction); raise "
                         "the budget or use a smaller model / train.seq_len")
 
 
