@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from slimtune.errors import ConfigError
+from slimtune.errors import ConfigError, SlimtuneError
 
 MiB = 2**20
 
@@ -72,6 +72,12 @@ def plan_command(recipe: str, overrides: list[str], as_json: bool = False, budge
 
     cfg = C.load_config(recipe, overrides)  # validated as `slimtune run` does
     world = world_size(nproc)
+    with stdout_to_stderr():  # (a built-in model is materialised on first use, which prints)
+        from slimtune.models import context_length
+
+        context = context_length(cfg.model.name)
+    if cfg.train.seq_len > context:  # the run's own check (trainer/loop.py)
+        raise SlimtuneError(f"train.seq_len={cfg.train.seq_len} exceeds the model's context of {context} tokens")
     budget = None
     if budget_text is not None:
         from slimtune.plan.fit import parse_budget

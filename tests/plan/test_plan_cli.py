@@ -93,6 +93,8 @@ def test_bad_budget_is_one_line_and_exit_2(capfd, budget):
 def test_bad_override_is_one_line_and_exit_2(capfd):
     code, _, err = _plan(capfd, "lora", "train.bach_size=2")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "train.batch_size" in err
+    code, _, err = _plan(capfd, "lora", *TINY, "train.seq_len=4096")  # tiny-llama's context is 1024
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "context of 1024" in err
 
 
 def _last_tokens(out: str) -> list[str]:
