@@ -41,6 +41,13 @@ TARGET = 0.15  # every prediction within 15% of the measured peak
 # LQ-LoRA's decomposition takes ~30 min on SmolLM2 at the recipe's 10 alternations x 16 Fisher samples on a
 # 2-core CPU; fewer alternations and samples change its time, not its memory (one sample's gradients at a time)
 LQ_FAST = ["lq_lora.max_iters=1", "lq_lora.score_iters=1", "lq_lora.calibration_samples=4"]
+NOTES = [
+    "The first full run (planner frozen before it) predicted smollm2-135m lq_lora ac=true at 0.826 of its measured "
+    "peak (1568 vs 1899 MiB): the decomposition phase left out the Fisher pass's calibration sample (its saved "
+    "activations, loss chunks and heap churn). That term was added after seeing the miss, its slope checked on a "
+    "profiled seq_len=128 run; the lq_lora rows were then re-run, and the seq_len=512 row is the held-out check "
+    "of the revision (not used to make it). Every other row is from the frozen planner.",
+]
 
 
 def cases() -> list[tuple[str, str, list[str]]]:
@@ -51,6 +58,9 @@ def cases() -> list[tuple[str, str, list[str]]]:
                 name = f"{model} {recipe} ac={ac}"
                 extra = LQ_FAST if recipe == "lq_lora" else []
                 out.append((name, recipe, [f"model.name={model}", f"train.activation_checkpointing={ac}", *extra]))
+    # a held-out check of the decomposition phase (see NOTES): its Fisher pass's activations grow with seq_len
+    out.append(("smollm2-135m lq_lora ac=true s512", "lq_lora", ["model.name=smollm2-135m", "train.seq_len=512",
+                                                                 "train.activation_checkpointing=true", *LQ_FAST]))
     return out
 
 
@@ -217,7 +227,13 @@ def main() -> int:
         return 0
     todo = [] if args.fit_only else calibration_cases() if args.calibrate else cases()
     todo = [c for c in todo if all(w in c[0] for w in args.only)]
-    kept = [r for r in previous.get("rows", []) if "budget" not in r] if args.fit_only else []
+    names = {c[0] for c in todo}
+    if args.fit_only:  # the stored accuracy rows stay, the --fit rows are redone
+        kept = [r for r in previous.get("rows", []) if "budget" not in r]
+    elif args.only and not args.calibrate:  # the re-run cases replace their stored rows
+        kept = [r for r in previous.get("rows", []) if r["case"] not in names]
+    else:
+        kept = []
     rows: list[dict] = []
 
     def save() -> dict:
@@ -242,8 +258,8 @@ def main() -> int:
                 rows.append({"case": name, "error": str(e)})
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
             save()
-    print(table(kept + rows))
     result = save()
+    print(table(result["calibration"]["rows"] if args.calibrate else result["rows"]))
     if "within_target" in result:
         print(f"\n{result['within_target']}/{result['cases']} predictions within {TARGET:.0%} of the measured peak; "
               f"worst {result['worst']['case']} ({result['worst']['ratio']:.3f})")
@@ -256,7 +272,9 @@ def main() -> int:
 
 
 def summary(rows: list[dict]) -> dict:
-    result = {"machine": _machine(), "target": TARGET, "rows": rows}
+    order = [c[0] for c in calibration_cases() + cases()]
+    rows = sorted(rows, key=lambda r: (order.index(r["case"]) if r["case"] in order else len(order)))
+    result = {"machine": _machine(), "target": TARGET, "notes": NOTES, "rows": rows}
     accuracy = [r for r in rows if "budget" not in r and "ratio" in r]
     if accuracy:
         worst = max(accuracy, key=lambda r: abs(r["ratio"] - 1))

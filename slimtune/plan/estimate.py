@@ -4,7 +4,8 @@ The run is a sequence of phases; each phase is a set of components live together
 largest phase. On CPU the figure is the process's peak RSS (report.json's cpu_peak_rss); on CUDA what
 nvidia-smi shows for the process (context + the caching allocator's reserve). Per rank, under the engine.
   load     the base in its load dtype, plus the safetensors pages read (mmapped, resident while loading);
-           LQ-LoRA / LoftQ / EoRA: an fp32 base with the decomposition's working copies
+           LQ-LoRA / LoftQ / EoRA: the base with the Fisher pass (an fp32 sum and a gradient per target, one
+           calibration sample's activations) and the decomposition's copies of one matrix
   train    what the run keeps (weights, adapter, optimizer state, engine buffers) plus the larger of:
              forward   the saved activations of one micro-batch and the loss's chunk buffers
              backward  the saved activations, one layer's working gradients (a recomputed layer's saved
@@ -160,9 +161,17 @@ def _load_phases(cfg, arch: Arch, w: Weights, device: str) -> dict[str, dict[str
     phases = {"load": load}
     if needs_lowrank(cfg):  # Fisher: a sum and a gradient per target (fp32); scoring: copies of one matrix
         targets = sum(lin.numel for lin in arch.linears if lin.name in w.quantized)
-        fisher = 8 * targets if cfg.lq_lora.fisher else 0
         largest = max((lin.numel for lin in arch.linears if lin.name in w.quantized), default=0)
-        phases["load.decompose"] = {"weights.loading": loaded, "load.transient": fisher + 3 * 4 * largest}
+        decompose = {"weights.loading": loaded, "load.transient": 3 * 4 * largest}
+        if cfg.lq_lora.fisher:  # + one calibration sample's forward with every target weight requiring grad
+            decompose["load.fisher"] = 8 * targets
+            sample = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=1,
+                                                                        activation_checkpointing=False))
+            acts = activations(arch, sample, Weights(adapted={n: "train" for n in w.quantized}), device)
+            decompose["load.fisher_activations"] = acts.saved + acts.loss_forward
+            f_act, _ = P.FRAGMENTATION[cfg.model.dtype]
+            decompose["allocator.fragmentation"] = int(f_act * acts.churn_heap)
+        phases["load.decompose"] = decompose
     return phases
 
 
