@@ -83,10 +83,11 @@ class DeepSpeedEngine(Engine):
         if recovery is not None and recovery.held is not None:
             raise SlimtuneError("engine.name=deepspeed: full fine-tuning of a pruned base holds masks on whole "
                                 "weights, which ZeRO partitions; recover with adapter.type=lora, or engine.name=ddp")
-        if not info.enabled:
+        if not info.enabled:  # kept for the process: DeepSpeed's communicator caches this group
             one_rank_group()
             for k, v in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):
                 os.environ.setdefault(k, v)  # deepspeed.initialize reads them even with a group in place
+        self.linear = torch.nn.functional.linear  # ZeRO-3 replaces it process-wide ("persists unless reset")
         super().__init__(model, cfg, device, info, recovery, wrap=False)
         self.sharded = cfg.engine.zero_stage == 3  # ZeRO-3's forward gathers parameters: collective
         self.ds_config = deepspeed_config(cfg, info.world)
@@ -105,6 +106,13 @@ class DeepSpeedEngine(Engine):
             model_parameters=[p for _, p in named], dist_init_required=False)
         self.optimizer = client  # the loop sets the lr on its param groups, which ZeRO's optimizer shares
         return client
+
+    def close(self) -> None:
+        """Undo what ZeRO-3 changes process-wide (F.linear "persists unless manually reset"), so a later run
+        in the same process (a notebook, a test session) computes as it would alone."""
+        if getattr(self, "ds", None) is not None:
+            self.ds.destroy()
+        torch.nn.functional.linear = self.linear
 
     def forward_backward(self, x, y, n_targets, last: bool, pos=None) -> torch.Tensor:
         with self.autocast:

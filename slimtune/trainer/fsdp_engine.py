@@ -20,7 +20,6 @@ rank a shard: they are refused with one line (config.py), as is optim.in_backwar
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -39,11 +38,13 @@ from slimtune.trainer.save import save_final
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def one_rank_group() -> None:
-    """A one-process gloo group, so FSDP2 (which needs a process group) runs the same code without torchrun."""
+def one_rank_group() -> bool:
+    """A one-process gloo group, so FSDP2 (which needs a process group) runs the same code without torchrun.
+    True when this call created it (its engine destroys it on close)."""
     if tdist.is_initialized():
-        return
+        return False
     tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    return True
 
 
 def shardable_quant(model: nn.Module) -> int:
@@ -94,8 +95,7 @@ class FSDP2Engine(Engine):
         if recovery is not None and recovery.held is not None:
             raise SlimtuneError("engine.name=fsdp2: full fine-tuning of a pruned base holds masks on whole weights, "
                                 "which FSDP2 shards; recover with adapter.type=lora, or engine.name=ddp")
-        if not info.enabled:
-            one_rank_group()
+        self.own_group = not info.enabled and one_rank_group()
         super().__init__(model, cfg, device, info, recovery, wrap=False)
         shardable_quant(model)
         for layer in decoder_layers(model):
@@ -169,5 +169,5 @@ class FSDP2Engine(Engine):
         super().save_final_extras(path)
 
     def close(self) -> None:
-        if not self.info.enabled and tdist.is_initialized() and os.environ.get("RANK") is None:
+        if self.own_group and tdist.is_initialized():
             tdist.destroy_process_group()

@@ -33,7 +33,7 @@ from slimtune.trainer.evaluate import perplexity
 from slimtune.trainer.hooks import Hooks
 from slimtune.trainer.pipeline import build_model
 from slimtune.trainer.report import (MetricsLog, optimizer_state_bytes, peak_memory, plot_loss, print_main,
-                                     start_wandb, summary_line)
+                                     reset_peak_memory, start_wandb, summary_line)
 
 
 def lr_at(step: int, t: C.TrainConfig) -> float:
@@ -66,6 +66,7 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
     """Train per `cfg`; returns the report dict (also written to output_dir/report.json on rank 0)."""
     t = cfg.train
     device = dist.pick_device(t.device)
+    reset_peak_memory(device)
     kernels.configure(t.kernels, device)  # validates SLIMTUNE_KERNELS before anything loads
     hooks = [HOOKS.get(name)() for name in cfg.hooks] + list(hooks)
     info = dist.setup(device)

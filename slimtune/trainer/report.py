@@ -41,12 +41,30 @@ class MetricsLog:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the run's peak here, so a run in a process that already did other work (a notebook, a test
+    session, a second run) reports its own peak. On CPU: Linux's clear_refs 5 resets VmHWM to the RSS now."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the process's lifetime peak (ru_maxrss) is reported
+
+
 def peak_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, kind): CUDA max allocated on GPU, else the process's peak RSS."""
+    """(bytes, kind): CUDA max allocated on GPU, else the peak RSS since reset_peak_memory."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return int(rss_kb * 1024), "cpu_peak_rss"
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(line for line in f if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) * 1024, "cpu_peak_rss"
+    except (OSError, StopIteration):
+        rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+        return int(rss_kb * 1024), "cpu_peak_rss"
 
 
 def plot_loss(rows: list[dict], path: Path) -> None:
