@@ -1,18 +1,22 @@
-"""QLoRA, slimtune vs PEFT + bitsandbytes: the same run, peak memory and training throughput side by side.
+"""QLoRA: slimtune vs PEFT + bitsandbytes and PEFT LoRA on the unquantized base; peak memory and speed.
 
-    python benchmarks/qlora_vs_peft.py                      # SmolLM2-135M, 30 steps (minutes on a CPU)
-    python benchmarks/qlora_vs_peft.py --model tiny-llama --steps 3 --seq-len 64 --batch-size 2 --rank 4
+    python benchmarks/qlora_vs_peft.py                     # SmolLM2-135M, batch 2 and 4, 3 runs each (~25 min)
+    python benchmarks/qlora_vs_peft.py --model tiny-llama --steps 3 --seq-len 64 --batch-sizes 2 --runs 1
 
-The run: model.name (default smollm2-135m), pydoc data, seq 256, batch 4, LoRA r=16 alpha=32 dropout 0 on
-every linear but lm_head, frozen NF4 base (blocks of 64, double-quant), fp32 compute, AdamW + warmup/cosine
-lr + clip 1.0 from the `qlora` recipe, 30 steps. Both sides see the very same batches (slimtune.data).
-  (a) slimtune: `python -m slimtune run qlora ...` -> its report.json.
-  (b) PEFT: transformers + BitsAndBytesConfig(nf4, double quant) + get_peft_model, HF's own loss.
-Measured, each side in its own fresh process (so one side's allocations never count against the other):
-  peak memory = peak RSS of that process (ru_maxrss; model load and eval included);
-  tokens/s    = steps * batch * seq_len / seconds of the training steps only (no load, no eval);
-  initial/final loss = the training loss of the first and last step (same batches, so comparable).
-Results: a table on stdout and JSON in --out (default benchmarks/results/qlora_vs_peft.json).
+The run: SmolLM2-135M, pydoc text, seq 256, LoRA r=16 alpha=32 dropout 0 on every linear but lm_head,
+AdamW + warmup/cosine lr + clip 1.0 from the `qlora` recipe, `--steps` steps. Every side sees the very same
+batches (slimtune.data, one token stream cut into blocks: no document masks, as PEFT's loop trains).
+  slimtune      `python -m slimtune run qlora` with its defaults (NF4 + double quant, model.dtype=auto), once
+                with data.packing=stream (the comparison) and once with documents (its default packing)
+  peft_bnb      transformers + BitsAndBytesConfig(nf4, double quant, blocks of 64) + get_peft_model, fp32 and
+                bf16 compute (bnb_4bit_compute_dtype and the model's dtype)
+  peft_lora     PEFT LoRA on the unquantized model, fp32 and bf16
+Each run is a fresh process with the default allocator and no environment variables; runs are interleaved
+(round robin) so a slow minute of the machine spreads over the sides.
+  peak memory = that process's peak RSS (VmHWM; model load and eval included)
+  tokens/s    = steps * batch * seq_len / seconds of the training steps only (no load, no eval)
+Targets (the issue): slimtune's peak <= 0.6x PEFT + bnb at its best compute dtype (the lower median), and
+tokens/s >= 1.0x PEFT LoRA unquantized at its best (the higher median). Table on stdout, JSON in --out.
 """
 
 from __future__ import annotations
@@ -21,8 +25,7 @@ import argparse
 import importlib.metadata as md
 import json
 import os
-import platform
-import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,182 +34,197 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# benchmarks/kernels.py would shadow the `kernels` package transformers imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "qlora_vs_peft.json"
 MiB = 2**20
+SIDES = [("slimtune", "stream"), ("slimtune", "documents"), ("peft_bnb", "float32"), ("peft_bnb", "bfloat16"),
+         ("peft_lora", "float32"), ("peft_lora", "bfloat16")]
 
 
-def overrides(a: argparse.Namespace, output_dir: str) -> list[str]:
-    """The run, as slimtune `key=value` overrides of the qlora recipe. The PEFT worker loads the same
-    config from these, so lr, warmup, seed, betas, eps and clipping are identical by construction."""
-    return [f"model.name={a.model}", "data.source=pydoc", f"train.seq_len={a.seq_len}",
-            f"train.batch_size={a.batch_size}", "train.grad_accum=1", f"train.max_steps={a.steps}",
+def overrides(a, batch: int, packing: str, output_dir: str) -> list[str]:
+    """The run as overrides of the qlora recipe; the PEFT worker loads the same config (lr, warmup, seed,
+    betas, eps, clipping identical by construction). Compute dtype and allocator: slimtune's defaults."""
+    return [f"model.name={a.model}", "data.source=pydoc", f"data.packing={packing}", f"train.seq_len={a.seq_len}",
+            f"train.batch_size={batch}", "train.grad_accum=1", f"train.max_steps={a.steps}",
             f"adapter.rank={a.rank}", f"adapter.alpha={2 * a.rank}", "adapter.dropout=0.0",
-            "adapter.target_modules=all-linear", "model.dtype=float32", "quant.method=nf4",
-            "quant.backend=slimtune", "quant.double_quant=true", "quant.block_size=64",
-            "optim.name=adamw", "train.activation_checkpointing=false",
-            # the smallest possible eval and no mid-run checkpoints: neither is timed, but both add wall time
-            "eval.max_batches=1", "eval.every=0", "checkpoint.every=0", "logging.progress=false",
-            "logging.wandb=false", f"output_dir={output_dir}", "overwrite=true"]
+            "adapter.target_modules=all-linear", "eval.max_batches=1", "eval.every=0", "checkpoint.every=0",
+            "logging.progress=false", "logging.wandb=false", f"output_dir={output_dir}", "overwrite=true"]
 
 
-def peft_worker(a: argparse.Namespace) -> None:
-    """Side (b), run in its own process by the parent: writes its result JSON to a.out."""
+def peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
+
+
+def peft_worker(a) -> None:
+    """One PEFT run in this process (side a.worker, compute dtype a.dtype); writes its result JSON to a.out."""
     import torch
-
-    if a.threads:
-        torch.set_num_threads(a.threads)
     import transformers
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    transformers.logging.set_verbosity_error()  # as slimtune's CLI: no load progress bars or notices
+    transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls a deprecated HF property
-
+    warnings.filterwarnings("ignore", category=FutureWarning)
     from slimtune import config as C
     from slimtune.data import BatchOrder, build_splits, micro_batch
     from slimtune.models import load_tokenizer, resolve_model_dir
     from slimtune.trainer.loop import lr_at
 
-    cfg = C.load_config("qlora", overrides(a, "unused"))
-    t = cfg.train
+    cfg = C.load_config("qlora", overrides(a, a.batch_size, "stream", "unused"))
+    t, dtype = cfg.train, getattr(torch, a.dtype)
     torch.manual_seed(t.seed)
     data = build_splits(cfg.data.source, load_tokenizer(a.model), t.seq_len, cfg.data.eval_fraction)
-    # bitsandbytes >= 0.45 has CPU kernels, so from_pretrained quantizes on CPU directly (no manual swap of
-    # nn.Linear for bnb.nn.Linear4bit needed). It quantizes every linear but lm_head (kept fp32, tied to
-    # the embeddings), blocks of 64 -- the same set and layout as slimtune's nf4.
-    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(a.model), quantization_config=qcfg,
-                                                 dtype=torch.float32)
-    model.config.use_cache = False  # as slimtune: no KV cache is built in training forwards
-    # No peft.prepare_model_for_kbit_training: it upcasts the non-quantized weights and turns on gradient
-    # checkpointing, which slimtune does not do here either (like for like: neither side checkpoints).
+    kw = {}
+    if a.worker == "peft_bnb":  # bnb >= 0.45 quantizes on CPU in from_pretrained: every linear but lm_head
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(a.model), dtype=dtype, **kw)
+    model.config.use_cache = False
+    # no prepare_model_for_kbit_training: it upcasts weights and turns on checkpointing (slimtune does neither)
     model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
-    # slimtune's optimizer: AdamW from the recipe, foreach=False (one parameter's temporaries at a time)
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay, foreach=False)
+                            weight_decay=cfg.optim.weight_decay)
     order = BatchOrder(len(data.train), t.seed)
-    losses, train_seconds = [], 0.0
+    losses, seconds = [], 0.0
     model.train()
     for step in range(t.max_steps):
-        t0 = time.perf_counter()  # as slimtune's loop: the clock covers the whole step, batch fetch included
-        torch.manual_seed(t.seed * 1_000_003 + step * 1009)  # slimtune's per-step seed (no dropout anyway)
+        t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, t)
-        x, y, _ = micro_batch(data.train, order, step, 0, 0, 1, t.batch_size, 1)  # stream packing: no positions
-        # HF's ordinary loss: full (B, T, V) fp32 logits, mean CE over the shifted targets
-        loss = model(input_ids=x, labels=y).loss
+        x, y, _ = micro_batch(data.train, order, step, 0, 0, 1, t.batch_size, 1)
+        loss = model(input_ids=x, labels=y).loss  # HF's loss: full (B, T, V) logits
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # .item() syncs, so the step is over when the clock stops
-        train_seconds += time.perf_counter() - t0
-    result = {
-        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
-        "peak_memory_kind": "cpu_peak_rss",
-        "tokens_per_second": t.max_steps * t.batch_size * t.seq_len / max(train_seconds, 1e-9),
-        "initial_loss": losses[0], "final_loss": losses[-1], "steps": t.max_steps,
-        "train_seconds": train_seconds, "threads": torch.get_num_threads(),
-        "trainable_params": sum(p.numel() for p in params),
-    }
-    Path(a.out).write_text(json.dumps(result))
+        losses.append(loss.item())
+        seconds += time.perf_counter() - t0
+    Path(a.out).write_text(json.dumps({
+        "peak_memory_bytes": peak_rss(), "tokens_per_second": t.max_steps * t.batch_size * t.seq_len / seconds,
+        "initial_loss": losses[0], "final_loss": losses[-1], "compute_dtype": a.dtype,
+        "trainable_params": sum(p.numel() for p in params), "threads": torch.get_num_threads()}))
 
 
-def run_child(cmd: list[str], env: dict, what: str) -> float:
-    t0 = time.perf_counter()
-    rc = subprocess.run(cmd, env=env, cwd=ROOT).returncode
-    if rc != 0:
-        sys.exit(f"qlora_vs_peft: the {what} run failed (exit {rc}): {' '.join(cmd)}")
-    return time.perf_counter() - t0
+def _run(cmd: list[str], env: dict) -> None:
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(f"qlora_vs_peft: failed (exit {p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def one_run(a, side: str, variant: str, batch: int, tmp: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    if side == "slimtune":
+        out = tmp / f"run-{variant}-{batch}"
+        cmd = [sys.executable, "-m", "slimtune", "run", "qlora", *overrides(a, batch, variant, str(out))]
+        _run(cmd, env)
+        r = json.loads((out / "report.json").read_text())
+        return {k: r[k] for k in ("peak_memory_bytes", "tokens_per_second", "initial_loss", "final_loss",
+                                  "compute_dtype", "trainable_params")}
+    res = tmp / "peft.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--dtype", variant,
+           "--model", a.model, "--steps", str(a.steps), "--seq-len", str(a.seq_len), "--batch-size", str(batch),
+           "--rank", str(a.rank), "--out", str(res)]
+    _run(cmd, env)
+    return json.loads(res.read_text())
+
+
+def spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def summarize(rows: list[dict]) -> dict:
+    return {"peak_memory_bytes": spread([r["peak_memory_bytes"] for r in rows]),
+            "tokens_per_second": spread([r["tokens_per_second"] for r in rows]),
+            "initial_loss": rows[0]["initial_loss"], "final_loss": rows[0]["final_loss"],
+            "compute_dtype": rows[0]["compute_dtype"], "trainable_params": rows[0]["trainable_params"]}
+
+
+def ratios(by: dict) -> dict:
+    bnb = min(by[f"peft_bnb/{d}"]["peak_memory_bytes"]["median"] for d in ("float32", "bfloat16"))
+    lora = max(by[f"peft_lora/{d}"]["tokens_per_second"]["median"] for d in ("float32", "bfloat16"))
+    out = {}
+    for packing in ("stream", "documents"):
+        s = by[f"slimtune/{packing}"]
+        out[packing] = {"peak_vs_peft_bnb_best": s["peak_memory_bytes"]["median"] / bnb,
+                        "tokens_per_second_vs_peft_lora_best": s["tokens_per_second"]["median"] / lora}
+    return out
 
 
 def table(res: dict) -> str:
-    s, p, r = res["slimtune"], res["peft"], res["ratios"]
-    rows = [("peak memory (MiB)", s["peak_memory_bytes"] / MiB, p["peak_memory_bytes"] / MiB, r["peak_memory"], ".1f"),
-            ("tokens/s (train steps)", s["tokens_per_second"], p["tokens_per_second"], r["tokens_per_second"], ".1f"),
-            ("initial loss", s["initial_loss"], p["initial_loss"], None, ".4f"),
-            ("final loss", s["final_loss"], p["final_loss"], None, ".4f"),
-            ("trainable params", s["trainable_params"], p["trainable_params"], None, ",d"),
-            ("process wall (s, incl. load)", s["process_seconds"], p["process_seconds"], None, ".1f")]
-    out = [f"{'':30s}{'slimtune':>14s}{'PEFT+bnb':>14s}{'slimtune/PEFT':>15s}"]
-    for name, a, b, ratio, fmt in rows:
-        out.append(f"{name:30s}{format(a, fmt):>14s}{format(b, fmt):>14s}"
-                   f"{(format(ratio, '.2f') + 'x') if ratio is not None else '':>15s}")
-    d, c, v = res["device"], res["config"], res["versions"]
-    out.append(f"device: {d['cpu']}, {d['threads']} torch threads ({d['logical_cpus']} logical CPUs), "
-               f"MALLOC_MMAP_THRESHOLD_={d['MALLOC_MMAP_THRESHOLD_']}")
-    out.append(f"run: {c['model']}, {c['steps']} steps, seq {c['seq_len']} x batch {c['batch_size']}, "
-               f"LoRA r={c['rank']} alpha={c['alpha']}, nf4 + double quant, fp32 compute")
-    out.append("versions: " + ", ".join(f"{k} {v[k]}" for k in v))
-    return "\n".join(out)
+    lines = []
+    for batch, block in res["batches"].items():
+        lines.append(f"batch {batch}: {'side':22s}{'peak MiB min/med/max':>26s}{'tokens/s min/med/max':>24s}"
+                     f"{'loss first -> last':>22s}")
+        for name, s in block["sides"].items():
+            m, v = s["peak_memory_bytes"], s["tokens_per_second"]
+            lines.append(f"{'':9s}{name + ' (' + s['compute_dtype'] + ')':28s}"
+                         f"{m['min'] / MiB:8.0f}{m['median'] / MiB:8.0f}{m['max'] / MiB:8.0f}"
+                         f"{v['min']:8.0f}{v['median']:8.0f}{v['max']:8.0f}"
+                         f"{s['initial_loss']:11.4f} -> {s['final_loss']:.4f}")
+        for packing, r in block.get("ratios", {}).items():
+            lines.append(f"{'':9s}slimtune/{packing}: peak {r['peak_vs_peft_bnb_best']:.3f}x PEFT+bnb best (target "
+                         f"<= 0.6), tokens/s {r['tokens_per_second_vs_peft_lora_best']:.3f}x PEFT LoRA best "
+                         f"(target >= 1.0)")
+    d = res["device"]
+    lines.append(f"device: {d['cpu']}, {d['threads']} threads; versions: "
+                 + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m | tiny-llama | local HF dir")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--rank", type=int, default=16, help="LoRA rank; alpha = 2 x rank")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads in both runs (0 = torch's default)")
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="results JSON")
-    ap.add_argument("--worker", choices=["peft"], help=argparse.SUPPRESS)  # internal: run one side only
+    ap.add_argument("--batch-sizes", default="2,4")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--sides", default=",".join(f"{s}/{v}" for s, v in SIDES), help="e.g. slimtune/stream,peft_bnb/bfloat16")
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--worker", choices=["peft_bnb", "peft_lora"], help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    ap.add_argument("--batch-size", type=int, default=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.worker == "peft":
+    if a.worker:
         return peft_worker(a)
-
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    if a.threads:
-        # slimtune's CLI has no threads option: torch sizes its intra-op pool from OMP_NUM_THREADS at
-        # import, which is torch.set_num_threads(n) before any work; the PEFT worker gets both.
-        env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     from slimtune.models import resolve_model_dir
 
-    resolve_model_dir(a.model)  # materialise a built-in model once here, so neither timed side pays for it
+    resolve_model_dir(a.model)  # build a built-in model once, outside every timed run
+    sides = [tuple(s.split("/")) for s in a.sides.split(",")]
+    batches = [int(b) for b in a.batch_sizes.split(",")]
+    rows: dict = {(b, s, v): [] for b in batches for s, v in sides}
     with tempfile.TemporaryDirectory(prefix="qlora_vs_peft-") as tmp:
-        run_dir, peft_json = Path(tmp) / "slimtune_run", Path(tmp) / "peft.json"
-        print("== slimtune", flush=True)
-        st_wall = run_child([sys.executable, "-m", "slimtune", "run", "qlora", *overrides(a, str(run_dir))],
-                            env, "slimtune")
-        slim = json.loads((run_dir / "report.json").read_text())
-        print("== PEFT + bitsandbytes", flush=True)
-        pf_wall = run_child([sys.executable, str(Path(__file__).resolve()), "--worker", "peft",
-                             "--model", a.model, "--steps", str(a.steps), "--seq-len", str(a.seq_len),
-                             "--batch-size", str(a.batch_size), "--rank", str(a.rank),
-                             "--threads", str(a.threads), "--out", str(peft_json)], env, "PEFT")
-        peft = json.loads(peft_json.read_text())
-    keep = ("peak_memory_bytes", "peak_memory_kind", "tokens_per_second", "initial_loss", "final_loss",
-            "steps", "trainable_params")
-    slim = {k: slim[k] for k in keep} | {"train_seconds": slim["wall_seconds"], "process_seconds": st_wall}
-    peft["process_seconds"] = pf_wall
-    res = {
-        "config": {"model": a.model, "data": "pydoc", "steps": a.steps, "seq_len": a.seq_len,
-                   "batch_size": a.batch_size, "rank": a.rank, "alpha": 2 * a.rank, "dropout": 0.0,
-                   "target_modules": "all-linear (not lm_head)", "quant": "nf4, block 64, double quant",
-                   "compute_dtype": "float32"},
-        "device": {"cpu": cpu_name(), "threads": peft.pop("threads"), "logical_cpus": os.cpu_count(),
-                   # glibc's dynamic mmap threshold fragments the CPU heap; peak RSS depends on it
-                   "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")},
-        "versions": {k: md.version(k) for k in ("torch", "transformers", "peft", "bitsandbytes", "slimtune")},
-        "slimtune": slim,
-        "peft": peft,
-        "ratios": {"peak_memory": slim["peak_memory_bytes"] / peft["peak_memory_bytes"],
-                   "tokens_per_second": slim["tokens_per_second"] / peft["tokens_per_second"]},
-    }
+        for run in range(a.runs):
+            for b in batches:
+                for s, v in sides:
+                    r = one_run(a, s, v, b, Path(tmp))
+                    rows[(b, s, v)].append(r)
+                    print(f"run {run + 1}/{a.runs} batch {b} {s}/{v}: {r['peak_memory_bytes'] / MiB:.0f} MiB, "
+                          f"{r['tokens_per_second']:.0f} tok/s, loss {r['initial_loss']:.4f} -> {r['final_loss']:.4f}",
+                          flush=True)
+    res = {"config": {"model": a.model, "steps": a.steps, "seq_len": a.seq_len, "rank": a.rank, "alpha": 2 * a.rank,
+                      "runs": a.runs, "data": "pydoc, one token stream (no document masks)"},
+           "device": {"cpu": cpu_name(), "threads": os.cpu_count()},
+           "versions": {k: md.version(k) for k in ("torch", "transformers", "peft", "bitsandbytes", "slimtune")},
+           "batches": {}}
+    for b in batches:
+        by = {f"{s}/{v}": summarize(rows[(b, s, v)]) for s, v in sides}
+        block = {"sides": by}
+        if len(sides) == len(SIDES):
+            block["ratios"] = ratios(by)
+        res["batches"][str(b)] = block
     print(table(res))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -85,8 +85,10 @@ class LoRALinear(AdapterDefaults, nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        # under autocast the factors run in the autocast dtype; otherwise in fp32
-        x = self.dropout(x.to(self.lora_A.weight.dtype))
+        # under autocast the factors run in the autocast dtype; otherwise in fp32. Under autocast x goes in as
+        # it is: an fp32 copy would be cast back per adapter, and q/k/v (gate/up) would each save their own copy
+        if not (torch.is_autocast_enabled(x.device.type) and isinstance(self.dropout, nn.Identity)):
+            x = self.dropout(x.to(self.lora_A.weight.dtype))
         return y + self.lora_output(x).to(y.dtype)
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:

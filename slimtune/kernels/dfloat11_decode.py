@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from slimtune.errors import ConfigError
-from slimtune.kernels.dispatch import interpreting, triton_available, use_triton
+from slimtune.kernels.dispatch import interpreting, triton_available, triton_enabled, use_triton
 
-if triton_available():
+if triton_enabled():
     import triton
     import triton.language as tl
 
@@ -306,7 +306,7 @@ INTERPRET_BLOCKS_PER_PROGRAM = 256  # the interpreter's cost is per op, not per 
 NUM_WARPS = 1
 
 
-if triton_available():
+if triton_enabled():
 
     @triton.jit
     def _dfloat11_decode_kernel(bits_ptr, n_bytes, total_bits, offsets_ptr, sign_mantissa_ptr, limits_ptr, base_ptr,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
 import warnings
 
 import torch
@@ -62,6 +63,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_enabled() -> bool:
+    """Whether a kernel module imports triton and defines its kernels: installed, and CUDA present or the
+    interpreter on. A CPU-only run never imports triton (~70 MiB of resident libraries it would not use)."""
+    return triton_available() and (torch.cuda.is_available() or interpreting())
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when the Triton kernel should run on these tensors.
 
@@ -79,8 +86,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         if not on_cuda and not interpreting():
             raise ConfigError("train.kernels=triton on CPU tensors needs TRITON_INTERPRET=1 (the interpreter); "
                               "use train.kernels=auto on CPU")
+        if "triton" not in sys.modules:
+            raise ConfigError("TRITON_INTERPRET=1 was set after slimtune's kernels were imported without CUDA; "
+                              "set it before starting Python")
         return True
-    return triton_available() and (on_cuda or interpreting())
+    return triton_available() and (on_cuda or (interpreting() and "triton" in sys.modules))
 
 
 def tile_size(dim: int, cap: int) -> int:

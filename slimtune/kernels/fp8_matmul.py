@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from slimtune.kernels.dispatch import interpreting, triton_available, use_triton
+from slimtune.kernels.dispatch import interpreting, triton_enabled, use_triton
 
-if triton_available():
+if triton_enabled():
     import triton
     import triton.language as tl
 
@@ -151,7 +151,7 @@ def fp8_matmul_triton(
     return out
 
 
-if triton_available():
+if triton_enabled():
 
     @triton.jit
     def _fp8_bits_to_fp16(bits, IS_E5M2: tl.constexpr):

@@ -18,10 +18,10 @@ import math
 
 import torch
 
-from slimtune.kernels.dispatch import interpreting, triton_available, use_triton
+from slimtune.kernels.dispatch import interpreting, triton_enabled, use_triton
 from slimtune.kernels.fp8_matmul import FP8_DTYPES, FP8_MAX, native_fp8, quantize_fp8
 
-if triton_available():
+if triton_enabled():
     import triton
     import triton.language as tl
 
@@ -145,7 +145,7 @@ def hadamard_quantize_fp8_triton(
     return out, scale
 
 
-if triton_available():
+if triton_enabled():
 
     @triton.jit
     def _fwht_tile(x, ROWS: tl.constexpr, BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr):

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from slimtune.kernels.dispatch import dot_precision, interpreting, tile_size, triton_available, use_triton
+from slimtune.kernels.dispatch import dot_precision, interpreting, tile_size, triton_enabled, use_triton
 
-if triton_available():
+if triton_enabled():
     import triton
     import triton.language as tl
 
@@ -37,7 +37,7 @@ REFERENCE_CHUNK_BYTES = 256 * 2**20  # fp32 (chunk, V) logits block of the torch
 REDUCTIONS = ("sum", "mean")
 
 
-if triton_available():
+if triton_enabled():
 
     @triton.jit
     def _logits_tile(h_ptr, w_ptr, b_ptr, rm, rv, N, V, H, stride_h, stride_w, scale, softcap,
@@ -223,6 +223,7 @@ class ChunkedLinearCE(torch.autograd.Function):
                     grad_w.addmm_(dlogits.T, hc.float())
                 if need_b:
                     grad_b += dlogits.sum(0)
+                del logits, probs, dlogits  # else the next chunk's logits are formed while these are held
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
         return total

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from slimtune.kernels.dispatch import interpreting, triton_available, use_triton
+from slimtune.kernels.dispatch import interpreting, triton_enabled, use_triton
 
-if triton_available():
+if triton_enabled():
     import triton
     import triton.language as tl
 
@@ -140,7 +140,7 @@ def _check_matmul_args(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.
 
 
 # ----------------------------------------------------------------------------- Triton kernels
-if triton_available():
+if triton_enabled():
     _KERNEL_BLOCK_SIZE = tl.constexpr(BLOCK_SIZE)  # BLOCK_SIZE, readable inside @triton.jit
 
     @triton.jit
@@ -214,7 +214,7 @@ def quantize_mxfp4(x: torch.Tensor, rounding: str = "nearest",
     return packed, scales
 
 
-if triton_available():
+if triton_enabled():
     @triton.jit
     def _scale_from_code_bits(code):
         """int32 E8M0 codes -> fp32 scales, as _scale_from_code."""

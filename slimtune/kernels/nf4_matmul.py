@@ -21,9 +21,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from slimtune.kernels.dispatch import dot_precision, interpreting, tile_size, triton_available, use_triton
+from slimtune.kernels.dispatch import dot_precision, interpreting, tile_size, triton_enabled, use_triton
 
-if triton_available():
+if triton_enabled():
     import triton
     import triton.language as tl
 
@@ -33,7 +33,7 @@ NUM_WARPS = 8
 NUM_STAGES = {torch.float32: 2}  # pipeline depth; fp32 tiles need twice the shared memory (default 3)
 
 
-if triton_available():
+if triton_enabled():
 
     @triton.jit
     def _dequant_nf4_tile(codes_ptr, absmax_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_offset_ptr, codebook_ptr,

@@ -5,8 +5,8 @@ autograd sees it, with B x S tokens, compute bytes a (4 fp32; 2 under bf16 autoc
 bytes rb (4, or 2 when model.dtype=bfloat16 and the embedding is frozen):
   RMSNorm       its input in fp32 (4 H), rsqrt (4), and with a trainable weight the normalized input (rb H)
   a linear      a frozen or quantized one saves nothing; a trainable one (full fine-tuning) its input; LoRA's
-                A saves its input (shared by q/k/v in fp32; under autocast each LoRA module casts its own
-                copy), B saves A's output (r x a); dropout > 0 adds its mask (4 x in, when the input needs a
+                A saves its input (shared by q/k/v when it is in the compute dtype; else autocast casts a copy
+                per module), B saves A's output (r x a); dropout > 0 adds its mask (4 x in, when the input needs a
                 gradient) and the dropped copy; sparse_ft saves its input and its (rows, cols) int64 indices
   SDPA          q, k, v (GQA: kv heads not repeated), the output (a each) and the log-sum-exp (heads x 4);
                 with a 4-D mask (packed documents, padding) k and v repeated to every head and the mask (S x a)
@@ -64,12 +64,7 @@ def _consumers(out: list, roles, modes, width: int, x_bytes: int, a: int, dropou
         mode = modes[role]
         if mode == "lora" and dropout:  # the dropped copy in the compute dtype; the fp32 mask
             out += [width * a] + ([width * 4] if flowing else [])
-        elif mode == "lora":
-            if a == 4 and x_bytes == 4:
-                shared = True
-            else:
-                out.append(2 * width)  # autocast's bf16 copy of x.to(fp32): one per LoRA module
-        elif mode in ("train", "sparse"):
+        elif mode in ("lora", "train", "sparse"):
             if x_bytes == a:
                 shared = True
             else:
@@ -140,11 +135,10 @@ def activations(arch: Arch, cfg, weights: Weights, device: str, batch_size: int 
         other += [n_loss * 4 * V, n_loss, 8 * n_loss, 4] + ([n_loss * H * h_bytes] if full else [])
         loss_fwd = n_loss * V * (a + (4 if bf16 else 0))
         loss_bwd = 2 * n_loss * 4 * V + (n_loss * V * 2 if bf16 else 0)
-    else:  # ChunkedLinearCE: dh and dW (trainable head) formed in forward; two (chunk, V) fp32 blocks overlap
+    else:  # ChunkedLinearCE: dh and dW (trainable head) formed in forward; one (chunk, V) fp32 block at a time (+ its bf16 product)
         other += [n_loss * H * h_bytes, n_loss] + ([4 * V * H] if full else [])
         c = min(chunk, n_loss)
-        loss_fwd = (n_loss + V) * H * 4 if triton else (
-            (2 if n_loss > chunk else 1) * c * V * 4 + (2 * c * V * 2 if bf16 else 0))
+        loss_fwd = (n_loss + V) * H * 4 if triton else c * V * 4 + (c * V * 2 if bf16 else 0)
         loss_bwd = 0
     every = [tokens * w for w in first + per_layer * (arch.layers - 1)] + rope
     layers = every

@@ -37,6 +37,7 @@ from slimtune.plan.report import with_planned_peak
 from slimtune.quant.precision import apply_precision
 from slimtune.registry import ADAPTER_FORMATS, ADAPTERS
 from slimtune.trainer.engine import Engine
+from slimtune.trainer.memory import release_file_mappings, trim_heap
 from slimtune.trainer.offload_engine import OffloadEngine, offload_active, offload_dir, open_store
 from slimtune.trainer.dist import DistInfo
 
@@ -74,6 +75,8 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
     if n:
         log(f"train.precision={cfg.train.precision}: {n} linear layers compute in low precision")
     hooks = ADAPTERS.get(cfg.adapter.type).training_hooks(model, cfg) if cfg.adapter.type != "none" else []
+    release_file_mappings(model)  # the loaded file's pages would stay resident all run
+    trim_heap()  # and so would what loading and quantizing freed
     engine_cls = Engine
     if cfg.engine.name == "fsdp2":
         from slimtune.trainer.fsdp_engine import FSDP2Engine as engine_cls
