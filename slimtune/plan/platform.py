@@ -14,7 +14,8 @@ are not the ones the accuracy table reports (benchmarks/results/plan_accuracy.js
                    activations one step allocates for backward (what it would save without checkpointing: the
                    churn, whether or not they are kept) and of the dense weights a quantized base dequantizes
                    at each use. bf16: least squares of measured peak minus the predicted live bytes over the six
-                   SmolLM2 calibration runs (they come within -6%..+9% with it); fp32: the peak RSS with glibc's
+                   SmolLM2 calibration runs (they come within -8%..+8% with it; refitted after the loaded file's
+                   pages were released and the heap trimmed after loading); fp32: the peak RSS with glibc's
                    defaults minus the same run's with MALLOC_MMAP_THRESHOLD_=131072 (every tensor mapped, RSS ~
                    live bytes) on SmolLM2 LoRA (4 x 256 tokens: 0.80 x) and QLoRA (2 x 128: 0.86 x), the mean
                    (fp32 runs show no dequantization term). Gradients add nothing measurable (a least-squares
@@ -39,7 +40,7 @@ RUNTIME_RSS = 46 * MiB
 MMAP_MAX = 32 * MiB
 # model.dtype -> (x the heap-sized activations of a step without checkpointing, x a quantized base's
 # heap-sized dequantized weights)
-FRAGMENTATION = {"bfloat16": (0.445, 1.21), "float32": (0.83, 0.0)}
+FRAGMENTATION = {"bfloat16": (0.351, 0.784), "float32": (0.83, 0.0)}
 DATA_RSS_PER_BYTE = 13.0
 
 CUDA_CONTEXT = 500 * MiB
