@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from slimtune.kernels import nf4_matmul as nf4_kernel
 from slimtune.kernels.nf4_matmul import NF4Operand
@@ -46,6 +45,8 @@ _PAIR_LUT = torch.stack([NF4_CODEBOOK[torch.arange(256) >> 4], NF4_CODEBOOK[torc
 @functools.lru_cache(maxsize=8)  # a few devices at most; bounded so a long-lived process cannot grow it
 def _on_device(table: str, device: torch.device) -> torch.Tensor:
     """NF4_CODEBOOK or _PAIR_LUT on `device`, copied there once (not per forward)."""
+    if table == "pair_lut64":  # each (high, low) fp32 pair as one 8-byte element: a 1-D gather, ~2x faster
+        return _PAIR_LUT.contiguous().view(torch.float64).view(-1).to(device)  # than embedding's row copies
     return {"codebook": NF4_CODEBOOK, "pair_lut": _PAIR_LUT}[table].to(device)
 
 
@@ -97,8 +98,8 @@ class NF4Weight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """-> `shape` tensor of `dtype` (computed in fp32, then cast once)."""
         # int32 indices (not int64) and an in-place scale keep the transient memory near one fp32 copy
-        vals = F.embedding(self.codes.int(), _on_device("pair_lut", self.codes.device))  # (n/2, 2) fp32
-        w = vals.view(-1, self.block_size).mul_(self.block_absmax()[:, None])
+        pairs = torch.index_select(_on_device("pair_lut64", self.codes.device), 0, self.codes.view(-1).int())
+        w = pairs.view(torch.float32).view(-1, self.block_size).mul_(self.block_absmax()[:, None])  # (n,) fp32
         return w.view(self.shape).to(dtype)
 
     def operand(self) -> NF4Operand:
