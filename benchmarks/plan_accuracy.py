@@ -76,6 +76,9 @@ def calibration_cases() -> list[tuple[str, str, list[str]]]:
         ("cal smollm2 lora b8 s128 ac", "lora", smol + ["train.batch_size=8", "train.seq_len=128",
                                                          "train.activation_checkpointing=true"]),
         ("cal smollm2 qlora b2 s128", "qlora", smol + ["train.batch_size=2", "train.seq_len=128"]),
+        # added when the planner over-predicted qlora ac=true by 15.0% (no quantized + checkpointed run was here)
+        ("cal smollm2 qlora b8 s128 ac", "qlora", smol + ["train.batch_size=8", "train.seq_len=128",
+                                                           "train.activation_checkpointing=true"]),
         ("cal smollm2 full b2 s128 ac", "full", smol + ["train.batch_size=2", "train.seq_len=128"]),
         ("cal smollm2 full b1 s512", "full", smol + ["train.batch_size=1", "train.seq_len=512",
                                                       "train.activation_checkpointing=false"]),
