@@ -156,8 +156,6 @@ def _load_phases(cfg, arch: Arch, w: Weights, device: str) -> dict[str, dict[str
     load = {"weights.loading": loaded}
     if device == "cpu":
         load["load.file_pages"] = arch.file_bytes
-    if cfg.adapter.type == "none" and cfg.model.dtype == "bfloat16":  # .float() of each weight
-        load["load.transient"] = 4 * max(p.numel for p in arch.params)
     phases = {"load": load}
     if needs_lowrank(cfg):  # Fisher: a sum and a gradient per target (fp32); scoring: copies of one matrix
         targets = sum(lin.numel for lin in arch.linears if lin.name in w.quantized)

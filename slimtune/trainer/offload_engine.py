@@ -25,7 +25,6 @@ import torch.nn as nn
 from slimtune.errors import SlimtuneError
 from slimtune.io import atomic_dir, write_json
 from slimtune.loss import CausalLMLoss
-from slimtune.models import DTYPES
 from slimtune.offload.device import DeviceMirror, pin
 from slimtune.offload.pool import BufferPool
 from slimtune.offload import store as store_mod
@@ -95,7 +94,9 @@ class OffloadEngine(Engine):
         self.model, self.cfg, self.device, self.info, self.store = model, cfg, device, info, store
         # backward recomputes each decoder layer (streamer.attach wraps their forward in checkpointing, with
         # the load inside, so the recompute loads the layer again, in reverse order)
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
+        # no autocast cache: it would hold a bf16 copy of every streamed weight until the forward ends
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16",
+                                       cache_enabled=False)
         on_disk = o.optimizer == "disk"
         # names in the store (written before adapters renamed q_proj.weight to q_proj.base.weight ...)
         by_id = getattr(model, "offload_store_names", {}) if streamed_weights else {}
@@ -264,7 +265,7 @@ class OffloadEngine(Engine):
         if self.cfg.adapter.type != "none":
             save_final(self.model, self.cfg, path, base_path, tokenizer)  # adapters are in memory
             return
-        dtype = DTYPES[self.cfg.model.dtype]
+        dtype = torch.float32  # the fp32 master weights, as the in-memory engine's save_pretrained writes them
         with atomic_dir(path) as tmp:
             from safetensors.torch import save_file
 

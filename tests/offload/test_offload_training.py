@@ -29,6 +29,8 @@ CASES = {
     "adamw": ("full", ["train.max_grad_norm=0", "train.batch_size=4"]),
     "adamw_clip_accum": ("full", ["train.max_grad_norm=0.5", "train.batch_size=2", "train.grad_accum=2"]),
     "adamw_accum": ("full", ["train.max_grad_norm=0", "train.batch_size=3", "train.grad_accum=2"]),
+    # bf16 autocast: keep saves references to the weights' casts (no autocast cache in the offload engine)
+    "adamw_bf16": ("full", ["model.dtype=bfloat16", "train.max_grad_norm=0.5", "train.batch_size=2"]),
     "adamw_8bit": ("full", ["optim.state_bits=8", "train.max_grad_norm=1.0", "train.batch_size=4"]),
     "galore": ("galore", ["optim.rank=8", "optim.update_gap=4", "train.batch_size=4"]),
     "lora_streamed_base": ("lora", ["train.batch_size=4", "adapter.rank=4"]),
@@ -62,6 +64,19 @@ def test_offload_equals_in_memory_bitwise(case, model, activations, tmp_path, re
     # keep: backward read streamed weights through references, not through copies autograd held
     assert (off["offload"]["weights_reloaded_for_backward"] > 0) == (activations == "keep")
     assert not (tmp_path / "off" / "offload" / "live").exists()  # the finished run's live store is gone
+
+
+def test_keep_under_bf16_autocast_holds_no_weight_casts(deep_tiny, tmp_path):
+    """Under bf16 autocast `mm` saves a view of the weight's bf16 cast (a copy); keep must save a reference
+    to it like the fp32 weight itself, or every layer's cast stays in RAM until backward: the same number
+    of weights is read back for backward in bf16 as in fp32."""
+    args = [*BASE, "train.max_grad_norm=0", "train.batch_size=2", f"model.name={deep_tiny}", "train.max_steps=2",
+            *DISK, "offload.activations=keep", "offload.prefetch=1"]
+    counts = {}
+    for dtype in ("float32", "bfloat16"):
+        r = run(load_config("full", [*args, f"model.dtype={dtype}", f"output_dir={tmp_path / dtype}"]))
+        counts[dtype] = r["offload"]["weights_reloaded_for_backward"]
+    assert counts["bfloat16"] == counts["float32"] > 0, counts
 
 
 KILLER = """
