@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if sys.path and Path(sys.path[0]).resolve() == ROOT / "benchmarks":
-    sys.path.pop(0)  # benchmarks/kernels.py would shadow the `kernels` package transformers imports
+    sys.path.pop(0)  # keep benchmarks/ off the path: a module here could shadow a package transformers imports
 RESULTS = ROOT / "benchmarks" / "results"
 RECIPES = ("lora", "qlora", "full", "galore", "frugal", "lq_lora")
 MODELS = ("smollm2-135m", "tiny-llama")

@@ -34,7 +34,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# benchmarks/kernels.py would shadow the `kernels` package transformers imports
+# keep benchmarks/ off the path: a module here could shadow a package transformers imports
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "qlora_vs_peft.json"
 MiB = 2**20

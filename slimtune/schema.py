@@ -28,6 +28,9 @@ class ModelConfig:
     dtype: str = _help("auto | float32 | bfloat16: storage of frozen weights and autocast compute dtype; auto: "
                        "bf16 where the hardware multiplies it fast (CUDA bf16, CPU AVX512-BF16/AMX), else fp32 "
                        "(eval, generate, export: fp32 unless given)", "auto", ("auto", "float32", "bfloat16"))
+    keep_compressed: bool = _help("eval / generate on a compressed checkpoint (slimtune export --format ...): keep "
+                                  "its decoder layers encoded in memory, decoding each layer at its forward (less "
+                                  "memory, a decode of every layer per forward)", False)
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,7 @@ def export_compressed(src: str, fmt: str, out: str | None = None, model_dir: Pat
                     "lowrank": {"rank": rank, "error_without": sum(f["error_without"] for f in factors.values())
                                 / len(factors), "error": sum(f["error"] for f in factors.values()) / len(factors)}
                     if factors else None}
+        manifest["checksums"] = file_checksums(tmp)
         write_json(tmp / MANIFEST, manifest)
         nbytes = dir_bytes(tmp)
         bf16 = params * 2
@@ -104,6 +105,35 @@ def export_compressed(src: str, fmt: str, out: str | None = None, model_dir: Pat
     print(f"slimtune: wrote {out_dir}/ ({fmt}): {nbytes / 2**20:.1f} MiB, {8 * nbytes / params:.2f} bits/param, "
           f"{nbytes / bf16:.3f}x bf16 ({time.perf_counter() - t0:.1f}s)")
     return out_dir
+
+
+def _xxh3(path: Path) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_checksums(root: Path) -> dict[str, str]:
+    """xxh3-128 of every file of an export but its manifest and tokenizer files, by relative path."""
+    root = Path(root)
+    return {str(f.relative_to(root)): _xxh3(f) for f in sorted(root.rglob("*"))
+            if f.is_file() and f.name != MANIFEST and f.name not in TOKENIZER_FILES}
+
+
+def verify_checksums(path: Path, manifest: dict) -> None:
+    """One line naming the first file whose bytes differ from the manifest's checksum (a flipped bit that
+    still parses included). Exports written before checksums existed have none to check."""
+    for rel, want in (manifest.get("checksums") or {}).items():
+        f = Path(path) / rel
+        if not f.is_file():
+            raise SlimtuneError(f"{f}: missing; {path / MANIFEST} lists it; the checkpoint is incomplete, export it again")
+        if _xxh3(f) != want:
+            raise SlimtuneError(f"{f}: its bytes do not match the checksum in {MANIFEST}; the file was changed or "
+                                "corrupted; export it again")
 
 
 def _decompose(name: str, t: torch.Tensor, fmt: str, nm, rank: int):
@@ -148,15 +178,22 @@ def _stored_dtype(model_dir: Path) -> str:
     return "bfloat16" if dtype == "bfloat16" else "float32"
 
 
-def load_compressed(path: Path, dtype=None) -> nn.Module:
+def load_compressed(path: Path, dtype=None, keep_compressed: bool = False) -> nn.Module:
     """The model of a compressed dir: built on the meta device, each tensor decoded and assigned (in the dtype
-    it was stored in, then cast to `dtype` if given). A manifest that does not match its tensors: one line."""
+    it was stored in, then cast to `dtype` if given). A manifest that does not match its tensors, or a file
+    that does not match its checksum: one line. keep_compressed: the decoder layers' tensors stay encoded
+    and are decoded layer by layer at each forward (compress/compressed_memory.py; inference only)."""
+    from slimtune.compress.compressed_memory import keep_layers_compressed, split_layer_tensors
     from slimtune.models import empty_model
 
     path = Path(path).expanduser()
-    manifest = json.loads((path / MANIFEST).read_text())
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise SlimtuneError(f"{path / MANIFEST}: cannot read it ({e}); export the checkpoint again") from None
     if manifest.get("format") != "slimtune-compressed" or manifest.get("version") != 1:
         raise SlimtuneError(f"{path / MANIFEST}: not a slimtune compressed checkpoint of version 1")
+    verify_checksums(path, manifest)
     try:
         stored = load_file(str(path / TENSORS))
     except (OSError, SafetensorError) as e:
@@ -168,7 +205,9 @@ def load_compressed(path: Path, dtype=None) -> nn.Module:
     for key, v in stored.items():
         name, _, part = key.partition("::")
         grouped.setdefault(name, {})[part] = v
-    coded = [n for n, r in manifest["tensors"].items() if r.get("kind") in ("df11", "df11f")]
+    layers = split_layer_tensors(model, manifest, grouped) if keep_compressed else {}
+    kept = {n for tensors in layers.values() for n in tensors}
+    coded = [n for n, r in manifest["tensors"].items() if r.get("kind") in ("df11", "df11f") and n not in kept]
     try:  # every DFloat11-coded tensor in one lockstep decode (one tensor at a time: 4096 steps each)
         many = [{**grouped.get(n, {}), "shape": manifest["tensors"][n]["shape"],
                  "block_values": manifest["tensors"][n]["block_values"]} for n in coded]
@@ -182,10 +221,12 @@ def load_compressed(path: Path, dtype=None) -> nn.Module:
             continue
         parts = grouped.get(name, {})
         try:
-            t = decoded[name] if name in decoded else decode_tensor(name, record, parts)
             keep = keep_mask(record, parts)
             if keep is not None:
                 masks[name.removesuffix(".weight")] = keep
+            if name in kept:
+                continue
+            t = decoded[name] if name in decoded else decode_tensor(name, record, parts)
         except (ValueError, KeyError, RuntimeError) as e:
             raise SlimtuneError(f"{path / TENSORS}: tensor {name!r} does not match {MANIFEST} ({e}); the checkpoint "
                                 "is corrupted or was tampered with; export it again") from None
@@ -193,10 +234,12 @@ def load_compressed(path: Path, dtype=None) -> nn.Module:
     for name, record in manifest["tensors"].items():
         if "tied_to" in record:
             by_name[name] = by_name[record["tied_to"]]
-    missing = set(model.state_dict()) - set(by_name)
+    missing = set(model.state_dict()) - set(by_name) - kept
     if missing:
         raise SlimtuneError(f"{path / MANIFEST}: no tensor for {sorted(missing)[:3]}; the checkpoint is incomplete")
     model.load_state_dict(by_name, assign=True, strict=False)
+    if layers:
+        keep_layers_compressed(model, layers, dtype)
     model.tie_weights()
     model.config.use_cache = False
     if manifest.get("adapter"):  # a recovery run's adapter, kept beside the compressed base

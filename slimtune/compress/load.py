@@ -17,12 +17,17 @@ from slimtune.errors import SlimtuneError
 from slimtune.models import DTYPES, empty_model, load_model, safetensor_files
 
 
-def load_base(name: str, dtype: str = "float32") -> nn.Module:
-    """model.name -> the model (CPU, frozen, use_cache off); `dtype` for what is stored in full precision."""
+def load_base(name: str, dtype: str = "float32", keep_compressed: bool = False) -> nn.Module:
+    """model.name -> the model (CPU, frozen, use_cache off); `dtype` for what is stored in full precision.
+    keep_compressed: a compressed checkpoint's decoder layers stay encoded in memory (inference only)."""
+    if keep_compressed and not is_compressed_checkpoint(name):
+        raise SlimtuneError(f"model.keep_compressed=true needs a compressed checkpoint (slimtune export ... --format "
+                            f"dfloat11 | sparse | sparse-nf4 | sparse-int8), but model.name={name!r} is not one; "
+                            "drop model.keep_compressed")
     if is_quantized_checkpoint(name):  # its manifest fixes the formats (and holds any LoRA factors)
         return load_quantized(Path(name).expanduser(), DTYPES[dtype])
     if is_compressed_checkpoint(name):  # dfloat11 / sparse / sparse-nf4: decoded tensor by tensor
-        return load_compressed(Path(name), DTYPES[dtype])
+        return load_compressed(Path(name), DTYPES[dtype], keep_compressed)
     return load_model(name, dtype)
 
 

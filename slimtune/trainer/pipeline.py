@@ -37,7 +37,7 @@ from slimtune.plan.report import with_planned_peak
 from slimtune.quant.precision import apply_precision
 from slimtune.registry import ADAPTER_FORMATS, ADAPTERS
 from slimtune.trainer.engine import Engine
-from slimtune.trainer.memory import release_file_mappings, trim_heap
+from slimtune.memory import release_file_mappings, trim_heap
 from slimtune.trainer.offload_engine import OffloadEngine, offload_active, offload_dir, open_store
 from slimtune.trainer.dist import DistInfo
 
@@ -54,6 +54,9 @@ class Built:
 def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), train_blocks=None,
                 log=print) -> Built:
     """Run the stages for training per `cfg` (RecipeConfig); train_blocks feed calibration (LQ-LoRA ...)."""
+    if cfg.model.keep_compressed:
+        raise ConfigError("model.keep_compressed=true is for slimtune eval and generate (each layer is decoded for "
+                          "its forward only); training decodes the checkpoint once at load: drop it")
     if offload_active(cfg):
         return with_planned_peak(_build_offloaded(cfg, device, dist_info, log), cfg, dist_info.world, device)
     prebuilt = is_quantized_checkpoint(cfg.model.name)
@@ -172,7 +175,7 @@ def build_for_eval(cfg) -> nn.Module:
                           "decomposition needs calibration data; write it with `slimtune quantize ... output_dir=DIR` "
                           "and evaluate model.name=DIR")
     base = meta["model_name"] if meta else name
-    model = load_base(base, load_dtype(stage_cfg))
+    model = load_base(base, load_dtype(stage_cfg), cfg.model.keep_compressed)
     check_head(model, name)
     _, masks = read_masks(base, model)
     if not is_quantized_checkpoint(name):

@@ -116,6 +116,9 @@ def test_a_tampered_file_is_one_line(models, tmp_path, capsys):
     key = next(k for k in stored if k.endswith("::mask"))
     stored[key] = stored[key][:-4]  # truncated bitmask
     save_file(stored, str(out / TENSORS))
+    manifest = json.loads((out / MANIFEST).read_text())
+    del manifest["checksums"]  # as an export written before checksums: the structure is still checked
+    (out / MANIFEST).write_text(json.dumps(manifest))
     assert main(["eval", *TINY, f"model.name={out}"]) == 2
     err = capsys.readouterr().err
     assert "does not match" in err and key.split("::")[0] in err and err.count("\n") == 1
@@ -217,3 +220,61 @@ def test_rank_needs_a_quantized_sparse_format(models, tmp_path, capsys):
     assert main(["export", str(models / "w50"), "--format", "sparse-nf4", "--rank", "999",
                  "--out", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "y").exists()
+
+
+def test_a_flipped_bit_that_still_parses_is_named(models, tmp_path, capsys):
+    """A changed value byte leaves a file that parses and decodes (to other weights): the checksum names it."""
+    out = tmp_path / "df"
+    assert main(["export", str(models / "dense"), "--format", "dfloat11", "--out", str(out)]) == 0
+    data = bytearray((out / TENSORS).read_bytes())
+    stored = {k: v.clone() for k, v in load_file(str(out / TENSORS)).items()}
+    key = next(k for k in stored if k.endswith("::sign_mantissa"))
+    header = 8 + int.from_bytes(data[:8], "little")
+    start, _ = json.loads(data[8:header])[key]["data_offsets"]
+    data[header + start] ^= 0x01  # one mantissa bit of one weight
+    (out / TENSORS).write_bytes(bytes(data))
+    tampered = load_file(str(out / TENSORS))
+    assert not torch.equal(tampered[key], stored[key])  # it parses, with another value
+    assert main(["eval", *TINY, f"model.name={out}"]) == 2
+    err = capsys.readouterr().err
+    assert TENSORS in err and "checksum" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("src, fmt", [("dense", "dfloat11"), ("w50", "sparse-nf4"), ("w24", "sparse")])
+def test_keep_compressed_gives_the_same_logits_with_layers_encoded(models, tmp_path, src, fmt):
+    from slimtune.compress.load import load_base
+
+    out = tmp_path / fmt
+    assert main(["export", str(models / src), "--format", fmt, "--out", str(out)]) == 0
+    decoded = load_base(str(out), "float32")
+    kept = load_base(str(out), "float32", keep_compressed=True)
+    layer_params = [p for n, p in kept.named_parameters() if ".layers." in n and p.dim() == 2]
+    assert layer_params and all(p.untyped_storage().nbytes() <= 4 for p in layer_params)  # nothing decoded
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(kept(ids).logits, decoded(ids).logits)
+    assert all(p.untyped_storage().nbytes() <= 4 for p in layer_params)  # dropped again after the forward
+    with pytest.raises(Exception, match="keep_compressed"):  # training would keep every decoded weight
+        next(kept.parameters()).requires_grad_(True)
+        kept.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+        kept(ids)
+
+
+def test_keep_compressed_on_the_cli(models, tmp_path, capsys):
+    out = tmp_path / "df"
+    assert main(["export", str(models / "dense"), "--format", "dfloat11", "--out", str(out)]) == 0
+    assert main(["eval", *TINY, f"model.name={out}"]) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", *TINY, f"model.name={out}", "model.keep_compressed=true"]) == 0
+    kept = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert kept == plain
+    gen = ["generate", f"model.name={out}", "prompt=The", "max_new_tokens=6", "temperature=0"]
+    assert main(gen) == 0
+    text = capsys.readouterr().out
+    assert main([*gen, "model.keep_compressed=true"]) == 0  # every new token's forward decodes the layers
+    assert capsys.readouterr().out == text
+    assert main(["run", "lora", *TINY, f"model.name={out}", "model.keep_compressed=true",
+                 f"output_dir={tmp_path / 'r'}"]) == 2
+    assert "model.keep_compressed" in capsys.readouterr().err
+    assert main(["eval", *TINY, f"model.name={models / 'dense'}", "model.keep_compressed=true"]) == 2
+    assert "needs a compressed checkpoint" in capsys.readouterr().err

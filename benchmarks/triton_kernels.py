@@ -1,7 +1,7 @@
 """slimtune's low-precision kernels: accuracy everywhere, speed where there is a GPU.
 
-    python benchmarks/kernels.py                  # CPU: error table of every format/kernel (torch references)
-    python benchmarks/kernels.py --tokens 4096    # on a CUDA machine also TFLOP/s vs torch._scaled_mm / bf16
+    python benchmarks/triton_kernels.py                  # CPU: error table of every format/kernel (torch references)
+    python benchmarks/triton_kernels.py --tokens 4096    # on a CUDA machine also TFLOP/s vs torch._scaled_mm / bf16
 
 Error table (any device): relative Frobenius error ||y - y_ref|| / ||y_ref|| of each low-precision matmul
 against the fp32 matmul of the unquantized operands, on LLM-sized weights (4096x4096, 11008x4096) and

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slimtune.models import load_model
-from slimtune.trainer.memory import _file_ranges, release_file_mappings, trim_heap
+from slimtune.memory import _file_ranges, release_file_mappings, trim_heap
 
 
 def _in_file(model) -> int:
