@@ -286,10 +286,6 @@ def _validate_engine(cfg: RecipeConfig) -> None:
         raise ConfigError(f"engine.offload=nvme needs engine.zero_stage>=2 (got {e.zero_stage})")
     if e.config and not Path(e.config).expanduser().is_file():
         raise ConfigError(f"engine.config={e.config}: no such file; give the path of a DeepSpeed JSON")
-    if e.name == "deepspeed" and e.zero_stage < 3 and cfg.checkpoint.every:
-        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} with engine.name=deepspeed engine.zero_stage="
-                          f"{e.zero_stage}: step checkpoints are written under ZeRO-3 only for now; set "
-                          "engine.zero_stage=3 or checkpoint.every=0")
 
 
 def _validate_optim(cfg: RecipeConfig) -> None:

@@ -12,11 +12,12 @@ grad_accum: the loop already divides by the global batch's target count) and eac
 calls `engine.step()`, which only counts; the loop's `step()` is DeepSpeed's boundary step (clip + update).
 
 Checkpoints keep slimtune's layout: the full fp32 weights and optimizer moments gathered per parameter by name
-(`deepspeed.utils.safe_get_full_*`), written by rank 0, restored with `safe_set_full_*`, so a run saved on
-N processes resumes on any other number, and never through DeepSpeed's pickled checkpoint files. This works
-for ZeRO-3; under stages 0-2, DeepSpeed 0.19's gather of a parameter outside a rank's partition skips the
-collective on that rank and the others hang, so step checkpoints there are refused (config.py) until slimtune
-gathers the flat partitions itself.
+(`deepspeed.utils.safe_get_full_*`: ZeRO-3 parameters, and the fragments of ZeRO-1/2's flat partitions), written
+by rank 0, restored with `safe_set_full_*` (and, under ZeRO 0-2, into the whole weights every rank computes
+with), so a run saved on N processes resumes on any other number, at any stage, and never through DeepSpeed's
+pickled checkpoint files. The gathers are collectives: every rank saves (Engine.gathers_state), rank 0 writes.
+ZeRO-0 keeps no fragments: a bf16 model's fp32 masters are DeepSpeed's master copies (flat groups or one per
+parameter), an fp32 model's weights and the client optimizer's state are read as they are.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class DeepSpeedEngine(Engine):
         self.linear = torch.nn.functional.linear  # ZeRO-3 replaces it process-wide ("persists unless reset")
         super().__init__(model, cfg, device, info, recovery, wrap=False)
         self.sharded = cfg.engine.zero_stage == 3  # ZeRO-3's forward gathers parameters: collective
+        self.gathers_state = True  # ZeRO 1-3 and the bf16 optimizer hold fragments: gathered on every rank
         self.ds_config = deepspeed_config(cfg, info.world)
         if info.is_main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -134,13 +136,63 @@ class DeepSpeedEngine(Engine):
 
     # ---------------------------------------------------------------- checkpoints: full fp32 state by name
 
-    def _full_state(self) -> tuple[dict, dict]:
+    def _full(self, p, key: str | None = None):
+        """The full fp32 weight (key None) or optimizer moment `key` of parameter p. ZeRO 1-3 and the bf16
+        optimizer hold fragments of flat partitions: gathered (a collective: every rank calls this, for every
+        parameter, in the same order). ZeRO-0 in fp32: the parameter and the client optimizer's own state."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            return safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+        master = self._master_view(p, key)
+        if master is not None:
+            return master
+        return p.data if key is None else self.optimizer.state.get(p, {}).get(key)
+
+    def _master_view(self, p, key: str | None = None):
+        """ZeRO-0 with a low-precision model (DeepSpeed's FP16_Optimizer / FP16_UnfusedOptimizer, bf16 too):
+        p's fp32 master weight (or the inner optimizer's state `key` of it): a part of its group's flat master
+        tensor (the group's parameters concatenated in order) or its own fp32 copy. None for other optimizers."""
+        opt = self.ds_optimizer
+        groups = getattr(opt, "fp16_groups", None)
+        flats, copies = getattr(opt, "fp32_groups_flat", None), getattr(opt, "fp32_groups", None)
+        if groups is None or (flats is None and copies is None):
+            return None
+        state = opt.optimizer.state
+        for i, group in enumerate(groups):
+            offset = 0
+            for j, q in enumerate(group):
+                if q is p:
+                    master = flats[i] if flats is not None else copies[i][j]
+                    t = master if key is None else state.get(master, {}).get(key)
+                    if t is None or flats is None:
+                        return t
+                    return t.narrow(0, offset, p.numel()).view_as(p)
+                offset += q.numel()
+        return None
+
+    def _set_full(self, p, value: torch.Tensor, key: str | None = None) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            if key is None:
+                safe_set_full_fp32_param(p, value)
+            else:
+                safe_set_full_optimizer_state(p, value, key)
+        elif self._master_view(p, key) is not None:
+            with torch.no_grad():
+                self._master_view(p, key).copy_(value)
+        elif key is not None:
+            self.optimizer.state[p][key] = value.clone()
+        if key is None and not hasattr(p, "ds_id"):  # ZeRO 0-2: every rank computes with whole weights
+            with torch.no_grad():
+                p.data.copy_(value.to(p.dtype))
+
+    def _full_state(self) -> tuple[dict, dict]:
         weights, state = {}, {}
         for n, p in self.trainable():
-            weights[n] = safe_get_full_fp32_param(p).detach().cpu().clone()
-            moments = {k: safe_get_full_optimizer_state(p, k) for k in self._moment_keys()}
+            weights[n] = self._full(p).detach().cpu().clone()
+            moments = {k: self._full(p, k) for k in self._moment_keys()}
             if moments and all(v is not None for v in moments.values()):
                 state[n] = {k: v.detach().cpu().clone() for k, v in moments.items()}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
@@ -149,12 +201,11 @@ class DeepSpeedEngine(Engine):
     def save_checkpoint(self, root: Path, step: int, trainer_state: dict, config_yaml: str, keep: int) -> Path:
         weights, optim = self._full_state()  # gathers: every rank
         if self.info.is_main:
-            ckpt.save_state(root, step, weights, optim, {**trainer_state, "optimizer_steps": step}, config_yaml, keep)
+            ckpt.save_state(root, step, weights, optim, {**trainer_state, "optimizer_steps": _optimizer_steps(
+                self.ds_optimizer, step)}, config_yaml, keep)
         return Path(root) / f"step_{step}"
 
     def load_checkpoint(self, path: Path) -> dict:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
         weights, optim, state = ckpt.read_state(path)
         named = dict(self.trainable())
         if set(weights) != set(named) or not set(optim.get("state", {})) <= set(named):
@@ -163,12 +214,15 @@ class DeepSpeedEngine(Engine):
                                 "resume with the config it was written with")
         if optim["state"]:
             _init_state(self.ds_optimizer, self._moment_keys())
+            link = getattr(self.ds_optimizer, "_lazy_init_hp_params_optimizer_state", None)
+            if link is not None:  # ZeRO 1-2 / bf16: point each parameter's fragments at the states just made
+                link()
         for n, p in named.items():
-            safe_set_full_fp32_param(p, weights[n].to(self.device))
+            self._set_full(p, weights[n].to(self.device))
             for k, v in optim["state"].get(n, {}).items():
-                safe_set_full_optimizer_state(p, v.to(self.device), k)
-        # the model's partitions are copied from the fp32 master partitions after each step; do it now, as
-        # DeepSpeed's own checkpoint loader does (load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+                self._set_full(p, v.to(self.device), k)
+        # ZeRO-3: the model's partitions are copied from the fp32 master partitions after each step; do it now,
+        # as DeepSpeed's own checkpoint loader does (load_hp_checkpoint_state_from_checkpoint_dir_stage3)
         for i in range(len(getattr(self.ds_optimizer, "fp32_partitioned_groups_flat", []))):
             self.ds_optimizer._reassign_or_swap_out_partitioned_parameters(i)
         _set_optimizer_steps(self.ds_optimizer, int(state.get("optimizer_steps", state["step"])))
@@ -180,12 +234,7 @@ class DeepSpeedEngine(Engine):
 
     def save_final(self, path: Path, base_path: str, tokenizer) -> None:
         """Full fp32 weights gathered (every rank), put into the plain model on rank 0, saved as usual."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        if self.cfg.engine.zero_stage == 3:
-            full = {n: safe_get_full_fp32_param(p).detach().cpu().clone() for n, p in self.trainable()}
-        else:  # stages 0-2 keep whole (model-dtype) weights on every rank
-            full = {n: p.detach().cpu().clone() for n, p in self.trainable()}
+        full = {n: self._full(p).detach().cpu().clone() for n, p in self.trainable()}  # gathers: every rank
         if not self.info.is_main:
             return
         import deepspeed
@@ -211,6 +260,14 @@ def _init_state(ds_optimizer, keys) -> None:
             st.setdefault(k, torch.zeros_like(flat, memory_format=torch.preserve_format))
         if "exp_avg" in keys:
             st.setdefault("step", torch.tensor(0.0))
+
+
+def _optimizer_steps(ds_optimizer, default: int) -> int:
+    """The updates the inner optimizer made (its states' "step"): fewer than the loop's steps where DeepSpeed
+    skipped one (a loss-scale overflow of its fp16/bf16 optimizer)."""
+    inner = getattr(ds_optimizer, "optimizer", ds_optimizer)
+    steps = [float(st["step"]) for st in inner.state.values() if "step" in st]
+    return int(max(steps)) if steps else default
 
 
 def _set_optimizer_steps(ds_optimizer, steps: int) -> None:

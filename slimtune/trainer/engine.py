@@ -38,6 +38,7 @@ class Engine:
     """In-memory training (DDP under torchrun). cfg: RecipeConfig."""
 
     sharded = False  # FSDP2 / ZeRO-3: every rank must run each forward (eval pads its batches)
+    gathers_state = False  # sharded weights or optimizer state (FSDP2, ZeRO 1-3): every rank saves, rank 0 writes
 
     def __init__(self, model: nn.Module, cfg, device: torch.device, info: DistInfo, recovery=None,
                  wrap: bool = True):
@@ -97,7 +98,7 @@ class Engine:
             return fn(self.loss_model)
 
     def save_checkpoint(self, root: Path, step: int, trainer_state: dict, config_yaml: str, keep: int) -> Path:
-        """Called on rank 0 (on every rank for a sharded engine, which gathers first)."""
+        """Called on rank 0 (on every rank for an engine that gathers_state first)."""
         extra = {}
         masks = self.recovery.mask_tensors() if self.recovery is not None else {}
         if masks:

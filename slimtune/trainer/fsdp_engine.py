@@ -90,6 +90,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 class FSDP2Engine(Engine):
     sharded = True  # every rank must run each forward (eval batches are padded to the same count)
+    gathers_state = True
 
     def __init__(self, model: nn.Module, cfg, device: torch.device, info, recovery=None):
         if recovery is not None and recovery.held is not None:

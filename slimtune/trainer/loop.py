@@ -164,7 +164,7 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.max_steps:
-            if info.is_main or engine.sharded:  # a sharded engine gathers on every rank, rank 0 writes
+            if info.is_main or engine.gathers_state:  # gathered on every rank, written by rank 0
                 engine.save_checkpoint(out / "checkpoints", step, {"tokens": tokens_seen, "seconds": train_seconds,
                                        "eval_perplexity_before": ppl_before, "world_size": info.world,
                                        "compute_dtype": cfg.model.dtype},
@@ -177,7 +177,7 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
 
     ppl_after = evaluate()
     report = None
-    if info.is_main or engine.sharded:
+    if info.is_main or engine.gathers_state:
         engine.save_final(out / "final", str(base_dir(cfg.model.name)), tokenizer)
     if info.is_main:
         rows = metrics.rows

@@ -1,5 +1,6 @@
-"""engine.name=deepspeed on 2 processes (gloo): ZeRO-2 and ZeRO-3 full fine-tuning follow DDP step for step;
-a ZeRO-3 run saved on 2 processes resumes on 1 (slimtune's safetensors checkpoint, not DeepSpeed's pickles);
+"""engine.name=deepspeed on 2 processes (gloo): ZeRO-1, 2 and 3 full fine-tuning follow DDP step for step;
+a run saved on 2 processes resumes on 1 at every stage (ZeRO-0 in bf16: DeepSpeed's bf16 optimizer) with slimtune's
+safetensors checkpoint, not DeepSpeed's pickles;
 the generated DeepSpeed JSON round-trips with a user's own and carries the NVMe settings."""
 
 import json
@@ -21,12 +22,17 @@ _torchrun, _close = torchrun2, close_curves
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ds")
     _torchrun("full", "checkpoint.every=0", f"output_dir={root / 'ddp'}")
-    _torchrun("full", "engine.name=deepspeed", "engine.zero_stage=2", "checkpoint.every=0", f"output_dir={root / 'z2'}")
-    _torchrun("full", "engine.name=deepspeed", "engine.zero_stage=3", "checkpoint.every=3", f"output_dir={root / 'z3'}")
+    for stage in (1, 2, 3):
+        _torchrun("full", "engine.name=deepspeed", f"engine.zero_stage={stage}", "checkpoint.every=3",
+                  f"output_dir={root / f'z{stage}'}")
+    _torchrun("full", *BF16_ZERO0, "checkpoint.every=3", f"output_dir={root / 'z0_bf16'}")
     return root
 
 
-@pytest.mark.parametrize("stage", ["z2", "z3"])
+BF16_ZERO0 = ["engine.name=deepspeed", "engine.zero_stage=0", "model.dtype=bfloat16"]
+
+
+@pytest.mark.parametrize("stage", ["z1", "z2", "z3"])
 def test_zero_follows_ddp(runs, stage):
     _close(losses(runs / stage), losses(runs / "ddp"))
     a, b = safetensors_dir(runs / stage / "final"), safetensors_dir(runs / "ddp" / "final")
@@ -36,15 +42,21 @@ def test_zero_follows_ddp(runs, stage):
     assert used["train_batch_size"] == 2 * 1 * 2 and used["gradient_clipping"] == 1.0
 
 
-def test_zero3_saved_on_two_resumes_on_one(runs, tmp_path):
+@pytest.mark.parametrize("stage", ["z1", "z2", "z3", "z0_bf16"])
+def test_saved_on_two_resumes_on_one(runs, tmp_path, stage):
+    """ZeRO 1-3 partition the optimizer state (and ZeRO-3 the weights) over the 2 ranks: the checkpoint holds
+    them whole, so one process with grad_accum 2 continues the curve."""
     out = tmp_path / "resumed"
-    shutil.copytree(runs / "z3", out)
+    shutil.copytree(runs / stage, out)
     shutil.rmtree(out / "final")
     ckpt = out / "checkpoints" / "step_3"
     assert (ckpt / "optimizer.safetensors").is_file() and not list(ckpt.rglob("*.pt"))
-    assert main(["run", "full", *RUN, "engine.name=deepspeed", "engine.zero_stage=3", "checkpoint.every=3",
-                 "train.grad_accum=2", "resume=true", f"output_dir={out}"]) == 0
-    _close(losses(out), losses(runs / "z3"))
+    engine = BF16_ZERO0 if stage == "z0_bf16" else ["engine.name=deepspeed", f"engine.zero_stage={stage[1]}"]
+    assert main(["run", "full", *RUN, *engine, "checkpoint.every=3", "train.grad_accum=2", "resume=true",
+                 f"output_dir={out}"]) == 0
+    _close(losses(out), losses(runs / stage))
+    a, b = safetensors_dir(out / "final"), safetensors_dir(runs / stage / "final")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
 def test_generated_config_round_trips_with_ones_own(tmp_path):
