@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
 from slimtune.errors import SlimtuneError
@@ -98,16 +99,12 @@ def uses(model: nn.Module, units: list[Unit], recompute: bool = True) -> list[Us
 def placeholder(shape: tuple, dtype, device=None) -> "torch.Tensor":
     """What an unloaded parameter holds: its shape (numel, grads and autograd's shape checks all work) over
     one zero element (no memory; a stray read gives zeros, but every use is behind a load hook)."""
-    import torch
-
     return torch.zeros((), dtype=dtype, device=device).expand(shape)
 
 
 def materialize(model: nn.Module, values: dict, dtype) -> None:
     """Replace every meta parameter of `model` by a CPU one: values[name] where given (resident weights),
     else a placeholder of `dtype`. Tied parameters stay tied; requires_grad is kept."""
-    import torch
-
     new: dict[int, nn.Parameter] = {}
     names = {}
     for qname, p in model.named_parameters(remove_duplicate=False):
