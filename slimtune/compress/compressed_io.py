@@ -18,9 +18,9 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from slimtune.compress.compressed import FORMATS, MANIFEST, TENSORS, decode_tensor, encode_tensor, keep_mask
+from slimtune.compress.compressed import (FORMATS, MANIFEST, TENSORS, decode_coded, decode_tensor, encode_tensor,
+                                          keep_mask)
 from slimtune.errors import SlimtuneError
-from slimtune.kernels.dfloat11_decode import decode_many
 from slimtune.io import atomic_dir, write_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -207,12 +207,8 @@ def load_compressed(path: Path, dtype=None, keep_compressed: bool = False) -> nn
         grouped.setdefault(name, {})[part] = v
     layers = split_layer_tensors(model, manifest, grouped) if keep_compressed else {}
     kept = {n for tensors in layers.values() for n in tensors}
-    coded = [n for n, r in manifest["tensors"].items() if r.get("kind") in ("df11", "df11f") and n not in kept]
-    try:  # every DFloat11-coded tensor in one lockstep decode (one tensor at a time: 4096 steps each)
-        many = [{**grouped.get(n, {}), "shape": manifest["tensors"][n]["shape"],
-                 "block_values": manifest["tensors"][n]["block_values"]} for n in coded]
-        fp32 = [manifest["tensors"][n]["kind"] == "df11f" for n in coded]
-        decoded = dict(zip(coded, decode_many(many, fp32))) if coded else {}
+    try:
+        decoded = decode_coded({n: r for n, r in manifest["tensors"].items() if n not in kept}, grouped)
     except (ValueError, KeyError, RuntimeError) as e:
         raise SlimtuneError(f"{path / TENSORS}: the DFloat11-coded tensors do not match {MANIFEST} ({e}); the "
                             "checkpoint is corrupted or was tampered with; export it again") from None

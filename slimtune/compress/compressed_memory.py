@@ -36,14 +36,10 @@ class EncodedLayer:
                    for v in parts.values() if torch.is_tensor(v))
 
     def decode(self) -> dict[str, torch.Tensor]:
-        from slimtune.compress.compressed import decode_tensor
-        from slimtune.kernels.dfloat11_decode import decode_many
+        from slimtune.compress.compressed import decode_coded, decode_tensor
 
-        coded = [n for n, (r, _, _, _) in self.entries.items() if r["kind"] in ("df11", "df11f")]
-        many = [{**self.entries[n][1], "shape": self.entries[n][0]["shape"],
-                 "block_values": self.entries[n][0]["block_values"]} for n in coded]
-        out = dict(zip(coded, decode_many(many, [self.entries[n][0]["kind"] == "df11f" for n in coded]))) \
-            if coded else {}
+        records = {n: record for n, (record, _, _, _) in self.entries.items()}
+        out = decode_coded(records, {n: parts for n, (_, parts, _, _) in self.entries.items()})
         for n, (record, parts, _, _) in self.entries.items():
             if n not in out:
                 out[n] = decode_tensor(n, record, parts)

@@ -179,9 +179,9 @@ class DeepSpeedEngine(Engine):
                 safe_set_full_fp32_param(p, value)
             else:
                 safe_set_full_optimizer_state(p, value, key)
-        elif self._master_view(p, key) is not None:
+        elif (master := self._master_view(p, key)) is not None:
             with torch.no_grad():
-                self._master_view(p, key).copy_(value)
+                master.copy_(value)
         elif key is not None:
             self.optimizer.state[p][key] = value.clone()
         if key is None and not hasattr(p, "ds_id"):  # ZeRO 0-2: every rank computes with whole weights
