@@ -2,13 +2,14 @@
 
 Autograd saves, beside a layer's activations, views of its weights (`mm` keeps `weight.t()`, RMSNorm keeps
 its weight). Those views point into a pooled slab that is reused as soon as the layer leaves memory after
-its forward. Under bf16 autocast (no autocast cache) `mm` keeps a view of the weight's bf16 cast instead, a fresh
-copy that would keep 2 bytes per parameter alive: a view of a cast of a streamed trained weight (found through
-its grad_fn: ToCopyBackward0 -> AccumulateGrad of that weight) is saved the same way, and cast again at unpack
-(the same values bit for bit). `saved_tensors_hooks` replace such a view by a reference (unit, parameter, view
-geometry) when it is saved; when backward unpacks it, the unit is loaded again (the units below start loading too) and
-the same view is taken of the freshly read weights. Activations themselves are saved as usual: backward
-runs without recomputing any layer, at the price of holding every layer's activations in RAM.
+its forward. Under bf16 autocast (no autocast cache) `mm` keeps a view of the weight's bf16 cast instead, a
+fresh copy that would keep 2 bytes per parameter alive; a view of a cast of a streamed trained weight (found
+through its grad_fn: ToCopyBackward0 -> AccumulateGrad of that weight) is saved the same way and cast again
+at unpack (the same values bit for bit). `saved_tensors_hooks` replace such a view by a reference (unit,
+parameter, view geometry) when it is saved; when backward unpacks it, the unit is loaded again (the units
+below start loading too) and the same view is taken of the freshly read weights. Activations themselves are
+saved as usual: backward runs without recomputing any layer, at the price of holding every layer's
+activations in RAM.
 """
 
 from __future__ import annotations
