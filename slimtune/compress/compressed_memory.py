@@ -31,10 +31,6 @@ class EncodedLayer:
         self.entries = entries  # qualified name -> (record, parts, module, attr)
         self.dtype = dtype
 
-    def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for _, parts, _, _ in self.entries.values()
-                   for v in parts.values() if torch.is_tensor(v))
-
     def decode(self) -> dict[str, torch.Tensor]:
         from slimtune.compress.compressed import decode_coded, decode_tensor
 
@@ -89,10 +85,9 @@ def split_layer_tensors(model: nn.Module, manifest: dict, grouped: dict) -> dict
     return out
 
 
-def keep_layers_compressed(model: nn.Module, layers: dict[str, dict], dtype) -> int:
+def keep_layers_compressed(model: nn.Module, layers: dict[str, dict], dtype) -> None:
     """Install the placeholders and hooks of `layers` (split_layer_tensors) on `model`, whose other
-    tensors are loaded. Returns the bytes kept encoded."""
-    kept = 0
+    tensors are loaded."""
     for prefix, tensors in layers.items():
         if not tensors:
             continue
@@ -108,5 +103,3 @@ def keep_layers_compressed(model: nn.Module, layers: dict[str, dict], dtype) -> 
         encoded = EncodedLayer(entries, dtype)
         layer.register_forward_pre_hook(encoded.fill)
         layer.register_forward_hook(encoded.empty)
-        kept += encoded.nbytes()
-    return kept
