@@ -78,6 +78,22 @@ def atomic_dir(target: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def manifest_path(root: Path, name, manifest: Path | str, key: str) -> Path:
+    """`root / name` for a file `name` that a manifest lists (`manifest`: the file, `key`: where in it): a
+    downloaded checkpoint is untrusted input, so `name` must be a relative path inside `root` (no absolute
+    path, no `..` component, no empty or NUL name), else one line naming the manifest, the key and the name.
+    The check is on the name, not on where a symlink points: a Hugging Face cache snapshot links its files
+    into ../../blobs and stays loadable."""
+    bad = not isinstance(name, str) or not name or "\x00" in name or "\\" in name
+    parts = Path(name).parts if not bad else ()
+    if bad or Path(name).is_absolute() or ".." in parts or not parts or parts[0] == "/":
+        from slimtune.errors import SlimtuneError
+
+        raise SlimtuneError(f"{manifest}: {key} names {name!r}, which is not a file inside {root}; the checkpoint "
+                            "was tampered with or is corrupted (a manifest may only name files in its own directory)")
+    return Path(root) / name
+
+
 def flatten_state(obj, prefix: str = "") -> tuple[dict[str, torch.Tensor], object]:
     """Split a nested state (dicts/lists of tensors and scalars) into a flat tensor dict for safetensors
     and a JSON skeleton where each tensor is replaced by {"__tensor__": key}."""
