@@ -202,7 +202,8 @@ class OffloadConfig:
                         ("none", "cpu", "disk"))
     optimizer: str = _help("where the optimizer state (and fp32 master weights) live: none | cpu | disk", "none",
                            ("none", "cpu", "disk"))
-    dir: str = _help("the store's directory (default: offload/ inside output_dir); a fast local disk", "")
+    dir: str = _help("a fast local disk for the store, shareable: each run uses its own subdirectory <output dir "
+                     "name>-<hash> (default: offload/ inside output_dir)", "")
     prefetch: int = _help("units (decoder layers) read ahead of the one computing", 2)
     io_threads: int = _help("threads doing the store's reads and writes", 4)
     direct_io: bool = _help("O_DIRECT reads/writes (bypass the page cache) where the file system allows", True)

@@ -114,8 +114,11 @@ def synchronize(event) -> None:
         event.synchronize()
 
 
-def pin(slab_data: torch.Tensor) -> None:
-    """Page-lock a host slab in place (cudaHostRegister keeps its page alignment, which O_DIRECT needs)."""
-    err = torch.cuda.cudart().cudaHostRegister(slab_data.data_ptr(), slab_data.numel(), 0)
+def pin(slab_data: torch.Tensor):
+    """Page-lock a host slab in place (cudaHostRegister keeps its page alignment, which O_DIRECT needs); returns
+    the call that unregisters it (BufferPool.close, before the slab's memory is unmapped)."""
+    cudart, ptr = torch.cuda.cudart(), slab_data.data_ptr()
+    err = cudart.cudaHostRegister(ptr, slab_data.numel(), 0)
     if int(err) != 0:
         raise RuntimeError(f"cudaHostRegister failed ({err}) for a {slab_data.numel()}-byte slab")
+    return lambda: cudart.cudaHostUnregister(ptr)

@@ -34,13 +34,18 @@ class Slab:
 
 class BufferPool:
     def __init__(self, classes: dict[str, tuple[int, int]], pin=None):
-        """classes: name -> (bytes per slab, number of slabs); pin(data) page-locks a slab (the CUDA path pins
-        the classes copied to the device)."""
+        """classes: name -> (bytes per slab, number of slabs); pin(data) page-locks a slab and returns the call
+        that unlocks it (the CUDA path pins the slabs; close() unpins them)."""
         self._free = {c: [Slab(c, size) for _ in range(count)] for c, (size, count) in classes.items()}
+        self._unpin = []
         if pin is not None:
-            for slabs in self._free.values():
-                for slab in slabs:
-                    pin(slab.data)
+            try:
+                for slabs in self._free.values():
+                    for slab in slabs:
+                        self._unpin.append(pin(slab.data))
+            except BaseException:
+                self.close()
+                raise
         self.sizes = {c: size for c, (size, count) in classes.items()}
         self.nbytes = sum(size * count for size, count in classes.values())
         self._cond = threading.Condition()
@@ -61,3 +66,8 @@ class BufferPool:
         with self._cond:
             self._free[slab.cls].append(slab)
             self._cond.notify_all()
+
+    def close(self) -> None:
+        """Unpin every pinned slab (no copy may be reading one: the caller synchronizes first)."""
+        while self._unpin:
+            self._unpin.pop()()

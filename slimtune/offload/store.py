@@ -22,6 +22,7 @@ import errno
 import json
 import mmap
 import os
+import shutil
 import struct
 import threading
 import time
@@ -128,9 +129,11 @@ class UnitStore:
         store.read("layer.3", name, out).result()   # verified against the chunk hashes
     """
 
-    def __init__(self, root: Path, io_threads: int = 4, direct: bool = True):
+    def __init__(self, root: Path, io_threads: int = 4, direct: bool = True, lock=None):
+        """lock: the open file holding the store's lock (rundir.lock_exclusive), released by close()."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.lock_file = lock
         self.direct = direct
         self.pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="slimtune-io")
         # commits wait for their writes: on their own thread, never holding an I/O thread
@@ -154,7 +157,7 @@ class UnitStore:
 
     # --------------------------------------------------------------- writing
 
-    def writer(self, unit: str, specs: list[tuple[str, torch.dtype, tuple]], meta: dict | None = None) -> "UnitWriter":
+    def writer(self, unit: str, specs: list[tuple[str, torch.dtype, tuple]], meta: dict | None = None) -> UnitWriter:
         with self._lock:
             self._version += 1
             name = f"{unit}.{self._version:08d}.bin"
@@ -235,54 +238,15 @@ class UnitStore:
                 raise StoreCorrupt(f"store file truncated at byte {offset}")
             view, offset = view[n:], offset + n
 
-    # --------------------------------------------------------------- snapshots
-
-    def snapshot(self, target: Path, extra: dict | None = None) -> None:
-        """Hard-link every current unit file (but the TRANSIENT ones) into `target` and write its manifest
-        (call with no write in flight). The manifest is written last: a directory without it is not a
-        snapshot."""
-        target = Path(target)
-        target.mkdir(parents=True, exist_ok=True)
-        files = {u: f for u, f in self.files.items() if not u.endswith(TRANSIENT)}
-        for name in files.values():
-            dst = target / name
-            if not dst.exists():
-                os.link(self.root / name, dst)
-        manifest = {"files": files, "extra": extra or {}}
-        tmp = target / ".manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest))
-        os.replace(tmp, target / "manifest.json")
-
-    def restore(self, source: Path) -> dict:
-        """Make the snapshot in `source` the current store (hard links back, headers parsed and checked);
-        returns its `extra`."""
-        source = Path(source)
-        try:
-            manifest = json.loads((source / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreCorrupt(f"{source}/manifest.json: unreadable ({e}); resume from an earlier checkpoint") from None
-        for old in self.files.values():
-            (self.root / old).unlink(missing_ok=True)
-        self.files, self.entries, self.metas = {}, {}, {}
-        for unit, name in manifest["files"].items():
-            self._version += 1
-            live = f"{unit}.{self._version:08d}.bin"
-            try:
-                os.link(source / name, self.root / live)
-            except FileNotFoundError:
-                raise StoreCorrupt(f"{source / name}: missing; the snapshot is incomplete") from None
-            self.entries[unit], self.metas[unit] = self._parse_header(self.root / live)
-            self.files[unit] = live
-        self.verify()
-        return manifest.get("extra", {})
+    # --------------------------------------------------------------- snapshots: offload/snapshot.py
 
     def verify(self) -> None:
         """Read every tensor of every current file against its checksums (StoreCorrupt naming the first bad
         file): a resumed run checks the whole snapshot before it writes anything."""
-        jobs = []
-        for unit, entries in self.entries.items():
-            for e in entries.values():
-                jobs.append(self.pool.submit(self._verify, self.root / self.files[unit], e))
+        self._verify_files({self.root / self.files[u]: entries for u, entries in self.entries.items()})
+
+    def _verify_files(self, files: dict[Path, dict[str, Entry]]) -> None:
+        jobs = [self.pool.submit(self._verify, path, e) for path, entries in files.items() for e in entries.values()]
         for j in jobs:
             j.result()
 
@@ -300,24 +264,16 @@ class UnitStore:
         finally:
             os.close(fd)
 
-    @staticmethod
-    def _parse_header(path: Path) -> tuple[dict[str, Entry], dict]:
-        with open(path, "rb") as f:
-            head = f.read(len(MAGIC) + 4)
-            if len(head) < len(MAGIC) + 4 or head[: len(MAGIC)] != MAGIC:
-                raise StoreCorrupt(f"{path}: not a slimtune store file (bad header)")
-            (length,) = struct.unpack("<I", head[len(MAGIC):])
-            try:
-                meta = json.loads(f.read(length))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise StoreCorrupt(f"{path}: corrupted header") from None
-        entries = {t["name"]: Entry(t["name"], t["dtype"], tuple(t["shape"]), t["offset"], t["nbytes"],
-                                    tuple(t["hashes"])) for t in meta["tensors"]}
-        return entries, meta.get("meta", {})
-
-    def close(self) -> None:
-        self.committer.shutdown(wait=True)
-        self.pool.shutdown(wait=True)
+    def close(self, delete: bool = False) -> None:
+        """Stop the I/O threads (queued work is dropped), remove the store's directory if `delete` (snapshots
+        keep their own links), then release the lock. Safe to call again."""
+        self.committer.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if delete:
+            shutil.rmtree(self.root, ignore_errors=True)
+        if self.lock_file is not None:
+            self.lock_file.close()  # releases the flock
+            self.lock_file = None
 
 
 class UnitWriter:

@@ -12,21 +12,23 @@ reading the gradients once more (4 + 4 bytes per parameter and step).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from slimtune.offload.device import DeviceMirror, synchronize
+from slimtune.offload.gradients import StreamedGradients
 from slimtune.offload.pool import BufferPool, Slab
 from slimtune.offload.saved import SavedWeights
-from slimtune.offload.worker import Restore, Worker
 from slimtune.offload.store import ALIGN, UnitStore
 from slimtune.offload.units import Unit, Use, placeholder
 from slimtune.offload.update import UnitOptimizer
+from slimtune.offload.worker import Restore, Worker
 
 
 def _align(n: int) -> int:
@@ -48,7 +50,7 @@ class Loaded:
     event: object = None  # with a mirror on CUDA: the upload's
 
 
-class Streamer:
+class Streamer(StreamedGradients):
     """Owns which units are in memory. units: forward order; streamed: unit -> {param name: "frozen" |
     "train"} for the parameters whose weights live in the store (the rest stay resident)."""
 
@@ -56,7 +58,7 @@ class Streamer:
                  streamed: dict[str, dict[str, str]], prefetch: int, optimizer: UnitOptimizer | None,
                  trained: dict[str, list[str]], store_names: dict[str, str], mirror: DeviceMirror | None = None):
         self.units = {u.name: u for u in units}
-        self.order = [u.name for u in units if u.name in streamed and streamed[u.name]]
+        self.order = [u.name for u in units if streamed.get(u.name)]
         self.uses, self.store, self.pool = uses, store, pool
         self.streamed, self.prefetch, self.optimizer = streamed, prefetch, optimizer
         self.trained = trained  # unit -> trainable params whose state is in the store (updated per unit)
@@ -186,14 +188,16 @@ class Streamer:
             entry = self.loaded.pop(unit, None)
         if entry is None:
             return
-        for f in entry.futures:
-            f.result()
-        for name in entry.views:
-            self._set(unit, name, self._placeholder(name))
-        if entry.device_buf is not None:
-            synchronize(entry.event)  # the upload has read the host slab
-            self.mirror.release(self.slab_class(unit), entry.device_buf)
-        self.pool.release(entry.slab)
+        try:
+            for f in entry.futures:
+                f.result()
+        finally:  # a failed read is done too: the slab goes back either way
+            for name in entry.views:
+                self._set(unit, name, self._placeholder(name))
+            if entry.device_buf is not None:
+                synchronize(entry.event)  # the upload has read the host slab
+                self.mirror.release(self.slab_class(unit), entry.device_buf)
+            self.pool.release(entry.slab)
 
     def wait_commit(self, unit: str) -> None:
         f = self.commits.pop(unit, None)
@@ -212,6 +216,23 @@ class Streamer:
         self.drain()
         for unit in list(self.loaded):
             self.release(unit)
+
+    def close(self) -> None:
+        """Stop the update thread and let every unit go, after a finished run or an error alike: queued updates
+        are dropped, the running one finishes, errors are not raised (a failed run's has surfaced already)."""
+        self.worker.stopping = True
+        self._release_quietly()  # a running update may wait for a slab
+        self.worker.close()
+        for unit in list(self.commits):
+            with contextlib.suppress(Exception):
+                self.wait_commit(unit)
+        self._release_quietly()
+        self.detach()
+
+    def _release_quietly(self) -> None:
+        for unit in list(self.loaded):
+            with contextlib.suppress(Exception):
+                self.release(unit)
 
     # ------------------------------------------------------------------ hooks
 
@@ -332,98 +353,6 @@ class Streamer:
         backward may come after the last LoRA factor's gradient)."""
         names = self.streamed.get(unit, {})
         return bool(self.trained.get(unit)) and all(w == "train" for w in names.values())
-
-    # ------------------------------------------------------------------ gradients and updates
-
-    def begin_backward(self, accumulate: bool, defer: bool) -> None:
-        self.accumulate, self.defer = accumulate, defer
-        self.waiting = {u: set(names) for u, names in self.trained.items() if names}
-
-    def _grad_hook(self, unit: str, name: str):
-        def hook(p: torch.Tensor) -> None:
-            pending = self.waiting.get(unit)
-            if pending is None or name not in pending:
-                return
-            pending.discard(name)
-            if not pending:
-                self._unit_ready(unit)
-        return hook
-
-    def _unit_ready(self, unit: str) -> None:
-        params = {n: self.units[unit].params[n] for n in self.trained[unit]}
-        grads = {}
-        for n, p in params.items():
-            grads[n], p.grad = p.grad, None
-        ready = None
-        if self.mirror is not None:  # to pinned host memory on the copy stream; updates run on the host
-            grads, ready = self.mirror.download(grads)
-            if unit in self.with_grad_store or self.accumulate or self.defer or self.reduce is not None:
-                synchronize(ready)  # read on this thread below
-                ready = None
-        if unit in self.with_grad_store:  # the earlier micro-steps' sum (g1 + g2 == g2 + g1 exactly)
-            for n, g in grads.items():
-                old = torch.empty_like(g)
-                self.store.read(f"{unit}~grad", n, old).result()
-                g.add_(old)
-        if not self.accumulate and self.reduce is not None:
-            self.reduce(list(grads.values()))  # under torchrun: every rank's sum, as DDP's last micro-step
-        if self.accumulate or self.defer:
-            if not self.accumulate:
-                for n, g in grads.items():
-                    self.norms[n] = torch.linalg.vector_norm(g, 2.0)
-            self.store.write_all(f"{unit}~grad", grads)
-            self.with_grad_store.add(unit)
-            if self._released_by_update(unit):
-                self.release(unit)
-            return
-        self.with_grad_store.discard(unit)
-        self.worker.submit(unit, lambda: (synchronize(ready), self._update(unit, params, grads)))
-
-    def _update(self, unit: str, params: dict, grads: dict) -> None:
-        """Update, then commit on the store's commit thread: the next unit's update need not wait for these
-        writes. The weights' slab is released once they are written."""
-        self.ensure(unit)
-        params = self._host_params(unit, params)
-        writer = self.optimizer.step(self.store, unit, params, grads, write_weights=True)
-        for n, p in params.items():  # a resident parameter's compute copy follows its host master
-            if n in self.host_master:
-                self.mirror.to_device(p.data, into=self.units[unit].params[n].data)
-
-        def finish():
-            writer.commit()
-            if self._released_by_update(unit):
-                self.release(unit)
-
-        self.commits[unit] = self.store.committer.submit(finish)
-
-    def _host_params(self, unit: str, params: dict) -> dict:
-        """What the update steps: the parameters themselves, or with a mirror their host copies (the loaded
-        unit's host views, the resident parameters' masters)."""
-        if self.mirror is None:
-            return params
-        with self.lock:
-            host = self.loaded[unit].host if unit in self.loaded else {}
-        return {n: self.host_master[n] if n in self.host_master else nn.Parameter(host[n], requires_grad=True)
-                for n in params}
-
-    def _always_loaded(self) -> set[str]:
-        return {u for u in self.units if not self.streamed.get(u)}
-
-    def deferred_updates(self, coef: torch.Tensor | None) -> None:
-        """Run the updates the gradient store holds (clipping: each gradient times `coef` first)."""
-        for unit in [u for u in self.order + sorted(self._always_loaded()) if u in self.with_grad_store]:
-            self._prefetch_from(unit, reverse=False)
-            params = {n: self.units[unit].params[n] for n in self.trained[unit]}
-            grads = {}
-            for n, p in params.items():
-                g = torch.empty(p.shape, dtype=torch.float32)
-                self.store.read(f"{unit}~grad", n, g).result()
-                if coef is not None:
-                    g.mul_(coef)
-                grads[n] = g
-            self.with_grad_store.discard(unit)
-            self._update(unit, params, grads)
-        self.norms = {}
 
 
 def _nbytes(shape, dtype) -> int:

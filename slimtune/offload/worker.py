@@ -19,7 +19,7 @@ class Restore:
 
 class Worker:
     """One thread running unit updates in submission order; `wait_for(unit)` blocks until that unit's queued
-    update is done (a read of its new version must not start before)."""
+    update is done (a read of its new version must not start before). close() stops the thread."""
 
     def __init__(self):
         self.q: queue.Queue = queue.Queue()
@@ -28,6 +28,7 @@ class Worker:
         self.slot = threading.Semaphore(1)
         self.pending: dict[str, threading.Event] = {}
         self.error: BaseException | None = None
+        self.stopping = False  # set by close(): queued updates are dropped
         self.thread = threading.Thread(target=self._run, daemon=True, name="slimtune-update")
         self.thread.start()
 
@@ -40,16 +41,32 @@ class Worker:
 
     def _run(self) -> None:
         while True:
-            unit, fn, done = self.q.get()
-            try:
-                if self.error is None:
-                    fn()
-            except BaseException as e:  # surfaced on the main thread at the next submit / wait
-                self.error = e
-            finally:
-                done.set()
-                self.slot.release()
+            task = self.q.get()
+            if task is None:  # close()
                 self.q.task_done()
+                return
+            self._do(*task)
+            del task  # waiting for the next one must not keep this one's closure (streamer, buffers, model) alive
+
+    def _do(self, unit: str, fn, done: threading.Event) -> None:
+        try:
+            if self.error is None and not self.stopping:
+                fn()
+        except BaseException as e:  # noqa: BLE001 - surfaced on the main thread at the next submit / wait
+            self.error = e
+        finally:
+            done.set()
+            self.slot.release()
+            self.q.task_done()
+
+    def close(self) -> None:
+        """Stop the thread once the update running now (if any) is done; queued ones are dropped (as after a
+        crash: the last checkpoint is what resumes), an error not yet raised is dropped too."""
+        self.stopping = True
+        if self.thread.is_alive():
+            self.q.put(None)
+            self.thread.join()
+        self.error = None
 
     def is_pending(self, unit: str) -> bool:
         ev = self.pending.get(unit)

@@ -6,28 +6,29 @@ from and written to the store (offload.optimizer=disk). Parameters the store doe
 a streamed base, with offload.optimizer=none) train with an ordinary in-memory optimizer beside it.
 
 Checkpoints: the store is the checkpoint of what it holds. A snapshot (hard links + manifest, no copy) goes
-to <offload dir>/snapshots/step_N and checkpoints/step_N names it, with the in-memory rest as usual.
+to <run's store dir>/snapshots/step_N (offload/rundir.py: each run owns its directory, locked while it runs)
+and checkpoints/step_N names it by absolute path, with the in-memory rest as usual.
 `final/` is written unit by unit: an HF directory in model.dtype, never the whole model in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.io import atomic_dir, write_json
 from slimtune.loss import CausalLMLoss
+from slimtune.offload import store as store_mod
 from slimtune.offload.device import DeviceMirror, pin
 from slimtune.offload.pool import BufferPool
-from slimtune.offload import store as store_mod
+from slimtune.offload.rundir import checked_snapshot, prune_snapshots
+from slimtune.offload.snapshot import restore, snapshot
 from slimtune.offload.store import UnitStore
 from slimtune.offload.stream import Streamer
 from slimtune.offload.units import split_units, uses
@@ -52,15 +53,6 @@ def _return_freed_memory() -> None:
         libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
-
-
-def offload_dir(cfg) -> Path:
-    return Path(cfg.offload.dir) if cfg.offload.dir else Path(cfg.output_dir) / "offload"
-
-
-def live_dir(cfg, rank: int) -> Path:
-    """Each rank streams from its own store (snapshots are rank 0's, restored by every rank)."""
-    return offload_dir(cfg) / ("live" if rank == 0 else f"live.rank{rank}")
 
 
 class OffloadOptimizer:
@@ -120,9 +112,14 @@ class OffloadEngine(Engine):
         self.keep_activations = keep_activations(cfg, model, streamed_weights)
         self.streamer = Streamer(units, uses(model, units, recompute=not self.keep_activations), store, self.pool, streamed, o.prefetch, self.unit_opt,
                                  self.trained, store_names, self.mirror)
-        if device.type == "cuda":  # what stays in memory (norms, rotary tables, LoRA factors) computes there
-            _resident_to(model, device)
-        self.streamer.attach()
+        self.root, self._closed = store.root.parent, False  # the run's own store directory (rundir.py)
+        try:
+            if device.type == "cuda":  # what stays in memory (norms, rotary tables, LoRA factors) computes there
+                _resident_to(model, device)
+            self.streamer.attach()
+        except BaseException:
+            self.close()  # the update thread started with the streamer
+            raise
         if info.enabled:
             self.streamer.reduce = self._all_reduce
         self.loss_model = self.train_model = CausalLMLoss(model, t.loss_chunk_tokens, self.streamer.load_for)
@@ -228,24 +225,17 @@ class OffloadEngine(Engine):
     # ------------------------------------------------------------------ checkpoints and the final save
 
     def save_checkpoint(self, root: Path, step: int, trainer_state: dict, config_yaml: str, keep: int) -> Path:
-        snap = offload_dir(self.cfg) / "snapshots" / f"step_{step}"
+        snap = self.root / "snapshots" / f"step_{step}"
         self.streamer.drain()
-        self.store.snapshot(snap, {"step": step})
+        snapshot(self.store, snap, {"step": step})
         target = ckpt.save_checkpoint(root, step, self.model, self.optimizer, {**trainer_state, "offload": str(snap)},
                                       config_yaml, keep, skip=self._store_params())
-        kept = {json.loads((d / "trainer_state.json").read_text()).get("offload") for d in ckpt.complete_checkpoints(root)}
-        for d in (offload_dir(self.cfg) / "snapshots").iterdir():
-            if str(d) not in kept:
-                shutil.rmtree(d, ignore_errors=True)
+        prune_snapshots(self.root, ckpt.complete_checkpoints(root))
         return target
 
     def load_checkpoint(self, path: Path) -> dict:
         state = ckpt.load_checkpoint(path, self.model, self.optimizer, skip=self._store_params())
-        snap = state.get("offload")
-        if not snap or not Path(snap).is_dir():
-            raise SlimtuneError(f"checkpoint {path}: its offload snapshot {snap!r} is missing; resume from an earlier "
-                                "checkpoint (or restore the offload dir)")
-        self.store.restore(Path(snap))
+        restore(self.store, checked_snapshot(path, state.get("offload"), self.root))
         with torch.no_grad():  # weights kept in memory that the store also holds (the resident unit, ...)
             for unit, names in self.trained.items():
                 for n in names:
@@ -308,11 +298,17 @@ class OffloadEngine(Engine):
             "buffer_pool_bytes": self.pool.nbytes, "device_buffer_bytes": self.mirror.nbytes if self.mirror else 0, "projection_seconds": self.unit_opt.projection_seconds}}
 
     def close(self) -> None:
-        """After a finished run: the live store goes (final/ holds the weights, checkpoints their snapshots)."""
-        self.streamer.release_all()
-        self.streamer.detach()
-        self.store.close()
-        shutil.rmtree(self.store.root, ignore_errors=True)
+        """After a finished run or an error alike (raises nothing): the update and I/O threads stopped, hooks
+        removed, slabs unpinned, the live store deleted (final/ holds the weights, the checkpoints their
+        snapshots, which stay), then the run's lock released."""
+        if self._closed:
+            return
+        self._closed = True
+        self.streamer.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no copy still reads a pinned slab
+        self.pool.close()
+        self.store.close(delete=True)
 
 
 def _resident_to(model: nn.Module, device: torch.device) -> None:
@@ -360,34 +356,3 @@ def offload_active(cfg) -> bool:
     """True when some weights or optimizer state go to disk (cpu = pinned host memory: nothing to do on a
     CPU-only machine, where it equals none)."""
     return "disk" in (cfg.offload.params, cfg.offload.optimizer)
-
-
-def open_store(cfg, numel: int, trainable: int, rank: int = 0, world: int = 1) -> UnitStore:
-    """The run's store in offload.dir (checked writable and large enough before anything is written)."""
-    root = offload_dir(cfg)
-    try:
-        live_dir(cfg, rank).mkdir(parents=True, exist_ok=True)
-        probe = live_dir(cfg, rank) / ".writable"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise SlimtuneError(f"offload.dir={str(root)!r}: not writable ({e.strerror}); give a writable directory on a "
-                            "fast local disk") from None
-    need = store_bytes(cfg, numel, trainable) * world  # every rank's store on this disk
-    free = shutil.disk_usage(root).free
-    if need > free:
-        raise SlimtuneError(f"offload.dir={str(root)!r}: the store needs about {need / 1e9:.1f} GB (weights, optimizer "
-                            f"state and checkpoint.keep={cfg.checkpoint.keep} snapshots) but {free / 1e9:.1f} GB are "
-                            "free; free space, lower checkpoint.keep, or point offload.dir at a larger disk")
-    return UnitStore(live_dir(cfg, rank), cfg.offload.io_threads, cfg.offload.direct_io)
-
-
-def store_bytes(cfg, numel: int, trainable: int) -> int:
-    """An upper bound of the store's disk use: every version a snapshot can pin counted in full."""
-    o, t = cfg.offload, cfg.train
-    state = 0
-    if o.optimizer == "disk":
-        state = 4 + (2.1 if cfg.optim.state_bits == 8 else 8) + (4 if t.max_grad_norm > 0 or t.grad_accum > 1 else 0)
-    frozen = (numel - trainable) * (4 if cfg.model.dtype == "float32" else 2) if o.params == "disk" else 0
-    versions = 1 + (cfg.checkpoint.keep if cfg.checkpoint.every else 0)
-    return int(frozen + trainable * state * versions)

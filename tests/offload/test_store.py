@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from slimtune.offload import store as S
+from slimtune.offload.snapshot import restore, snapshot
 
 
 @pytest.fixture
@@ -74,12 +75,12 @@ def test_snapshot_is_hard_links_and_survives_later_writes(tmp_path):
     a = torch.randn(100)
     st.write_all("u", {"a": a})
     st.write_all("u~grad", {"a": a})  # transient: never in a snapshot
-    st.snapshot(tmp_path / "snap", {"step": 5})
+    snapshot(st, tmp_path / "snap", {"step": 5})
     snap_file = tmp_path / "snap" / st.files["u"]
     assert os.stat(snap_file).st_ino == os.stat(tmp_path / "live" / st.files["u"]).st_ino  # no copy
     assert not any("~grad" in p.name for p in (tmp_path / "snap").iterdir())
     st.write_all("u", {"a": a * 2})  # a new version; the snapshot's file is untouched
-    assert st.restore(tmp_path / "snap") == {"step": 5}
+    assert restore(st, tmp_path / "snap") == {"step": 5}
     out = torch.empty(100)
     st.read("u", "a", out).result()
     assert torch.equal(out, a)
@@ -102,5 +103,81 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_version(tmp_path, mon
     assert st.files["u"] == before and sorted(p.name for p in tmp_path.iterdir()) == [before]  # temp removed
     out = torch.empty(1000)
     st.read("u", "a", out).result()
+    assert torch.equal(out, a)
+    st.close()
+
+
+def _store_with_snapshot(tmp_path):
+    """A store whose layer.0 changed after its snapshot step_1 (so restoring it would be visible)."""
+    st = S.UnitStore(tmp_path / "run" / "live")
+    a = torch.randn(100)
+    st.write_all("layer.0", {"a": a})
+    st.write_all("embed", {"a": a * 3})
+    snap = tmp_path / "run" / "snapshots" / "step_1"
+    snapshot(st, snap, {"step": 1})
+    st.write_all("layer.0", {"a": a * 2})
+    return st, snap, a
+
+
+def _tree(root):
+    return sorted((str(p), p.stat().st_ino, p.stat().st_nlink) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("tamper, needle", [
+    ("unit ../../escaped", "files names the unit '../../escaped'"),
+    ("absolute file name", "files['layer.0'] names '/"),
+    ("'..' file name", "files['layer.0'] names '../../../outside.bin'"),
+    ("missing file", "missing; the snapshot is incomplete"),
+    ("not a store file", "not a slimtune store file"),
+    ("flipped byte", "checksum mismatch"),
+])
+def test_restore_checks_the_whole_snapshot_before_touching_anything(tmp_path, tamper, needle):
+    """A snapshot is untrusted input: a unit or file name from its manifest never reaches a path outside the
+    store or the snapshot, and a bad snapshot leaves the store's current files as they were."""
+    import json
+
+    from slimtune.errors import SlimtuneError
+
+    st, snap, a = _store_with_snapshot(tmp_path)
+    manifest = json.loads((snap / "manifest.json").read_text())
+    layer = snap / manifest["files"]["layer.0"]
+    (tmp_path / "outside.bin").write_bytes(layer.read_bytes())  # a valid unit file outside the snapshot
+    if tamper.startswith("unit"):
+        manifest["files"]["../../escaped"] = manifest["files"].pop("layer.0")
+    elif tamper.startswith("absolute"):
+        manifest["files"]["layer.0"] = str(tmp_path / "outside.bin")
+    elif tamper.startswith("'..'"):
+        manifest["files"]["layer.0"] = "../../../outside.bin"
+    elif tamper == "missing file":
+        layer.unlink()
+    elif tamper == "not a store file":
+        layer.write_bytes(b"not a unit file")
+    else:
+        data = bytearray(layer.read_bytes())
+        data[st.specs("layer.0")["a"].offset + 5] ^= 0x01
+        layer.write_bytes(bytes(data))
+    (snap / "manifest.json").write_text(json.dumps(manifest))
+    files, tree = dict(st.files), _tree(tmp_path)
+    with pytest.raises(SlimtuneError, match="^[^\n]*$") as e:  # one line
+        restore(st, snap)
+    assert needle in str(e.value)
+    assert _tree(tmp_path) == tree  # nothing created, deleted or linked anywhere
+    assert st.files == files
+    out = torch.empty(100)
+    st.read("layer.0", "a", out).result()
+    assert torch.equal(out, a * 2)  # the current version still reads
+    st.close()
+
+
+def test_a_symlinked_snapshot_file_stays_loadable(tmp_path):
+    st, snap, a = _store_with_snapshot(tmp_path)
+    layer = next(snap.glob("layer.0.*.bin"))
+    blob = tmp_path / "blobs" / "x.bin"
+    blob.parent.mkdir()
+    os.replace(layer, blob)
+    layer.symlink_to(os.path.relpath(blob, snap))
+    assert restore(st, snap) == {"step": 1}
+    out = torch.empty(100)
+    st.read("layer.0", "a", out).result()
     assert torch.equal(out, a)
     st.close()
