@@ -7,3 +7,4 @@ the config validates against: registering an adapter, format, optimizer or preci
 __version__ = "0.1.0"
 
 from slimtune import adapters, optim, quant  # noqa: E402,F401  (fill the registries)
+from slimtune.compress import compressed_io, prune_model, qcheckpoint  # noqa: E402,F401  (DIR_VERIFIERS)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -92,6 +93,87 @@ def manifest_path(root: Path, name, manifest: Path | str, key: str) -> Path:
         raise SlimtuneError(f"{manifest}: {key} names {name!r}, which is not a file inside {root}; the checkpoint "
                             "was tampered with or is corrupted (a manifest may only name files in its own directory)")
     return Path(root) / name
+
+
+# slimtune's manifests: a file the scan of a model dir skips (each is checked by its own loader)
+MANIFESTS = ("slimtune_compressed.json", "slimtune_quant.json", "slimtune_sparse.json", "slimtune_adapter.json")
+NOT_READ = ("quantize_report.json", "allocation.txt")  # slimtune's reports beside a quantized checkpoint
+READ_SUBDIRS = ("additional_chat_templates",)  # a tokenizer's extra templates: transformers reads them
+_sums: dict[tuple, str] = {}  # (dev, inode, size, mtime, ctime) -> checksum, for files older than 2 s
+
+
+def file_checksum(path: Path) -> str:
+    """xxh3-128 (hex) of a file's bytes, through a symlink. Remembered per version of the file (device,
+    inode, size, mtime, ctime) once it is 2 s old, so a model dir read in several steps is hashed once; a
+    younger file could change again within the clock's resolution, so it is hashed each time."""
+    import xxhash
+
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _sums:
+        return _sums[key]
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    if time.time() - max(st.st_mtime, st.st_ctime) > 2:
+        _sums[key] = h.hexdigest()
+    return h.hexdigest()
+
+
+def loaded_files(root: Path, subdirs=()) -> list[str]:
+    """Relative paths (posix) of the files of a model dir that a loader may read: its top-level files but
+    slimtune's manifests and reports, hidden files and a model card or license (*.md, LICENSE*), and every
+    file under `subdirs` (a compressed export's adapter/) and additional_chat_templates/. Other subdirs are
+    not read (an export written inside the dir it was made from, say). Symlinked files are listed (a
+    Hugging Face cache snapshot)."""
+    root, out = Path(root), []
+    for sub in (".", *READ_SUBDIRS, *subdirs):
+        if not (root / sub).is_dir():
+            continue
+        for d, dirs, files in os.walk(root / sub):
+            dirs[:] = sorted(n for n in dirs if not n.startswith(".")) if sub != "." else []
+            rel = Path(d).relative_to(root)
+            for n in sorted(files):
+                skip = n in MANIFESTS or n in NOT_READ or n.endswith(".md") or n.startswith("LICENSE")
+                if n.startswith(".") or (rel == Path(".") and skip) or not (Path(d) / n).is_file():
+                    continue
+                out.append((rel / n).as_posix())
+    return sorted(set(out))
+
+
+def dir_checksums(root: Path, subdirs=()) -> dict[str, str]:
+    """{relative path: xxh3-128} of loaded_files(root, subdirs): what a manifest records when its dir is
+    written."""
+    return {n: file_checksum(Path(root) / n) for n in loaded_files(root, subdirs)}
+
+
+def verify_checksums(root: Path, checksums, manifest: Path, fix: str, required=()) -> None:
+    """Check a dir's files against `checksums` (manifest key "checksums" of `manifest`) before any is read:
+    every name a relative path inside root (manifest_path), every file present with its bytes, and every
+    name in `required` (the files its loader reads) listed. Else one line naming the file and `fix`."""
+    from slimtune.errors import SlimtuneError
+
+    root = Path(root)
+    if not isinstance(checksums, dict):
+        raise SlimtuneError(f"{manifest}: no 'checksums' (written by an older slimtune, or tampered with); the "
+                            f"files it names cannot be verified; {fix}")
+    paths = {}
+    for name, want in checksums.items():
+        paths[name] = manifest_path(root, name, manifest, "checksums")
+        if not isinstance(want, str):
+            raise SlimtuneError(f"{manifest}: checksums[{name!r}] is not a checksum; {fix}")
+    listed = {os.path.normpath(n) for n in checksums}
+    for name in required:
+        if os.path.normpath(name) not in listed:
+            raise SlimtuneError(f"{manifest}: 'checksums' has no entry for {name}, a file the loader reads; the "
+                                f"checkpoint was tampered with or is incomplete; {fix}")
+    for name, path in paths.items():
+        if not path.is_file():
+            raise SlimtuneError(f"{path}: missing, but {manifest.name} lists it; the checkpoint is incomplete; {fix}")
+        if file_checksum(path) != checksums[name]:
+            raise SlimtuneError(f"{path}: its bytes do not match the checksum in {manifest.name}; the file was "
+                                f"changed or corrupted; {fix}")
 
 
 def flatten_state(obj, prefix: str = "") -> tuple[dict[str, torch.Tensor], object]:

@@ -107,21 +107,40 @@ def resolve_model_dir(name: str) -> Path:
     if not (path / "config.json").is_file():
         raise SlimtuneError(f"model.name={name!r}: no config.json there; give a local Hugging Face model "
                             f"directory or one of: {SMOLLM2}, {TINY}")
+    verify_model_dir(path)
     return path
+
+
+def verify_model_dir(path: Path) -> None:
+    """A model dir slimtune wrote (a compressed export, a quantized checkpoint, a pruned model) is untrusted
+    input once downloaded: its files are checked against the checksums of its manifest before any is read
+    (config and tokenizer included: every loader resolves the dir here). A plain HF dir has none to check."""
+    from slimtune.registry import DIR_VERIFIERS  # filled by slimtune.compress (imported by slimtune/__init__)
+
+    path = Path(path)
+    for manifest, verify in DIR_VERIFIERS.items():
+        if (path / manifest).is_file():
+            verify(path)
+
+
+ADAPTER_META, ADAPTER_FIX = "slimtune_adapter.json", "save or train the adapter again with slimtune"
 
 
 def adapter_metadata(path: Path) -> dict | None:
     """For a LoRA adapter dir (e.g. runs/a/final), what rebuilds the model it was trained on:
     {"model_name": base model, "quant": the base's QuantConfig fields or None}; None if not an adapter dir.
 
-    slimtune writes slimtune_adapter.json beside PEFT's files; a plain PEFT adapter gives its
-    base_model_name_or_path (and no quantization)."""
-    mine, peft = Path(path) / "slimtune_adapter.json", Path(path) / "adapter_config.json"
+    slimtune writes slimtune_adapter.json beside PEFT's files, with the checksums of the dir's files (checked
+    by verify_adapter_files when the adapter is loaded); one without them is refused. A plain PEFT adapter
+    (no slimtune_adapter.json) gives its base_model_name_or_path (a model reference, not a file of the dir)
+    and no quantization."""
+    mine, peft = Path(path) / ADAPTER_META, Path(path) / "adapter_config.json"
     if mine.is_file():  # "format" names its adapters.base.AdapterFormat (peft when absent)
         meta = _read_json(mine)
         if not isinstance(meta.get("model_name"), str):
             raise SlimtuneError(f"{mine}: no 'model_name'; re-save the adapter with slimtune, or delete the file "
                                 f"and set base_model_name_or_path in {peft.name}")
+        _check_names(Path(path), meta, mine)
         return {"model_name": meta["model_name"], "quant": meta.get("quant"), "format": meta.get("format", "peft")}
     if not peft.is_file():
         return None
@@ -130,6 +149,32 @@ def adapter_metadata(path: Path) -> dict | None:
         raise SlimtuneError(f"{peft}: no base_model_name_or_path, so the base model is unknown; set it to the "
                             "base model's directory (or a built-in name such as smollm2-135m)")
     return {"model_name": base, "quant": None, "format": "peft"}
+
+
+def _check_names(path: Path, meta: dict, mine: Path) -> None:
+    """The checksums of a slimtune adapter dir's manifest: present, each name a file inside the dir."""
+    from slimtune.io import manifest_path
+
+    sums = meta.get("checksums")
+    if not isinstance(sums, dict):
+        raise SlimtuneError(f"{mine}: no 'checksums' (written by an older slimtune, or tampered with), so the "
+                            f"adapter's files cannot be verified; {ADAPTER_FIX}")
+    for name in sums:
+        manifest_path(path, name, mine, "checksums")
+
+
+def verify_adapter_files(path: Path) -> None:
+    """Before an adapter dir's files are read: a dir slimtune wrote (slimtune_adapter.json) has every file
+    but that manifest listed in its checksums, each matching; a dir without it (written by the peft library)
+    has nothing to check and loads as PEFT loads it."""
+    from slimtune.io import loaded_files, verify_checksums
+
+    path, mine = Path(path), Path(path) / ADAPTER_META
+    if not mine.is_file():
+        return
+    meta = _read_json(mine)
+    _check_names(path, meta, mine)
+    verify_checksums(path, meta["checksums"], mine, ADAPTER_FIX, loaded_files(path))
 
 
 def _read_json(path: Path) -> dict:

@@ -46,6 +46,9 @@ QUANT_FORMATS = Registry("quant.method", fixed=("none", "lq_lora"))  # name -> f
 OPTIMIZERS = Registry("optim.name")  # name -> builder(cfg, named_params, lr) -> torch.optim.Optimizer
 PRECISIONS = Registry("train.precision", fixed=("default",))  # name -> swap(linear, train_cfg) -> module
 HOOKS = Registry("hooks")  # name -> trainer.hooks.Hooks subclass, built with no arguments
+# the manifest file of a model dir slimtune writes (compressed export, quantized checkpoint, pruned model) ->
+# verify(dir): its files against the manifest's checksums (models.verify_model_dir runs them before any read)
+DIR_VERIFIERS = Registry("model dir manifest")
 
 # config key -> its registry (config.validate reads the allowed values from here)
 BY_KEY = {r.key: r for r in (ADAPTERS, ADAPTER_INITS, QUANT_FORMATS, OPTIMIZERS, PRECISIONS, HOOKS)}

@@ -99,6 +99,12 @@ def test_an_older_fp32_checkpoint_resumes_under_auto(tmp_path, monkeypatch):
     state = json.loads(state_file.read_text())
     del state["compute_dtype"]
     state_file.write_text(json.dumps(state))
+    from slimtune.io import file_checksum
+    from slimtune.trainer.checkpoint import CHECKSUMS
+
+    listing = json.loads((state_file.parent / CHECKSUMS).read_text())  # the older state, checksummed
+    listing["checksums"][state_file.name] = file_checksum(state_file)
+    (state_file.parent / CHECKSUMS).write_text(json.dumps(listing))
     assert _auto_run(out, "train.max_steps=4", "resume=true") == 0
     assert json.loads((out / "report.json").read_text())["compute_dtype"] == "float32"
 

@@ -9,7 +9,12 @@ converted to plain LoRA on the original base (adapters/pissa.py). What would loa
 biases, fan_in_fan_out, ...) or tensors that
 belong to no wrapped module are refused with one line. `slimtune_adapter.json` beside them records the
 slimtune model name and the base's quantization (PEFT ignores it), so `slimtune eval model.name=runs/a/final`
-rebuilds the base the adapter was trained on.
+rebuilds the base the adapter was trained on, and the xxh3-128 checksums of the dir's other files.
+
+Which dirs are verified: a dir with `slimtune_adapter.json` was written by slimtune; every file of it but that
+manifest must be listed in its checksums and match before any is read (one without checksums is refused).
+A dir without it was written by the peft library (which writes no checksums): it loads as PEFT loads it,
+unverified (interop); its base_model_name_or_path is a model reference, not a file of the dir.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from slimtune.adapters.inject import NEVER_ALL_LINEAR, adapter_modules, linear_k
 from slimtune.adapters.lora import LoRALinear
 from slimtune.adapters.pissa import peft_factors
 from slimtune.errors import SlimtuneError
-from slimtune.io import atomic_dir, write_json
+from slimtune.io import atomic_dir, dir_checksums, write_json
 from slimtune.registry import ADAPTER_FORMATS
 
 PREFIX = "base_model.model."
@@ -93,7 +98,12 @@ def save_peft_adapter(model: nn.Module, adapter_cfg, out_dir: Path, model_name: 
     with atomic_dir(out_dir) as tmp:
         save_file(peft_state_dict(model), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "adapter_config.json", peft_config(model, adapter_cfg, base_path))
-        write_json(tmp / "slimtune_adapter.json", {"format": "peft", "model_name": model_name, "quant": quant})
+        write_metadata(tmp, {"format": "peft", "version": 2, "model_name": model_name, "quant": quant})
+
+
+def write_metadata(adapter_dir: Path, meta: dict) -> None:
+    """slimtune_adapter.json in a complete adapter dir: `meta` with the checksums of the dir's files now."""
+    write_json(Path(adapter_dir) / "slimtune_adapter.json", {**meta, "checksums": dir_checksums(adapter_dir)})
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:
@@ -153,8 +163,12 @@ def _peft_targets(model: nn.Module, targets, path: Path) -> list[str]:
 
 def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> list[str]:
     """Wrap `model` with LoRA as described in adapter_dir and load its weights (PEFT format); returns the
-    wrapped module names. Everything is frozen afterwards (an adapter loaded to score or merge)."""
+    wrapped module names. Everything is frozen afterwards (an adapter loaded to score or merge). A dir
+    slimtune wrote is verified against its checksums first (models.verify_adapter_files; see above)."""
+    from slimtune.models import verify_adapter_files
+
     adapter_dir = Path(adapter_dir)
+    verify_adapter_files(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
     cfg_path = adapter_dir / "adapter_config.json"
     names = _peft_targets(model, cfg.get("target_modules") or [], cfg_path)

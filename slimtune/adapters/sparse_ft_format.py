@@ -2,9 +2,13 @@
 
     sparse_ft.safetensors    per wrapped module <name>: "<name>.indices" int64 (k,), flat positions r * in + c,
                              sorted and unique; "<name>.deltas" float32 (k,), W' = W + scatter(deltas)
-    slimtune_adapter.json    {"format": "sparse_ft", "version": 1, "model_name": the base slimtune loads,
+    slimtune_adapter.json    {"format": "sparse_ft", "version": 2, "model_name": the base slimtune loads,
                              "base_model_name_or_path", "quant": the base's quantization or null,
-                             "modules": {<name>: {"out_features", "in_features", "num_params"}}, "density"}
+                             "modules": {<name>: {"out_features", "in_features", "num_params"}}, "density",
+                             "checksums": {file: xxh3-128} of the dir's other files}
+
+A downloaded adapter is untrusted input: its files are verified against the checksums before any is read
+(models.verify_adapter_files); version 1 (no checksums) is refused.
 
 `slimtune eval model.name=DIR` rebuilds the base as recorded and loads this; `slimtune export RUN --merge`
 adds the deltas into the full-precision weights (a plain HF model).
@@ -24,10 +28,11 @@ from slimtune.adapters.base import AdapterFormat
 from slimtune.adapters.inject import adapter_modules, replace_module
 from slimtune.adapters.sparse_ft import SparseFTLinear
 from slimtune.errors import SlimtuneError
-from slimtune.io import atomic_dir, write_json
+from slimtune.io import atomic_dir, dir_checksums, write_json
 from slimtune.registry import ADAPTER_FORMATS
 
 TENSORS, MANIFEST = "sparse_ft.safetensors", "slimtune_adapter.json"
+VERSION = 2  # 2: checksums of the dir's files (1 had none)
 
 
 def save_sparse_ft(model: nn.Module, adapter_cfg, out_dir: Path, model_name: str, base_path: str,
@@ -40,16 +45,27 @@ def save_sparse_ft(model: nn.Module, adapter_cfg, out_dir: Path, model_name: str
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt"})
         write_json(tmp / MANIFEST, {
-            "format": "sparse_ft", "version": 1, "model_name": model_name, "base_model_name_or_path": base_path,
+            "format": "sparse_ft", "version": VERSION, "model_name": model_name, "base_model_name_or_path": base_path,
             "quant": quant, "density": adapter_cfg.density,
             "modules": {n: {"out_features": m.out_features, "in_features": m.in_features, "num_params": m.num_params}
-                        for n, m in mods.items()}})
+                        for n, m in mods.items()},
+            "checksums": dir_checksums(tmp)})
 
 
 def load_sparse_ft(model: nn.Module, adapter_dir: Path) -> list[str]:
     """Wrap the modules listed in adapter_dir's manifest and load their indices and deltas; all frozen."""
+    from slimtune.models import verify_adapter_files
+
     adapter_dir = Path(adapter_dir)
-    manifest = json.loads((adapter_dir / MANIFEST).read_text())
+    try:
+        manifest = json.loads((adapter_dir / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise SlimtuneError(f"{adapter_dir / MANIFEST}: unreadable ({e}); train the adapter again") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != VERSION:
+        got = manifest.get("version") if isinstance(manifest, dict) else None
+        raise SlimtuneError(f"{adapter_dir / MANIFEST}: sparse_ft version {got!r}, this slimtune reads version "
+                            f"{VERSION} (version 1 had no checksums of the adapter's files); train the adapter again")
+    verify_adapter_files(adapter_dir)  # before the tensors are read
     path = adapter_dir / TENSORS
     try:
         state = load_file(str(path))

@@ -4,6 +4,12 @@
 first, as `export --merge` does, and passes the merged dir); the sparse formats need a pruned model (its slimtune_sparse.json names the
 pruned matrices and the pattern). Prints the bytes on disk and bits per parameter against bf16 safetensors.
 `load_compressed(path, dtype)` is what compress/load.load_base calls, so eval, run and export all load them.
+
+A downloaded export is untrusted input: its manifest (version 2) holds an xxh3-128 checksum of every file a
+loader reads (tensors, config, tokenizer files, adapter/), and `check_export` verifies them before any is
+read (models.resolve_model_dir calls it for the tokenizer and config too). A name the manifest lists must
+be a relative path inside the export (io.manifest_path). Version 1 (no checksums of the tokenizer files)
+is refused: export it again.
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ from safetensors.torch import load_file, save_file
 from slimtune.compress.compressed import (FORMATS, MANIFEST, TENSORS, decode_coded, decode_tensor, encode_tensor,
                                           keep_mask)
 from slimtune.errors import SlimtuneError
-from slimtune.io import atomic_dir, write_json
+from slimtune.registry import DIR_VERIFIERS
+from slimtune.io import atomic_dir, dir_checksums, loaded_files, manifest_path, verify_checksums, write_json
 
+VERSION = 2  # 2: every file a loader reads has a checksum, tokenizer files included (1: not them)
+FIX = "export it again"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
 
@@ -48,8 +57,10 @@ def export_compressed(src: str, fmt: str, out: str | None = None, model_dir: Pat
         raise SlimtuneError("export --rank: this run has its own adapter, which is kept beside the values; drop "
                             "--rank (or export its merged model: slimtune export RUN --merge, then that dir)")
     from slimtune.compress.prune_model import is_sparse_model, read_sparse_manifest
-    from slimtune.models import load_model, load_tokenizer
+    from slimtune.models import load_model, load_tokenizer, verify_adapter_files
 
+    if adapter_dir is not None:  # a run's adapter, copied in below: verified first
+        verify_adapter_files(adapter_dir)
     path = Path(src).expanduser()
     out_dir = Path(out) if out else (path / fmt if path.is_dir() else Path.cwd() / f"{Path(src).name}-{fmt}")
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -90,13 +101,15 @@ def export_compressed(src: str, fmt: str, out: str | None = None, model_dir: Pat
         load_tokenizer(str(model_dir)).save_pretrained(tmp)
         (tmp / "model.safetensors.index.json").unlink(missing_ok=True)
         params = sum(int(torch.Size(r["shape"]).numel()) for r in records.values() if "shape" in r)
-        manifest = {"format": "slimtune-compressed", "version": 1, "codec": fmt, "source": str(src),
-                    "tensors": records, "params": params, "pruned": sparse,
+        # the source's sparse record, without the checksums of the source's files
+        record = {k: v for k, v in sparse.items() if k != "checksums"} if sparse is not None else None
+        manifest = {"format": "slimtune-compressed", "version": VERSION, "codec": fmt, "source": str(src),
+                    "tensors": records, "params": params, "pruned": record,
                     "adapter": "adapter" if adapter_dir is not None else None,
                     "lowrank": {"rank": rank, "error_without": sum(f["error_without"] for f in factors.values())
                                 / len(factors), "error": sum(f["error"] for f in factors.values()) / len(factors)}
                     if factors else None}
-        manifest["checksums"] = file_checksums(tmp)
+        manifest["checksums"] = dir_checksums(tmp, ["adapter"] if adapter_dir is not None else [])
         write_json(tmp / MANIFEST, manifest)
         nbytes = dir_bytes(tmp)
         bf16 = params * 2
@@ -107,33 +120,32 @@ def export_compressed(src: str, fmt: str, out: str | None = None, model_dir: Pat
     return out_dir
 
 
-def _xxh3(path: Path) -> str:
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_checksums(root: Path) -> dict[str, str]:
-    """xxh3-128 of every file of an export but its manifest and tokenizer files, by relative path."""
-    root = Path(root)
-    return {str(f.relative_to(root)): _xxh3(f) for f in sorted(root.rglob("*"))
-            if f.is_file() and f.name != MANIFEST and f.name not in TOKENIZER_FILES}
-
-
-def verify_checksums(path: Path, manifest: dict) -> None:
-    """One line naming the first file whose bytes differ from the manifest's checksum (a flipped bit that
-    still parses included). Exports written before checksums existed have none to check."""
-    for rel, want in (manifest.get("checksums") or {}).items():
-        f = Path(path) / rel
-        if not f.is_file():
-            raise SlimtuneError(f"{f}: missing; {path / MANIFEST} lists it; the checkpoint is incomplete, export it again")
-        if _xxh3(f) != want:
-            raise SlimtuneError(f"{f}: its bytes do not match the checksum in {MANIFEST}; the file was changed or "
-                                "corrupted; export it again")
+@DIR_VERIFIERS.register(MANIFEST)
+def check_export(path: Path) -> dict:
+    """The manifest of compressed export `path`, after checking it: version 2, every name it lists inside the
+    dir, and every file a loader reads (tensors, config, tokenizer, adapter/) listed and matching its
+    checksum. Else one line naming the file and the key; nothing is read but the manifest and the hashed files."""
+    path = Path(path).expanduser()
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise SlimtuneError(f"{path / MANIFEST}: cannot read it ({e}); {FIX}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "slimtune-compressed":
+        raise SlimtuneError(f"{path / MANIFEST}: not a slimtune compressed checkpoint manifest; {FIX}")
+    if manifest.get("version") == 1:
+        raise SlimtuneError(f"{path / MANIFEST}: version 1, written before exports carried a checksum of every "
+                            f"file they load (tokenizer files included); {FIX}")
+    if manifest.get("version") != VERSION:
+        raise SlimtuneError(f"{path / MANIFEST}: version {manifest.get('version')!r}, this slimtune reads version "
+                            f"{VERSION}; {FIX} with this slimtune")
+    adapter = manifest.get("adapter")
+    if adapter is not None:
+        manifest_path(path, adapter, path / MANIFEST, "adapter")
+    if not isinstance(manifest.get("tensors"), dict):
+        raise SlimtuneError(f"{path / MANIFEST}: no 'tensors' record; {FIX}")
+    required = {TENSORS, "config.json", *loaded_files(path, [adapter] if adapter is not None else [])}
+    verify_checksums(path, manifest.get("checksums"), path / MANIFEST, FIX, sorted(required))
+    return manifest
 
 
 def _decompose(name: str, t: torch.Tensor, fmt: str, nm, rank: int):
@@ -156,7 +168,7 @@ def _factor_adapter(model: nn.Module, factors: dict, rank: int, out_dir: Path) -
 
     from slimtune.adapters.inject import replace_module
     from slimtune.adapters.lora import LoRALinear
-    from slimtune.adapters.peft_format import save_peft_adapter
+    from slimtune.adapters.peft_format import save_peft_adapter, write_metadata
 
     for name, f in factors.items():
         m = replace_module(model, name, LoRALinear(model.get_submodule(name), rank, float(rank)))
@@ -168,6 +180,8 @@ def _factor_adapter(model: nn.Module, factors: dict, rank: int, out_dir: Path) -
     weights = tmp / "adapter" / "adapter_model.safetensors"  # stored in bf16: half the bytes of PEFT's fp32
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}, str(weights),
               metadata={"format": "pt"})
+    meta = json.loads((tmp / "adapter" / "slimtune_adapter.json").read_text())
+    write_metadata(tmp / "adapter", {k: v for k, v in meta.items() if k != "checksums"})  # the bf16 file's
     return tmp / "adapter"
 
 
@@ -187,13 +201,7 @@ def load_compressed(path: Path, dtype=None, keep_compressed: bool = False) -> nn
     from slimtune.models import empty_model
 
     path = Path(path).expanduser()
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise SlimtuneError(f"{path / MANIFEST}: cannot read it ({e}); export the checkpoint again") from None
-    if manifest.get("format") != "slimtune-compressed" or manifest.get("version") != 1:
-        raise SlimtuneError(f"{path / MANIFEST}: not a slimtune compressed checkpoint of version 1")
-    verify_checksums(path, manifest)
+    manifest = check_export(path)  # every file below is verified before it is read
     try:
         stored = load_file(str(path / TENSORS))
     except (OSError, SafetensorError) as e:
@@ -239,7 +247,7 @@ def load_compressed(path: Path, dtype=None, keep_compressed: bool = False) -> nn
     model.tie_weights()
     model.config.use_cache = False
     if manifest.get("adapter"):  # a recovery run's adapter, kept beside the compressed base
-        _load_adapter(model, path / manifest["adapter"], masks)
+        _load_adapter(model, manifest_path(path, manifest["adapter"], path / MANIFEST, "adapter"), masks)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

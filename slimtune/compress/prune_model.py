@@ -17,13 +17,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from slimtune.compress.calibration import sample_inputs
 from slimtune.compress.prune import magnitude_mask, parse_pattern, pattern_name, sparsegpt_prune, wanda_mask
 from slimtune.errors import SlimtuneError
-from slimtune.io import atomic_dir, write_json
+from slimtune.registry import DIR_VERIFIERS
+from slimtune.io import atomic_dir, dir_checksums, loaded_files, manifest_path, verify_checksums, write_json
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 MANIFEST = "slimtune_sparse.json"
 FORMAT = "slimtune-sparse"
+FIX = "prune the model again with `slimtune prune`"
 
 
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -49,11 +52,6 @@ class _Captured(Exception):
     """Raised by the pre-hook on layer 0 to stop the forward once its inputs are caught."""
 
 
-def _sample_ids(sample) -> torch.Tensor:
-    ids = sample[0] if isinstance(sample, (tuple, list)) else sample  # (input_ids, labels) pairs too
-    return ids if ids.dim() == 2 else ids.unsqueeze(0)
-
-
 def capture_layer_inputs(model: nn.Module, samples) -> list[tuple[torch.Tensor, dict]]:
     """(hidden_states, kwargs) at the input of decoder layer 0 for each sample: the kwargs are whatever
     the decoder passes the layer (transformers 5 Llama: attention_mask, position_embeddings = (cos, sin),
@@ -71,8 +69,10 @@ def capture_layer_inputs(model: nn.Module, samples) -> list[tuple[torch.Tensor, 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for sample in samples:
+            ids, kwargs = sample_inputs(sample)
             try:
-                model.get_decoder()(input_ids=_sample_ids(sample).to(device), use_cache=False)
+                model.get_decoder()(input_ids=ids.to(device), use_cache=False,
+                                    **{k: v.to(device) for k, v in kwargs.items()})
             except _Captured:
                 pass
     finally:
@@ -141,7 +141,8 @@ def _prune_linear(name: str, linear: nn.Linear, method: str, stat, sparsity: flo
 def prune_model(model: nn.Module, samples, method: str, sparsity: float, pattern="unstructured",
                 scope: str = "row", blocksize: int = 128, log=print, percdamp: float = 0.01) -> dict[str, float]:
     """Prune every linear of the decoder layers in place; returns name -> achieved sparsity (fraction of
-    zeros). `samples`: input_ids tensors (1, T) or (N, T) (or (input_ids, labels) pairs), on any device;
+    zeros). `samples`: input_ids tensors (1, T) or (N, T), or calibration_samples' (input_ids, labels,
+    position_ids) (position ids as data.packing made them: no attention across packed documents), on any device;
     unused by magnitude. `pattern`: 'unstructured', 'n:m' (or parse_pattern's other forms)."""
     if method not in METHODS:
         raise ValueError(f"prune method {method!r}: expected one of {METHODS}")
@@ -177,7 +178,8 @@ def prune_model(model: nn.Module, samples, method: str, sparsity: float, pattern
 def save_sparse(model: nn.Module, tokenizer, out_dir, manifest: dict) -> Path:
     """Write a model dir transformers loads plus slimtune_sparse.json, atomically (a failure leaves no
     partial dir). `manifest` keys: method, pattern, sparsity (the target), scope, source_model, matrices
-    (name -> achieved sparsity); the pattern is stored as a string ('unstructured', '2:4', ...)."""
+    (name -> achieved sparsity); the pattern is stored as a string ('unstructured', '2:4', ...). The
+    manifest also holds the checksums of the dir's files (write_sparse_record)."""
     missing = [k for k in ("method", "pattern", "sparsity", "scope", "source_model", "matrices")
                if k not in manifest]
     if missing:
@@ -190,19 +192,48 @@ def save_sparse(model: nn.Module, tokenizer, out_dir, manifest: dict) -> Path:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json(tmp / MANIFEST, record)
+        write_sparse_record(tmp, record)
     return out_dir
 
 
+def write_sparse_record(model_dir, record: dict) -> None:
+    """slimtune_sparse.json in a complete model dir: `record` with the xxh3-128 checksums of the dir's files
+    now (weights, config, tokenizer), replacing any it carried (a recovered dir's record is its base's)."""
+    model_dir = Path(model_dir)
+    write_json(model_dir / MANIFEST, {**record, "checksums": dir_checksums(model_dir)})
+
+
 def read_sparse_manifest(model_dir) -> dict:
-    """The slimtune_sparse.json of a pruned model dir (SlimtuneError if absent or not ours)."""
+    """The slimtune_sparse.json of a pruned model dir (SlimtuneError if absent, not ours, or without
+    checksums of its files; the names those list are checked, the files by verify_sparse)."""
     path = Path(model_dir) / MANIFEST
     if not path.is_file():
         raise SlimtuneError(f"{path}: not found; is {model_dir} a model written by `slimtune prune`?")
-    record = json.loads(path.read_text())
-    if record.get("format") != FORMAT or record.get("version") != 1:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SlimtuneError(f"{path}: unreadable ({e}); {FIX}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != 1:
+        got = record if isinstance(record, dict) else {}
         raise SlimtuneError(f"{path}: expected format {FORMAT!r} version 1, got "
-                            f"{record.get('format')!r} version {record.get('version')!r}")
+                            f"{got.get('format')!r} version {got.get('version')!r}")
+    sums = record.get("checksums")
+    if not isinstance(sums, dict):
+        raise SlimtuneError(f"{path}: no 'checksums' (written before pruned models carried checksums of their "
+                            f"files, or tampered with); {FIX}")
+    for name in sums:
+        manifest_path(Path(model_dir), name, path, "checksums")
+    return record
+
+
+@DIR_VERIFIERS.register(MANIFEST)
+def verify_sparse(model_dir) -> dict:
+    """read_sparse_manifest, then every file a loader reads (weights, config, tokenizer: all but the
+    manifest) listed in its checksums and matching; one line naming the first that is not."""
+    model_dir = Path(model_dir)
+    record = read_sparse_manifest(model_dir)
+    required = sorted({"config.json", *loaded_files(model_dir)})
+    verify_checksums(model_dir, record["checksums"], model_dir / MANIFEST, FIX, required)
     return record
 
 
@@ -230,7 +261,7 @@ def prune_command(cfg) -> Path:
     """`slimtune prune`: cfg.model.name pruned by cfg.prune.* on prune.calibration_samples blocks of
     data.source, written to cfg.output_dir (an HF model dir + slimtune_sparse.json)."""
     from slimtune.compress.calibration import calibration_samples
-    from slimtune.data import build_splits
+    from slimtune.data import splits_for
     from slimtune.hardware import fixed_dtype
     from slimtune.models import load_model, load_tokenizer, resolve_model_dir
 
@@ -243,8 +274,8 @@ def prune_command(cfg) -> Path:
     model = load_model(cfg.model.name, "float32")
     samples = []
     if p.method != "magnitude":
-        blocks = build_splits(cfg.data.source, tokenizer, cfg.train.seq_len, cfg.data.eval_fraction).train
-        samples = [x for x, _ in calibration_samples(blocks, p.calibration_samples, cfg.train.seed)]
+        # the train split as a run sees it: data.chat_template, data.packing and data.train_on applied
+        samples = calibration_samples(splits_for(cfg, tokenizer).train, p.calibration_samples, cfg.train.seed)
     achieved = prune_model(model, samples, p.method, p.sparsity, p.pattern, p.scope, p.blocksize,
                            percdamp=p.percdamp)
     if cfg.model.dtype != "float32":

@@ -6,8 +6,10 @@ A directory with
                                  linears, LoRA factors (lora_A / lora_B), and the unquantized rest
   slimtune_quant.json            manifest: per quantized linear its class and format, per adapter its
                                  type / rank / alpha, tied tensors, achieved bits/param, allocation
-Written atomically (temp dir + rename). Loading checks the manifest against the tensors and names the
-first mismatch.
+Written atomically (temp dir + rename). A downloaded checkpoint is untrusted input: the manifest holds an
+xxh3-128 checksum of every other file (weights, config, tokenizer), verified before any is read (a name it
+lists must be a relative path inside the dir); a version-2 manifest (no checksums) is refused. Loading
+checks the manifest against the tensors and names the first mismatch.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import torch.nn as nn
 
 from slimtune.adapters import adapter_modules
 from slimtune.errors import SlimtuneError
-from slimtune.io import atomic_dir, write_json
+from slimtune.io import atomic_dir, dir_checksums, loaded_files, manifest_path, verify_checksums, write_json
 from slimtune.models import DTYPES, empty_model
 from slimtune.quant import FrozenQuantLinear, bits_per_param, dequantize_weight, is_quantized_linear
-from slimtune.registry import ADAPTERS, QUANT_FORMATS
+from slimtune.registry import ADAPTERS, DIR_VERIFIERS, QUANT_FORMATS
 
 MANIFEST = "slimtune_quant.json"
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 2  # 2: a quantized linear is {"class", "format", ...} (1 had per-class fields)
+FORMAT_VERSION = 3  # 3: checksums of every file; 2: a quantized linear is {"class", "format", ...}
+FIX = "re-create it with `slimtune quantize`"
 
 
 def is_quantized_checkpoint(name: str) -> bool:
@@ -82,7 +85,7 @@ def save_quantized(model: nn.Module, path: Path, tokenizer, info: dict) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        write_json(tmp / MANIFEST, manifest)
+        write_json(tmp / MANIFEST, {**manifest, "checksums": dir_checksums(tmp)})
     return Path(path)
 
 
@@ -91,13 +94,33 @@ def _adapter_type(m: nn.Module) -> str:
 
 
 def read_manifest(path: Path) -> dict:
+    """The manifest, its version and the names its checksums list checked (the files are not read)."""
     f = Path(path) / MANIFEST
     try:
         manifest = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise SlimtuneError(f"{f}: unreadable manifest ({e}); re-create it with `slimtune quantize`") from None
-    if manifest.get("format") != "slimtune-quantized" or manifest.get("version") != FORMAT_VERSION:
-        raise SlimtuneError(f"{f}: not a version-{FORMAT_VERSION} slimtune quantized checkpoint manifest")
+        raise SlimtuneError(f"{f}: unreadable manifest ({e}); {FIX}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "slimtune-quantized":
+        raise SlimtuneError(f"{f}: not a slimtune quantized checkpoint manifest; {FIX}")
+    if manifest.get("version") == 2:
+        raise SlimtuneError(f"{f}: version 2, written before quantized checkpoints carried checksums of their "
+                            f"files; {FIX}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise SlimtuneError(f"{f}: not a version-{FORMAT_VERSION} slimtune quantized checkpoint manifest; {FIX}")
+    sums = manifest.get("checksums")
+    for name in sums if isinstance(sums, dict) else ():
+        manifest_path(Path(path), name, f, "checksums")
+    return manifest
+
+
+@DIR_VERIFIERS.register(MANIFEST)
+def verify_quantized(path: Path) -> dict:
+    """read_manifest, then every file a loader reads (weights, config, tokenizer: all but the manifest)
+    listed in its checksums and matching; one line naming the first that is not."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    required = sorted({WEIGHTS, "config.json", *loaded_files(path)})
+    verify_checksums(path, manifest.get("checksums"), path / MANIFEST, FIX, required)
     return manifest
 
 
@@ -109,7 +132,7 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     from safetensors.torch import load_file
 
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = verify_quantized(path)  # before any file of the dir is read
     model = empty_model(str(path), next(k for k, v in DTYPES.items() if v == dtype))
     # adapters first: a quantized base lives at "<adapter>.base", which exists once the adapter wraps
     for name, spec in manifest["adapters"].items():

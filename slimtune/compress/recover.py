@@ -22,10 +22,10 @@ import torch.nn as nn
 
 from slimtune.compress.distill import RecoveryLoss, Teacher
 from slimtune.compress.masks import MaskedParams, hold_masks  # noqa: F401  (hold_masks: re-exported)
-from slimtune.compress.prune_model import MANIFEST, is_sparse_model, load_masks, read_sparse_manifest
+from slimtune.compress.prune_model import (MANIFEST, is_sparse_model, load_masks, read_sparse_manifest,
+                                           write_sparse_record)
 from slimtune.compress.select import random_blocks, select_recovery_data
 from slimtune.errors import ConfigError, SlimtuneError
-from slimtune.io import write_json
 
 
 @dataclass
@@ -130,6 +130,7 @@ def select_data(cfg, rec: Recovery | None, model: nn.Module, blocks, device, log
 
 
 def write_sparse_manifest(out_dir: Path, model: nn.Module, manifest: dict, **extra) -> None:
-    """slimtune_sparse.json in a recovered model dir: the base's manifest with the sparsity now measured."""
+    """slimtune_sparse.json in a recovered model dir: the base's manifest with the sparsity now measured
+    (and the checksums of this dir's files)."""
     matrices = {name: (model.get_submodule(name).weight == 0).float().mean().item() for name in manifest["matrices"]}
-    write_json(Path(out_dir) / MANIFEST, {**manifest, "matrices": matrices, **extra})
+    write_sparse_record(out_dir, {**manifest, "matrices": matrices, **extra})

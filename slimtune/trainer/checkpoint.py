@@ -8,8 +8,11 @@ Layout (all safetensors + JSON):
   masks.safetensors       a pruned base's masks (recovery; checked against the base on resume)
   adapters.safetensors    adapters' state beyond trainable parameters (sparse_ft's indices and statistics)
   config.yaml             the resolved config (model.dtype as asked: auto stays auto)
+  checksums.json          xxh3-128 of each file above, by name
   COMPLETE                written last; a directory without it is ignored on resume
-The directory is filled under a temp name and renamed; only the newest `keep` are kept.
+The directory is filled under a temp name and renamed; only the newest `keep` are kept. A checkpoint may be
+copied from elsewhere: every file is checked against checksums.json before it is read (one line naming the
+file), and a checkpoint without checksums.json (written by an older slimtune) is refused.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ from safetensors.torch import load_file, save_file
 
 from slimtune.config import to_dict
 from slimtune.errors import SlimtuneError
-from slimtune.io import atomic_dir, flatten_state, unflatten_state, write_json, write_text
+from slimtune.io import (atomic_dir, file_checksum, flatten_state, manifest_path, unflatten_state, write_json,
+                         write_text)
 
 MARKER = "COMPLETE"
 MASKS = "masks.safetensors"  # a pruned base's masks (recovery): uint8 per trained matrix
 ADAPTERS = "adapters.safetensors"  # adapters' state beyond trainable parameters (sparse_ft's indices, ...)
 STEP_DIR = re.compile(r"^step_(\d+)$")
+CHECKSUMS = "checksums.json"  # {"format": "slimtune-checkpoint", "version": 1, "checksums": {file: xxh3-128}}
 
 
 def trainable_state(model: nn.Module, skip=frozenset()) -> dict[str, torch.Tensor]:
@@ -63,6 +68,8 @@ def save_state(root: Path, step: int, weights: dict, optimizer_state: dict, trai
         write_json(tmp / "optimizer.json", skeleton)
         write_json(tmp / "trainer_state.json", {**trainer_state, "step": step})
         write_text(tmp / "config.yaml", config_yaml)
+        sums = {f.name: file_checksum(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        write_json(tmp / CHECKSUMS, {"format": "slimtune-checkpoint", "version": 1, "checksums": sums})
         write_text(tmp / MARKER, "ok\n")
     for old in complete_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -86,14 +93,45 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
-def read_state(ckpt: Path) -> tuple[dict, dict, dict]:
-    """(trainable weights, optimizer state, trainer_state) of `ckpt`. Corruption is a SlimtuneError."""
+def verified(ckpt: Path, fname: str) -> Path:
+    """ckpt / fname, after checking its bytes against the checkpoint's checksums.json (SlimtuneError: one
+    line naming the file). A checkpoint written before checksums existed is refused."""
     ckpt = Path(ckpt)
+    listing = ckpt / CHECKSUMS
     try:
-        weights = load_file(str(ckpt / "trainable.safetensors"))
-        opt_tensors = load_file(str(ckpt / "optimizer.safetensors"))
-        skeleton = json.loads((ckpt / "optimizer.json").read_text())
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        sums = json.loads(listing.read_text())["checksums"]
+        if not isinstance(sums, dict):
+            raise TypeError("not a mapping")
+    except FileNotFoundError:
+        raise SlimtuneError(f"checkpoint {ckpt} has no {CHECKSUMS} (written by an older slimtune, or tampered "
+                            "with), so its files cannot be verified; resume from a checkpoint written by this "
+                            "version, or start a new run in another output_dir") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SlimtuneError(f"checkpoint {ckpt} is corrupted ({listing.name}: {e!r}); delete it to resume from an "
+                            "older one") from None
+    for name in sums:
+        manifest_path(ckpt, name, listing, "checksums")
+    path = ckpt / fname
+    if fname not in sums:
+        raise SlimtuneError(f"checkpoint {ckpt} is corrupted: {fname} has no checksum in {CHECKSUMS}; delete it to "
+                            "resume from an older one")
+    if not path.is_file() or file_checksum(path) != sums[fname]:
+        raise SlimtuneError(f"checkpoint {ckpt} is corrupted: {fname} is missing or does not match its checksum in "
+                            f"{CHECKSUMS}; delete it to resume from an older one")
+    return path
+
+
+def read_state(ckpt: Path) -> tuple[dict, dict, dict]:
+    """(trainable weights, optimizer state, trainer_state) of `ckpt`, each file verified (verified).
+    Corruption is a SlimtuneError."""
+    ckpt = Path(ckpt)
+    files = [verified(ckpt, f) for f in ("trainable.safetensors", "optimizer.safetensors", "optimizer.json",
+                                          "trainer_state.json")]
+    try:
+        weights = load_file(str(files[0]))
+        opt_tensors = load_file(str(files[1]))
+        skeleton = json.loads(files[2].read_text())
+        state = json.loads(files[3].read_text())
     except (FileNotFoundError, SafetensorError, json.JSONDecodeError, OSError) as e:
         raise SlimtuneError(f"checkpoint {ckpt} is corrupted ({e}); delete it to resume from an older one") from None
     return weights, unflatten_state(skeleton, opt_tensors), state
@@ -138,9 +176,10 @@ def check_resume(ckpt: Path, cfg, world: int) -> None:
     """SlimtuneError naming the first key whose change would make resuming from `ckpt` wrong."""
     import yaml
 
+    config, state_file = verified(ckpt, "config.yaml"), verified(ckpt, "trainer_state.json")
     try:
-        old = _flat(yaml.safe_load((Path(ckpt) / "config.yaml").read_text()))
-        state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+        old = _flat(yaml.safe_load(config.read_text()))
+        state = json.loads(state_file.read_text())
     except (OSError, yaml.YAMLError, json.JSONDecodeError, AttributeError) as e:
         raise SlimtuneError(f"checkpoint {ckpt} is corrupted ({e}); delete it to resume from an older one") from None
     new = _flat(to_dict(cfg))
@@ -171,17 +210,17 @@ def checkpoint_dtype(ckpt: Path | None) -> str | None:
     if ckpt is None:
         return None
     try:
-        state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+        state = json.loads(verified(ckpt, "trainer_state.json").read_text())
         if "compute_dtype" in state:
             return state["compute_dtype"]
-        return (yaml.safe_load((Path(ckpt) / "config.yaml").read_text()).get("model") or {}).get("dtype")
+        return (yaml.safe_load(verified(ckpt, "config.yaml").read_text()).get("model") or {}).get("dtype")
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
         return None
 
 
 def check_masks(ckpt: Path, masks: dict[str, torch.Tensor]) -> None:
     """The checkpoint's masks equal the ones read from the sparse base now (else the base changed)."""
-    path = Path(ckpt) / MASKS
+    path = verified(ckpt, MASKS)
     try:
         saved = load_file(str(path))
     except (OSError, SafetensorError) as e:
@@ -194,7 +233,7 @@ def check_masks(ckpt: Path, masks: dict[str, torch.Tensor]) -> None:
 
 def load_extra(ckpt: Path, fname: str) -> dict[str, torch.Tensor]:
     """A file save_checkpoint(extra=...) wrote (a corrupted or missing one is a SlimtuneError)."""
-    path = Path(ckpt) / fname
+    path = verified(ckpt, fname)
     try:
         return load_file(str(path))
     except (OSError, SafetensorError) as e:
