@@ -19,7 +19,7 @@ Per step the integrator: `in_accumulation_window` -> `start()` the statistics; a
 from __future__ import annotations
 
 import dataclasses
-
+import math
 import zlib
 
 import torch
@@ -172,6 +172,7 @@ class SparseFTLinear(AdapterDefaults, nn.Module):
         self.sm3 = SM3Stats(out_f, in_f)
         self.path = "auto"
         self.merged = False
+        self.register_buffer("weight_mask", None, persistent=False)  # flat bool, set_weight_mask on a pruned base
 
     @classmethod
     def from_config(cls, base: nn.Module, cfg, name: str | None = None) -> "SparseFTLinear":
@@ -208,6 +209,45 @@ class SparseFTLinear(AdapterDefaults, nn.Module):
         self.grad_acc.reset()
         self.sm3.reset()
         self.load_regrow_state({k: v for k, v in state.items() if k != "indices"})
+
+    @torch.no_grad()
+    def set_weight_mask(self, mask: torch.Tensor) -> None:
+        """Hold a pruned base's sparsity (mask (out, in) bool, True = kept): deltas only on kept entries, so the
+        merged weights keep the base's zeros. A fresh adapter (every delta 0) draws its active set among the kept
+        entries (seeded as at init; k capped at their count); a loaded one must already lie on them. Regrowth
+        never grows a pruned entry."""
+        if tuple(mask.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight mask {tuple(mask.shape)} does not match ({self.out_features}, "
+                             f"{self.in_features})")
+        dev = self.indices.device
+        flat = mask.reshape(-1).to(device=dev, dtype=torch.bool)
+        self.weight_mask = flat
+        on_pruned = int((~flat[self.indices]).sum())
+        if on_pruned == 0:
+            return
+        if bool(self.deltas.detach().any()):
+            raise ValueError(f"sparse_ft: {on_pruned} trained deltas lie on pruned weights; this adapter was not "
+                             "trained on this pruned base")
+        kept = flat.nonzero().squeeze(1).cpu()
+        k = min(self.num_params, kept.numel())
+        pick = _sample_unique(kept.numel(), k, torch.Generator().manual_seed(self.seed))
+        self.indices = kept[pick].to(dev)  # sorted: kept is ascending and pick sorted
+        if k != self.deltas.numel():  # before the optimizer exists (the recovery stage of model setup)
+            self.deltas = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=dev))
+
+    def _kept_only(self, scores: torch.Tensor | ScoreBlocks) -> torch.Tensor | ScoreBlocks:
+        """Growth scores with the pruned entries at -inf (ranked last: never grown while kept ones remain)."""
+        if self.weight_mask is None:
+            return scores
+        mask = self.weight_mask.view(self.out_features, self.in_features)
+        if torch.is_tensor(scores):
+            return scores.masked_fill(~mask.to(scores.device), -math.inf)
+
+        def kept_rows(r0: int, r1: int) -> torch.Tensor:
+            s = scores(r0, r1)
+            return s.masked_fill(~mask[r0:r1].to(s.device), -math.inf)
+
+        return kept_rows
 
     @property
     def num_params(self) -> int:
@@ -287,21 +327,23 @@ class SparseFTLinear(AdapterDefaults, nn.Module):
         """SpIEL's drop and grow. Drop the n_change active entries of smallest |delta| (ties: the lower flat
         index first); grow the n_change highest `scores` among entries neither active nor just dropped, with
         delta 0. scores: a dense (out, in) tensor, or f(row_start, row_end) -> (row_end - row_start, in)
-        scores of those rows (evaluated a block at a time). n_change is clipped to [0, min(k, out*in - k)].
+        scores of those rows (evaluated a block at a time). n_change is clipped to [0, min(k, kept - k)] (kept:
+        out*in, or the kept entries of a pruned base).
         `indices` stays sorted, k is unchanged, and `deltas` (same Parameter, rewritten in place; its .grad
         too) keeps the kept entries' values. Returns (old_to_new (k,): each old entry's new position or -1
         if dropped, new_to_old (k,): each new entry's old position or -1 if grown), for `remap_adam_state`."""
         if self.merged:
             raise RuntimeError("unmerge() before reselecting")
         k, dev = self.num_params, self.indices.device
-        n = max(0, min(int(n_change), k, self.out_features * self.in_features - k))
+        available = self.out_features * self.in_features if self.weight_mask is None else int(self.weight_mask.sum())
+        n = max(0, min(int(n_change), k, available - k))
         if n == 0:
             same = torch.arange(k, device=dev)
             return same, same.clone()
         drop = torch.sort(self.deltas.detach().abs(), stable=True).indices[:n]  # stable: ties by position = index
         kept = torch.ones(k, dtype=torch.bool, device=dev)
         kept[drop] = False
-        grown = _top_candidates(scores, n, self.indices, self.out_features, self.in_features)
+        grown = _top_candidates(self._kept_only(scores), n, self.indices, self.out_features, self.in_features)
         kept_pos = kept.nonzero().squeeze(1)
         new_indices, order = torch.sort(torch.cat([self.indices[kept_pos], grown.to(dev)]))
         new_to_old = torch.cat([kept_pos, torch.full((n,), -1, dtype=torch.int64, device=dev)])[order]

@@ -128,16 +128,15 @@ def merge_masked(base_weight: torch.Tensor, delta: torch.Tensor, mask: torch.Ten
 
 
 def hold_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> MaskedParams | None:
-    """After adapters: a LoRA-wrapped matrix gets the mask on its update, a trained weight a MaskedParams
+    """After adapters: an adapter on a pruned matrix holds the mask itself (`set_weight_mask`: LoRA's update
+    becomes mask * (B A), sparse_ft's deltas stay on kept entries), a trained weight gets a MaskedParams
     (returned, attached: gradients masked); frozen ones need nothing."""
-    from slimtune.adapters.lora import LoRALinear
-
     trained = {}
     for name, mask in masks.items():
         module = model.get_submodule(name)
-        if isinstance(module, LoRALinear):
+        if hasattr(module, "set_weight_mask"):
             module.set_weight_mask(mask)
-        elif module.weight.requires_grad:
+        elif getattr(module, "weight", None) is not None and module.weight.requires_grad:
             trained[f"{name}.weight"] = mask
     if not trained:
         return None

@@ -19,9 +19,11 @@ Limits:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 
 class OptimizerInBackward:
@@ -42,6 +44,7 @@ class OptimizerInBackward:
         self.accumulation_steps = accumulation_steps
         self._backwards = [0] * len(self.params)  # backward passes since each parameter's last step
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+        self._post_hooks: OrderedDict = OrderedDict()  # RemovableHandle needs a weak-referenceable dict
 
     def _hook(self, i: int):
         def step_param(p: torch.Tensor) -> None:
@@ -64,11 +67,22 @@ class OptimizerInBackward:
         return {p: opt.state[p] for opt, p in zip(self.optimizers, self.params) if p in opt.state}
 
     def step(self, closure=None):
-        """No-op (each parameter stepped during backward); runs `closure` if given, like Optimizer.step."""
+        """No parameter update (each was stepped during backward); runs `closure` if given, like Optimizer.step,
+        then the step post-hooks: the loop's step() comes once the backward has stepped every parameter."""
+        loss = None
         if closure is not None:
             with torch.enable_grad():
-                return closure()
-        return None
+                loss = closure()
+        for hook in list(self._post_hooks.values()):
+            hook(self, (), {})
+        return loss
+
+    def register_step_post_hook(self, hook) -> RemovableHandle:
+        """hook(optimizer, args, kwargs), called after every step(), as torch.optim.Optimizer's (a pruned
+        base's masks re-zero their pruned entries there: compress/masks.MaskedParams.wrap_optimizer)."""
+        handle = RemovableHandle(self._post_hooks)
+        self._post_hooks[handle.id] = hook
+        return handle
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """No-op: the hooks already dropped every gradient."""

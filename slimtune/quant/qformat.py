@@ -50,6 +50,12 @@ class QuantFormat:
             raise TypeError(f"double_quant must be a bool, got {self.double_quant!r}")
 
     @property
+    def exact_zero(self) -> bool:
+        """Whether 0 quantizes to exactly 0 (NF-k grids hold 0, symmetric INT-k a zero level; asymmetric INT-k
+        spans [min, max] of each block): a pruned base stays sparse only in such a format."""
+        return self.kind != "int_asym"
+
+    @property
     def name(self) -> str:
         """E.g. "nf3-b64", "int4a-b128-dq"; QuantFormat.parse(fmt.name) == fmt."""
         prefix = "nf" if self.kind == "nf" else "int"

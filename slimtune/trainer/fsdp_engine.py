@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard
 
 from slimtune.errors import SlimtuneError
@@ -66,9 +65,24 @@ def shardable_quant(model: nn.Module) -> int:
         m.packed_bytes = nn.Parameter(torch.cat(chunks), requires_grad=False)
         m._packed_layout = layout
         _view_packed(m, ())
-        m.register_forward_pre_hook(_view_packed)
+        m._packed_hook = m.register_forward_pre_hook(_view_packed)
         n += 1
     return n
+
+
+def unshardable_quant(model: nn.Module) -> None:
+    """Inverse of shardable_quant on full (gathered) bytes: each format's tensors as buffers again, for a save
+    that reads them by name (a quantized checkpoint's final/)."""
+    for m in model.modules():
+        layout = getattr(m, "_packed_layout", None)
+        if layout is None:
+            continue
+        flat = m.packed_bytes.detach()
+        for name, dtype, shape, off, nbytes in layout:
+            m.__dict__.pop(name, None)
+            m.register_buffer(name, flat[off:off + nbytes].view(dtype).view(shape).clone())
+        del m._parameters["packed_bytes"], m._packed_layout, m._packed_views
+        m._packed_hook.remove()
 
 
 def _view_packed(m: nn.Module, args) -> None:
@@ -78,6 +92,26 @@ def _view_packed(m: nn.Module, args) -> None:
     views = {name: flat[off:off + nbytes].view(dtype).view(shape) for name, dtype, shape, off, nbytes in m._packed_layout}
     m.__dict__.update(views)  # Int8Linear reads self.codes / self.absmax
     m._packed_views = views
+
+
+def unshardable(model: nn.Module) -> set[nn.Parameter]:
+    """Frozen parameters FSDP2 cannot shard, kept whole on every rank: bitsandbytes' Int8Params (its CB / SCB
+    row scales live as attributes of the parameter, which turning it into a DTensor shard drops)."""
+    from slimtune.quant.bnb import is_bnb_linear
+
+    return {m.weight for m in model.modules() if is_bnb_linear(m) and type(m.weight).__name__ == "Int8Params"}
+
+
+def full_parameters(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Every parameter (or every trainable one) as a full CPU tensor, by name: sharded ones gathered (a
+    collective: every rank calls this, same order), whole ones as they are. Parameters only: a module's
+    state_dict extras (bitsandbytes' SCB / weight_format) are not parameters and need no gathering."""
+    out = {}
+    for n, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        out[n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+    return out
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -99,9 +133,11 @@ class FSDP2Engine(Engine):
         self.own_group = not info.enabled and one_rank_group()
         super().__init__(model, cfg, device, info, recovery, wrap=False)
         shardable_quant(model)
+        whole = unshardable(model)
         for layer in decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(self.train_model)  # the root: embedding, norm, head (read by the loss), loss modules
+            fully_shard(layer, ignored_params=whole)
+        # the root: embedding, norm, head (read by the loss), loss modules
+        fully_shard(self.train_model, ignored_params=whole)
         if self.train_model is not self.loss_model:  # eval's plain loss shares the root's parameters
             self.eval_model = self.loss_model
         self.root = self.train_model
@@ -125,9 +161,7 @@ class FSDP2Engine(Engine):
 
     def _full_state(self) -> tuple[dict, dict]:
         """(trainable weights, optimizer state keyed by name): collectives on every rank, tensors on rank 0."""
-        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        weights = get_model_state_dict(self.model, options=FULL)
-        weights = {n: t for n, t in weights.items() if n in names}
+        weights = full_parameters(self.model, trainable_only=True)
         optim = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
         return weights, optim
 
@@ -156,7 +190,7 @@ class FSDP2Engine(Engine):
     def save_final(self, path: Path, base_path: str, tokenizer) -> None:
         """The last use of the model: gathered on every rank (collectives), then on rank 0 each parameter is
         replaced by its full tensor and the usual final save runs."""
-        full = get_model_state_dict(self.model, options=FULL)
+        full = full_parameters(self.model)
         if not self.info.is_main:
             return
         with torch.no_grad():
@@ -164,6 +198,11 @@ class FSDP2Engine(Engine):
                 mod, _, leaf = n.rpartition(".")
                 owner = self.model.get_submodule(mod) if mod else self.model
                 setattr(owner, leaf, nn.Parameter(full[n].to(self.device), requires_grad=p.requires_grad))
+            unshardable_quant(self.model)
+            for m in self.model.modules():
+                for key, hook in list(m._state_dict_pre_hooks.items()):  # FSDP2's: would put the shards back
+                    if getattr(hook, "__module__", "").startswith("torch.distributed.fsdp"):
+                        del m._state_dict_pre_hooks[key]
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
         save_final(self.model, self.cfg, path, base_path, tokenizer)

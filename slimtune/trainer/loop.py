@@ -8,6 +8,7 @@ and ranks, so 1 process x accum 2 == 2 processes x accum 1).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from slimtune.trainer.checkpoint import check_resume, checkpoint_dtype, complete
 from slimtune.trainer.evaluate import perplexity
 from slimtune.trainer.hooks import Hooks
 from slimtune.trainer.pipeline import build_model
+from slimtune.trainer.preflight import check_run
 from slimtune.trainer.report import (MetricsLog, optimizer_state_bytes, peak_memory, plot_loss, print_main,
                                      reset_peak_memory, start_wandb, summary_line)
 
@@ -63,13 +65,26 @@ def check_output_dir(cfg: C.RecipeConfig, world: int) -> Path | None:
 
 
 def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
-    """Train per `cfg`; returns the report dict (also written to output_dir/report.json on rank 0)."""
+    """Train per `cfg`; returns the report dict (also written to output_dir/report.json on rank 0). However it
+    ends, the engine is closed: its threads, buffers and locks go (checkpoints stay)."""
+    opened = []  # the engine, from when it is built until _run closes it
+    try:
+        return _run(cfg, hooks, opened)
+    except BaseException:
+        for engine in opened:
+            with contextlib.suppress(Exception):  # the error raised is the original one
+                engine.close()
+        raise
+
+
+def _run(cfg: C.RecipeConfig, hooks: list[Hooks], opened: list) -> dict:
     t = cfg.train
     device = dist.pick_device(t.device)
     reset_peak_memory(device)
     kernels.configure(t.kernels, device)  # validates SLIMTUNE_KERNELS before anything loads
     hooks = [HOOKS.get(name)() for name in cfg.hooks] + list(hooks)
     info = dist.setup(device)
+    check_run(cfg, info.world)  # the combination trains, or is refused here: before anything loads
     ctx_len = context_length(cfg.model.name)
     if t.seq_len > ctx_len:
         raise SlimtuneError(f"train.seq_len={t.seq_len} exceeds the model's context of {ctx_len} tokens")
@@ -83,11 +98,9 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
     torch.manual_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model.name)
     data = splits_for(cfg, tokenizer)
-    if cfg.optim.in_backward and info.enabled:
-        raise SlimtuneError("optim.in_backward=true is single-process only (DDP reduces gradients after the "
-                            "per-parameter step would run); drop it under torchrun")
     built = build_model(cfg, device, info, data.train, log=lambda s: print_main(s, info.is_main))
     engine, model, quant_info = built.engine, built.model, built.info
+    opened.append(engine)
     hooks = hooks + built.hooks
     if cfg.data.select != "all":  # recovery data: the blocks the pruning hurt most (or a random subset)
         data.train = select_data(cfg, built.recovery, model, data.train, device,
@@ -220,6 +233,7 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
             wandb_run.finish()
         print_main(summary_line(report) + f"\nslimtune: wrote {out}/", True)
     dist.barrier(info)
+    opened.remove(engine)
     engine.close()
     dist.teardown(info)
     return report

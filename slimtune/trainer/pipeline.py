@@ -25,7 +25,6 @@ import torch.nn as nn
 from slimtune.adapters import adapter_internals, adapter_modules, apply_adapters
 from slimtune.compress.load import load_base, load_streamed
 from slimtune.compress.qcheckpoint import is_quantized_checkpoint
-from slimtune.compress.prune_model import is_sparse_model
 from slimtune.compress.quantize import load_dtype, needs_lowrank, quantize_base
 from slimtune.compress.recover import Recovery, hold_masks, read_masks, recovery_stage
 from slimtune.config import QuantConfig
@@ -38,7 +37,8 @@ from slimtune.quant.precision import apply_precision
 from slimtune.registry import ADAPTER_FORMATS, ADAPTERS
 from slimtune.trainer.engine import Engine
 from slimtune.memory import release_file_mappings, trim_heap
-from slimtune.trainer.offload_engine import OffloadEngine, offload_active, offload_dir, open_store
+from slimtune.offload.rundir import offload_dir, open_store
+from slimtune.trainer.offload_engine import OffloadEngine, offload_active
 from slimtune.trainer.dist import DistInfo
 
 
@@ -54,13 +54,9 @@ class Built:
 def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), train_blocks=None,
                 log=print) -> Built:
     """Run the stages for training per `cfg` (RecipeConfig); train_blocks feed calibration (LQ-LoRA ...)."""
-    if cfg.model.keep_compressed:
-        raise ConfigError("model.keep_compressed=true is for slimtune eval and generate (each layer is decoded for "
-                          "its forward only); training decodes the checkpoint once at load: drop it")
     if offload_active(cfg):
         return with_planned_peak(_build_offloaded(cfg, device, dist_info, log), cfg, dist_info.world, device)
-    prebuilt = is_quantized_checkpoint(cfg.model.name)
-    _check_prebuilt(cfg, prebuilt)
+    prebuilt = is_quantized_checkpoint(cfg.model.name)  # trainer/preflight.py checked what it allows
     model = load_base(cfg.model.name, cfg.model.dtype if prebuilt else load_dtype(cfg))
     check_head(model, cfg.model.name)
     manifest, masks = read_masks(cfg.model.name, model)
@@ -93,34 +89,26 @@ def _build_offloaded(cfg, device, dist_info, log) -> Built:
     """The same stages with the offload engine: the base streamed into the store unit by unit
     (offload.params=disk) or loaded as usual, adapters, then OffloadEngine; the loss check runs last (it
     needs the engine's streaming)."""
-    name, o = cfg.model.name, cfg.offload
-    if is_quantized_checkpoint(name) or needs_lowrank(cfg) or cfg.quant.backend != "slimtune":
-        raise ConfigError("offload.* takes a plain base or one quantized on load with a slimtune format (quant.method="
-                          "nf4, int8, nf3, ...; quant.backend=slimtune); LQ-LoRA / LoftQ / EoRA bases and quantized "
-                          "checkpoints are not streamed yet")
-    if cfg.train.precision != "default":
-        raise ConfigError(f"train.precision={cfg.train.precision} with offload.* is not supported yet; use "
-                          "train.precision=default")
-    if is_sparse_model(name) or cfg.recover.kd or cfg.recover.feature or cfg.data.select != "all":
-        raise ConfigError("offload.* does not run recovery yet (a pruned base's masks, recover.kd / recover.feature, "
-                          "data.select); set offload.params=none offload.optimizer=none")
+    name, o = cfg.model.name, cfg.offload  # trainer/preflight.py refused what the store cannot hold
     full = cfg.adapter.type == "none"
-    if full and o.params == "disk" and o.optimizer != "disk":
-        raise ConfigError("offload.params=disk with full fine-tuning keeps the fp32 master weights on disk, so their "
-                          "optimizer state goes there too: set offload.optimizer=disk")
     meta = empty_model(name, cfg.model.dtype)
     numel = sum(p.numel() for p in meta.parameters())
     store = open_store(cfg, numel, numel if full else 0, dist_info.rank, dist_info.world)
     del meta
-    if o.params == "disk":
-        model = load_streamed(name, cfg.model.dtype, store, trainable=full, quant=cfg.quant)
-    else:
-        model = load_base(name, load_dtype(cfg))
-        quantize_base(model, cfg)
-    apply_adapters(model, cfg.adapter)
-    engine = OffloadEngine(model, cfg, device, dist_info, store, streamed_weights=o.params == "disk")
-    check_head(model, name)
-    engine.streamer.release_all()
+    engine = None
+    try:
+        if o.params == "disk":
+            model = load_streamed(name, cfg.model.dtype, store, trainable=full, quant=cfg.quant)
+        else:
+            model = load_base(name, load_dtype(cfg))
+            quantize_base(model, cfg)
+        apply_adapters(model, cfg.adapter)
+        engine = OffloadEngine(model, cfg, device, dist_info, store, streamed_weights=o.params == "disk")
+        check_head(model, name)
+        engine.streamer.release_all()
+    except BaseException:  # the store's threads and its lock go with the error
+        engine.close() if engine is not None else store.close(delete=True)
+        raise
     log(f"offload: params={o.params} optimizer={o.optimizer}, store in {offload_dir(cfg)} "
         f"({engine.pool.nbytes / 2**20:.0f} MiB of buffers)")
     return Built(model, engine, {})
@@ -140,17 +128,6 @@ def _check_sparse_kept(model: nn.Module, masks: dict, cfg) -> None:
                               "quant.method=nf4 or int8 with adapter.init=default (the LoRA update is masked), or "
                               "`slimtune export PRUNED --format sparse-nf4 --rank R` for LQ-LoRA factors on the "
                               "kept weights, then train that")
-
-
-def _check_prebuilt(cfg, prebuilt: bool) -> None:
-    if not prebuilt:
-        return
-    if cfg.adapter.type == "none":
-        raise SlimtuneError(f"model.name={cfg.model.name!r} is a quantized checkpoint: its base is frozen, "
-                            "so train it with adapter.type=lora or lq_lora, not full fine-tuning")
-    if cfg.train.precision != "default":
-        raise SlimtuneError(f"train.precision={cfg.train.precision} needs full-precision linears, but "
-                            f"model.name={cfg.model.name!r} is a quantized checkpoint: use train.precision=default")
 
 
 def build_for_eval(cfg) -> nn.Module:
@@ -175,7 +152,14 @@ def build_for_eval(cfg) -> nn.Module:
                           "decomposition needs calibration data; write it with `slimtune quantize ... output_dir=DIR` "
                           "and evaluate model.name=DIR")
     base = meta["model_name"] if meta else name
-    model = load_base(base, load_dtype(stage_cfg), cfg.model.keep_compressed)
+    # a base quantized on load (quant.method, or the format an adapter was trained against) is decoded once
+    # and quantized: its linears then stay compressed in their quantized form, which keep_compressed's
+    # per-layer decode would only duplicate
+    keep = cfg.model.keep_compressed and quant.method == "none"
+    if cfg.model.keep_compressed and not keep:
+        print(f"slimtune: model.keep_compressed=true with quant.method={quant.method}: the checkpoint is decoded "
+              f"once and its linears quantized ({quant.method}), which keeps them compressed in memory")
+    model = load_base(base, load_dtype(stage_cfg), keep)
     check_head(model, name)
     _, masks = read_masks(base, model)
     if not is_quantized_checkpoint(name):

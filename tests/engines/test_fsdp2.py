@@ -93,7 +93,7 @@ def test_quantized_base_becomes_one_shardable_parameter(method):
 @pytest.mark.parametrize("override, needle", [
     (["engine.name=fsdp2", "optim.name=galore"], "hands each rank a shard"),
     (["engine.name=fsdp2", "optim.state_bits=8"], "hands each rank a shard"),
-    (["engine.name=fsdp2", "offload.optimizer=disk"], "offload.* is slimtune's own offload engine"),
+    (["engine.name=fsdp2", "offload.optimizer=disk"], "is slimtune's own offload engine"),
     (["engine.zero_stage=3"], "is a DeepSpeed setting"),
     (["engine.name=deepspeed", "engine.offload=nvme", "engine.zero_stage=1"], "needs engine.zero_stage>=2"),
     (["engine.name=deepspeed", "engine.config=/nonexistent/ds.json"], "no such file"),
