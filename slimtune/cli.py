@@ -23,10 +23,12 @@ USAGE = """slimtune run RECIPE [key=value ...]     train (RECIPE: a name from `s
                  model.name=M quant.method=lq_lora lq_lora.budget_bits=3.0 adapter.rank=16 output_dir=DIR
        slimtune prune [RECIPE] key=value ...  prune model.name (prune.method=magnitude|wanda|sparsegpt,
                  prune.sparsity / prune.pattern=2:4, calibrated on data.source) into output_dir
-       slimtune export RUN_DIR --merge [--onto full|quantized] [--out DIR]  merge a run's adapter into an HF model
-       slimtune export RUN_OR_MODEL --format dfloat11|sparse|sparse-nf4|sparse-int8 [--rank R] [--out DIR]
+       slimtune export RUN_DIR [--merge] [--onto full|quantized] [--out DIR]  a run's model as an HF dir (its
+                 adapter merged: --format hf always merges)
+       slimtune export RUN_OR_MODEL --format dfloat11|sparse|sparse-nf4|sparse-int8 [--rank R] [--merge] [--out DIR]
                  compressed checkpoint (lossless bf16, or a pruned model's masks + kept values, with --rank R
-                 low-rank factors beside quantized values); eval and run load it
+                 low-rank factors beside quantized values); eval and run load it. A run's adapter is merged
+                 first, but sparse-nf4 / sparse-int8 keep it beside the quantized values unless --merge
        slimtune plan RECIPE [key=value ...] [--json] [--fit BUDGET] [--nproc N]  predicted peak memory of the
                  run (breakdown by component, from config.json alone); --fit 24GiB prints the overrides that fit
        slimtune recipes                        list recipes
@@ -79,7 +81,7 @@ def _export_compressed(args, export_compressed) -> None:
     if (final / "config.json").is_file():  # full fine-tuning: final/ is the model
         export_compressed(args.run_dir, args.format, args.out, model_dir=final, rank=args.rank)
         return
-    if args.format in ("sparse-nf4", "sparse-int8") and (final / "adapter_config.json").is_file():
+    if args.format in ("sparse-nf4", "sparse-int8") and (final / "adapter_config.json").is_file() and not args.merge:
         # quantized kept values: the adapter stays beside them in full precision rather than merged and rounded
         from slimtune.config import load_config
 
@@ -111,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p_prune.add_argument("args", nargs="*")
     p_exp = sub.add_parser("export")
     p_exp.add_argument("run_dir")
-    p_exp.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
+    p_exp.add_argument("--merge", action="store_true", help="merge the run's adapter into the base weights before "
+                       "writing: always so for --format hf, dfloat11 and sparse; for sparse-nf4 / sparse-int8 the "
+                       "adapter is otherwise kept beside the quantized values, in full precision")
     p_exp.add_argument("--format", default="hf", help="hf (the merged model, default) | dfloat11 | sparse | "
                        "sparse-nf4 | sparse-int8")
     p_exp.add_argument("--rank", type=int, default=0, help="sparse-nf4 / sparse-int8: keep rank-R factors beside "

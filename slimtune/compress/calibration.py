@@ -14,13 +14,32 @@ import torch
 import torch.nn as nn
 
 from slimtune.data import Blocks
-from slimtune.loss import CausalLMLoss, count_targets
+from slimtune.loss import CausalLMLoss, count_targets, position_kwargs
 
 
-def calibration_samples(blocks: Blocks, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """n (input_ids, labels) pairs of shape (1, T), drawn without replacement (seeded) from `blocks`."""
+def calibration_samples(blocks: Blocks, n: int, seed: int = 0) -> list[tuple]:
+    """n (input_ids, labels, position_ids or None) of shape (1, T), drawn without replacement (seeded) from
+    `blocks`, as training sees them: position ids restarting at each packed document (data.packing=documents:
+    no attention across documents), a padded row (data.packing=none) cut to its tokens."""
     idx = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[: min(n, len(blocks))]
-    return [(blocks.input_ids[i : i + 1], blocks.labels[i : i + 1]) for i in idx.sort().values.tolist()]
+    out = []
+    for i in idx.sort().values.tolist():
+        x, y = blocks.input_ids[i : i + 1], blocks.labels[i : i + 1]
+        pos = None if blocks.position_ids is None else blocks.position_ids[i : i + 1]
+        if pos is not None:
+            n_real = int((pos >= 0).sum())
+            x, y, pos = x[:, :n_real], y[:, :n_real], pos[:, :n_real]
+        out.append((x, y, pos))
+    return out
+
+
+def sample_inputs(sample) -> tuple[torch.Tensor, dict]:
+    """(input_ids (B, T), the decoder's position kwargs) of a calibration sample: input_ids, or a tuple
+    (input_ids, labels[, position_ids])."""
+    if not isinstance(sample, (tuple, list)):
+        return (sample if sample.dim() == 2 else sample.unsqueeze(0)), {}
+    pos = sample[2] if len(sample) > 2 else None
+    return sample[0], position_kwargs(pos)
 
 
 def fisher_sums(model: nn.Module, names: list[str], samples, chunk_tokens: int = 256
@@ -40,9 +59,9 @@ def fisher_sums(model: nn.Module, names: list[str], samples, chunk_tokens: int =
     loss_model, was_training = CausalLMLoss(model, chunk_tokens), model.training
     model.eval()  # no dropout: the Fisher of the model as it will be used
     try:
-        for x, y in samples:
+        for x, y, *pos in samples:
             with torch.enable_grad():
-                loss = loss_model(x, y) / max(count_targets(y), 1)
+                loss = loss_model(x, y, *pos) / max(count_targets(y), 1)
                 grads = torch.autograd.grad(loss, list(weights.values()))
             for n, g in zip(weights, grads):
                 acc[n].add_(g.float().square())
@@ -73,8 +92,9 @@ def input_covariance(model: nn.Module, names: list[str], samples) -> dict[str, t
     model.eval()
     try:
         decoder = model.get_decoder()
-        for x, _ in samples:
-            decoder(input_ids=x, use_cache=False)
+        for sample in samples:
+            x, kwargs = sample_inputs(sample)
+            decoder(input_ids=x, use_cache=False, **kwargs)
     finally:
         for h in handles:
             h.remove()

@@ -173,16 +173,27 @@ def keep_mask(record: dict, parts: dict) -> torch.Tensor | None:
 
 
 def decode_coded(records: dict[str, dict], parts: dict[str, dict]) -> dict[str, torch.Tensor]:
-    """Every DFloat11-coded tensor among `records` (name -> manifest record; parts: name -> its stored parts)
-    decoded in one lockstep over all their blocks (tensor by tensor would take 4096 steps each)."""
-    from slimtune.kernels.dfloat11_decode import decode_many
+    """Every DFloat11-coded tensor among `records` (name -> manifest record; parts: name -> its stored parts),
+    on the CPU: the bf16 ones by the Triton kernel on the GPU when there is one (kernels/dfloat11_decode.py,
+    copied back), the rest in one CPU lockstep over all their blocks (tensor by tensor would take 4096
+    steps each)."""
+    from slimtune.kernels.dfloat11_decode import decode_many, dfloat11_decode
+    from slimtune.kernels.dispatch import use_triton
 
     coded = [n for n, r in records.items() if r.get("kind") in ("df11", "df11f")]
     if not coded:
         return {}
+    out = {}
+    if torch.cuda.is_available() and use_triton(torch.empty(0, device="cuda")):
+        for n in [n for n in coded if records[n]["kind"] == "df11"]:
+            one = {**parts.get(n, {}), "shape": records[n]["shape"], "block_values": records[n]["block_values"]}
+            out[n] = dfloat11_decode(one, "cuda").cpu()
+        coded = [n for n in coded if n not in out]
+        if not coded:
+            return out
     many = [{**parts.get(n, {}), "shape": records[n]["shape"], "block_values": records[n]["block_values"]}
             for n in coded]
-    return dict(zip(coded, decode_many(many, [records[n]["kind"] == "df11f" for n in coded])))
+    return {**out, **dict(zip(coded, decode_many(many, [records[n]["kind"] == "df11f" for n in coded])))}
 
 
 def decode_tensor(name: str, record: dict, parts: dict) -> torch.Tensor:

@@ -20,25 +20,38 @@ from slimtune.memory import trim_heap
 KEPT_KINDS = ("df11", "df11f", "mask", "nm")  # what a layer keeps encoded ("raw" tensors are decoded as usual)
 
 
-def _placeholder(shape, dtype) -> torch.Tensor:
-    return torch.zeros((), dtype=dtype).expand(tuple(shape))
+def _placeholder(shape, dtype, device="cpu") -> torch.Tensor:
+    return torch.zeros((), dtype=dtype, device=device).expand(tuple(shape))
 
 
 class EncodedLayer:
-    """One decoder layer's encoded tensors and the parameters they fill: decode() -> {name: tensor}."""
+    """One decoder layer's encoded tensors and the parameters they fill: decode() -> {name: tensor}, on
+    `device` (`to`): on CUDA the DFloat11 bf16 codes live on the GPU and the Triton kernel decodes them there
+    (kernels/dfloat11_decode.py); the other kinds decode on the host and are copied over."""
 
     def __init__(self, entries: dict, dtype):
         self.entries = entries  # qualified name -> (record, parts, module, attr)
         self.dtype = dtype
+        self.device = torch.device("cpu")
+
+    def _on_gpu(self, record: dict) -> bool:
+        from slimtune.kernels.dispatch import use_triton
+
+        return record["kind"] == "df11" and use_triton(torch.empty(0, device=self.device))
 
     def decode(self) -> dict[str, torch.Tensor]:
         from slimtune.compress.compressed import decode_coded, decode_tensor
+        from slimtune.kernels.dfloat11_decode import dfloat11_decode
 
-        records = {n: record for n, (record, _, _, _) in self.entries.items()}
-        out = decode_coded(records, {n: parts for n, (_, parts, _, _) in self.entries.items()})
-        for n, (record, parts, _, _) in self.entries.items():
-            if n not in out:
-                out[n] = decode_tensor(n, record, parts)
+        on_gpu = {n for n, (record, _, _, _) in self.entries.items() if self._on_gpu(record)}
+        out = {n: dfloat11_decode({**parts, "shape": record["shape"], "block_values": record["block_values"]},
+                                  self.device) for n, (record, parts, _, _) in self.entries.items() if n in on_gpu}
+        host = {n: e for n, e in self.entries.items() if n not in on_gpu}
+        decoded = decode_coded({n: record for n, (record, _, _, _) in host.items()},
+                               {n: parts for n, (_, parts, _, _) in host.items()})
+        for n, (record, parts, _, _) in host.items():
+            t = decoded[n] if n in decoded else decode_tensor(n, record, parts)
+            out[n] = t.to(self.device, non_blocking=True)
         return out
 
     def decode_checked(self) -> dict[str, torch.Tensor]:
@@ -59,8 +72,34 @@ class EncodedLayer:
     def empty(self, module: nn.Module, inputs, output) -> None:
         for record, _, owner, attr in self.entries.values():
             p = owner._parameters[attr]
-            p.data = _placeholder(record["shape"], p.dtype)
+            p.data = _placeholder(record["shape"], p.dtype, self.device)
         trim_heap()  # the decoded layer's pages go back to the OS, not into a heap that only grows
+
+    def detach_placeholders(self) -> None:
+        """Take the placeholders out of their modules (a module's .to() would materialize them)."""
+        for _, _, owner, attr in self.entries.values():
+            owner._parameters[attr].data = torch.empty(0, dtype=owner._parameters[attr].dtype)
+
+    def to(self, device: torch.device) -> None:
+        """Decode on `device` from now on (its GPU-decoded codes moved there once); placeholders on it."""
+        self.device = torch.device(device)
+        for n, (record, parts, owner, attr) in self.entries.items():
+            if self._on_gpu(record):
+                moved = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in parts.items()}
+                self.entries[n] = (record, moved, owner, attr)
+        self.empty(None, None, None)
+
+
+def to_device(model: nn.Module, device) -> nn.Module:
+    """model.to(device), keeping a keep_compressed model's encoded layers encoded (their placeholders are not
+    materialized on the device, and each layer then decodes there)."""
+    layers = getattr(model, "encoded_layers", [])
+    for layer in layers:
+        layer.detach_placeholders()
+    model.to(device)
+    for layer in layers:
+        layer.to(device)
+    return model
 
 
 def split_layer_tensors(model: nn.Module, manifest: dict, grouped: dict) -> dict[str, dict]:
@@ -103,3 +142,4 @@ def keep_layers_compressed(model: nn.Module, layers: dict[str, dict], dtype) -> 
         encoded = EncodedLayer(entries, dtype)
         layer.register_forward_pre_hook(encoded.fill)
         layer.register_forward_hook(encoded.empty)
+        model.encoded_layers = [*getattr(model, "encoded_layers", []), encoded]  # compressed_memory.to_device

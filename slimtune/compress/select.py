@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from slimtune.data import Blocks
 from slimtune.errors import SlimtuneError
-from slimtune.loss import IGNORE, lm_loss_sum, logit_transform
+from slimtune.loss import IGNORE, lm_loss_sum, logit_transform, position_kwargs
 
 MEASURES = ("loss", "kl")
 
@@ -43,9 +43,26 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Final hidden states (B, T, H) of the decoder, without the head."""
-    return model.get_decoder()(input_ids=input_ids.to(_device(model)), use_cache=False).last_hidden_state
+def _hidden(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Final hidden states (B, T, H) of the decoder, without the head; position_ids as data.packing made them
+    (restarting per document: no attention across documents; -1: padding, masked), as in training."""
+    dev = _device(model)
+    kwargs = {k: v.to(dev) for k, v in position_kwargs(position_ids).items()}
+    return model.get_decoder()(input_ids=input_ids.to(dev), use_cache=False, **kwargs).last_hidden_state
+
+
+def _mean_tokens(hidden: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """(B, H) fp32 on CPU: the mean hidden state over each row's tokens (padding excluded)."""
+    h = hidden.float().cpu()
+    if position_ids is None:
+        return h.mean(dim=1)
+    real = (position_ids >= 0).float()[..., None]
+    return (h * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
+
+
+def _rows(blocks: Blocks, s: int, n: int):
+    pos = None if blocks.position_ids is None else blocks.position_ids[s : s + n]
+    return blocks.input_ids[s : s + n], blocks.labels[s : s + n], pos
 
 
 def _row_losses(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
@@ -93,16 +110,17 @@ def score_blocks(dense: nn.Module, pruned: nn.Module, blocks: Blocks, batch_size
 
     measure="loss": pruned minus dense mean token loss of each block; "kl": mean over the block's target
     positions of KL(dense || pruned) of the next-token distributions. A block without targets scores 0.
-    Embedding: the dense model's final hidden state averaged over all of the block's tokens.
+    Embedding: the dense model's final hidden state averaged over the block's tokens (padding excluded).
+    Both models see the blocks as training does: position ids restarting per packed document, padding masked.
     """
     if measure not in MEASURES:
         raise SlimtuneError(f"measure={measure!r}: use one of {', '.join(MEASURES)}")
     scores, embeddings = [], []
     with _eval_mode(dense, pruned):
         for s in range(0, len(blocks), batch_size):
-            x, y = blocks.input_ids[s : s + batch_size], blocks.labels[s : s + batch_size]
-            h_d, h_p = _hidden(dense, x), _hidden(pruned, x)
-            embeddings.append(h_d.float().mean(dim=1).cpu())
+            x, y, pos = _rows(blocks, s, batch_size)
+            h_d, h_p = _hidden(dense, x, pos), _hidden(pruned, x, pos)
+            embeddings.append(_mean_tokens(h_d, pos))
             if measure == "loss":
                 scores.append(_row_losses(pruned, h_p, y, chunk_tokens) - _row_losses(dense, h_d, y, chunk_tokens))
             else:
@@ -122,7 +140,8 @@ def dense_embeddings(dense: nn.Module, blocks: Blocks, batch_size: int = 4) -> t
     out = []
     with _eval_mode(dense):
         for s in range(0, len(blocks), batch_size):
-            out.append(_hidden(dense, blocks.input_ids[s : s + batch_size]).float().mean(dim=1).cpu())
+            x, _, pos = _rows(blocks, s, batch_size)
+            out.append(_mean_tokens(_hidden(dense, x, pos), pos))
     return torch.cat(out)
 
 

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from slimtune import kernels
 from slimtune.chat import set_chat_template
+from slimtune.compress.compressed_memory import to_device
 from slimtune.data import Blocks, eval_batches, splits_for, text_windows
 from slimtune.hardware import fixed_dtype
 from slimtune.loss import CausalLMLoss, count_targets
@@ -69,7 +70,7 @@ def evaluate_model(cfg, whole_text: bool = False) -> dict:
         parts, cap = text_windows(cfg.data.source, tokenizer, t.seq_len, cfg.data.train_on), 0
     else:
         parts, cap = [splits_for(cfg, tokenizer).eval], cfg.eval.max_batches
-    model = build_for_eval(cfg).to(device)
+    model = to_device(build_for_eval(cfg), device)  # a keep_compressed model stays encoded on the device
     loss_model = CausalLMLoss(model, t.loss_chunk_tokens)
     nats, tokens = 0.0, 0
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16"):

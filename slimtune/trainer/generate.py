@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from slimtune.chat import set_chat_template
+from slimtune.compress.compressed_memory import to_device
 from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.hardware import fixed_dtype
 from slimtune.models import context_length, load_tokenizer
@@ -158,7 +159,7 @@ def generate(cfg, gen: dict, log=print) -> str:
     if room < 1:
         raise SlimtuneError(f"the prompt has {len(ids)} tokens, the model's context {len(ids) + room}: shorten it")
     t0 = time.perf_counter()
-    model = build_for_eval(cfg).to(device)
+    model = to_device(build_for_eval(cfg), device)  # a keep_compressed model stays encoded on the device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16"):
         new = decode(model, ids, min(gen["max_new_tokens"], room), gen["temperature"], gen["top_p"], gen["seed"],
                      stop_ids(model, tokenizer), device)

@@ -15,6 +15,8 @@ from slimtune.compress.prune import (exact_obs_prune, magnitude_mask, parse_patt
                                      sparsegpt_prune, wanda_mask)
 from slimtune.compress.prune_model import load_masks, prunable_linears, prune_model, save_sparse
 from slimtune.errors import SlimtuneError
+from slimtune.cli import main
+from slimtune_testutil import TINY
 from slimtune.models import load_tokenizer
 
 
@@ -301,3 +303,38 @@ def test_layer_one_is_calibrated_on_pruned_layer_zero(method, monkeypatch):
     for name, stat in recorded[1].items():
         torch.testing.assert_close(stat, expected[name], rtol=1e-4, atol=1e-5)
         assert not torch.allclose(stat, dense[name], rtol=1e-2, atol=1e-3), name
+
+
+def test_calibration_sees_packed_documents_apart():
+    """A packed calibration sample (two documents, positions restarting) gives each linear the inputs of its
+    documents run alone: Wanda's statistics (sums over tokens) equal the two documents' summed."""
+    from slimtune.compress.prune_model import _collect_stats, _layer_linears, capture_layer_inputs
+
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randint(0, 128, (1, 9), generator=g), torch.randint(0, 128, (1, 7), generator=g)
+    packed = (torch.cat([a, b], 1), None, torch.cat([torch.arange(9), torch.arange(7)])[None])
+    layer = model.model.layers[0]
+    names = _layer_linears(layer)
+    with torch.no_grad():
+        got = _collect_stats(layer, names, capture_layer_inputs(model, [packed]), "wanda")
+        want = _collect_stats(layer, names, capture_layer_inputs(model, [a, b]), "wanda")
+    for n in names:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5)
+
+
+def test_prune_calibrates_on_the_runs_data_with_its_chat_template(tmp_path, capsys):
+    """`slimtune prune` builds its calibration blocks as a run does: data.chat_template renders messages
+    records (the tokenizer has no template of its own), data.packing and data.train_on apply."""
+    import json
+
+    chats = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+             for i in range(60)]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    args = ["prune", *TINY, f"data.source={src}", "prune.calibration_samples=2", "train.seq_len=32"]
+    assert main([*args, f"output_dir={tmp_path / 'a'}"]) == 2  # messages need a template
+    assert "chat template" in capsys.readouterr().err
+    assert main([*args, f"data.chat_template={tpl}", f"output_dir={tmp_path / 'b'}"]) == 0

@@ -187,3 +187,32 @@ def test_select_recovery_data(models_and_blocks):
     assert rows == sorted(rows) and torch.equal(subset.labels, blocks.labels[rows])
     assert summary["mean_score_selected"] == pytest.approx(float(scores[rows].mean()), abs=1e-6)
     assert summary["mean_score_all"] == pytest.approx(float(scores.mean()), abs=1e-6)
+
+
+def test_scores_see_packed_documents_and_padding_as_training_does(models_and_blocks):
+    """Blocks with position ids (data.packing=documents: two documents in a row; none: padded rows) are scored
+    as each document / real token run alone: the same degradation and embedding as the document scored in
+    its own unpacked row (no attention across documents, padding masked)."""
+    dense, pruned, _ = models_and_blocks
+    g = torch.Generator().manual_seed(5)
+    doc_a, doc_b = torch.randint(0, 128, (7,), generator=g), torch.randint(0, 128, (5,), generator=g)
+    packed = Blocks(torch.cat([doc_a, doc_b])[None], torch.cat([torch.tensor([IGNORE]), doc_a[1:],
+                                                                 torch.tensor([IGNORE]), doc_b[1:]])[None],
+                    torch.cat([torch.arange(7), torch.arange(5)])[None])
+    alone = [Blocks(d[None], d[None].clone()) for d in (doc_a, doc_b)]
+    s_packed, _ = score_blocks(dense, pruned, packed, measure="loss")
+    per_doc = [score_blocks(dense, pruned, b, measure="loss")[0] for b in alone]
+    # the packed row's mean loss weights each document by its 6 / 4 targets
+    want = torch.stack([_hf_losses(pruned, b) - _hf_losses(dense, b) for b in alone]).squeeze(1)
+    torch.testing.assert_close(torch.cat(per_doc), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(s_packed, (6 * want[0] + 4 * want[1])[None] / 10, atol=1e-5, rtol=0)
+    pad = Blocks(torch.cat([doc_a, torch.zeros(5, dtype=torch.long)])[None],
+                 torch.cat([doc_a, torch.full((5,), IGNORE)])[None],
+                 torch.cat([torch.arange(7), torch.full((5,), -1)])[None])
+    for measure in ("loss", "kl"):
+        s_pad, e_pad = score_blocks(dense, pruned, pad, measure=measure)
+        s_alone, e_alone = score_blocks(dense, pruned, alone[0], measure=measure)
+        torch.testing.assert_close(s_pad, s_alone, atol=1e-5, rtol=0)
+        torch.testing.assert_close(e_pad, e_alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dense_embeddings(dense, pad), score_blocks(dense, pruned, alone[0])[1], atol=1e-5,
+                               rtol=0)
