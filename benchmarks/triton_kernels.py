@@ -46,7 +46,7 @@ def matmuls(x: torch.Tensor, w: torch.Tensor) -> dict:
     return {
         "fp8 e4m3 (per-row scales)": lambda: fp8_matmul(xq, xs, wq, ws, out_dtype=torch.float32),
         "mxfp4 weight (RTN)": lambda: mxfp4_matmul(x, w_packed, w_scales, out_dtype=torch.float32),
-        "nf4 weight (b64, dq)": lambda: nf4_matmul(x, w_nf4),
+        "nf4 weight (b64, dq)": lambda: nf4_matmul(x, w_nf4.operand()),
         "bf16 matmul": lambda: (x.bfloat16() @ w.bfloat16().T).float(),
     }
 

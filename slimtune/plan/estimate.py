@@ -232,5 +232,5 @@ def plan_memory(cfg, world_size: int = 1, device: str | None = None) -> Plan:
 def _platform(cfg, arch: Arch, device: str) -> dict[str, int]:
     if device != "cpu":
         return {"cuda_context": P.CUDA_CONTEXT}
-    return {"libraries": P.LIBRARY_RSS, "tokenizer": int(P.TOKENIZER_RSS_PER_BYTE * arch.tokenizer_bytes),
+    return {"libraries": P.library_rss(), "tokenizer": int(P.TOKENIZER_RSS_PER_BYTE * arch.tokenizer_bytes),
             "data": int(P.DATA_RSS_PER_BYTE * _data_bytes(cfg))}

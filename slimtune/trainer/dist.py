@@ -30,8 +30,10 @@ class DistInfo:
 
 
 def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        local = int(os.environ.get("LOCAL_RANK", 0))
+    """train.device: cuda:LOCAL_RANK; auto takes it when this rank has a GPU of its own (more ranks than
+    GPUs, e.g. a 2-process CPU run on a 1-GPU machine, run on the CPU)."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if requested == "cuda" or (requested == "auto" and local < torch.cuda.device_count()):
         return torch.device("cuda", local)
     return torch.device("cpu")
 

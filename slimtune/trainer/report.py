@@ -68,7 +68,12 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 def plot_loss(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    """loss.png; without matplotlib (a lean install) a note instead: the curve is in metrics.jsonl anyway."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"slimtune: matplotlib is not installed: {path.name} not drawn (metrics.jsonl holds the curve)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -20,10 +20,14 @@ from slimtune.optim import build_optimizer, set_lr
 from slimtune.quant import quantize_model, quantize_nf4
 from slimtune_testutil import TINY, run_cli
 
-peft = pytest.importorskip("peft")
-
 X = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
 RANK, ALPHA = 4, 16.0
+
+
+@pytest.fixture
+def peft():
+    """PEFT, for the tests that compare with it (the rest run without it)."""
+    return pytest.importorskip("peft")
 
 
 def _adapted(**adapter):
@@ -56,7 +60,7 @@ def _logits(model):
 
 @pytest.mark.parametrize("adapter", [{"use_rslora": True}, {"type": "dora"}, {"type": "dora", "use_rslora": True},
                                      {"init": "pissa"}, {"init": "pissa", "use_rslora": True}])
-def test_trained_variant_loads_in_peft_with_same_logits(tmp_path, tiny_model_dir, adapter):
+def test_trained_variant_loads_in_peft_with_same_logits(tmp_path, tiny_model_dir, adapter, peft):
     model, cfg = _sgd_steps(_adapted(**adapter)[0]), AdapterConfig(rank=RANK, alpha=ALPHA, **adapter)
     save_peft_adapter(model, cfg, tmp_path / "a", "tiny-llama", str(tiny_model_dir))
     saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
@@ -74,7 +78,7 @@ def test_trained_variant_loads_in_peft_with_same_logits(tmp_path, tiny_model_dir
     assert not torch.allclose(ours, _logits(load_model("tiny-llama").eval()), atol=1e-3)
 
 
-def test_dora_saved_by_peft_loads_and_trains_as_in_peft(tmp_path):
+def test_dora_saved_by_peft_loads_and_trains_as_in_peft(tmp_path, peft):
     """A DoRA adapter made by PEFT (dropout 0.1, trained-looking B and magnitude): slimtune's loader gives its
     logits in eval, and in training (dropout on, same seed) the same logits and gradients."""
     torch.manual_seed(0)
@@ -110,7 +114,7 @@ def test_dora_saved_by_peft_loads_and_trains_as_in_peft(tmp_path):
         torch.testing.assert_close(m.lora_A.weight.grad, layer.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_pissa_init_is_peft_s_and_keeps_the_model():
+def test_pissa_init_is_peft_s_and_keeps_the_model(peft):
     model, _ = _adapted(init="pissa")
     pm = peft.get_peft_model(load_model("tiny-llama"), peft.LoraConfig(r=RANK, lora_alpha=ALPHA,
                                                                        init_lora_weights="pissa",
@@ -231,7 +235,7 @@ def test_pissa_rank_beyond_half_the_smallest_dim_is_refused():
         apply_adapters(load_model("tiny-llama"), AdapterConfig(rank=17, init="pissa"))
 
 
-def test_cli_runs_dora_and_refuses_a_bad_ratio_in_one_line(tmp_path):
+def test_cli_runs_dora_and_peft_loads_it(tmp_path, peft):
     out = tmp_path / "dora"
     run_cli("-m", "slimtune", "run", "lora", "adapter.type=dora", "model.name=tiny-llama", "train.max_steps=3",
             "optim.lora_plus_ratio=16", *TINY, f"output_dir={out}")
@@ -239,6 +243,9 @@ def test_cli_runs_dora_and_refuses_a_bad_ratio_in_one_line(tmp_path):
     assert saved["use_dora"] is True
     pm = peft.PeftModel.from_pretrained(load_model("tiny-llama"), str(out / "final"))
     assert any("lora_magnitude_vector" in n for n, _ in pm.named_parameters())
+
+
+def test_cli_refuses_a_bad_ratio_in_one_line(tmp_path):
     r = run_cli("-m", "slimtune", "run", "lora", "optim.lora_plus_ratio=-2", f"output_dir={tmp_path / 'x'}",
                 check=False)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from slimtune.cli import main
 from slimtune.compress.prune_model import MANIFEST
+from slimtune.hooks import Hooks
 from slimtune_testutil import (
     TINY,
     free_port,
@@ -91,6 +92,9 @@ def test_resume_refuses_a_base_whose_zeros_changed(pruned, tmp_path):
     from safetensors.torch import save_file
 
     save_file(w, str(f), metadata={"format": "pt"})
+    from slimtune.compress.prune_model import write_sparse_record
+
+    write_sparse_record(base, json.loads((base / MANIFEST).read_text()))  # a consistent dir, as if pruned again
     r = _cli("-m", "slimtune", "run", "recover", *args, f"output_dir={out}", "resume=true", check=False)
     assert r.returncode == 2 and "masks differ" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
@@ -140,11 +144,87 @@ def test_data_selection_trains_on_a_fraction(pruned, tmp_path, select):
     assert report["train_blocks"] == round(0.5 * full)
 
 
-def test_cram_trains_a_dense_model(tmp_path):
-    out = tmp_path / "cram"
-    assert main(["run", "full", *RUN, "optim.cram=true", "cram.rho=0.01", "train.max_steps=10",
-                 f"output_dir={out}"]) == 0
-    report = json.loads((out / "report.json").read_text())
+class _StepZero(Hooks):
+    """What the loop hands on at step 0: the weights and gradient after backward (what clipping and the
+    optimizer see), then the weights after the step."""
+
+    def after_backward(self, model, step):
+        if step == 0:
+            self.w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+            self.grad = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+    def after_step(self, model, optimizer, step):
+        if step == 1:
+            self.w1 = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _topk_keep(w, sparsity):
+    """C's mask, written here: the round((1 - s) numel) largest |w| of the tensor."""
+    k = w.numel() - round(sparsity * w.numel())
+    keep = torch.zeros(w.numel(), dtype=torch.bool)
+    keep[w.abs().flatten().argsort(descending=True)[:k]] = True
+    return keep.view_as(w)
+
+
+def _cram_plus_grad(x, y, rho, sparsity):
+    """CrAM+ (Peste et al. 2023) on the global batch, by autograd on a model loaded here from the same file:
+    g = grad L(w); w~ = C(w + rho g); g~ = mask(w~) * grad L(w~); returns g~ + g by name."""
+    from slimtune.models import load_model
+
+    model = load_model("tiny-llama", "float32").train()
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.requires_grad_(True)
+    g = dict(zip(params, torch.autograd.grad(model(input_ids=x, labels=y).loss, list(params.values()))))
+    keep = {}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.add_(rho * g[n])
+            if p.dim() >= 2:
+                keep[n] = _topk_keep(p, sparsity)
+                p.mul_(keep[n])
+    g_tilde = torch.autograd.grad(model(input_ids=x, labels=y).loss, list(params.values()))
+    return {n: (gt * keep[n] if n in keep else gt) + g[n] for n, gt in zip(params, g_tilde)}
+
+
+def test_cram_trains_a_dense_model(tmp_path, monkeypatch):
+    """The loop's CrAM wiring against the formula: step 0's gradient is CrAM+'s g~ + g (computed here on the
+    same batch), taken at the restored weights w, and the optimizer steps with it; the run then trains."""
+    from slimtune.config import load_config
+    from slimtune.models import load_model
+    from slimtune.trainer import loop
+
+    batches, real_micro_batch = [], loop.micro_batch
+
+    def recorded(*args, **kwargs):  # the loop's batches, as it draws them
+        batches.append(real_micro_batch(*args, **kwargs))
+        return batches[-1]
+
+    monkeypatch.setattr(loop, "micro_batch", recorded)
+    rho, sparsity = 0.05, 0.5
+    probe = _StepZero()
+    cfg = load_config("full", [*RUN, "optim.cram=true", f"cram.rho={rho}", f"cram.sparsities=[{sparsity}]",
+                               "train.max_steps=10", "train.grad_accum=2", "data.packing=stream",
+                               f"output_dir={tmp_path / 'cram'}"])
+    report = loop.run(cfg, hooks=[probe])
+    # the global batch of step 0 (two micro-batches; stream packing: no position ids)
+    assert all(pos is None for _, _, pos in batches[:2])
+    x, y = torch.cat([b[0] for b in batches[:2]]), torch.cat([b[1] for b in batches[:2]])
+    want = _cram_plus_grad(x, y, rho, sparsity)
+    start = dict(load_model("tiny-llama", "float32").named_parameters())
+    assert probe.grad.keys() == want.keys()
+    for n, g in want.items():
+        torch.testing.assert_close(probe.w0[n], start[n].detach(), rtol=0, atol=0)  # restored to w
+        torch.testing.assert_close(probe.grad[n], g, rtol=1e-4, atol=1e-7)
+    # the step: torch's AdamW on the clipped g~ + g the hook saw
+    ref = {n: torch.nn.Parameter(w.clone()) for n, w in probe.w0.items()}
+    for n, p in ref.items():
+        p.grad = probe.grad[n].clone()
+    torch.nn.utils.clip_grad_norm_(list(ref.values()), cfg.train.max_grad_norm)
+    torch.optim.AdamW(list(ref.values()), lr=loop.lr_at(0, cfg.train), betas=cfg.optim.betas, eps=cfg.optim.eps,
+                      weight_decay=cfg.optim.weight_decay).step()
+    for n, p in ref.items():
+        torch.testing.assert_close(probe.w1[n], p.detach(), rtol=1e-5, atol=1e-8)
     assert report["eval_perplexity"] < report["eval_perplexity_before"]
     assert report["final_loss"] < report["initial_loss"]
 

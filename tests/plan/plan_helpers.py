@@ -39,8 +39,7 @@ def _data(cfg):
     key = (cfg.model.name, cfg.data, cfg.train.seq_len)
     if key not in _DATA:
         tok = load_tokenizer(cfg.model.name)
-        _DATA[key] = (D.splits_for(cfg, tok) if hasattr(D, "splits_for") else
-                      D.build_splits(cfg.data.source, tok, cfg.train.seq_len, cfg.data.eval_fraction))
+        _DATA[key] = D.splits_for(cfg, tok)
     return _DATA[key]
 
 

@@ -16,9 +16,9 @@ from slimtune.plan.optimizer import state_bytes
 from slimtune.plan.weights import model_weights
 from slimtune.trainer.report import optimizer_state_bytes
 
-# one token stream cut into blocks (the working tree may default to packed documents: their worst case,
-# a micro-batch with a document boundary, is tested below on its own)
-STREAM = ["data.packing=stream"] if "data.packing" in C.all_keys() else []
+# one token stream cut into blocks (the default packs documents: their worst case, a micro-batch with a
+# document boundary, is tested below on its own); a schema without data.packing fails here, as a bug
+STREAM = ["data.packing=stream"]
 _BUILT: dict = {}
 
 
@@ -107,7 +107,6 @@ def test_bf16_activations_count_the_autocast_copies():
     assert planned.saved == saved_activation_bytes(built, batch(blocks, 4)) and planned.weight_copies > 0
 
 
-@pytest.mark.skipif("data.packing" not in C.all_keys(), reason="no data.packing in this schema")
 def test_packed_documents_with_a_boundary_are_the_planned_worst_case():
     """Position ids per row and a 4-D mask: k, v repeated to every head, the mask saved per layer. The
     planner assumes B x (S - 1) targets; a boundary's ignored labels make the measured count a bit lower."""
