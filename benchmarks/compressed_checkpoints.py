@@ -1,7 +1,8 @@
 """Compressed checkpoints on SmolLM2-135M: bytes on disk, load time and held-out perplexity.
 
 bf16 safetensors (the reference), dfloat11 (lossless), and a 50%-sparse (Wanda) and a 2:4 (SparseGPT) model
-each in `sparse`, `sparse-nf4` and `sparse-nf4 --rank 16` (LQ-LoRA factors beside the values). Bytes are the whole exported dir without tokenizer files; bits per
+each in `sparse`, `sparse-nf4` and `sparse-nf4 --rank 16` (LQ-LoRA factors beside the values). Bytes are the whole
+exported dir without tokenizer files; bits per
 parameter are also given over the pruned matrices alone (their mask/pattern + values entries, + factors). Held-out
 text: IDLE's NEWS.txt + README.txt (as benchmarks/prune_recover.py). Writes
 benchmarks/results/compressed_checkpoints.json.
@@ -100,7 +101,8 @@ def main() -> None:
     ref = dir_bytes(dense)
     record("bf16 safetensors", dense, ref)
     jobs = [("dfloat11", "smollm2-135m", dense, "dfloat11"), ("w50 bf16 safetensors", None, work / "w50", None),
-            ("w50 sparse", str(work / "w50"), None, "sparse"), ("w50 sparse-nf4", str(work / "w50"), None, "sparse-nf4"),
+            ("w50 sparse", str(work / "w50"), None, "sparse"),
+            ("w50 sparse-nf4", str(work / "w50"), None, "sparse-nf4"),
             ("sg24 bf16 safetensors", None, work / "sg24", None), ("sg24 sparse", str(work / "sg24"), None, "sparse"),
             ("sg24 sparse-nf4", str(work / "sg24"), None, "sparse-nf4"),
             ("w50 sparse-nf4 rank16", str(work / "w50"), None, "sparse-nf4"),

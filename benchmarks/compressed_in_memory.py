@@ -67,7 +67,8 @@ def main() -> None:
             prune_command(load_config(None, ["model.name=smollm2-135m", "model.dtype=bfloat16", "prune.method=wanda",
                                              f"output_dir={work / 'w50'}", "overwrite=true"]))
     rows = {}
-    for key, src, fmt in (("dfloat11", "smollm2-135m", "dfloat11"), ("w50 sparse-nf4", str(work / "w50"), "sparse-nf4")):
+    for key, src, fmt in (("dfloat11", "smollm2-135m", "dfloat11"),
+                          ("w50 sparse-nf4", str(work / "w50"), "sparse-nf4")):
         out = work / key.replace(" ", "_")
         if not (out / MANIFEST).is_file():
             with contextlib.redirect_stdout(io.StringIO()):

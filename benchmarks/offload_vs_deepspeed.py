@@ -25,7 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "offload_vs_deepspeed.json"
-SHAPES = {"1b": dict(layers=16, hidden=2048, intermediate=5440), "2.1b": dict(layers=24, hidden=2560, intermediate=7040)}
+SHAPES = {"1b": dict(layers=16, hidden=2048, intermediate=5440),
+          "2.1b": dict(layers=24, hidden=2560, intermediate=7040)}
 
 
 def make_model(path: Path, layers: int, hidden: int, intermediate: int) -> None:
@@ -110,7 +111,8 @@ def slimtune_side(model: Path, work: Path, steps: int, scale: bool) -> dict:
     off = report["offload"]
     result = {"seconds_per_step": secs, "steady_seconds_per_step": _mean(secs[1:]), "peak_rss_bytes": peak,
               "read_bytes": io.get("read_bytes"), "written_bytes": io.get("write_bytes"), "wall_seconds": wall,
-              "read_bytes_per_step": off["bytes_read_per_step"], "written_bytes_per_step": off["bytes_written_per_step"],
+              "read_bytes_per_step": off["bytes_read_per_step"],
+              "written_bytes_per_step": off["bytes_written_per_step"],
               "io_hidden_fraction": off["io_hidden_fraction"], "gb_per_second": off["gb_per_second"],
               "buffer_pool_bytes": off["buffer_pool_bytes"], "losses": [r["loss"] for r in rows],
               "activations": off.get("activations")}
@@ -126,8 +128,8 @@ def deepspeed_side(model: Path, work: Path, steps: int) -> dict:
     shutil.rmtree(nvme, ignore_errors=True)
     nvme.mkdir(parents=True)
     out = work / "deepspeed.json"
-    peak, io, wall = run_child([sys.executable, str(ROOT / "benchmarks" / "_deepspeed_worker.py"), str(model), str(nvme),
-                                str(steps), "256", str(out)])
+    peak, io, wall = run_child([sys.executable, str(ROOT / "benchmarks" / "_deepspeed_worker.py"), str(model),
+                                str(nvme), str(steps), "256", str(out)])
     r = json.loads(out.read_text())
     secs = [s["seconds"] for s in r["steps"]]
     shutil.rmtree(nvme, ignore_errors=True)
@@ -170,7 +172,8 @@ def table(res: dict) -> str:
 
     speed = "-" if not (s and d) else format(d["steady_seconds_per_step"] / s["steady_seconds_per_step"], ".2f") + "x"
     mem = "-" if not (s and d) else format(s["peak_rss_bytes"] / d["peak_rss_bytes"], ".2f") + "x"
-    rows = ["| 1.0B Llama, fp32, seq 256, batch 1 | slimtune offload | DeepSpeed ZeRO-3 NVMe | in-RAM torch | slimtune vs DeepSpeed |",
+    rows = ["| 1.0B Llama, fp32, seq 256, batch 1 | slimtune offload | DeepSpeed ZeRO-3 NVMe | in-RAM torch "
+            "| slimtune vs DeepSpeed |",
             "|---|---|---|---|---|",
             f"| s/step (steady) | {cell(s, 'steady_seconds_per_step')} | {cell(d, 'steady_seconds_per_step')} | "
             f"{cell(m, 'steady_seconds_per_step')} | |",

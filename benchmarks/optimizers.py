@@ -1,6 +1,6 @@
 """Memory-efficient optimizers side by side: full fine-tuning with AdamW, 8-bit AdamW, GaLore, FRUGAL, DCT.
 
-    python benchmarks/optimizers.py                         # SmolLM2-135M, 100 steps each (about an hour on 2 CPU cores)
+    python benchmarks/optimizers.py   # SmolLM2-135M, 100 steps each (about an hour on 2 CPU cores)
     python benchmarks/optimizers.py --model tiny-llama --steps 20 --seq-len 64   # smoke test (a minute)
 
 Each optimizer runs `slimtune run full` in its own fresh process on the same batches (pydoc text,
@@ -55,7 +55,8 @@ def run_one(name: str, a, out_dir: Path) -> dict:
             f"train.seq_len={a.seq_len}", f"train.batch_size={a.batch_size}", f"train.lr={a.lr or lr}",
             f"optim.rank={max(1, hidden_size(a.model) // 4)}", "optim.density=0.25",
             f"optim.update_gap={a.update_gap}", "optim.full_rank_modules=[]", f"optim.proj_dtype={a.proj_dtype}",
-            "checkpoint.every=0", "eval.max_batches=1", "logging.progress=false", f"output_dir={out_dir}", "overwrite=true", *extra]
+            "checkpoint.every=0", "eval.max_batches=1", "logging.progress=false", f"output_dir={out_dir}",
+            "overwrite=true", *extra]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "WANDB_MODE": "offline"})
     stdout, stderr = proc.communicate()
@@ -87,25 +88,31 @@ def main() -> None:
         for name in a.only.split(","):
             row = run_one(name, a, Path(tmp) / name)
             rows.append(row)
-            print(f"{name:12s} state {row['state_bytes'] / 2**20:9.1f} MiB  peak {row['peak_rss_bytes'] / 2**20:7.0f} MiB"
+            print(f"{name:12s} state {row['state_bytes'] / 2**20:9.1f} MiB"
+                  f"  peak {row['peak_rss_bytes'] / 2**20:7.0f} MiB"
                   f"  {row['tokens_per_second']:7.1f} tok/s  loss {row['loss_last5']:.4f}"
                   f"  proj {row['projection_seconds'] or 0:.2f}s", flush=True)
     base = next((r for r in rows if r["optimizer"] == "adamw"), None)
     checks = {}
-    print("\n| optimizer | state MiB | x AdamW | peak RSS MiB | tokens/s | x AdamW | loss (last 5) | x AdamW | projection s |")
+    print("\n| optimizer | state MiB | x AdamW | peak RSS MiB | tokens/s | x AdamW | loss (last 5) | x AdamW "
+          "| projection s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = (lambda k: r[k] / base[k]) if base else (lambda k: float("nan"))
-        r["state_ratio"], r["speed_ratio"], r["loss_ratio"] = ratio("state_bytes"), ratio("tokens_per_second"), ratio("loss_last5")
-        print(f"| {r['optimizer']} | {r['state_bytes'] / 2**20:.1f} | {r['state_ratio']:.3f} | {r['peak_rss_bytes'] / 2**20:.0f} "
-              f"| {r['tokens_per_second']:.1f} | {r['speed_ratio']:.2f} | {r['loss_last5']:.4f} | {r['loss_ratio']:.3f} "
+        r["state_ratio"], r["speed_ratio"], r["loss_ratio"] = (ratio("state_bytes"), ratio("tokens_per_second"),
+                                                               ratio("loss_last5"))
+        print(f"| {r['optimizer']} | {r['state_bytes'] / 2**20:.1f} | {r['state_ratio']:.3f} "
+              f"| {r['peak_rss_bytes'] / 2**20:.0f} "
+              f"| {r['tokens_per_second']:.1f} | {r['speed_ratio']:.2f} | {r['loss_last5']:.4f} "
+              f"| {r['loss_ratio']:.3f} "
               f"| {r['projection_seconds'] if r['projection_seconds'] is not None else '-'} |")
         if base and r["optimizer"] in ("galore", "frugal", "dct"):
             checks[f"{r['optimizer']} state <= 0.3x AdamW ({r['state_ratio']:.3f})"] = r["state_ratio"] <= 0.3
         if base and r["optimizer"].endswith("-8bit") and r["optimizer"] != "adamw-8bit":
             checks[f"{r['optimizer']} state <= 0.1x AdamW ({r['state_ratio']:.3f})"] = r["state_ratio"] <= 0.1
         if base and r["optimizer"] == "frugal":
-            checks[f"frugal loss within 5% of AdamW after {a.steps} steps ({r['loss_ratio']:.3f})"] = abs(r["loss_ratio"] - 1) <= 0.05
+            checks[f"frugal loss within 5% of AdamW after {a.steps} steps ({r['loss_ratio']:.3f})"] = (
+                abs(r["loss_ratio"] - 1) <= 0.05)
     by = {r["optimizer"]: r for r in rows}
     if {"galore", "dct"} <= by.keys() and by["galore"]["projection_seconds"]:
         ratio = by["dct"]["projection_seconds"] / by["galore"]["projection_seconds"]

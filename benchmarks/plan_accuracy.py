@@ -4,7 +4,8 @@ For lora, qlora, full, galore, frugal and lq_lora on smollm2-135m and tiny-llama
 checkpointing: the predicted peak (`slimtune plan ... --json`, a separate process) against report.json's
 peak_memory_bytes (peak RSS on CPU) of `slimtune run` with the same overrides (a few steps, eval limited).
 Then `slimtune plan full|lora --fit B` for budgets of 1.5, 2 and 3 GiB on smollm2: the recommended overrides
-are run and their measured peak checked against the budget (a refusal, nothing predicted to fit, is recorded). (lq_lora runs with fewer decomposition iterations and
+are run and their measured peak checked against the budget (a refusal, nothing predicted to fit, is recorded).
+(lq_lora runs with fewer decomposition iterations and
 Fisher samples than its recipe: LQ_FAST.)
 
   python benchmarks/plan_accuracy.py                      # everything (~30-60 min on a 2-core CPU)
@@ -249,7 +250,8 @@ def main() -> int:
         return result
 
     with tempfile.TemporaryDirectory(prefix="plan_accuracy_") as tmp:
-        jobs = [(name, lambda r=recipe, o=overrides, n=name: one(n, r, o, Path(tmp))) for name, recipe, overrides in todo]
+        jobs = [(name, lambda r=recipe, o=overrides, n=name: one(n, r, o, Path(tmp)))
+                for name, recipe, overrides in todo]
         if not args.calibrate and not args.no_fit and not args.only:
             jobs += [(f"smollm2 {r} --fit {b}GiB", lambda r=r, b=b: fit_case(r, b, Path(tmp)))
                      for r in FIT_RECIPES for b in BUDGETS_GIB]

@@ -191,7 +191,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="2,4")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--sides", default=",".join(f"{s}/{v}" for s, v in SIDES), help="e.g. slimtune/stream,peft_bnb/bfloat16")
+    ap.add_argument("--sides", default=",".join(f"{s}/{v}" for s, v in SIDES),
+                    help="e.g. slimtune/stream,peft_bnb/bfloat16")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--worker", choices=["peft_bnb", "peft_lora"], help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)

@@ -3,7 +3,8 @@
 Every run is its own `slimtune run` process (peak RSS is the whole process's) with the same data, steps, seq
 and batch. LoRA: rank 16 on all-linear (the recipe). sparse_ft: adapter.num_params = LoRA's trainable count,
 on the same modules. Each is tried at three learning rates (the recipe's among
-them; the same grid for both) at the short budget; the best of each by eval loss (pydoc's eval split) then runs the longer budget
+them; the same grid for both) at the short budget; the best of each by eval loss (pydoc's eval split) then runs the
+longer budget
 and on an NF4 base (QLoRA vs qSpIEL). Writes benchmarks/results/sparse_ft_vs_lora.json and prints a table.
 
     python benchmarks/sparse_ft_vs_lora.py [--steps 30] [--long-steps 120] [--batch 2]

@@ -189,7 +189,8 @@ def flatten_state(obj, prefix: str = "") -> tuple[dict[str, torch.Tensor], objec
             return {"__dict__": [[walk(k, f"{path}.k{i}") if not isinstance(k, (str, int)) else k,
                                   walk(v, f"{path}.{k}")] for i, (k, v) in enumerate(o.items())]}
         if isinstance(o, (list, tuple)):
-            return {"__list__" if isinstance(o, list) else "__tuple__": [walk(v, f"{path}.{i}") for i, v in enumerate(o)]}
+            return {"__list__" if isinstance(o, list) else "__tuple__":
+                    [walk(v, f"{path}.{i}") for i, v in enumerate(o)]}
         if o is None or isinstance(o, (bool, int, float, str)):
             return o
         raise TypeError(f"cannot checkpoint a {type(o).__name__} at {path}")

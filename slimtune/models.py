@@ -26,7 +26,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("SLIMTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimtune"
+    root = (os.environ.get("SLIMTUNE_CACHE")
+            or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimtune")
     return Path(root)
 
 
@@ -268,7 +269,8 @@ def empty_model(name: str, dtype: str = "float32"):
         with _params_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     except (OSError, ValueError) as e:
-        raise SlimtuneError(f"model.name={name!r}: could not build its architecture ({str(e).splitlines()[0]})") from None
+        raise SlimtuneError(f"model.name={name!r}: could not build its architecture "
+                            f"({str(e).splitlines()[0]})") from None
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)

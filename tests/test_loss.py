@@ -93,7 +93,8 @@ def test_bf16_autocast_close_to_fp32():
 # Logit transforms (Gemma-2's soft cap, Cohere's / Granite's scale, and both), written out here rather than
 # taken from slimtune.loss.LogitTransform: T(z) = softcap * tanh(scale * z / softcap), or scale * z.
 TRANSFORMS = [(0.25, None), (4.0, None), (1.0, 2.0), (0.5, 3.0)]
-HEAD_GAIN = 6.0  # raw logits |z| up to ~15: far past the caps, and scaling changes the loss by far more than the tolerance
+# raw logits |z| up to ~15: far past the caps, and scaling changes the loss by far more than the tolerance
+HEAD_GAIN = 6.0
 
 
 def transformed_naive(hidden, head, labels, scale, softcap):

@@ -59,7 +59,8 @@ class LoRALinear(AdapterDefaults, nn.Module):
             raise ConfigError("adapter.init=pissa on a pruned base would make the pruned weights nonzero; use "
                               "adapter.init=default")
         if tuple(mask.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight mask {tuple(mask.shape)} does not match ({self.out_features}, {self.in_features})")
+            raise ValueError(f"weight mask {tuple(mask.shape)} does not match "
+                             f"({self.out_features}, {self.in_features})")
         self.weight_mask = mask.to(device=self.lora_A.weight.device, dtype=torch.bool)
 
     @classmethod

@@ -176,7 +176,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> list[str]:
     try:
         state = load_file(str(path))
     except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise SlimtuneError(f"{path}: cannot read adapter weights ({e}); the checkpoint is missing or corrupted") from None
+        raise SlimtuneError(f"{path}: cannot read adapter weights ({e}); "
+                            "the checkpoint is missing or corrupted") from None
     for p in model.parameters():
         p.requires_grad_(False)
     saved: set[str] = set()
@@ -189,7 +190,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> list[str]:
         alpha = float(_pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]))
         base = model.get_submodule(name)
         if r <= 0 or r > min(base.in_features, base.out_features):
-            raise SlimtuneError(f"{cfg_path}: rank {r} for {name} is not in 1..{min(base.in_features, base.out_features)}")
+            raise SlimtuneError(f"{cfg_path}: rank {r} for {name} is not in "
+                                f"1..{min(base.in_features, base.out_features)}")
         cls = DoRALinear if cfg.get("use_dora") else LoRALinear
         if isinstance(base, LoRALinear):  # factors that came with the base (a compressed export's): replaced
             if bool(cfg.get("use_dora")) != isinstance(base, DoRALinear):
@@ -197,13 +199,15 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> list[str]:
                                     f"{type(base).__name__} factors at {name}; is base_model_name_or_path right?")
             if (base.rank, base.alpha) != (r, alpha):
                 raise SlimtuneError(f"{cfg_path}: {name} has rank {r} / alpha {alpha}, but the base carries factors of "
-                                    f"rank {base.rank} / alpha {base.alpha}; is base_model_name_or_path the right base?")
+                                    f"rank {base.rank} / alpha {base.alpha}; "
+                                    "is base_model_name_or_path the right base?")
             continue
         replace_module(model, name, cls(base, r, alpha, use_rslora=bool(cfg.get("use_rslora"))))
     wanted = peft_state_dict(model)
     missing = sorted(set(wanted) - set(state))
     if missing:
-        raise SlimtuneError(f"{path}: missing {len(missing)} tensors (e.g. {missing[0]}); adapter does not match the model")
+        raise SlimtuneError(f"{path}: missing {len(missing)} tensors (e.g. {missing[0]}); "
+                            "adapter does not match the model")
     unexpected = sorted(set(state) - set(wanted) - set(saved))
     if unexpected:
         raise SlimtuneError(f"{path}: tensor {unexpected[0]!r} ({len(unexpected)} in all) belongs to no LoRA module "
@@ -217,7 +221,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> list[str]:
             for part, w in parts.items():
                 t = state[f"{PREFIX}{name}.{part}"]
                 if t.shape != w.shape:
-                    raise SlimtuneError(f"{path}: {name}.{part} has shape {tuple(t.shape)}, model expects {tuple(w.shape)}")
+                    raise SlimtuneError(f"{path}: {name}.{part} has shape {tuple(t.shape)}, "
+                                        f"model expects {tuple(w.shape)}")
                 w.copy_(t)
                 w.requires_grad_(False)
     return names

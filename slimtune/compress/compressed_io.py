@@ -1,7 +1,8 @@
 """Writing and loading compressed checkpoints (formats and tensor kinds: compress/compressed.py).
 
 `export_compressed(src, fmt, out)`: src is a model dir or a built-in name (cli.py merges a run's adapter
-first, as `export --merge` does, and passes the merged dir); the sparse formats need a pruned model (its slimtune_sparse.json names the
+first, as `export --merge` does, and passes the merged dir); the sparse formats need a pruned model (its
+slimtune_sparse.json names the
 pruned matrices and the pattern). Prints the bytes on disk and bits per parameter against bf16 safetensors.
 `load_compressed(path, dtype)` is what compress/load.load_base calls, so eval, run and export all load them.
 

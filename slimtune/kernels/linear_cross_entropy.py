@@ -4,7 +4,8 @@ Wijmans et al. 2024). T is a model family's logit transform: z -> softcap * tanh
 
 Memory: the naive loss keeps logits, softmax and its gradient, 3 x N x V x 4 bytes (N = 8192 tokens,
 V = 128256: 12 GB). The chunked torch reference (ChunkedLinearCE below) keeps one (chunk, V) fp32 block,
-and computes dh and dW during the forward pass (Liger-Kernel's trick), so backward is a multiply. The Triton path keeps none: logits live only as (BLOCK_M, BLOCK_V) register tiles.
+and computes dh and dW during the forward pass (Liger-Kernel's trick), so backward is a multiply. The Triton
+path keeps none: logits live only as (BLOCK_M, BLOCK_V) register tiles.
   * forward, one program per (BLOCK_M rows, vocab slice): stream over the slice's vocab tiles, each tile's
     logits computed by a loop over H; keep a running max and rescaled sum of exponentials (online
     log-sum-exp) and pick out the target logit. The few slices' (splits, N) partial LSEs are combined in
@@ -65,7 +66,8 @@ if triton_enabled():
 
     @triton.jit
     def _lce_forward_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, target_ptr, N, V, H, stride_h, stride_w,
-                            tiles_per_split, scale, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                            tiles_per_split, scale, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                            UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
         """Program (row tile, split s) over its vocab slice: lse[s, row] = logsumexp(logits[row, slice]) and
         target[s, row] = logits[row, y] if y falls in the slice else 0. lse/target are fp32 (splits, N)."""
@@ -90,7 +92,8 @@ if triton_enabled():
     @triton.jit
     def _lce_backward_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, grad_ptr, dh_ptr, dw_ptr, db_ptr,
                              N, V, H, stride_h, stride_w, ignore_index, scale, softcap,
-                             HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_DH: tl.constexpr,
+                             NEED_DW: tl.constexpr,
                              NEED_DB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
         """dh += dlogits @ W, dW += dlogits^T @ h, db += sum_rows dlogits for one (rows, vocab) tile (fp32 atomics).
@@ -289,7 +292,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             h, weight, bias if bias is not None else dummy, targets, lse, row_grad,
             dh if need_dh else dummy, dw if need_dw else dummy, db if need_db else dummy,
             n, vocab, hidden, h.stride(0), weight.stride(0), ctx.ignore_index, float(ctx.scale),
-            float(ctx.softcap or 1.0), HAS_BIAS=bias is not None, SOFTCAP=ctx.softcap is not None, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db, **args)
+            float(ctx.softcap or 1.0), HAS_BIAS=bias is not None, SOFTCAP=ctx.softcap is not None,
+            NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db, **args)
         return (dh.to(h.dtype) if need_dh else None, dw.to(weight.dtype) if need_dw else None,
                 db.to(bias.dtype) if need_db else None, None, None, None, None, None)
 

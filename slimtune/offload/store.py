@@ -8,7 +8,8 @@ File layout (every offset a multiple of ALIGN, so reads and writes can bypass th
 
 `hashes` holds one xxh3-64 per CHUNK elements of the tensor (chunks count elements, not bytes, so chunk i of
 a weight, of its fp32 moments and of their int8 codes cover the same values and can be streamed together).
-xxh3 runs at ~30 GB/s, far above the disk; zlib's crc32 would cost a core at these volumes. Every read verifies the chunks it reads: a mismatch raises
+xxh3 runs at ~30 GB/s, far above the disk; zlib's crc32 would cost a core at these volumes. Every read verifies
+the chunks it reads: a mismatch raises
 StoreCorrupt naming the file, and nothing read from it is used.
 
 Files are never rewritten in place: a new version of a unit is written to a temp file and renamed
@@ -318,7 +319,8 @@ class UnitWriter:
                 chunks = max(1, -(-_numel(e.shape) // CHUNK))
                 if sorted(self.hashes[n]) != list(range(chunks)):
                     raise RuntimeError(f"store writer for {self.unit}: tensor {n!r} not fully written")
-                done[n] = Entry(e.name, e.dtype, e.shape, e.offset, e.nbytes, tuple(self.hashes[n][i] for i in range(chunks)))
+                done[n] = Entry(e.name, e.dtype, e.shape, e.offset, e.nbytes,
+                                tuple(self.hashes[n][i] for i in range(chunks)))
             self.store._pwrite(self.fd, _header(list(done.values()), self.meta, self.header), 0, self.direct)
         except OSError as e:
             self.abort()

@@ -325,7 +325,8 @@ class Streamer(StreamedGradients):
         if unit not in self.order:
             return
         i = self.order.index(unit)
-        ahead = self.order[max(0, i - self.prefetch) : i][::-1] if reverse else self.order[i + 1 : i + 1 + self.prefetch]
+        ahead = (self.order[max(0, i - self.prefetch) : i][::-1] if reverse
+                 else self.order[i + 1 : i + 1 + self.prefetch])
         for u in ahead:
             if u not in self.loaded:
                 self.start_load(u, wait=False)

@@ -78,7 +78,7 @@ def layer_tensors(arch: Arch, modes: dict[str, str], rank: int, a: int, rb: int,
                   dropout: bool, seq_len: int, flowing: bool = True, masked: bool = False) -> list[int]:
     """Per-token bytes of each tensor one decoder layer saves; flowing: whether its input requires grad
     (layer 0 of an adapter run: no, the embedding is frozen); masked: SDPA gets a 4-D attention mask."""
-    H, I, d = arch.hidden, arch.intermediate, arch.head_dim
+    H, intermediate, d = arch.hidden, arch.intermediate, arch.head_dim
     q_dim, kv_dim = arch.heads * d, arch.kv_heads * d
     norm = [4 * H, 4] + ([rb * H] if train_norms else [])
     nd = 4 if (train_norms or rb == 4) else 2  # the norm's output dtype: promote(weight, input)
@@ -96,8 +96,8 @@ def layer_tensors(arch: Arch, modes: dict[str, str], rank: int, a: int, rb: int,
         out += norm
     flowing = _consumers(out, ("gate_proj", "up_proj"), modes, H, nd, a, dropout, flowing)
     if flowing:
-        out += [I * a] * 3  # gate output (SiLU's input), SiLU's output, up output
-    _consumers(out, ("down_proj",), modes, I, a, a, dropout, flowing)
+        out += [intermediate * a] * 3  # gate output (SiLU's input), SiLU's output, up output
+    _consumers(out, ("down_proj",), modes, intermediate, a, a, dropout, flowing)
     return out + [rank * a for r in ATTN_ROLES + MLP_ROLES if modes[r] == "lora"]  # LoRA B's inputs
 
 
@@ -135,7 +135,8 @@ def activations(arch: Arch, cfg, weights: Weights, device: str, batch_size: int 
         other += [n_loss * 4 * V, n_loss, 8 * n_loss, 4] + ([n_loss * H * h_bytes] if full else [])
         loss_fwd = n_loss * V * (a + (4 if bf16 else 0))
         loss_bwd = 2 * n_loss * 4 * V + (n_loss * V * 2 if bf16 else 0)
-    else:  # ChunkedLinearCE: dh and dW (trainable head) formed in forward; one (chunk, V) fp32 block at a time (+ its bf16 product)
+    else:  # ChunkedLinearCE: dh and dW (trainable head) formed in forward; one (chunk, V) fp32 block at a time
+        # (+ its bf16 product)
         other += [n_loss * H * h_bytes, n_loss] + ([4 * V * H] if full else [])
         c = min(chunk, n_loss)
         loss_fwd = (n_loss + V) * H * 4 if triton else c * V * 4 + (c * V * 2 if bf16 else 0)

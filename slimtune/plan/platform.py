@@ -16,7 +16,8 @@ are not the ones the accuracy table reports (benchmarks/results/plan_accuracy.js
                    at each use. bf16: least squares of measured peak minus the predicted live bytes over the six
                    SmolLM2 calibration runs (within -5%..+5% with it). Refitted after the loaded file's pages were
                    released, the heap trimmed after loading and NF4 decoded by one gather (a qlora run with
-                   checkpointing added to the set): the dequantization term came out -0.008, used as 0; fp32: the peak RSS with glibc's
+                   checkpointing added to the set): the dequantization term came out -0.008, used as 0; fp32: the
+                   peak RSS with glibc's
                    defaults minus the same run's with MALLOC_MMAP_THRESHOLD_=131072 (every tensor mapped, RSS ~
                    live bytes) on SmolLM2 LoRA (4 x 256 tokens: 0.80 x) and QLoRA (2 x 128: 0.86 x), the mean
                    (fp32 runs show no dequantization term). Gradients add nothing measurable (a least-squares

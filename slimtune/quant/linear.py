@@ -4,7 +4,8 @@ A format subclass keeps its packed tensors as buffers (so `.to()`, `state_dict()
 safetensors work) and implements `make(fmt, ...)` (an empty module for a QuantFormat), `_quantize(w)`,
 `_empty(device)` and `_packed()`, each returning a packed-weight holder with `.dequantize(dtype)` and
 `.tensors()`. A format is one such file plus `QUANT_FORMATS.register(method)` on its class: quantizing a
-model, LoftQ / EoRA bases and the quantized checkpoints (`spec()` / `from_spec()`) all go through that. `LinearDequant` dequantizes in forward
+model, LoftQ / EoRA bases and the quantized checkpoints (`spec()` / `from_spec()`) all go through that.
+`LinearDequant` dequantizes in forward
 and again in backward instead of saving W: the dense weight lives only for one matmul, which is where
 QLoRA's memory saving comes from.
 """

@@ -153,7 +153,8 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, skip=frozenset()) -
     try:
         optimizer.load_state_dict(optimizer_state)
     except (KeyError, ValueError, RuntimeError) as e:
-        raise SlimtuneError(f"checkpoint {ckpt}: optimizer state does not match ({e}); same optim.name needed") from None
+        raise SlimtuneError(f"checkpoint {ckpt}: optimizer state does not match ({e}); "
+                            "same optim.name needed") from None
     return state
 
 

@@ -24,7 +24,8 @@ def _on(device, x, y, pos) -> tuple:
 
 @torch.no_grad()
 def loss_totals(loss_model: nn.Module, blocks: Blocks, batch_size: int, max_batches: int,
-                device: torch.device, info: dist.DistInfo = dist.DistInfo(), lockstep: bool = False) -> tuple[float, int]:
+                device: torch.device, info: dist.DistInfo = dist.DistInfo(),
+                lockstep: bool = False) -> tuple[float, int]:
     """(summed next-token CE in nats, target tokens) over the blocks (at most max_batches batches, 0 = all);
     ranks split the batches and sum their totals. lockstep (a sharded model, whose forward is collective):
     every rank runs as many forwards as the busiest one, the extra ones on its first batch, not counted."""

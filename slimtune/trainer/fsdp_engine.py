@@ -89,7 +89,8 @@ def _view_packed(m: nn.Module, args) -> None:
     """The format's tensors as views of the (gathered) bytes; plain attributes, so not in state_dict."""
     flat = m.packed_bytes
     flat = flat.full_tensor() if hasattr(flat, "full_tensor") else flat  # sharded (outside forward): gather
-    views = {name: flat[off:off + nbytes].view(dtype).view(shape) for name, dtype, shape, off, nbytes in m._packed_layout}
+    views = {name: flat[off:off + nbytes].view(dtype).view(shape)
+             for name, dtype, shape, off, nbytes in m._packed_layout}
     m.__dict__.update(views)  # Int8Linear reads self.codes / self.absmax
     m._packed_views = views
 

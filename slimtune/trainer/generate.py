@@ -3,7 +3,8 @@ writes, built as `slimtune eval` builds it (trainer/pipeline.build_for_eval): an
 quantized or compressed checkpoint, an adapter dir on its rebuilt (quantized) base, or a run dir (its final/).
 
 Generation arguments are undotted (prompt=, messages=, max_new_tokens=, temperature=, top_p=, seed=), config
-keys dotted (model.name=, model.dtype=, data.chat_template= for a template file). The decoding loop runs the HF model's forward with its KV cache:
+keys dotted (model.name=, model.dtype=, data.chat_template= for a template file). The decoding loop runs the HF
+model's forward with its KV cache:
 greedy at temperature=0, else temperature + nucleus (top_p) sampling from a generator seeded with `seed`.
 """
 

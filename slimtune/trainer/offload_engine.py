@@ -1,7 +1,8 @@
 """The offload engine (`offload.params` / `offload.optimizer`): the Engine interface over slimtune/offload.
 
 Weights stream layer by layer from the store (offload.params=disk); in backward each decoder layer is
-recomputed, or its activations were kept and its weights are read again (offload.activations), and each unit's optimizer step runs as soon as its gradients are complete, with its state read
+recomputed, or its activations were kept and its weights are read again (offload.activations), and each unit's
+optimizer step runs as soon as its gradients are complete, with its state read
 from and written to the store (offload.optimizer=disk). Parameters the store does not hold (LoRA factors on
 a streamed base, with offload.optimizer=none) train with an ordinary in-memory optimizer beside it.
 
@@ -110,8 +111,8 @@ class OffloadEngine(Engine):
         self.pool = BufferPool(classes, pin=pin if device.type == "cuda" else None)
         self.unit_opt = UnitOptimizer(cfg.optim, index, self.pool, READ_AHEAD)
         self.keep_activations = keep_activations(cfg, model, streamed_weights)
-        self.streamer = Streamer(units, uses(model, units, recompute=not self.keep_activations), store, self.pool, streamed, o.prefetch, self.unit_opt,
-                                 self.trained, store_names, self.mirror)
+        self.streamer = Streamer(units, uses(model, units, recompute=not self.keep_activations), store, self.pool,
+                                 streamed, o.prefetch, self.unit_opt, self.trained, store_names, self.mirror)
         self.root, self._closed = store.root.parent, False  # the run's own store directory (rundir.py)
         try:
             if device.type == "cuda":  # what stays in memory (norms, rotary tables, LoRA factors) computes there
@@ -295,7 +296,8 @@ class OffloadEngine(Engine):
             "compute_seconds_per_step": (io["seconds"] - io["wait_seconds"]) / n,
             "io_hidden_fraction": max(0.0, 1 - io["wait_seconds"] / io_wall) if io_wall else None,
             "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,  # whole run, setup and evals included
-            "buffer_pool_bytes": self.pool.nbytes, "device_buffer_bytes": self.mirror.nbytes if self.mirror else 0, "projection_seconds": self.unit_opt.projection_seconds}}
+            "buffer_pool_bytes": self.pool.nbytes, "device_buffer_bytes": self.mirror.nbytes if self.mirror else 0,
+            "projection_seconds": self.unit_opt.projection_seconds}}
 
     def close(self) -> None:
         """After a finished run or an error alike (raises nothing): the update and I/O threads stopped, hooks

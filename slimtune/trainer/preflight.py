@@ -80,8 +80,8 @@ def _check_recovery(cfg, pruned: bool) -> None:
                           "update is masked), or `slimtune export PRUNED --format sparse-nf4 --rank R`")
     if pruned and q.method not in ("none", "lq_lora") and not _format(q).exact_zero:
         raise ConfigError(f"quant.method={q.method} on model.name={name!r} (pruned): the format does not hold 0 "
-                          "exactly (asymmetric INT-k spans each block's [min, max]), so the pruned weights would become "
-                          "nonzero; use a symmetric or NF format (int4, nf4, nf3, ...)")
+                          "exactly (asymmetric INT-k spans each block's [min, max]), so the pruned weights would "
+                          "become nonzero; use a symmetric or NF format (int4, nf4, nf3, ...)")
     if pruned and a.type == "none" and cfg.engine.name in ("fsdp2", "deepspeed"):
         raise ConfigError(f"engine.name={cfg.engine.name} with model.name={name!r} (pruned) and adapter.type=none: "
                           "full fine-tuning holds masks on whole weights, which the engine shards; use "

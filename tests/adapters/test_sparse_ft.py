@@ -301,7 +301,8 @@ def test_regrow_state_round_trip():
 
 
 def test_remap_can_seed_grown_second_moments_with_the_kept_mean():
-    st = {"step": torch.tensor(7.0), "exp_avg": torch.tensor([1.0, 2.0, 3.0]), "exp_avg_sq": torch.tensor([4.0, 5.0, 9.0])}
+    st = {"step": torch.tensor(7.0), "exp_avg": torch.tensor([1.0, 2.0, 3.0]),
+          "exp_avg_sq": torch.tensor([4.0, 5.0, 9.0])}
     remap_adam_state(st, torch.tensor([2, -1, 0]), 3, grown="mean")
     assert st["exp_avg"].tolist() == [3.0, 0.0, 1.0]  # a grown entry's first moment is 0
     assert st["exp_avg_sq"].tolist() == [9.0, 6.5, 4.0]  # its second moment: the mean of the kept (4, 9)

@@ -31,7 +31,8 @@ def _torchrun(recipe, args, out):
     ("lora", ["adapter.rank=4"], ["offload.params=disk"]),
 ])
 def test_torchrun_offload_equals_ddp(recipe, extra, disk, tmp_path, request):
-    model = [f"model.name={request.getfixturevalue('deep_tiny')}"] if "offload.prefetch=1" in disk else ["model.name=tiny-llama"]
+    model = ([f"model.name={request.getfixturevalue('deep_tiny')}"] if "offload.prefetch=1" in disk
+             else ["model.name=tiny-llama"])
     mem = _torchrun(recipe, [*model, *BASE, *extra], tmp_path / "mem")
     off = _torchrun(recipe, [*model, *BASE, *extra, *disk], tmp_path / "off")
     assert off == mem and len(off) == 4

@@ -23,7 +23,8 @@ WORKER = textwrap.dedent('''
     def digest(tensors):
         h = hashlib.sha256()
         for k in sorted(tensors):
-            h.update(k.encode()); h.update(tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(k.encode())
+            h.update(tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     class Check(Hooks):

@@ -167,7 +167,8 @@ def test_double_quantize_bound(n):
     v = torch.rand(n) * 0.1 + 0.01
     d = double_quantize(v, "zero")
     assert set(d) == {"zero_q", "zero_scale", "zero_offset"} and d["zero_q"].dtype == torch.int8
-    assert d["zero_q"].shape == (n,) and d["zero_scale"].shape == (-(-n // DQ_BLOCK),) and d["zero_offset"].shape == (1,)
+    assert (d["zero_q"].shape == (n,) and d["zero_scale"].shape == (-(-n // DQ_BLOCK),)
+            and d["zero_offset"].shape == (1,))
     back = double_dequantize(d["zero_q"], d["zero_scale"], d["zero_offset"])
     assert ((back - v).abs() <= dq_error_bound(v)).all()
 
