@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from slimtune.compress.compressed import MANIFEST, TENSORS  # noqa: E402
-from slimtune.compress.compressed_io import dir_bytes, export_compressed  # noqa: E402
+from slimtune.formats.compressed import MANIFEST, TENSORS  # noqa: E402
+from slimtune.formats.compressed_io import dir_bytes, export_compressed  # noqa: E402
 from slimtune.config import load_config  # noqa: E402
 from slimtune.trainer.evaluate import evaluate_model  # noqa: E402
 
@@ -39,7 +39,7 @@ def ppl(model: str, heldout: Path) -> float:
 
 
 def load_seconds(model: str) -> float:
-    from slimtune.compress.load import load_base
+    from slimtune.model.load import load_base
 
     t0 = time.perf_counter()
     load_base(model, "bfloat16")
@@ -77,8 +77,8 @@ def main() -> None:
 
     heldout = work / "heldout.txt"
     heldout.write_text("\n\n".join((Path(idlelib.__file__).parent / f).read_text() for f in ("NEWS.txt", "README.txt")))
-    from slimtune.compress.prune_model import prune_command
-    from slimtune.models import resolve_model_dir
+    from slimtune.model.commands import prune_command
+    from slimtune.formats.hf import resolve_model_dir
 
     dense = resolve_model_dir("smollm2-135m")
     for tag, method, pattern in (("w50", "wanda", "unstructured"), ("sg24", "sparsegpt", "2:4")):

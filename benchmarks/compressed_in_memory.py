@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from slimtune.compress.compressed import MANIFEST  # noqa: E402
-from slimtune.compress.compressed_io import export_compressed  # noqa: E402
+from slimtune.formats.compressed import MANIFEST  # noqa: E402
+from slimtune.formats.compressed_io import export_compressed  # noqa: E402
 from slimtune.config import load_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "compressed_in_memory.json"
@@ -61,7 +61,7 @@ def main() -> None:
     text = work / "heldout.txt"
     text.write_text((Path(idlelib.__file__).parent / "NEWS.txt").read_text()[: 16 * 1024])
     if not (work / "w50" / "slimtune_sparse.json").is_file():
-        from slimtune.compress.prune_model import prune_command
+        from slimtune.model.commands import prune_command
 
         with contextlib.redirect_stdout(io.StringIO()):
             prune_command(load_config(None, ["model.name=smollm2-135m", "model.dtype=bfloat16", "prune.method=wanda",

@@ -53,7 +53,7 @@ pt() {  # pt NAME SECONDS PYTEST-ARGS...: one pytest process with its JUnit XML
 
 step install 25 "$PY" -m pip install --no-deps --no-build-isolation -e . -q
 # the built-in tiny model, materialised once before the parallel runs read it
-step prepare 25 "$PY" -c "from slimtune.models import resolve_model_dir; print(resolve_model_dir('tiny-llama'))"
+step prepare 25 "$PY" -c "from slimtune.formats.hf import resolve_model_dir; print(resolve_model_dir('tiny-llama'))"
 
 # tests in parallel (16 cores compile the Triton kernels); one pytest per kernel test file
 for f in tests/kernels/test_*.py; do

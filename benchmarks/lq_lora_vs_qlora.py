@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from slimtune import config as C
-from slimtune.compress.calibration import calibration_samples
-from slimtune.compress.quantize import quantize_lowrank
+from slimtune.calibration import calibration_samples
+from slimtune.model.quantize import quantize_lowrank
 from slimtune.data import build_splits
-from slimtune.models import load_model, load_tokenizer
+from slimtune.formats.hf import load_model, load_tokenizer
 from slimtune.quant import bits_per_param, is_quantized_linear, quantize_model
 from slimtune.trainer.evaluate import perplexity
 from slimtune.loss import CausalLMLoss

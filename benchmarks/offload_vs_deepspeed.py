@@ -38,7 +38,7 @@ def make_model(path: Path, layers: int, hidden: int, intermediate: int) -> None:
     from transformers import AutoTokenizer, LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from slimtune.models import resolve_model_dir
+    from slimtune.formats.hf import resolve_model_dir
 
     cfg = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,

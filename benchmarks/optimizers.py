@@ -44,7 +44,7 @@ RUNS = {
 
 
 def hidden_size(model: str) -> int:
-    from slimtune.models import resolve_model_dir
+    from slimtune.formats.hf import resolve_model_dir
 
     return json.loads((resolve_model_dir(model) / "config.json").read_text())["hidden_size"]
 

@@ -90,7 +90,7 @@ class Bench:
         print(f"{key:44s} ppl {row['perplexity']:9.2f}  x{row['ratio_to_dense']:.3f} dense", flush=True)
 
     def pruned(self, model: str, method: str, pattern: str, tag: str) -> Path:
-        from slimtune.compress.prune_model import prune_command
+        from slimtune.model.commands import prune_command
 
         out = self.work / tag
         if not (out / "slimtune_sparse.json").is_file():

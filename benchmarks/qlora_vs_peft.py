@@ -69,7 +69,7 @@ def peft_worker(a) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     from slimtune import config as C
     from slimtune.data import BatchOrder, build_splits, micro_batch
-    from slimtune.models import load_tokenizer, resolve_model_dir
+    from slimtune.formats.hf import load_tokenizer, resolve_model_dir
     from slimtune.trainer.loop import lr_at
 
     cfg = C.load_config("qlora", overrides(a, a.batch_size, "stream", "unused"))
@@ -200,7 +200,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         return peft_worker(a)
-    from slimtune.models import resolve_model_dir
+    from slimtune.formats.hf import resolve_model_dir
 
     resolve_model_dir(a.model)  # build a built-in model once, outside every timed run
     sides = [tuple(s.split("/")) for s in a.sides.split(",")]

@@ -6,5 +6,6 @@ the config validates against: registering an adapter, format, optimizer or preci
 
 __version__ = "0.1.0"
 
-from slimtune import adapters, optim, quant  # noqa: E402,F401  (fill the registries)
-from slimtune.compress import compressed_io, prune_model, qcheckpoint  # noqa: E402,F401  (DIR_VERIFIERS)
+from slimtune import adapters, optim, precision, quant  # noqa: E402,F401  (fill the registries)
+from slimtune.formats import compressed_io, peft, quantized, sparse_ft  # noqa: E402,F401  (ADAPTER_FORMATS, DIR_VERIFIERS)
+from slimtune.prune import layerwise  # noqa: E402,F401  (DIR_VERIFIERS: the pruned dir, until formats/pruned.py)

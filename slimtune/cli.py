@@ -176,14 +176,14 @@ def main(argv: list[str] | None = None) -> int:
             recipe, overrides = _split_recipe(args.args)
             cfg = _load(C, recipe, overrides)
             _quiet_libraries()
-            from slimtune.compress.quantize import quantize_command
+            from slimtune.model.quantize import quantize_command
 
             quantize_command(cfg)
         elif args.cmd == "prune":
             recipe, overrides = _split_recipe(args.args)
             cfg = _load(C, recipe, overrides)
             _quiet_libraries()
-            from slimtune.compress.prune_model import prune_command
+            from slimtune.model.commands import prune_command
 
             prune_command(cfg)
         elif args.cmd == "plan":
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             return plan_command(args.recipe, args.overrides, args.json, args.fit, args.nproc)
         elif args.cmd == "export" and args.format != "hf":
             _quiet_libraries()
-            from slimtune.compress.compressed_io import export_compressed
+            from slimtune.formats.compressed_io import export_compressed
 
             _export_compressed(args, export_compressed)
         elif args.cmd == "export":

@@ -5,7 +5,7 @@ A recipe names hooks in its `hooks:` list; each name is looked up in the HOOKS r
 before any passed to `trainer.run(cfg, hooks=...)`. Example: a pruning hook re-applies its masks in
 `after_step` during recovery fine-tuning, saves them in `on_save` and reads them back in `on_load`, with
 no change to loop.py. (An engine that replaces forward/backward/step, such as offload, plugs in at the
-engine stage of model setup instead: trainer/engine.py.)
+engine stage of model setup instead: engines/ddp.py.)
 """
 
 from __future__ import annotations

@@ -46,9 +46,13 @@ QUANT_FORMATS = Registry("quant.method", fixed=("none", "lq_lora"))  # name -> f
 OPTIMIZERS = Registry("optim.name")  # name -> builder(cfg, named_params, lr) -> torch.optim.Optimizer
 PRECISIONS = Registry("train.precision", fixed=("default",))  # name -> swap(linear, train_cfg) -> module
 HOOKS = Registry("hooks")  # name -> trainer.hooks.Hooks subclass, built with no arguments
+# name -> a class with `statistic` (None | "sq_norms" | "hessian": what layerwise calibration collects) and
+# `prune(W, stat, sparsity, nm, scope, cfg)` pruning W in place (cfg: PruneConfig)
+PRUNE_METHODS = Registry("prune.method")
 # the manifest file of a model dir slimtune writes (compressed export, quantized checkpoint, pruned model) ->
 # verify(dir): its files against the manifest's checksums (models.verify_model_dir runs them before any read)
 DIR_VERIFIERS = Registry("model dir manifest")
 
 # config key -> its registry (config.validate reads the allowed values from here)
-BY_KEY = {r.key: r for r in (ADAPTERS, ADAPTER_INITS, QUANT_FORMATS, OPTIMIZERS, PRECISIONS, HOOKS)}
+BY_KEY = {r.key: r for r in (ADAPTERS, ADAPTER_INITS, QUANT_FORMATS, OPTIMIZERS, PRECISIONS, HOOKS,
+                                PRUNE_METHODS)}

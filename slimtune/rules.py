@@ -192,3 +192,19 @@ def validate_lora_variants(cfg) -> None:
 def _offload(cfg) -> str:
     """The offload keys as set, for messages that name them."""
     return f"offload.params={cfg.offload.params} offload.optimizer={cfg.offload.optimizer}"
+
+
+def needs_lowrank(cfg) -> bool:
+    """True when the base is quantized together with its low-rank factors (from the full-precision W). PiSSA on
+    a plain base is not: it is set up as the adapters wrap it (adapters/pissa.py) and saved as a PEFT adapter."""
+    return cfg.quant.method == "lq_lora" or (cfg.adapter.init != "default" and
+                                             not (cfg.adapter.init == "pissa" and cfg.quant.method == "none"))
+
+
+def load_dtype(cfg) -> str:
+    """The dtype to load the base in: bf16 when a uniform quantization follows (the full-precision copy then
+    never exists in fp32: lower peak memory); fp32 for full fine-tuning (its fp32 master weights are the
+    file's values, not their bf16 rounding); else model.dtype (a decomposition needs the exact weights)."""
+    if cfg.quant.method != "none" and not needs_lowrank(cfg):
+        return "bfloat16"
+    return "float32" if cfg.adapter.type == "none" else cfg.model.dtype

@@ -149,8 +149,7 @@ PATTERNS = ("unstructured", "2:4", "4:8")
 
 @dataclass(frozen=True)
 class PruneConfig:
-    method: str = _help("magnitude | wanda (|W| x input norm) | sparsegpt (OBS with weight updates)", "wanda",
-                        ("magnitude", "wanda", "sparsegpt"))
+    method: str = _help("magnitude | wanda (|W| x input norm) | sparsegpt (OBS with weight updates)", "wanda")
     sparsity: float = _help("fraction of each matrix's weights set to 0 (pattern=unstructured)", 0.5)
     pattern: str = _help("unstructured | 2:4 | 4:8 (N:M: N kept in every M consecutive inputs)", "unstructured",
                          PATTERNS, ratio=True)

@@ -40,7 +40,7 @@ def tiny_overrides():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir():
-    from slimtune.models import resolve_model_dir
+    from slimtune.formats.hf import resolve_model_dir
 
     return resolve_model_dir("tiny-llama")
 

@@ -13,7 +13,7 @@ from slimtune.data import (IGNORE, BatchOrder, build_blocks, documents, load_rec
                            pad_documents)
 from slimtune.errors import SlimtuneError
 from slimtune.loss import CausalLMLoss
-from slimtune.models import load_model, load_tokenizer
+from slimtune.formats.hf import load_model, load_tokenizer
 from slimtune_testutil import TINY
 
 # ChatML, as SmolLM2's tokenizer has it

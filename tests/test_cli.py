@@ -55,8 +55,8 @@ def test_export_merge_and_eval(tmp_path, tiny_overrides):
     assert r.returncode == 0, r.stderr[-2000:]
     from transformers import AutoModelForCausalLM
 
-    from slimtune.adapters.peft_format import load_peft_adapter
-    from slimtune.models import load_model
+    from slimtune.formats.peft import load_peft_adapter
+    from slimtune.formats.hf import load_model
 
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()
     adapted = load_model("tiny-llama").eval()

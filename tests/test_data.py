@@ -7,7 +7,7 @@ import torch
 
 from slimtune.data import IGNORE, BatchOrder, build_splits, load_records, micro_batch, pack, tokenize
 from slimtune.errors import SlimtuneError
-from slimtune.models import load_tokenizer
+from slimtune.formats.hf import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -52,9 +52,9 @@ def _hf_greedy(model_dir, ids: list[int], n: int, with_ids: bool = False):
 def _slimtune_greedy_ids(name, ids: list[int], n: int) -> list[int]:
     """The token ids behind `slimtune generate` (a tiny random model's text repeats, so compare the ids too)."""
     from slimtune.config import load_config
-    from slimtune.models import load_tokenizer
+    from slimtune.formats.hf import load_tokenizer
     from slimtune.trainer.generate import decode, stop_ids
-    from slimtune.trainer.pipeline import build_for_eval
+    from slimtune.model.pipeline import build_for_eval
 
     model = build_for_eval(load_config(None, [f"model.name={name}"]))
     return decode(model, ids, n, 0.0, 1.0, 0, stop_ids(model, load_tokenizer(name)), torch.device("cpu"))

@@ -74,7 +74,7 @@ def test_auto_run_reports_its_choice_and_resumes(tmp_path, monkeypatch):
     assert losses(tmp_path / "b") == losses(tmp_path / "ref")
 
     # an explicit dtype other than the checkpoint's is refused; the same one resumes
-    from slimtune.trainer.checkpoint import check_resume
+    from slimtune.formats.checkpoint import check_resume
 
     ckpt = tmp_path / "ref" / "checkpoints" / "step_2"
     with pytest.raises(SlimtuneError, match="model.dtype='float32' differs from 'bfloat16'"):
@@ -100,7 +100,7 @@ def test_an_older_fp32_checkpoint_resumes_under_auto(tmp_path, monkeypatch):
     del state["compute_dtype"]
     state_file.write_text(json.dumps(state))
     from slimtune.io import file_checksum
-    from slimtune.trainer.checkpoint import CHECKSUMS
+    from slimtune.formats.checkpoint import CHECKSUMS
 
     listing = json.loads((state_file.parent / CHECKSUMS).read_text())  # the older state, checksummed
     listing["checksums"][state_file.name] = file_checksum(state_file)

@@ -160,7 +160,7 @@ def test_check_head_refuses_a_family_whose_attribute_is_unknown(family, monkeypa
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory):
     """family -> a model dir: the tiny model (save_pretrained) plus the tiny-llama tokenizer."""
-    from slimtune.models import resolve_model_dir
+    from slimtune.formats.hf import resolve_model_dir
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_dir("tiny-llama"))
     root = tmp_path_factory.mktemp("families")

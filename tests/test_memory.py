@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from slimtune.models import load_model
+from slimtune.formats.hf import load_model
 from slimtune.memory import _file_ranges, release_file_mappings, trim_heap
 
 

@@ -6,9 +6,8 @@ here, following the contract in adapters/base.py (and an ADAPTER_FORMATS entry f
 LoRA initialisations that start from the full-precision weight (LoftQ, EoRA, PiSSA) register in ADAPTER_INITS.
 """
 
-from slimtune.adapters import (  # noqa: F401
-    dora, eora, loftq, lora, lq_lora, peft_format, pissa, sparse_ft, sparse_ft_format)
-# (importing them fills the registries: ADAPTERS, ADAPTER_INITS, ADAPTER_FORMATS)
+from slimtune.adapters import dora, eora, loftq, lora, lq_lora, pissa, sparse_ft  # noqa: F401
+# (importing them fills the registries ADAPTERS and ADAPTER_INITS; their save formats are in slimtune/formats)
 from slimtune.adapters.inject import (  # noqa: F401
     DISPATCH,
     NEVER_ALL_LINEAR,

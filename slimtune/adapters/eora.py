@@ -2,7 +2,7 @@
 
 Compensate the quantization error E = W - Q with the rank-r L minimising the output error on
 calibration activations, ||(E - L) X^T||_F, instead of ||E - L||_F. With the input covariance
-C = X^T X = V diag(lam) V^T (compress/calibration.py), project E' = E V diag(sqrt(lam)) into the
+C = X^T X = V diag(lam) V^T (calibration.py), project E' = E V diag(sqrt(lam)) into the
 eigenspace, take its best rank-r approximation U S Vh, and map back: L = U S Vh diag(1/sqrt(lam)) V^T.
 """
 
@@ -40,7 +40,7 @@ def apply_eora(model: nn.Module, cfg, calibration, compute_dtype: torch.dtype = 
                log: Callable[[str], None] = print) -> dict:
     """Quantize every targeted nn.Linear of `model` in place at cfg.quant.method and wrap it with LoRA
     initialised by EoRA from the activations `calibration.input_covariance(model, names)` gives
-    (compress/calibration.py)."""
+    (calibration.py)."""
     t0 = time.perf_counter()
     names = targets(model, cfg)
     covs = calibration.input_covariance(model, names)

@@ -31,7 +31,7 @@ WRAP_INITS: dict = {}
 
 @ADAPTERS.register("lora")
 class LoRALinear(AdapterDefaults, nn.Module):
-    format = "peft"  # saved in PEFT's format (adapters/peft_format.py)
+    format = "peft"  # saved in PEFT's format (formats/peft.py)
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()

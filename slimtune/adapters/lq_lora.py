@@ -2,7 +2,7 @@
 
 Decomposition (per matrix, `decompose`): alternate L = best rank-r approximation of W - Q (randomized
 SVD) and Q = quantize(W - L), stop when the error stops falling or after max_iters, keep the best
-iterate. With diagonal Fisher information F ~ r c^T / sum(F) (row/column sums, compress/calibration.py)
+iterate. With diagonal Fisher information F ~ r c^T / sum(F) (row/column sums, calibration.py)
 the low-rank step is a weighted SVD: minimise ||D_r (W - Q - L) D_c||_F, D = diag(sqrt(.)), which is
 exact for rank-1 weights, so important rows/columns are reconstructed better.
 
@@ -156,7 +156,7 @@ def apply_lq_lora(model: nn.Module, cfg, calibration, compute_dtype: torch.dtype
                   log: Callable[[str], None] = print) -> dict:
     """Decompose every targeted linear of the full-precision `model` in place (LQ-LoRA with bit
     allocation) and wrap it with LQLoRALinear. cfg: RecipeConfig; calibration: an object whose
-    `fisher_sums(model, names)` gives each matrix's Fisher row/column sums (compress/calibration.py).
+    `fisher_sums(model, names)` gives each matrix's Fisher row/column sums (calibration.py).
     Returns a summary: allocation (dict), per-matrix formats/errors, achieved bits/param, seconds."""
     lq, rank = cfg.lq_lora, cfg.adapter.rank
     t0 = time.perf_counter()

@@ -181,7 +181,7 @@ class SparseFTLinear(AdapterDefaults, nn.Module):
         seed = getattr(cfg, "seed", 0)
         return cls(base, density=getattr(cfg, "density", 0.01), seed=seed if name is None else module_seed(seed, name))
 
-    format = "sparse_ft"  # adapters/sparse_ft_format.py: indices + deltas in safetensors, a JSON manifest
+    format = "sparse_ft"  # formats/sparse_ft.py: indices + deltas in safetensors, a JSON manifest
 
     @classmethod
     def configure(cls, model: nn.Module, names: list[str], cfg):

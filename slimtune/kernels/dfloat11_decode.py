@@ -1,6 +1,6 @@
-"""DFloat11 decode (slimtune.compress.dfloat11): Huffman-coded bf16 exponents back to bf16, on the GPU.
+"""DFloat11 decode (slimtune.formats.dfloat11): Huffman-coded bf16 exponents back to bf16, on the GPU.
 
-The torch reference (`decode`, here; compress/dfloat11.py holds the encoder and re-exports it): all blocks step
+The torch reference (`decode`, here; formats/dfloat11.py holds the encoder and re-exports it): all blocks step
 through their codes in
 lockstep, one torch op at a time. Here one program owns BLOCKS_PER_PROGRAM blocks, one lane each, and a
 lane walks its block in a loop; per value it

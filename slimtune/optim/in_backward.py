@@ -79,7 +79,7 @@ class OptimizerInBackward:
 
     def register_step_post_hook(self, hook) -> RemovableHandle:
         """hook(optimizer, args, kwargs), called after every step(), as torch.optim.Optimizer's (a pruned
-        base's masks re-zero their pruned entries there: compress/masks.MaskedParams.wrap_optimizer)."""
+        base's masks re-zero their pruned entries there: prune/masks.MaskedParams.wrap_optimizer)."""
         handle = RemovableHandle(self._post_hooks)
         self._post_hooks[handle.id] = hook
         return handle

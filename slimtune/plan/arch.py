@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.models import base_dir
+from slimtune.formats.hf import base_dir
 
 # safetensors dtype names -> bytes per element (the file's weights, for the load stage)
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,

@@ -73,7 +73,7 @@ def plan_command(recipe: str, overrides: list[str], as_json: bool = False, budge
     cfg = C.load_config(recipe, overrides)  # validated as `slimtune run` does
     world = world_size(nproc)
     with stdout_to_stderr():  # (a built-in model is materialised on first use, which prints)
-        from slimtune.models import context_length
+        from slimtune.formats.hf import context_length
 
         context = context_length(cfg.model.name)
     if cfg.train.seq_len > context:  # the run's own check (trainer/loop.py)

@@ -28,7 +28,7 @@ from slimtune.plan.weights import Weights, layer_param_bytes
 
 DS_BUCKET = 500_000_000  # DeepSpeed's default reduce / allgather bucket size, elements
 OFFLOAD_CHUNK = 2**22 * 4  # offload/store.CHUNK fp32 elements per optimizer chunk
-OFFLOAD_READ_AHEAD = 4  # trainer/offload_engine.READ_AHEAD
+OFFLOAD_READ_AHEAD = 4  # engines/offload/engine.READ_AHEAD
 
 
 @dataclass
@@ -119,7 +119,7 @@ def _deepspeed(cfg, arch: Arch, w: Weights, s: Sizes, world: int, device: str) -
 
 
 def offload_active(cfg, device: str) -> bool:
-    """As trainer.offload_engine.offload_active: disk anywhere (cpu means pinned host memory, which only the
+    """As engines.offload.engine.offload_active: disk anywhere (cpu means pinned host memory, which only the
     CUDA path distinguishes from none)."""
     o = cfg.offload
     return "disk" in (o.params, o.optimizer) or (device == "cuda" and "cpu" in (o.params, o.optimizer))
@@ -128,7 +128,7 @@ def offload_active(cfg, device: str) -> bool:
 def offload_recompute(cfg, arch: Arch, device: str) -> bool | None:
     """Whether the offload engine recomputes each decoder layer in backward (it ignores
     train.activation_checkpointing); None when the offload engine is not used. offload.activations=auto keeps
-    them as trainer/offload_engine.keep_activations decides: within 1/16 of RAM and no streamed quantized base."""
+    them as engines/offload/engine.keep_activations decides: within 1/16 of RAM and no streamed quantized base."""
     import os
 
     o = cfg.offload

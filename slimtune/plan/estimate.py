@@ -60,7 +60,7 @@ _CACHE: dict = {}  # --fit plans many configurations of one model: weights and o
 
 
 def _weights(arch: Arch, cfg) -> Weights:
-    from slimtune.compress.qcheckpoint import is_quantized_checkpoint, read_manifest
+    from slimtune.formats.quantized import is_quantized_checkpoint, read_manifest
 
     key = ("weights", arch.model_dir, cfg.model, cfg.adapter, cfg.quant, cfg.lq_lora, cfg.sparse_ft)
     if key not in _CACHE:
@@ -150,7 +150,7 @@ def _fragmentation(cfg, arch: Arch, w: Weights, acts, device: str) -> int:
 
 def _load_phases(cfg, arch: Arch, w: Weights, device: str) -> dict[str, dict[str, int]]:
     """Setup: the base loaded (and quantized / decomposed), before the engine takes it."""
-    from slimtune.compress.quantize import load_dtype, needs_lowrank
+    from slimtune.rules import load_dtype, needs_lowrank
 
     loaded = arch.numel * DTYPE_BYTES[load_dtype(cfg)] + arch.buffer_bytes
     load = {"weights.loading": loaded}

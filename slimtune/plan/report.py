@@ -1,7 +1,7 @@
 """report.json's `planned_peak_memory_bytes`: the planner's prediction for the run, beside the measured peak.
 
-The trainer's pipeline calls `with_planned_peak` once the engine exists; the prediction is made then, from
-the resolved config. A planner failure never fails a run: it is logged on stderr and the field is null.
+The training loop calls `planned_peak` once the model and engine are built and puts it in the report; the
+prediction is made from the resolved config. A planner failure never fails a run: it is logged on stderr and the field is null.
 """
 
 from __future__ import annotations
@@ -18,15 +18,3 @@ def planned_peak(cfg, world: int, device: str) -> int | None:
     except Exception as e:  # noqa: BLE001  (any planner bug must leave the run alone)
         print(f"slimtune: plan: no planned peak for report.json ({type(e).__name__}: {e})", file=sys.stderr)
         return None
-
-
-def with_planned_peak(built, cfg, world: int, device):
-    """`built` (pipeline.Built) whose engine's report() also carries planned_peak_memory_bytes."""
-    planned = planned_peak(cfg, world, getattr(device, "type", str(device)))
-    engine_report = built.engine.report
-
-    def report() -> dict:
-        return {**engine_report(), "planned_peak_memory_bytes": planned}
-
-    built.engine.report = report
-    return built

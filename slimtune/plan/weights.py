@@ -3,7 +3,7 @@
 The counts follow what the code allocates: `quant/` formats store codes + scales exactly as
 `QuantFormat.tensor_layout` (NF4, NF-k, INT-k, double-quantized scales) or `Int8Weight` (int8 codes + fp32
 absmax) lay them out; what stays unquantized (embeddings, norms, lm_head) is cast to model.dtype
-(compress/quantize.quantize_base); trainable tensors are fp32 master weights (adapters/inject.apply_adapters,
+(model/quantize.quantize_base); trainable tensors are fp32 master weights (adapters/inject.apply_adapters,
 LoRA factors, sparse_ft deltas). LQ-LoRA's per-matrix formats come from an integer program at plan time
 unknown: its base is counted at lq_lora.budget_bits, the average the allocation must meet.
 """

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimtune.quant import precision  # noqa: F401  (registers train.precision=fp8|halo|mxfp4)
 from slimtune.quant.bnb import dequantize_bnb_weight, is_bnb_linear, to_bnb_linear  # never imports bnb itself
 from slimtune.quant.int8 import Int8Linear, Int8Weight, quantize_int8
 from slimtune.quant.linear import FrozenQuantLinear

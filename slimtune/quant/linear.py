@@ -128,7 +128,7 @@ class FrozenQuantLinear(nn.Module):
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         """The packed tensors by name: the buffers, or the views a sharding engine keeps of them
-        (trainer/fsdp_engine.shardable_quant stores them as one gathered uint8 Parameter)."""
+        (engines/fsdp2.shardable_quant stores them as one gathered uint8 Parameter)."""
         views = self.__dict__.get("_packed_views")
         return dict(views) if views is not None else dict(self.named_buffers(recurse=False))
 

@@ -9,13 +9,13 @@ import torch.nn as nn
 
 from slimtune import kernels
 from slimtune.chat import set_chat_template
-from slimtune.compress.compressed_memory import to_device
+from slimtune.formats.compressed_memory import to_device
 from slimtune.data import Blocks, eval_batches, splits_for, text_windows
 from slimtune.hardware import fixed_dtype
 from slimtune.loss import CausalLMLoss, count_targets
-from slimtune.models import load_tokenizer
-from slimtune.trainer import dist
-from slimtune.trainer.pipeline import build_for_eval
+from slimtune.formats.hf import load_tokenizer
+from slimtune.engines import dist
+from slimtune.model.pipeline import build_for_eval
 
 
 def _on(device, x, y, pos) -> tuple:

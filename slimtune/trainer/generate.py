@@ -1,5 +1,5 @@
 """`slimtune generate`: a continuation of one prompt (or conversation) from any model slimtune trains or
-writes, built as `slimtune eval` builds it (trainer/pipeline.build_for_eval): an HF dir or built-in name, a
+writes, built as `slimtune eval` builds it (model/pipeline.build_for_eval): an HF dir or built-in name, a
 quantized or compressed checkpoint, an adapter dir on its rebuilt (quantized) base, or a run dir (its final/).
 
 Generation arguments are undotted (prompt=, messages=, max_new_tokens=, temperature=, top_p=, seed=), config
@@ -21,12 +21,12 @@ import torch
 import torch.nn as nn
 
 from slimtune.chat import set_chat_template
-from slimtune.compress.compressed_memory import to_device
+from slimtune.formats.compressed_memory import to_device
 from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.hardware import fixed_dtype
-from slimtune.models import context_length, load_tokenizer
-from slimtune.trainer.dist import pick_device
-from slimtune.trainer.pipeline import build_for_eval
+from slimtune.formats.hf import context_length, load_tokenizer
+from slimtune.engines.dist import pick_device
+from slimtune.model.pipeline import build_for_eval
 
 DEFAULTS = {"prompt": None, "messages": None, "max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0, "seed": 0}
 

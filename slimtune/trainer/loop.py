@@ -18,21 +18,22 @@ from tqdm import tqdm
 
 from slimtune import config as C
 from slimtune import kernels
-from slimtune.compress.recover import select_data
+from slimtune.model.recovery import select_data
 from slimtune.data import BatchOrder, micro_batch, splits_for
 from slimtune.errors import SlimtuneError
 from slimtune.hardware import resolve_dtype
 from slimtune.io import write_json, write_text
 from slimtune.loss import count_targets
 from slimtune.optim import set_lr
-from slimtune.models import base_dir, context_length, load_tokenizer
-from slimtune.quant.precision import low_precision_linears
+from slimtune.formats.hf import base_dir, context_length, load_tokenizer
+from slimtune.precision.swap import low_precision_linears
 from slimtune.registry import HOOKS
-from slimtune.trainer import dist
-from slimtune.trainer.checkpoint import check_resume, checkpoint_dtype, complete_checkpoints
+from slimtune.engines import dist
+from slimtune.formats.checkpoint import check_resume, checkpoint_dtype, complete_checkpoints
 from slimtune.trainer.evaluate import perplexity
 from slimtune.trainer.hooks import Hooks
-from slimtune.trainer.pipeline import build_model
+from slimtune.model.pipeline import build_model
+from slimtune.plan.report import planned_peak
 from slimtune.trainer.preflight import check_run
 from slimtune.trainer.report import (MetricsLog, optimizer_state_bytes, peak_memory, plot_loss, print_main,
                                      reset_peak_memory, start_wandb, summary_line)
@@ -99,6 +100,7 @@ def _run(cfg: C.RecipeConfig, hooks: list[Hooks], opened: list) -> dict:
     tokenizer = load_tokenizer(cfg.model.name)
     data = splits_for(cfg, tokenizer)
     built = build_model(cfg, device, info, data.train, log=lambda s: print_main(s, info.is_main))
+    planned = planned_peak(cfg, info.world, device.type)  # report.json's planned_peak_memory_bytes
     engine, model, quant_info = built.engine, built.model, built.info
     opened.append(engine)
     hooks = hooks + built.hooks
@@ -220,6 +222,7 @@ def _run(cfg: C.RecipeConfig, hooks: list[Hooks], opened: list) -> dict:
             report["projection_seconds"] = optimizer.projection_seconds
         report["low_precision_linears"] = low_precision_linears(model)
         report.update(engine.report())
+        report["planned_peak_memory_bytes"] = planned
         if quant_info:
             report["quantization"] = {k: quant_info[k] for k in ("bits_per_param", "seconds", "fisher_seconds")
                                       if k in quant_info}

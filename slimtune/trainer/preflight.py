@@ -6,10 +6,10 @@ refused here in one line naming both keys (tests/test_combinations.py holds ever
 
 from __future__ import annotations
 
-from slimtune.compress.prune_model import MANIFEST as SPARSE_MANIFEST
-from slimtune.compress.prune_model import is_sparse_model
-from slimtune.compress.qcheckpoint import is_quantized_checkpoint
-from slimtune.compress.quantize import needs_lowrank
+from slimtune.formats.pruned import MANIFEST as SPARSE_MANIFEST
+from slimtune.formats.pruned import is_sparse_model
+from slimtune.formats.quantized import is_quantized_checkpoint
+from slimtune.rules import needs_lowrank
 from slimtune.errors import ConfigError
 
 

@@ -9,10 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from slimtune.io import write_text
-from slimtune.quant import is_quantized_linear
 
 
 class MetricsLog:
@@ -141,22 +139,3 @@ def optimizer_state_bytes(optimizer) -> int:
     except KeyError:  # ZeRO keys the client optimizer's state by its own flat partitions
         walk(list(optimizer.state.values()))
     return total
-
-
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total). A quantized linear counts its logical out x in weights, not packed bytes."""
-
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total, skip = 0, set()
-    for module in model.modules():
-        if is_quantized_linear(module):
-            total += module.in_features * module.out_features
-            bias = getattr(module, "bias", None)
-            total += bias.numel() if bias is not None else 0
-            skip.update(id(p) for p in module.parameters())
-    seen = set()
-    for p in model.parameters():
-        if id(p) not in skip and id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return trainable, total

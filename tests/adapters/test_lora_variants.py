@@ -11,11 +11,11 @@ from slimtune import config as C
 from slimtune.adapters import adapter_modules, apply_adapters
 from slimtune.adapters.dora import DoRALinear
 from slimtune.adapters.lora import LoRALinear
-from slimtune.adapters.peft_format import load_peft_adapter, save_peft_adapter
+from slimtune.formats.peft import load_peft_adapter, save_peft_adapter
 from slimtune.adapters.pissa import apply_pissa
 from slimtune.config import AdapterConfig, OptimConfig
 from slimtune.errors import ConfigError
-from slimtune.models import load_model
+from slimtune.formats.hf import load_model
 from slimtune.optim import build_optimizer, set_lr
 from slimtune.quant import quantize_model, quantize_nf4
 from slimtune_testutil import TINY, run_cli

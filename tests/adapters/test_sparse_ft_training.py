@@ -107,7 +107,7 @@ def test_final_evaluates_and_merges_with_the_same_logits(tmp_path, quant):
     extra = [f"quant.method={quant}"] + (["quant.block_size=32"] if quant == "nf3" else [])
     assert main(["run", "sparse_ft", *SFT, "train.max_steps=6", *extra, f"output_dir={out}"]) == 0
     from slimtune.config import load_config
-    from slimtune.trainer.pipeline import build_for_eval
+    from slimtune.model.pipeline import build_for_eval
 
     ids = torch.randint(0, 100, (1, 16))
     with torch.no_grad():

@@ -61,7 +61,7 @@ def test_saved_on_two_resumes_on_one(runs, tmp_path, stage):
 
 def test_generated_config_round_trips_with_ones_own(tmp_path):
     from slimtune.config import load_config
-    from slimtune.trainer.deepspeed_engine import deepspeed_config
+    from slimtune.engines.deepspeed import deepspeed_config
 
     own = tmp_path / "ds.json"
     own.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 12345}, "communication_data_type": "fp32",

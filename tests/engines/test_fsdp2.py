@@ -71,7 +71,7 @@ def test_quantized_base_becomes_one_shardable_parameter(method):
     """The packed codes / scales become one frozen uint8 Parameter (what FSDP2 shards); the layer computes
     exactly what it did from its buffers."""
     from slimtune.quant import QUANT_FORMATS
-    from slimtune.trainer.fsdp_engine import shardable_quant
+    from slimtune.engines.fsdp2 import shardable_quant
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 64)

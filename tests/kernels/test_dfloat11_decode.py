@@ -1,4 +1,4 @@
-"""DFloat11 Triton decoder against the torch reference (slimtune.compress.dfloat11.decode).
+"""DFloat11 Triton decoder against the torch reference (slimtune.formats.dfloat11.decode).
 
 Kernel tests run on CUDA, or on CPU under TRITON_INTERPRET=1 (set by conftest before triton is imported)."""
 
@@ -8,7 +8,7 @@ import pytest
 from slimtune_testutil import use_kernels
 import torch
 
-from slimtune.compress.dfloat11 import decode, encode
+from slimtune.formats.dfloat11 import decode, encode
 from slimtune.kernels.dfloat11_decode import decode_triton
 from slimtune.kernels.dfloat11_decode import dfloat11_decode
 from slimtune.kernels.dispatch import interpreting

@@ -78,8 +78,8 @@ def test_loss_runs_linear_cross_entropy_kernel(monkeypatch):
 @pytest.mark.parametrize("make", ["fp8", "halo2", "mxfp4"])
 def test_training_linears_run_the_kernels(monkeypatch, make):
     """train.precision linears: Triton fp8_matmul / hadamard / mxfp4_matmul give the torch paths' result."""
-    from slimtune.quant.fp8_linear import FP8Linear
-    from slimtune.quant.quartet import QuartetLinear
+    from slimtune.precision.fp8 import FP8Linear
+    from slimtune.precision.quartet import QuartetLinear
 
     torch.manual_seed(0)
     lin = nn.Linear(64, 40).to(DEVICE)

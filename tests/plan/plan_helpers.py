@@ -34,7 +34,7 @@ _DATA: dict = {}
 def _data(cfg):
     """The run's data splits, tokenized once per (model, data section, seq_len)."""
     from slimtune import data as D
-    from slimtune.models import load_tokenizer
+    from slimtune.formats.hf import load_tokenizer
 
     key = (cfg.model.name, cfg.data, cfg.train.seq_len)
     if key not in _DATA:
@@ -45,7 +45,7 @@ def _data(cfg):
 
 def build(cfg):
     """(built model and engine, train blocks) as the trainer builds them for cfg on CPU."""
-    from slimtune.trainer.pipeline import build_model
+    from slimtune.model.pipeline import build_model
 
     torch.manual_seed(cfg.train.seed)
     data = _data(cfg)

@@ -33,7 +33,7 @@ def lq_ckpt(tmp_path_factory):
 
 
 def test_quantize_writes_a_checkpoint_within_budget(lq_ckpt, tiny_model_dir):
-    from slimtune.compress.load import load_base as load_model
+    from slimtune.model.load import load_base as load_model
 
     manifest = json.loads((lq_ckpt / "slimtune_quant.json").read_text())
     assert manifest["method"] == "lq_lora" and manifest["budget_bits"] == 3.0
@@ -58,7 +58,7 @@ def test_lq_lora_training_lowers_loss_and_save_load_is_exact(tmp_path, tiny_over
     report = run(cfg, [grab])
     assert report["final_loss"] < report["initial_loss"]
     assert report["trainable_params"] > 0
-    from slimtune.compress.load import load_base as load_model
+    from slimtune.model.load import load_base as load_model
 
     torch.testing.assert_close(logits(load_model(str(out / "final"))), logits(grab.model), rtol=0, atol=1e-5)
     # `slimtune eval` of the saved run gives the perplexity the run reported
@@ -86,7 +86,7 @@ def test_lq_lora_from_scratch_decomposes_in_the_run(tmp_path, tiny_overrides):
 
 @pytest.mark.parametrize("init", ["loftq", "eora"])
 def test_loftq_and_eora_start_closer_to_full_precision(tmp_path, tiny_overrides, tiny_model_dir, init):
-    from slimtune.compress.load import load_base as load_model
+    from slimtune.model.load import load_base as load_model
 
     out = tmp_path / init
     args = [*tiny_overrides, "quant.method=nf3", "quant.double_quant=false", "adapter.rank=16",

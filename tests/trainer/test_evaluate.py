@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from slimtune.models import load_model, load_tokenizer
+from slimtune.formats.hf import load_model, load_tokenizer
 
 
 def _reference(text: str, seq_len: int) -> tuple[float, int]:

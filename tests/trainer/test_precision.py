@@ -55,9 +55,9 @@ def test_precision_stage_swaps_lora_bases_not_factors_nor_head():
 
     from slimtune.adapters import adapter_internals, adapter_modules, apply_adapters
     from slimtune.config import AdapterConfig, TrainConfig
-    from slimtune.models import load_model
-    from slimtune.quant.fp8_linear import FP8Linear
-    from slimtune.quant.precision import apply_precision
+    from slimtune.formats.hf import load_model
+    from slimtune.precision.fp8 import FP8Linear
+    from slimtune.precision.swap import apply_precision
 
     model = load_model("tiny-llama")
     apply_adapters(model, AdapterConfig(rank=4, target_modules=("q_proj", "lm_head")))

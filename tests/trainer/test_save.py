@@ -47,7 +47,7 @@ def test_adapter_records_its_quantized_base_and_eval_uses_it(qlora_run, capsys):
 def test_export_onto_quantized_gives_the_trained_model(qlora_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from slimtune.trainer.pipeline import build_for_eval
+    from slimtune.model.pipeline import build_for_eval
 
     trained = build_for_eval(load_config(None, [f"model.name={qlora_run / 'final'}"]))
     x = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))

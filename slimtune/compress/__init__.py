@@ -1,1 +1,0 @@
-"""Compression: calibration statistics, quantized (+ low-rank) checkpoints."""

@@ -1,0 +1,360 @@
+"""The offload engine (`offload.params` / `offload.optimizer`): the Engine interface over slimtune/offload.
+
+Weights stream layer by layer from the store (offload.params=disk); in backward each decoder layer is
+recomputed, or its activations were kept and its weights are read again (offload.activations), and each unit's
+optimizer step runs as soon as its gradients are complete, with its state read
+from and written to the store (offload.optimizer=disk). Parameters the store does not hold (LoRA factors on
+a streamed base, with offload.optimizer=none) train with an ordinary in-memory optimizer beside it.
+
+Checkpoints: the store is the checkpoint of what it holds. A snapshot (hard links + manifest, no copy) goes
+to <run's store dir>/snapshots/step_N (engines/offload/rundir.py: each run owns its directory, locked while it runs)
+and checkpoints/step_N names it by absolute path, with the in-memory rest as usual.
+`final/` is written unit by unit: an HF directory in model.dtype, never the whole model in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimtune.errors import SlimtuneError
+from slimtune.io import atomic_dir, write_json
+from slimtune.loss import CausalLMLoss
+from slimtune.engines.offload import store as store_mod
+from slimtune.engines.offload.device import DeviceMirror, pin
+from slimtune.engines.offload.pool import BufferPool
+from slimtune.engines.offload.rundir import checked_snapshot, prune_snapshots
+from slimtune.engines.offload.snapshot import restore, snapshot
+from slimtune.engines.offload.store import UnitStore
+from slimtune.engines.offload.stream import Streamer
+from slimtune.engines.offload.units import split_units, uses
+from slimtune.engines.offload.update import UnitOptimizer
+from slimtune.optim import build_optimizer
+from slimtune.formats import checkpoint as ckpt
+from slimtune.engines.ddp import Engine
+from slimtune.formats.final import save_final
+
+READ_AHEAD = 4  # state chunks read ahead of the one being updated
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, where the churn of
+    per-layer gradients and temporaries fragments it and RSS creeps up to about twice the live memory.
+    Large blocks mmap'd (threshold 128 KiB, fixed) go back to the OS when freed: RSS stays the live set."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+class OffloadOptimizer:
+    """What the loop holds as its optimizer: the lr group the unit updates read, plus the in-memory
+    optimizer of the parameters outside the store (if any)."""
+
+    def __init__(self, resident: torch.optim.Optimizer | None):
+        self.resident = resident
+        self.group = {"lr": 0.0}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [self.group] + (self.resident.param_groups if self.resident else [])
+
+    def state_dict(self) -> dict:
+        return self.resident.state_dict() if self.resident else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.resident:
+            self.resident.load_state_dict(state)
+
+
+class OffloadEngine(Engine):
+    stage_on_cpu = False  # tests: run the accelerator path on CPU (compute on copies, updates on the host)
+
+    def __init__(self, model: nn.Module, cfg, device: torch.device, info, store: UnitStore, streamed_weights: bool):
+        if device.type not in ("cpu", "cuda"):
+            raise SlimtuneError(f"offload.* runs on CPU or CUDA, not {device.type}; set train.device=cpu or cuda")
+        t, o = cfg.train, cfg.offload
+        _return_freed_memory()
+        self.model, self.cfg, self.device, self.info, self.store = model, cfg, device, info, store
+        # backward recomputes each decoder layer (streamer.attach wraps their forward in checkpointing, with
+        # the load inside, so the recompute loads the layer again, in reverse order)
+        # no autocast cache: it would hold a bf16 copy of every streamed weight until the forward ends
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16",
+                                       cache_enabled=False)
+        on_disk = o.optimizer == "disk"
+        # names in the store (written before adapters renamed q_proj.weight to q_proj.base.weight ...)
+        by_id = getattr(model, "offload_store_names", {}) if streamed_weights else {}
+        by_buffer = getattr(model, "offload_store_buffers", {}) if streamed_weights else {}
+        buffers = {f"{mn}.{attr}": by_buffer[(id(m), attr)] for mn, m in model.named_modules() for attr in m._buffers
+                   if (id(m), attr) in by_buffer}
+        units = split_units(model, set(buffers))
+        store_names = {n: by_id[id(p)] for u in units for n, p in u.params.items() if id(p) in by_id}
+        store_names.update(buffers)
+        streamed = {u.name: {n: ("train" if n in u.params and u.params[n].requires_grad else "frozen")
+                             for n in [*u.params, *u.buffers] if n in store_names and u.name != "resident"}
+                    for u in units}
+        self.trained = {u.name: [n for n, p in u.params.items() if p.requires_grad] if on_disk else [] for u in units}
+        self.in_store = {n for names in self.trained.values() for n in names}
+        index = {n: i for i, (n, p) in enumerate(model.named_parameters()) if p.requires_grad}
+        classes = self._slab_classes(units, streamed, o.prefetch, READ_AHEAD)
+        mirrored = {c: classes[c] for c in ("layer", "big")}
+        self.mirror = DeviceMirror(device, mirrored) if device.type == "cuda" or self.stage_on_cpu else None
+        self.pool = BufferPool(classes, pin=pin if device.type == "cuda" else None)
+        self.unit_opt = UnitOptimizer(cfg.optim, index, self.pool, READ_AHEAD)
+        self.keep_activations = keep_activations(cfg, model, streamed_weights)
+        self.streamer = Streamer(units, uses(model, units, recompute=not self.keep_activations), store, self.pool,
+                                 streamed, o.prefetch, self.unit_opt, self.trained, store_names, self.mirror)
+        self.root, self._closed = store.root.parent, False  # the run's own store directory (rundir.py)
+        try:
+            if device.type == "cuda":  # what stays in memory (norms, rotary tables, LoRA factors) computes there
+                _resident_to(model, device)
+            self.streamer.attach()
+        except BaseException:
+            self.close()  # the update thread started with the streamer
+            raise
+        if info.enabled:
+            self.streamer.reduce = self._all_reduce
+        self.loss_model = self.train_model = CausalLMLoss(model, t.loss_chunk_tokens, self.streamer.load_for)
+        self.coef = None
+        self.io = {"steps": 0, "read": 0, "written": 0, "io_seconds": 0.0, "wait_seconds": 0.0, "seconds": 0.0}
+        self._step_start = None
+
+    @staticmethod
+    def _slab_classes(units, streamed, prefetch: int, read_ahead: int) -> dict[str, tuple[int, int]]:
+        def size(u):
+            tensors = [*u.params.items(), *((n, m._buffers[a]) for n, (m, a) in u.buffers.items())]
+            return sum(-(-t.numel() * t.element_size() // 4096) * 4096 for n, t in tensors if n in streamed[u.name])
+
+        layer = max([size(u) for u in units if u.name.startswith("layer.")] or [0])
+        big = max([size(u) for u in units if u.name in ("embed", "head")] or [0])
+        # layers: the one computing, `prefetch` ahead, one whose update is being written; chunks: the moments
+        # (two tensors) of `read_ahead` chunks being read, one being updated, one being written
+        return {"layer": (max(layer, 4096), prefetch + 2), "big": (max(big, 4096), 1),
+                "chunk": (store_mod.CHUNK * 4, 2 * (read_ahead + 2))}
+
+    # ------------------------------------------------------------------ the step
+
+    def make_optimizer(self):
+        resident = [(n, p) for n, p in self.trainable() if n not in self.in_store]
+        self.resident_opt = build_optimizer(self.cfg.optim, resident, self.cfg.train.lr) if resident else None
+        self.optimizer = OffloadOptimizer(self.resident_opt)
+        return self.optimizer
+
+    def forward_backward(self, x, y, n_targets, last: bool, pos=None):
+        if self._step_start is None:  # the step's first micro-step: its I/O is counted from here
+            s = self.store
+            self._step_start = (time.perf_counter(), s.bytes_read, s.bytes_written, s.io_seconds,
+                                self.streamer.wait_seconds)
+        self.unit_opt.lr = self.optimizer.group["lr"]
+        self.streamer.begin_backward(accumulate=not last, defer=self.cfg.train.max_grad_norm > 0)
+        saved = self.streamer.saved.hooks() if self.keep_activations else contextlib.nullcontext()
+        with self.autocast, saved:
+            loss = self.loss_model(*self.inputs(x, y, pos))
+        (loss * self.info.world / n_targets.clamp(min=1)).backward()
+        self.streamer.drain()  # the updates of this backward are on disk before anything else reads
+        return loss.detach().float().cpu()
+
+    def _all_reduce(self, grads: list[torch.Tensor]) -> None:
+        """DDP's reduction, bit for bit: each gradient times 1 / world size, then summed over ranks. Host
+        gradients (the CUDA path copies them out) go over NCCL through a device copy."""
+        import torch.distributed as tdist
+
+        nccl = self.device.type == "cuda" and tdist.get_backend() == "nccl"
+        for g in grads:
+            g.mul_(1.0 / self.info.world)
+            if nccl and g.device.type == "cpu":
+                d = g.to(self.device)
+                tdist.all_reduce(d, op=tdist.ReduceOp.SUM)
+                g.copy_(d)
+            else:
+                tdist.all_reduce(g, op=tdist.ReduceOp.SUM)
+
+    def _reduce_resident(self) -> None:
+        """The gradients outside the store (in-memory optimizer), reduced over ranks like the store's."""
+        if self.info.enabled:
+            grads = [p.grad for n, p in self.trainable() if n not in self.in_store and p.grad is not None]
+            self._all_reduce(grads)
+
+    def clip_grad_norm(self, max_norm: float):
+        """torch.nn.utils.clip_grad_norm_'s arithmetic over every trainable parameter, in model order: the
+        store's gradients' norms were taken when they were finished, and they are scaled at their update."""
+        self._reduce_resident()  # the loop calls this once per step, after the last micro-step's backward
+        if max_norm <= 0:
+            return None
+        norms = []
+        for n, p in self.trainable():
+            norm = self.streamer.norms[n] if n in self.in_store else torch.linalg.vector_norm(p.grad, 2.0)
+            norms.append(norm.cpu())
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        self.coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for n, p in self.trainable():
+            if n not in self.in_store:
+                p.grad.mul_(self.coef)
+        return total
+
+    def step(self) -> None:
+        self.streamer.drain()
+        self.streamer.deferred_updates(self.coef)
+        self.coef = None
+        if self.resident_opt is not None:
+            self.resident_opt.step()
+            self.resident_opt.zero_grad(set_to_none=True)
+        self.streamer.release_all()
+        t0, r0, w0, io0, wait0 = self._step_start
+        s, self._step_start = self.store, None
+        for key, delta in (("seconds", time.perf_counter() - t0), ("read", s.bytes_read - r0),
+                           ("written", s.bytes_written - w0), ("io_seconds", s.io_seconds - io0),
+                           ("wait_seconds", self.streamer.wait_seconds - wait0), ("steps", 1)):
+            self.io[key] += delta
+
+    def evaluate(self, fn):
+        try:
+            with self.autocast:
+                return fn(self.loss_model)
+        finally:
+            self.streamer.release_all()
+
+    # ------------------------------------------------------------------ checkpoints and the final save
+
+    def save_checkpoint(self, root: Path, step: int, trainer_state: dict, config_yaml: str, keep: int) -> Path:
+        snap = self.root / "snapshots" / f"step_{step}"
+        self.streamer.drain()
+        snapshot(self.store, snap, {"step": step})
+        target = ckpt.save_checkpoint(root, step, self.model, self.optimizer, {**trainer_state, "offload": str(snap)},
+                                      config_yaml, keep, skip=self._store_params())
+        prune_snapshots(self.root, ckpt.complete_checkpoints(root))
+        return target
+
+    def load_checkpoint(self, path: Path) -> dict:
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, skip=self._store_params())
+        restore(self.store, checked_snapshot(path, state.get("offload"), self.root))
+        with torch.no_grad():  # weights kept in memory that the store also holds (the resident unit, ...)
+            for unit, names in self.trained.items():
+                for n in names:
+                    p = self.streamer.units[unit].params[n]
+                    if n in self.streamer.host_master:  # the accelerator path: host master, then its device copy
+                        host = self.streamer.host_master[n].data
+                        self.store.read(unit, n, host).result()
+                        self.mirror.to_device(host, into=p.data)
+                    elif n not in self.streamer.placeholder:
+                        self.store.read(unit, n, p.data).result()
+        return state
+
+    def _store_params(self) -> frozenset:
+        return frozenset(self.in_store) | frozenset(self.streamer.placeholder)
+
+    def save_final(self, path: Path, base_path: str, tokenizer) -> None:
+        if self.cfg.adapter.type != "none":
+            save_final(self.model, self.cfg, path, base_path, tokenizer)  # adapters are in memory
+            return
+        dtype = torch.float32  # the fp32 master weights, as the in-memory engine's save_pretrained writes them
+        with atomic_dir(path) as tmp:
+            from safetensors.torch import save_file
+
+            weight_map, shards = {}, [u for u in self.streamer.units.values()]
+            for i, unit in enumerate(shards):
+                tensors = {}
+                for n, p in unit.params.items():
+                    if n in self.streamer.placeholder:
+                        t = torch.empty(p.shape, dtype=p.dtype)
+                        self.store.read(_store_unit(unit.name, p), self.streamer.store_names[n], t).result()
+                    else:
+                        t = p.detach().cpu()
+                    tensors[n] = t.to(dtype).contiguous()
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({n: fname for n in tensors})
+                del tensors
+            write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+            self.model.config.torch_dtype = str(dtype).removeprefix("torch.")
+            self.model.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+    def report(self) -> dict:
+        """report.json's `offload`: per training step (evals and setup excluded) the bytes read and written,
+        the achieved GB/s, the I/O threads' busy time (io_seconds, summed over threads), the time the training
+        thread waited for I/O or updates (wait_seconds) and computed (compute_seconds), and the share of I/O
+        time hidden behind compute: 1 - wait / (io_seconds / io_threads)."""
+        s, io, n = self.store, self.io, max(self.io["steps"], 1)
+        io_wall = io["io_seconds"] / max(self.cfg.offload.io_threads, 1)
+        return {"offload": {
+            "params": self.cfg.offload.params, "optimizer": self.cfg.offload.optimizer,
+            "activations": "keep" if self.keep_activations else "recompute",
+            "weights_reloaded_for_backward": self.streamer.saved.kept,
+            "bytes_read_per_step": io["read"] / n, "bytes_written_per_step": io["written"] / n,
+            "gb_per_second": (io["read"] + io["written"]) / 1e9 / max(io["seconds"], 1e-9),
+            "io_seconds_per_step": io["io_seconds"] / n, "wait_seconds_per_step": io["wait_seconds"] / n,
+            "compute_seconds_per_step": (io["seconds"] - io["wait_seconds"]) / n,
+            "io_hidden_fraction": max(0.0, 1 - io["wait_seconds"] / io_wall) if io_wall else None,
+            "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,  # whole run, setup and evals included
+            "buffer_pool_bytes": self.pool.nbytes, "device_buffer_bytes": self.mirror.nbytes if self.mirror else 0,
+            "projection_seconds": self.unit_opt.projection_seconds}}
+
+    def close(self) -> None:
+        """After a finished run or an error alike (raises nothing): the update and I/O threads stopped, hooks
+        removed, slabs unpinned, the live store deleted (final/ holds the weights, the checkpoints their
+        snapshots, which stay), then the run's lock released."""
+        if self._closed:
+            return
+        self._closed = True
+        self.streamer.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no copy still reads a pinned slab
+        self.pool.close()
+        self.store.close(delete=True)
+
+
+def _resident_to(model: nn.Module, device: torch.device) -> None:
+    """Every parameter and buffer still on the host (what no unit streams) moved to `device`, in place."""
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.device.type == "cpu":
+                p.data = p.data.to(device)
+        for name, b in module._buffers.items():
+            if b is not None and b.device.type == "cpu":
+                module._buffers[name] = b.to(device)
+
+
+def _store_unit(unit: str, p: nn.Parameter) -> str:
+    return unit if p.requires_grad else f"{unit}~frozen"
+
+
+def activation_bytes(model: nn.Module, tokens: int) -> int:
+    """An upper bound of what autograd saves in the decoder layers for `tokens` tokens: 12 hidden + 5
+    intermediate values per token and layer (measured on Llama layers with SDPA: 10.5 h + 4.1 i), plus the
+    attention matrices with eager attention, in the compute dtype."""
+    c = model.config
+    h, i = c.hidden_size, getattr(c, "intermediate_size", 4 * c.hidden_size)
+    per_token = 12 * h + 5 * i
+    if getattr(c, "_attn_implementation", "sdpa") == "eager":
+        per_token += 2 * c.num_attention_heads * tokens
+    size = next(model.parameters()).element_size()
+    return per_token * tokens * c.num_hidden_layers * size
+
+
+def keep_activations(cfg, model: nn.Module, streamed_weights: bool) -> bool:
+    """offload.activations: keep (no recompute, a third less compute) or recompute each layer in backward.
+    auto keeps them when they fit in 1/16 of the machine's RAM and no streamed base is quantized (its
+    dequantized weights would be kept with them)."""
+    mode = cfg.offload.activations
+    if mode != "auto":
+        return mode == "keep"
+    if streamed_weights and cfg.quant.method != "none":
+        return False
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return activation_bytes(model, cfg.train.batch_size * cfg.train.seq_len) <= ram / 16
+
+
+def offload_active(cfg) -> bool:
+    """True when some weights or optimizer state go to disk (cpu = pinned host memory: nothing to do on a
+    CPU-only machine, where it equals none)."""
+    return "disk" in (cfg.offload.params, cfg.offload.optimizer)

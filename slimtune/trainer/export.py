@@ -1,0 +1,70 @@
+"""`slimtune export RUN --merge`: a run's final/ merged into its base, written as a Hugging Face model dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slimtune.adapters import adapter_modules, unwrap_adapters
+from slimtune.config import load_config
+from slimtune.errors import SlimtuneError
+from slimtune.formats.hf import DTYPES, adapter_metadata, load_tokenizer
+from slimtune.formats.pruned import is_sparse_model, read_sparse_manifest, write_sparse_manifest
+from slimtune.formats.quantized import dequantize_to_dense, is_quantized_checkpoint
+from slimtune.hardware import fixed_dtype
+from slimtune.io import atomic_dir
+from slimtune.model.load import load_base
+from slimtune.model.quantize import quantize_base
+from slimtune.model.recovery import hold_masks, read_masks
+from slimtune.registry import ADAPTER_FORMATS
+from slimtune.rules import load_dtype
+
+ONTO = ("full", "quantized")  # export --merge --onto: the full-precision base, or dequant(Q) (what was trained)
+
+
+def export_merged(run_dir: Path, out_dir: Path | None = None, onto: str = "full") -> Path:
+    """Merge `run_dir/final` into its base and write an HF model dir that `from_pretrained` loads.
+
+    onto="full": a LoRA adapter is merged into the original full-precision base weights, as PEFT's
+    merge_and_unload does for a re-loaded base. onto="quantized": into dequant(Q), the weights the adapter
+    was trained against (the same as "full" for an unquantized run). A base quantized together with its
+    factors (LQ-LoRA, LoftQ, EoRA) has only Q: both give dequant(Q) + delta."""
+    if onto not in ONTO:
+        raise SlimtuneError(f"export --onto {onto!r}: use one of {', '.join(ONTO)}")
+    run_dir = Path(run_dir)
+    final, cfg_path = run_dir / "final", run_dir / "config.yaml"
+    if not cfg_path.is_file() or not final.is_dir():
+        raise SlimtuneError(f"{run_dir}: not a finished slimtune run (needs config.yaml and final/); "
+                            "give the output_dir of a completed `slimtune run`")
+    cfg = fixed_dtype(load_config(str(cfg_path)))  # a model.dtype=auto run merges in fp32 (exact)
+    out = Path(out_dir) if out_dir else run_dir / "merged"
+    tokenizer = load_tokenizer(cfg.model.name)
+    sparse = None  # the pruned base's manifest: the merged model keeps its masks and gets the manifest
+    if is_quantized_checkpoint(str(final)):  # W = dequant(Q) + delta, dense
+        model = load_base(str(final), cfg.model.dtype)
+        dequantize_to_dense(model)
+    elif adapter_metadata(final) is not None:
+        quantized = onto == "quantized" and cfg.quant.method != "none"
+        # loaded and quantized exactly as the run did, so dequant(Q) is what the adapter was trained against
+        model = load_base(cfg.model.name, load_dtype(cfg) if quantized else cfg.model.dtype)
+        sparse, masks = read_masks(cfg.model.name, model)
+        if quantized:
+            quantize_base(model, cfg)
+        ADAPTER_FORMATS.get(adapter_metadata(final)["format"]).load(model, final)
+        hold_masks(model, masks)  # a pruned base: W + mask * (B A), the merged model stays sparse
+        if quantized:
+            dequantize_to_dense(model)  # each adapter -> nn.Linear(dequant(Q) + delta), computed in fp32
+            model.to(DTYPES[cfg.model.dtype])
+        else:
+            for m in adapter_modules(model).values():
+                m.merge(safe=True)
+            unwrap_adapters(model)
+    else:
+        model = load_base(str(final), cfg.model.dtype)
+    if sparse is None and is_sparse_model(str(final)):  # full fine-tuning of a pruned base
+        sparse = read_sparse_manifest(str(final))
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if sparse is not None:
+            write_sparse_manifest(tmp, model, sparse, recovered_by=str(run_dir))
+    return out

@@ -1,0 +1,273 @@
+"""Offloaded training equals in-memory training bit for bit on CPU fp32: the same losses step for step and
+the same final weights, for AdamW (with and without clipping, with grad_accum and batch > 1), 8-bit states,
+GaLore, and LoRA on a streamed base; on tiny-llama (tied head, 2 layers: everything fits the slabs) and on
+a 6-layer untied model at offload.prefetch=1 (layers leave memory after their forward and are loaded again
+by backward's recompute). The store's chunks are made small so parameters stream in several pieces."""
+
+
+import pytest
+import torch
+from slimtune_testutil import losses as _losses
+from slimtune_testutil import safetensors_dir as _weights
+
+from slimtune.config import load_config
+from slimtune.engines.offload import store as S
+from slimtune.trainer import run
+
+BASE = ["model.name=tiny-llama", "model.dtype=float32", "train.seq_len=64", "train.warmup_steps=2",
+        "eval.max_batches=2", "logging.progress=false", "train.max_steps=10", "train.lr=1e-3"]
+DISK = ["offload.params=disk", "offload.optimizer=disk"]
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(S, "CHUNK", 4096)
+
+
+
+
+CASES = {
+    "adamw": ("full", ["train.max_grad_norm=0", "train.batch_size=4"]),
+    "adamw_clip_accum": ("full", ["train.max_grad_norm=0.5", "train.batch_size=2", "train.grad_accum=2"]),
+    "adamw_accum": ("full", ["train.max_grad_norm=0", "train.batch_size=3", "train.grad_accum=2"]),
+    # bf16 autocast: keep saves references to the weights' casts (no autocast cache in the offload engine)
+    "adamw_bf16": ("full", ["model.dtype=bfloat16", "train.max_grad_norm=0.5", "train.batch_size=2"]),
+    "adamw_8bit": ("full", ["optim.state_bits=8", "train.max_grad_norm=1.0", "train.batch_size=4"]),
+    "galore": ("galore", ["optim.rank=8", "optim.update_gap=4", "train.batch_size=4"]),
+    "lora_streamed_base": ("lora", ["train.batch_size=4", "adapter.rank=4"]),
+    "qlora_streamed_nf4_base": ("qlora", ["train.batch_size=4", "adapter.rank=4"]),
+    "lora_streamed_nf3_base": ("lora", ["train.batch_size=4", "adapter.rank=4", "quant.method=nf3",
+                                        "quant.block_size=32"]),
+}
+
+
+@pytest.mark.parametrize("activations", ["keep", "recompute"])
+@pytest.mark.parametrize("model", ["tiny-llama", "deep"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_offload_equals_in_memory_bitwise(case, model, activations, tmp_path, request):
+    recipe, extra = CASES[case]
+    quantized = recipe == "qlora" or any(e.startswith("quant.method") for e in extra)
+    if quantized and activations == "keep":
+        pytest.skip("a quantized streamed base recomputes (keep is refused: see test_bad_offload_settings)")
+    disk = ["offload.params=disk"] if recipe in ("lora", "qlora") else DISK
+    disk = [*disk, f"offload.activations={activations}"]
+    if model == "deep":
+        extra = [*extra, f"model.name={request.getfixturevalue('deep_tiny')}", "train.max_steps=6"]
+        disk = [*disk, "offload.prefetch=1"]
+    ref = run(load_config(recipe, [*BASE, *extra, f"output_dir={tmp_path / 'mem'}"]))
+    off = run(load_config(recipe, [*BASE, *extra, *disk, f"output_dir={tmp_path / 'off'}"]))
+    assert _losses(tmp_path / "off") == _losses(tmp_path / "mem")
+    assert off["eval_perplexity"] == ref["eval_perplexity"]
+    a, b = _weights(tmp_path / "mem" / "final"), _weights(tmp_path / "off" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert off["offload"]["bytes_read"] > 0 and off["offload"]["bytes_written"] > 0
+    assert off["offload"]["activations"] == activations
+    # keep: backward read streamed weights through references, not through copies autograd held
+    assert (off["offload"]["weights_reloaded_for_backward"] > 0) == (activations == "keep")
+    assert not (tmp_path / "off" / "offload" / "live").exists()  # the finished run's live store is gone
+
+
+def test_keep_under_bf16_autocast_holds_no_weight_casts(deep_tiny, tmp_path):
+    """Under bf16 autocast `mm` saves a view of the weight's bf16 cast (a copy); keep must save a reference
+    to it like the fp32 weight itself, or every layer's cast stays in RAM until backward: the same number
+    of weights is read back for backward in bf16 as in fp32."""
+    args = [*BASE, "train.max_grad_norm=0", "train.batch_size=2", f"model.name={deep_tiny}", "train.max_steps=2",
+            *DISK, "offload.activations=keep", "offload.prefetch=1"]
+    counts = {}
+    for dtype in ("float32", "bfloat16"):
+        r = run(load_config("full", [*args, f"model.dtype={dtype}", f"output_dir={tmp_path / dtype}"]))
+        counts[dtype] = r["offload"]["weights_reloaded_for_backward"]
+    assert counts["bfloat16"] == counts["float32"] > 0, counts
+
+
+KILLER = """
+import os, signal, sys
+from slimtune.config import load_config
+from slimtune.trainer import run
+from slimtune.trainer.hooks import Hooks
+
+class KillMidStep(Hooks):
+    def after_backward(self, model, step):
+        if step == 5:  # step 6's units are already updated in the live store, no checkpoint has them
+            os.kill(os.getpid(), signal.SIGKILL)
+
+run(load_config("full", sys.argv[1:]), hooks=[KillMidStep()])
+"""
+
+
+def _cli(*args, check=True):
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, check=False,
+                       env={**os.environ, "WANDB_MODE": "offline"})
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_kill_mid_step_then_resume_gives_the_same_losses(tmp_path):
+    args = [*BASE, *DISK, "train.max_grad_norm=0", "train.batch_size=4", "checkpoint.every=2", "checkpoint.keep=2"]
+    ref = tmp_path / "ref"
+    _cli("-m", "slimtune", "run", "full", *args, f"output_dir={ref}")
+    b = tmp_path / "b"
+    killed = _cli("-c", KILLER, *args, f"output_dir={b}", check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    assert sorted(p.name for p in (b / "offload" / "snapshots").iterdir()) == ["step_2", "step_4"]
+    _cli("-m", "slimtune", "run", "full", *args, f"output_dir={b}", "resume=true")
+    assert _losses(b) == _losses(ref) and len(_losses(b)) == 10
+    got, want = _weights(b / "final"), _weights(ref / "final")
+    assert want and got.keys() == want.keys()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []  # bitwise the uninterrupted run's values
+
+
+def test_a_corrupted_store_file_stops_the_run_naming_it(tmp_path):
+    out = tmp_path / "run"
+    args = [*BASE, *DISK, "train.batch_size=4", "checkpoint.every=2", "train.max_steps=3", f"output_dir={out}"]
+    _cli("-m", "slimtune", "run", "full", *args)
+    layer = next((out / "offload" / "snapshots" / "step_2").glob("layer.1.*.bin"))
+    data = bytearray(layer.read_bytes())
+    data[8192 + 100] ^= 0x01  # a byte of the first tensor's data (the header takes the first block(s))
+    layer.write_bytes(bytes(data))
+    before = (out / "metrics.jsonl").read_text()
+    r = _cli("-m", "slimtune", "run", "full", *args[:-2], "train.max_steps=5", f"output_dir={out}", "resume=true",
+             check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
+    assert "checksum mismatch" in last and layer.name.rsplit(".", 2)[0] in last
+    assert (out / "metrics.jsonl").read_text().startswith(before)  # nothing trained after the bad read
+
+
+def test_full_disk_mid_run_is_a_clear_error_and_the_checkpoint_resumes(tmp_path, monkeypatch):
+    import errno
+
+    from slimtune.errors import SlimtuneError
+
+    args = [*BASE, *DISK, "train.max_grad_norm=0", "train.batch_size=4", "checkpoint.every=2", "checkpoint.keep=2"]
+    run(load_config("full", [*args, f"output_dir={tmp_path / 'ref'}"]))
+    real, calls = S.os.pwritev, {"n": 0}
+
+    def pwritev(fd, bufs, offset):
+        if (tmp_path / "b" / "checkpoints" / "step_4").is_dir():
+            calls["n"] += 1
+            if calls["n"] > 40:  # the disk fills up in the middle of step 5 or 6
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(S.os, "pwritev", pwritev)
+    with pytest.raises(SlimtuneError, match="no space left on the device"):
+        run(load_config("full", [*args, f"output_dir={tmp_path / 'b'}"]))
+    monkeypatch.setattr(S.os, "pwritev", real)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    run(load_config("full", [*args, f"output_dir={tmp_path / 'b'}", "resume=true"]))
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["offload.params=disk"], "set offload.optimizer=disk"),
+    (["offload.params=disk", "quant.method=lq_lora", "adapter.type=lq_lora"], "not streamed yet"),
+    (["offload.params=disk", "quant.method=nf4", "adapter.type=lora", "quant.backend=bitsandbytes"],
+     "quant.backend=slimtune"),
+    (["offload.optimizer=disk", "offload.prefetch=0"], "offload.prefetch=0 must be >= 1"),
+    (["offload.params=disk", "quant.method=nf4", "adapter.type=lora", "offload.activations=keep"],
+     "use offload.activations=recompute"),
+    (["offload.optimizer=disk", "optim.in_backward=true", "train.max_grad_norm=0"], "drop optim.in_backward"),
+])
+def test_bad_offload_settings_are_one_line(override, needle, tmp_path):
+    r = _cli("-m", "slimtune", "run", "full", *BASE, *override, f"output_dir={tmp_path / 'o'}", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert needle in [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_unwritable_or_too_small_offload_dir(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from slimtune.errors import SlimtuneError
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(SlimtuneError, match="offload.dir=.*not writable"):
+        run(load_config("full", [*BASE, *DISK, f"offload.dir={blocked / 'sub'}", f"output_dir={tmp_path / 'a'}"]))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(SlimtuneError, match=r"the store needs about .* GB .* but 0.0 GB are free"):
+        run(load_config("full", [*BASE, *DISK, f"output_dir={tmp_path / 'b'}"]))
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("case, activations", [("adamw_clip_accum", "keep"), ("adamw_8bit", "recompute"),
+                                               ("galore", "keep"), ("lora_streamed_base", "keep"),
+                                               ("qlora_streamed_nf4_base", "recompute")])
+def test_accelerator_path_staged_on_cpu_equals_in_memory(case, activations, tmp_path, request, monkeypatch):
+    """The CUDA path's split, run on CPU: units computed on copies uploaded into separate "device" buffers,
+    gradients downloaded, updates on the host masters (resident ones copied back), placeholders and
+    reductions as on a GPU. Bitwise the in-memory run, on the 6-layer model where layers come and go.
+    DeviceMirror takes its synchronous non-CUDA branch here: no copy stream, no events, no pinned memory are
+    exercised (test_cuda_path_* below does that, on a GPU)."""
+    from slimtune.engines.offload.engine import OffloadEngine
+
+    recipe, extra = CASES[case]
+    disk = ["offload.params=disk"] if recipe in ("lora", "qlora") else DISK
+    extra = [*extra, f"model.name={request.getfixturevalue('deep_tiny')}", "train.max_steps=5"]
+    ref = run(load_config(recipe, [*BASE, *extra, f"output_dir={tmp_path / 'mem'}"]))
+    monkeypatch.setattr(OffloadEngine, "stage_on_cpu", True)
+    off = run(load_config(recipe, [*BASE, *extra, *disk, "offload.prefetch=1", f"offload.activations={activations}",
+                                   f"output_dir={tmp_path / 'off'}"]))
+    assert _losses(tmp_path / "off") == _losses(tmp_path / "mem")
+    assert off["eval_perplexity"] == ref["eval_perplexity"]
+    a, b = _weights(tmp_path / "mem" / "final"), _weights(tmp_path / "off" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert off["offload"]["device_buffer_bytes"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_path_streams_events_pinned_slabs_and_equals_in_memory(deep_tiny, tmp_path):
+    """What the staged test cannot reach: pool slabs pinned in place (cudaHostRegister, unregistered by
+    close), a unit uploaded into a device buffer on the copy stream with the compute stream waiting on its
+    event, gradients downloaded into pinned memory, a released buffer reused after the compute that read it;
+    then a tiny offloaded run on cuda (6 layers, prefetch 1: buffers come and go) against the in-memory run on
+    cuda: the first loss bitwise (the compute copies equal the masters), then close, as the host's AdamW may
+    round differently from the CUDA kernels."""
+    from slimtune.engines.offload.device import DeviceMirror, pin, synchronize
+    from slimtune.engines.offload.pool import BufferPool
+
+    pool = BufferPool({"layer": (1 << 16, 1)}, pin=pin)
+    slab = pool.acquire("layer")
+    assert slab.data.is_pinned()
+    host = {"w": slab.view(0, torch.float32, (64, 64)), "b": slab.view(64 * 64 * 4, torch.float32, (64,))}
+    for t in host.values():
+        t.copy_(torch.randn(t.shape))
+    mirror = DeviceMirror(torch.device("cuda"), {"layer": (1 << 16, 1)})
+    buf, views, uploaded = mirror.upload("layer", host)
+    assert uploaded is not None and all(v.is_cuda for v in views.values())
+    mirror.wait(uploaded)
+    grads, ready = mirror.download({n: v * 2 for n, v in views.items()})
+    synchronize(ready)
+    assert all(grads[n].is_pinned() and torch.equal(grads[n], host[n] * 2) for n in host)
+    mirror.release("layer", buf)
+    buf2, views2, uploaded2 = mirror.upload("layer", {n: torch.zeros_like(t) for n, t in host.items()})
+    assert buf2.data_ptr() == buf.data_ptr()  # the one buffer, reused once the compute above is done
+    mirror.wait(uploaded2)
+    assert all(int(torch.count_nonzero(v)) == 0 for v in views2.values())
+    mirror.release("layer", buf2)
+    pool.release(slab)
+    pool.close()
+    assert not slab.data.is_pinned()
+
+    args = [*BASE, f"model.name={deep_tiny}", "train.max_steps=4", "train.batch_size=2", "train.device=cuda",
+            "train.max_grad_norm=0"]
+    run(load_config("full", [*args, f"output_dir={tmp_path / 'mem'}"]))
+    off = run(load_config("full", [*args, *DISK, "offload.prefetch=1", f"output_dir={tmp_path / 'off'}"]))
+    assert off["offload"]["device_buffer_bytes"] > 0
+    mem_losses, off_losses = _losses(tmp_path / "mem"), _losses(tmp_path / "off")
+    assert off_losses[0] == mem_losses[0]
+    torch.testing.assert_close(off_losses, mem_losses, rtol=1e-4, atol=0)
+    a, b = _weights(tmp_path / "mem" / "final"), _weights(tmp_path / "off" / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
