@@ -1,7 +1,8 @@
 """report.json's `planned_peak_memory_bytes`: the planner's prediction for the run, beside the measured peak.
 
 The training loop calls `planned_peak` once the model and engine are built and puts it in the report; the
-prediction is made from the resolved config. A planner failure never fails a run: it is logged on stderr and the field is null.
+prediction is made from the resolved config. A planner failure never fails a run: it is logged on stderr and
+the field is null.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ import json
 
 from slimtune_testutil import TINY
 
-from slimtune import config as C
 from slimtune.cli import main
 
 
