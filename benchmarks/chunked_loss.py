@@ -32,7 +32,7 @@ MiB = 2**20
 def worker(variant: str, tokens: int, hidden: int, vocab: int, chunk: int) -> dict:
     import torch
 
-    from slimtune.loss import lm_loss_sum
+    from slimtune.lm_loss import lm_loss_sum
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ from slimtune.data import build_splits
 from slimtune.formats.hf import load_model, load_tokenizer
 from slimtune.quant import bits_per_param, is_quantized_linear, quantize_model
 from slimtune.trainer.evaluate import perplexity
-from slimtune.loss import CausalLMLoss
+from slimtune.lm_loss import CausalLMLoss
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "lq_lora_vs_qlora.json"
@@ -41,8 +41,8 @@ METHODS = ["bf16", "nf4", "nf3", "lq_lora@3.0", "lq_lora@3.5", "loftq@nf4", "lof
 
 
 def method_overrides(method: str, a) -> list[str]:
-    base = [f"model.name={a.model}", f"train.seq_len={a.seq_len}", f"adapter.rank={a.rank}",
-            f"adapter.alpha={2 * a.rank}", "quant.block_size=64", "quant.double_quant=true",
+    base = [f"model.name={a.model}", f"train.seq_len={a.seq_len}", f"lora.rank={a.rank}",
+            f"lora.alpha={2 * a.rank}", "quant.block_size=64", "quant.double_quant=true",
             f"lq_lora.calibration_samples={a.calibration}", "logging.progress=false"]
     if method.startswith("lq_lora@"):
         return [*base, "adapter.type=lq_lora", "quant.method=lq_lora", f"lq_lora.budget_bits={method[8:]}"]

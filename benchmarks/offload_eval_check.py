@@ -28,19 +28,19 @@ BASE = ["train.seq_len=256", "train.batch_size=1", "train.max_steps=2", "train.m
         "model.dtype=float32", "train.device=cpu"]
 SIDES = {
     "in_memory": [],
-    "offload": ["offload.params=disk", "offload.optimizer=disk", "offload.prefetch=1"],
+    "offload": ["engine.name=offload", "offload.prefetch=1"],
     "in_memory_lr1e-5": ["train.lr=1e-5"],
     "in_memory_8_eval_blocks": ["eval.max_batches=8"],
     # the 2.1B run's activations did not fit auto's budget (1/16 of RAM): it recomputed each layer in backward
-    "offload_recompute": ["offload.params=disk", "offload.optimizer=disk", "offload.prefetch=1",
+    "offload_recompute": ["engine.name=offload", "offload.prefetch=1",
                           "offload.activations=recompute"],
-    "offload_lr1e-5": ["train.lr=1e-5", "offload.params=disk", "offload.optimizer=disk", "offload.prefetch=1"],
+    "offload_lr1e-5": ["train.lr=1e-5", "engine.name=offload", "offload.prefetch=1"],
     "in_memory_lr3e-4": ["train.lr=3e-4"],
     "in_memory_lr1e-3": ["train.lr=1e-3"],
-    "offload_lr1e-3": ["train.lr=1e-3", "offload.params=disk", "offload.optimizer=disk", "offload.prefetch=1"],
+    "offload_lr1e-3": ["train.lr=1e-3", "engine.name=offload", "offload.prefetch=1"],
     # the 2.1B run also checkpointed every step
     "in_memory_checkpoint_every_step": ["checkpoint.every=1", "checkpoint.keep=1"],
-    "offload_checkpoint_every_step": ["offload.params=disk", "offload.optimizer=disk", "offload.prefetch=1",
+    "offload_checkpoint_every_step": ["engine.name=offload", "offload.prefetch=1",
                                       "checkpoint.every=1", "checkpoint.keep=1"],
 }
 

@@ -100,7 +100,7 @@ def slimtune_side(model: Path, work: Path, steps: int, scale: bool) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     args = [f"model.name={model}", "train.seq_len=256", "train.batch_size=1", f"train.max_steps={steps}",
             "train.max_grad_norm=0", "train.warmup_steps=1", "train.lr=1e-4", "eval.max_batches=1",
-            "data.eval_fraction=0.005", "logging.progress=false", "offload.params=disk", "offload.optimizer=disk",
+            "data.eval_fraction=0.005", "logging.progress=false", "engine.name=offload",
             "offload.prefetch=1", f"output_dir={out}"]
     if scale:
         args += ["checkpoint.every=1", "checkpoint.keep=1"]

@@ -51,10 +51,15 @@ def hidden_size(model: str) -> int:
 
 def run_one(name: str, a, out_dir: Path) -> dict:
     recipe, extra, lr = RUNS[name]
+    own = {  # each optimizer's own section (the recipe's optimizer: galore / frugal / dct, or none for adamw)
+        "galore": [f"galore.rank={max(1, hidden_size(a.model) // 4)}", f"galore.update_gap={a.update_gap}",
+                   f"galore.proj_dtype={a.proj_dtype}"],
+        "dct": [f"dct.rank={max(1, hidden_size(a.model) // 4)}", f"dct.update_gap={a.update_gap}"],
+        "frugal": ["frugal.density=0.25", f"frugal.update_gap={a.update_gap}", f"frugal.proj_dtype={a.proj_dtype}"],
+    }.get(recipe, [])
     args = [sys.executable, "-m", "slimtune", "run", recipe, f"model.name={a.model}", f"train.max_steps={a.steps}",
-            f"train.seq_len={a.seq_len}", f"train.batch_size={a.batch_size}", f"train.lr={a.lr or lr}",
-            f"optim.rank={max(1, hidden_size(a.model) // 4)}", "optim.density=0.25",
-            f"optim.update_gap={a.update_gap}", "optim.full_rank_modules=[]", f"optim.proj_dtype={a.proj_dtype}",
+            f"train.seq_len={a.seq_len}", f"train.batch_size={a.batch_size}", f"train.lr={a.lr or lr}", *own,
+            "optim.full_rank_modules=[]",
             "checkpoint.every=0", "eval.max_batches=1", "logging.progress=false", f"output_dir={out_dir}",
             "overwrite=true", *extra]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -78,7 +83,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--update-gap", type=int, default=50)
     p.add_argument("--proj-dtype", default="float32", choices=["float32", "bfloat16", "int8"],
-                   help="storage of GaLore's / FRUGAL's projection P (optim.proj_dtype)")
+                   help="storage of GaLore's / FRUGAL's projection P (galore.proj_dtype / frugal.proj_dtype)")
     p.add_argument("--lr", default=None, help="one lr for every optimizer (default: per optimizer)")
     p.add_argument("--only", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)

@@ -86,9 +86,9 @@ def calibration_cases() -> list[tuple[str, str, list[str]]]:
         ("cal smollm2 galore b2 s512 ac", "galore", smol + ["train.batch_size=2", "train.seq_len=512"]),
         # the offload engine (no fragmentation term: it fixes glibc's mmap threshold), checked, not fitted
         ("cal smollm2 full offload-opt b2 s128", "full", smol + ["train.batch_size=2", "train.seq_len=128",
-                                                                  "offload.optimizer=disk"]),
+                                                                  "engine.name=offload", "engine.params=none"]),
         ("cal smollm2 full offload-all b2 s128", "full", smol + ["train.batch_size=2", "train.seq_len=128",
-                                                                  "offload.optimizer=disk", "offload.params=disk"]),
+                                                                  "engine.name=offload"]),
     ]
 
 

@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = {
     "baseline": [],
     "fp8": ["train.precision=fp8"],
-    "halo0": ["train.precision=halo", "train.halo_level=0"],
-    "halo1": ["train.precision=halo", "train.halo_level=1"],
-    "halo2": ["train.precision=halo", "train.halo_level=2"],
+    "halo0": ["train.precision=halo", "halo.level=0"],
+    "halo1": ["train.precision=halo", "halo.level=1"],
+    "halo2": ["train.precision=halo", "halo.level=2"],
     "mxfp4": ["train.precision=mxfp4"],
 }
 

@@ -47,7 +47,7 @@ def overrides(a, batch: int, packing: str, output_dir: str) -> list[str]:
     betas, eps, clipping identical by construction). Compute dtype and allocator: slimtune's defaults."""
     return [f"model.name={a.model}", "data.source=pydoc", f"data.packing={packing}", f"train.seq_len={a.seq_len}",
             f"train.batch_size={batch}", "train.grad_accum=1", f"train.max_steps={a.steps}",
-            f"adapter.rank={a.rank}", f"adapter.alpha={2 * a.rank}", "adapter.dropout=0.0",
+            f"lora.rank={a.rank}", f"lora.alpha={2 * a.rank}", "lora.dropout=0.0",
             "adapter.target_modules=all-linear", "eval.max_batches=1", "eval.every=0", "checkpoint.every=0",
             "logging.progress=false", "logging.wandb=false", f"output_dir={output_dir}", "overwrite=true"]
 

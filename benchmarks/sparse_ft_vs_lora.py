@@ -1,7 +1,7 @@
 """sparse_ft (SpIEL) vs LoRA at the same number of trainable parameters, SmolLM2-135M on pydoc.
 
 Every run is its own `slimtune run` process (peak RSS is the whole process's) with the same data, steps, seq
-and batch. LoRA: rank 16 on all-linear (the recipe). sparse_ft: adapter.num_params = LoRA's trainable count,
+and batch. LoRA: rank 16 on all-linear (the recipe). sparse_ft: sparse_ft.num_params = LoRA's trainable count,
 on the same modules. Each is tried at three learning rates (the recipe's among
 them; the same grid for both) at the short budget; the best of each by eval loss (pydoc's eval split) then runs the
 longer budget
@@ -66,7 +66,7 @@ def main() -> None:
         lora_lr[lr] = res["runs"][f"lora lr={lr}"]["eval_loss"]
     n = res["runs"][f"lora lr={LRS['lora'][0]}"]["trainable_params"]
     res["config"]["num_params"] = n
-    sft = [*common, f"adapter.num_params={n}"]
+    sft = [*common, f"sparse_ft.num_params={n}"]
     sft_lr = {}
     for lr in LRS["sparse_ft"]:
         res["runs"][f"sparse_ft lr={lr}"] = run("sparse_ft", work, f"sft_{lr}", [*sft, f"train.max_steps={a.steps}",

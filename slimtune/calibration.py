@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from slimtune.data import Blocks
-from slimtune.loss import CausalLMLoss, count_targets, position_kwargs
+from slimtune.lm_loss import CausalLMLoss, count_targets, position_kwargs
 
 
 def calibration_samples(blocks: Blocks, n: int, seed: int = 0) -> list[tuple]:

@@ -20,7 +20,7 @@ USAGE = """slimtune run RECIPE [key=value ...]     train (RECIPE: a name from `s
                  top_p=1.0 seed=0]  the continuation only on stdout (greedy at temperature=0; M as for eval,
                  or a run dir); computes in fp32 unless model.dtype is given
        slimtune quantize [RECIPE] key=value ...  write a quantized checkpoint to output_dir, e.g.
-                 model.name=M quant.method=lq_lora lq_lora.budget_bits=3.0 adapter.rank=16 output_dir=DIR
+                 model.name=M quant.method=lq_lora lq_lora.budget_bits=3.0 lora.rank=16 output_dir=DIR
        slimtune prune [RECIPE] key=value ...  prune model.name (prune.method=magnitude|wanda|sparsegpt,
                  prune.sparsity / prune.pattern=2:4, calibrated on data.source) into output_dir
        slimtune export RUN_DIR [--merge] [--onto full|quantized] [--out DIR]  a run's model as an HF dir (its

@@ -1,7 +1,10 @@
 """Recipe configuration: YAML + dotted `key=value` overrides -> a frozen, validated dataclass tree.
 
-Defaults live only in the dataclasses of `schema.py`. Every key is checked (unknown keys get the nearest valid
-one suggested), every value is type-checked, and cross-field rules run before any model is loaded.
+The tree is `schema.py`'s core sections plus every technique's own section (registered by its file:
+`schema.config_section`), put together by `recipe_class()`. Defaults live only in those dataclasses. Every key
+is checked (unknown keys get the nearest valid one suggested; renamed keys still work, with one notice line:
+aliases.py), every value is type-checked, and the rules (rules.py, each technique's own, and the flags of
+technique.py) run before any model is loaded.
 """
 
 from __future__ import annotations
@@ -15,14 +18,42 @@ from pathlib import Path
 
 import yaml
 
-from slimtune import rules
+from slimtune import aliases, rules
+from slimtune.technique import check_run_flags
 from slimtune.errors import ConfigError
-from slimtune.registry import BY_KEY
+from slimtune.registry import BY_KEY, SECTIONS
 from slimtune.schema import (  # noqa: F401  (re-exported: config.TrainConfig, ... as before)
-    AdapterConfig, CheckpointConfig, CramConfig, DataConfig, EvalConfig, LoggingConfig, LQLoRAConfig, ModelConfig,
-    OffloadConfig, OptimConfig, PruneConfig, QuantConfig, RecipeConfig, RecoverConfig, SparseFTConfig, TrainConfig)
+    AdapterConfig, CheckpointConfig, DataConfig, EngineConfig, EvalConfig, LoggingConfig, ModelConfig, OptimConfig,
+    PruneConfig, QuantConfig, RecoverConfig, TrainConfig)
+from slimtune.schema import RecipeConfig as CoreConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+# ---------------------------------------------------------------- the tree: core sections + technique sections
+
+_CLASSES: dict[tuple, type] = {}
+
+
+def recipe_class() -> type:
+    """The recipe's dataclass: schema's core sections, then each registered technique section (as registered),
+    then the core's top-level keys. Rebuilt when a technique registers a new section."""
+    key = tuple(SECTIONS.items())
+    if key not in _CLASSES:
+        core = _hints(CoreConfig)
+        fields = [(f.name, core[f.name], f) for f in dataclasses.fields(CoreConfig)
+                  if dataclasses.is_dataclass(core[f.name])]
+        fields += [(name, cls, dataclasses.field(default_factory=cls)) for name, cls in SECTIONS.items()]
+        fields += [(f.name, core[f.name], f) for f in dataclasses.fields(CoreConfig)
+                   if not dataclasses.is_dataclass(core[f.name])]
+        _CLASSES[key] = dataclasses.make_dataclass("RecipeConfig", fields, frozen=True)
+    return _CLASSES[key]
+
+
+def __getattr__(name: str):
+    if name == "RecipeConfig":  # config.RecipeConfig: the whole tree, technique sections included
+        return recipe_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -77,8 +108,13 @@ def _coerce(key: str, value, tp):
 
 
 def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    """The closest valid key, or the new name of the closest renamed one (adapter.rnak -> lora.rank)."""
+    section = key.split(".")[0] + "."
+    old = [k for k in aliases.OLD_KEYS if k.startswith(section) or "." not in key]
+    close = difflib.get_close_matches(key, [*valid, *old], n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{aliases.new_key(close[0]) if close[0] in old else close[0]}'?"
+    return f"; valid keys: {', '.join(sorted(valid))}"
 
 
 def _build(cls, raw: dict, prefix: str = ""):
@@ -105,7 +141,8 @@ def _build(cls, raw: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def all_keys(cls=RecipeConfig, prefix: str = "") -> list[str]:
+def all_keys(cls=None, prefix: str = "") -> list[str]:
+    cls = cls or recipe_class()
     keys = []
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
@@ -162,20 +199,21 @@ def apply_override(raw: dict, item: str) -> None:
         raise ConfigError(f"override '{item}' must look like key=value (e.g. train.max_steps=50)")
     key, text = item.split("=", 1)
     key = key.strip()
-    if key not in all_keys():
+    if key not in all_keys() and key not in aliases.OLD_KEYS:
         raise ConfigError(f"unknown key '{key}'{_suggest(key, all_keys())}")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    if _annotation(key) is str and not isinstance(value, str):
+    if _annotation(aliases.new_key(key)) is str and not isinstance(value, str):
         value = text.strip()
     _set(raw, key, value)
 
 
 def _annotation(key: str):
     section, _, name = key.rpartition(".")
-    cls = _hints(RecipeConfig)[section] if section else RecipeConfig
+    root = recipe_class()
+    cls = _hints(root)[section] if section else root
     return _hints(cls)[name]
 
 
@@ -202,12 +240,23 @@ def given_keys(recipe: str | None, overrides: list[str] = ()) -> set[str]:
     return set(walk(raw))
 
 
-def load_config(recipe: str | None, overrides: list[str] = ()) -> RecipeConfig:
-    """Recipe name or YAML path (None = defaults only), then `key=value` overrides; validated."""
+def load_config(recipe: str | None, overrides: list[str] = (), notice=None):
+    """Recipe name or YAML path (None = defaults only), then `key=value` overrides; validated. Renamed keys
+    are moved to their new names, and `notice` (default: print on stderr) gets one line naming them all."""
     raw = _read_yaml(recipe_path(recipe)) if recipe else {}
+    renamed = aliases.rename(raw)
+    given = {}
     for item in overrides:
-        apply_override(raw, item)
-    cfg = _build(RecipeConfig, raw)
+        apply_override(given, item)
+    renamed += aliases.rename(given, context=raw)  # an old key given wins over the recipe's new one
+    for section, value in given.items():
+        if isinstance(value, dict) and isinstance(raw.get(section), dict):
+            raw[section].update(value)
+        else:
+            raw[section] = value
+    if renamed:
+        (notice or aliases.print_notice)(renamed)
+    cfg = _build(recipe_class(), raw)
     validate(cfg)
     return cfg
 
@@ -217,12 +266,14 @@ def choices(key: str) -> tuple | None:
     if key in BY_KEY:
         return BY_KEY[key].choices()
     section, _, name = key.rpartition(".")
-    cls = _hints(RecipeConfig)[section] if section else RecipeConfig
+    root = recipe_class()
+    cls = _hints(root)[section] if section else root
     return {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("choices")
 
 
-def validate(cfg: RecipeConfig) -> None:
-    """Value and cross-field rules; raises ConfigError naming the key and the fix."""
+def validate(cfg) -> None:
+    """Value and cross-field rules; raises ConfigError naming the key and the fix. The rules that need to know
+    what model.name is (a pruned model, a quantized checkpoint) or the world size run in trainer/preflight.py."""
     flat = {k: _get(cfg, k) for k in all_keys()}
     for key, value in flat.items():
         allowed = choices(key)
@@ -231,41 +282,8 @@ def validate(cfg: RecipeConfig) -> None:
         for v in value if isinstance(value, tuple) else (value,):
             if v not in allowed:
                 raise ConfigError(f"{key}={v!r} is not one of: {', '.join(map(str, allowed)) or '(none registered)'}")
-    positive = ["train.max_steps", "train.seq_len", "train.batch_size", "train.grad_accum",
-                "adapter.rank", "quant.block_size", "checkpoint.keep"]
-    for key in positive:
-        if flat[key] <= 0:
-            raise ConfigError(f"{key}={flat[key]} must be > 0")
-    for key in ["train.warmup_steps", "train.loss_chunk_tokens", "checkpoint.every", "eval.every",
-                "eval.max_batches", "train.max_grad_norm", "optim.weight_decay"]:
-        if flat[key] < 0:
-            raise ConfigError(f"{key}={flat[key]} must be >= 0")
-    if not 0 < flat["train.lr"]:
-        raise ConfigError(f"train.lr={flat['train.lr']} must be > 0")
-    if not 0 < flat["data.eval_fraction"] < 1:
-        raise ConfigError(f"data.eval_fraction={flat['data.eval_fraction']} must be in (0, 1)")
-    if not 0 <= flat["adapter.dropout"] < 1:
-        raise ConfigError(f"adapter.dropout={flat['adapter.dropout']} must be in [0, 1)")
-    if not 0 <= flat["train.min_lr_ratio"] <= 1:
-        raise ConfigError(f"train.min_lr_ratio={flat['train.min_lr_ratio']} must be in [0, 1]")
-    if flat["adapter.alpha"] <= 0:
-        raise ConfigError(f"adapter.alpha={flat['adapter.alpha']} must be > 0")
-    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
-        raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1)")
-    tm = cfg.adapter.target_modules
-    if isinstance(tm, str) and tm != "all-linear":
-        raise ConfigError(f"adapter.target_modules={tm!r}: give a list like [q_proj, v_proj] or all-linear")
-    if isinstance(tm, tuple) and (not tm or not all(isinstance(t, str) for t in tm)):
-        raise ConfigError("adapter.target_modules: give a non-empty list of module names or all-linear")
-    if cfg.quant.method != "none" and cfg.adapter.type == "none":
-        raise ConfigError(f"quant.method={cfg.quant.method} needs adapter.type=lora: a quantized base is "
-                          "frozen, so full fine-tuning cannot train it (set quant.method=none)")
-    for rule in (rules.validate_lowrank, rules.validate_lora_variants, rules.validate_compress,
-                 rules.validate_sparse_ft, rules.validate_optim, rules.validate_offload, rules.validate_engine,
-                 rules.validate_precision):
-        rule(cfg)
-    if cfg.quant.method == "nf4" and cfg.quant.block_size % 2:
-        raise ConfigError(f"quant.block_size={cfg.quant.block_size} must be even for nf4 (2 codes per byte)")
+    rules.validate_core(cfg)
+    check_run_flags(cfg)  # every active technique's own rules, then the flags between them (technique.py)
 
 
 def _get(cfg, dotted: str):
@@ -274,15 +292,15 @@ def _get(cfg, dotted: str):
     return cfg
 
 
-def replace(cfg: RecipeConfig, **dotted) -> RecipeConfig:
+def replace(cfg, **dotted):
     """Copy with dotted keys replaced, e.g. replace(cfg, **{"train.max_steps": 5})."""
     raw = to_dict(cfg)
     for key, value in dotted.items():
         if key not in all_keys():
             raise ConfigError(f"unknown key '{key}'{_suggest(key, all_keys())}")
         _set(raw, key, value)
-    return _build(RecipeConfig, raw)
+    return _build(recipe_class(), raw)
 
 
-def dump_yaml(cfg: RecipeConfig) -> str:
+def dump_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

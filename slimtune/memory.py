@@ -69,6 +69,14 @@ def _libc():
         return None
 
 
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Fix glibc's mmap threshold for this process (M_MMAP_THRESHOLD): blocks of `nbytes` and more are mmap'd and
+    go back to the OS when freed. glibc otherwise raises the threshold itself and keeps such blocks in the heap,
+    where a churn of large temporaries fragments it. False where there is no glibc."""
+    libc = _libc()
+    return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(-3, int(nbytes)))
+
+
 def trim_heap() -> bool:
     """Return the heap's free pages to the OS (glibc malloc_trim(0)); False where there is no glibc."""
     libc = _libc()

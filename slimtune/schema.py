@@ -1,7 +1,9 @@
-"""The recipe schema: one frozen dataclass per section, each field with its default and help text.
+"""The recipe schema's core sections: one frozen dataclass per section, each field with its default and help.
 
-Defaults live only here. `config.py` builds these from YAML + overrides and validates them; keys that pick a
-plugin (adapter.type, optim.name, ...) take their allowed values from the plugin registries.
+A technique's own options live in its own file, as a section it registers with `config_section` (galore.*,
+lora.*, deepspeed.*, ...); `config.recipe_class()` puts the core and every registered section together.
+`config.py` builds them from YAML + overrides and validates them; keys that pick a plugin (adapter.type,
+optim.name, ...) take their allowed values from the plugin registries.
 """
 
 from __future__ import annotations
@@ -9,14 +11,33 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass, field
 
-def _help(text: str, default, choices: tuple | None = None, ratio: bool = False, **kw):
+from slimtune.registry import SECTIONS
+
+def _help(text: str, default, choices: tuple | None = None, ratio: bool = False, fixed: bool = False, **kw):
     """A field with its help text; `choices` for a fixed set of values (keys that pick a plugin take theirs
     from the plugin registry instead: registry.BY_KEY). ratio: an "N:M" string, which YAML 1.1 reads as a
-    base-60 integer when unquoted (2:4 -> 124); config turns such an integer back into its text."""
+    base-60 integer when unquoted (2:4 -> 124); config turns such an integer back into its text. fixed: a
+    resumed run must keep the value (it changes what the saved state means)."""
     meta = {"help": text} if choices is None else {"help": text, "choices": tuple(choices)}
     if ratio:
         meta["ratio"] = True
+    if fixed:
+        meta["fixed"] = True
     return field(default=default, metadata=meta, **kw)
+
+
+option = _help  # for a technique's own section
+
+
+def config_section(name: str, fixed: bool = False):
+    """Register a frozen dataclass as the config section `name` (its keys read `name.field`). fixed: a resumed
+    run must keep every key of the section (as `option(..., fixed=True)` says of one key)."""
+    def deco(cls):
+        cls.fixed_on_resume = fixed
+        SECTIONS.register(name)(cls)
+        return cls
+
+    return deco
 
 
 KERNEL_BACKENDS = ("auto", "reference", "triton")  # train.kernels (kernels/dispatch.py reads it from here)
@@ -68,76 +89,43 @@ class TrainConfig:
                          "(always; CPU tensors need TRITON_INTERPRET=1). The SLIMTUNE_KERNELS environment "
                          "variable overrides it", "auto", KERNEL_BACKENDS)
     precision: str = _help("matmuls of the linear layers (lm_head excluded): default (model.dtype) | fp8 (e4m3 "
-                           "forward, e5m2 gradients) | halo (fp8 + Hadamard rotations) | mxfp4 (Quartet QAT)",
+                           "forward, e5m2 gradients) | halo (fp8 + Hadamard rotations; halo.*) | mxfp4 (Quartet QAT)",
                            "default")
-    halo_level: int = _help("train.precision=halo: 0 no rotation | 1 forward | 2 forward + input gradient", 2,
-                            (0, 1, 2))
-    hadamard_block: int = _help("train.precision=halo: Hadamard block (power of two <= 256; reduced to what "
-                                "divides each dim)", 128)
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
     type: str = _help("lora | dora (weight-decomposed LoRA: a trained magnitude per output row) | lq_lora (needs "
-                      "quant.method=lq_lora) | none (full fine-tuning)", "lora")
-    rank: int = _help("LoRA rank r", 16)
-    alpha: float = _help("LoRA scaling numerator: delta = alpha/r * B A", 32.0)
-    use_rslora: bool = _help("rsLoRA: scale by alpha/sqrt(r) instead of alpha/r", False)
-    dropout: float = _help("dropout on the LoRA input", 0.0)
+                      "quant.method=lq_lora) | sparse_ft | none (full fine-tuning); lora.* / sparse_ft.* hold their "
+                      "options", "lora")
     target_modules: typing.Union[str, tuple[str, ...]] = _help("module names (suffix match) or all-linear",
                                                                "all-linear")
     init: str = _help("default (B=0) | loftq (alternate quantize/SVD) | eora (activation-weighted SVD of the "
                       "quantization error); loftq/eora need a slimtune quant.method | pissa (principal singular "
                       "vectors as the factors, the base keeps the residual; any base)", "default")
-    density: float = _help("sparse_ft: fraction of each target matrix's entries that train", 0.01)
-    num_params: int = _help("sparse_ft: total trainable entries over all targets instead of density (0: use "
-                            "density)", 0)
-    seed: int = _help("sparse_ft: seed of the initial random entries (mixed with each module's name)", 0)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     method: str = _help("none | nf4 | int8 | nf2 | nf3 | int2..int7 | int2a..int8a (asymmetric) | "
                         "lq_lora (per-matrix formats under lq_lora.budget_bits)", "none")
-    backend: str = _help("slimtune | bitsandbytes", "slimtune", ("slimtune", "bitsandbytes"))
+    backend: str = _help("slimtune | bitsandbytes", "slimtune")
     block_size: int = _help("weights per absmax block", 64)
     double_quant: bool = _help("quantize the NF4 block scales to 8 bits (saves ~0.4 bit/param)", True)
 
 
 @dataclass(frozen=True)
-class LQLoRAConfig:
-    budget_bits: float = _help("average bits/param of the quantized base (codes + scales)", 3.0)
-    fisher: bool = _help("weight the decomposition and the allocation by the diagonal Fisher", True)
-    calibration_samples: int = _help("train blocks for the Fisher / EoRA activation statistics", 16)
-    max_iters: int = _help("alternations of quantize / low-rank (LQ-LoRA, LoftQ) for the final decomposition", 10)
-    score_iters: int = _help("alternations when scoring every candidate format for the bit allocation", 2)
-    bits: tuple[int, ...] = _help("NormalFloat bit widths the allocation may choose", (2, 3, 4))
-    block_sizes: tuple[int, ...] = _help("block sizes the allocation may choose", (64, 128, 256))
-
-
-@dataclass(frozen=True)
 class OptimConfig:
-    name: str = _help("adamw | adamw8bit (bitsandbytes) | sgd | galore | frugal | dct", "adamw")
+    name: str = _help("adamw | adamw8bit (bitsandbytes) | sgd | galore | frugal | dct (their options: sgd.*, "
+                      "galore.*, frugal.*, dct.*)", "adamw")
     weight_decay: float = _help("decoupled weight decay", 0.0)
     betas: tuple[float, ...] = _help("Adam betas", (0.9, 0.999))
     eps: float = _help("Adam epsilon", 1e-8)
-    momentum: float = _help("SGD momentum", 0.0)
-    rank: int = _help("galore / dct: rank of the gradient projection (clamped to min(m, n))", 128)
-    update_gap: int = _help("galore / dct / frugal: steps between projection (subspace) updates", 200)
-    scale: float = _help("galore / dct: scale of the back-projected update", 0.25)
-    proj_type: str = _help("galore / dct: std (smaller side) | left | right", "std", ("std", "left", "right"))
-    density: float = _help("frugal: fraction of each matrix updated state-full (AdamW)", 0.25)
-    subspace: str = _help("frugal: svd | random | blocks (rows/columns) | coordinates | modules (whole params)",
-                          "svd", ("svd", "random", "blocks", "coordinates", "modules"))
-    inactive_lr_scale: float = _help("frugal: lr multiplier of the state-free signSGD part", 1.0)
     state_bits: int = _help("32 | 8: block-wise 8-bit Adam moments (adamw, galore, frugal, dct)", 32, (32, 8))
-    proj_dtype: str = _help("galore / frugal (svd, random): storage of the projection P, float32 | bfloat16 | int8",
-                            "float32", ("float32", "bfloat16", "int8"))
     in_backward: bool = _help("step each parameter in backward and free its gradient (grad_accum 1, no clipping)",
                               False)
     full_rank_modules: tuple[str, ...] = _help("galore / dct / frugal: modules (name suffix) kept on plain AdamW",
                                      ("embed_tokens", "lm_head"))
-    seed: int = _help("frugal: seed of the random subspaces (the same on every rank)", 0)
     lora_plus_ratio: float = _help("LoRA+: lora_B (and DoRA's magnitude) train at lr x this ratio (16 is the "
                                    "paper's choice); 0 = off", 0.0)
     cram: bool = _help("compression-aware training (CrAM+): each step also takes the gradient at the top-k "
@@ -157,8 +145,6 @@ class PruneConfig:
                        ("row", "layer"))
     calibration_samples: int = _help("train.seq_len blocks of data.source run through the model, layer by layer",
                                      32)
-    blocksize: int = _help("sparsegpt: columns per lazy-update block", 128)
-    percdamp: float = _help("sparsegpt: dampening of the Hessian, a fraction of its mean diagonal", 0.01)
 
 
 @dataclass(frozen=True)
@@ -172,55 +158,15 @@ class RecoverConfig:
 
 
 @dataclass(frozen=True)
-class CramConfig:
-    rho: float = _help("optim.cram: step size of the perturbation w + rho g", 0.05)
-    sparsities: tuple[float, ...] = _help("optim.cram: top-k sparsity, one drawn per step", (0.5, 0.6, 0.7))
-    pattern: str = _help("optim.cram: unstructured (cram.sparsities) | 2:4 | 4:8", "unstructured", PATTERNS,
-                         ratio=True)
-    plus: bool = _help("CrAM+: add the clean gradient to the compressed one", True)
-    seed: int = _help("optim.cram: seed of the sparsity draws", 0)
-
-
-@dataclass(frozen=True)
-class SparseFTConfig:
-    reselect_every: int = _help("sparse_ft: steps between drop/regrow reselections", 20)
-    drop_fraction: float = _help("sparse_ft: fraction of the active entries changed at the first reselection, "
-                                 "decayed (cosine) to 0 by train.max_steps", 0.25)
-    regrow: str = _help("sparse_ft: ma (SM3 row/column statistics, no dense gradient) | ag (dense gradient "
-                        "accumulated over sparse_ft.accumulate_steps)", "ma", ("ma", "ag"))
-    accumulate_steps: int = _help("sparse_ft: steps before each reselection whose gradients feed regrowth", 5)
-    grown_moments: str = _help("sparse_ft: Adam moments of grown entries: zero | mean (second moment seeded with "
-                               "the kept entries' mean, so their first steps are not amplified)", "zero",
-                               ("zero", "mean"))
-
-
-@dataclass(frozen=True)
-class OffloadConfig:
-    params: str = _help("where the model's weights live between uses: none (RAM) | cpu (pinned host memory, the GPU "
-                        "case; none on a CPU-only machine) | disk (streamed layer by layer from offload.dir)", "none",
-                        ("none", "cpu", "disk"))
-    optimizer: str = _help("where the optimizer state (and fp32 master weights) live: none | cpu | disk", "none",
-                           ("none", "cpu", "disk"))
-    dir: str = _help("a fast local disk for the store, shareable: each run uses its own subdirectory <output dir "
-                     "name>-<hash> (default: offload/ inside output_dir)", "")
-    prefetch: int = _help("units (decoder layers) read ahead of the one computing", 2)
-    io_threads: int = _help("threads doing the store's reads and writes", 4)
-    direct_io: bool = _help("O_DIRECT reads/writes (bypass the page cache) where the file system allows", True)
-    activations: str = _help("backward: keep each layer's activations in RAM (weights loaded again when backward "
-                             "reads them) | recompute each layer from its input | auto (keep when they fit in 1/8 "
-                             "of RAM and the streamed weights are plain)", "auto", ("auto", "keep", "recompute"))
-
-
-@dataclass(frozen=True)
 class EngineConfig:
     name: str = _help("ddp (one process, or DDP under torchrun) | fsdp2 (torch fully_shard per decoder layer) | "
-                      "deepspeed (ZeRO)", "ddp", ("ddp", "fsdp2", "deepspeed"))
-    zero_stage: int = _help("engine.name=deepspeed: ZeRO stage 0..3", 2, (0, 1, 2, 3))
-    offload: str = _help("engine.name=deepspeed: DeepSpeed's own offload of optimizer state (zero_stage>=2) and "
-                         "parameters (zero_stage=3): none | cpu | nvme", "none", ("none", "cpu", "nvme"))
-    nvme_dir: str = _help("engine.offload=nvme: DeepSpeed's swap directory (default: nvme/ inside output_dir)", "")
-    config: str = _help("engine.name=deepspeed: a DeepSpeed JSON of one's own (batch sizes, lr and clipping still "
-                        "come from the recipe); the config used is written to output_dir either way", "")
+                      "deepspeed (ZeRO; deepspeed.*) | offload (slimtune's layer streaming from disk; offload.*)",
+                      "ddp")
+    params: str = _help("where the weights live between uses: auto (the engine's default: disk for offload, else "
+                        "none) | none (RAM / GPU memory) | cpu (pinned host memory) | disk (offload: its store; "
+                        "deepspeed: NVMe, ZeRO-3)", "auto", ("auto", "none", "cpu", "disk"))
+    optimizer: str = _help("where the optimizer state (and fp32 master weights) lives: auto | none | cpu | disk",
+                           "auto", ("auto", "none", "cpu", "disk"))
 
 
 @dataclass(frozen=True)
@@ -250,14 +196,10 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
-    lq_lora: LQLoRAConfig = field(default_factory=LQLoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    offload: OffloadConfig = field(default_factory=OffloadConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    sparse_ft: SparseFTConfig = field(default_factory=SparseFTConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
-    cram: CramConfig = field(default_factory=CramConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

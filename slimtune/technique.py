@@ -23,6 +23,7 @@ from slimtune.errors import ConfigError
 FLAGS = {
     "whole_matrices": "each rank to hold whole parameter matrices",
     "gradients_in_memory": "every gradient in memory before the optimizer step",
+    "trainer_step": "the optimizer step left to the trainer (not run by the engine inside backward)",
     "clippable": "the whole gradient before the step (to clip its norm)",
     "accumulation": "gradients kept across micro-steps",
     "single_process": "one process (no torchrun)",
@@ -30,12 +31,14 @@ FLAGS = {
     "trainable_base": "a base whose weights can be trained",
     "full_precision_linears": "full-precision linear layers in the base",
     "exact_zero": "a base that keeps 0 exactly (the pruned weights stay pruned)",
-    "streamable": "what the offload engine can stream (not yet: see the README's table)",
+    "streamable": "every other technique to work on one streamed layer at a time",
     "quantized_base": "a base quantized with a uniform format",
     "plain_lora": "plain LoRA factors (adapter.type=lora)",
     "lora_factors": "LoRA factors (adapter.type=lora, dora or lq_lora)",
     "slimtune_format": "one of slimtune's own quantized formats (quant.backend=slimtune)",
     "per_tensor_state": "an optimizer state it can hold (slimtune's, not bitsandbytes')",
+    "lq_lora_base": "a base LQ-LoRA decomposes (quant.method=lq_lora)",
+    "undecomposed_base": "a base no other decomposition initialises (quant.method=lq_lora does its own)",
 }
 
 
@@ -69,6 +72,29 @@ class Technique:
         return None
 
 
+def declares(requires=(), withholds=(), validate=None, section: str | None = None, **terms):
+    """Give a function-style technique (an optimizer builder, an adapter init) its declaration as attributes:
+    requires / withholds as flag sets or functions of cfg, a validate(cfg), its section's name, and its memory
+    terms for the planner (`terms`: e.g. an optimizer's state_bytes / step_bytes, optim/memory.py)."""
+    def as_fn(flags):
+        return flags if callable(flags) else (lambda cfg, fixed=frozenset(flags): set(fixed))
+
+    def deco(obj):
+        obj.requires, obj.withholds, obj.section = as_fn(requires), as_fn(withholds), section
+        obj.validate = validate or (lambda cfg: None)
+        for name, fn in terms.items():
+            setattr(obj, name, fn)
+        return obj
+
+    return deco
+
+
+def options_of(cfg, technique):
+    """The technique's own config section (`technique.section` names it), or None when it has none."""
+    name = getattr(technique, "section", None)
+    return getattr(cfg, name) if name else None
+
+
 def _flags(technique, which: str, cfg) -> set[str]:
     fn = getattr(technique, which, None)
     flags = set(fn(cfg)) if fn is not None else set()
@@ -89,3 +115,46 @@ def check_flags(cfg, active: list[Active]) -> None:
                 if b is not a and flag in flags:
                     raise ConfigError(f"{a.label} needs {FLAGS[flag]}, which {b.label} does not give: change one "
                                       f"of {a.key} and {b.key}")
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def active_techniques(cfg, bases: tuple = (), world: int = 1) -> list[Active]:
+    """The techniques `cfg` switches on: one per selecting key (adapter.type, quant.method, quant.backend,
+    adapter.init, optim.name, train.precision, engine.name), every active option (registry.OPTIONS), the hooks, and the
+    kinds of model.name (`bases`, from registry.BASES, known once its files are looked at) and torchrun."""
+    from slimtune.registry import (ADAPTER_INITS, ADAPTERS, BACKENDS, BASES, ENGINES, HOOKS, OPTIMIZERS, OPTIONS,
+                                   PRECISIONS, QUANT_FORMATS)
+
+    out = []
+    for key, registry in (("adapter.type", ADAPTERS), ("quant.method", QUANT_FORMATS), ("quant.backend", BACKENDS),
+                          ("adapter.init", ADAPTER_INITS), ("optim.name", OPTIMIZERS),
+                          ("train.precision", PRECISIONS), ("engine.name", ENGINES)):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        technique = registry.technique(value)
+        if technique is not None:
+            out.append(Active(key, value, technique))
+    for key, option in OPTIONS.items():
+        if option.active(cfg, world):
+            shown = getattr(option, "shown", None)
+            out.append(Active(key, shown(cfg, world) if shown else _get(cfg, key), option))
+    for name in cfg.hooks:
+        out.append(Active("hooks", name, HOOKS.get(name)))
+    for kind in bases:
+        out.append(Active("model.name", f"{cfg.model.name} ({kind})", BASES[kind]))
+    return out
+
+
+def check_run_flags(cfg, bases: tuple = (), world: int = 1) -> None:
+    """Every active technique's own rules, then the flags between them."""
+    active = active_techniques(cfg, bases, world)
+    for a in active:
+        validate = getattr(a.technique, "validate", None)
+        if validate is not None:
+            validate(cfg)
+    check_flags(cfg, active)

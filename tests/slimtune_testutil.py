@@ -23,10 +23,13 @@ def free_port() -> int:
 
 
 def use_kernels(monkeypatch, backend: str) -> None:
-    """Select the kernel backend for one test (what train.kernels / SLIMTUNE_KERNELS set at start-up)."""
+    """Select the kernel backend for one test (what train.kernels / SLIMTUNE_KERNELS set at start-up): a fresh
+    context variable defaulting to it, put back after the test."""
+    import contextvars
+
     from slimtune.kernels import dispatch
 
-    monkeypatch.setattr(dispatch, "_backend", backend)
+    monkeypatch.setattr(dispatch, "BACKEND", contextvars.ContextVar("slimtune_kernels", default=backend))
 
 
 def killer_script(recipe: str, after_backward_step: int) -> str:

@@ -12,7 +12,7 @@ from slimtune.cli import main
 from slimtune.data import (IGNORE, BatchOrder, build_blocks, documents, load_records, micro_batch, pack_documents,
                            pad_documents)
 from slimtune.errors import SlimtuneError
-from slimtune.loss import CausalLMLoss
+from slimtune.lm_loss import CausalLMLoss
 from slimtune.formats.hf import load_model, load_tokenizer
 from slimtune_testutil import TINY
 

@@ -17,7 +17,7 @@ def slimtune(*args):
 
 @pytest.mark.parametrize("args, needle", [
     (["run", "lora", "train.max_stepz=3"], "did you mean 'train.max_steps'"),
-    (["run", "lora", "adapter.rank=two"], "adapter.rank: expected int"),
+    (["run", "lora", "lora.rank=two"], "lora.rank: expected int"),
     (["run", "lroa"], "unknown recipe 'lroa'; did you mean 'lora'"),
     (["run", "missing.yaml"], "recipe file 'missing.yaml' not found"),
     (["run", "lora", "model.name=/no/such/model"], "model.name='/no/such/model': no config.json"),
@@ -25,7 +25,7 @@ def slimtune(*args):
      "train.seq_len=4096 exceeds the model's context of 1024"),
     (["run", "lora", "model.name=tiny-llama", "train.seq_len=32", "data.source=/no/file.txt"],
      "data.source='/no/file.txt': file not found"),
-    (["run", "lora", "model.name=tiny-llama", "train.seq_len=32", "adapter.rank=999"], "adapter.rank=999"),
+    (["run", "lora", "model.name=tiny-llama", "train.seq_len=32", "lora.rank=999"], "lora.rank=999"),
     (["export", "/no/run"], "not a finished slimtune run"),
     (["export", "/no/run", "--format", "zip"], "export --format 'zip': use one of hf, dfloat11"),
     (["export", "/no/model", "--format", "dfloat11"], "/no/model"),
@@ -43,7 +43,7 @@ def test_bad_input_is_one_line_exit_2(args, needle, tmp_path):
 def test_recipes_and_config_show():
     r = slimtune("recipes")
     assert r.returncode == 0 and {"lora", "qlora", "full"} <= set(r.stdout.split())
-    r = slimtune("config", "show", "qlora", "adapter.rank=8")
+    r = slimtune("config", "show", "qlora", "lora.rank=8")
     assert r.returncode == 0 and "rank: 8" in r.stdout and "method: nf4" in r.stdout
 
 

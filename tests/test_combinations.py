@@ -40,8 +40,8 @@ FACTORS = {
     "train.grad_accum": (1, 2),
     "train.precision": None,
     "train.activation_checkpointing": None,
-    "offload.params": None,
-    "offload.optimizer": None,
+    "engine.params": None,
+    "engine.optimizer": None,
     "base": ("dense", "pruned"),  # model.name: tiny-llama, or tiny-llama pruned to 50% (a recovery run)
     "data.packing": None,
     "adapter.init": None,

@@ -1,4 +1,4 @@
-"""slimtune.loss.lm_loss_sum vs the naive full-logits path: same loss, same gradients, with and without a
+"""slimtune.lm_loss.lm_loss_sum vs the naive full-logits path: same loss, same gradients, with and without a
 model family's logit transform, on each of its paths."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimtune.kernels import linear_cross_entropy as lce
-from slimtune.loss import IGNORE, LogitTransform, lm_loss_sum
+from slimtune.lm_loss import IGNORE, LogitTransform, lm_loss_sum
 from slimtune_testutil import use_kernels
 
 
@@ -91,7 +91,7 @@ def test_bf16_autocast_close_to_fp32():
 
 
 # Logit transforms (Gemma-2's soft cap, Cohere's / Granite's scale, and both), written out here rather than
-# taken from slimtune.loss.LogitTransform: T(z) = softcap * tanh(scale * z / softcap), or scale * z.
+# taken from slimtune.lm_loss.LogitTransform: T(z) = softcap * tanh(scale * z / softcap), or scale * z.
 TRANSFORMS = [(0.25, None), (4.0, None), (1.0, 2.0), (0.5, 3.0)]
 # raw logits |z| up to ~15: far past the caps, and scaling changes the loss by far more than the tolerance
 HEAD_GAIN = 6.0
@@ -120,7 +120,7 @@ def _transform_problem(head):
 @pytest.fixture
 def paths(monkeypatch):
     """Counts which lm_loss_sum path ran: ChunkedLinearCE (plain head with grad) or checkpointed chunks."""
-    import slimtune.loss as loss_mod
+    import slimtune.lm_loss as loss_mod
 
     seen = {"chunked_ce": 0, "checkpoint": 0}
     apply, ckpt = lce.ChunkedLinearCE.apply, loss_mod.checkpoint

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from slimtune.errors import SlimtuneError
-from slimtune.loss import LOGIT_ATTRIBUTES, CausalLMLoss, LogitTransform, check_head, count_targets, logit_transform
+from slimtune.lm_loss import LOGIT_ATTRIBUTES, CausalLMLoss, LogitTransform, check_head, count_targets, logit_transform
 
 VOCAB = 512  # the tiny-llama tokenizer's
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -26,6 +26,16 @@ from slimtune.registry import ADAPTERS
 
 @ADAPTERS.register("dora")
 class DoRALinear(LoRALinear):
+    plan_dropout = False  # its dropout branch reruns the base's forward (plan/activations.py counts none)
+
+    @classmethod
+    def requires(cls, cfg) -> set[str]:
+        return {"whole_base_weight"}
+
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        return {"plain_lora", "streamable"}
+
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__(base, rank, alpha, dropout, use_rslora)
         self.lora_magnitude_vector = nn.Parameter(torch.ones(self.out_features, dtype=torch.float32))

@@ -17,6 +17,8 @@ import torch.nn as nn
 from slimtune.adapters.loftq import base_module, targets
 from slimtune.adapters.lora import LoRALinear
 from slimtune.adapters.lq_lora import install
+from slimtune.adapters.lq_lora import validate_lq_lora
+from slimtune.technique import declares
 from slimtune.registry import ADAPTER_INITS
 
 
@@ -36,6 +38,8 @@ def eora_lowrank(E: torch.Tensor, cov: torch.Tensor, rank: int, damp: float = 1e
 
 
 @ADAPTER_INITS.register("eora")
+@declares(requires={"quantized_base", "plain_lora", "slimtune_format", "undecomposed_base"},
+          withholds={"exact_zero", "streamable"}, validate=lambda cfg: validate_lq_lora(cfg.lq_lora))
 def apply_eora(model: nn.Module, cfg, calibration, compute_dtype: torch.dtype = torch.float32,
                log: Callable[[str], None] = print) -> dict:
     """Quantize every targeted nn.Linear of `model` in place at cfg.quant.method and wrap it with LoRA
@@ -52,8 +56,8 @@ def apply_eora(model: nn.Module, cfg, calibration, compute_dtype: torch.dtype = 
         packed = base.quantize_weight(W)
         base.set_weight(packed)
         E = W - packed.dequantize(torch.float32)
-        L1, L2 = eora_lowrank(E, covs.pop(name), cfg.adapter.rank)
-        install(model, name, base, L1, L2, cfg.adapter, LoRALinear)
+        L1, L2 = eora_lowrank(E, covs.pop(name), cfg.lora.rank)
+        install(model, name, base, L1, L2, cfg.lora, LoRALinear)
         modules[name] = {"error": float((E - L1 @ L2).double().square().sum()),
                          "error_quant_only": float(E.double().square().sum())}
     log(f"eora: initialised {len(names)} LoRA adapters on {cfg.quant.method} in {time.perf_counter() - t0:.1f}s")

@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.quant import is_quantized_linear
-from slimtune.registry import ADAPTERS
+from slimtune.registry import ADAPTERS, SECTIONS
+from slimtune.technique import declares
 
 # (predicate, what it is): most specific first, first match wins. Quantized linears come before
 # nn.Linear because bnb's Linear4bit/Linear8bitLt subclass nn.Linear.
@@ -63,7 +64,7 @@ def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
     for n in names:
         m = model.get_submodule(n)
         if rank > min(m.in_features, m.out_features):
-            raise ConfigError(f"adapter.rank={rank} exceeds min(in, out)={min(m.in_features, m.out_features)} "
+            raise ConfigError(f"lora.rank={rank} exceeds min(in, out)={min(m.in_features, m.out_features)} "
                               f"of {n}; use a smaller rank")
 
 
@@ -73,23 +74,35 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return new
 
 
-def apply_adapters(model: nn.Module, cfg) -> list[str]:
+def apply_adapters(model: nn.Module, cfg, options=None) -> list[str]:
     """Freeze `model` and wrap the modules `cfg.target_modules` names with adapter `cfg.type`; for
     type "none" unfreeze everything instead (fp32 master weights). Returns the qualified names wrapped.
-    cfg: AdapterConfig."""
+    cfg: AdapterConfig (type, target_modules, init); options: the adapter's own section (lora.*,
+    sparse_ft.*; None: its defaults)."""
     if cfg.type == "none":
         for p in model.parameters():
             p.data = p.data.float()
             p.requires_grad_(True)
         return []
     adapter_cls = ADAPTERS.get(cfg.type)
+    if options is None and adapter_cls.section is not None:
+        options = SECTIONS[adapter_cls.section]()
     for p in model.parameters():
         p.requires_grad_(False)
     names = target_names(model, cfg.target_modules)
-    cfg = adapter_cls.configure(model, names, cfg)
+    options = adapter_cls.configure(model, names, options)
     for name in names:
-        replace_module(model, name, adapter_cls.from_config(model.get_submodule(name), cfg, name=name))
+        module = adapter_cls.from_config(model.get_submodule(name), options, name=name, init=cfg.init)
+        replace_module(model, name, module)
     return names
+
+
+@declares(requires={"trainable_base"}, withholds={"lora_factors", "plain_lora"})
+class FullFineTuning:
+    """adapter.type=none: every weight trains (fp32 masters)."""
+
+
+ADAPTERS.declare("none", FullFineTuning)
 
 
 def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -16,6 +16,8 @@ import torch.nn as nn
 from slimtune.adapters.inject import check_rank, target_names
 from slimtune.adapters.lora import LoRALinear
 from slimtune.adapters.lq_lora import decompose, install
+from slimtune.adapters.lq_lora import validate_lq_lora
+from slimtune.technique import declares
 from slimtune.registry import ADAPTER_INITS, QUANT_FORMATS
 
 
@@ -32,11 +34,13 @@ def base_module(quant_cfg, linear: nn.Module, compute_dtype: torch.dtype) -> nn.
 def targets(model: nn.Module, cfg) -> list[str]:
     """The plain nn.Linear layers cfg.adapter.target_modules selects, rank-checked."""
     names = target_names(model, cfg.adapter.target_modules, plain_only=True)
-    check_rank(model, names, cfg.adapter.rank)
+    check_rank(model, names, cfg.lora.rank)
     return names
 
 
 @ADAPTER_INITS.register("loftq")
+@declares(requires={"quantized_base", "plain_lora", "slimtune_format", "undecomposed_base"},
+          withholds={"exact_zero", "streamable"}, validate=lambda cfg: validate_lq_lora(cfg.lq_lora))
 def apply_loftq(model: nn.Module, cfg, calibration=None, compute_dtype: torch.dtype = torch.float32,
                 log: Callable[[str], None] = print) -> dict:
     """Quantize every targeted nn.Linear of `model` in place at cfg.quant.method and wrap it with LoRA
@@ -48,10 +52,10 @@ def apply_loftq(model: nn.Module, cfg, calibration=None, compute_dtype: torch.dt
     for name in names:
         old = model.get_submodule(name)
         base = base_module(cfg.quant, old, compute_dtype)
-        d = decompose(old.weight, base.quantize_weight, cfg.adapter.rank, cfg.lq_lora.max_iters, start="quantize",
+        d = decompose(old.weight, base.quantize_weight, cfg.lora.rank, cfg.lq_lora.max_iters, start="quantize",
                       guard=False)
         base.set_weight(d.packed)
-        install(model, name, base, d.L1, d.L2, cfg.adapter, LoRALinear)
+        install(model, name, base, d.L1, d.L2, cfg.lora, LoRALinear)
         modules[name] = {"error": d.error, "error_quant_only": d.history[0] if d.history else None,
                          "iterations": len(d.history)}
     log(f"loftq: initialised {len(names)} LoRA adapters on {cfg.quant.method} in {time.perf_counter() - t0:.1f}s")

@@ -14,24 +14,54 @@ such mode; the mask comes back from the base's zeros whenever the adapter is loa
 from __future__ import annotations
 
 import math
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from slimtune.adapters.base import AdapterDefaults
+from slimtune.adapters.base import AdapterDefaults, AdapterTerms
 from slimtune.errors import ConfigError
 from slimtune.quant import is_quantized_linear
-from slimtune.registry import ADAPTERS
+from slimtune.registry import ADAPTER_INITS, ADAPTERS, OPTIONS
+from slimtune.technique import Technique
+from slimtune.schema import config_section, option
 
 
-# adapter.init methods that run on each module as it is wrapped, on a full-precision base (PiSSA:
-# adapters/pissa.py fills this): name -> init(module, cfg, name), which may raise ConfigError
-WRAP_INITS: dict = {}
+@config_section("lora", fixed=True)
+@dataclass(frozen=True)
+class LoRAConfig:
+    """The LoRA family's options (adapter.type=lora | dora | lq_lora, and the LoftQ / EoRA / PiSSA inits)."""
+
+    rank: int = option("LoRA rank r", 16)
+    alpha: float = option("LoRA scaling numerator: delta = alpha/r * B A", 32.0)
+    use_rslora: bool = option("rsLoRA: scale by alpha/sqrt(r) instead of alpha/r", False)
+    dropout: float = option("dropout on the LoRA input", 0.0)
+
+
 
 
 @ADAPTERS.register("lora")
 class LoRALinear(AdapterDefaults, nn.Module):
     format = "peft"  # saved in PEFT's format (formats/peft.py)
+    section = "lora"
+    plan_dropout = True
+
+    @classmethod
+    def memory_terms(cls, options: LoRAConfig, out_features: int, in_features: int, share: float,
+                     max_steps: int) -> AdapterTerms:
+        return dataclasses.replace(super().memory_terms(options, out_features, in_features, share, max_steps),
+                                   width=options.rank)
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        o = cfg.lora
+        if o.rank <= 0:
+            raise ConfigError(f"lora.rank={o.rank} must be > 0")
+        if o.alpha <= 0:
+            raise ConfigError(f"lora.alpha={o.alpha} must be > 0")
+        if not 0 <= o.dropout < 1:
+            raise ConfigError(f"lora.dropout={o.dropout} must be in [0, 1)")
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
@@ -64,22 +94,24 @@ class LoRALinear(AdapterDefaults, nn.Module):
         self.weight_mask = mask.to(device=self.lora_A.weight.device, dtype=torch.bool)
 
     @classmethod
-    def from_config(cls, base: nn.Module, cfg, name: str | None = None) -> "LoRALinear":
-        """cfg: AdapterConfig (rank, alpha, dropout, use_rslora; init if it is one of WRAP_INITS)."""
-        m = cls(base, cfg.rank, cfg.alpha, cfg.dropout, use_rslora=cfg.use_rslora)
-        init = WRAP_INITS.get(cfg.init)
-        if init is not None:
-            init(m, cfg, name)
+    def from_config(cls, base: nn.Module, options: LoRAConfig, name: str | None = None,
+                    init: str = "default") -> "LoRALinear":
+        """options: the lora section (rank, alpha, dropout, use_rslora); init: adapter.init, whose `wrap` (if it
+        has one: PiSSA) runs on each module as it is wrapped."""
+        m = cls(base, options.rank, options.alpha, options.dropout, use_rslora=options.use_rslora)
+        wrap = getattr(ADAPTER_INITS.technique(init), "wrap", None)  # PiSSA on a plain base: as each is wrapped
+        if wrap is not None:
+            wrap(m, options, name)
         return m
 
     @classmethod
-    def configure(cls, model: nn.Module, names: list[str], cfg):
+    def configure(cls, model: nn.Module, names: list[str], options: LoRAConfig) -> LoRAConfig:
         for n in names:
             m = model.get_submodule(n)
-            if cfg.rank > min(m.in_features, m.out_features):
-                raise ConfigError(f"adapter.rank={cfg.rank} exceeds min(in, out)={min(m.in_features, m.out_features)} "
-                                  f"of {n}; use a smaller rank")
-        return cfg
+            if options.rank > min(m.in_features, m.out_features):
+                raise ConfigError(f"lora.rank={options.rank} exceeds min(in, out)="
+                                  f"{min(m.in_features, m.out_features)} of {n}; use a smaller rank")
+        return options
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features), in the base output's dtype."""
@@ -155,3 +187,16 @@ class LoRALinear(AdapterDefaults, nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, rslora={self.use_rslora}, merged={self.merged}"
+
+
+@OPTIONS.register("lora.use_rslora")
+class RsLoRA(Technique):
+    """lora.use_rslora=true: scales LoRA factors, so it needs some."""
+
+    @staticmethod
+    def active(cfg, world: int) -> bool:
+        return cfg.lora.use_rslora
+
+    @classmethod
+    def requires(cls, cfg) -> set[str]:
+        return {"lora_factors"}

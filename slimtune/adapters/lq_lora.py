@@ -26,13 +26,74 @@ from slimtune.adapters.inject import check_rank, replace_module, target_names
 from slimtune.adapters.lora import LoRALinear
 from slimtune.quant import PackedLinear, QuantFormat, bits_per_param, quantize_packed
 from slimtune.quant.bit_allocation import allocate_bits
-from slimtune.registry import ADAPTERS
+from slimtune.errors import ConfigError
+from slimtune.registry import ADAPTERS, QUANT_FORMATS
+from slimtune.technique import Technique
+from slimtune.schema import config_section, option
+
+
+@config_section("lq_lora", fixed=True)
+@dataclass(frozen=True)
+class LQLoRAConfig:
+    """quant.method=lq_lora's options (and the calibration LoftQ / EoRA use)."""
+
+    budget_bits: float = option("average bits/param of the quantized base (codes + scales)", 3.0)
+    fisher: bool = option("weight the decomposition and the allocation by the diagonal Fisher", True)
+    calibration_samples: int = option("train blocks for the Fisher / EoRA activation statistics", 16)
+    max_iters: int = option("alternations of quantize / low-rank (LQ-LoRA, LoftQ) for the final decomposition", 10)
+    score_iters: int = option("alternations when scoring every candidate format for the bit allocation", 2)
+    bits: tuple[int, ...] = option("NormalFloat bit widths the allocation may choose", (2, 3, 4))
+    block_sizes: tuple[int, ...] = option("block sizes the allocation may choose", (64, 128, 256))
 
 
 @ADAPTERS.register("lq_lora")
 class LQLoRALinear(LoRALinear):
     """LoRA whose factors start (init_factors) at the low-rank part of W ~ Q + L1 L2; the base holds Q.
     Its own type so checkpoints and reports tell LQ-LoRA from LoRA on a uniformly quantized base."""
+
+    @classmethod
+    def requires(cls, cfg) -> set[str]:
+        return {"lq_lora_base"}
+
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        return {"plain_lora"}
+
+
+class LQLoRABase(Technique):
+    """quant.method=lq_lora: the base decomposed into quantized (mixed NF-k, bit allocation) + LoRA factors."""
+
+    section = "lq_lora"
+
+    @classmethod
+    def requires(cls, cfg) -> set[str]:
+        return {"slimtune_format", "lora_factors"}
+
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        return {"trainable_base", "full_precision_linears", "streamable", "exact_zero", "quantized_base",
+                "undecomposed_base"}
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        validate_lq_lora(cfg.lq_lora)
+
+
+def validate_lq_lora(lq) -> None:
+    """The lq_lora section's values (LQ-LoRA's, and LoftQ's / EoRA's calibration)."""
+    for key in ("calibration_samples", "max_iters", "score_iters"):
+        if getattr(lq, key) <= 0:
+            raise ConfigError(f"lq_lora.{key}={getattr(lq, key)} must be > 0")
+    if not lq.bits or not all(isinstance(b, int) and 2 <= b <= 8 for b in lq.bits):
+        raise ConfigError(f"lq_lora.bits={list(lq.bits)}: give bit widths in 2..8, e.g. [2, 3, 4]")
+    if not lq.block_sizes or not all(isinstance(b, int) and b > 0 for b in lq.block_sizes):
+        raise ConfigError(f"lq_lora.block_sizes={list(lq.block_sizes)}: give positive block sizes, e.g. [64, 128]")
+    if not min(lq.bits) <= lq.budget_bits <= max(lq.bits) + 1:
+        raise ConfigError(f"lq_lora.budget_bits={lq.budget_bits} is outside the candidate range "
+                          f"{min(lq.bits)}..{max(lq.bits) + 1} bits/param (lq_lora.bits={list(lq.bits)})")
+
+
+QUANT_FORMATS.declare("lq_lora", LQLoRABase)
 
 
 @dataclass
@@ -142,7 +203,7 @@ def decompose(W: torch.Tensor, quantize_fn: Callable, rank: int, max_iters: int 
 
 def install(model: nn.Module, name: str, base: nn.Module, L1: torch.Tensor, L2: torch.Tensor, cfg,
             cls: type = LQLoRALinear) -> nn.Module:
-    """Replace module `name` by cls(base) (a LoRA wrapper) whose factors hold L1 L2. cfg: AdapterConfig."""
+    """Replace module `name` by cls(base) (a LoRA wrapper) whose factors hold L1 L2. cfg: LoRAConfig."""
     wrapped = cls(base, L1.shape[1], cfg.alpha, cfg.dropout, use_rslora=cfg.use_rslora)
     wrapped.init_factors(L1, L2)
     return replace_module(model, name, wrapped)
@@ -158,7 +219,7 @@ def apply_lq_lora(model: nn.Module, cfg, calibration, compute_dtype: torch.dtype
     allocation) and wrap it with LQLoRALinear. cfg: RecipeConfig; calibration: an object whose
     `fisher_sums(model, names)` gives each matrix's Fisher row/column sums (calibration.py).
     Returns a summary: allocation (dict), per-matrix formats/errors, achieved bits/param, seconds."""
-    lq, rank = cfg.lq_lora, cfg.adapter.rank
+    lq, rank = cfg.lq_lora, cfg.lora.rank
     t0 = time.perf_counter()
     names = target_names(model, cfg.adapter.target_modules, plain_only=True)
     check_rank(model, names, rank)
@@ -192,7 +253,7 @@ def apply_lq_lora(model: nn.Module, cfg, calibration, compute_dtype: torch.dtype
         d = decompose(old.weight, _packed_quantizer(fmt), rank, lq.max_iters, dr, dc)
         base = PackedLinear.from_packed(d.packed, bias=None if old.bias is None else old.bias.detach(),
                                         compute_dtype=compute_dtype)
-        install(model, name, base, d.L1, d.L2, cfg.adapter)
+        install(model, name, base, d.L1, d.L2, cfg.lora)
         modules[name] = {"format": fmt.name, "shape": list(old.weight.shape), "bits_per_param": bits_per_param(base),
                          "error": d.error * scale, "score_error": errors[i][alloc.choice[i]],
                          "iterations": len(d.history)}

@@ -23,9 +23,10 @@ import torch.nn as nn
 
 from slimtune.adapters.inject import replace_module
 from slimtune.adapters.loftq import base_module, targets
-from slimtune.adapters.lora import WRAP_INITS, LoRALinear
+from slimtune.adapters.lora import LoRALinear
 from slimtune.errors import ConfigError
 from slimtune.registry import ADAPTER_INITS
+from slimtune.technique import declares
 
 
 @torch.no_grad()
@@ -39,7 +40,7 @@ def pissa_factors(W: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Ten
 
 
 @torch.no_grad()
-def pissa_init_(m: LoRALinear, cfg, name: str | None = None) -> None:
+def pissa_init_(m: LoRALinear, options, name: str | None = None) -> None:
     """On a full-precision nn.Linear base: factors from its SVD, base weight replaced by the residual (in its
     own dtype), A0 / B0 kept for the converted save. The saved adapter has rank 2r, hence 2r <= min(in, out)."""
     base, limit = m.base, min(m.in_features, m.out_features)
@@ -47,8 +48,8 @@ def pissa_init_(m: LoRALinear, cfg, name: str | None = None) -> None:
         raise ConfigError(f"adapter.init=pissa: {name} is a {type(base).__name__}; on a quantized base PiSSA needs "
                           "quant.method=nf4, nf3, int4, ... with quant.backend=slimtune")
     if 2 * m.rank > limit:
-        raise ConfigError(f"adapter.rank={m.rank} with adapter.init=pissa: the saved adapter (converted to plain "
-                          f"LoRA) has rank {2 * m.rank} > min(in, out)={limit} of {name}; use adapter.rank<="
+        raise ConfigError(f"lora.rank={m.rank} with adapter.init=pissa: the saved adapter (converted to plain "
+                          f"LoRA) has rank {2 * m.rank} > min(in, out)={limit} of {name}; use lora.rank<="
                           f"{limit // 2}")
     W = base.weight.detach().float()
     A, B = pissa_factors(W, m.rank, m.scaling)
@@ -59,7 +60,6 @@ def pissa_init_(m: LoRALinear, cfg, name: str | None = None) -> None:
     m.register_buffer("pissa_B0", B.clone(), persistent=False)
 
 
-WRAP_INITS["pissa"] = pissa_init_
 
 
 def peft_factors(m: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, int, float]:
@@ -75,7 +75,12 @@ def peft_factors(m: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, int, float]
     return A, B, 2 * m.rank, alpha
 
 
+def _pissa_requires(cfg) -> set[str]:
+    return {"plain_lora", "undecomposed_base"} | ({"slimtune_format"} if cfg.quant.method != "none" else set())
+
+
 @ADAPTER_INITS.register("pissa")
+@declares(requires=_pissa_requires, withholds={"exact_zero", "streamable"})
 @torch.no_grad()
 def apply_pissa(model: nn.Module, cfg, calibration=None, compute_dtype: torch.dtype = torch.float32,
                 log: Callable[[str], None] = print) -> dict:
@@ -83,7 +88,7 @@ def apply_pissa(model: nn.Module, cfg, calibration=None, compute_dtype: torch.dt
     quant(W - s B A), and wrap it with LoRA holding PiSSA's A, B; needs no calibration data. Returns per-matrix
     errors ||W - deq(Q) - s B A||^2 and seconds."""
     t0 = time.perf_counter()
-    a, modules = cfg.adapter, {}
+    a, modules = cfg.lora, {}
     names = targets(model, cfg)
     for name in names:
         old = model.get_submodule(name)
@@ -100,3 +105,6 @@ def apply_pissa(model: nn.Module, cfg, calibration=None, compute_dtype: torch.dt
         modules[name] = {"error": float((residual - packed.dequantize(torch.float32)).double().square().sum())}
     log(f"pissa: initialised {len(names)} LoRA adapters on {cfg.quant.method} in {time.perf_counter() - t0:.1f}s")
     return {"modules": modules, "seconds": time.perf_counter() - t0}
+
+
+apply_pissa.wrap = pissa_init_  # on a plain base: as each module is wrapped (LoRALinear.from_config)

@@ -19,103 +19,42 @@ Per step the integrator: `in_accumulation_window` -> `start()` the statistics; a
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import math
 import zlib
 
 import torch
 import torch.nn as nn
 
-from slimtune.adapters.base import AdapterDefaults
+from slimtune.adapters.base import AdapterDefaults, AdapterTerms
 from slimtune.errors import ConfigError
 from slimtune.quant import is_quantized_linear
 from slimtune.registry import ADAPTERS
+from slimtune.schema import config_section, option
 
+from slimtune.adapters.sparse_delta import pick_path, sparse_delta_linear  # noqa: F401  (the op, re-exported)
 from slimtune.adapters.sparse_ft_regrow import (  # noqa: F401  (the regrowth half, re-exported)
     CHUNK_ELEMENTS, GradAccumulator, RegrowSchedule, ScoreBlocks, SM3Stats, _top_candidates, all_reduce_stats,
     drop_fraction_at, grad_square_sums, in_accumulation_window, remap_adam_state)
 
 
-def pick_path(tokens: int, k: int, out_features: int, in_features: int) -> str:
-    """"gather" while its (tokens x k) work is under one dense (out, in) matrix, else "dense"."""
-    return "dense" if tokens * k > out_features * in_features else "gather"
+@config_section("sparse_ft", fixed=True)
+@dataclass(frozen=True)
+class SparseFTConfig:
+    """adapter.type=sparse_ft's options (SpIEL)."""
 
-
-def _dense_s(rows, cols, values, out_features: int, in_features: int) -> torch.Tensor:
-    s = torch.zeros(out_features, in_features, dtype=values.dtype, device=values.device)
-    return s.index_put_((rows, cols), values)
-
-
-class _SparseDelta(torch.autograd.Function):
-    """y = x S^T with S[rows, cols] = values; x (T, in), values (k,) any float dtype, computed in x's dtype.
-    The dense path builds S in forward and again in backward (never kept alive in between, like
-    quant.linear.LinearDequant). `observers` get (x, dy, dense_grad or None) in backward."""
-
-    @staticmethod
-    def forward(ctx, x, rows, cols, values, out_features, path, observers):
-        ctx.save_for_backward(x, rows, cols, values)
-        ctx.path, ctx.out_features, ctx.observers = path, out_features, observers
-        v = values.to(x.dtype)
-        if path == "dense":
-            return x @ _dense_s(rows, cols, v, out_features, x.shape[1]).T
-        y = x.new_zeros(x.shape[0], out_features)
-        step = max(1, CHUNK_ELEMENTS // max(1, rows.numel()))
-        for t0 in range(0, x.shape[0], step):
-            y[t0:t0 + step].index_add_(1, rows, x[t0:t0 + step, cols] * v)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, rows, cols, values = ctx.saved_tensors
-        dy = dy.contiguous()
-        v = values.to(x.dtype)
-        need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        dx = dv = dense_grad = None
-        if ctx.path == "dense":
-            if need_x:
-                dx = dy @ _dense_s(rows, cols, v, ctx.out_features, x.shape[1])
-            if need_v or ctx.observers:
-                dense_grad = dy.T @ x  # (out, in): the dense gradient of W, which the observers reuse
-                dv = dense_grad[rows, cols].to(values.dtype) if need_v else None
-        else:
-            acc_dtype = torch.promote_types(x.dtype, torch.float32)  # sum bf16 products in fp32
-            dx = torch.zeros_like(x) if need_x else None
-            dv = torch.zeros(values.shape, dtype=acc_dtype, device=x.device) if need_v else None
-            step = max(1, CHUNK_ELEMENTS // max(1, rows.numel()))
-            for t0 in range(0, x.shape[0], step):
-                dy_at = dy[t0:t0 + step, rows]  # (Tc, k)
-                if need_v:
-                    dv += (x[t0:t0 + step, cols] * dy_at).sum(0, dtype=acc_dtype)
-                if need_x:
-                    dx[t0:t0 + step].index_add_(1, cols, dy_at * v)
-            dv = dv.to(values.dtype) if need_v else None
-        for obs in ctx.observers:
-            obs.observe(x, dy, dense_grad)
-        return dx, None, None, dv, None, None, None
-
-
-def sparse_delta_linear(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
-                        out_features: int, path: str = "auto", observers: tuple = ()) -> torch.Tensor:
-    """y = x S^T, S the (out, in) matrix with S[rows[i], cols[i]] = values[i] (rows, cols (k,) int64, pairs
-    unique), without building S on the gather path. x: (..., in) -> (..., out) in the compute dtype: the
-    autocast dtype under autocast, else the promotion of x's and values' dtypes (fp32 for bf16 x and fp32
-    values, as LoRALinear). values' gradient comes back in values' dtype (fp32 master values).
-    path: "auto" (`pick_path`), "gather" or "dense"; both give the same results. observers: objects with
-    observe(x (T, in), dy (T, out), dense_grad (out, in) | None), called in backward (GradAccumulator, SM3Stats)."""
-    if path not in ("auto", "gather", "dense"):
-        raise ValueError(f"path must be auto, gather or dense, got {path!r}")
-    if rows.shape != cols.shape or rows.shape != values.shape or values.dim() != 1:
-        raise ValueError(f"rows {tuple(rows.shape)}, cols {tuple(cols.shape)} and values {tuple(values.shape)} "
-                         "must be the same 1-D shape")
-    dev = x.device.type
-    dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
-             else torch.promote_types(x.dtype, values.dtype))
-    lead, in_features = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, in_features).to(dtype)
-    if path == "auto":
-        path = pick_path(x2.shape[0], values.numel(), out_features, in_features)
-    with torch.autocast(dev, enabled=False):  # everything is in `dtype` already
-        y = _SparseDelta.apply(x2, rows, cols, values, out_features, path, tuple(observers))
-    return y.reshape(*lead, out_features)
+    density: float = option("fraction of each target matrix's entries that train", 0.01)
+    num_params: int = option("total trainable entries over all targets instead of density (0: use density)", 0)
+    seed: int = option("seed of the initial random entries (mixed with each module's name)", 0)
+    reselect_every: int = option("sparse_ft: steps between drop/regrow reselections", 20)
+    drop_fraction: float = option("sparse_ft: fraction of the active entries changed at the first reselection, "
+                                 "decayed (cosine) to 0 by train.max_steps", 0.25)
+    regrow: str = option("sparse_ft: ma (SM3 row/column statistics, no dense gradient) | ag (dense gradient "
+                        "accumulated over sparse_ft.accumulate_steps)", "ma", ("ma", "ag"))
+    accumulate_steps: int = option("sparse_ft: steps before each reselection whose gradients feed regrowth", 5)
+    grown_moments: str = option("sparse_ft: Adam moments of grown entries: zero | mean (second moment seeded with "
+                               "the kept entries' mean, so their first steps are not amplified)", "zero",
+                               ("zero", "mean"))
 
 
 def module_seed(seed: int, name: str) -> int:
@@ -175,29 +114,68 @@ class SparseFTLinear(AdapterDefaults, nn.Module):
         self.register_buffer("weight_mask", None, persistent=False)  # flat bool, set_weight_mask on a pruned base
 
     @classmethod
-    def from_config(cls, base: nn.Module, cfg, name: str | None = None) -> "SparseFTLinear":
-        """cfg: AdapterConfig (density, default 0.01, and seed, default 0, until the keys exist). name: the
-        module's qualified name, mixed into the seed (`module_seed`) so that each module draws its own set."""
-        seed = getattr(cfg, "seed", 0)
-        return cls(base, density=getattr(cfg, "density", 0.01), seed=seed if name is None else module_seed(seed, name))
+    def from_config(cls, base: nn.Module, options: SparseFTConfig, name: str | None = None,
+                    init: str = "default") -> "SparseFTLinear":
+        """options: the sparse_ft section (density, seed). name: the module's qualified name, mixed into the
+        seed (`module_seed`) so that each module draws its own set."""
+        seed = options.seed
+        return cls(base, density=options.density, seed=seed if name is None else module_seed(seed, name))
 
     format = "sparse_ft"  # formats/sparse_ft.py: indices + deltas in safetensors, a JSON manifest
+    section = "sparse_ft"
+    plan_kind = "sparse"
 
     @classmethod
-    def configure(cls, model: nn.Module, names: list[str], cfg):
-        """adapter.num_params (a total over the targets) becomes the density every target gets."""
-        if not cfg.num_params:
-            return cfg
+    def memory_terms(cls, options: SparseFTConfig, out_features: int, in_features: int, share: float,
+                     max_steps: int) -> AdapterTerms:
+        """k deltas (round(density * numel), or num_params spread by size) and their int64 indices; regrowth:
+        SM3 row + column sums (ma), or a dense fp32 gradient sum during each accumulation window (ag)."""
+        numel = out_features * in_features
+        k = max(1, round(options.num_params * share if options.num_params else options.density * numel))
+        regrow = options.regrow == "ma"
+        window = max_steps > options.reselect_every - options.accumulate_steps  # a reselection is reached
+        return AdapterTerms([("deltas", (k,))], 8 * k, 4 * (in_features + out_features) if regrow else 0,
+                            4 * numel if not regrow and window else 0)
+
+    @classmethod
+    def requires(cls, cfg) -> set[str]:
+        return {"whole_matrices"}  # its indices address whole matrices
+
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        return {"lora_factors", "plain_lora", "streamable"}
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        s = cfg.sparse_ft
+        if not 0 < s.density <= 1:
+            raise ConfigError(f"sparse_ft.density={s.density} must be in (0, 1]")
+        if s.num_params < 0:
+            raise ConfigError(f"sparse_ft.num_params={s.num_params} must be >= 0 (0: use sparse_ft.density)")
+        if s.reselect_every < 1 or not 0 <= s.accumulate_steps <= s.reselect_every:
+            raise ConfigError(f"sparse_ft.reselect_every={s.reselect_every} must be >= 1 and "
+                              f"sparse_ft.accumulate_steps={s.accumulate_steps} in [0, reselect_every]")
+        if not 0 <= s.drop_fraction <= 1:
+            raise ConfigError(f"sparse_ft.drop_fraction={s.drop_fraction} must be in [0, 1]")
+        if s.drop_fraction > 0 and s.accumulate_steps == 0:
+            raise ConfigError("sparse_ft.accumulate_steps=0 leaves regrowth without statistics; set it >= 1 (or "
+                              "sparse_ft.drop_fraction=0 for a fixed random set)")
+
+    @classmethod
+    def configure(cls, model: nn.Module, names: list[str], options: SparseFTConfig) -> SparseFTConfig:
+        """sparse_ft.num_params (a total over the targets) becomes the density every target gets."""
+        if not options.num_params:
+            return options
         total = sum(model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in names)
-        if cfg.num_params > total:
-            raise ConfigError(f"adapter.num_params={cfg.num_params} exceeds the {total} weights of the targeted "
-                              "matrices; lower it or target more modules")
-        return dataclasses.replace(cfg, density=cfg.num_params / total)
+        if options.num_params > total:
+            raise ConfigError(f"sparse_ft.num_params={options.num_params} exceeds the {total} weights of the "
+                              "targeted matrices; lower it or target more modules")
+        return dataclasses.replace(options, density=options.num_params / total)
 
     @classmethod
-    def training_hooks(cls, model: nn.Module, cfg) -> list:
+    def training_hooks(cls, model: nn.Module, options: SparseFTConfig, max_steps: int) -> list:
         modules = [m for m in model.modules() if isinstance(m, cls)]
-        return [RegrowSchedule(cfg.sparse_ft, cfg.train.max_steps, modules)]
+        return [RegrowSchedule(options, max_steps, modules)]
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         return {"indices": self.indices, **self.regrow_state()}

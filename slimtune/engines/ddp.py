@@ -17,13 +17,17 @@ import torch.nn as nn
 from slimtune.adapters import adapter_modules
 from slimtune.adapters.base import checkpoint_state, load_checkpoint_state
 from slimtune.formats.pruned import write_sparse_manifest
-from slimtune.loss import CausalLMLoss
-from slimtune.optim import build_optimizer
+from slimtune.lm_loss import CausalLMLoss
+from slimtune.optim import build_optimizer, optimizer_options
 from slimtune.optim.cram import wrap_cram
 from slimtune.formats import checkpoint as ckpt
 from slimtune.engines.dist import DistInfo
 from slimtune.quant import is_quantized_linear
+from slimtune.errors import ConfigError
 from slimtune.formats.final import save_final
+from slimtune.registry import ENGINES
+from slimtune.rules import placement
+from slimtune.technique import Technique
 
 
 def activation_checkpointing(model: nn.Module) -> None:
@@ -34,8 +38,36 @@ def activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-class Engine:
-    """In-memory training (DDP under torchrun). cfg: RecipeConfig."""
+def in_memory(cfg) -> None:
+    """engine.params / engine.optimizer must be none for an engine that keeps everything in (GPU) memory."""
+    for key, where in zip(("params", "optimizer"), placement(cfg)):
+        if where != "none":
+            raise ConfigError(f"engine.{key}={where} with engine.name={cfg.engine.name}: this engine keeps {key} in "
+                              "memory; use engine.name=offload (slimtune's disk offload) or deepspeed (its own "
+                              "cpu / nvme offload)")
+
+
+@ENGINES.register("ddp")
+class Engine(Technique):
+    """In-memory training (DDP under torchrun). cfg: RecipeConfig. The engine interface: every engine
+    implements make_optimizer, forward_backward, clip_grad_norm, step, evaluate, save_checkpoint,
+    load_checkpoint, save_final, count_params, report and close (this class is the in-memory one)."""
+
+    section = None  # the engine's own config section (deepspeed.*, offload.*)
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        in_memory(cfg)
+
+    @classmethod
+    def memory_terms(cls, cfg, model, s, world: int, device: str):
+        """One rank's sizes under this engine, for the planner: `s` (plan/engines.Sizes, bytes: frozen,
+        trainable, grads, state, step, engine, offload) adjusted in place and returned; `model`
+        (plan/engines.ModelSizes) says what a decoder layer and the rest of the model weigh. DDP: world > 1 adds
+        the reducer's gradient buckets (a second copy of the gradients, fp32)."""
+        if world > 1:
+            s.engine = s.grads
+        return s
 
     sharded = False  # FSDP2 / ZeRO-3: every rank must run each forward (eval pads its batches)
     gathers_state = False  # sharded weights or optimizer state (FSDP2, ZeRO 1-3): every rank saves, rank 0 writes
@@ -60,7 +92,8 @@ class Engine:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        self.optimizer = build_optimizer(self.cfg.optim, self.trainable(), self.cfg.train.lr)
+        self.optimizer = build_optimizer(self.cfg.optim, self.trainable(), self.cfg.train.lr,
+                                         optimizer_options(self.cfg))
         if self.cfg.optim.cram:
             self.optimizer = wrap_cram(self.optimizer, self.cfg.cram)
         if self.recovery is not None and self.recovery.held is not None:

@@ -3,9 +3,10 @@
 The loss module is what DeepSpeed wraps, so under ZeRO-3 the head's weight is gathered when the chunked loss
 reads it (the loss module's forward is DeepSpeed's forward). slimtune's optimizer (AdamW / SGD) is the client
 optimizer; ZeRO partitions its state. The recipe sets the batch sizes, clipping and precision; a JSON of one's
-own (`engine.config`) adds or overrides the rest; the config used is written to output_dir/deepspeed.json.
-With engine.offload=nvme, parameters (stage 3) and optimizer state are swapped to engine.nvme_dir, with
-`max_in_cpu: 0` and `stage3_max_reuse_distance: 0` so they really stay on NVMe rather than in a CPU cache.
+own (`deepspeed.config`) adds or overrides the rest; the config used is written to output_dir/deepspeed.json.
+Where state lives is engine.optimizer / engine.params (cpu, or disk = NVMe under deepspeed.nvme_dir; params
+from ZeRO-3 on), with `max_in_cpu: 0` and `stage3_max_reuse_distance: 0` so they really stay on NVMe rather
+than in a CPU cache.
 
 The loop's micro-steps map onto DeepSpeed's: each backward runs through `engine.backward` (not divided by
 grad_accum: the loop already divides by the global batch's target count) and each micro-step but the last
@@ -29,38 +30,57 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from slimtune.errors import SlimtuneError
+from dataclasses import dataclass
+
+from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.io import write_json
-from slimtune.optim import build_optimizer
+from slimtune.registry import ENGINES
+from slimtune.rules import placement
+from slimtune.schema import config_section, option
+from slimtune.optim import build_optimizer, optimizer_options
 from slimtune.formats import checkpoint as ckpt
 from slimtune.engines.ddp import Engine
 from slimtune.engines.fsdp2 import one_rank_group
 from slimtune.formats.final import save_final
 
 MOMENTS = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
+BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce / allgather bucket size
+DEVICE = {"cpu": "cpu", "disk": "nvme"}  # engine.params / engine.optimizer -> DeepSpeed's offload device
+
+
+@config_section("deepspeed")
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    """engine.name=deepspeed's options (where state lives: engine.params / engine.optimizer)."""
+
+    zero_stage: int = option("ZeRO stage 0..3", 2, (0, 1, 2, 3))
+    nvme_dir: str = option("engine.*=disk: DeepSpeed's swap directory (default: nvme/ inside output_dir)", "")
+    config: str = option("a DeepSpeed JSON of one's own (batch sizes, lr and clipping still come from the recipe); "
+                         "the config used is written to output_dir either way", "")
 
 
 def deepspeed_config(cfg, world: int) -> dict:
-    """The DeepSpeed JSON for `cfg` (RecipeConfig): the user's engine.config with the recipe's settings."""
-    e, t = cfg.engine, cfg.train
+    """The DeepSpeed JSON for `cfg` (RecipeConfig): the user's deepspeed.config with the recipe's settings."""
+    e, t = cfg.deepspeed, cfg.train
     own = {}
     if e.config:
         try:
             own = json.loads(Path(e.config).expanduser().read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise SlimtuneError(f"engine.config={e.config}: cannot read it as JSON ({err}); fix the file") from None
+            raise SlimtuneError(f"deepspeed.config={e.config}: cannot read it as JSON ({err}); fix the file") from None
     zero = {"stage": e.zero_stage, **own.get("zero_optimization", {})}
     zero["stage"] = e.zero_stage if "zero_optimization" not in own or "stage" not in own["zero_optimization"] \
         else own["zero_optimization"]["stage"]
     nvme = e.nvme_dir or str(Path(cfg.output_dir) / "nvme")
-    if e.offload != "none":
-        target = {"device": e.offload, **({"nvme_path": nvme} if e.offload == "nvme" else {})}
-        zero.setdefault("offload_optimizer", target)
-        if zero["stage"] == 3:
-            zero.setdefault("offload_param", {**target, **({"max_in_cpu": 0} if e.offload == "nvme" else {})})
-            if e.offload == "nvme":
-                zero.setdefault("stage3_max_reuse_distance", 0)
-                zero.setdefault("stage3_prefetch_bucket_size", 0)
+    params, optimizer = placement(cfg)
+    for key, where in (("offload_optimizer", optimizer), ("offload_param", params)):
+        if where == "none" or (key == "offload_param" and zero["stage"] != 3):
+            continue
+        target = {"device": DEVICE[where], **({"nvme_path": nvme} if where == "disk" else {})}
+        zero.setdefault(key, {**target, **({"max_in_cpu": 0} if key == "offload_param" and where == "disk" else {})})
+        if key == "offload_param" and where == "disk":
+            zero.setdefault("stage3_max_reuse_distance", 0)
+            zero.setdefault("stage3_prefetch_bucket_size", 0)
     out = {k: v for k, v in own.items() if k != "zero_optimization"}
     out.update({
         "train_micro_batch_size_per_gpu": t.batch_size,
@@ -79,7 +99,56 @@ def deepspeed_config(cfg, world: int) -> dict:
     return out
 
 
+@ENGINES.register("deepspeed")
 class DeepSpeedEngine(Engine):
+    section = "deepspeed"
+
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        # ZeRO partitions optimizer state (1-2) and parameters (3) over the ranks
+        return {"whole_matrices"} | ({"whole_base_weight"} if cfg.deepspeed.zero_stage == 3 else set())
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        e = cfg.deepspeed
+        params, optimizer = placement(cfg)
+        if optimizer != "none" and e.zero_stage < 2:
+            raise ConfigError(f"engine.optimizer={optimizer} needs deepspeed.zero_stage>=2 (got {e.zero_stage})")
+        if params != "none" and e.zero_stage != 3:
+            raise ConfigError(f"engine.params={params} needs deepspeed.zero_stage=3 (got {e.zero_stage})")
+        if e.config and not Path(e.config).expanduser().is_file():
+            raise ConfigError(f"deepspeed.config={e.config}: no such file; give the path of a DeepSpeed JSON")
+
+    @classmethod
+    def memory_terms(cls, cfg, model, s, world: int, device: str):
+        """Stage 0: as DDP plus its gradient bucket; >= 1: optimizer state / W and ZeRO's fp32 copy of its
+        parameter partition; stage 1 keeps full gradients, >= 2 a partition / W plus the reduce bucket; stage 3
+        parameters / W plus the gathered layer. engine.optimizer / engine.params = cpu move them to host memory
+        (on a CPU-only machine the same RAM), disk to NVMe."""
+        stage, host = cfg.deepspeed.zero_stage, device == "cpu"
+        params, optimizer = placement(cfg)
+        full_grads = s.grads
+        bucket = min(BUCKET_ELEMENTS * 4, full_grads)
+        if stage == 0:
+            s.engine = bucket
+            return s
+        master = -(-s.trainable // world)  # ZeRO's fp32 copy of this rank's partition
+        s.state = -(-s.state // world)
+        if stage == 1:
+            s.grads = full_grads + -(-full_grads // world)
+        else:
+            s.grads = -(-full_grads // world)
+            s.engine = bucket
+        if stage == 3:
+            s.frozen, s.trainable = -(-s.frozen // world), -(-s.trainable // world)
+            s.engine += 2 * model.layer + model.root
+            if params == "disk" or (params == "cpu" and not host):
+                s.frozen, s.trainable = 0, 0
+        if optimizer == "disk" or (optimizer == "cpu" and not host):
+            s.state, master = 0, 0
+        s.trainable += master
+        return s
+
     def __init__(self, model: nn.Module, cfg, device: torch.device, info, recovery=None):
         if recovery is not None and recovery.held is not None:
             raise SlimtuneError("engine.name=deepspeed: full fine-tuning of a pruned base holds masks on whole "
@@ -90,7 +159,7 @@ class DeepSpeedEngine(Engine):
                 os.environ.setdefault(k, v)  # deepspeed.initialize reads them even with a group in place
         self.linear = torch.nn.functional.linear  # ZeRO-3 replaces it process-wide ("persists unless reset")
         super().__init__(model, cfg, device, info, recovery, wrap=False)
-        self.sharded = cfg.engine.zero_stage == 3  # ZeRO-3's forward gathers parameters: collective
+        self.sharded = cfg.deepspeed.zero_stage == 3  # ZeRO-3's forward gathers parameters: collective
         self.gathers_state = True  # ZeRO 1-3 and the bf16 optimizer hold fragments: gathered on every rank
         self.ds_config = deepspeed_config(cfg, info.world)
         if info.is_main:
@@ -102,7 +171,7 @@ class DeepSpeedEngine(Engine):
 
         named = self.trainable()
         self.names = {id(p): n for n, p in named}
-        client = build_optimizer(self.cfg.optim, named, self.cfg.train.lr)
+        client = build_optimizer(self.cfg.optim, named, self.cfg.train.lr, optimizer_options(self.cfg))
         self.ds, self.ds_optimizer, _, _ = deepspeed.initialize(
             model=self.train_model, optimizer=client, config=self.ds_config,
             model_parameters=[p for _, p in named], dist_init_required=False)
@@ -230,7 +299,7 @@ class DeepSpeedEngine(Engine):
 
     def _moment_keys(self) -> tuple[str, ...]:
         o = self.cfg.optim
-        return () if o.name == "sgd" and not o.momentum else MOMENTS[o.name]
+        return () if o.name == "sgd" and not self.cfg.sgd.momentum else MOMENTS[o.name]
 
     def save_final(self, path: Path, base_path: str, tokenizer) -> None:
         """Full fp32 weights gathered (every rank), put into the plain model on rank 0, saved as usual."""
@@ -240,7 +309,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([p for _, p in self.model.named_parameters() if not p.requires_grad]
-                                               if self.cfg.engine.zero_stage == 3 else [], modifier_rank=None):
+                                               if self.cfg.deepspeed.zero_stage == 3 else [], modifier_rank=None):
             with torch.no_grad():
                 for n, p in self.model.named_parameters():
                     if n in full:

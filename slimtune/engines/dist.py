@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from slimtune.registry import OPTIONS
+from slimtune.technique import Technique
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -78,3 +81,20 @@ def broadcast_object(obj, info: DistInfo):
 def teardown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@OPTIONS.register("torchrun")
+class Torchrun(Technique):
+    """More than one process (torchrun, WORLD_SIZE > 1)."""
+
+    @staticmethod
+    def active(cfg, world: int) -> bool:
+        return world > 1
+
+    @staticmethod
+    def shown(cfg, world: int) -> str:
+        return f"{world} processes"
+
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        return {"single_process"}

@@ -25,16 +25,13 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import fully_shard
 
 from slimtune.errors import SlimtuneError
+from slimtune.registry import ENGINES
 from slimtune.formats import checkpoint as ckpt
-from slimtune.engines.ddp import Engine
+from slimtune.engines.ddp import Engine, in_memory
 from slimtune.formats.final import save_final
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def one_rank_group() -> bool:
@@ -123,7 +120,26 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
+@ENGINES.register("fsdp2")
 class FSDP2Engine(Engine):
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        return {"whole_matrices"}  # each rank holds a shard of every parameter
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        in_memory(cfg)
+
+    @classmethod
+    def memory_terms(cls, cfg, model, s, world: int, device: str):
+        """Parameters, gradients and optimizer state / W; the unsharded parameters of two decoder layers (the one
+        computing and the one prefetched), the root unit (embedding, final norm, head: not resharded between
+        forward and backward) and one layer's unsharded gradient."""
+        s.frozen, s.trainable = -(-s.frozen // world), -(-s.trainable // world)
+        s.grads, s.state = -(-s.grads // world), -(-s.state // world)
+        s.engine = 2 * model.layer + model.root + model.layer_trainable
+        return s
+
     sharded = True  # every rank must run each forward (eval batches are padded to the same count)
     gathers_state = True
 
@@ -133,6 +149,8 @@ class FSDP2Engine(Engine):
                                 "which FSDP2 shards; recover with adapter.type=lora, or engine.name=ddp")
         self.own_group = not info.enabled and one_rank_group()
         super().__init__(model, cfg, device, info, recovery, wrap=False)
+        from torch.distributed.fsdp import fully_shard  # imported when used: ~45 MB for every command otherwise
+
         shardable_quant(model)
         whole = unshardable(model)
         for layer in decoder_layers(model):
@@ -163,7 +181,10 @@ class FSDP2Engine(Engine):
     def _full_state(self) -> tuple[dict, dict]:
         """(trainable weights, optimizer state keyed by name): collectives on every rank, tensors on rank 0."""
         weights = full_parameters(self.model, trainable_only=True)
-        optim = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=full)
         return weights, optim
 
     def save_checkpoint(self, root: Path, step: int, trainer_state: dict, config_yaml: str, keep: int) -> Path:
@@ -181,6 +202,9 @@ class FSDP2Engine(Engine):
             raise SlimtuneError(f"checkpoint {path} does not match the model (e.g. '{diff[0]}'); resume with the "
                                 "config it was written with (an engine.name=fsdp2 run resumes with fsdp2)")
         try:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
             set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
             set_optimizer_state_dict(self.model, self.optimizer, optim, options=StateDictOptions(full_state_dict=True))
         except (KeyError, ValueError, RuntimeError) as e:

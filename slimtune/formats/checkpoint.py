@@ -28,6 +28,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from slimtune.aliases import rename
 from slimtune.config import to_dict
 from slimtune.errors import SlimtuneError
 from slimtune.io import (atomic_dir, file_checksum, flatten_state, manifest_path, unflatten_state, write_json,
@@ -158,12 +159,25 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, skip=frozenset()) -
     return state
 
 
-# keys (or sections, ending in ".") a resumed run must keep: they fix the data order or what the saved
-# weights and optimizer state mean
-FROZEN_ON_RESUME = ("model.", "data.source", "data.eval_fraction", "adapter.", "quant.", "lq_lora.",
-                    "train.seq_len", "train.seed", "train.precision", "train.halo_level", "train.hadamard_block",
-                    "optim.name", "optim.state_bits", "optim.rank", "optim.proj_type", "optim.subspace",
-                    "optim.density", "optim.proj_dtype", "optim.full_rank_modules", "optim.seed", "optim.in_backward")
+# core keys (or sections, ending in ".") a resumed run must keep: they fix the data order or what the saved
+# weights and optimizer state mean; a technique's section says the same of its keys (schema.option's `fixed`)
+FROZEN_ON_RESUME = ("model.", "data.source", "data.eval_fraction", "adapter.", "quant.", "train.seq_len",
+                    "train.seed", "train.precision", "optim.name", "optim.state_bits", "optim.full_rank_modules",
+                    "optim.in_backward")
+
+
+def frozen_on_resume() -> tuple[str, ...]:
+    """FROZEN_ON_RESUME and every technique section's fixed keys (a whole section: "name.")."""
+    from dataclasses import fields
+
+    from slimtune.registry import SECTIONS
+
+    keys = list(FROZEN_ON_RESUME)
+    for name, section in SECTIONS.items():
+        if getattr(section, "fixed_on_resume", False):
+            keys.append(f"{name}.")
+        keys += [f"{name}.{f.name}" for f in fields(section) if f.metadata.get("fixed")]
+    return tuple(keys)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -179,7 +193,9 @@ def check_resume(ckpt: Path, cfg, world: int) -> None:
 
     config, state_file = verified(ckpt, "config.yaml"), verified(ckpt, "trainer_state.json")
     try:
-        old = _flat(yaml.safe_load(config.read_text()))
+        raw = yaml.safe_load(config.read_text())
+        rename(raw)  # a checkpoint written before the keys moved (aliases.py)
+        old = _flat(raw)
         state = json.loads(state_file.read_text())
     except (OSError, yaml.YAMLError, json.JSONDecodeError, AttributeError) as e:
         raise SlimtuneError(f"checkpoint {ckpt} is corrupted ({e}); delete it to resume from an older one") from None
@@ -188,8 +204,9 @@ def check_resume(ckpt: Path, cfg, world: int) -> None:
         old["model.dtype"] = state.get("compute_dtype", old["model.dtype"])
         if new["model.dtype"] == "auto" or old["model.dtype"] == "auto":
             del old["model.dtype"]  # auto resumes in the checkpoint's dtype (hardware.resolve_dtype)
+    frozen = frozen_on_resume()
     for key in new:
-        if key.startswith(FROZEN_ON_RESUME) or key in FROZEN_ON_RESUME:
+        if key.startswith(frozen) or key in frozen:
             if key in old and old[key] != new[key]:
                 raise SlimtuneError(f"resume: {key}={new[key]!r} differs from {old[key]!r} in {ckpt}/config.yaml, and "
                                     "changing it changes the data order or the meaning of the saved state; resume "

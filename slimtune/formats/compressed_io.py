@@ -26,9 +26,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from slimtune.formats.compressed import (FORMATS, MANIFEST, TENSORS, decode_coded, decode_tensor, encode_tensor,
-                                          keep_mask)
+                                         is_compressed_checkpoint, keep_mask)
 from slimtune.errors import SlimtuneError
-from slimtune.registry import DIR_VERIFIERS
+from slimtune.registry import BASES, DIR_VERIFIERS
+from slimtune.technique import Technique
 from slimtune.io import atomic_dir, dir_checksums, loaded_files, manifest_path, verify_checksums, write_json
 
 VERSION = 2  # 2: every file a loader reads has a checksum, tokenizer files included (1: not them)
@@ -266,3 +267,12 @@ def _load_adapter(model: nn.Module, adapter_dir: Path, masks: dict) -> None:
         raise SlimtuneError(f"{adapter_dir}: the adapter its {MANIFEST} names is missing; export it again")
     ADAPTER_FORMATS.get(meta["format"]).load(model, adapter_dir)
     hold_masks(model, masks)
+
+
+@BASES.register("compressed checkpoint")
+class CompressedCheckpoint(Technique):
+    """model.name is a compressed export (dfloat11 / sparse / sparse-nf4 / sparse-int8): decoded tensor by tensor
+    as it loads, then a plain full-precision base."""
+
+    detect = staticmethod(is_compressed_checkpoint)
+    load = staticmethod(load_compressed)

@@ -10,8 +10,21 @@ import torch.nn as nn
 from slimtune.config import to_dict
 from slimtune.formats.quantized import is_quantized_checkpoint, read_manifest, save_quantized
 from slimtune.io import atomic_dir
-from slimtune.registry import ADAPTER_FORMATS, ADAPTERS
+from slimtune.registry import ADAPTER_FORMATS, ADAPTERS, QUANT_FORMATS
 from slimtune.rules import needs_lowrank
+from slimtune.technique import options_of
+
+
+def quant_record(cfg) -> dict | None:
+    """What an adapter dir records of the base's quantization: the quant section and, under "options", the
+    format's own section (when it declares one), so that eval rebuilds exactly the base the adapter trained on."""
+    if cfg.quant.method == "none":
+        return None
+    record = to_dict(cfg.quant)
+    options = options_of(cfg, QUANT_FORMATS.technique(cfg.quant.method))
+    if options is not None:
+        record["options"] = to_dict(options)
+    return record
 
 
 def save_final(model: nn.Module, cfg, path: Path, base_path: str, tokenizer) -> None:
@@ -30,6 +43,7 @@ def save_final(model: nn.Module, cfg, path: Path, base_path: str, tokenizer) -> 
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     else:  # the adapter family's own format (adapters/base.py)
-        quant = to_dict(cfg.quant) if cfg.quant.method != "none" else None
-        fmt = ADAPTER_FORMATS.get(ADAPTERS.get(cfg.adapter.type).format)
-        fmt.save(model, cfg.adapter, path, cfg.model.name, base_path, quant)
+        quant = quant_record(cfg)
+        adapter = ADAPTERS.get(cfg.adapter.type)
+        fmt = ADAPTER_FORMATS.get(adapter.format)
+        fmt.save(model, options_of(cfg, adapter), path, cfg.model.name, base_path, quant)

@@ -287,8 +287,8 @@ def safetensor_files(name: str) -> dict[str, Path]:
     single = path / "model.safetensors"
     if not single.is_file():
         raise SlimtuneError(f"model.name={name!r}: no model.safetensors (or .index.json) in {path}; streaming "
-                            "the weights (offload.params=disk) needs safetensors; re-save the model with "
-                            "save_pretrained(..., safe_serialization=True)")
+                            "the weights (engine.name=offload engine.params=disk) needs safetensors; re-save the model "
+                            "with save_pretrained(..., safe_serialization=True)")
     from safetensors import safe_open
 
     with safe_open(str(single), framework="pt") as f:

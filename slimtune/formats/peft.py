@@ -66,7 +66,8 @@ def _target_names(model: nn.Module) -> list[str]:
 
 
 def peft_config(model: nn.Module, adapter_cfg, base_path: str) -> dict:
-    """Rank and alpha are read off the modules (factors that came with the base may differ from adapter.*);
+    """adapter_cfg: the lora section. Rank and alpha are read off the modules (factors that came with the base may
+    differ from lora.*);
     modules that differ from the first go to rank_pattern / alpha_pattern, as PEFT writes them."""
     modules = {n: peft_factors(m)[2:] for n, m in adapter_modules(model).items()}  # (rank, alpha) as saved
     first = next(iter(adapter_modules(model).values()), None)

@@ -15,7 +15,8 @@ from torch import nn
 from slimtune.errors import SlimtuneError
 from slimtune.io import atomic_dir, dir_checksums, loaded_files, manifest_path, verify_checksums, write_json
 from slimtune.prune.patterns import parse_pattern, pattern_name
-from slimtune.registry import DIR_VERIFIERS
+from slimtune.registry import BASES, DIR_VERIFIERS
+from slimtune.technique import Technique
 
 MANIFEST = "slimtune_sparse.json"
 FORMAT = "slimtune-sparse"
@@ -109,3 +110,18 @@ def write_sparse_manifest(out_dir: Path, model: nn.Module, manifest: dict, **ext
     (and the checksums of this dir's files)."""
     matrices = {name: (model.get_submodule(name).weight == 0).float().mean().item() for name in manifest["matrices"]}
     write_sparse_record(out_dir, {**manifest, "matrices": matrices, **extra})
+
+
+@BASES.register("pruned")
+class PrunedBase(Technique):
+    """model.name is a pruned model dir: its zeros must stay (and full fine-tuning holds masks on whole weights)."""
+
+    detect = staticmethod(is_sparse_model)
+
+    @classmethod
+    def requires(cls, cfg) -> set[str]:
+        return {"exact_zero"} | ({"whole_matrices"} if cfg.adapter.type == "none" else set())
+
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        return {"streamable"}  # the offload engine does not run recovery yet

@@ -25,7 +25,8 @@ from slimtune.errors import SlimtuneError
 from slimtune.io import atomic_dir, dir_checksums, loaded_files, manifest_path, verify_checksums, write_json
 from slimtune.formats.hf import DTYPES, empty_model
 from slimtune.quant import FrozenQuantLinear, bits_per_param, dequantize_weight, is_quantized_linear
-from slimtune.registry import ADAPTERS, DIR_VERIFIERS, QUANT_FORMATS
+from slimtune.registry import ADAPTERS, BASES, DIR_VERIFIERS, QUANT_FORMATS
+from slimtune.technique import Technique
 
 MANIFEST = "slimtune_quant.json"
 WEIGHTS = "model.safetensors"
@@ -200,3 +201,18 @@ def dequantize_to_dense(model: nn.Module) -> None:
         dense(name, w + m.delta_weight(), base.bias)
     for name, m in [(n, m) for n, m in model.named_modules() if is_quantized_linear(m)]:
         dense(name, dequantize_weight(m), m.bias)
+
+
+@BASES.register("quantized checkpoint")
+class QuantizedCheckpoint(Technique):
+    """model.name is a slimtune quantized checkpoint: a frozen, quantized base (and its factors)."""
+
+    detect = staticmethod(is_quantized_checkpoint)
+
+    @staticmethod
+    def load(path: Path, dtype: torch.dtype, keep_compressed: bool = False) -> nn.Module:
+        return load_quantized(path, dtype)  # its manifest fixes the formats (and holds any LoRA factors)
+
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        return {"trainable_base", "full_precision_linears", "streamable"}

@@ -1,12 +1,15 @@
 """Which implementation a kernel op runs: the Triton kernel or its torch reference.
 
-The backend is process state, set once at start-up from `train.kernels` (`configure`), with the
-environment variable SLIMTUNE_KERNELS as an override; nothing reads the environment per call. Code that
-never calls `configure` (a library user, a test) gets SLIMTUNE_KERNELS or "auto" on first use.
+The backend is a context variable (contextvars: per thread and task, inherited by what copies the context),
+set at start-up from `train.kernels` (`configure`), with the environment variable SLIMTUNE_KERNELS as an
+override, or for a block of code with `with using("reference"):`. Code that sets neither (a library user, a
+test) gets SLIMTUNE_KERNELS or "auto".
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
@@ -19,7 +22,7 @@ from slimtune.schema import KERNEL_BACKENDS as BACKENDS
 from slimtune.errors import ConfigError
 
 ENV = "SLIMTUNE_KERNELS"
-_backend: str | None = None  # None: not configured yet
+BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("slimtune_kernels", default=None)
 
 
 def _from_env(default: str) -> str:
@@ -35,20 +38,30 @@ def _from_env(default: str) -> str:
 def configure(requested: str = "auto", device: torch.device | None = None) -> str:
     """Set the backend for this process: SLIMTUNE_KERNELS if set (validated: ConfigError), else `requested`
     (train.kernels). Warns about a leftover TRITON_INTERPRET=1 on a real run (CUDA, or CPU with auto)."""
-    global _backend
-    _backend = _from_env(requested)
-    if interpreting() and (device is None or device.type == "cuda" or _backend == "auto"):
+    backend = _from_env(requested)
+    BACKEND.set(backend)
+    if interpreting() and (device is None or device.type == "cuda" or backend == "auto"):
         warnings.warn("TRITON_INTERPRET=1 is set: Triton kernels run in the (very slow) interpreter; unset it "
                       "unless you are testing kernels", stacklevel=2)
-    return _backend
+    return backend
+
+
+@contextlib.contextmanager
+def using(backend: str):
+    """The kernel ops inside the block run `backend` (auto | reference | triton); the previous one after."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"kernel backend {backend!r} is not one of: {', '.join(BACKENDS)}")
+    token = BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        BACKEND.reset(token)
 
 
 def kernel_backend() -> str:
-    """auto | reference | triton (configure() or SLIMTUNE_KERNELS on first use; default auto)."""
-    global _backend
-    if _backend is None:
-        _backend = _from_env("auto")
-    return _backend
+    """auto | reference | triton: configure() / using(), else SLIMTUNE_KERNELS, else auto."""
+    backend = BACKEND.get()
+    return backend if backend is not None else _from_env("auto")
 
 
 @functools.lru_cache(maxsize=1)

@@ -9,6 +9,8 @@ from pathlib import Path
 from slimtune.errors import SlimtuneError
 from slimtune.formats.pruned import is_sparse_model, read_sparse_manifest, save_sparse
 from slimtune.prune.layerwise import prune_model
+from slimtune.registry import PRUNE_METHODS
+from slimtune.technique import options_of
 
 
 def prune_command(cfg) -> Path:
@@ -21,17 +23,19 @@ def prune_command(cfg) -> Path:
 
     cfg = fixed_dtype(cfg)  # model.dtype=auto not resolved by the command line: fp32
     p, out = cfg.prune, Path(cfg.output_dir)
+    method = PRUNE_METHODS.get(p.method)
+    method.validate(cfg)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise SlimtuneError(f"output_dir={str(out)!r} is not empty; pass overwrite=true or another output_dir")
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model.name)
     model = load_model(cfg.model.name, "float32")
     samples = []
-    if p.method != "magnitude":
+    if method.statistic is not None:
         # the train split as a run sees it: data.chat_template, data.packing and data.train_on applied
         samples = calibration_samples(splits_for(cfg, tokenizer).train, p.calibration_samples, cfg.train.seed)
-    achieved = prune_model(model, samples, p.method, p.sparsity, p.pattern, p.scope, p.blocksize,
-                           percdamp=p.percdamp)
+    achieved = prune_model(model, samples, p.method, p.sparsity, p.pattern, p.scope,
+                           options_of(cfg, method))
     if cfg.model.dtype != "float32":
         from slimtune.formats.hf import DTYPES
 

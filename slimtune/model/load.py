@@ -1,7 +1,9 @@
 """The load stage of model setup: `model.name` -> the base model on CPU, whatever is stored there.
 
-A Hugging Face dir or built-in name (formats/hf.py), or a slimtune quantized checkpoint (formats/quantized.py, with
-any LoRA factors it holds). Every parameter comes back frozen; later stages decide what trains.
+A kind of model dir registered in registry.BASES with a `load(path, dtype, keep_compressed)` (a slimtune quantized
+checkpoint with any LoRA factors it holds, a compressed export: formats/) when its `detect(name)` says so, else a
+Hugging Face dir or built-in name (formats/hf.py). Every parameter comes back frozen; later stages decide what
+trains.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from pathlib import Path
 import torch.nn as nn
 
 from slimtune.formats.compressed import is_compressed_checkpoint
-from slimtune.formats.compressed_io import load_compressed
-from slimtune.formats.quantized import is_quantized_checkpoint, load_quantized
+from slimtune.formats import compressed_io, quantized  # noqa: F401  (register their BASES loaders)
+from slimtune.registry import BASES
 from slimtune.errors import SlimtuneError
 from slimtune.formats.hf import DTYPES, load_model
 
@@ -24,8 +26,8 @@ def load_base(name: str, dtype: str = "float32", keep_compressed: bool = False) 
         raise SlimtuneError(f"model.keep_compressed=true needs a compressed checkpoint (slimtune export ... --format "
                             f"dfloat11 | sparse | sparse-nf4 | sparse-int8), but model.name={name!r} is not one; "
                             "drop model.keep_compressed")
-    if is_quantized_checkpoint(name):  # its manifest fixes the formats (and holds any LoRA factors)
-        return load_quantized(Path(name).expanduser(), DTYPES[dtype])
-    if is_compressed_checkpoint(name):  # dfloat11 / sparse / sparse-nf4: decoded tensor by tensor
-        return load_compressed(Path(name), DTYPES[dtype], keep_compressed)
+    for base in BASES.values():
+        load = getattr(base, "load", None)
+        if load is not None and base.detect(name):
+            return load(Path(name).expanduser(), DTYPES[dtype], keep_compressed)
     return load_model(name, dtype)

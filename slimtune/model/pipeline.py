@@ -26,21 +26,27 @@ from slimtune.adapters import adapter_internals, adapter_modules, apply_adapters
 from slimtune.engines.offload.load import load_streamed
 from slimtune.model.load import load_base
 from slimtune.formats.quantized import is_quantized_checkpoint
-from slimtune.rules import load_dtype, needs_lowrank
+from slimtune.rules import load_dtype, needs_lowrank, placement
 from slimtune.model.quantize import quantize_base
 from slimtune.model.recovery import Recovery, hold_masks, read_masks, recovery_stage
 from slimtune.config import QuantConfig
 from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.hardware import fixed_dtype
-from slimtune.loss import check_head
+from slimtune.lm_loss import check_head
 from slimtune.formats.hf import adapter_metadata, empty_model
 from slimtune.precision.swap import apply_precision
-from slimtune.registry import ADAPTER_FORMATS, ADAPTERS
+from slimtune.registry import ADAPTER_FORMATS, ADAPTERS, ENGINES, PRECISIONS, QUANT_FORMATS, SECTIONS
+from slimtune.technique import options_of
 from slimtune.engines.ddp import Engine
-from slimtune.memory import release_file_mappings, trim_heap
+from slimtune.memory import release_file_mappings, set_mmap_threshold, trim_heap
 from slimtune.engines.offload.rundir import offload_dir, open_store
 from slimtune.engines.offload.engine import OffloadEngine, offload_active
 from slimtune.engines.dist import DistInfo
+
+
+def adapter_options(cfg):
+    """The chosen adapter's own section (lora.*, sparse_ft.*), or None (adapter.type=none)."""
+    return options_of(cfg, ADAPTERS.technique(cfg.adapter.type))
 
 
 @dataclass
@@ -52,45 +58,57 @@ class Built:
     hooks: list = field(default_factory=list)  # the adapter family's per-step work (adapters/base.py)
 
 
-def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), train_blocks=None,
-                log=print) -> Built:
-    """Run the stages for training per `cfg` (RecipeConfig); train_blocks feed calibration (LQ-LoRA ...)."""
-    if offload_active(cfg):
-        return _build_offloaded(cfg, device, dist_info, log)
+def build_base(cfg, train_blocks=None, log=print) -> tuple[nn.Module, dict, dict, dict]:
+    """Stages 1-2 per `cfg` (RecipeConfig, concrete model.dtype): (model on CPU, the pruned base's manifest and
+    masks (empty when not pruned), the quantization's summary). train_blocks feed calibration (LQ-LoRA ...)."""
     prebuilt = is_quantized_checkpoint(cfg.model.name)  # trainer/preflight.py checked what it allows
     model = load_base(cfg.model.name, cfg.model.dtype if prebuilt else load_dtype(cfg))
     check_head(model, cfg.model.name)
     manifest, masks = read_masks(cfg.model.name, model)
     info = {} if prebuilt else quantize_base(model, cfg, train_blocks, log)
     _check_sparse_kept(model, masks, cfg)
+    return model, manifest, masks, info
+
+
+def add_adapters(model: nn.Module, cfg) -> None:
+    """Stage 3: the adapters of cfg.adapter (with their own section), or the factors stages 1-2 installed (a
+    quantized checkpoint, LQ-LoRA, LoftQ, EoRA) made trainable."""
     existing = adapter_modules(model)
-    if existing:  # factors installed by stage 1 or 2 (a quantized checkpoint, LQ-LoRA, LoftQ, EoRA)
+    if existing:
         for m in existing.values():
             for p in m.trainable_parameters():
                 p.requires_grad_(True)
     else:
-        apply_adapters(model, cfg.adapter)
+        apply_adapters(model, cfg.adapter, adapter_options(cfg))
+
+
+def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), train_blocks=None,
+                log=print) -> Built:
+    """Run the stages for training per `cfg` (RecipeConfig); train_blocks feed calibration (LQ-LoRA ...)."""
+    if offload_active(cfg):
+        return _build_offloaded(cfg, device, dist_info, log)
+    model, manifest, masks, info = build_base(cfg, train_blocks, log)
+    add_adapters(model, cfg)
     recovery = recovery_stage(cfg, model, manifest, masks, device, log)
-    n = apply_precision(model, cfg.train, skip=adapter_internals(model))
+    precision = cfg.train.precision
+    technique = PRECISIONS.get(precision) if precision != "default" else None
+    n = apply_precision(model, precision, options_of(cfg, technique), skip=adapter_internals(model))
     if n:
         log(f"train.precision={cfg.train.precision}: {n} linear layers compute in low precision")
-    hooks = ADAPTERS.get(cfg.adapter.type).training_hooks(model, cfg) if cfg.adapter.type != "none" else []
+    hooks = (ADAPTERS.get(cfg.adapter.type).training_hooks(model, adapter_options(cfg), cfg.train.max_steps)
+             if cfg.adapter.type != "none" else [])
     release_file_mappings(model)  # the loaded file's pages would stay resident all run
     trim_heap()  # and so would what loading and quantizing freed
-    engine_cls = Engine
-    if cfg.engine.name == "fsdp2":
-        from slimtune.engines.fsdp2 import FSDP2Engine as engine_cls
-    elif cfg.engine.name == "deepspeed":
-        from slimtune.engines.deepspeed import DeepSpeedEngine as engine_cls
+    engine_cls = Engine if cfg.engine.name == "offload" else ENGINES.get(cfg.engine.name)  # offload: nothing on disk
     built = Built(model, engine_cls(model, cfg, device, dist_info, recovery), info, recovery, hooks)
     return built
 
 
 def _build_offloaded(cfg, device, dist_info, log) -> Built:
     """The same stages with the offload engine: the base streamed into the store unit by unit
-    (offload.params=disk) or loaded as usual, adapters, then OffloadEngine; the loss check runs last (it
+    (engine.params=disk) or loaded as usual, adapters, then OffloadEngine; the loss check runs last (it
     needs the engine's streaming)."""
-    name, o = cfg.model.name, cfg.offload  # trainer/preflight.py refused what the store cannot hold
+    name, (params, optimizer) = cfg.model.name, placement(cfg)  # config.validate refused what the store cannot hold
     full = cfg.adapter.type == "none"
     meta = empty_model(name, cfg.model.dtype)
     numel = sum(p.numel() for p in meta.parameters())
@@ -98,19 +116,20 @@ def _build_offloaded(cfg, device, dist_info, log) -> Built:
     del meta
     engine = None
     try:
-        if o.params == "disk":
+        if params == "disk":
             model = load_streamed(name, cfg.model.dtype, store, trainable=full, quant=cfg.quant)
         else:
             model = load_base(name, load_dtype(cfg))
             quantize_base(model, cfg)
-        apply_adapters(model, cfg.adapter)
-        engine = OffloadEngine(model, cfg, device, dist_info, store, streamed_weights=o.params == "disk")
+        apply_adapters(model, cfg.adapter, adapter_options(cfg))
+        set_mmap_threshold(OffloadEngine.heap_mmap_threshold)  # the engine's allocator setting, for this process
+        engine = OffloadEngine(model, cfg, device, dist_info, store, streamed_weights=params == "disk")
         check_head(model, name)
         engine.streamer.release_all()
     except BaseException:  # the store's threads and its lock go with the error
         engine.close() if engine is not None else store.close(delete=True)
         raise
-    log(f"offload: params={o.params} optimizer={o.optimizer}, store in {offload_dir(cfg)} "
+    log(f"offload: engine.params={params} engine.optimizer={optimizer}, store in {offload_dir(cfg)} "
         f"({engine.pool.nbytes / 2**20:.0f} MiB of buffers)")
     return Built(model, engine, {})
 
@@ -131,6 +150,22 @@ def _check_sparse_kept(model: nn.Module, masks: dict, cfg) -> None:
                               "kept weights, then train that")
 
 
+def with_recorded_quant(cfg, record: dict, adapter_dir: Path):
+    """cfg with the base's quantization an adapter dir recorded (formats/final.quant_record): quant.* and the
+    format's own section."""
+    record = dict(record)
+    options = record.pop("options", None)
+    try:
+        cfg = dataclasses.replace(cfg, quant=QuantConfig(**record))
+        section = getattr(QUANT_FORMATS.get(cfg.quant.method), "section", None)
+        if options is not None and section is not None:
+            cfg = dataclasses.replace(cfg, **{section: SECTIONS[section](**options)})
+    except (TypeError, ConfigError) as e:
+        raise SlimtuneError(f"{adapter_dir / 'slimtune_adapter.json'}: bad 'quant' record ({e}); re-save the "
+                            "adapter with slimtune or fix the record") from None
+    return cfg
+
+
 def build_for_eval(cfg) -> nn.Module:
     """The model `slimtune eval model.name=...` scores (CPU, eval mode): an HF dir or built-in name
     (quantized per cfg.quant, if set), a quantized checkpoint, or an adapter dir (e.g. runs/a/final) on the
@@ -140,14 +175,8 @@ def build_for_eval(cfg) -> nn.Module:
     meta = None if is_quantized_checkpoint(name) else adapter_metadata(Path(name).expanduser())
     if meta is not None and (Path(name).expanduser() / "config.json").is_file():
         meta = None  # a full model dir that also carries adapter files: score the model itself
-    quant = cfg.quant
-    if meta is not None and meta["quant"]:
-        try:
-            quant = QuantConfig(**meta["quant"])
-        except TypeError as e:
-            raise SlimtuneError(f"{Path(name) / 'slimtune_adapter.json'}: bad 'quant' record ({e}); re-save the "
-                                "adapter with slimtune or fix the record") from None
-    stage_cfg = dataclasses.replace(cfg, quant=quant)
+    stage_cfg = with_recorded_quant(cfg, meta["quant"], Path(name)) if meta is not None and meta["quant"] else cfg
+    quant = stage_cfg.quant
     if needs_lowrank(stage_cfg):
         raise ConfigError(f"slimtune eval with quant.method={quant.method} adapter.init={cfg.adapter.init}: the "
                           "decomposition needs calibration data; write it with `slimtune quantize ... output_dir=DIR` "

@@ -22,7 +22,8 @@ from slimtune.hardware import fixed_dtype
 from slimtune.io import write_json, write_text
 from slimtune.formats.hf import DTYPES, load_model, load_tokenizer, resolve_model_dir
 from slimtune.quant import quantize_model
-from slimtune.registry import ADAPTER_INITS
+from slimtune.registry import ADAPTER_INITS, QUANT_FORMATS
+from slimtune.technique import options_of
 from slimtune.rules import load_dtype, needs_lowrank
 
 
@@ -38,7 +39,7 @@ def quantize_base(model: nn.Module, cfg, train_blocks=None, log=print) -> dict:
         info = quantize_lowrank(model, cfg, Calibration(samples, cfg.train.loss_chunk_tokens), log)
     else:
         quantize_model(model, q.method, backend=q.backend, block_size=q.block_size, double_quant=q.double_quant,
-                       compute_dtype=dtype)
+                       compute_dtype=dtype, options=options_of(cfg, QUANT_FORMATS.technique(q.method)))
         info = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):

@@ -11,9 +11,16 @@ are updated in fp32 and written back in their own dtype.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from slimtune.optim.adam_core import adamw_step, keep_saved_dtypes
+from slimtune.errors import ConfigError, SlimtuneError
+from slimtune.optim.adam_core import MIN_8BIT_SIZE, adamw_step, keep_saved_dtypes
+from slimtune.optim.memory import STEP_RATE
+from slimtune.optim.common import adam_kwargs
+from slimtune.registry import OPTIMIZERS
+from slimtune.technique import declares
 
 
 class AdamW(torch.optim.Optimizer):
@@ -51,3 +58,44 @@ class AdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         keep_saved_dtypes(self, state_dict)  # torch would cast codes / indices / fp32 moments
+
+
+@OPTIMIZERS.register("adamw")
+@declares()
+def build_adamw(optim, options, named, lr):
+    params = [p for _, p in named]
+    if optim.state_bits == 8:
+        return AdamW(params, lr=lr, state_bits=8, **adam_kwargs(optim))
+    # foreach=False keeps one parameter's temporaries alive at a time (lower peak memory on CPU)
+    return torch.optim.AdamW(params, lr=lr, foreach=False, **adam_kwargs(optim))
+
+
+def _state_bits_32(cfg) -> None:
+    if cfg.optim.state_bits != 32:
+        raise ConfigError(f"optim.state_bits={cfg.optim.state_bits} applies to adamw, galore, frugal and dct, not "
+                          f"optim.name={cfg.optim.name}")
+
+
+def _bnb_state_bytes(optim, options, name: str, shape) -> int:
+    """bitsandbytes: 2 x (N + 4 ceil(N / 256)) from MIN_8BIT_SIZE values on, else fp32; `step` is a Python int."""
+    n = math.prod(shape)
+    return 2 * (n + 4 * -(-n // 256)) if n >= MIN_8BIT_SIZE else 8 * n
+
+
+def _bnb_shared_bytes(optim, options, tensors) -> int:
+    """Its two 256-value fp32 quantization maps, shared by every 8-bit parameter."""
+    return 2 * 256 * 4 if any(math.prod(shape) >= MIN_8BIT_SIZE for _, shape in tensors) else 0
+
+
+@OPTIMIZERS.register("adamw8bit")
+@declares(requires={"whole_matrices"}, withholds={"per_tensor_state"}, validate=_state_bits_32,
+          state_bytes=_bnb_state_bytes, shared_bytes=_bnb_shared_bytes,
+          step_bytes=lambda optim, options, name, shape: STEP_RATE["other"] * math.prod(shape))
+def build_adamw8bit(optim, options, named, lr):
+    """bitsandbytes' AdamW8bit (it keeps its own state: the offload engine cannot stream it)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise SlimtuneError("optim.name=adamw8bit needs bitsandbytes: pip install bitsandbytes "
+                            "(or optim.name=adamw optim.state_bits=8, slimtune's own 8-bit states)") from None
+    return bnb.optim.AdamW8bit([p for _, p in named], lr=lr, **adam_kwargs(optim))

@@ -24,7 +24,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from dataclasses import dataclass
+
 import torch
+
+from slimtune.errors import ConfigError
+from slimtune.registry import OPTIONS
+from slimtune.schema import PATTERNS, config_section, option
+from slimtune.technique import Technique
+
+
+@config_section("cram")
+@dataclass(frozen=True)
+class CramConfig:
+    """optim.cram=true's options."""
+
+    rho: float = option("optim.cram: step size of the perturbation w + rho g", 0.05)
+    sparsities: tuple[float, ...] = option("optim.cram: top-k sparsity, one drawn per step", (0.5, 0.6, 0.7))
+    pattern: str = option("optim.cram: unstructured (cram.sparsities) | 2:4 | 4:8", "unstructured", PATTERNS,
+                         ratio=True)
+    plus: bool = option("CrAM+: add the clean gradient to the compressed one", True)
+    seed: int = option("optim.cram: seed of the sparsity draws", 0)
 
 
 class CrAM(torch.optim.Optimizer):
@@ -163,3 +183,24 @@ def wrap_cram(base: torch.optim.Optimizer, cfg) -> CrAM:
     plus, seed)."""
     nm = None if cfg.pattern == "unstructured" else tuple(int(v) for v in cfg.pattern.split(":"))
     return CrAM(base, rho=cfg.rho, sparsities=cfg.sparsities, nm=nm, plus=cfg.plus, seed=cfg.seed)
+
+
+@OPTIONS.register("optim.cram")
+class CrAMOption(Technique):
+    """optim.cram=true: two gradients per step (the clean one and at the compressed, perturbed weights)."""
+
+    @staticmethod
+    def active(cfg, world: int) -> bool:
+        return cfg.optim.cram
+
+    @classmethod
+    def requires(cls, cfg) -> set[str]:
+        return {"gradients_in_memory", "whole_matrices"}
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        c = cfg.cram
+        if c.rho <= 0:
+            raise ConfigError(f"cram.rho={c.rho} must be > 0")
+        if not c.sparsities or not all(0 < s < 1 for s in c.sparsities):
+            raise ConfigError(f"cram.sparsities={list(c.sparsities)} must be numbers in (0, 1)")

@@ -14,11 +14,29 @@ one matmul (m * n * n) and a top-k instead of an SVD.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import math
 
 import torch
 
-from slimtune.optim.projected import ProjectedAdamW
+from slimtune.optim.projected import ProjectedAdamW, projected_state_bytes, projected_step_bytes
+from slimtune.errors import ConfigError
+from slimtune.optim.common import adam_kwargs, lowrank_groups
+from slimtune.optim.memory import is_lowrank
+from slimtune.registry import OPTIMIZERS
+from slimtune.schema import config_section, option
+from slimtune.technique import declares
+
+
+@config_section("dct")
+@dataclass(frozen=True)
+class DCTConfig:
+    """optim.name=dct's options."""
+
+    rank: int = option("rank of the gradient projection (clamped to min(m, n))", 128, fixed=True)
+    update_gap: int = option("steps between projection updates", 200)
+    scale: float = option("scale of the back-projected update", 0.25)
+    proj_type: str = option("std (smaller side) | left | right", "std", ("std", "left", "right"), fixed=True)
 
 DCT_CACHE_SIZE = 8  # distinct (n, device) kept: a model has a few matrix sides; D of n=8192 is 256 MB
 
@@ -75,3 +93,32 @@ class DCTAdamW(ProjectedAdamW):
     def projection(self, state: dict, shape: tuple[int, int], side: str) -> torch.Tensor:
         index = state["proj_index"]
         return dct_projection(index, shape[1] if side == "right" else shape[0], side, index.device)
+
+
+def _validate_dct(cfg) -> None:
+    o = cfg.dct
+    for key in ("rank", "update_gap"):
+        if getattr(o, key) <= 0:
+            raise ConfigError(f"dct.{key}={getattr(o, key)} must be > 0")
+    if o.scale <= 0:
+        raise ConfigError(f"dct.scale={o.scale} must be > 0")
+
+
+def _dct_state_bytes(optim, options, name, shape) -> int:
+    return projected_state_bytes(optim, options, name, shape, index_bytes=8)  # proj_index int64
+
+
+def _dct_cache_bytes(optim, options, tensors) -> int:
+    """The orthonormal DCT basis (n, n) fp32 per distinct projected side, cached (the 8 largest)."""
+    sides = {shape[1] if shape[0] >= shape[1] else shape[0] for name, shape in tensors
+             if is_lowrank(optim, name, shape)}
+    return sum(4 * s * s for s in sorted(sides)[-8:])
+
+
+@OPTIMIZERS.register("dct")
+@declares(requires={"whole_matrices"}, validate=_validate_dct, section="dct", state_bytes=_dct_state_bytes,
+          step_bytes=projected_step_bytes, cache_bytes=_dct_cache_bytes)
+def build_dct(optim, options, named, lr):
+    return DCTAdamW(lowrank_groups(optim, named), lr=lr, rank=options.rank, update_gap=options.update_gap,
+                 scale=options.scale, proj_type=options.proj_type, state_bits=optim.state_bits,
+                 proj_dtype=getattr(options, "proj_dtype", "float32"), **adam_kwargs(optim))

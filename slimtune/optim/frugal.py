@@ -44,14 +44,37 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
 from slimtune.optim.adam_core import (adam_direction, adamw_step, apply_update, init_adam_state, keep_saved_dtypes,
                                       reset_adam_moments)
 from slimtune.optim.projected import PROJ_DTYPES, load_projection, store_projection
+from slimtune.errors import ConfigError
+from slimtune.optim.memory import (STEP_BYTES, STEP_RATE, adam_state_bytes, adam_step_bytes, is_lowrank,
+                                 lowrank_step_bytes, moment_bytes, projection_bytes)
+from slimtune.optim.common import adam_kwargs, lowrank_groups
+from slimtune.registry import OPTIMIZERS
+from slimtune.schema import config_section, option
+from slimtune.technique import declares
 
 SUBSPACES = ("svd", "random", "blocks", "coordinates", "modules")
+
+
+@config_section("frugal")
+@dataclass(frozen=True)
+class FrugalConfig:
+    """optim.name=frugal's options."""
+
+    density: float = option("fraction of each matrix updated state-full (AdamW)", 0.25, fixed=True)
+    subspace: str = option("svd | random | blocks (rows/columns) | coordinates | modules (whole params)", "svd",
+                            ("svd", "random", "blocks", "coordinates", "modules"), fixed=True)
+    update_gap: int = option("steps between subspace updates", 200)
+    inactive_lr_scale: float = option("lr multiplier of the state-free signSGD part", 1.0)
+    proj_dtype: str = option("svd / random: storage of the projection P: float32 | bfloat16 | int8", "float32",
+                                ("float32", "bfloat16", "int8"), fixed=True)
+    seed: int = option("seed of the random subspaces (the same on every rank)", 0, fixed=True)
 
 
 def subspace_generator(seed: int, step: int, tag: str, device) -> torch.Generator:
@@ -258,3 +281,54 @@ class FRUGAL(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         keep_saved_dtypes(self, state_dict)  # torch would cast codes / indices / fp32 moments
+
+
+def _frugal_requires(cfg) -> set[str]:
+    # modules: picks whole parameters across the model, so every gradient at once
+    return {"whole_matrices"} | ({"gradients_in_memory"} if cfg.frugal.subspace == "modules" else set())
+
+
+def _validate_frugal(cfg) -> None:
+    o = cfg.frugal
+    if not 0 <= o.density <= 1:
+        raise ConfigError(f"frugal.density={o.density} must be in [0, 1]")
+    if o.update_gap <= 0:
+        raise ConfigError(f"frugal.update_gap={o.update_gap} must be > 0")
+    if o.inactive_lr_scale < 0:
+        raise ConfigError(f"frugal.inactive_lr_scale={o.inactive_lr_scale} must be >= 0")
+
+
+def _frugal_state_bytes(optim, options, name: str, shape) -> int:
+    """Moments in the subspace's shape: svd / random (m, k) or (k, n), k = round(density * side), + P; blocks
+    k = ceil(density * side) whole columns/rows + k int64 indices; coordinates k = round(density m n) values
+    + an m n / 8 byte mask; modules the expected density share of the weights with full moments."""
+    if not is_lowrank(optim, name, shape):
+        return adam_state_bytes(optim, options, name, shape)
+    (m, n), sub, density = shape, options.subspace, options.density
+    if sub == "modules":
+        return round(density * (moment_bytes((m, n), optim.state_bits, 2) + STEP_BYTES))
+    if sub == "coordinates":
+        k = round(density * m * n)
+        return (moment_bytes((k,), optim.state_bits, 2) + STEP_BYTES if k else 0) + -(-m * n // 8)
+    side, full = ("right", n) if m >= n else ("left", m)
+    k = min(math.ceil(density * full) if sub == "blocks" else round(density * full), full)
+    if k == 0:
+        return 0
+    low = (m, k) if side == "right" else (k, n)
+    extra = 8 * k if sub == "blocks" else projection_bytes(k, full, options.proj_dtype)
+    return moment_bytes(low, optim.state_bits, 2) + STEP_BYTES + extra
+
+
+def _frugal_step_bytes(optim, options, name: str, shape) -> float:
+    if not is_lowrank(optim, name, shape):
+        return adam_step_bytes(optim, options, name, shape)
+    return lowrank_step_bytes(optim, STEP_RATE["frugal"], min(math.ceil(options.density * min(shape)), *shape), shape)
+
+
+@OPTIMIZERS.register("frugal")
+@declares(requires=_frugal_requires, validate=_validate_frugal, section="frugal", state_bytes=_frugal_state_bytes,
+          step_bytes=_frugal_step_bytes)
+def build_frugal(optim, options, named, lr):
+    return FRUGAL(lowrank_groups(optim, named), lr=lr, density=options.density, subspace=options.subspace,
+                  update_gap=options.update_gap, inactive_lr_scale=options.inactive_lr_scale,
+                  state_bits=optim.state_bits, seed=options.seed, proj_dtype=options.proj_dtype, **adam_kwargs(optim))

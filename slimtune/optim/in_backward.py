@@ -25,6 +25,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from slimtune.registry import OPTIONS
+from slimtune.technique import Technique
+
 
 class OptimizerInBackward:
     """One optimizer per parameter, built by `make([p])`, stepped from a post-accumulate-grad hook.
@@ -105,3 +108,20 @@ class OptimizerInBackward:
 
     def __repr__(self) -> str:
         return f"OptimizerInBackward({len(self.params)} parameters, inner={type(self.optimizers[0]).__name__})"
+
+
+@OPTIONS.register("optim.in_backward")
+class InBackward(Technique):
+    """optim.in_backward=true: each parameter steps in backward, its gradient freed at once."""
+
+    @staticmethod
+    def active(cfg, world: int) -> bool:
+        return cfg.optim.in_backward
+
+    @classmethod
+    def requires(cls, cfg) -> set[str]:
+        return {"single_process", "trainer_step", "whole_matrices"}
+
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        return {"clippable", "accumulation", "gradients_in_memory"}

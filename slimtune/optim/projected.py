@@ -21,6 +21,9 @@ import time
 
 import torch
 
+from slimtune.optim.memory import (STEP_BYTES, STEP_RATE, adam_state_bytes, adam_step_bytes, is_lowrank,
+                                 lowrank_step_bytes, moment_bytes, projection_bytes)
+
 from slimtune.optim.adam_core import (adam_direction, adamw_step, apply_update, init_adam_state, keep_saved_dtypes,
                                       reset_adam_moments)
 
@@ -61,6 +64,25 @@ def projection_side(shape: tuple[int, int], proj_type: str) -> str:
     if proj_type in ("left", "right"):
         return proj_type
     raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+
+
+def projected_state_bytes(optim, options, name: str, shape, index_bytes: int | None = None) -> int:
+    """Memory term (optim/memory.py) of GaLore / DCT: moments in the projected shape + step + P (index_bytes:
+    DCT keeps r int64 indices instead of P); tensors that are not projected keep Adam's."""
+    if not is_lowrank(optim, name, shape):
+        return adam_state_bytes(optim, options, name, shape)
+    side = projection_side(tuple(shape), options.proj_type)
+    r = min(options.rank, *shape)
+    state = moment_bytes(projected_shape(tuple(shape), r, side), optim.state_bits, 2) + STEP_BYTES
+    if index_bytes is not None:
+        return state + index_bytes * r
+    return state + projection_bytes(r, shape[1] if side == "right" else shape[0], options.proj_dtype)
+
+
+def projected_step_bytes(optim, options, name: str, shape) -> float:
+    if not is_lowrank(optim, name, shape):
+        return adam_step_bytes(optim, options, name, shape)
+    return lowrank_step_bytes(optim, STEP_RATE["projected"], min(options.rank, *shape), shape)
 
 
 def projected_shape(shape: tuple[int, int], rank: int, side: str) -> tuple[int, int]:

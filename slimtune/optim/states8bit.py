@@ -39,6 +39,9 @@ import math
 
 import torch
 
+from slimtune.registry import OPTIONS
+from slimtune.technique import Technique
+
 BLOCK = 256  # values per absmax
 SIGNED_CODES, SIGNED_POWER = 127, 3  # m: level[c] = (c / 127) ** 3
 UNSIGNED_CODES, UNSIGNED_POWER = 255, 6  # v: level[c] = (c / 255) ** 6
@@ -158,3 +161,16 @@ def state_nbytes(optimizer) -> int:
     """Bytes of every tensor in `optimizer.state` (moments, steps, projections, ...)."""
     return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                if isinstance(v, torch.Tensor))
+
+
+@OPTIONS.register("optim.state_bits")
+class EightBitStates(Technique):
+    """optim.state_bits=8: block-wise 8-bit moments quantize whole tensors."""
+
+    @staticmethod
+    def active(cfg, world: int) -> bool:
+        return cfg.optim.state_bits == 8
+
+    @classmethod
+    def requires(cls, cfg) -> set[str]:
+        return {"whole_matrices"}

@@ -118,8 +118,8 @@ def activations(arch: Arch, cfg, weights: Weights, device: str, batch_size: int 
     # data.packing=documents / none pass position ids: cos / sin per row, and (a block with a document boundary,
     # or padding) a 4-D mask; the planner assumes a micro-batch that has one (the worst case)
     masked = cfg.data.packing in ("documents", "none")
-    rank = cfg.adapter.rank
-    dropout = cfg.adapter.dropout > 0 and cfg.adapter.type in ("lora", "lq_lora")
+    rank = weights.adapter_width
+    dropout = weights.adapter_dropout
     per_layer = layer_tensors(arch, modes, rank, a, rb, full, dropout, S, masked=masked)
     first = layer_tensors(arch, modes, rank, a, rb, full, dropout, S, flowing=full, masked=masked)
     H, V = arch.hidden, arch.vocab

@@ -25,9 +25,12 @@ from dataclasses import dataclass, field
 from slimtune.plan import platform as P
 from slimtune.plan.activations import activations
 from slimtune.plan.arch import Arch, architecture
-from slimtune.plan.engines import Sizes, offload_active, offload_recompute, per_rank
+from slimtune.engines.offload.engine import offload_active
+from slimtune.plan.engines import Sizes, offload_recompute, per_rank
 from slimtune.plan.optimizer import state_bytes, step_transient_bytes
 from slimtune.plan.weights import DTYPE_BYTES, Weights, model_weights
+from slimtune.registry import HOOKS, OPTIMIZERS
+from slimtune.technique import options_of
 
 MiB = 2**20
 
@@ -56,21 +59,21 @@ def resolve_device(cfg) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-_CACHE: dict = {}  # --fit plans many configurations of one model: weights and optimizer counts once each
-
-
-def _weights(arch: Arch, cfg) -> Weights:
+def _weights(arch: Arch, cfg, cache: dict) -> Weights:
     from slimtune.formats.quantized import is_quantized_checkpoint, read_manifest
+    from slimtune.registry import ADAPTERS, QUANT_FORMATS
 
-    key = ("weights", arch.model_dir, cfg.model, cfg.adapter, cfg.quant, cfg.lq_lora, cfg.sparse_ft)
-    if key not in _CACHE:
+    key = ("weights", arch.model_dir, cfg.model, cfg.adapter, cfg.quant, cfg.lq_lora,
+           options_of(cfg, ADAPTERS.technique(cfg.adapter.type)),
+           options_of(cfg, QUANT_FORMATS.technique(cfg.quant.method)))
+    if key not in cache:
         prebuilt = None
         if is_quantized_checkpoint(cfg.model.name):
             from pathlib import Path
 
             prebuilt = read_manifest(Path(cfg.model.name).expanduser())
-        _CACHE[key] = model_weights(arch, cfg, prebuilt)
-    return _CACHE[key]
+        cache[key] = model_weights(arch, cfg, prebuilt)
+    return cache[key]
 
 
 def _format(cfg) -> str:
@@ -83,17 +86,17 @@ def _format(cfg) -> str:
         "-bnb" if q.backend == "bitsandbytes" else "")
 
 
-def _sizes(cfg, w: Weights) -> Sizes:
+def _sizes(cfg, w: Weights, cache: dict) -> Sizes:
     o = cfg.optim
-    key = ("sizes", id(w), o)
-    if key not in _CACHE:
+    key = ("sizes", id(w), o, options_of(cfg, OPTIMIZERS.get(o.name)))
+    if key not in cache:
         grads = w.trainable_bytes
         if o.in_backward:  # each gradient is stepped and freed in backward: the largest one at a time
             grads = 4 * max((t.numel for t in w.trainable), default=0)
-        _CACHE[key] = Sizes(frozen=w.frozen_bytes + w.adapter_buffers + w.regrowth, trainable=w.trainable_bytes,
+        cache[key] = Sizes(frozen=w.frozen_bytes + w.adapter_buffers + w.regrowth, trainable=w.trainable_bytes,
                             grads=grads,
-                            state=state_bytes(o, w.trainable), step=step_transient_bytes(o, w.trainable))
-    return dataclasses.replace(_CACHE[key])
+                            state=state_bytes(cfg, w.trainable), step=step_transient_bytes(cfg, w.trainable))
+    return dataclasses.replace(cache[key])
 
 
 def _data_bytes(cfg) -> int:
@@ -130,17 +133,15 @@ def _train_steps(cfg, arch: Arch, w: Weights, s: Sizes, acts) -> dict[str, dict[
     embed_grad = 4 * arch.vocab * arch.hidden if full and not o.in_backward else 0
     end = {**keep, **extra, "gradients": s.grads, "activations.backward": acts.backward + embed_grad}
     step = {**keep, "gradients": s.grads, "optimizer.step": 0 if o.in_backward else s.step}
-    if cfg.adapter.type == "sparse_ft" and cfg.sparse_ft.regrow == "ag":  # dense gradient sums before reselection
-        dense = 4 * sum(lin.numel for lin in arch.linears if w.adapted.get(lin.name) == "sparse")
-        if t.max_steps > cfg.sparse_ft.reselect_every - cfg.sparse_ft.accumulate_steps:
-            end["adapter.regrowth"] = step["adapter.regrowth"] = dense
+    if w.adapter_step:  # the adapters' own step-time memory (sparse_ft's dense gradient sums before a reselection)
+        end["adapter.regrowth"] = step["adapter.regrowth"] = w.adapter_step
     return {"forward": forward, "backward": backward, "backward_end": end, "step": step}
 
 
 def _fragmentation(cfg, arch: Arch, w: Weights, acts, device: str) -> int:
     """glibc's heap growth beyond the live bytes over a training step (platform.py), CPU only: a share of the
     heap-sized activations a step churns through and of the dense weights a quantized base dequantizes."""
-    if device != "cpu" or offload_active(cfg, device):  # the offload engine fixes the mmap threshold
+    if device != "cpu" or offload_active(cfg):  # the offload engine fixes the mmap threshold
         return 0
     a = DTYPE_BYTES[cfg.model.dtype]
     dequant = sum(lin.numel * a for lin in arch.linears if lin.name in w.quantized and lin.numel * a < P.MMAP_MAX)
@@ -182,13 +183,15 @@ def resolve_dtype(cfg, device: str):
     return resolve(cfg, device)[0]
 
 
-def plan_memory(cfg, world_size: int = 1, device: str | None = None) -> Plan:
-    """The predicted peak of a run of cfg (RecipeConfig) on each of world_size ranks."""
+def plan_memory(cfg, world_size: int = 1, device: str | None = None, cache: dict | None = None) -> Plan:
+    """The predicted peak of a run of cfg (RecipeConfig) on each of world_size ranks. cache: a dict the caller
+    keeps across calls on one model (plan --fit plans many configurations: weights and optimizer counts once)."""
+    cache = {} if cache is None else cache
     device = device or resolve_device(cfg)
     cfg = resolve_dtype(cfg, device)
     arch = architecture(cfg.model.name)
-    w = _weights(arch, cfg)
-    s = per_rank(cfg, arch, w, _sizes(cfg, w), world_size, device)
+    w = _weights(arch, cfg, cache)
+    s = per_rank(cfg, arch, w, _sizes(cfg, w, cache), world_size, device)
     recompute = offload_recompute(cfg, arch, device)
     if recompute is not None:  # the offload engine's own recompute decision replaces activation checkpointing
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=recompute))
@@ -196,7 +199,9 @@ def plan_memory(cfg, world_size: int = 1, device: str | None = None) -> Plan:
     unsharded = w.frozen_bytes + w.adapter_buffers + w.regrowth
     quantized = round(s.frozen * sum(w.quantized.values()) / unsharded) if unsharded else 0
     resident = {"weights.quantized": quantized, "weights.frozen": s.frozen - quantized,
-                "weights.trainable": s.trainable, "engine.buffers": s.engine, "offload.buffers": s.offload}
+                "weights.trainable": s.trainable, "engine.buffers": s.engine, "offload.buffers": s.offload,
+                "hooks.state": sum(HOOKS.get(n).state_bytes(options_of(cfg, HOOKS.get(n)), s.trainable)
+                                   for n in cfg.hooks)}
     steps = _train_steps(cfg, arch, w, s, acts)
     name, top = max(steps.items(), key=lambda kv: sum(kv[1].values()))
     train = {**resident, **top}

@@ -6,12 +6,13 @@ Knobs, each with a cost (roughly: how much speed or fidelity it gives up), and t
                        halving: smaller matmuls)
   train.loss_chunk_tokens  a naive loss (0) made chunked, 256 (0.05: no cost to speak of)
   train.activation_checkpointing  true (1.0: ~30% more compute)
-  optim.state_bits     8 for adamw / galore / frugal / dct (0.5: 8-bit moments)
-  quant.method         nf4 for LoRA on an unquantized base (2.0: a 4-bit base, slower matmuls on CPU)
-  offload              optimizer=disk (3.0), params=disk as well (5.0): slimtune's offload engine
-  engine               with world size > 1: fsdp2 (1.5), deepspeed zero_stage=3 (2.0)
-Candidates are evaluated cheapest first; the first whose peak is at most FIT_MARGIN x the budget wins (the
-margin covers the prediction's error on the measured runs of benchmarks/plan_accuracy.py).
+  optim.state_bits     8 where the optimizer takes it (0.5: 8-bit moments)
+  quant.method         nf4 for an adapter on an unquantized base (2.0: a 4-bit base, slower matmuls on CPU)
+  engine.name=offload  engine.optimizer=disk (3.0), engine.params=disk as well (5.0): slimtune's offload engine
+  engine.name          with world size > 1: fsdp2 (1.5), deepspeed with deepspeed.zero_stage=3 (2.0)
+A candidate the config's rules refuse is skipped. Candidates are evaluated cheapest first; the first whose peak
+is at most FIT_MARGIN x the budget wins (the margin covers the prediction's error on the measured runs of
+benchmarks/plan_accuracy.py).
 """
 
 from __future__ import annotations
@@ -47,11 +48,11 @@ def knob_keys(cfg) -> list[str]:
     keys = ["train.batch_size", "train.grad_accum", "train.activation_checkpointing"]
     if cfg.train.loss_chunk_tokens <= 0:
         keys.append("train.loss_chunk_tokens")
-    if cfg.optim.name in ("adamw", "galore", "frugal", "dct"):
+    if _candidate(cfg, {"optim.state_bits": 8}) is not None:
         keys.append("optim.state_bits")
-    if cfg.adapter.type in ("lora", "sparse_ft"):
+    if cfg.adapter.type != "none":
         keys.append("quant.method")
-    return keys + ["offload.params", "offload.optimizer", "engine.name"]
+    return keys + ["engine.name", "engine.params", "engine.optimizer"]
 
 
 def _choices(cfg, world: int) -> list[list[tuple[dict, float]]]:
@@ -71,16 +72,17 @@ def _choices(cfg, world: int) -> list[list[tuple[dict, float]]]:
         groups.append([({}, 0.0), ({"train.loss_chunk_tokens": 256}, 0.05)])
     if not t.activation_checkpointing:
         groups.append([({}, 0.0), ({"train.activation_checkpointing": True}, 1.0)])
-    if o.name in ("adamw", "galore", "frugal", "dct") and o.state_bits == 32:
+    if o.state_bits == 32:
         groups.append([({}, 0.0), ({"optim.state_bits": 8}, 0.5)])
-    if cfg.adapter.type in ("lora", "sparse_ft") and cfg.quant.method == "none" and cfg.adapter.init == "default":
+    if cfg.adapter.type != "none" and cfg.quant.method == "none" and cfg.adapter.init == "default":
         groups.append([({}, 0.0), ({"quant.method": "nf4"}, 2.0)])
-    if cfg.engine.name == "ddp" and cfg.offload.params == "none" and cfg.offload.optimizer == "none":
-        groups.append([({}, 0.0), ({"offload.optimizer": "disk"}, 3.0),
-                       ({"offload.optimizer": "disk", "offload.params": "disk"}, 5.0)])
+    if cfg.engine.name == "ddp":
+        groups.append([({}, 0.0), ({"engine.name": "offload", "engine.params": "none", "engine.optimizer": "disk"},
+                                   3.0), ({"engine.name": "offload", "engine.params": "disk",
+                                           "engine.optimizer": "disk"}, 5.0)])
     if world > 1 and cfg.engine.name == "ddp":
         groups.append([({}, 0.0), ({"engine.name": "fsdp2"}, 1.5),
-                       ({"engine.name": "deepspeed", "engine.zero_stage": 3}, 2.0)])
+                       ({"engine.name": "deepspeed", "deepspeed.zero_stage": 3}, 2.0)])
     return groups
 
 
@@ -107,12 +109,12 @@ def fit(cfg, budget: int, world: int = 1, device: str | None = None) -> tuple[di
             cost += c
         options.append((cost, len(overrides), overrides))
     options.sort(key=lambda x: (x[0], x[1]))
-    smallest = None
+    smallest, cache = None, {}  # one model: its weight and optimizer counts shared by the candidates
     for cost, _, overrides in options:
         cand = _candidate(cfg, overrides)
         if cand is None:
             continue
-        plan = plan_memory(cand, world, device)
+        plan = plan_memory(cand, world, device, cache)
         if plan.peak_memory_bytes <= FIT_MARGIN * budget:
             return overrides, plan
         if smallest is None or plan.peak_memory_bytes < smallest[1].peak_memory_bytes:

@@ -1,20 +1,24 @@
 """Bytes of the model as a run holds it: the frozen base by storage format, and the trainable tensors.
 
-The counts follow what the code allocates: `quant/` formats store codes + scales exactly as
-`QuantFormat.tensor_layout` (NF4, NF-k, INT-k, double-quantized scales) or `Int8Weight` (int8 codes + fp32
-absmax) lay them out; what stays unquantized (embeddings, norms, lm_head) is cast to model.dtype
-(model/quantize.quantize_base); trainable tensors are fp32 master weights (adapters/inject.apply_adapters,
+The counts follow what the code allocates: `quant/` formats store codes + scales exactly as each format
+class's `tensor_layout` (NF4, NF-k, INT-k, double-quantized scales; INT8's fp32 absmax) lays them out,
+bitsandbytes' layers as its backend declares; what stays unquantized (embeddings, norms, lm_head) is cast to
+model.dtype (model/quantize.quantize_base); trainable tensors are fp32 master weights (adapters/inject.apply_adapters,
 LoRA factors, sparse_ft deltas). LQ-LoRA's per-matrix formats come from an integer program at plan time
 unknown: its base is counted at lq_lora.budget_bits, the average the allocation must meet.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from slimtune.plan.arch import Arch, Linear
+from slimtune.quant.linear import configured_format
 from slimtune.quant.scales import DQ_BLOCK
+from slimtune.registry import ADAPTERS, BACKENDS, QUANT_FORMATS
+from slimtune.technique import options_of
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -37,8 +41,11 @@ class Weights:
     quantized: dict[str, int] = field(default_factory=dict)  # quantized linear -> its stored bytes
     trainable: list[Tensor] = field(default_factory=list)  # fp32 master weights / adapter factors
     adapter_buffers: int = 0  # non-trainable adapter tensors: sparse_ft's indices (int64)
-    regrowth: int = 0  # sparse_ft's regrowth statistics, allocated when training starts (SM3 row + column sums)
-    adapted: dict[str, str] = field(default_factory=dict)  # module name -> "lora" | "sparse" | "train"
+    regrowth: int = 0  # adapter statistics allocated when training starts (sparse_ft's SM3 row + column sums)
+    adapter_step: int = 0  # held around some optimizer steps (sparse_ft's dense gradient sums)
+    adapted: dict[str, str] = field(default_factory=dict)  # module name -> its plan_kind ("lora" | "sparse") | "train"
+    adapter_width: int = 0  # values per token an adapter's forward saves besides its input (AdapterTerms.width)
+    adapter_dropout: bool = False  # the adapters save a dropped-out copy of their input (plan_dropout, dropout > 0)
 
     @property
     def trainable_bytes(self) -> int:
@@ -49,31 +56,25 @@ class Weights:
         return 4 * sum(t.numel for t in self.trainable if 4 * t.numel < limit)
 
 
-def linear_storage_bytes(lin: Linear, method: str, block_size: int, double_quant: bool, backend: str,
-                         dtype_bytes: int) -> int:
-    """Bytes of one frozen linear quantized with quant.method (codes + scales; its bias in model.dtype)."""
-    from slimtune.quant import QUANT_FORMATS
-
-    n, bias = lin.numel, lin.out_features * dtype_bytes if lin.bias else 0
-    nb = -(-n // block_size)
-    if backend == "bitsandbytes":  # Linear4bit: packed codes + absmax (uint8 + fp32 per 256 nested);
-        if method == "nf4":        # Linear8bitLt: int8 codes + one fp32 scale per row
-            return n // 2 + (nb + 4 * (-(-nb // 256) + 1) if double_quant else 4 * nb) + bias
-        return n + 4 * lin.out_features + bias
-    fmt = QUANT_FORMATS.get(method).format_for(method, block_size, double_quant)
-    if (fmt.kind, fmt.bits) == ("int", 8):  # Int8Weight keeps fp32 scales (quant.double_quant does not apply)
-        return n + 4 * nb + bias
-    layout = fmt.tensor_layout((lin.out_features, lin.in_features))
+def stored_bytes(lin: Linear, cls, fmt, dtype_bytes: int) -> int:
+    """Bytes of one frozen linear stored by quantized-format class `cls` in format `fmt` (its tensor layout:
+    codes + scales; its bias in model.dtype)."""
+    layout = cls.tensor_layout(fmt, (lin.out_features, lin.in_features))
+    bias = lin.out_features * dtype_bytes if lin.bias else 0
     # double-quantized int8 scales keep the storage of their padded (256-value) blocks (scales.double_quantize)
     return sum((-(-count // DQ_BLOCK) * DQ_BLOCK if key.endswith("_q") else count) * dt.itemsize
                for key, (count, dt) in layout.items()) + bias
 
 
-def _sparse_k(lin: Linear, adapter, total_numel: int) -> int:
-    """sparse_ft entries of one target: round(density * numel), or num_params spread by size."""
-    if adapter.num_params:
-        return max(1, round(adapter.num_params * lin.numel / total_numel))
-    return max(1, round(adapter.density * lin.numel))
+def linear_storage_bytes(lin: Linear, cfg, dtype_bytes: int) -> int:
+    """Bytes of one frozen linear quantized per cfg.quant (and the format's own section)."""
+    q = cfg.quant
+    if q.backend == "bitsandbytes":
+        return BACKENDS.get("bitsandbytes").storage_bytes(q, lin.numel, lin.out_features) + (
+            lin.out_features * dtype_bytes if lin.bias else 0)
+    cls = QUANT_FORMATS.get(q.method)
+    fmt = configured_format(cls, q.method, q.block_size, q.double_quant, options_of(cfg, cls))
+    return stored_bytes(lin, cls, fmt, dtype_bytes)
 
 
 def target_linears(arch: Arch, cfg) -> list[Linear]:
@@ -87,8 +88,6 @@ def target_linears(arch: Arch, cfg) -> list[Linear]:
 def model_weights(arch: Arch, cfg, prebuilt: dict | None = None) -> Weights:
     """The frozen and trainable tensors of cfg's model after setup (pipeline stages 1-3).
     prebuilt: a quantized checkpoint's manifest (its formats and adapters replace cfg.quant / cfg.adapter)."""
-    from slimtune.quant import QuantFormat
-
     a, q = cfg.adapter, cfg.quant
     dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
     w = Weights()
@@ -103,10 +102,8 @@ def model_weights(arch: Arch, cfg, prebuilt: dict | None = None) -> Weights:
         for name, spec in prebuilt.get("quantized", {}).items():
             lin = next((x for x in arch.linears if x.name == name), None)
             if lin is not None:
-                fmt = QuantFormat.parse(spec["format"])
-                method = f"{'nf' if fmt.kind == 'nf' else 'int'}{fmt.bits}{'a' if fmt.kind == 'int_asym' else ''}"
-                quantized[name] = linear_storage_bytes(lin, method, fmt.block_size, fmt.double_quant, "slimtune",
-                                                       dtype_bytes)
+                cls = next(c for c in QUANT_FORMATS.values() if c.__name__ == spec["class"])
+                quantized[name] = stored_bytes(lin, cls, cls.format_for(spec["format"]), dtype_bytes)
         ranks = {n: spec["rank"] for n, spec in prebuilt.get("adapters", {}).items()}
     else:
         ranks = {}
@@ -118,26 +115,25 @@ def model_weights(arch: Arch, cfg, prebuilt: dict | None = None) -> Weights:
             # uniform formats swap every nn.Linear but lm_head; LoftQ / EoRA (adapter.init) the targets only
             chosen = targets if a.init != "default" else [x for x in arch.linears if x.role != "lm_head"]
             for lin in chosen:
-                quantized[lin.name] = linear_storage_bytes(lin, q.method, q.block_size, q.double_quant, q.backend,
-                                                           dtype_bytes)
+                quantized[lin.name] = linear_storage_bytes(lin, cfg, dtype_bytes)
     w.quantized = quantized
     in_quantized = {f"{n}.{p}" for n in quantized for p in ("weight", "bias")}
     w.frozen_bytes = arch.buffer_bytes + sum(quantized.values()) + sum(
         p.numel * dtype_bytes for p in arch.params if p.name not in in_quantized)
+    adapter = ADAPTERS.get(a.type)
+    options = options_of(cfg, adapter)
+    w.adapter_dropout = adapter.plan_dropout and getattr(options, "dropout", 0) > 0
     total_target = sum(lin.numel for lin in targets)
     for lin in targets if not ranks else [x for x in arch.linears if x.name in ranks]:
-        if a.type == "sparse_ft":
-            k = _sparse_k(lin, a, total_target)
-            w.trainable.append(Tensor(f"{lin.name}.deltas", (k,)))
-            # indices int64; regrowth: SM3 row + column sums (ma), or a dense fp32 gradient sum (ag, transient)
-            w.adapter_buffers += 8 * k
-            w.regrowth += 4 * (lin.in_features + lin.out_features) if cfg.sparse_ft.regrow == "ma" else 0
-            w.adapted[lin.name] = "sparse"
-        else:
-            r = ranks.get(lin.name, a.rank)
-            w.trainable += [Tensor(f"{lin.name}.lora_A.weight", (r, lin.in_features)),
-                            Tensor(f"{lin.name}.lora_B.weight", (lin.out_features, r))]
-            w.adapted[lin.name] = "lora"
+        own = dataclasses.replace(options, rank=ranks[lin.name]) if lin.name in ranks else options
+        terms = adapter.memory_terms(own, lin.out_features, lin.in_features, lin.numel / max(total_target, 1),
+                                     cfg.train.max_steps)
+        w.trainable += [Tensor(f"{lin.name}.{n}", shape) for n, shape in terms.trainable]
+        w.adapter_buffers += terms.buffer_bytes
+        w.regrowth += terms.state_bytes
+        w.adapter_step += terms.step_bytes
+        w.adapter_width = max(w.adapter_width, terms.width)
+        w.adapted[lin.name] = adapter.plan_kind
     return w
 
 

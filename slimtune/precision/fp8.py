@@ -13,7 +13,7 @@ fp8 (Transformer Engine's hybrid recipe, current scaling): one scale per tensor.
 W made in forward are reused transposed in backward, so backward needs only the e5m2 E.
 
 HALO (Ashkboos et al. 2025): one scale per row of each operand (per token / per channel along the inner
-dim), and block Hadamard rotations H (orthonormal, symmetric, `train.hadamard_block` wide) that spread
+dim), and block Hadamard rotations H (orthonormal, symmetric, `halo.hadamard_block` wide) that spread
 outliers before quantizing, placed as in the authors' code (qllmt HaloFnLevel0/1/2):
     level 0  no rotation;
     level 1  forward on (X H)(W H)^T: the rotation cancels along K;
@@ -25,6 +25,8 @@ the block is zero-padded: zeros change no product and H is block diagonal.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,6 +34,10 @@ import torch.nn.functional as F
 # module references (not names): the kernel tests reload kernel modules in interpreter mode
 from slimtune.kernels import fp8_matmul as fp8k
 from slimtune.kernels import hadamard as hadk
+from slimtune.errors import ConfigError
+from slimtune.registry import PRECISIONS
+from slimtune.schema import config_section, option
+from slimtune.technique import Technique
 
 HALO_LEVELS = (0, 1, 2)
 
@@ -165,3 +171,57 @@ class FP8Linear(TrainingLinear):
     def extra_repr(self) -> str:
         kind = "fp8" if self.level is None else f"halo{self.level}, block={self.block}"
         return f"{super().extra_repr()}, {kind}"
+
+
+@config_section("halo", fixed=True)
+@dataclass(frozen=True)
+class HaloConfig:
+    """train.precision=halo's options."""
+
+    level: int = option("0 no rotation | 1 forward | 2 forward + input gradient", 2, (0, 1, 2))
+    hadamard_block: int = option("Hadamard block (power of two <= 256; reduced to what divides each dim)", 128)
+
+
+def largest_block(dim: int, block: int) -> int:
+    """The largest power of two <= block that divides dim (1 when dim is odd)."""
+    return min(block, dim & -dim)
+
+
+class PrecisionSwap(Technique):
+    """A train.precision technique: low-precision linears made from the base's full-precision ones."""
+
+    section = None
+
+    @classmethod
+    def requires(cls, cfg) -> set[str]:
+        return {"full_precision_linears"}
+
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        return {"whole_base_weight", "streamable"}
+
+
+@PRECISIONS.register("fp8")
+class FP8Precision(PrecisionSwap):
+    section = None
+
+    @staticmethod
+    def swap(linear: nn.Linear, options) -> nn.Module:
+        return FP8Linear.from_linear(linear)
+
+
+@PRECISIONS.register("halo")
+class HaloPrecision(PrecisionSwap):
+    section = "halo"
+
+    @staticmethod
+    def swap(linear: nn.Linear, options: HaloConfig) -> nn.Module:
+        # rotations along K need a block dividing in_features, level 2's along tokens are padded
+        block = max(2, largest_block(linear.in_features, options.hadamard_block))
+        return FP8Linear.from_linear(linear, options.level, block)
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        b = cfg.halo.hadamard_block
+        if not 2 <= b <= 256 or b & (b - 1):
+            raise ConfigError(f"halo.hadamard_block={b} must be a power of two in [2, 256]")

@@ -24,7 +24,8 @@ import torch.nn as nn
 from slimtune.kernels import mxfp4 as mxk  # a module reference: kernel tests reload it in interpreter mode
 from slimtune.kernels.mxfp4 import (BLOCK_SIZE, E2M1_VALUES, _floor_e2m1, _rtn_e2m1, dequantize_mxfp4_reference,
                                     pack_fp4)
-from slimtune.precision.fp8 import TrainingLinear, rotate_last
+from slimtune.precision.fp8 import PrecisionSwap, TrainingLinear, rotate_last
+from slimtune.registry import PRECISIONS
 
 dequantize_mxfp4 = dequantize_mxfp4_reference  # elementwise; torch is as fast as a kernel here
 
@@ -119,3 +120,12 @@ class QuartetLinear(TrainingLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mxfp4 (quartet)"
+
+
+@PRECISIONS.register("mxfp4")
+class MXFP4Precision(PrecisionSwap):
+    section = None
+
+    @staticmethod
+    def swap(linear: nn.Linear, options) -> nn.Module:
+        return QuartetLinear.from_linear(linear)

@@ -23,7 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from slimtune.loss import IGNORE, LogitTransform, count_targets, lm_loss_sum, logit_transform, position_kwargs
+from slimtune.registry import OPTIONS
+from slimtune.technique import Technique
+from slimtune.lm_loss import IGNORE, LogitTransform, count_targets, lm_loss_sum, logit_transform, position_kwargs
 
 
 def _kd_chunk(head_s: nn.Module, head_t: nn.Module, hs: torch.Tensor, ht: torch.Tensor, temperature: float,
@@ -190,3 +192,20 @@ class RecoveryLoss(nn.Module):
         total = sum(weights[k] * v for k, v in terms.items())
         self.last = {k: v.detach() for k, v in terms.items()}
         return total
+
+
+@OPTIONS.register("recover.kd")
+class Distillation(Technique):
+    """recover.kd / recover.feature > 0: the dense teacher runs beside the student."""
+
+    @staticmethod
+    def active(cfg, world: int) -> bool:
+        return cfg.recover.kd > 0 or cfg.recover.feature > 0
+
+    @staticmethod
+    def shown(cfg, world: int) -> str:
+        return f"{cfg.recover.kd} (recover.feature={cfg.recover.feature})"
+
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        return {"streamable"}

@@ -12,7 +12,6 @@ produce, and only one layer's statistics exist at a time.
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -118,15 +117,15 @@ def _collect_stats(layer: nn.Module, names: list[str], inputs: list[tuple[torch.
 
 @torch.no_grad()
 def prune_model(model: nn.Module, samples, method: str, sparsity: float, pattern="unstructured",
-                scope: str = "row", blocksize: int = 128, log=print, percdamp: float = 0.01) -> dict[str, float]:
+                scope: str = "row", options=None, log=print) -> dict[str, float]:
     """Prune every linear of the decoder layers in place; returns name -> achieved sparsity (fraction of
     zeros). `samples`: input_ids tensors (1, T) or (N, T), or calibration_samples' (input_ids, labels,
     position_ids) (position ids as data.packing made them: no attention across packed documents), on any device;
-    unused by magnitude. `pattern`: 'unstructured', 'n:m' (or parse_pattern's other forms)."""
+    unused by magnitude. `pattern`: 'unstructured', 'n:m' (or parse_pattern's other forms). `options`: the
+    method's own section (sparsegpt.*), or None for its defaults."""
     if method not in PRUNE_METHODS:
         raise ValueError(f"prune method {method!r}: expected one of {', '.join(PRUNE_METHODS)}")
     pruner, nm = PRUNE_METHODS[method], parse_pattern(pattern)
-    knobs = SimpleNamespace(blocksize=blocksize, percdamp=percdamp)
     prefix, layers = _decoder_layers(model)
     if pruner.statistic is not None and not samples:
         raise SlimtuneError(f"prune method {method!r} needs calibration samples; got none")
@@ -145,7 +144,7 @@ def prune_model(model: nn.Module, samples, method: str, sparsity: float, pattern
                 if pruner.statistic is not None and stat is None:
                     raise SlimtuneError(f"prune: {full} got no input during calibration; {method} needs its "
                                         "statistics")
-                pruner.prune(linear.weight.data, stat, sparsity, nm, scope, knobs)
+                pruner.prune(linear.weight.data, stat, sparsity, nm, scope, options)
                 achieved[full] = (linear.weight == 0).float().mean().item()
             del stats
             if inputs and i + 1 < len(layers):

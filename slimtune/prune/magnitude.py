@@ -6,6 +6,7 @@ import torch
 
 from slimtune.prune.patterns import mask_from_scores
 from slimtune.registry import PRUNE_METHODS
+from slimtune.technique import Technique
 
 
 def magnitude_mask(W: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
@@ -15,9 +16,10 @@ def magnitude_mask(W: torch.Tensor, sparsity: float, nm: tuple[int, int] | None 
 
 
 @PRUNE_METHODS.register("magnitude")
-class Magnitude:
+class Magnitude(Technique):
+    section = None
     statistic = None  # needs no calibration inputs
 
     @staticmethod
-    def prune(W: torch.Tensor, stat, sparsity: float, nm, scope: str, cfg) -> None:
+    def prune(W: torch.Tensor, stat, sparsity: float, nm, scope: str, options) -> None:
         W.masked_fill_(~magnitude_mask(W, sparsity, nm, scope), 0)

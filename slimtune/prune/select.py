@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 from slimtune.data import Blocks
 from slimtune.errors import SlimtuneError
-from slimtune.loss import IGNORE, lm_loss_sum, logit_transform, position_kwargs
+from slimtune.registry import OPTIONS
+from slimtune.technique import Technique
+from slimtune.lm_loss import IGNORE, lm_loss_sum, logit_transform, position_kwargs
 
 MEASURES = ("loss", "kl")
 
@@ -275,3 +277,16 @@ def select_recovery_data(dense: nn.Module, pruned: nn.Module, blocks: Blocks, fr
     summary = {"n_candidates": len(blocks), "n_selected": len(idx), "clusters": clusters, "measure": measure,
                "mean_score_selected": float(scores[idx].mean()), "mean_score_all": float(scores.mean())}
     return blocks.subset(idx), summary
+
+
+@OPTIONS.register("data.select")
+class DataSelection(Technique):
+    """data.select=degradation | random: recovery data chosen among the training blocks."""
+
+    @staticmethod
+    def active(cfg, world: int) -> bool:
+        return cfg.data.select != "all"
+
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        return {"streamable"}

@@ -3,10 +3,24 @@ input Hessian H = 2 X X^T / n of the layer's calibration inputs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from slimtune.errors import ConfigError
 from slimtune.prune.patterns import _check, _lowest
 from slimtune.registry import PRUNE_METHODS
+from slimtune.schema import config_section, option
+from slimtune.technique import Technique
+
+
+@config_section("sparsegpt")
+@dataclass(frozen=True)
+class SparseGPTConfig:
+    """prune.method=sparsegpt's options."""
+
+    blocksize: int = option("columns per lazy-update block", 128)
+    percdamp: float = option("dampening of the Hessian, a fraction of its mean diagonal", 0.01)
 
 
 def _compute_dtype(W: torch.Tensor, H: torch.Tensor) -> torch.dtype:
@@ -119,11 +133,21 @@ def exact_obs_prune(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor) -> tor
 
 
 @PRUNE_METHODS.register("sparsegpt")
-class SparseGPT:
+class SparseGPT(Technique):
+    section = "sparsegpt"
     statistic = "hessian"  # (in, in): 2 X X^T / n, accumulated as the reference does
 
     @staticmethod
-    def prune(W: torch.Tensor, stat, sparsity: float, nm, scope: str, cfg) -> None:
-        W_new, _ = sparsegpt_prune(W, stat, sparsity, nm, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
+    def prune(W: torch.Tensor, stat, sparsity: float, nm, scope: str, options: SparseGPTConfig | None) -> None:
+        options = options or SparseGPTConfig()
+        W_new, _ = sparsegpt_prune(W, stat, sparsity, nm, blocksize=options.blocksize, percdamp=options.percdamp,
                                    scope=scope)
         W.copy_(W_new)
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        s = cfg.sparsegpt
+        if s.blocksize < 1:
+            raise ConfigError(f"sparsegpt.blocksize={s.blocksize} must be >= 1")
+        if not 0 <= s.percdamp < 1:
+            raise ConfigError(f"sparsegpt.percdamp={s.percdamp} must be in [0, 1)")

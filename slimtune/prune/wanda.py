@@ -6,6 +6,7 @@ import torch
 
 from slimtune.prune.patterns import mask_from_scores
 from slimtune.registry import PRUNE_METHODS
+from slimtune.technique import Technique
 
 
 def wanda_mask(W: torch.Tensor, x_norm: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
@@ -19,9 +20,10 @@ def wanda_mask(W: torch.Tensor, x_norm: torch.Tensor, sparsity: float, nm: tuple
 
 
 @PRUNE_METHODS.register("wanda")
-class Wanda:
+class Wanda(Technique):
+    section = None
     statistic = "sq_norms"  # (in,): the sum over calibration tokens of x_j^2
 
     @staticmethod
-    def prune(W: torch.Tensor, stat, sparsity: float, nm, scope: str, cfg) -> None:
+    def prune(W: torch.Tensor, stat, sparsity: float, nm, scope: str, options) -> None:
         W.masked_fill_(~wanda_mask(W, stat.sqrt(), sparsity, nm, scope), 0)

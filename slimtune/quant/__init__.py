@@ -13,12 +13,13 @@ from torch import nn
 
 from slimtune.quant.bnb import dequantize_bnb_weight, is_bnb_linear, to_bnb_linear  # never imports bnb itself
 from slimtune.quant.int8 import Int8Linear, Int8Weight, quantize_int8
-from slimtune.quant.linear import FrozenQuantLinear
+from slimtune.quant.linear import FrozenQuantLinear, configured_format
 from slimtune.quant.nf4 import NF4_CODEBOOK, NF4Linear, NF4Weight, quantize_nf4
 from slimtune.quant.nfk import nf_codebook
 from slimtune.quant.packed import PACKED_METHODS, PackedLinear, PackedWeight, bits_per_param
 from slimtune.quant.qformat import QuantFormat
-from slimtune.registry import QUANT_FORMATS
+from slimtune.registry import BACKENDS, QUANT_FORMATS
+from slimtune.technique import Technique
 from slimtune.quant.packed import quantize as quantize_packed
 from slimtune.quant.packing import pack_bits, unpack_bits
 
@@ -49,7 +50,7 @@ __all__ = [
 @torch.no_grad()
 def quantize_model(model: nn.Module, method: str, backend: str = "slimtune", block_size: int = 64,
                    double_quant: bool = True, compute_dtype: torch.dtype | None = torch.float32,
-                   skip_modules=("lm_head",)) -> int:
+                   skip_modules=("lm_head",), options=None) -> int:
     """Replace, in place, every nn.Linear of `model` whose last name component is not in skip_modules by
     its quantized version; returns how many were replaced. method "none" is a no-op (returns 0).
 
@@ -65,7 +66,7 @@ def quantize_model(model: nn.Module, method: str, backend: str = "slimtune", blo
             return to_bnb_linear(linear, method, block_size, double_quant, compute_dtype)
     elif backend == "slimtune":
         cls = QUANT_FORMATS.get(method)
-        fmt = cls.format_for(method, block_size, double_quant)
+        fmt = configured_format(cls, method, block_size, double_quant, options)
 
         def make(linear):
             return cls.quantize_linear(linear, fmt, compute_dtype)
@@ -101,3 +102,19 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     if not is_bnb_linear(module):
         raise TypeError(f"{type(module).__name__} is not a quantized linear")
     return dequantize_bnb_weight(module)
+
+
+class NoQuant(Technique):
+    """quant.method=none: the base stays in full precision."""
+
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        return {"quantized_base", "lq_lora_base"}
+
+
+QUANT_FORMATS.declare("none", NoQuant)
+
+
+@BACKENDS.register("slimtune")
+class SlimtuneBackend(Technique):
+    """quant.backend=slimtune: slimtune's own pure-torch formats (this package)."""

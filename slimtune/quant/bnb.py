@@ -25,6 +25,9 @@ import sys
 import torch
 import torch.nn as nn
 
+from slimtune.registry import BACKENDS
+from slimtune.technique import Technique
+
 _MISSING = "quant.backend=bitsandbytes needs bitsandbytes: pip install bitsandbytes"
 
 
@@ -99,3 +102,21 @@ def dequantize_bnb_weight(module: nn.Module) -> torch.Tensor:
         # same expression as bnb's MatMul8bitFp, so this is bit-exactly the weight its fp32 matmul uses
         return w.data.to(torch.float32).mul_(scb.float().unsqueeze(1).mul(1.0 / 127.0))
     raise TypeError(f"not a bitsandbytes linear: {type(module).__name__}")
+
+
+@BACKENDS.register("bitsandbytes")
+class BitsandbytesBackend(Technique):
+    """quant.backend=bitsandbytes: bnb's Linear4bit (nf4) / Linear8bitLt (int8) as the frozen base."""
+
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        return {"slimtune_format", "streamable"}
+
+    @staticmethod
+    def storage_bytes(quant, numel: int, out_features: int) -> int:
+        """Bytes of one weight (bias aside), for the planner: Linear4bit packs two codes a byte plus its absmax
+        (fp32, or uint8 + one fp32 per 256 when double-quantized); Linear8bitLt int8 codes + an fp32 per row."""
+        if quant.method == "nf4":
+            nb = -(-numel // quant.block_size)
+            return numel // 2 + (nb + 4 * (-(-nb // 256) + 1) if quant.double_quant else 4 * nb)
+        return numel + 4 * out_features

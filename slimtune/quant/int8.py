@@ -101,6 +101,11 @@ class Int8Linear(FrozenQuantLinear):
         """Quantize `linear`'s weight on its device; the bias is kept (frozen) in compute_dtype or its own."""
         return cls.quantize_linear(linear, QuantFormat("int", 8, block_size), compute_dtype)
 
+    @classmethod
+    def tensor_layout(cls, fmt, shape) -> dict[str, tuple[int, torch.dtype]]:
+        numel = _check_layout(shape, fmt.block_size)  # fp32 scales: quant.double_quant does not apply
+        return {"codes": (numel, torch.int8), "absmax": (numel // fmt.block_size, torch.float32)}
+
     def _quantize(self, w: torch.Tensor) -> Int8Weight:
         return quantize_int8(w, self.block_size)
 

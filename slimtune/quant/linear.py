@@ -16,7 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimtune.errors import ConfigError
 from slimtune.quant.qformat import QuantFormat
+from slimtune.technique import options_of
 
 
 def packed_nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -31,6 +33,12 @@ def check_packed_sizes(fmt: str, d: dict[str, torch.Tensor], want: dict[str, int
             got = tuple(d[k].shape) if k in d else "missing"
             raise ValueError(f"{fmt} tensor {k!r}: expected {n} elements for shape {tuple(shape)}, "
                              f"block_size {block_size}; got {got}")
+
+
+def configured_format(cls, method: str, block_size: int, double_quant: bool, options=None):
+    """The format object of quantized-format class `cls` for quant.method / block_size / double_quant, with the
+    format's own section (options) when it declares one (a format without a section is asked without it)."""
+    return cls.format_for(method, block_size, double_quant, *(() if options is None else (options,)))
 
 
 class LinearDequant(torch.autograd.Function):
@@ -67,6 +75,25 @@ class FrozenQuantLinear(nn.Module):
     format = "?"
     fmt = None  # the QuantFormat (kind, bits, block size, double quant) the subclass stores
     _function: type[torch.autograd.Function] = LinearDequant
+    section = None
+    bnb_methods = ("nf4", "int8")  # quant.method values bitsandbytes has layers for
+
+    # its declaration as quant.method (technique.py): a frozen, quantized base
+    @classmethod
+    def requires(cls, cfg) -> set[str]:
+        return set() if cfg.quant.method in cls.bnb_methods else {"slimtune_format"}
+
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        q = cfg.quant
+        fmt = configured_format(cls, q.method, q.block_size, q.double_quant, options_of(cfg, cls))
+        exact = getattr(fmt, "exact_zero", False)  # a format that does not say is not trusted to keep 0
+        return {"trainable_base", "full_precision_linears", "lq_lora_base"} | (set() if exact else {"exact_zero"})
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        if cfg.quant.block_size <= 0:
+            raise ConfigError(f"quant.block_size={cfg.quant.block_size} must be > 0")
 
     def _init_common(self, in_features, out_features, bias, block_size, compute_dtype, device) -> None:
         self.in_features, self.out_features = in_features, out_features
@@ -78,10 +105,16 @@ class FrozenQuantLinear(nn.Module):
             if bias else None)
 
     @classmethod
-    def format_for(cls, name: str, block_size: int | None = None, double_quant: bool | None = None):
+    def format_for(cls, name: str, block_size: int | None = None, double_quant: bool | None = None, options=None):
         """The format object (`.name` round-trips through here) for a quant.method name or a stored format
-        name; the block-wise formats use QuantFormat ("nf4", "int4a-b128-dq"). Override for other names."""
+        name; the block-wise formats use QuantFormat ("nf4", "int4a-b128-dq"). options: the format's own config
+        section, when it declares one (`section`). Override for other names."""
         return QuantFormat.parse(name, block_size=block_size, double_quant=double_quant)
+
+    @classmethod
+    def tensor_layout(cls, fmt, shape) -> dict[str, tuple[int, torch.dtype]]:
+        """The tensors a weight of `shape` is stored in: name -> (element count, dtype) (the planner's count)."""
+        return fmt.tensor_layout(shape)
 
     @classmethod
     def make(cls, fmt, in_features: int, out_features: int, bias: bool = False,

@@ -24,6 +24,7 @@ import torch.nn as nn
 from slimtune.kernels import nf4_matmul as nf4_kernel
 from slimtune.kernels.nf4_matmul import NF4Operand
 from slimtune.quant.qformat import QuantFormat
+from slimtune.errors import ConfigError
 from slimtune.registry import QUANT_FORMATS
 from slimtune.quant.linear import FrozenQuantLinear, LinearDequant, check_packed_sizes, packed_nbytes
 from slimtune.quant.scales import DQ_BLOCK, double_dequantize, double_quant_sizes, double_quantize
@@ -166,6 +167,12 @@ class LinearNF4(LinearDequant):
 
 @QUANT_FORMATS.register("nf4")
 class NF4Linear(FrozenQuantLinear):
+    @classmethod
+    def validate(cls, cfg) -> None:
+        super().validate(cfg)
+        if cfg.quant.block_size % 2:
+            raise ConfigError(f"quant.block_size={cfg.quant.block_size} must be even for nf4 (2 codes per byte)")
+
     """Frozen NF4 linear (QLoRA's base layer). x: (..., in_features) -> (..., out_features) in x.dtype.
 
     Buffers: codes uint8 (out*in/2,) and absmax fp32, or absmax_q/absmax_scale/absmax_offset when

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
 
 import torch
@@ -12,7 +13,7 @@ from slimtune.chat import set_chat_template
 from slimtune.formats.compressed_memory import to_device
 from slimtune.data import Blocks, eval_batches, splits_for, text_windows
 from slimtune.hardware import fixed_dtype
-from slimtune.loss import CausalLMLoss, count_targets
+from slimtune.lm_loss import CausalLMLoss, count_targets
 from slimtune.formats.hf import load_tokenizer
 from slimtune.engines import dist
 from slimtune.model.pipeline import build_for_eval
@@ -60,6 +61,10 @@ def evaluate_model(cfg, whole_text: bool = False) -> dict:
     train.seq_len window of data.source, uncapped; else the eval split (capped by eval.max_batches), as a
     run's own eval does. Returns eval_perplexity, eval_loss (mean nats per target token), eval_tokens.
     model.dtype=auto (not resolved by the command line) computes in fp32."""
+    return contextvars.copy_context().run(_evaluate, cfg, whole_text)  # its kernel backend stays its own
+
+
+def _evaluate(cfg, whole_text: bool) -> dict:
     cfg = fixed_dtype(cfg)
     device = dist.pick_device(cfg.train.device)
     kernels.configure(cfg.train.kernels, device)

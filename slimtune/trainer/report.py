@@ -65,8 +65,10 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
         return int(rss_kb * 1024), "cpu_peak_rss"
 
 
-def plot_loss(rows: list[dict], path: Path) -> None:
-    """loss.png; without matplotlib (a lean install) a note instead: the curve is in metrics.jsonl anyway."""
+def plot_loss(rows: list[dict], path: Path, evals: list[tuple[int, float]] = ()) -> None:
+    """loss.png: the train loss per step, the eval loss (log of the eval perplexity) at each (step, perplexity)
+    of `evals` and of the rows, and the learning rate on its own axis. Without matplotlib (a lean install) a note
+    instead: the curves are in metrics.jsonl anyway."""
     try:
         import matplotlib
     except ImportError:
@@ -76,11 +78,21 @@ def plot_loss(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2, label="train loss")
+    points = sorted([*evals, *((r["step"], r["eval_perplexity"]) for r in rows if "eval_perplexity" in r)])
+    points = [(step, math.log(p)) for step, p in points if p is not None and math.isfinite(p) and p > 0]
+    if points:
+        ax.plot(*zip(*points), "o--", ms=4, lw=1, color="tab:red", label="eval loss (log perplexity)")
     ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
+    ax.set_ylabel("loss (nats / token)")
     ax.grid(alpha=0.3)
+    lr_ax = ax.twinx()
+    lr_ax.plot([r["step"] for r in rows], [r["lr"] for r in rows], lw=1, color="tab:gray", alpha=0.7, label="lr")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper right", fontsize=8)
     fig.tight_layout()
     tmp = Path(path).with_name(".loss.tmp.png")
     fig.savefig(tmp, dpi=100)

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from slimtune.adapters import apply_adapters, unwrap_adapters
 from slimtune.adapters.lora import LoRALinear
+from slimtune.adapters.lora import LoRAConfig
 from slimtune.config import AdapterConfig
 from slimtune.errors import ConfigError
 from slimtune.quant import NF4Linear, PackedLinear, quantize_model, quantize_nf4, quantize_packed
@@ -65,8 +66,7 @@ def test_only_the_factors_train():
 
 def test_only_adapter_params_train_and_gradients_flow():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
-    cfg = AdapterConfig(rank=2, alpha=4.0, target_modules="all-linear")
-    names = apply_adapters(model, cfg)
+    names = apply_adapters(model, AdapterConfig(target_modules="all-linear"), LoRAConfig(rank=2, alpha=4.0))
     assert names == ["0", "2"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight", "2.lora_B.weight"}
@@ -206,8 +206,8 @@ def test_bad_targets_and_impossible_rank():
     model = nn.Sequential(nn.Linear(8, 8))
     with pytest.raises(ConfigError, match="matches no linear module; available"):
         apply_adapters(model, AdapterConfig(target_modules=("q_proj",)))
-    with pytest.raises(ConfigError, match="adapter.rank=64"):
-        apply_adapters(nn.Sequential(nn.Linear(8, 8)), AdapterConfig(rank=64, target_modules="all-linear"))
+    with pytest.raises(ConfigError, match="lora.rank=64"):
+        apply_adapters(nn.Sequential(nn.Linear(8, 8)), AdapterConfig(target_modules="all-linear"), LoRAConfig(rank=64))
 
 
 def test_dropout_only_on_the_adapter_input_and_only_in_training():

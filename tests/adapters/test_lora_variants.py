@@ -13,6 +13,7 @@ from slimtune.adapters.dora import DoRALinear
 from slimtune.adapters.lora import LoRALinear
 from slimtune.formats.peft import load_peft_adapter, save_peft_adapter
 from slimtune.adapters.pissa import apply_pissa
+from slimtune.adapters.lora import LoRAConfig
 from slimtune.config import AdapterConfig, OptimConfig
 from slimtune.errors import ConfigError
 from slimtune.formats.hf import load_model
@@ -30,12 +31,18 @@ def peft():
     return pytest.importorskip("peft")
 
 
+def _configs(**adapter):
+    """(adapter section, lora section) of keys from either (use_rslora is LoRA's)."""
+    lora = {k: adapter.pop(k) for k in list(adapter) if k in ("use_rslora",)}
+    return AdapterConfig(**adapter), LoRAConfig(rank=RANK, alpha=ALPHA, **lora)
+
+
 def _adapted(**adapter):
     torch.manual_seed(0)
     model = load_model("tiny-llama")
-    cfg = AdapterConfig(rank=RANK, alpha=ALPHA, **adapter)
-    apply_adapters(model, cfg)
-    return model, cfg
+    cfg, lora = _configs(**adapter)
+    apply_adapters(model, cfg, lora)
+    return model, lora
 
 
 def _trainable(model):
@@ -61,7 +68,7 @@ def _logits(model):
 @pytest.mark.parametrize("adapter", [{"use_rslora": True}, {"type": "dora"}, {"type": "dora", "use_rslora": True},
                                      {"init": "pissa"}, {"init": "pissa", "use_rslora": True}])
 def test_trained_variant_loads_in_peft_with_same_logits(tmp_path, tiny_model_dir, adapter, peft):
-    model, cfg = _sgd_steps(_adapted(**adapter)[0]), AdapterConfig(rank=RANK, alpha=ALPHA, **adapter)
+    model, cfg = _sgd_steps(_adapted(**adapter)[0]), _configs(**adapter)[1]
     save_peft_adapter(model, cfg, tmp_path / "a", "tiny-llama", str(tiny_model_dir))
     saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     pissa, rslora = adapter.get("init") == "pissa", adapter.get("use_rslora", False)
@@ -135,7 +142,7 @@ def test_dora_on_nf4_is_the_formula_on_the_dequantized_weight_and_trains():
     W = full.model.layers[0].self_attn.q_proj.weight.detach().clone()
     model = load_model("tiny-llama")
     quantize_model(model, "nf4")
-    apply_adapters(model, AdapterConfig(type="dora", rank=RANK, alpha=ALPHA))
+    apply_adapters(model, AdapterConfig(type="dora"), LoRAConfig(rank=RANK, alpha=ALPHA))
     m = model.model.layers[0].self_attn.q_proj
     Wq = quantize_nf4(W, 64, True).dequantize(torch.float32)  # the NF4 base, by NF4's own quantizer
     torch.testing.assert_close(m.lora_magnitude_vector.detach(), Wq.norm(dim=1), rtol=1e-6, atol=1e-6)
@@ -163,7 +170,7 @@ def test_pissa_on_nf4_quantizes_the_residual():
     """At init: base = NF4(W - s B A) with s B A the rank-r SVD part of W (float64 SVD here), and the model equals
     the plain model with weights NF4(W - s B A) + s B A."""
     cfg = C.load_config("lora", ["model.name=tiny-llama", "quant.method=nf4", "adapter.init=pissa",
-                                 f"adapter.rank={RANK}", f"adapter.alpha={ALPHA}"])
+                                 f"lora.rank={RANK}", f"lora.alpha={ALPHA}"])
     model, ref = load_model("tiny-llama"), load_model("tiny-llama")
     apply_pissa(model, cfg, log=lambda s: None)
     modules = adapter_modules(model)
@@ -217,13 +224,19 @@ def test_lora_plus_groups_dora_magnitude_with_b_as_peft():
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (["adapter.type=dora", "adapter.init=pissa"], "adapter.init=pissa with adapter.type=dora"),
+    (["adapter.type=dora", "adapter.init=pissa"], "adapter.init=pissa needs plain LoRA factors .*, which "
+                                                  "adapter.type=dora does not give"),
     (["optim.lora_plus_ratio=-1"], "optim.lora_plus_ratio=-1.0 must be >= 0"),
-    (["adapter.type=none", "optim.lora_plus_ratio=16"], "optim.lora_plus_ratio=16.0 needs lora_B"),
-    (["adapter.type=none", "adapter.use_rslora=true"], "adapter.use_rslora=true"),
-    (["adapter.init=pissa", "offload.optimizer=cpu"], "adapter.init=pissa rewrites the base weights"),
-    (["adapter.type=dora", "offload.params=cpu"], "adapter.type=dora reads the whole base weight"),
-    (["adapter.init=pissa", "quant.method=lq_lora", "adapter.type=lq_lora"], "adapter.init=pissa with"),
+    (["adapter.type=none", "optim.lora_plus_ratio=16"],
+     "optim.lora_plus_ratio=16.0 needs LoRA factors .*, which adapter.type=none"),
+    (["adapter.type=none", "lora.use_rslora=true"], "lora.use_rslora=true"),
+    (["adapter.init=pissa", "engine.name=offload"],
+     "engine.name=offload needs every other technique to work on one streamed layer .*, "
+     "which adapter.init=pissa does not give"),
+    (["adapter.type=dora", "engine.name=offload"], "adapter.type=dora needs the whole frozen base weight in its "
+                                                   "forward, which engine.name=offload does not give"),
+    (["adapter.init=pissa", "quant.method=lq_lora", "adapter.type=lq_lora"], "adapter.init=pissa needs plain LoRA "
+                                                                             "factors .*, which adapter.type=lq_lora"),
 ])
 def test_bad_combinations_name_the_key(overrides, needle):
     with pytest.raises(ConfigError, match=needle.replace("+", r"\+")):
@@ -231,8 +244,8 @@ def test_bad_combinations_name_the_key(overrides, needle):
 
 
 def test_pissa_rank_beyond_half_the_smallest_dim_is_refused():
-    with pytest.raises(ConfigError, match=r"adapter.rank=17 with adapter.init=pissa.*adapter.rank<=16"):
-        apply_adapters(load_model("tiny-llama"), AdapterConfig(rank=17, init="pissa"))
+    with pytest.raises(ConfigError, match=r"lora.rank=17 with adapter.init=pissa.*lora.rank<=16"):
+        apply_adapters(load_model("tiny-llama"), AdapterConfig(init="pissa"), LoRAConfig(rank=17))
 
 
 def test_cli_runs_dora_and_peft_loads_it(tmp_path, peft):

@@ -5,15 +5,15 @@ against the dense gradient computed by autograd."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 
 from slimtune.adapters import sparse_ft
-from slimtune.adapters.sparse_ft import (SparseFTLinear, drop_fraction_at, grad_square_sums, in_accumulation_window,
-                                         module_seed, pick_path, remap_adam_state, sparse_delta_linear)
+from slimtune.adapters.sparse_ft import (SparseFTConfig, SparseFTLinear, drop_fraction_at, grad_square_sums,
+                                         in_accumulation_window, module_seed, pick_path, remap_adam_state,
+                                         sparse_delta_linear)
 from slimtune.optim.adamw import AdamW
 from slimtune.quant import NF4Linear
 from slimtune.registry import ADAPTERS
@@ -109,11 +109,11 @@ def test_adapter_on_linear_output_density_and_merge():
 
 def test_from_config_registry_and_module_seed():
     assert ADAPTERS.get("sparse_ft") is SparseFTLinear
-    m = SparseFTLinear.from_config(nn.Linear(10, 10), SimpleNamespace(density=0.25, seed=1))
+    m = SparseFTLinear.from_config(nn.Linear(10, 10), SparseFTConfig(density=0.25, seed=1))
     assert m.num_params == 25 and m.seed == 1
-    assert SparseFTLinear.from_config(nn.Linear(100, 10), SimpleNamespace()).num_params == 10  # density 0.01
-    a = SparseFTLinear.from_config(nn.Linear(10, 10), SimpleNamespace(density=0.25, seed=1), name="layers.0.q_proj")
-    b = SparseFTLinear.from_config(nn.Linear(10, 10), SimpleNamespace(density=0.25, seed=1), name="layers.1.q_proj")
+    assert SparseFTLinear.from_config(nn.Linear(100, 10), SparseFTConfig()).num_params == 10  # density 0.01
+    a = SparseFTLinear.from_config(nn.Linear(10, 10), SparseFTConfig(density=0.25, seed=1), name="layers.0.q_proj")
+    b = SparseFTLinear.from_config(nn.Linear(10, 10), SparseFTConfig(density=0.25, seed=1), name="layers.1.q_proj")
     assert a.seed == module_seed(1, "layers.0.q_proj") and not torch.equal(a.indices, b.indices)
     with pytest.raises(ValueError, match="exactly one"):
         SparseFTLinear(nn.Linear(4, 4))

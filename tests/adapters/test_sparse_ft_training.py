@@ -124,10 +124,10 @@ def test_final_evaluates_and_merges_with_the_same_logits(tmp_path, quant):
 
 def test_num_params_sets_the_density_and_bad_values_are_one_line(tmp_path, capsys):
     out = tmp_path / "n"
-    assert main(["run", "sparse_ft", *SFT, "train.max_steps=2", "adapter.num_params=2000", f"output_dir={out}"]) == 0
+    assert main(["run", "sparse_ft", *SFT, "train.max_steps=2", "sparse_ft.num_params=2000", f"output_dir={out}"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert abs(report["trainable_params"] - 2000) <= 14  # rounded per matrix
-    assert main(["run", "sparse_ft", *SFT, "adapter.density=0", f"output_dir={tmp_path / 'x'}"]) == 2
-    assert "adapter.density=0" in capsys.readouterr().err
-    assert main(["run", "sparse_ft", *SFT, "adapter.num_params=100000000", f"output_dir={tmp_path / 'y'}"]) == 2
+    assert main(["run", "sparse_ft", *SFT, "sparse_ft.density=0", f"output_dir={tmp_path / 'x'}"]) == 2
+    assert "sparse_ft.density=0" in capsys.readouterr().err
+    assert main(["run", "sparse_ft", *SFT, "sparse_ft.num_params=100000000", f"output_dir={tmp_path / 'y'}"]) == 2
     assert "exceeds the" in capsys.readouterr().err

@@ -23,13 +23,13 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ds")
     _torchrun("full", "checkpoint.every=0", f"output_dir={root / 'ddp'}")
     for stage in (1, 2, 3):
-        _torchrun("full", "engine.name=deepspeed", f"engine.zero_stage={stage}", "checkpoint.every=3",
+        _torchrun("full", "engine.name=deepspeed", f"deepspeed.zero_stage={stage}", "checkpoint.every=3",
                   f"output_dir={root / f'z{stage}'}")
     _torchrun("full", *BF16_ZERO0, "checkpoint.every=3", f"output_dir={root / 'z0_bf16'}")
     return root
 
 
-BF16_ZERO0 = ["engine.name=deepspeed", "engine.zero_stage=0", "model.dtype=bfloat16"]
+BF16_ZERO0 = ["engine.name=deepspeed", "deepspeed.zero_stage=0", "model.dtype=bfloat16"]
 
 
 @pytest.mark.parametrize("stage", ["z1", "z2", "z3"])
@@ -51,7 +51,7 @@ def test_saved_on_two_resumes_on_one(runs, tmp_path, stage):
     shutil.rmtree(out / "final")
     ckpt = out / "checkpoints" / "step_3"
     assert (ckpt / "optimizer.safetensors").is_file() and not list(ckpt.rglob("*.pt"))
-    engine = BF16_ZERO0 if stage == "z0_bf16" else ["engine.name=deepspeed", f"engine.zero_stage={stage[1]}"]
+    engine = BF16_ZERO0 if stage == "z0_bf16" else ["engine.name=deepspeed", f"deepspeed.zero_stage={stage[1]}"]
     assert main(["run", "full", *RUN, *engine, "checkpoint.every=3", "train.grad_accum=2", "resume=true",
                  f"output_dir={out}"]) == 0
     _close(losses(out), losses(runs / stage))
@@ -66,8 +66,10 @@ def test_generated_config_round_trips_with_ones_own(tmp_path):
     own = tmp_path / "ds.json"
     own.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 12345}, "communication_data_type": "fp32",
                                "train_micro_batch_size_per_gpu": 99}))
-    cfg = load_config("full", [*RUN, "engine.name=deepspeed", "engine.zero_stage=3", "engine.offload=nvme",
-                               f"engine.nvme_dir={tmp_path / 'nvme'}", f"engine.config={own}", "train.grad_accum=3"])
+    cfg = load_config("full", [*RUN, "engine.name=deepspeed", "deepspeed.zero_stage=3", "engine.params=disk",
+                               "engine.optimizer=disk",
+                               f"deepspeed.nvme_dir={tmp_path / 'nvme'}", f"deepspeed.config={own}",
+                               "train.grad_accum=3"])
     ds = deepspeed_config(cfg, world=2)
     assert json.loads(json.dumps(ds)) == ds  # plain JSON
     z = ds["zero_optimization"]
@@ -79,14 +81,14 @@ def test_generated_config_round_trips_with_ones_own(tmp_path):
 
 def _one_process(out, *overrides):
     linear = torch.nn.functional.linear
-    assert main(["run", "full", *RUN, "train.max_steps=4", "engine.name=deepspeed", "engine.zero_stage=3",
+    assert main(["run", "full", *RUN, "train.max_steps=4", "engine.name=deepspeed", "deepspeed.zero_stage=3",
                  "checkpoint.every=2", f"output_dir={out}", *overrides]) == 0
     assert torch.nn.functional.linear is linear  # ZeRO-3's process-wide F.linear patch undone after the run
     return losses(out)
 
 
 def test_zero3_cpu_offload_follows_zero3(tmp_path):
-    assert _one_process(tmp_path / "off", "engine.offload=cpu") == _one_process(tmp_path / "on")
+    assert _one_process(tmp_path / "off", "engine.params=cpu", "engine.optimizer=cpu") == _one_process(tmp_path / "on")
 
 
 def _aio_ok() -> bool:
@@ -102,6 +104,7 @@ def _aio_ok() -> bool:
 def test_zero3_nvme_offload_follows_zero3(tmp_path):
     """Parameters and optimizer state swapped to files (first run JIT-compiles DeepSpeed's async_io op)."""
     nvme = tmp_path / "nvme"
-    assert _one_process(tmp_path / "off", "engine.offload=nvme", f"engine.nvme_dir={nvme}") == \
+    assert _one_process(tmp_path / "off", "engine.params=disk", "engine.optimizer=disk",
+                        f"deepspeed.nvme_dir={nvme}") == \
         _one_process(tmp_path / "on")
     assert any(nvme.rglob("*.swp")) or any(nvme.iterdir())

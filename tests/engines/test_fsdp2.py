@@ -91,12 +91,14 @@ def test_quantized_base_becomes_one_shardable_parameter(method):
 
 
 @pytest.mark.parametrize("override, needle", [
-    (["engine.name=fsdp2", "optim.name=galore"], "hands each rank a shard"),
-    (["engine.name=fsdp2", "optim.state_bits=8"], "hands each rank a shard"),
-    (["engine.name=fsdp2", "offload.optimizer=disk"], "is slimtune's own offload engine"),
-    (["engine.zero_stage=3"], "is a DeepSpeed setting"),
-    (["engine.name=deepspeed", "engine.offload=nvme", "engine.zero_stage=1"], "needs engine.zero_stage>=2"),
-    (["engine.name=deepspeed", "engine.config=/nonexistent/ds.json"], "no such file"),
+    (["engine.name=fsdp2", "optim.name=galore"], "optim.name=galore needs each rank to hold whole parameter "
+                                                 "matrices, which engine.name=fsdp2 does not give"),
+    (["engine.name=fsdp2", "optim.state_bits=8"], "optim.state_bits=8 needs each rank to hold whole parameter "
+                                                  "matrices, which engine.name=fsdp2 does not give"),
+    (["engine.name=fsdp2", "engine.optimizer=disk"], "this engine keeps optimizer in memory; use engine.name=offload"),
+    (["engine.name=deepspeed", "engine.optimizer=disk", "deepspeed.zero_stage=1"],
+     "engine.optimizer=disk needs deepspeed.zero_stage>=2"),
+    (["engine.name=deepspeed", "deepspeed.config=/nonexistent/ds.json"], "no such file"),
 ])
 def test_what_an_engine_cannot_do_is_one_line(override, needle, tmp_path, capsys):
     assert main(["run", "full", *RUN, *override, f"output_dir={tmp_path / 'x'}"]) == 2

@@ -19,6 +19,7 @@ from slimtune.formats.peft import load_peft_adapter, save_peft_adapter
 from slimtune.adapters.sparse_ft import SparseFTLinear
 from slimtune.formats.sparse_ft import load_sparse_ft, save_sparse_ft
 from slimtune.cli import main
+from slimtune.adapters.lora import LoRAConfig
 from slimtune.config import AdapterConfig
 from slimtune.errors import SlimtuneError
 from slimtune.io import file_checksum
@@ -33,8 +34,8 @@ def saved(tmp_path_factory, tiny_model_dir):
     """A LoRA adapter (PEFT format) and a sparse_ft adapter of tiny-llama, saved by slimtune."""
     root = tmp_path_factory.mktemp("adapters")
     torch.manual_seed(1)
-    model, cfg = load_model("tiny-llama"), AdapterConfig(rank=4, alpha=16.0, target_modules="all-linear")
-    apply_adapters(model, cfg)
+    model, cfg = load_model("tiny-llama"), LoRAConfig(rank=4, alpha=16.0)
+    apply_adapters(model, AdapterConfig(target_modules="all-linear"), cfg)
     for m in adapter_modules(model).values():  # B != 0, as after training
         torch.nn.init.normal_(m.lora_B.weight, std=0.05)
     save_peft_adapter(model, cfg, root / "peft", "tiny-llama", str(tiny_model_dir))

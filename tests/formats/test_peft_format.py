@@ -5,6 +5,7 @@ import torch
 
 from slimtune.adapters import adapter_modules, apply_adapters
 from slimtune.formats.peft import load_peft_adapter, save_peft_adapter
+from slimtune.adapters.lora import LoRAConfig
 from slimtune.config import AdapterConfig
 from slimtune.errors import SlimtuneError
 from slimtune.formats.hf import load_model
@@ -14,8 +15,8 @@ peft = pytest.importorskip("peft")
 
 def _trained_lora_model(targets):
     model = load_model("tiny-llama")
-    cfg = AdapterConfig(rank=4, alpha=16.0, target_modules=targets)
-    apply_adapters(model, cfg)
+    cfg = LoRAConfig(rank=4, alpha=16.0)
+    apply_adapters(model, AdapterConfig(target_modules=targets), cfg)
     torch.manual_seed(1)
     for m in adapter_modules(model).values():  # B != 0, as after training
         torch.nn.init.normal_(m.lora_B.weight, std=0.05)

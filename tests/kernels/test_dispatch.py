@@ -1,6 +1,7 @@
 """The kernel backend: set once from train.kernels, SLIMTUNE_KERNELS overrides it (validated), and a leftover
 TRITON_INTERPRET=1 on a real run is warned about."""
 
+import contextvars
 import warnings
 
 import pytest
@@ -12,7 +13,7 @@ from slimtune.kernels import dispatch
 
 @pytest.fixture(autouse=True)
 def _restore(monkeypatch):
-    monkeypatch.setattr(dispatch, "_backend", None)
+    monkeypatch.setattr(dispatch, "BACKEND", contextvars.ContextVar("slimtune_kernels", default=None))
     monkeypatch.delenv("SLIMTUNE_KERNELS", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernel tests' conftest sets it; these tests choose
 
@@ -33,9 +34,24 @@ def test_backend_is_read_once_not_per_call(monkeypatch):
     assert dispatch.kernel_backend() == "reference"
 
 
-def test_unconfigured_process_reads_the_environment_once(monkeypatch):
+def test_unconfigured_process_reads_the_environment(monkeypatch):
     monkeypatch.setenv("SLIMTUNE_KERNELS", "reference")
     assert dispatch.kernel_backend() == "reference"
+
+
+def test_using_scopes_the_backend_to_a_block_and_a_run_to_its_own_context():
+    import contextvars
+
+    dispatch.configure("auto")
+    with dispatch.using("reference"):
+        assert dispatch.kernel_backend() == "reference"
+        assert not dispatch.use_triton(torch.zeros(2))
+    assert dispatch.kernel_backend() == "auto"
+    contextvars.copy_context().run(dispatch.configure, "reference")  # what trainer.run does for its run
+    assert dispatch.kernel_backend() == "auto"
+    with pytest.raises(ConfigError, match="kernel backend 'fast' is not one of"):
+        with dispatch.using("fast"):
+            pass
 
 
 def test_leftover_interpreter_is_warned_about(monkeypatch):

@@ -11,7 +11,7 @@ from slimtune.kernels import linear_cross_entropy as lce
 from slimtune.kernels import nf4_matmul as nf4k
 from slimtune.kernels.dispatch import interpreting
 from slimtune.quant.nf4 import NF4Linear
-from slimtune.loss import IGNORE, lm_loss_sum
+from slimtune.lm_loss import IGNORE, lm_loss_sum
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),

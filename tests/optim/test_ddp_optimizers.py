@@ -45,15 +45,15 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("recipe, extra", [("galore", ["optim.rank=8"]),
-                                           ("frugal", ["optim.subspace=random"]),
-                                           ("frugal", ["optim.subspace=coordinates"]),
-                                           ("dct", ["optim.rank=8", "optim.state_bits=8"])])
+@pytest.mark.parametrize("recipe, extra", [("galore", ["galore.rank=8"]),
+                                           ("frugal", ["frugal.subspace=random"]),
+                                           ("frugal", ["frugal.subspace=coordinates"]),
+                                           ("dct", ["dct.rank=8", "optim.state_bits=8"])])
 def test_every_rank_has_the_same_state_and_parameters(tmp_path, tiny_overrides, recipe, extra):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     result = tmp_path / "rows.json"
-    args = [*tiny_overrides, "train.max_steps=4", "train.batch_size=2", "train.lr=1e-3", "optim.update_gap=2",
+    args = [*tiny_overrides, "train.max_steps=4", "train.batch_size=2", "train.lr=1e-3", f"{recipe}.update_gap=2",
             "checkpoint.every=0", "eval.max_batches=1", *extra, f"output_dir={tmp_path / 'run'}"]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}

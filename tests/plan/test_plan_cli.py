@@ -61,7 +61,7 @@ def test_engines_shard_per_rank():
     full = C.load_config("full", TINY + STREAM + ["train.activation_checkpointing=true"])
     ddp = plan_memory(full, world_size=2, device="cuda")
     fsdp = plan_memory(C.replace(full, **{"engine.name": "fsdp2"}), world_size=2, device="cuda")
-    zero3 = plan_memory(C.replace(full, **{"engine.name": "deepspeed", "engine.zero_stage": 3}), world_size=4,
+    zero3 = plan_memory(C.replace(full, **{"engine.name": "deepspeed", "deepspeed.zero_stage": 3}), world_size=4,
                         device="cuda")
     assert ddp.breakdown["engine.buffers"] > 0  # DDP's gradient buckets
     assert fsdp.breakdown["optimizer.state"] * 2 == pytest.approx(ddp.breakdown["optimizer.state"], abs=8)

@@ -9,7 +9,7 @@ from plan_helpers import batch, build, model_bytes, saved_activation_bytes
 from slimtune_testutil import TINY
 
 from slimtune import config as C
-from slimtune.optim import build_optimizer
+from slimtune.optim import build_optimizer, optimizer_options
 from slimtune.plan.activations import activations
 from slimtune.plan.arch import architecture
 from slimtune.plan.optimizer import state_bytes
@@ -54,13 +54,13 @@ def test_weights_match_the_built_model(recipe, extra):
 @pytest.mark.parametrize("optim", [
     ("optim.name=adamw",),
     ("optim.name=adamw", "optim.state_bits=8"),
-    ("optim.name=sgd", "optim.momentum=0.9"),
-    ("optim.name=galore", "optim.rank=8"),
-    ("optim.name=galore", "optim.rank=8", "optim.proj_dtype=int8", "optim.state_bits=8", "optim.proj_type=left"),
-    ("optim.name=dct", "optim.rank=8"),
-    ("optim.name=frugal", "optim.subspace=svd"),
-    ("optim.name=frugal", "optim.subspace=blocks"),
-    ("optim.name=frugal", "optim.subspace=coordinates"),
+    ("optim.name=sgd", "sgd.momentum=0.9"),
+    ("optim.name=galore", "galore.rank=8"),
+    ("optim.name=galore", "galore.rank=8", "galore.proj_dtype=int8", "optim.state_bits=8", "galore.proj_type=left"),
+    ("optim.name=dct", "dct.rank=8"),
+    ("optim.name=frugal", "frugal.subspace=svd"),
+    ("optim.name=frugal", "frugal.subspace=blocks"),
+    ("optim.name=frugal", "frugal.subspace=coordinates"),
 ])
 def test_optimizer_state_matches_a_real_step(optim):
     base = _cfg("full", "train.activation_checkpointing=false")
@@ -69,10 +69,10 @@ def test_optimizer_state_matches_a_real_step(optim):
     if named[0][1].grad is None:  # one backward gives every optimizer its gradients
         built.engine.forward_backward(*batch(blocks, 4)[:2], torch.tensor(252.0), True)
     cfg = _cfg("full", *optim)
-    opt = build_optimizer(cfg.optim, named, 1e-4)
+    opt = build_optimizer(cfg.optim, named, 1e-4, optimizer_options(cfg))
     opt.step()
     w = model_weights(architecture(cfg.model.name), cfg)
-    assert state_bytes(cfg.optim, w.trainable) == optimizer_state_bytes(opt)
+    assert state_bytes(cfg, w.trainable) == optimizer_state_bytes(opt)
 
 
 def test_lora_optimizer_state_matches_a_real_step():
@@ -82,7 +82,7 @@ def test_lora_optimizer_state_matches_a_real_step():
     built.engine.forward_backward(*batch(blocks, 4)[:2], torch.tensor(252.0), True)
     built.engine.step()
     w = model_weights(architecture(cfg.model.name), cfg)
-    assert state_bytes(cfg.optim, w.trainable) == optimizer_state_bytes(opt) > 0
+    assert state_bytes(cfg, w.trainable) == optimizer_state_bytes(opt) > 0
 
 
 @pytest.mark.parametrize("recipe", ["lora", "qlora", "full"])

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from slimtune.prune.distill import (RecoveryLoss, Teacher, capture_layer_outputs, kd_loss_sum,
                                        squarehead_loss)
-from slimtune.loss import CausalLMLoss, LogitTransform
+from slimtune.lm_loss import CausalLMLoss, LogitTransform
 from slimtune.engines.ddp import activation_checkpointing
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from slimtune.prune.masks import MaskedParams, merge_masked
-from slimtune.loss import CausalLMLoss, count_targets
+from slimtune.lm_loss import CausalLMLoss, count_targets
 
 
 def tiny_llama() -> LlamaForCausalLM:

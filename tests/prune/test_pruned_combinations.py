@@ -115,7 +115,7 @@ def test_export_merge_merges_the_adapter_before_quantizing(pruned, tmp_path):
 
     run = tmp_path / "lora"
     assert main(["run", "recover", *RUN, "train.max_steps=2", f"model.name={pruned}", "adapter.type=lora",
-                 "adapter.rank=4", "recover.kd=0", "recover.feature=0", f"output_dir={run}"]) == 0
+                 "lora.rank=4", "recover.kd=0", "recover.feature=0", f"output_dir={run}"]) == 0
     beside, merged, ref = tmp_path / "beside", tmp_path / "merged", tmp_path / "ref"
     assert main(["export", str(run), "--format", "sparse-nf4", "--out", str(beside)]) == 0
     assert main(["export", str(run), "--format", "sparse-nf4", "--merge", "--out", str(merged)]) == 0

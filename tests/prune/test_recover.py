@@ -102,7 +102,7 @@ def test_resume_refuses_a_base_whose_zeros_changed(pruned, tmp_path):
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_lora_recovery_merges_sparse(pruned, tmp_path, quant):
     out = tmp_path / "lora"
-    assert main(["run", "recover", *RUN, f"model.name={pruned}", "adapter.type=lora", "adapter.rank=4",
+    assert main(["run", "recover", *RUN, f"model.name={pruned}", "adapter.type=lora", "lora.rank=4",
                  f"quant.method={quant}", "train.lr=1e-2", f"output_dir={out}"]) == 0
     assert main(["export", str(out), "--merge"]) == 0
     merged = _weights(out / "merged")
@@ -234,7 +234,8 @@ def test_cram_trains_a_dense_model(tmp_path, monkeypatch):
     (["model.name=tiny-llama", "recover.kd=0", "recover.feature=0", "data.select=degradation"], "recover.teacher"),
     (["recover.ce=0", "recover.kd=0", "recover.feature=0"], "give at least one a weight"),
     (["prune.sparsity=1.5"], "prune.sparsity=1.5 must be in (0, 1)"),
-    (["optim.cram=true", "optim.in_backward=true"], "optim.cram=true needs the whole gradient"),
+    (["optim.cram=true", "optim.in_backward=true"],
+     "optim.cram=true needs every gradient in memory before the optimizer step, which optim.in_backward=true"),
 ])
 def test_bad_recovery_settings_are_one_line(override, needle, tmp_path, capsys):
     assert main(["run", "full", *RUN, *override, f"output_dir={tmp_path / 'x'}"]) == 2
@@ -246,10 +247,11 @@ def test_bad_recovery_settings_are_one_line(override, needle, tmp_path, capsys):
 def test_a_decomposition_that_densifies_a_pruned_base_is_refused(pruned, tmp_path, capsys):
     """LQ-LoRA quantizes W - L1 L2, which is not 0 where W was pruned: the run would silently train a dense
     model, so it is one line pointing at what keeps it sparse."""
-    assert main(["run", "lq_lora", *RUN, f"model.name={pruned}", "adapter.rank=4", "lq_lora.calibration_samples=2",
+    assert main(["run", "lq_lora", *RUN, f"model.name={pruned}", "lora.rank=4", "lq_lora.calibration_samples=2",
                  f"output_dir={tmp_path / 'lq'}"]) == 2
     err = capsys.readouterr().err
-    assert "makes its pruned weights nonzero" in err and err.count("\n") == 1, err
+    assert ("(pruned) needs a base that keeps 0 exactly (the pruned weights stay pruned), which quant.method=lq_lora "
+            "does not give" in err and err.count("\n") == 1), err
 
 
 def test_lowrank_factors_of_a_sparse_nf4_export_train_on(pruned, tmp_path):

@@ -9,7 +9,7 @@ from slimtune import config as C
 from slimtune.cli import main
 from slimtune.trainer.hooks import Hooks
 
-LQ = ["adapter.rank=8", "lq_lora.calibration_samples=4", "lq_lora.max_iters=3", "checkpoint.every=0"]
+LQ = ["lora.rank=8", "lq_lora.calibration_samples=4", "lq_lora.max_iters=3", "checkpoint.every=0"]
 
 
 class Grab(Hooks):
@@ -89,7 +89,7 @@ def test_loftq_and_eora_start_closer_to_full_precision(tmp_path, tiny_overrides,
     from slimtune.model.load import load_base as load_model
 
     out = tmp_path / init
-    args = [*tiny_overrides, "quant.method=nf3", "quant.double_quant=false", "adapter.rank=16",
+    args = [*tiny_overrides, "quant.method=nf3", "quant.double_quant=false", "lora.rank=16",
             "lq_lora.calibration_samples=8", "train.max_steps=3", "train.lr=1e-2", "checkpoint.every=0"]
     assert main(["run", "lora", *args, f"adapter.init={init}", f"output_dir={out}"]) == 0
     assert main(["quantize", "lora", *args, f"output_dir={tmp_path / 'plain'}"]) == 0

@@ -13,8 +13,8 @@ def _losses(d):
 
 
 def test_two_processes_match_one(tmp_path, tiny_overrides):
-    common = tiny_overrides + ["train.max_steps=5", "train.batch_size=2", "adapter.dropout=0.0",
-                               "train.lr=5e-3", "adapter.rank=4", "eval.max_batches=2"]
+    common = tiny_overrides + ["train.max_steps=5", "train.batch_size=2", "lora.dropout=0.0",
+                               "train.lr=5e-3", "lora.rank=4", "eval.max_batches=2"]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     one = tmp_path / "one"
     subprocess.run([sys.executable, "-m", "slimtune", "run", "lora", *common, "train.grad_accum=2",

@@ -24,7 +24,7 @@ def _losses(out):
 
 
 def test_bf16_autocast_tracks_fp32(tmp_path, tiny_overrides):
-    args = [*tiny_overrides, "train.max_steps=8", "train.lr=1e-2", "adapter.dropout=0.0"]
+    args = [*tiny_overrides, "train.max_steps=8", "train.lr=1e-2", "lora.dropout=0.0"]
     assert main(["run", "lora", *args, f"output_dir={tmp_path / 'f'}"]) == 0
     assert main(["run", "lora", *args, "model.dtype=bfloat16", f"output_dir={tmp_path / 'b'}"]) == 0
     f, b = _losses(tmp_path / "f"), _losses(tmp_path / "b")
@@ -34,7 +34,7 @@ def test_bf16_autocast_tracks_fp32(tmp_path, tiny_overrides):
 
 def test_grad_accum_equals_bigger_batch(tmp_path, tiny_overrides):
     """batch 4 x accum 2 == batch 8 x accum 1: the same global batch and one token-mean loss."""
-    args = [*tiny_overrides, "train.max_steps=4", "train.lr=1e-2", "adapter.dropout=0.0"]
+    args = [*tiny_overrides, "train.max_steps=4", "train.lr=1e-2", "lora.dropout=0.0"]
     assert main(["run", "lora", *args, "train.batch_size=4", "train.grad_accum=2", f"output_dir={tmp_path / 'a'}"]) == 0
     assert main(["run", "lora", *args, "train.batch_size=8", "train.grad_accum=1", f"output_dir={tmp_path / 'b'}"]) == 0
     for x, y in zip(_losses(tmp_path / "a"), _losses(tmp_path / "b")):

@@ -30,8 +30,8 @@ def bf16_losses(tmp_path_factory):
 
 @pytest.mark.parametrize("recipe, precision, extra", [
     ("full", "fp8", ()),
-    ("full", "halo", ("train.halo_level=2", "train.hadamard_block=32")),
-    ("full", "halo", ("train.halo_level=1",)),
+    ("full", "halo", ("halo.level=2", "halo.hadamard_block=32")),
+    ("full", "halo", ("halo.level=1",)),
     ("full", "mxfp4", ()),
     ("lora", "fp8", ()),
     ("lora", "halo", ()),
@@ -54,14 +54,15 @@ def test_precision_stage_swaps_lora_bases_not_factors_nor_head():
     import torch.nn as nn
 
     from slimtune.adapters import adapter_internals, adapter_modules, apply_adapters
-    from slimtune.config import AdapterConfig, TrainConfig
+    from slimtune.adapters.lora import LoRAConfig
+    from slimtune.config import AdapterConfig
     from slimtune.formats.hf import load_model
     from slimtune.precision.fp8 import FP8Linear
     from slimtune.precision.swap import apply_precision
 
     model = load_model("tiny-llama")
-    apply_adapters(model, AdapterConfig(rank=4, target_modules=("q_proj", "lm_head")))
-    n = apply_precision(model, TrainConfig(precision="fp8"), skip=adapter_internals(model))
+    apply_adapters(model, AdapterConfig(target_modules=("q_proj", "lm_head")), LoRAConfig(rank=4))
+    n = apply_precision(model, "fp8", skip=adapter_internals(model))
     adapters = adapter_modules(model)
     assert n == 2 * 7  # every decoder linear (2 layers x 7, the two q_proj bases included), not the head
     for name, m in adapters.items():

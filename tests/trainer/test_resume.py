@@ -36,7 +36,7 @@ def _slimtune(*args, check=True):
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_overrides):
     common = tiny_overrides + ["train.max_steps=20", "checkpoint.every=5", "checkpoint.keep=2",
-                               "adapter.dropout=0.1", "train.lr=5e-3", "adapter.rank=4"]
+                               "lora.dropout=0.1", "train.lr=5e-3", "lora.rank=4"]
     _slimtune("run", "lora", *common, f"output_dir={tmp_path / 'a'}")
 
     b = tmp_path / "b"
@@ -100,7 +100,7 @@ def checkpointed(tmp_path_factory):
     from slimtune_testutil import TINY
 
     root = tmp_path_factory.mktemp("resume")
-    common = TINY + ["train.lr=5e-3", "adapter.rank=4", "adapter.dropout=0.0", "checkpoint.every=2"]
+    common = TINY + ["train.lr=5e-3", "lora.rank=4", "lora.dropout=0.0", "checkpoint.every=2"]
     _slimtune("run", "lora", *common, "train.max_steps=4", f"output_dir={root / 'a'}")
     _slimtune("run", "lora", *common, "train.max_steps=6", f"output_dir={root / 'ref'}")
     return root, common
@@ -109,7 +109,7 @@ def checkpointed(tmp_path_factory):
 @pytest.mark.parametrize("change, key", [
     ("train.seq_len=32", "train.seq_len"),
     ("data.eval_fraction=0.1", "data.eval_fraction"),
-    ("adapter.rank=8", "adapter.rank"),
+    ("lora.rank=8", "lora.rank"),
     ("quant.method=nf4", "quant.method"),
     ("optim.name=sgd", "optim.name"),
     ("train.seed=1", "train.seed"),

@@ -1,10 +1,11 @@
-"""The offload engine (`offload.params` / `offload.optimizer`): the Engine interface over slimtune/offload.
+"""The offload engine (`engine.name=offload`; engine.params / engine.optimizer, disk by default; its own options
+offload.*): the Engine interface over slimtune/engines/offload.
 
-Weights stream layer by layer from the store (offload.params=disk); in backward each decoder layer is
+Weights stream layer by layer from the store (engine.params=disk); in backward each decoder layer is
 recomputed, or its activations were kept and its weights are read again (offload.activations), and each unit's
 optimizer step runs as soon as its gradients are complete, with its state read
-from and written to the store (offload.optimizer=disk). Parameters the store does not hold (LoRA factors on
-a streamed base, with offload.optimizer=none) train with an ordinary in-memory optimizer beside it.
+from and written to the store (engine.optimizer=disk). Parameters the store does not hold (LoRA factors on
+a streamed base, with engine.optimizer=none) train with an ordinary in-memory optimizer beside it.
 
 Checkpoints: the store is the checkpoint of what it holds. A snapshot (hard links + manifest, no copy) goes
 to <run's store dir>/snapshots/step_N (engines/offload/rundir.py: each run owns its directory, locked while it runs)
@@ -22,9 +23,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtune.errors import SlimtuneError
+from dataclasses import dataclass
+
+from slimtune.errors import ConfigError, SlimtuneError
+from slimtune.registry import ENGINES
+from slimtune.rules import placement
+from slimtune.schema import config_section, option
 from slimtune.io import atomic_dir, write_json
-from slimtune.loss import CausalLMLoss
+from slimtune.lm_loss import CausalLMLoss
 from slimtune.engines.offload import store as store_mod
 from slimtune.engines.offload.device import DeviceMirror, pin
 from slimtune.engines.offload.pool import BufferPool
@@ -34,26 +40,12 @@ from slimtune.engines.offload.store import UnitStore
 from slimtune.engines.offload.stream import Streamer
 from slimtune.engines.offload.units import split_units, uses
 from slimtune.engines.offload.update import UnitOptimizer
-from slimtune.optim import build_optimizer
+from slimtune.optim import build_optimizer, optimizer_options
 from slimtune.formats import checkpoint as ckpt
 from slimtune.engines.ddp import Engine
 from slimtune.formats.final import save_final
 
 READ_AHEAD = 4  # state chunks read ahead of the one being updated
-
-
-def _return_freed_memory() -> None:
-    """glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, where the churn of
-    per-layer gradients and temporaries fragments it and RSS creeps up to about twice the live memory.
-    Large blocks mmap'd (threshold 128 KiB, fixed) go back to the OS when freed: RSS stays the live set."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
 
 
 class OffloadOptimizer:
@@ -76,21 +68,91 @@ class OffloadOptimizer:
             self.resident.load_state_dict(state)
 
 
+@config_section("offload")
+@dataclass(frozen=True)
+class OffloadConfig:
+    """engine.name=offload's options (where state lives: engine.params / engine.optimizer)."""
+
+    dir: str = option("a fast local disk for the store, shareable: each run uses its own subdirectory <output dir "
+                      "name>-<hash> (default: offload/ inside output_dir)", "")
+    prefetch: int = option("units (decoder layers) read ahead of the one computing", 2)
+    io_threads: int = option("threads doing the store's reads and writes", 4)
+    direct_io: bool = option("O_DIRECT reads/writes (bypass the page cache) where the file system allows", True)
+    activations: str = option("backward: keep each layer's activations in RAM (weights loaded again when backward "
+                              "reads them) | recompute each layer from its input | auto (keep when they fit in 1/16 "
+                              "of RAM and the streamed weights are plain)", "auto", ("auto", "keep", "recompute"))
+
+
+@ENGINES.register("offload")
 class OffloadEngine(Engine):
+    section = "offload"
+
+    @classmethod
+    def requires(cls, cfg) -> set[str]:
+        # cpu (pinned host memory) is nothing to do on a CPU-only machine: the in-memory engine runs
+        return {"streamable", "per_tensor_state"} if offload_active(cfg) else set()
+
+    @classmethod
+    def withholds(cls, cfg) -> set[str]:
+        # each layer's gradient is consumed by its update in backward; weights are in memory one layer at a time
+        return {"gradients_in_memory", "trainer_step", "whole_base_weight"} if offload_active(cfg) else set()
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        o, (params, optimizer) = cfg.offload, placement(cfg)
+        for key in ("prefetch", "io_threads"):
+            if getattr(o, key) < 1:
+                raise ConfigError(f"offload.{key}={getattr(o, key)} must be >= 1")
+        if params == "none" and optimizer == "none":
+            raise ConfigError("engine.name=offload with engine.params=none engine.optimizer=none offloads nothing: set "
+                              "one of them to disk (or cpu on a GPU machine), or engine.name=ddp")
+        if o.activations == "keep" and params == "disk" and cfg.quant.method != "none":
+            raise ConfigError("offload.activations=keep would keep each layer's dequantized weights for backward on a "
+                              f"quantized streamed base (quant.method={cfg.quant.method}); use "
+                              "offload.activations=recompute (or auto)")
+        if cfg.adapter.type == "none" and params == "disk" and optimizer != "disk":
+            raise ConfigError(f"engine.params=disk with full fine-tuning (adapter.type=none) keeps the fp32 master "
+                              f"weights on disk, so their optimizer state goes there too: set engine.optimizer=disk "
+                              f"(not {optimizer})")
+
+    @classmethod
+    def memory_terms(cls, cfg, model, s, world: int, device: str):
+        """engine.params=disk: the base is streamed (only the resident unit stays: norms, rotary tables, LoRA
+        factors), through (prefetch + 2) layer slabs and one embedding/head slab; engine.optimizer=disk: the
+        optimizer state (and a full fine-tuning's fp32 master weights) stay in the store, updated in CHUNK
+        chunks with READ_AHEAD read ahead. Nothing on disk: the in-memory engine's terms."""
+        if not offload_active(cfg):
+            return Engine.memory_terms(cfg, model, s, world, device)
+        params, optimizer = placement(cfg)
+        if params == "disk":
+            s.frozen = 0 if model.full else model.root_norms + model.adapter_resident
+            if model.full:  # the master weights are the store's
+                s.trainable = model.root_norms
+            s.offload += model.layer * (cfg.offload.prefetch + 2) + model.root_largest
+        if optimizer == "disk":  # one unit's gradients at a time
+            s.state = 0
+            if model.full:
+                s.grads = max(model.layer_trainable, model.root_largest)
+            s.offload += store_mod.CHUNK * 4 * 2 * (READ_AHEAD + 2)
+        return s
+
     stage_on_cpu = False  # tests: run the accelerator path on CPU (compute on copies, updates on the host)
+    # glibc's mmap threshold the setup stage fixes for this engine (memory.set_mmap_threshold): the churn of
+    # per-layer gradients and temporaries would otherwise fragment the heap and RSS creep to ~2x the live set
+    heap_mmap_threshold = 128 * 1024
 
     def __init__(self, model: nn.Module, cfg, device: torch.device, info, store: UnitStore, streamed_weights: bool):
         if device.type not in ("cpu", "cuda"):
             raise SlimtuneError(f"offload.* runs on CPU or CUDA, not {device.type}; set train.device=cpu or cuda")
         t, o = cfg.train, cfg.offload
-        _return_freed_memory()
+        params_at, optimizer_at = placement(cfg)
         self.model, self.cfg, self.device, self.info, self.store = model, cfg, device, info, store
         # backward recomputes each decoder layer (streamer.attach wraps their forward in checkpointing, with
         # the load inside, so the recompute loads the layer again, in reverse order)
         # no autocast cache: it would hold a bf16 copy of every streamed weight until the forward ends
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16",
                                        cache_enabled=False)
-        on_disk = o.optimizer == "disk"
+        on_disk = optimizer_at == "disk"
         # names in the store (written before adapters renamed q_proj.weight to q_proj.base.weight ...)
         by_id = getattr(model, "offload_store_names", {}) if streamed_weights else {}
         by_buffer = getattr(model, "offload_store_buffers", {}) if streamed_weights else {}
@@ -109,7 +171,7 @@ class OffloadEngine(Engine):
         mirrored = {c: classes[c] for c in ("layer", "big")}
         self.mirror = DeviceMirror(device, mirrored) if device.type == "cuda" or self.stage_on_cpu else None
         self.pool = BufferPool(classes, pin=pin if device.type == "cuda" else None)
-        self.unit_opt = UnitOptimizer(cfg.optim, index, self.pool, READ_AHEAD)
+        self.unit_opt = UnitOptimizer(cfg.optim, optimizer_options(cfg), index, self.pool, READ_AHEAD)
         self.keep_activations = keep_activations(cfg, model, streamed_weights)
         self.streamer = Streamer(units, uses(model, units, recompute=not self.keep_activations), store, self.pool,
                                  streamed, o.prefetch, self.unit_opt, self.trained, store_names, self.mirror)
@@ -145,7 +207,8 @@ class OffloadEngine(Engine):
 
     def make_optimizer(self):
         resident = [(n, p) for n, p in self.trainable() if n not in self.in_store]
-        self.resident_opt = build_optimizer(self.cfg.optim, resident, self.cfg.train.lr) if resident else None
+        self.resident_opt = build_optimizer(self.cfg.optim, resident, self.cfg.train.lr,
+                                           optimizer_options(self.cfg)) if resident else None
         self.optimizer = OffloadOptimizer(self.resident_opt)
         return self.optimizer
 
@@ -287,7 +350,7 @@ class OffloadEngine(Engine):
         s, io, n = self.store, self.io, max(self.io["steps"], 1)
         io_wall = io["io_seconds"] / max(self.cfg.offload.io_threads, 1)
         return {"offload": {
-            "params": self.cfg.offload.params, "optimizer": self.cfg.offload.optimizer,
+            "params": placement(self.cfg)[0], "optimizer": placement(self.cfg)[1],
             "activations": "keep" if self.keep_activations else "recompute",
             "weights_reloaded_for_backward": self.streamer.saved.kept,
             "bytes_read_per_step": io["read"] / n, "bytes_written_per_step": io["written"] / n,
@@ -355,6 +418,6 @@ def keep_activations(cfg, model: nn.Module, streamed_weights: bool) -> bool:
 
 
 def offload_active(cfg) -> bool:
-    """True when some weights or optimizer state go to disk (cpu = pinned host memory: nothing to do on a
-    CPU-only machine, where it equals none)."""
-    return "disk" in (cfg.offload.params, cfg.offload.optimizer)
+    """True for engine.name=offload with some weights or optimizer state on disk (cpu = pinned host memory:
+    nothing to do on a CPU-only machine, where it equals none, and the in-memory engine runs)."""
+    return cfg.engine.name == "offload" and "disk" in placement(cfg)

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
+from slimtune.rules import placement
 from slimtune.engines.offload.store import UnitStore
 
 STEP_DIR = re.compile(r"^step_\d+$")
@@ -98,11 +99,11 @@ def _unwritable(root: Path, e: OSError) -> SlimtuneError:
 
 def store_bytes(cfg, numel: int, trainable: int) -> int:
     """An upper bound of the store's disk use: every version a snapshot can pin counted in full."""
-    o, t = cfg.offload, cfg.train
+    (params, optimizer), t = placement(cfg), cfg.train
     state = 0
-    if o.optimizer == "disk":
+    if optimizer == "disk":
         state = 4 + (2.1 if cfg.optim.state_bits == 8 else 8) + (4 if t.max_grad_norm > 0 or t.grad_accum > 1 else 0)
-    frozen = (numel - trainable) * (4 if cfg.model.dtype == "float32" else 2) if o.params == "disk" else 0
+    frozen = (numel - trainable) * (4 if cfg.model.dtype == "float32" else 2) if params == "disk" else 0
     versions = 1 + (cfg.checkpoint.keep if cfg.checkpoint.every else 0)
     return int(frozen + trainable * state * versions)
 

@@ -33,12 +33,13 @@ def state_key(param: str, key: str) -> str:
 
 
 class UnitOptimizer:
-    """cfg: OptimConfig. `index` numbers every trainable parameter of the model (the per-parameter seeds
-    of random subspaces, as optimizer-in-backward does). `lr` is set by the loop every step."""
+    """cfg: OptimConfig; options: the optimizer's own section (galore.*, frugal.*, ...; None for adamw). `index`
+    numbers every trainable parameter of the model (the per-parameter seeds of random subspaces, as
+    optimizer-in-backward does). `lr` is set by the loop every step."""
 
-    def __init__(self, cfg, index: dict[str, int], pool=None, read_ahead: int = 4):
+    def __init__(self, cfg, options, index: dict[str, int], pool=None, read_ahead: int = 4):
         """pool: a BufferPool with a "chunk" class (CHUNK fp32 values per slab, 2 x (read_ahead + 2) of them)."""
-        self.cfg, self.index, self.read_ahead = cfg, index, read_ahead
+        self.cfg, self.options, self.index, self.read_ahead = cfg, options, index, read_ahead
         self.pool = pool
         self.lr = 0.0
         self.projection_seconds = 0.0
@@ -95,8 +96,10 @@ class UnitOptimizer:
         return writer
 
     def _generic(self, name: str, p: nn.Parameter, g: torch.Tensor, old: "StateSource") -> tuple[dict, dict]:
-        cfg = dataclasses.replace(self.cfg, seed=self.cfg.seed * 1_000_003 + self.index[name])
-        opt = build_optimizer(cfg, [(name, p)], self.lr)
+        options = self.options
+        if options is not None and hasattr(options, "seed"):
+            options = dataclasses.replace(options, seed=options.seed * 1_000_003 + self.index[name])
+        opt = build_optimizer(self.cfg, [(name, p)], self.lr, options)
         state = old.tensors_of(name)
         if state:
             opt.state[p] = {**state, **old.scalars_of(name)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 
@@ -29,7 +30,9 @@ class Worker:
         self.pending: dict[str, threading.Event] = {}
         self.error: BaseException | None = None
         self.stopping = False  # set by close(): queued updates are dropped
-        self.thread = threading.Thread(target=self._run, daemon=True, name="slimtune-update")
+        # the updates run in the caller's context (its kernel backend: kernels/dispatch.py)
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,), daemon=True,
+                                       name="slimtune-update")
         self.thread.start()
 
     def submit(self, unit: str, fn) -> None:

@@ -25,10 +25,10 @@ def _torchrun(recipe, args, out):
 
 
 @pytest.mark.parametrize("recipe, extra, disk", [
-    ("full", ["train.max_grad_norm=0.5"], ["offload.params=disk", "offload.optimizer=disk"]),
-    ("full", ["train.max_grad_norm=0", "train.grad_accum=2"], ["offload.params=disk", "offload.optimizer=disk",
+    ("full", ["train.max_grad_norm=0.5"], ["engine.name=offload"]),
+    ("full", ["train.max_grad_norm=0", "train.grad_accum=2"], ["engine.name=offload",
                                                               "offload.prefetch=1"]),
-    ("lora", ["adapter.rank=4"], ["offload.params=disk"]),
+    ("lora", ["lora.rank=4"], ["engine.name=offload", "engine.optimizer=none"]),
 ])
 def test_torchrun_offload_equals_ddp(recipe, extra, disk, tmp_path, request):
     model = ([f"model.name={request.getfixturevalue('deep_tiny')}"] if "offload.prefetch=1" in disk
@@ -43,7 +43,7 @@ def test_torchrun_offload_equals_ddp(recipe, extra, disk, tmp_path, request):
 def test_torchrun_offload_resume_restores_every_rank(tmp_path):
     """Every rank restores rank 0's snapshot into its own store: resuming a finished 6-step run from its step-4
     checkpoint redoes steps 5 and 6 with the same losses."""
-    args = ["model.name=tiny-llama", *BASE, "train.max_grad_norm=0", "offload.params=disk", "offload.optimizer=disk",
+    args = ["model.name=tiny-llama", *BASE, "train.max_grad_norm=0", "engine.name=offload",
             "checkpoint.every=2", "checkpoint.keep=2", "train.max_steps=6"]
     ref = _torchrun("full", args, tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_2", "step_4"]

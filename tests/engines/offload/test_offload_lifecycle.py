@@ -26,8 +26,7 @@ ARGS = [
     "eval.max_batches=1",
     "logging.progress=false",
     "train.max_steps=4",
-    "offload.params=disk",
-    "offload.optimizer=disk",
+    "engine.name=offload",
     "checkpoint.every=1",
     "checkpoint.keep=2",
 ]
@@ -114,7 +113,7 @@ def test_any_engine_is_closed_when_run_raises(tmp_path, monkeypatch):
 
     closed = []
     monkeypatch.setattr(Engine, "close", lambda self: closed.append(self))
-    args = [a for a in ARGS if not a.startswith("offload.")]
+    args = [a for a in ARGS if not a.startswith(("offload.", "engine."))]  # the in-memory engine
     with pytest.raises(RuntimeError, match="injected"):
         run(load_config("full", [*args, f"output_dir={tmp_path / 'run'}"]), hooks=[RaiseAt(1)])
     assert len(closed) == 1

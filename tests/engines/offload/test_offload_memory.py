@@ -31,7 +31,7 @@ def _peak(model_dir, out, offload, activations="recompute"):
     args = ["model.name=" + str(model_dir), "train.seq_len=64", "train.batch_size=2", "train.max_steps=3",
             "eval.max_batches=1", "logging.progress=false", "train.max_grad_norm=0", f"output_dir={out}"]
     if offload:
-        args += ["offload.params=disk", "offload.optimizer=disk", "offload.prefetch=1",
+        args += ["engine.name=offload", "offload.prefetch=1",
                  f"offload.activations={activations}"]
     env = {**os.environ, "WANDB_MODE": "offline", "MALLOC_MMAP_THRESHOLD_": "131072"}  # RSS ~ live memory
     r = subprocess.run([sys.executable, "-m", "slimtune", "run", "full", *args], capture_output=True, text=True,

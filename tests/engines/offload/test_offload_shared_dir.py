@@ -28,8 +28,7 @@ ARGS = [
     "eval.max_batches=1",
     "logging.progress=false",
     "train.max_steps=4",
-    "offload.params=disk",
-    "offload.optimizer=disk",
+    "engine.name=offload",
     "checkpoint.every=2",
 ]
 

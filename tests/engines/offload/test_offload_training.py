@@ -16,7 +16,7 @@ from slimtune.trainer import run
 
 BASE = ["model.name=tiny-llama", "model.dtype=float32", "train.seq_len=64", "train.warmup_steps=2",
         "eval.max_batches=2", "logging.progress=false", "train.max_steps=10", "train.lr=1e-3"]
-DISK = ["offload.params=disk", "offload.optimizer=disk"]
+DISK = ["engine.name=offload"]
 
 
 @pytest.fixture(autouse=True)
@@ -33,10 +33,10 @@ CASES = {
     # bf16 autocast: keep saves references to the weights' casts (no autocast cache in the offload engine)
     "adamw_bf16": ("full", ["model.dtype=bfloat16", "train.max_grad_norm=0.5", "train.batch_size=2"]),
     "adamw_8bit": ("full", ["optim.state_bits=8", "train.max_grad_norm=1.0", "train.batch_size=4"]),
-    "galore": ("galore", ["optim.rank=8", "optim.update_gap=4", "train.batch_size=4"]),
-    "lora_streamed_base": ("lora", ["train.batch_size=4", "adapter.rank=4"]),
-    "qlora_streamed_nf4_base": ("qlora", ["train.batch_size=4", "adapter.rank=4"]),
-    "lora_streamed_nf3_base": ("lora", ["train.batch_size=4", "adapter.rank=4", "quant.method=nf3",
+    "galore": ("galore", ["galore.rank=8", "galore.update_gap=4", "train.batch_size=4"]),
+    "lora_streamed_base": ("lora", ["train.batch_size=4", "lora.rank=4"]),
+    "qlora_streamed_nf4_base": ("qlora", ["train.batch_size=4", "lora.rank=4"]),
+    "lora_streamed_nf3_base": ("lora", ["train.batch_size=4", "lora.rank=4", "quant.method=nf3",
                                         "quant.block_size=32"]),
 }
 
@@ -49,7 +49,7 @@ def test_offload_equals_in_memory_bitwise(case, model, activations, tmp_path, re
     quantized = recipe == "qlora" or any(e.startswith("quant.method") for e in extra)
     if quantized and activations == "keep":
         pytest.skip("a quantized streamed base recomputes (keep is refused: see test_bad_offload_settings)")
-    disk = ["offload.params=disk"] if recipe in ("lora", "qlora") else DISK
+    disk = ["engine.name=offload", "engine.optimizer=none"] if recipe in ("lora", "qlora") else DISK
     disk = [*disk, f"offload.activations={activations}"]
     if model == "deep":
         extra = [*extra, f"model.name={request.getfixturevalue('deep_tiny')}", "train.max_steps=6"]
@@ -166,14 +166,17 @@ def test_full_disk_mid_run_is_a_clear_error_and_the_checkpoint_resumes(tmp_path,
 
 
 @pytest.mark.parametrize("override, needle", [
-    (["offload.params=disk"], "set offload.optimizer=disk"),
-    (["offload.params=disk", "quant.method=lq_lora", "adapter.type=lq_lora"], "not streamed yet"),
-    (["offload.params=disk", "quant.method=nf4", "adapter.type=lora", "quant.backend=bitsandbytes"],
-     "quant.backend=slimtune"),
-    (["offload.optimizer=disk", "offload.prefetch=0"], "offload.prefetch=0 must be >= 1"),
-    (["offload.params=disk", "quant.method=nf4", "adapter.type=lora", "offload.activations=keep"],
+    (["engine.name=offload", "engine.optimizer=none"], "set engine.optimizer=disk (not none)"),
+    (["engine.name=offload", "quant.method=lq_lora", "adapter.type=lq_lora"],
+     "which quant.method=lq_lora does not give: change one of engine.name and quant.method"),
+    (["engine.name=offload", "quant.method=nf4", "adapter.type=lora", "quant.backend=bitsandbytes"],
+     "which quant.backend=bitsandbytes does not give: change one of engine.name and quant.backend"),
+    (["engine.name=offload", "engine.params=none", "offload.prefetch=0"], "offload.prefetch=0 must be >= 1"),
+    (["engine.name=offload", "quant.method=nf4", "adapter.type=lora", "offload.activations=keep"],
      "use offload.activations=recompute"),
-    (["offload.optimizer=disk", "optim.in_backward=true", "train.max_grad_norm=0"], "drop optim.in_backward"),
+    (["engine.name=offload", "engine.params=none", "optim.in_backward=true", "train.max_grad_norm=0"],
+     "optim.in_backward=true needs the optimizer step left to the trainer (not run by the engine inside backward), "
+     "which engine.name=offload does not give"),
 ])
 def test_bad_offload_settings_are_one_line(override, needle, tmp_path):
     r = _cli("-m", "slimtune", "run", "full", *BASE, *override, f"output_dir={tmp_path / 'o'}", check=False)
@@ -211,7 +214,7 @@ def test_accelerator_path_staged_on_cpu_equals_in_memory(case, activations, tmp_
     from slimtune.engines.offload.engine import OffloadEngine
 
     recipe, extra = CASES[case]
-    disk = ["offload.params=disk"] if recipe in ("lora", "qlora") else DISK
+    disk = ["engine.name=offload", "engine.optimizer=none"] if recipe in ("lora", "qlora") else DISK
     extra = [*extra, f"model.name={request.getfixturevalue('deep_tiny')}", "train.max_steps=5"]
     ref = run(load_config(recipe, [*BASE, *extra, f"output_dir={tmp_path / 'mem'}"]))
     monkeypatch.setattr(OffloadEngine, "stage_on_cpu", True)

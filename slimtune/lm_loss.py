@@ -166,4 +166,4 @@ def check_head(model: nn.Module, name: str, tokens: int = 16) -> None:
     if not abs(got - want) <= (2e-2 if low else 1e-4) * max(1.0, abs(want)):
         raise SlimtuneError(f"model.name={name!r}: {type(model).__name__}'s forward changes its logits in a way "
                             f"slimtune's loss does not reproduce (loss {got:.6g} vs the model's {want:.6g}); add its "
-                            "config attribute to slimtune.loss.LOGIT_ATTRIBUTES")
+                            "config attribute to slimtune.lm_loss.LOGIT_ATTRIBUTES")
