@@ -26,8 +26,16 @@ def io_bytes() -> tuple[int, int]:
     return int(f["read_bytes"]), int(f["write_bytes"])
 
 
-def main(model_dir: str, nvme: str, steps: int, seq: int, out: str, sub_group: float = 5e7, param_buffers: int = 5,
-         optimizer_buffers: int = 4) -> None:
+def main(
+    model_dir: str,
+    nvme: str,
+    steps: int,
+    seq: int,
+    out: str,
+    sub_group: float = 5e7,
+    param_buffers: int = 5,
+    optimizer_buffers: int = 4,
+) -> None:
     import torch
     import torch._dynamo  # noqa: F401  (imported before zero.Init patches tensor construction; it breaks after)
     import transformers.masking_utils  # noqa: F401
@@ -40,21 +48,41 @@ def main(model_dir: str, nvme: str, steps: int, seq: int, out: str, sub_group: f
     cfg = AutoConfig.from_pretrained(model_dir)
     vocab_params = cfg.vocab_size * cfg.hidden_size
     ds = {
-        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
         "zero_optimization": {
             "stage": 3,
-            "offload_param": {"device": "nvme", "nvme_path": nvme, "pin_memory": False, "buffer_count": param_buffers,
-                              "buffer_size": int(vocab_params * 1.05), "max_in_cpu": 0},
-            "offload_optimizer": {"device": "nvme", "nvme_path": nvme, "pin_memory": False,
-                                  "buffer_count": optimizer_buffers,
-                                  "pipeline_read": False, "pipeline_write": False},
-            "stage3_max_live_parameters": int(vocab_params * 1.05), "stage3_max_reuse_distance": 0,
-            "stage3_prefetch_bucket_size": int(5e7), "stage3_param_persistence_threshold": int(1e5),
+            "offload_param": {
+                "device": "nvme",
+                "nvme_path": nvme,
+                "pin_memory": False,
+                "buffer_count": param_buffers,
+                "buffer_size": int(vocab_params * 1.05),
+                "max_in_cpu": 0,
+            },
+            "offload_optimizer": {
+                "device": "nvme",
+                "nvme_path": nvme,
+                "pin_memory": False,
+                "buffer_count": optimizer_buffers,
+                "pipeline_read": False,
+                "pipeline_write": False,
+            },
+            "stage3_max_live_parameters": int(vocab_params * 1.05),
+            "stage3_max_reuse_distance": 0,
+            "stage3_prefetch_bucket_size": int(5e7),
+            "stage3_param_persistence_threshold": int(1e5),
             "sub_group_size": int(sub_group),
         },
-        "aio": {"block_size": 1048576, "queue_depth": 8, "thread_count": 1, "single_submit": False,
-                "overlap_events": True},
+        "aio": {
+            "block_size": 1048576,
+            "queue_depth": 8,
+            "thread_count": 1,
+            "single_submit": False,
+            "overlap_events": True,
+        },
         "wall_clock_breakdown": False,
     }
     t0 = time.perf_counter()
@@ -75,15 +103,31 @@ def main(model_dir: str, nvme: str, steps: int, seq: int, out: str, sub_group: f
         engine.backward(loss)
         engine.step()
         r1, w1 = io_bytes()
-        rows.append({"step": step + 1, "seconds": time.perf_counter() - t, "loss": float(loss),
-                     "read_bytes": r1 - r0, "written_bytes": w1 - w0})
+        rows.append(
+            {
+                "step": step + 1,
+                "seconds": time.perf_counter() - t,
+                "loss": float(loss),
+                "read_bytes": r1 - r0,
+                "written_bytes": w1 - w0,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with open(out, "w") as f:
-        json.dump({"init_seconds": init_seconds, "steps": rows, "peak_rss_bytes": peak,
-                   "deepspeed": deepspeed.__version__}, f, indent=1)
+        json.dump(
+            {"init_seconds": init_seconds, "steps": rows, "peak_rss_bytes": peak, "deepspeed": deepspeed.__version__},
+            f,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5],
-         *(float(x) if i == 0 else int(x) for i, x in enumerate(sys.argv[6:])))
+    main(
+        sys.argv[1],
+        sys.argv[2],
+        int(sys.argv[3]),
+        int(sys.argv[4]),
+        sys.argv[5],
+        *(float(x) if i == 0 else int(x) for i, x in enumerate(sys.argv[6:])),
+    )

@@ -52,9 +52,16 @@ def worker(variant: str, tokens: int, hidden: int, vocab: int, chunk: int) -> di
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"variant": variant, "device": device, "seconds": time.perf_counter() - t0,
-            "peak_extra_bytes": peak, "loss": float(loss), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "processor": _processor(device)}
+    return {
+        "variant": variant,
+        "device": device,
+        "seconds": time.perf_counter() - t0,
+        "peak_extra_bytes": peak,
+        "loss": float(loss),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "processor": _processor(device),
+    }
 
 
 def _processor(device: str) -> str:
@@ -69,24 +76,45 @@ def measure(tokens: int, hidden: int, vocab: int, chunk: int) -> dict:
     """Both variants at one shape, each in a fresh process."""
     res = {"shape": {"tokens": tokens, "hidden": hidden, "vocab": vocab, "chunk": chunk}}
     for v in ("naive", "chunked"):
-        cmd = [sys.executable, __file__, "--worker", v, "--tokens", str(tokens), "--hidden", str(hidden),
-               "--vocab", str(vocab), "--chunk", str(chunk)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            v,
+            "--tokens",
+            str(tokens),
+            "--hidden",
+            str(hidden),
+            "--vocab",
+            str(vocab),
+            "--chunk",
+            str(chunk),
+        ]
         res[v] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     n, c = res["naive"], res["chunked"]
     res["ratios"] = {"peak_memory": c["peak_extra_bytes"] / n["peak_extra_bytes"], "time": c["seconds"] / n["seconds"]}
-    res["machine"] = {"device": n["device"], "processor": n["processor"], "threads": n["threads"],
-                      "torch": n["torch"], "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-                      "date": time.strftime("%Y-%m-%d")}
+    res["machine"] = {
+        "device": n["device"],
+        "processor": n["processor"],
+        "threads": n["threads"],
+        "torch": n["torch"],
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     return res
 
 
 def print_run(res: dict) -> None:
     n, c, shape = res["naive"], res["chunked"], res["shape"]
-    print(f"loss fwd+bwd, {shape['tokens']} tokens x vocab {shape['vocab']} (hidden {shape['hidden']}, chunk "
-          f"{shape['chunk']}), device {n['device']} ({n['processor']}, {n['threads']} threads)")
+    print(
+        f"loss fwd+bwd, {shape['tokens']} tokens x vocab {shape['vocab']} (hidden {shape['hidden']}, chunk "
+        f"{shape['chunk']}), device {n['device']} ({n['processor']}, {n['threads']} threads)"
+    )
     print(f"{'':22s}{'naive':>12s}{'chunked':>12s}{'chunked/naive':>15s}")
-    print(f"{'peak extra (MiB)':22s}{n['peak_extra_bytes'] / MiB:12.1f}{c['peak_extra_bytes'] / MiB:12.1f}"
-          f"{res['ratios']['peak_memory']:14.2f}x")
+    print(
+        f"{'peak extra (MiB)':22s}{n['peak_extra_bytes'] / MiB:12.1f}{c['peak_extra_bytes'] / MiB:12.1f}"
+        f"{res['ratios']['peak_memory']:14.2f}x"
+    )
     print(f"{'seconds':22s}{n['seconds']:12.3f}{c['seconds']:12.3f}{res['ratios']['time']:14.2f}x")
     print(f"{'loss (sum)':22s}{n['loss']:12.2f}{c['loss']:12.2f}")
 

@@ -32,8 +32,16 @@ RESULTS = ROOT / "benchmarks" / "results" / "compressed_checkpoints.json"
 
 
 def ppl(model: str, heldout: Path) -> float:
-    cfg = load_config(None, [f"model.name={model}", f"data.source={heldout}", "train.seq_len=256",
-                             "train.batch_size=4", "model.dtype=bfloat16"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={model}",
+            f"data.source={heldout}",
+            "train.seq_len=256",
+            "train.batch_size=4",
+            "model.dtype=bfloat16",
+        ],
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         return evaluate_model(cfg, whole_text=True)["eval_perplexity"]
 
@@ -84,29 +92,50 @@ def main() -> None:
     for tag, method, pattern in (("w50", "wanda", "unstructured"), ("sg24", "sparsegpt", "2:4")):
         if not (work / tag / "slimtune_sparse.json").is_file():
             with contextlib.redirect_stdout(io.StringIO()):
-                prune_command(load_config(None, ["model.name=smollm2-135m", "model.dtype=bfloat16",
-                                                 f"prune.method={method}", f"prune.pattern={pattern}",
-                                                 f"output_dir={work / tag}", "overwrite=true"]))
+                prune_command(
+                    load_config(
+                        None,
+                        [
+                            "model.name=smollm2-135m",
+                            "model.dtype=bfloat16",
+                            f"prune.method={method}",
+                            f"prune.pattern={pattern}",
+                            f"output_dir={work / tag}",
+                            "overwrite=true",
+                        ],
+                    )
+                )
     rows = {}
 
     def record(key, model: Path, ref_bytes: int, bits=None):
-        rows[key] = {"bytes": dir_bytes(model), "ratio_to_bf16": dir_bytes(model) / ref_bytes,
-                     "load_seconds": load_seconds(str(model)), "perplexity": ppl(str(model), heldout)}
+        rows[key] = {
+            "bytes": dir_bytes(model),
+            "ratio_to_bf16": dir_bytes(model) / ref_bytes,
+            "load_seconds": load_seconds(str(model)),
+            "perplexity": ppl(str(model), heldout),
+        }
         if bits is not None:
             rows[key]["pruned_matrices_bits_per_param"] = bits
-        print(f"{key:28s} {rows[key]['bytes'] / 2**20:8.1f} MiB  x{rows[key]['ratio_to_bf16']:.3f}  load "
-              f"{rows[key]['load_seconds']:.2f}s  ppl {rows[key]['perplexity']:.3f}"
-              + (f"  pruned {bits:.3f} bits/param" if bits else ""), flush=True)
+        print(
+            f"{key:28s} {rows[key]['bytes'] / 2**20:8.1f} MiB  x{rows[key]['ratio_to_bf16']:.3f}  load "
+            f"{rows[key]['load_seconds']:.2f}s  ppl {rows[key]['perplexity']:.3f}"
+            + (f"  pruned {bits:.3f} bits/param" if bits else ""),
+            flush=True,
+        )
 
     ref = dir_bytes(dense)
     record("bf16 safetensors", dense, ref)
-    jobs = [("dfloat11", "smollm2-135m", dense, "dfloat11"), ("w50 bf16 safetensors", None, work / "w50", None),
-            ("w50 sparse", str(work / "w50"), None, "sparse"),
-            ("w50 sparse-nf4", str(work / "w50"), None, "sparse-nf4"),
-            ("sg24 bf16 safetensors", None, work / "sg24", None), ("sg24 sparse", str(work / "sg24"), None, "sparse"),
-            ("sg24 sparse-nf4", str(work / "sg24"), None, "sparse-nf4"),
-            ("w50 sparse-nf4 rank16", str(work / "w50"), None, "sparse-nf4"),
-            ("sg24 sparse-nf4 rank16", str(work / "sg24"), None, "sparse-nf4")]
+    jobs = [
+        ("dfloat11", "smollm2-135m", dense, "dfloat11"),
+        ("w50 bf16 safetensors", None, work / "w50", None),
+        ("w50 sparse", str(work / "w50"), None, "sparse"),
+        ("w50 sparse-nf4", str(work / "w50"), None, "sparse-nf4"),
+        ("sg24 bf16 safetensors", None, work / "sg24", None),
+        ("sg24 sparse", str(work / "sg24"), None, "sparse"),
+        ("sg24 sparse-nf4", str(work / "sg24"), None, "sparse-nf4"),
+        ("w50 sparse-nf4 rank16", str(work / "w50"), None, "sparse-nf4"),
+        ("sg24 sparse-nf4 rank16", str(work / "sg24"), None, "sparse-nf4"),
+    ]
     for key, src, path, fmt in jobs:
         if fmt is None:
             record(key, path, ref)

@@ -32,15 +32,26 @@ RESULTS = ROOT / "benchmarks" / "results" / "compressed_in_memory.json"
 
 # the child reports its own VmHWM: the mark of its address space since exec (ru_maxrss from wait4 would
 # count the pages a fork shares with this process before the exec)
-CHILD = ("import sys; from slimtune.cli import main; rc = main(sys.argv[1:]); "
-         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
-         "print('VMHWM', int(hwm) * 1024, file=sys.stderr); sys.exit(rc)")
+CHILD = (
+    "import sys; from slimtune.cli import main; rc = main(sys.argv[1:]); "
+    "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+    "print('VMHWM', int(hwm) * 1024, file=sys.stderr); sys.exit(rc)"
+)
 
 
 def eval_run(model: Path, text: Path, keep: bool) -> dict:
     """One `slimtune eval` in a fresh process: its JSON line, wall seconds and peak RSS (VmHWM)."""
-    args = [sys.executable, "-c", CHILD, "eval", f"model.name={model}", f"data.source={text}",
-            "train.seq_len=256", "train.batch_size=4", f"model.keep_compressed={str(keep).lower()}"]
+    args = [
+        sys.executable,
+        "-c",
+        CHILD,
+        "eval",
+        f"model.name={model}",
+        f"data.source={text}",
+        "train.seq_len=256",
+        "train.batch_size=4",
+        f"model.keep_compressed={str(keep).lower()}",
+    ]
     t0 = time.perf_counter()
     r = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
     seconds = time.perf_counter() - t0
@@ -64,11 +75,23 @@ def main() -> None:
         from slimtune.model.commands import prune_command
 
         with contextlib.redirect_stdout(io.StringIO()):
-            prune_command(load_config(None, ["model.name=smollm2-135m", "model.dtype=bfloat16", "prune.method=wanda",
-                                             f"output_dir={work / 'w50'}", "overwrite=true"]))
+            prune_command(
+                load_config(
+                    None,
+                    [
+                        "model.name=smollm2-135m",
+                        "model.dtype=bfloat16",
+                        "prune.method=wanda",
+                        f"output_dir={work / 'w50'}",
+                        "overwrite=true",
+                    ],
+                )
+            )
     rows = {}
-    for key, src, fmt in (("dfloat11", "smollm2-135m", "dfloat11"),
-                          ("w50 sparse-nf4", str(work / "w50"), "sparse-nf4")):
+    for key, src, fmt in (
+        ("dfloat11", "smollm2-135m", "dfloat11"),
+        ("w50 sparse-nf4", str(work / "w50"), "sparse-nf4"),
+    ):
         out = work / key.replace(" ", "_")
         if not (out / MANIFEST).is_file():
             with contextlib.redirect_stdout(io.StringIO()):
@@ -76,8 +99,11 @@ def main() -> None:
         for keep in (False, True):
             r = eval_run(out, text, keep)
             rows[f"{key} keep_compressed={keep}"] = r
-            print(f"{key:16s} keep_compressed={keep!s:5s}  peak {r['peak_rss_bytes'] / 2**20:7.0f} MiB  "
-                  f"{r['seconds']:6.1f} s  ppl {r['eval_perplexity']:.4f}  ({r['eval_tokens']} tokens)", flush=True)
+            print(
+                f"{key:16s} keep_compressed={keep!s:5s}  peak {r['peak_rss_bytes'] / 2**20:7.0f} MiB  "
+                f"{r['seconds']:6.1f} s  ppl {r['eval_perplexity']:.4f}  ({r['eval_tokens']} tokens)",
+                flush=True,
+            )
     from qlora_vs_peft import cpu_name  # benchmarks/ is on sys.path when a script here runs
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

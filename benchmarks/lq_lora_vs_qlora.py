@@ -41,9 +41,16 @@ METHODS = ["bf16", "nf4", "nf3", "lq_lora@3.0", "lq_lora@3.5", "loftq@nf4", "lof
 
 
 def method_overrides(method: str, a) -> list[str]:
-    base = [f"model.name={a.model}", f"train.seq_len={a.seq_len}", f"lora.rank={a.rank}",
-            f"lora.alpha={2 * a.rank}", "quant.block_size=64", "quant.double_quant=true",
-            f"lq_lora.calibration_samples={a.calibration}", "logging.progress=false"]
+    base = [
+        f"model.name={a.model}",
+        f"train.seq_len={a.seq_len}",
+        f"lora.rank={a.rank}",
+        f"lora.alpha={2 * a.rank}",
+        "quant.block_size=64",
+        "quant.double_quant=true",
+        f"lq_lora.calibration_samples={a.calibration}",
+        "logging.progress=false",
+    ]
     if method.startswith("lq_lora@"):
         return [*base, "adapter.type=lq_lora", "quant.method=lq_lora", f"lq_lora.budget_bits={method[8:]}"]
     if "@" in method:  # loftq@nf4, eora@nf3
@@ -102,10 +109,19 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         ppl = perplexity(CausalLMLoss(model, 256), data.eval, 4, a.eval_batches, torch.device("cpu"))
         bits, lora_bits = storage(model)
-        rows.append({"method": method, "bits_per_param": bits, "lora_bits_per_param": lora_bits,
-                     "perplexity": ppl, "seconds": seconds})
-        print(f"{method:12s} bits {bits or 16:7.3f}  lora +{lora_bits or 0:5.3f}  ppl {ppl:9.3f}  {seconds:7.1f}s",
-              flush=True)
+        rows.append(
+            {
+                "method": method,
+                "bits_per_param": bits,
+                "lora_bits_per_param": lora_bits,
+                "perplexity": ppl,
+                "seconds": seconds,
+            }
+        )
+        print(
+            f"{method:12s} bits {bits or 16:7.3f}  lora +{lora_bits or 0:5.3f}  ppl {ppl:9.3f}  {seconds:7.1f}s",
+            flush=True,
+        )
         del model
     by = {r["method"]: r for r in rows}
     checks = {}
@@ -123,11 +139,24 @@ def main() -> None:
     for name, ok in checks.items():
         print(f"target: {name}: {'MET' if ok else 'NOT MET'}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({
-        "model": a.model, "seq_len": a.seq_len, "eval_batches": a.eval_batches, "eval_blocks_total": len(data.eval),
-        "rank": a.rank, "calibration": a.calibration, "rows": rows, "targets": checks,
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__}, indent=2))
+    a.out.write_text(
+        json.dumps(
+            {
+                "model": a.model,
+                "seq_len": a.seq_len,
+                "eval_batches": a.eval_batches,
+                "eval_blocks_total": len(data.eval),
+                "rank": a.rank,
+                "calibration": a.calibration,
+                "rows": rows,
+                "targets": checks,
+                "cpu": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {a.out}")
 
 

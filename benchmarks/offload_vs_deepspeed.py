@@ -25,8 +25,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "offload_vs_deepspeed.json"
-SHAPES = {"1b": dict(layers=16, hidden=2048, intermediate=5440),
-          "2.1b": dict(layers=24, hidden=2560, intermediate=7040)}
+SHAPES = {
+    "1b": dict(layers=16, hidden=2048, intermediate=5440),
+    "2.1b": dict(layers=24, hidden=2560, intermediate=7040),
+}
 
 
 def make_model(path: Path, layers: int, hidden: int, intermediate: int) -> None:
@@ -40,9 +42,18 @@ def make_model(path: Path, layers: int, hidden: int, intermediate: int) -> None:
 
     from slimtune.formats.hf import resolve_model_dir
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -98,10 +109,21 @@ def run_child(cmd: list[str], env: dict | None = None, disk: Path | None = None)
 def slimtune_side(model: Path, work: Path, steps: int, scale: bool) -> dict:
     out = work / "slimtune"
     shutil.rmtree(out, ignore_errors=True)
-    args = [f"model.name={model}", "train.seq_len=256", "train.batch_size=1", f"train.max_steps={steps}",
-            "train.max_grad_norm=0", "train.warmup_steps=1", "train.lr=1e-4", "eval.max_batches=1",
-            "data.eval_fraction=0.005", "logging.progress=false", "engine.name=offload",
-            "offload.prefetch=1", f"output_dir={out}"]
+    args = [
+        f"model.name={model}",
+        "train.seq_len=256",
+        "train.batch_size=1",
+        f"train.max_steps={steps}",
+        "train.max_grad_norm=0",
+        "train.warmup_steps=1",
+        "train.lr=1e-4",
+        "eval.max_batches=1",
+        "data.eval_fraction=0.005",
+        "logging.progress=false",
+        "engine.name=offload",
+        "offload.prefetch=1",
+        f"output_dir={out}",
+    ]
     if scale:
         args += ["checkpoint.every=1", "checkpoint.keep=1"]
     peak, io, wall = run_child([sys.executable, "-m", "slimtune", "run", "full", *args], disk=work if scale else None)
@@ -109,13 +131,21 @@ def slimtune_side(model: Path, work: Path, steps: int, scale: bool) -> dict:
     secs = [b["seconds"] - a["seconds"] for a, b in zip([{"seconds": 0.0}] + rows, rows)]
     report = json.loads((out / "report.json").read_text())
     off = report["offload"]
-    result = {"seconds_per_step": secs, "steady_seconds_per_step": _mean(secs[1:]), "peak_rss_bytes": peak,
-              "read_bytes": io.get("read_bytes"), "written_bytes": io.get("write_bytes"), "wall_seconds": wall,
-              "read_bytes_per_step": off["bytes_read_per_step"],
-              "written_bytes_per_step": off["bytes_written_per_step"],
-              "io_hidden_fraction": off["io_hidden_fraction"], "gb_per_second": off["gb_per_second"],
-              "buffer_pool_bytes": off["buffer_pool_bytes"], "losses": [r["loss"] for r in rows],
-              "activations": off.get("activations")}
+    result = {
+        "seconds_per_step": secs,
+        "steady_seconds_per_step": _mean(secs[1:]),
+        "peak_rss_bytes": peak,
+        "read_bytes": io.get("read_bytes"),
+        "written_bytes": io.get("write_bytes"),
+        "wall_seconds": wall,
+        "read_bytes_per_step": off["bytes_read_per_step"],
+        "written_bytes_per_step": off["bytes_written_per_step"],
+        "io_hidden_fraction": off["io_hidden_fraction"],
+        "gb_per_second": off["gb_per_second"],
+        "buffer_pool_bytes": off["buffer_pool_bytes"],
+        "losses": [r["loss"] for r in rows],
+        "activations": off.get("activations"),
+    }
     if scale:  # the source model, plus the most the run added at once (store, snapshot, final/)
         result["disk_bytes"] = _du(model) + io["disk_peak_bytes"]
         result["eval_perplexity"] = [report["eval_perplexity_before"], report["eval_perplexity"]]
@@ -128,29 +158,60 @@ def deepspeed_side(model: Path, work: Path, steps: int) -> dict:
     shutil.rmtree(nvme, ignore_errors=True)
     nvme.mkdir(parents=True)
     out = work / "deepspeed.json"
-    peak, io, wall = run_child([sys.executable, str(ROOT / "benchmarks" / "_deepspeed_worker.py"), str(model),
-                                str(nvme), str(steps), "256", str(out)])
+    peak, io, wall = run_child(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "_deepspeed_worker.py"),
+            str(model),
+            str(nvme),
+            str(steps),
+            "256",
+            str(out),
+        ]
+    )
     r = json.loads(out.read_text())
     secs = [s["seconds"] for s in r["steps"]]
     shutil.rmtree(nvme, ignore_errors=True)
-    return {"seconds_per_step": secs, "steady_seconds_per_step": _mean(secs[1:]), "peak_rss_bytes": peak,
-            "init_seconds": r["init_seconds"], "read_bytes_per_step": _mean([s["read_bytes"] for s in r["steps"][1:]]),
-            "written_bytes_per_step": _mean([s["written_bytes"] for s in r["steps"][1:]]), "wall_seconds": wall,
-            "deepspeed": r["deepspeed"], "losses": [s["loss"] for s in r["steps"]]}
+    return {
+        "seconds_per_step": secs,
+        "steady_seconds_per_step": _mean(secs[1:]),
+        "peak_rss_bytes": peak,
+        "init_seconds": r["init_seconds"],
+        "read_bytes_per_step": _mean([s["read_bytes"] for s in r["steps"][1:]]),
+        "written_bytes_per_step": _mean([s["written_bytes"] for s in r["steps"][1:]]),
+        "wall_seconds": wall,
+        "deepspeed": r["deepspeed"],
+        "losses": [s["loss"] for s in r["steps"]],
+    }
 
 
 def in_ram_side(model: Path, work: Path, steps: int) -> dict:
     out = work / "in_ram"
     shutil.rmtree(out, ignore_errors=True)
-    args = [f"model.name={model}", "train.seq_len=256", "train.batch_size=1", f"train.max_steps={steps}",
-            "train.max_grad_norm=0", "train.warmup_steps=1", "train.lr=1e-4", "eval.max_batches=1",
-            "data.eval_fraction=0.005", "logging.progress=false", f"output_dir={out}"]
+    args = [
+        f"model.name={model}",
+        "train.seq_len=256",
+        "train.batch_size=1",
+        f"train.max_steps={steps}",
+        "train.max_grad_norm=0",
+        "train.warmup_steps=1",
+        "train.lr=1e-4",
+        "eval.max_batches=1",
+        "data.eval_fraction=0.005",
+        "logging.progress=false",
+        f"output_dir={out}",
+    ]
     peak, io, wall = run_child([sys.executable, "-m", "slimtune", "run", "full", *args])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     secs = [b["seconds"] - a["seconds"] for a, b in zip([{"seconds": 0.0}] + rows, rows)]
     shutil.rmtree(out, ignore_errors=True)
-    return {"seconds_per_step": secs, "steady_seconds_per_step": _mean(secs[1:]), "peak_rss_bytes": peak,
-            "wall_seconds": wall, "losses": [r["loss"] for r in rows]}
+    return {
+        "seconds_per_step": secs,
+        "steady_seconds_per_step": _mean(secs[1:]),
+        "peak_rss_bytes": peak,
+        "wall_seconds": wall,
+        "losses": [r["loss"] for r in rows],
+    }
 
 
 def _mean(xs):
@@ -172,18 +233,22 @@ def table(res: dict) -> str:
 
     speed = "-" if not (s and d) else format(d["steady_seconds_per_step"] / s["steady_seconds_per_step"], ".2f") + "x"
     mem = "-" if not (s and d) else format(s["peak_rss_bytes"] / d["peak_rss_bytes"], ".2f") + "x"
-    rows = ["| 1.0B Llama, fp32, seq 256, batch 1 | slimtune offload | DeepSpeed ZeRO-3 NVMe | in-RAM torch "
-            "| slimtune vs DeepSpeed |",
-            "|---|---|---|---|---|",
-            f"| s/step (steady) | {cell(s, 'steady_seconds_per_step')} | {cell(d, 'steady_seconds_per_step')} | "
-            f"{cell(m, 'steady_seconds_per_step')} | |",
-            f"| tokens/s | {tokens(s)} | {tokens(d)} | {tokens(m)} | {speed} |",
-            f"| peak RSS (GB) | {cell(s, 'peak_rss_bytes', 1e9, '.2f')} | {cell(d, 'peak_rss_bytes', 1e9, '.2f')} | "
-            f"{cell(m, 'peak_rss_bytes', 1e9, '.2f')} | {mem} |"]
+    rows = [
+        "| 1.0B Llama, fp32, seq 256, batch 1 | slimtune offload | DeepSpeed ZeRO-3 NVMe | in-RAM torch "
+        "| slimtune vs DeepSpeed |",
+        "|---|---|---|---|---|",
+        f"| s/step (steady) | {cell(s, 'steady_seconds_per_step')} | {cell(d, 'steady_seconds_per_step')} | "
+        f"{cell(m, 'steady_seconds_per_step')} | |",
+        f"| tokens/s | {tokens(s)} | {tokens(d)} | {tokens(m)} | {speed} |",
+        f"| peak RSS (GB) | {cell(s, 'peak_rss_bytes', 1e9, '.2f')} | {cell(d, 'peak_rss_bytes', 1e9, '.2f')} | "
+        f"{cell(m, 'peak_rss_bytes', 1e9, '.2f')} | {mem} |",
+    ]
     if s and d:
-        rows.append(f"| GB read / written per step | {s['read_bytes_per_step'] / 1e9:.1f} / "
-                    f"{s['written_bytes_per_step'] / 1e9:.1f} | {d['read_bytes_per_step'] / 1e9:.1f} / "
-                    f"{d['written_bytes_per_step'] / 1e9:.1f} | - | |")
+        rows.append(
+            f"| GB read / written per step | {s['read_bytes_per_step'] / 1e9:.1f} / "
+            f"{s['written_bytes_per_step'] / 1e9:.1f} | {d['read_bytes_per_step'] / 1e9:.1f} / "
+            f"{d['written_bytes_per_step'] / 1e9:.1f} | - | |"
+        )
     return "\n".join(rows)
 
 
@@ -196,8 +261,11 @@ def main() -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     res = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    res["machine"] = {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                      "torch_threads": os.environ.get("OMP_NUM_THREADS")}
+    res["machine"] = {
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
     if a.scale:
         model = work / "llama-2.1b"
         make_model(model, **SHAPES["2.1b"])
@@ -207,9 +275,11 @@ def main() -> None:
         model = work / "llama-1b"
         make_model(model, **SHAPES["1b"])
         for side in a.sides:
-            res[side] = {"slimtune": lambda: slimtune_side(model, work, 4, False),
-                         "deepspeed": lambda: deepspeed_side(model, work, 3),
-                         "in_ram": lambda: in_ram_side(model, work, 4)}[side]()
+            res[side] = {
+                "slimtune": lambda: slimtune_side(model, work, 4, False),
+                "deepspeed": lambda: deepspeed_side(model, work, 3),
+                "in_ram": lambda: in_ram_side(model, work, 4),
+            }[side]()
             print(side, json.dumps(res[side]), flush=True)
         print(table(res))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -52,27 +52,52 @@ def hidden_size(model: str) -> int:
 def run_one(name: str, a, out_dir: Path) -> dict:
     recipe, extra, lr = RUNS[name]
     own = {  # each optimizer's own section (the recipe's optimizer: galore / frugal / dct, or none for adamw)
-        "galore": [f"galore.rank={max(1, hidden_size(a.model) // 4)}", f"galore.update_gap={a.update_gap}",
-                   f"galore.proj_dtype={a.proj_dtype}"],
+        "galore": [
+            f"galore.rank={max(1, hidden_size(a.model) // 4)}",
+            f"galore.update_gap={a.update_gap}",
+            f"galore.proj_dtype={a.proj_dtype}",
+        ],
         "dct": [f"dct.rank={max(1, hidden_size(a.model) // 4)}", f"dct.update_gap={a.update_gap}"],
         "frugal": ["frugal.density=0.25", f"frugal.update_gap={a.update_gap}", f"frugal.proj_dtype={a.proj_dtype}"],
     }.get(recipe, [])
-    args = [sys.executable, "-m", "slimtune", "run", recipe, f"model.name={a.model}", f"train.max_steps={a.steps}",
-            f"train.seq_len={a.seq_len}", f"train.batch_size={a.batch_size}", f"train.lr={a.lr or lr}", *own,
-            "optim.full_rank_modules=[]",
-            "checkpoint.every=0", "eval.max_batches=1", "logging.progress=false", f"output_dir={out_dir}",
-            "overwrite=true", *extra]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "WANDB_MODE": "offline"})
+    args = [
+        sys.executable,
+        "-m",
+        "slimtune",
+        "run",
+        recipe,
+        f"model.name={a.model}",
+        f"train.max_steps={a.steps}",
+        f"train.seq_len={a.seq_len}",
+        f"train.batch_size={a.batch_size}",
+        f"train.lr={a.lr or lr}",
+        *own,
+        "optim.full_rank_modules=[]",
+        "checkpoint.every=0",
+        "eval.max_batches=1",
+        "logging.progress=false",
+        f"output_dir={out_dir}",
+        "overwrite=true",
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "offline"}
+    )
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{stderr[-3000:]}")
     report = json.loads((out_dir / "report.json").read_text())
     losses = [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"optimizer": name, "state_bytes": report["optimizer_state_bytes"],
-            "peak_rss_bytes": report["peak_memory_bytes"], "tokens_per_second": report["tokens_per_second"],
-            "loss_last5": sum(losses[-5:]) / len(losses[-5:]), "initial_loss": losses[0],
-            "projection_seconds": report.get("projection_seconds"), "wall_seconds": report["wall_seconds"]}
+    return {
+        "optimizer": name,
+        "state_bytes": report["optimizer_state_bytes"],
+        "peak_rss_bytes": report["peak_memory_bytes"],
+        "tokens_per_second": report["tokens_per_second"],
+        "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
+        "initial_loss": losses[0],
+        "projection_seconds": report.get("projection_seconds"),
+        "wall_seconds": report["wall_seconds"],
+    }
 
 
 def main() -> None:
@@ -82,8 +107,12 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--update-gap", type=int, default=50)
-    p.add_argument("--proj-dtype", default="float32", choices=["float32", "bfloat16", "int8"],
-                   help="storage of GaLore's / FRUGAL's projection P (galore.proj_dtype / frugal.proj_dtype)")
+    p.add_argument(
+        "--proj-dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "int8"],
+        help="storage of GaLore's / FRUGAL's projection P (galore.proj_dtype / frugal.proj_dtype)",
+    )
     p.add_argument("--lr", default=None, help="one lr for every optimizer (default: per optimizer)")
     p.add_argument("--only", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -93,31 +122,42 @@ def main() -> None:
         for name in a.only.split(","):
             row = run_one(name, a, Path(tmp) / name)
             rows.append(row)
-            print(f"{name:12s} state {row['state_bytes'] / 2**20:9.1f} MiB"
-                  f"  peak {row['peak_rss_bytes'] / 2**20:7.0f} MiB"
-                  f"  {row['tokens_per_second']:7.1f} tok/s  loss {row['loss_last5']:.4f}"
-                  f"  proj {row['projection_seconds'] or 0:.2f}s", flush=True)
+            print(
+                f"{name:12s} state {row['state_bytes'] / 2**20:9.1f} MiB"
+                f"  peak {row['peak_rss_bytes'] / 2**20:7.0f} MiB"
+                f"  {row['tokens_per_second']:7.1f} tok/s  loss {row['loss_last5']:.4f}"
+                f"  proj {row['projection_seconds'] or 0:.2f}s",
+                flush=True,
+            )
     base = next((r for r in rows if r["optimizer"] == "adamw"), None)
     checks = {}
-    print("\n| optimizer | state MiB | x AdamW | peak RSS MiB | tokens/s | x AdamW | loss (last 5) | x AdamW "
-          "| projection s |")
+    print(
+        "\n| optimizer | state MiB | x AdamW | peak RSS MiB | tokens/s | x AdamW | loss (last 5) | x AdamW "
+        "| projection s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = (lambda k: r[k] / base[k]) if base else (lambda k: float("nan"))
-        r["state_ratio"], r["speed_ratio"], r["loss_ratio"] = (ratio("state_bytes"), ratio("tokens_per_second"),
-                                                               ratio("loss_last5"))
-        print(f"| {r['optimizer']} | {r['state_bytes'] / 2**20:.1f} | {r['state_ratio']:.3f} "
-              f"| {r['peak_rss_bytes'] / 2**20:.0f} "
-              f"| {r['tokens_per_second']:.1f} | {r['speed_ratio']:.2f} | {r['loss_last5']:.4f} "
-              f"| {r['loss_ratio']:.3f} "
-              f"| {r['projection_seconds'] if r['projection_seconds'] is not None else '-'} |")
+        r["state_ratio"], r["speed_ratio"], r["loss_ratio"] = (
+            ratio("state_bytes"),
+            ratio("tokens_per_second"),
+            ratio("loss_last5"),
+        )
+        print(
+            f"| {r['optimizer']} | {r['state_bytes'] / 2**20:.1f} | {r['state_ratio']:.3f} "
+            f"| {r['peak_rss_bytes'] / 2**20:.0f} "
+            f"| {r['tokens_per_second']:.1f} | {r['speed_ratio']:.2f} | {r['loss_last5']:.4f} "
+            f"| {r['loss_ratio']:.3f} "
+            f"| {r['projection_seconds'] if r['projection_seconds'] is not None else '-'} |"
+        )
         if base and r["optimizer"] in ("galore", "frugal", "dct"):
             checks[f"{r['optimizer']} state <= 0.3x AdamW ({r['state_ratio']:.3f})"] = r["state_ratio"] <= 0.3
         if base and r["optimizer"].endswith("-8bit") and r["optimizer"] != "adamw-8bit":
             checks[f"{r['optimizer']} state <= 0.1x AdamW ({r['state_ratio']:.3f})"] = r["state_ratio"] <= 0.1
         if base and r["optimizer"] == "frugal":
             checks[f"frugal loss within 5% of AdamW after {a.steps} steps ({r['loss_ratio']:.3f})"] = (
-                abs(r["loss_ratio"] - 1) <= 0.05)
+                abs(r["loss_ratio"] - 1) <= 0.05
+            )
     by = {r["optimizer"]: r for r in rows}
     if {"galore", "dct"} <= by.keys() and by["galore"]["projection_seconds"]:
         ratio = by["dct"]["projection_seconds"] / by["galore"]["projection_seconds"]
@@ -125,10 +165,22 @@ def main() -> None:
     for name, ok in checks.items():
         print(f"target: {name}: {'MET' if ok else 'NOT MET'}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"model": a.model, "steps": a.steps, "proj_dtype": a.proj_dtype,
-                                 "seq_len": a.seq_len, "batch_size": a.batch_size,
-                                 "update_gap": a.update_gap, "rows": rows, "targets": checks,
-                                 "cpu": platform.processor() or platform.machine()}, indent=2))
+    a.out.write_text(
+        json.dumps(
+            {
+                "model": a.model,
+                "steps": a.steps,
+                "proj_dtype": a.proj_dtype,
+                "seq_len": a.seq_len,
+                "batch_size": a.batch_size,
+                "update_gap": a.update_gap,
+                "rows": rows,
+                "targets": checks,
+                "cpu": platform.processor() or platform.machine(),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {a.out}")
 
 

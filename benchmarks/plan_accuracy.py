@@ -60,8 +60,13 @@ def cases() -> list[tuple[str, str, list[str]]]:
                 extra = LQ_FAST if recipe == "lq_lora" else []
                 out.append((name, recipe, [f"model.name={model}", f"train.activation_checkpointing={ac}", *extra]))
     # a held-out check of the decomposition phase (see NOTES): its Fisher pass's activations grow with seq_len
-    out.append(("smollm2-135m lq_lora ac=true s512", "lq_lora", ["model.name=smollm2-135m", "train.seq_len=512",
-                                                                 "train.activation_checkpointing=true", *LQ_FAST]))
+    out.append(
+        (
+            "smollm2-135m lq_lora ac=true s512",
+            "lq_lora",
+            ["model.name=smollm2-135m", "train.seq_len=512", "train.activation_checkpointing=true", *LQ_FAST],
+        )
+    )
     return out
 
 
@@ -74,21 +79,36 @@ def calibration_cases() -> list[tuple[str, str, list[str]]]:
         ("cal tiny full s64", "full", tiny + ["train.activation_checkpointing=false"]),
         ("cal tiny qlora s64", "qlora", tiny),
         ("cal smollm2 lora b2 s512", "lora", smol + ["train.batch_size=2", "train.seq_len=512"]),
-        ("cal smollm2 lora b8 s128 ac", "lora", smol + ["train.batch_size=8", "train.seq_len=128",
-                                                         "train.activation_checkpointing=true"]),
+        (
+            "cal smollm2 lora b8 s128 ac",
+            "lora",
+            smol + ["train.batch_size=8", "train.seq_len=128", "train.activation_checkpointing=true"],
+        ),
         ("cal smollm2 qlora b2 s128", "qlora", smol + ["train.batch_size=2", "train.seq_len=128"]),
         # added when the planner over-predicted qlora ac=true by 15.0% (no quantized + checkpointed run was here)
-        ("cal smollm2 qlora b8 s128 ac", "qlora", smol + ["train.batch_size=8", "train.seq_len=128",
-                                                           "train.activation_checkpointing=true"]),
+        (
+            "cal smollm2 qlora b8 s128 ac",
+            "qlora",
+            smol + ["train.batch_size=8", "train.seq_len=128", "train.activation_checkpointing=true"],
+        ),
         ("cal smollm2 full b2 s128 ac", "full", smol + ["train.batch_size=2", "train.seq_len=128"]),
-        ("cal smollm2 full b1 s512", "full", smol + ["train.batch_size=1", "train.seq_len=512",
-                                                      "train.activation_checkpointing=false"]),
+        (
+            "cal smollm2 full b1 s512",
+            "full",
+            smol + ["train.batch_size=1", "train.seq_len=512", "train.activation_checkpointing=false"],
+        ),
         ("cal smollm2 galore b2 s512 ac", "galore", smol + ["train.batch_size=2", "train.seq_len=512"]),
         # the offload engine (no fragmentation term: it fixes glibc's mmap threshold), checked, not fitted
-        ("cal smollm2 full offload-opt b2 s128", "full", smol + ["train.batch_size=2", "train.seq_len=128",
-                                                                  "engine.name=offload", "engine.params=none"]),
-        ("cal smollm2 full offload-all b2 s128", "full", smol + ["train.batch_size=2", "train.seq_len=128",
-                                                                  "engine.name=offload"]),
+        (
+            "cal smollm2 full offload-opt b2 s128",
+            "full",
+            smol + ["train.batch_size=2", "train.seq_len=128", "engine.name=offload", "engine.params=none"],
+        ),
+        (
+            "cal smollm2 full offload-all b2 s128",
+            "full",
+            smol + ["train.batch_size=2", "train.seq_len=128", "engine.name=offload"],
+        ),
     ]
 
 
@@ -98,8 +118,13 @@ def _env() -> dict:
 
 def predict(recipe: str, overrides: list[str], extra: list[str] = ()) -> tuple[dict, float]:
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "slimtune", "plan", recipe, *overrides, *extra], cwd=ROOT,
-                       capture_output=True, text=True, env=_env())
+    r = subprocess.run(
+        [sys.executable, "-m", "slimtune", "plan", recipe, *overrides, *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     if r.returncode:
         raise RuntimeError(f"plan {recipe} {overrides}: {r.stderr.strip()[-2000:]}")
     return r.stdout, time.perf_counter() - t0
@@ -107,23 +132,37 @@ def predict(recipe: str, overrides: list[str], extra: list[str] = ()) -> tuple[d
 
 def measure(recipe: str, overrides: list[str], out_dir: Path) -> dict:
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "slimtune", "run", recipe, *overrides, *RUN,
-                        f"output_dir={out_dir}", "overwrite=true"], cwd=ROOT, capture_output=True, text=True,
-                       env=_env())
+    r = subprocess.run(
+        [sys.executable, "-m", "slimtune", "run", recipe, *overrides, *RUN, f"output_dir={out_dir}", "overwrite=true"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     if r.returncode:
         raise RuntimeError(f"run {recipe} {overrides}: {r.stderr.strip()[-3000:]}")
     report = json.loads((out_dir / "report.json").read_text())
-    return {"measured": report["peak_memory_bytes"], "planned_in_report": report.get("planned_peak_memory_bytes"),
-            "kind": report["peak_memory_kind"], "dtype": report["config"]["model"]["dtype"],
-            "run_seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "measured": report["peak_memory_bytes"],
+        "planned_in_report": report.get("planned_peak_memory_bytes"),
+        "kind": report["peak_memory_kind"],
+        "dtype": report["config"]["model"]["dtype"],
+        "run_seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def one(name: str, recipe: str, overrides: list[str], tmp: Path) -> dict:
     out, plan_seconds = predict(recipe, overrides + RUN, ["--json"])
     plan = json.loads(out)
-    row = {"case": name, "recipe": recipe, "overrides": overrides, "predicted": plan["peak_memory_bytes"],
-           "peak_phase": plan["peak_phase"], "breakdown": plan["breakdown"],
-           "plan_seconds": round(plan_seconds, 2)}
+    row = {
+        "case": name,
+        "recipe": recipe,
+        "overrides": overrides,
+        "predicted": plan["peak_memory_bytes"],
+        "peak_phase": plan["peak_phase"],
+        "breakdown": plan["breakdown"],
+        "plan_seconds": round(plan_seconds, 2),
+    }
     row.update(measure(recipe, overrides, tmp / name.replace(" ", "_")))
     row["ratio"] = row["predicted"] / row["measured"]
     return row
@@ -135,8 +174,13 @@ def fit_case(recipe: str, budget_gib: float, tmp: Path) -> dict:
     budget = int(budget_gib * 2**30)
     base = ["model.name=smollm2-135m"]
     row = {"case": f"smollm2 {recipe} --fit {budget_gib}GiB", "recipe": recipe, "budget": budget}
-    r = subprocess.run([sys.executable, "-m", "slimtune", "plan", recipe, *base, *RUN, "--fit", f"{budget_gib}GiB"],
-                       cwd=ROOT, capture_output=True, text=True, env=_env())
+    r = subprocess.run(
+        [sys.executable, "-m", "slimtune", "plan", recipe, *base, *RUN, "--fit", f"{budget_gib}GiB"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     if r.returncode == 2:
         row.update(fits=False, message=r.stderr.strip())
         return row
@@ -182,8 +226,11 @@ def fit_constants(rows: list[dict]) -> dict:
     terms = [_terms(r) for r in rows]
     tiny = [t for r, t in zip(rows, terms) if "tiny" in r["case"]]
     lib = [t["measured"] - (t["total"] - t["libraries"] - t["frag"]) for t in tiny]
-    out = {"LIBRARY_RSS_MiB": float(np.mean(lib)) / 2**20, "library_samples_MiB": [x / 2**20 for x in lib],
-           "current": {"LIBRARY_RSS_MiB": P.LIBRARY_RSS / 2**20, "FRAGMENTATION": P.FRAGMENTATION}}
+    out = {
+        "LIBRARY_RSS_MiB": float(np.mean(lib)) / 2**20,
+        "library_samples_MiB": [x / 2**20 for x in lib],
+        "current": {"LIBRARY_RSS_MiB": P.LIBRARY_RSS / 2**20, "FRAGMENTATION": P.FRAGMENTATION},
+    }
     smol = [t for r, t in zip(rows, terms) if "smollm2" in r["case"] and "offload" not in r["case"]]
     for dtype in sorted({t["dtype"] for t in smol}):
         sel = [t for t in smol if t["dtype"] == dtype]
@@ -210,9 +257,15 @@ def _terms(r: dict) -> dict:
     w = _weights(arch, cfg)
     a = DTYPE_BYTES[cfg.model.dtype]
     dequant = sum(lin.numel * a for lin in arch.linears if lin.name in w.quantized and lin.numel * a < P.MMAP_MAX)
-    return {"measured": r["measured"], "total": plan.peak_memory_bytes, "libraries": plan.breakdown["libraries"],
-            "frag": plan.breakdown.get("allocator.fragmentation", 0), "dtype": cfg.model.dtype,
-            "churn_heap": activations(arch, cfg, w, "cpu").churn_heap, "dequant_heap": dequant}
+    return {
+        "measured": r["measured"],
+        "total": plan.peak_memory_bytes,
+        "libraries": plan.breakdown["libraries"],
+        "frag": plan.breakdown.get("allocator.fragmentation", 0),
+        "dtype": cfg.model.dtype,
+        "churn_heap": activations(arch, cfg, w, "cpu").churn_heap,
+        "dequant_heap": dequant,
+    }
 
 
 def main() -> int:
@@ -250,11 +303,15 @@ def main() -> int:
         return result
 
     with tempfile.TemporaryDirectory(prefix="plan_accuracy_") as tmp:
-        jobs = [(name, lambda r=recipe, o=overrides, n=name: one(n, r, o, Path(tmp)))
-                for name, recipe, overrides in todo]
+        jobs = [
+            (name, lambda r=recipe, o=overrides, n=name: one(n, r, o, Path(tmp))) for name, recipe, overrides in todo
+        ]
         if not args.calibrate and not args.no_fit and not args.only:
-            jobs += [(f"smollm2 {r} --fit {b}GiB", lambda r=r, b=b: fit_case(r, b, Path(tmp)))
-                     for r in FIT_RECIPES for b in BUDGETS_GIB]
+            jobs += [
+                (f"smollm2 {r} --fit {b}GiB", lambda r=r, b=b: fit_case(r, b, Path(tmp)))
+                for r in FIT_RECIPES
+                for b in BUDGETS_GIB
+            ]
         for name, job in jobs:
             print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
             try:
@@ -266,8 +323,10 @@ def main() -> int:
     result = save()
     print(table(result["calibration"]["rows"] if args.calibrate else result["rows"]))
     if "within_target" in result:
-        print(f"\n{result['within_target']}/{result['cases']} predictions within {TARGET:.0%} of the measured peak; "
-              f"worst {result['worst']['case']} ({result['worst']['ratio']:.3f})")
+        print(
+            f"\n{result['within_target']}/{result['cases']} predictions within {TARGET:.0%} of the measured peak; "
+            f"worst {result['worst']['case']} ({result['worst']['ratio']:.3f})"
+        )
     if args.calibrate:
         result["calibration"]["fitted"] = fit_constants([r for r in rows if "error" not in r])
         print(json.dumps(result["calibration"]["fitted"], indent=1))
@@ -278,7 +337,7 @@ def main() -> int:
 
 def summary(rows: list[dict]) -> dict:
     order = [c[0] for c in calibration_cases() + cases()]
-    rows = sorted(rows, key=lambda r: (order.index(r["case"]) if r["case"] in order else len(order)))
+    rows = sorted(rows, key=lambda r: order.index(r["case"]) if r["case"] in order else len(order))
     result = {"machine": _machine(), "target": TARGET, "notes": NOTES, "rows": rows}
     accuracy = [r for r in rows if "budget" not in r and "ratio" in r]
     if accuracy:
@@ -294,8 +353,13 @@ def _machine() -> dict:
 
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 if __name__ == "__main__":

@@ -37,19 +37,41 @@ RUNS = {
 
 def run_one(name: str, a, out_dir: Path) -> dict:
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    args = [sys.executable, "-m", "slimtune", "run", a.recipe, f"model.name={a.model}", f"model.dtype={dtype}",
-            f"train.max_steps={a.steps}", f"train.seq_len={a.seq_len}", f"train.batch_size={a.batch_size}",
-            f"train.lr={a.lr}", "checkpoint.every=0", "eval.max_batches=4", "logging.progress=false",
-            f"output_dir={out_dir}", "overwrite=true", *RUNS[name]]
+    args = [
+        sys.executable,
+        "-m",
+        "slimtune",
+        "run",
+        a.recipe,
+        f"model.name={a.model}",
+        f"model.dtype={dtype}",
+        f"train.max_steps={a.steps}",
+        f"train.seq_len={a.seq_len}",
+        f"train.batch_size={a.batch_size}",
+        f"train.lr={a.lr}",
+        "checkpoint.every=0",
+        "eval.max_batches=4",
+        "logging.progress=false",
+        f"output_dir={out_dir}",
+        "overwrite=true",
+        *RUNS[name],
+    ]
     proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     report = json.loads((out_dir / "report.json").read_text())
     losses = [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"setting": name, "compute_dtype": dtype, "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
-            "initial_loss": losses[0], "eval_perplexity_before": report["eval_perplexity_before"],
-            "eval_perplexity": report["eval_perplexity"], "tokens_per_second": report["tokens_per_second"],
-            "low_precision_linears": report["low_precision_linears"], "peak_memory_bytes": report["peak_memory_bytes"]}
+    return {
+        "setting": name,
+        "compute_dtype": dtype,
+        "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
+        "initial_loss": losses[0],
+        "eval_perplexity_before": report["eval_perplexity_before"],
+        "eval_perplexity": report["eval_perplexity"],
+        "tokens_per_second": report["tokens_per_second"],
+        "low_precision_linears": report["low_precision_linears"],
+        "peak_memory_bytes": report["peak_memory_bytes"],
+    }
 
 
 def main() -> None:
@@ -68,23 +90,42 @@ def main() -> None:
         for name in a.only.split(","):
             rows.append(run_one(name, a, Path(tmp) / name))
             r = rows[-1]
-            print(f"{name:9s} loss {r['loss_last5']:.4f}  ppl {r['eval_perplexity_before']:.2f} -> "
-                  f"{r['eval_perplexity']:.2f}  {r['tokens_per_second']:.1f} tok/s", flush=True)
+            print(
+                f"{name:9s} loss {r['loss_last5']:.4f}  ppl {r['eval_perplexity_before']:.2f} -> "
+                f"{r['eval_perplexity']:.2f}  {r['tokens_per_second']:.1f} tok/s",
+                flush=True,
+            )
     base = next((r for r in rows if r["setting"] == "baseline"), None)
-    print(f"\n| {a.recipe}, {a.model}, {a.steps} steps | linears swapped | loss (last 5) | x baseline | eval ppl "
-          "| x baseline | tokens/s |")
+    print(
+        f"\n| {a.recipe}, {a.model}, {a.steps} steps | linears swapped | loss (last 5) | x baseline | eval ppl "
+        "| x baseline | tokens/s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         r["loss_ratio"] = r["loss_last5"] / base["loss_last5"] if base else None
         r["ppl_ratio"] = r["eval_perplexity"] / base["eval_perplexity"] if base else None
-        fmt = (lambda v: f"{v:.3f}" if v is not None else "-")
-        print(f"| {r['setting']} | {r['low_precision_linears']} | {r['loss_last5']:.4f} | {fmt(r['loss_ratio'])} "
-              f"| {r['eval_perplexity']:.2f} | {fmt(r['ppl_ratio'])} | {r['tokens_per_second']:.1f} |")
+        fmt = lambda v: f"{v:.3f}" if v is not None else "-"
+        print(
+            f"| {r['setting']} | {r['low_precision_linears']} | {r['loss_last5']:.4f} | {fmt(r['loss_ratio'])} "
+            f"| {r['eval_perplexity']:.2f} | {fmt(r['ppl_ratio'])} | {r['tokens_per_second']:.1f} |"
+        )
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"model": a.model, "recipe": a.recipe, "steps": a.steps, "seq_len": a.seq_len,
-                                 "batch_size": a.batch_size, "lr": a.lr, "rows": rows,
-                                 "device": "cuda" if torch.cuda.is_available() else "cpu",
-                                 "cpu": platform.processor() or platform.machine()}, indent=2))
+    a.out.write_text(
+        json.dumps(
+            {
+                "model": a.model,
+                "recipe": a.recipe,
+                "steps": a.steps,
+                "seq_len": a.seq_len,
+                "batch_size": a.batch_size,
+                "lr": a.lr,
+                "rows": rows,
+                "device": "cuda" if torch.cuda.is_available() else "cpu",
+                "cpu": platform.processor() or platform.machine(),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {a.out}")
 
 

@@ -77,14 +77,23 @@ class Bench:
         RESULTS.write_text(json.dumps(self.res, indent=1) + "\n")
 
     def ppl(self, model: str) -> float:
-        cfg = load_config(None, [f"model.name={model}", f"data.source={self.heldout}", "train.seq_len=256",
-                                 "train.batch_size=4", f"model.dtype={self.dtype}"])
+        cfg = load_config(
+            None,
+            [
+                f"model.name={model}",
+                f"data.source={self.heldout}",
+                "train.seq_len=256",
+                "train.batch_size=4",
+                f"model.dtype={self.dtype}",
+            ],
+        )
         with contextlib.redirect_stdout(io.StringIO()):
             return evaluate_model(cfg, whole_text=True)["eval_perplexity"]
 
     def record(self, key: str, **row):
-        row["ratio_to_dense"] = row["perplexity"] / self.res["rows"]["dense"]["perplexity"] if "dense" in \
-            self.res["rows"] else 1.0
+        row["ratio_to_dense"] = (
+            row["perplexity"] / self.res["rows"]["dense"]["perplexity"] if "dense" in self.res["rows"] else 1.0
+        )
         self.res["rows"][key] = row
         self.save()
         print(f"{key:44s} ppl {row['perplexity']:9.2f}  x{row['ratio_to_dense']:.3f} dense", flush=True)
@@ -94,9 +103,20 @@ class Bench:
 
         out = self.work / tag
         if not (out / "slimtune_sparse.json").is_file():
-            cfg = load_config(None, [f"model.name={model}", f"prune.method={method}", f"prune.pattern={pattern}",
-                                     "prune.sparsity=0.5", "prune.calibration_samples=32", "train.seq_len=256",
-                                     "data.source=pydoc", f"output_dir={out}", "overwrite=true"])
+            cfg = load_config(
+                None,
+                [
+                    f"model.name={model}",
+                    f"prune.method={method}",
+                    f"prune.pattern={pattern}",
+                    "prune.sparsity=0.5",
+                    "prune.calibration_samples=32",
+                    "train.seq_len=256",
+                    "data.source=pydoc",
+                    f"output_dir={out}",
+                    "overwrite=true",
+                ],
+            )
             t0 = time.perf_counter()
             prune_command(cfg)
             self.res.setdefault("prune_seconds", {})[tag] = time.perf_counter() - t0
@@ -104,14 +124,30 @@ class Bench:
 
     def recover(self, base: Path, tag: str, steps: int, extra: list[str]) -> dict:
         out = self.work / tag
-        cfg = load_config("recover", [f"model.name={base}", f"train.max_steps={steps}", f"model.dtype={self.dtype}",
-                                      "logging.progress=false", "eval.max_batches=10", f"output_dir={out}",
-                                      "overwrite=true", *extra])
+        cfg = load_config(
+            "recover",
+            [
+                f"model.name={base}",
+                f"train.max_steps={steps}",
+                f"model.dtype={self.dtype}",
+                "logging.progress=false",
+                "eval.max_batches=10",
+                f"output_dir={out}",
+                "overwrite=true",
+                *extra,
+            ],
+        )
         t0 = time.perf_counter()
         report = run(cfg)
-        return {"steps": steps, "tokens": steps * cfg.train.batch_size * cfg.train.seq_len,
-                "seconds": time.perf_counter() - t0, "train_blocks": report["train_blocks"],
-                "peak_rss_bytes": report["peak_memory_bytes"], "final": str(out / "final"), "overrides": extra}
+        return {
+            "steps": steps,
+            "tokens": steps * cfg.train.batch_size * cfg.train.seq_len,
+            "seconds": time.perf_counter() - t0,
+            "train_blocks": report["train_blocks"],
+            "peak_rss_bytes": report["peak_memory_bytes"],
+            "final": str(out / "final"),
+            "overrides": extra,
+        }
 
     # ------------------------------------------------------------------ phases
 
@@ -130,35 +166,59 @@ class Bench:
             target = 1.25 if tag.endswith("50") else 2.0  # the targets (x dense perplexity)
             for loss, extra in (("ce", ["recover.kd=0", "recover.feature=0"]), ("ce+kd+squarehead", [])):
                 info = self.recover(base, f"rec_{tag}_{loss}_{self.a.steps}", self.a.steps, extra)
-                self.record(f"recovered {tag} {loss} {self.a.steps} steps", perplexity=self.ppl(info["final"]),
-                            **info)
+                self.record(f"recovered {tag} {loss} {self.a.steps} steps", perplexity=self.ppl(info["final"]), **info)
             # the longer budget only where the recipe's default one misses the target
-            if self.a.long_steps > 0 and self.res["rows"][f"recovered {tag} ce+kd+squarehead {self.a.steps} steps"][
-                    "ratio_to_dense"] > target:
+            if (
+                self.a.long_steps > 0
+                and self.res["rows"][f"recovered {tag} ce+kd+squarehead {self.a.steps} steps"]["ratio_to_dense"]
+                > target
+            ):
                 info = self.recover(base, f"rec_{tag}_long", self.a.long_steps, [])
-                self.record(f"recovered {tag} ce+kd+squarehead {self.a.long_steps} steps",
-                            perplexity=self.ppl(info["final"]), **info)
+                self.record(
+                    f"recovered {tag} ce+kd+squarehead {self.a.long_steps} steps",
+                    perplexity=self.ppl(info["final"]),
+                    **info,
+                )
 
     def select_phase(self):
         base = self.pruned(self.a.model, "wanda", "2:4", "wanda_24")
         for select in ("random", "degradation"):
-            info = self.recover(base, f"sel_{select}", self.a.steps,
-                                [f"data.select={select}", "data.select_fraction=0.1"])
-            self.record(f"recovered wanda_24 data.select={select} {self.a.steps} steps",
-                        perplexity=self.ppl(info["final"]), **info)
+            info = self.recover(
+                base, f"sel_{select}", self.a.steps, [f"data.select={select}", "data.select_fraction=0.1"]
+            )
+            self.record(
+                f"recovered wanda_24 data.select={select} {self.a.steps} steps",
+                perplexity=self.ppl(info["final"]),
+                **info,
+            )
 
     def cram_phase(self):
         for name, extra in (("plain", []), ("cram", ["optim.cram=true", "cram.rho=0.05"])):
             out = self.work / f"dense_{name}"
-            cfg = load_config("full", [f"model.name={self.a.model}", f"train.max_steps={self.a.cram_steps}",
-                                       "train.batch_size=2", "train.seq_len=256", "train.lr=2e-5",
-                                       f"model.dtype={self.dtype}", "logging.progress=false", "eval.max_batches=10",
-                                       f"output_dir={out}", "overwrite=true", *extra])
+            cfg = load_config(
+                "full",
+                [
+                    f"model.name={self.a.model}",
+                    f"train.max_steps={self.a.cram_steps}",
+                    "train.batch_size=2",
+                    "train.seq_len=256",
+                    "train.lr=2e-5",
+                    f"model.dtype={self.dtype}",
+                    "logging.progress=false",
+                    "eval.max_batches=10",
+                    f"output_dir={out}",
+                    "overwrite=true",
+                    *extra,
+                ],
+            )
             t0 = time.perf_counter()
             run(cfg)
             seconds = time.perf_counter() - t0
-            self.record(f"trained {name} {self.a.cram_steps} steps (dense)", perplexity=self.ppl(str(out / "final")),
-                        seconds=seconds)
+            self.record(
+                f"trained {name} {self.a.cram_steps} steps (dense)",
+                perplexity=self.ppl(str(out / "final")),
+                seconds=seconds,
+            )
             for method, pattern, tag in (("magnitude", "unstructured", "magnitude_50"), ("wanda", "2:4", "wanda_24")):
                 d = self.pruned(str(out / "final"), method, pattern, f"{name}_{tag}")
                 self.record(f"trained {name} then oneshot {tag}", perplexity=self.ppl(str(d)))
@@ -183,8 +243,9 @@ def main() -> None:
     b.res["device"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "dtype": b.dtype}
     b.res["heldout"] = "idlelib NEWS.txt + README.txt (Python stdlib), every 256-token window"
     for phase in a.phases:
-        getattr(b, {"oneshot": "oneshot", "recover": "recover_phase", "select": "select_phase",
-                    "cram": "cram_phase"}[phase])()
+        getattr(
+            b, {"oneshot": "oneshot", "recover": "recover_phase", "select": "select_phase", "cram": "cram_phase"}[phase]
+        )()
     print(json.dumps({k: round(v["ratio_to_dense"], 3) for k, v in b.res["rows"].items()}, indent=1))
 
 

@@ -38,18 +38,39 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "qlora_vs_peft.json"
 MiB = 2**20
-SIDES = [("slimtune", "stream"), ("slimtune", "documents"), ("peft_bnb", "float32"), ("peft_bnb", "bfloat16"),
-         ("peft_lora", "float32"), ("peft_lora", "bfloat16")]
+SIDES = [
+    ("slimtune", "stream"),
+    ("slimtune", "documents"),
+    ("peft_bnb", "float32"),
+    ("peft_bnb", "bfloat16"),
+    ("peft_lora", "float32"),
+    ("peft_lora", "bfloat16"),
+]
 
 
 def overrides(a, batch: int, packing: str, output_dir: str) -> list[str]:
     """The run as overrides of the qlora recipe; the PEFT worker loads the same config (lr, warmup, seed,
     betas, eps, clipping identical by construction). Compute dtype and allocator: slimtune's defaults."""
-    return [f"model.name={a.model}", "data.source=pydoc", f"data.packing={packing}", f"train.seq_len={a.seq_len}",
-            f"train.batch_size={batch}", "train.grad_accum=1", f"train.max_steps={a.steps}",
-            f"lora.rank={a.rank}", f"lora.alpha={2 * a.rank}", "lora.dropout=0.0",
-            "adapter.target_modules=all-linear", "eval.max_batches=1", "eval.every=0", "checkpoint.every=0",
-            "logging.progress=false", "logging.wandb=false", f"output_dir={output_dir}", "overwrite=true"]
+    return [
+        f"model.name={a.model}",
+        "data.source=pydoc",
+        f"data.packing={packing}",
+        f"train.seq_len={a.seq_len}",
+        f"train.batch_size={batch}",
+        "train.grad_accum=1",
+        f"train.max_steps={a.steps}",
+        f"lora.rank={a.rank}",
+        f"lora.alpha={2 * a.rank}",
+        "lora.dropout=0.0",
+        "adapter.target_modules=all-linear",
+        "eval.max_batches=1",
+        "eval.every=0",
+        "checkpoint.every=0",
+        "logging.progress=false",
+        "logging.wandb=false",
+        f"output_dir={output_dir}",
+        "overwrite=true",
+    ]
 
 
 def peak_rss() -> int:
@@ -78,16 +99,22 @@ def peft_worker(a) -> None:
     data = build_splits(cfg.data.source, load_tokenizer(a.model), t.seq_len, cfg.data.eval_fraction)
     kw = {}
     if a.worker == "peft_bnb":  # bnb >= 0.45 quantizes on CPU in from_pretrained: every linear but lm_head
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
     model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(a.model), dtype=dtype, **kw)
     model.config.use_cache = False
     # no prepare_model_for_kbit_training: it upcasts weights and turns on checkpointing (slimtune does neither)
-    model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        ),
+    )
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay)
+    opt = torch.optim.AdamW(
+        params, lr=t.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
+    )
     order = BatchOrder(len(data.train), t.seed)
     losses, seconds = [], 0.0
     model.train()
@@ -103,10 +130,19 @@ def peft_worker(a) -> None:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         seconds += time.perf_counter() - t0
-    Path(a.out).write_text(json.dumps({
-        "peak_memory_bytes": peak_rss(), "tokens_per_second": t.max_steps * t.batch_size * t.seq_len / seconds,
-        "initial_loss": losses[0], "final_loss": losses[-1], "compute_dtype": a.dtype,
-        "trainable_params": sum(p.numel() for p in params), "threads": torch.get_num_threads()}))
+    Path(a.out).write_text(
+        json.dumps(
+            {
+                "peak_memory_bytes": peak_rss(),
+                "tokens_per_second": t.max_steps * t.batch_size * t.seq_len / seconds,
+                "initial_loss": losses[0],
+                "final_loss": losses[-1],
+                "compute_dtype": a.dtype,
+                "trainable_params": sum(p.numel() for p in params),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 def _run(cmd: list[str], env: dict) -> None:
@@ -123,12 +159,38 @@ def one_run(a, side: str, variant: str, batch: int, tmp: Path) -> dict:
         cmd = [sys.executable, "-m", "slimtune", "run", "qlora", *overrides(a, batch, variant, str(out))]
         _run(cmd, env)
         r = json.loads((out / "report.json").read_text())
-        return {k: r[k] for k in ("peak_memory_bytes", "tokens_per_second", "initial_loss", "final_loss",
-                                  "compute_dtype", "trainable_params")}
+        return {
+            k: r[k]
+            for k in (
+                "peak_memory_bytes",
+                "tokens_per_second",
+                "initial_loss",
+                "final_loss",
+                "compute_dtype",
+                "trainable_params",
+            )
+        }
     res = tmp / "peft.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--dtype", variant,
-           "--model", a.model, "--steps", str(a.steps), "--seq-len", str(a.seq_len), "--batch-size", str(batch),
-           "--rank", str(a.rank), "--out", str(res)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        side,
+        "--dtype",
+        variant,
+        "--model",
+        a.model,
+        "--steps",
+        str(a.steps),
+        "--seq-len",
+        str(a.seq_len),
+        "--batch-size",
+        str(batch),
+        "--rank",
+        str(a.rank),
+        "--out",
+        str(res),
+    ]
     _run(cmd, env)
     return json.loads(res.read_text())
 
@@ -138,10 +200,14 @@ def spread(values: list[float]) -> dict:
 
 
 def summarize(rows: list[dict]) -> dict:
-    return {"peak_memory_bytes": spread([r["peak_memory_bytes"] for r in rows]),
-            "tokens_per_second": spread([r["tokens_per_second"] for r in rows]),
-            "initial_loss": rows[0]["initial_loss"], "final_loss": rows[0]["final_loss"],
-            "compute_dtype": rows[0]["compute_dtype"], "trainable_params": rows[0]["trainable_params"]}
+    return {
+        "peak_memory_bytes": spread([r["peak_memory_bytes"] for r in rows]),
+        "tokens_per_second": spread([r["tokens_per_second"] for r in rows]),
+        "initial_loss": rows[0]["initial_loss"],
+        "final_loss": rows[0]["final_loss"],
+        "compute_dtype": rows[0]["compute_dtype"],
+        "trainable_params": rows[0]["trainable_params"],
+    }
 
 
 def ratios(by: dict) -> dict:
@@ -150,29 +216,39 @@ def ratios(by: dict) -> dict:
     out = {}
     for packing in ("stream", "documents"):
         s = by[f"slimtune/{packing}"]
-        out[packing] = {"peak_vs_peft_bnb_best": s["peak_memory_bytes"]["median"] / bnb,
-                        "tokens_per_second_vs_peft_lora_best": s["tokens_per_second"]["median"] / lora}
+        out[packing] = {
+            "peak_vs_peft_bnb_best": s["peak_memory_bytes"]["median"] / bnb,
+            "tokens_per_second_vs_peft_lora_best": s["tokens_per_second"]["median"] / lora,
+        }
     return out
 
 
 def table(res: dict) -> str:
     lines = []
     for batch, block in res["batches"].items():
-        lines.append(f"batch {batch}: {'side':22s}{'peak MiB min/med/max':>26s}{'tokens/s min/med/max':>24s}"
-                     f"{'loss first -> last':>22s}")
+        lines.append(
+            f"batch {batch}: {'side':22s}{'peak MiB min/med/max':>26s}{'tokens/s min/med/max':>24s}"
+            f"{'loss first -> last':>22s}"
+        )
         for name, s in block["sides"].items():
             m, v = s["peak_memory_bytes"], s["tokens_per_second"]
-            lines.append(f"{'':9s}{name + ' (' + s['compute_dtype'] + ')':28s}"
-                         f"{m['min'] / MiB:8.0f}{m['median'] / MiB:8.0f}{m['max'] / MiB:8.0f}"
-                         f"{v['min']:8.0f}{v['median']:8.0f}{v['max']:8.0f}"
-                         f"{s['initial_loss']:11.4f} -> {s['final_loss']:.4f}")
+            lines.append(
+                f"{'':9s}{name + ' (' + s['compute_dtype'] + ')':28s}"
+                f"{m['min'] / MiB:8.0f}{m['median'] / MiB:8.0f}{m['max'] / MiB:8.0f}"
+                f"{v['min']:8.0f}{v['median']:8.0f}{v['max']:8.0f}"
+                f"{s['initial_loss']:11.4f} -> {s['final_loss']:.4f}"
+            )
         for packing, r in block.get("ratios", {}).items():
-            lines.append(f"{'':9s}slimtune/{packing}: peak {r['peak_vs_peft_bnb_best']:.3f}x PEFT+bnb best (target "
-                         f"<= 0.6), tokens/s {r['tokens_per_second_vs_peft_lora_best']:.3f}x PEFT LoRA best "
-                         f"(target >= 1.0)")
+            lines.append(
+                f"{'':9s}slimtune/{packing}: peak {r['peak_vs_peft_bnb_best']:.3f}x PEFT+bnb best (target "
+                f"<= 0.6), tokens/s {r['tokens_per_second_vs_peft_lora_best']:.3f}x PEFT LoRA best "
+                f"(target >= 1.0)"
+            )
     d = res["device"]
-    lines.append(f"device: {d['cpu']}, {d['threads']} threads; versions: "
-                 + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
+    lines.append(
+        f"device: {d['cpu']}, {d['threads']} threads; versions: "
+        + ", ".join(f"{k} {v}" for k, v in res["versions"].items())
+    )
     return "\n".join(lines)
 
 
@@ -191,8 +267,9 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="2,4")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--sides", default=",".join(f"{s}/{v}" for s, v in SIDES),
-                    help="e.g. slimtune/stream,peft_bnb/bfloat16")
+    ap.add_argument(
+        "--sides", default=",".join(f"{s}/{v}" for s, v in SIDES), help="e.g. slimtune/stream,peft_bnb/bfloat16"
+    )
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--worker", choices=["peft_bnb", "peft_lora"], help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -212,14 +289,25 @@ def main() -> None:
                 for s, v in sides:
                     r = one_run(a, s, v, b, Path(tmp))
                     rows[(b, s, v)].append(r)
-                    print(f"run {run + 1}/{a.runs} batch {b} {s}/{v}: {r['peak_memory_bytes'] / MiB:.0f} MiB, "
-                          f"{r['tokens_per_second']:.0f} tok/s, loss {r['initial_loss']:.4f} -> {r['final_loss']:.4f}",
-                          flush=True)
-    res = {"config": {"model": a.model, "steps": a.steps, "seq_len": a.seq_len, "rank": a.rank, "alpha": 2 * a.rank,
-                      "runs": a.runs, "data": "pydoc, one token stream (no document masks)"},
-           "device": {"cpu": cpu_name(), "threads": os.cpu_count()},
-           "versions": {k: md.version(k) for k in ("torch", "transformers", "peft", "bitsandbytes", "slimtune")},
-           "batches": {}}
+                    print(
+                        f"run {run + 1}/{a.runs} batch {b} {s}/{v}: {r['peak_memory_bytes'] / MiB:.0f} MiB, "
+                        f"{r['tokens_per_second']:.0f} tok/s, loss {r['initial_loss']:.4f} -> {r['final_loss']:.4f}",
+                        flush=True,
+                    )
+    res = {
+        "config": {
+            "model": a.model,
+            "steps": a.steps,
+            "seq_len": a.seq_len,
+            "rank": a.rank,
+            "alpha": 2 * a.rank,
+            "runs": a.runs,
+            "data": "pydoc, one token stream (no document masks)",
+        },
+        "device": {"cpu": cpu_name(), "threads": os.cpu_count()},
+        "versions": {k: md.version(k) for k in ("torch", "transformers", "peft", "bitsandbytes", "slimtune")},
+        "batches": {},
+    }
     for b in batches:
         by = {f"{s}/{v}": summarize(rows[(b, s, v)]) for s, v in sides}
         block = {"sides": by}

@@ -78,10 +78,16 @@ def main() -> None:
         if device.type == "cuda" and hasattr(torch, "_scaled_mm"):
             xq, xs = quantize_fp8(x, "e4m3")
             wq, ws = quantize_fp8(w, "e4m3")
-            rows.append({"op": "torch._scaled_mm (per-tensor)", "shape": f"{a.tokens}x{k} @ {n}x{k}^T",
-                         "tflops": gpu_tflops(lambda: torch._scaled_mm(xq, wq.T, scale_a=xs, scale_b=ws,
-                                                                        out_dtype=torch.bfloat16),
-                                              2 * a.tokens * n * k)})
+            rows.append(
+                {
+                    "op": "torch._scaled_mm (per-tensor)",
+                    "shape": f"{a.tokens}x{k} @ {n}x{k}^T",
+                    "tflops": gpu_tflops(
+                        lambda: torch._scaled_mm(xq, wq.T, scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16),
+                        2 * a.tokens * n * k,
+                    ),
+                }
+            )
     x = torch.randn(a.tokens, 4096, device=device, generator=g)
     for block in (32, 128):
         y = hadamard_transform(hadamard_transform(x, block), block)
@@ -90,11 +96,17 @@ def main() -> None:
     head = torch.randn(49152, 576, device=device, generator=g) * 0.02
     y = torch.randint(0, 49152, (a.tokens,), device=device, generator=g)
     naive = F.cross_entropy(h @ head.T, y, reduction="sum")
-    rows.append({"op": "linear_cross_entropy loss (vocab 49152)",
-                 "rel_error": abs(float(linear_cross_entropy(h, head, y)) - float(naive)) / float(naive)})
+    rows.append(
+        {
+            "op": "linear_cross_entropy loss (vocab 49152)",
+            "rel_error": abs(float(linear_cross_entropy(h, head, y)) - float(naive)) / float(naive),
+        }
+    )
     if device.type == "cuda":
-        for name, fn in (("naive logits + F.cross_entropy", lambda: F.cross_entropy(h @ head.T, y)),
-                         ("linear_cross_entropy", lambda: linear_cross_entropy(h, head, y, reduction="mean"))):
+        for name, fn in (
+            ("naive logits + F.cross_entropy", lambda: F.cross_entropy(h @ head.T, y)),
+            ("linear_cross_entropy", lambda: linear_cross_entropy(h, head, y, reduction="mean")),
+        ):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -110,8 +122,10 @@ def main() -> None:
         extra = f" (peak +{r['peak_extra_bytes'] / 2**20:.0f} MiB)" if "peak_extra_bytes" in r else ""
         print(f"| {r['op']}{extra} | {r.get('shape', '-')} | {err} | {speed} |")
     if device.type != "cuda":
-        print("speed: needs a CUDA GPU (these CPU figures use the torch references; the Triton kernels are "
-              "checked against them under TRITON_INTERPRET=1 in tests/kernels)")
+        print(
+            "speed: needs a CUDA GPU (these CPU figures use the torch references; the Triton kernels are "
+            "checked against them under TRITON_INTERPRET=1 in tests/kernels)"
+        )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"device": str(device), "tokens": a.tokens, "rows": rows}, indent=2))
     print(f"wrote {a.out}")

@@ -1,7 +1,7 @@
 """A plain PyTorch loop built from slimtune's Python API: the same first losses as `slimtune run lora`.
 
-    python examples/plain_loop.py                          # SmolLM2-135M, LoRA rank 16, 5 steps on pydoc
-    python examples/plain_loop.py tiny-llama 5 float32     # model.name, steps, model.dtype
+python examples/plain_loop.py                          # SmolLM2-135M, LoRA rank 16, 5 steps on pydoc
+python examples/plain_loop.py tiny-llama 5 float32     # model.name, steps, model.dtype
 """
 
 import sys

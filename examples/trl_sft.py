@@ -1,7 +1,7 @@
 """TRL's SFTTrainer on a slimtune model: slimtune's adapter, optimizer, schedule, batches and loss.
 
-    python examples/trl_sft.py                          # SmolLM2-135M, LoRA rank 16, 5 steps on pydoc
-    python examples/trl_sft.py tiny-llama 3 float32     # model.name, steps, model.dtype
+python examples/trl_sft.py                          # SmolLM2-135M, LoRA rank 16, 5 steps on pydoc
+python examples/trl_sft.py tiny-llama 3 float32     # model.name, steps, model.dtype
 """
 
 import sys
@@ -22,8 +22,11 @@ scheduler = slimtune.lr_scheduler(optimizer, max_steps=30, warmup_steps=3)
 
 # slimtune's packed blocks, already tokenized: SFTTrainer skips its own preparation
 batches = slimtune.batches(tokenizer, steps, source="pydoc", eval_fraction=0.05, seq_len=256, batch_size=4)
-rows = [{"input_ids": x[i].tolist(), "labels": y[i].tolist(), "position_ids": None if pos is None else pos[i].tolist()}
-        for x, y, pos in batches for i in range(len(x))]
+rows = [
+    {"input_ids": x[i].tolist(), "labels": y[i].tolist(), "position_ids": None if pos is None else pos[i].tolist()}
+    for x, y, pos in batches
+    for i in range(len(x))
+]
 losses = []
 
 
@@ -38,11 +41,28 @@ def compute_loss(outputs, labels, num_items_in_batch=None):
     return loss
 
 
-args = SFTConfig(output_dir="runs/trl_sft", per_device_train_batch_size=4, max_steps=steps, max_grad_norm=1.0,
-                 train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to=[],
-                 use_cpu=True, remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
-                 bf16=model.dtype == torch.bfloat16)
-trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                     data_collator=collate, optimizers=(optimizer, scheduler), compute_loss_func=compute_loss)
+args = SFTConfig(
+    output_dir="runs/trl_sft",
+    per_device_train_batch_size=4,
+    max_steps=steps,
+    max_grad_norm=1.0,
+    train_sampling_strategy="sequential",
+    logging_steps=1,
+    save_strategy="no",
+    report_to=[],
+    use_cpu=True,
+    remove_unused_columns=False,
+    dataset_kwargs={"skip_prepare_dataset": True},
+    bf16=model.dtype == torch.bfloat16,
+)
+trainer = SFTTrainer(
+    model=model,
+    args=args,
+    train_dataset=Dataset.from_list(rows),
+    processing_class=tokenizer,
+    data_collator=collate,
+    optimizers=(optimizer, scheduler),
+    compute_loss_func=compute_loss,
+)
 trainer.train()
 slimtune.save(model, "runs/trl_sft/final", tokenizer)

@@ -12,21 +12,33 @@ import sys
 
 # old key -> new key
 MOVED = {
-    "adapter.rank": "lora.rank", "adapter.alpha": "lora.alpha", "adapter.dropout": "lora.dropout",
+    "adapter.rank": "lora.rank",
+    "adapter.alpha": "lora.alpha",
+    "adapter.dropout": "lora.dropout",
     "adapter.use_rslora": "lora.use_rslora",
-    "adapter.density": "sparse_ft.density", "adapter.num_params": "sparse_ft.num_params",
+    "adapter.density": "sparse_ft.density",
+    "adapter.num_params": "sparse_ft.num_params",
     "adapter.seed": "sparse_ft.seed",
-    "optim.momentum": "sgd.momentum", "optim.density": "frugal.density", "optim.subspace": "frugal.subspace",
-    "optim.inactive_lr_scale": "frugal.inactive_lr_scale", "optim.seed": "frugal.seed",
-    "train.halo_level": "halo.level", "train.hadamard_block": "halo.hadamard_block",
-    "prune.blocksize": "sparsegpt.blocksize", "prune.percdamp": "sparsegpt.percdamp",
-    "engine.zero_stage": "deepspeed.zero_stage", "engine.nvme_dir": "deepspeed.nvme_dir",
+    "optim.momentum": "sgd.momentum",
+    "optim.density": "frugal.density",
+    "optim.subspace": "frugal.subspace",
+    "optim.inactive_lr_scale": "frugal.inactive_lr_scale",
+    "optim.seed": "frugal.seed",
+    "train.halo_level": "halo.level",
+    "train.hadamard_block": "halo.hadamard_block",
+    "prune.blocksize": "sparsegpt.blocksize",
+    "prune.percdamp": "sparsegpt.percdamp",
+    "engine.zero_stage": "deepspeed.zero_stage",
+    "engine.nvme_dir": "deepspeed.nvme_dir",
     "engine.config": "deepspeed.config",
 }
 # old key -> the optimizers whose section took it (the chosen one gets it)
 BY_OPTIMIZER = {
-    "optim.rank": ("galore", "dct"), "optim.update_gap": ("galore", "dct", "frugal"),
-    "optim.scale": ("galore", "dct"), "optim.proj_type": ("galore", "dct"), "optim.proj_dtype": ("galore", "frugal"),
+    "optim.rank": ("galore", "dct"),
+    "optim.update_gap": ("galore", "dct", "frugal"),
+    "optim.scale": ("galore", "dct"),
+    "optim.proj_type": ("galore", "dct"),
+    "optim.proj_dtype": ("galore", "frugal"),
 }
 # offload.params / offload.optimizer -> engine.name=offload with engine.params / engine.optimizer; DeepSpeed's
 # engine.offload=cpu|nvme -> engine.optimizer (and engine.params at ZeRO-3)
@@ -40,8 +52,11 @@ def new_key(key: str) -> str:
         return MOVED[key]
     if key in BY_OPTIMIZER:
         return f"{BY_OPTIMIZER[key][0]}.{key.split('.')[1]}"
-    return {"offload.params": "engine.params", "offload.optimizer": "engine.optimizer",
-            "engine.offload": "engine.optimizer"}.get(key, key)
+    return {
+        "offload.params": "engine.params",
+        "offload.optimizer": "engine.optimizer",
+        "engine.offload": "engine.optimizer",
+    }.get(key, key)
 
 
 def _pop(raw: dict, key: str):
@@ -88,8 +103,10 @@ def rename(raw: dict, context: dict | None = None) -> list[str]:
             new = f"{optimizer}.{old.split('.')[1]}" if optimizer in owners else None
             if new:
                 _put(raw, new, value)
-            done.append(f"{old} -> {new or '/'.join(f'{o}.' + old.split('.')[1] for o in owners)}"
-                        + ("" if new else f" (unused with optim.name={optimizer})"))
+            done.append(
+                f"{old} -> {new or '/'.join(f'{o}.' + old.split('.')[1] for o in owners)}"
+                + ("" if new else f" (unused with optim.name={optimizer})")
+            )
     done += _placement(raw, context)
     return done
 
@@ -115,11 +132,15 @@ def _placement(raw: dict, context: dict) -> list[str]:
         stage = _value(raw, context, "deepspeed.zero_stage", 2)
         if stage == 3 and where != "none":
             _put(raw, "engine.params", where)
-        done.append(f"engine.offload={value} -> engine.optimizer={where}"
-                    + (f" engine.params={where}" if stage == 3 and where != "none" else ""))
+        done.append(
+            f"engine.offload={value} -> engine.optimizer={where}"
+            + (f" engine.params={where}" if stage == 3 and where != "none" else "")
+        )
     return done
 
 
 def print_notice(renamed: list[str]) -> None:
-    print(f"slimtune: renamed keys (the old names work for one release; recipes use the new): {', '.join(renamed)}",
-          file=sys.stderr)
+    print(
+        f"slimtune: renamed keys (the old names work for one release; recipes use the new): {', '.join(renamed)}",
+        file=sys.stderr,
+    )

@@ -44,8 +44,9 @@ def with_keywords(cfg, sections: tuple[str, ...], call: str, **keywords):
         section = next((s for s in sections if f"{s}.{name}" in keys), None)
         if section is None:
             valid = sorted(k.split(".", 1)[1] for k in keys if k.split(".", 1)[0] in sections)
-            raise ConfigError(f"slimtune.{call}: unknown keyword {name!r}; the keys of {', '.join(sections)}: "
-                              f"{', '.join(valid)}")
+            raise ConfigError(
+                f"slimtune.{call}: unknown keyword {name!r}; the keys of {', '.join(sections)}: {', '.join(valid)}"
+            )
         dotted[f"{section}.{name}"] = list(value) if isinstance(value, tuple) else value
     new = C.replace(cfg, **dotted)
     C.validate(new)
@@ -103,15 +104,18 @@ def optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3, **keyword
     own = getattr(OPTIMIZERS.get(name), "section", None)
     cfg = with_keywords(cfg, ("optim",) + ((own,) if own else ()), "optimizer", **keywords)
     if cfg.optim.cram:
-        raise ConfigError("slimtune.optimizer(cram=True): CrAM runs a second backward at perturbed weights, which "
-                          "slimtune's loop does (slimtune.run); drop cram")
+        raise ConfigError(
+            "slimtune.optimizer(cram=True): CrAM runs a second backward at perturbed weights, which "
+            "slimtune's loop does (slimtune.run); drop cram"
+        )
     model.slimtune_config = cfg
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return build_optimizer(cfg.optim, named, lr, optimizer_options(cfg))
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, max_steps: int, warmup_steps: int = 0,
-                 min_lr_ratio: float | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, max_steps: int, warmup_steps: int = 0, min_lr_ratio: float | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
     """slimtune's schedule (linear warmup, cosine decay to lr x train.min_lr_ratio at max_steps) as a torch
     scheduler: call .step() after each optimizer step, as with any torch scheduler."""
     import dataclasses
@@ -119,8 +123,13 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, max_steps: int, warmup_steps:
     from slimtune.trainer.loop import lr_at
 
     t = C.load_config(None).train
-    t = dataclasses.replace(t, lr=1.0, max_steps=max_steps, warmup_steps=warmup_steps,
-                            min_lr_ratio=t.min_lr_ratio if min_lr_ratio is None else min_lr_ratio)
+    t = dataclasses.replace(
+        t,
+        lr=1.0,
+        max_steps=max_steps,
+        warmup_steps=warmup_steps,
+        min_lr_ratio=t.min_lr_ratio if min_lr_ratio is None else min_lr_ratio,
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, t))
 
 
@@ -138,8 +147,9 @@ def batches(tokenizer, steps: int, **keywords):
             yield micro_batch(train, order, step, m, 0, 1, t.batch_size, t.grad_accum)
 
 
-def loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-         position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def loss(
+    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """The mean cross-entropy over the target tokens of (input_ids, labels), labels as in HF (shifted inside,
     -100 ignored): slimtune's chunked loss (train.loss_chunk_tokens; the logits are never whole), exact for the
     model's family, under bf16 autocast when the model computes in bf16."""
@@ -149,7 +159,8 @@ def loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16"):
         total = CausalLMLoss(model, cfg.train.loss_chunk_tokens)(
-            input_ids.to(device), labels.to(device), None if position_ids is None else position_ids.to(device))
+            input_ids.to(device), labels.to(device), None if position_ids is None else position_ids.to(device)
+        )
     return total / max(count_targets(labels), 1)
 
 
@@ -169,8 +180,9 @@ def hf_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Ten
     """transformers.Trainer's `compute_loss_func`: the same cross-entropy from the model's logits, summed over
     the target tokens and divided by the Trainer's count of them (num_items_in_batch, else this batch's)."""
     logits, targets = outputs.logits[:, :-1].float(), labels[:, 1:].to(outputs.logits.device)
-    total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                              ignore_index=-100, reduction="sum")
+    total = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
     return total / count
 

@@ -42,8 +42,9 @@ def sample_inputs(sample) -> tuple[torch.Tensor, dict]:
     return sample[0], position_kwargs(pos)
 
 
-def fisher_sums(model: nn.Module, names: list[str], samples, chunk_tokens: int = 256
-                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def fisher_sums(
+    model: nn.Module, names: list[str], samples, chunk_tokens: int = 256
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """name -> (row sums (out,), col sums (in,)) of the diagonal Fisher of that linear's weight (fp32).
 
     Gradients are taken of each sample's mean token loss; only the listed weights get gradients, the

@@ -27,8 +27,10 @@ def set_chat_template(tokenizer, path: str) -> None:
 
 def require_template(tokenizer, source: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise SlimtuneError(f"data.source={source}: its 'messages' records need a chat template and the model's "
-                            "tokenizer has none; give one with data.chat_template=PATH (a Jinja file)")
+        raise SlimtuneError(
+            f"data.source={source}: its 'messages' records need a chat template and the model's "
+            "tokenizer has none; give one with data.chat_template=PATH (a Jinja file)"
+        )
 
 
 def _ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
@@ -50,16 +52,23 @@ def chat_tokens(messages: list[dict], tokenizer, train_on: str, where: str) -> t
         start = _ids(tokenizer, messages[:i], True) if i else []
         end = _ids(tokenizer, messages[: i + 1], False)
         if ids[: len(start)] != start or ids[: len(end)] != end:
-            raise SlimtuneError(f"{where}: the chat template does not render the start of this conversation as the "
-                                "start of its tokens, so the assistant turns cannot be located; use "
-                                "data.train_on=all or another data.chat_template")
+            raise SlimtuneError(
+                f"{where}: the chat template does not render the start of this conversation as the "
+                "start of its tokens, so the assistant turns cannot be located; use "
+                "data.train_on=all or another data.chat_template"
+            )
         labels[len(start) : len(end)] = ids[len(start) : len(end)]
     return ids, labels
 
 
 def check_messages(rec: dict, where: str) -> None:
     msgs = rec.get("messages")
-    ok = isinstance(msgs, list) and msgs and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs)
+    ok = (
+        isinstance(msgs, list)
+        and msgs
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+        )
+    )
     if not ok:
-        raise SlimtuneError(f"{where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}}")
+        raise SlimtuneError(f'{where}: \'messages\' must be a non-empty list of {{"role": str, "content": str}}')

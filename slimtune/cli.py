@@ -86,8 +86,7 @@ def _export_compressed(args, export_compressed) -> None:
         from slimtune.config import load_config
 
         base = load_config(str(src / "config.yaml")).model.name
-        export_compressed(args.run_dir, args.format, args.out, model_dir=Path(base), adapter_dir=final,
-                          rank=args.rank)
+        export_compressed(args.run_dir, args.format, args.out, model_dir=Path(base), adapter_dir=final, rank=args.rank)
         return
     from slimtune.trainer import export_merged
 
@@ -113,23 +112,41 @@ def main(argv: list[str] | None = None) -> int:
     p_prune.add_argument("args", nargs="*")
     p_exp = sub.add_parser("export")
     p_exp.add_argument("run_dir")
-    p_exp.add_argument("--merge", action="store_true", help="merge the run's adapter into the base weights before "
-                       "writing: always so for --format hf, dfloat11 and sparse; for sparse-nf4 / sparse-int8 the "
-                       "adapter is otherwise kept beside the quantized values, in full precision")
-    p_exp.add_argument("--format", default="hf", help="hf (the merged model, default) | dfloat11 | sparse | "
-                       "sparse-nf4 | sparse-int8")
-    p_exp.add_argument("--rank", type=int, default=0, help="sparse-nf4 / sparse-int8: keep rank-R factors beside "
-                       "the quantized kept values (LQ-LoRA's decomposition on the kept entries)")
+    p_exp.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the run's adapter into the base weights before "
+        "writing: always so for --format hf, dfloat11 and sparse; for sparse-nf4 / sparse-int8 the "
+        "adapter is otherwise kept beside the quantized values, in full precision",
+    )
+    p_exp.add_argument(
+        "--format", default="hf", help="hf (the merged model, default) | dfloat11 | sparse | sparse-nf4 | sparse-int8"
+    )
+    p_exp.add_argument(
+        "--rank",
+        type=int,
+        default=0,
+        help="sparse-nf4 / sparse-int8: keep rank-R factors beside "
+        "the quantized kept values (LQ-LoRA's decomposition on the kept entries)",
+    )
     p_exp.add_argument("--out", default=None, help="output dir (default RUN_DIR/merged)")
-    p_exp.add_argument("--onto", default="full", choices=["full", "quantized"],
-                       help="merge into the full-precision base (default) or into dequant(Q), the quantized "
-                            "base the adapter was trained against")
+    p_exp.add_argument(
+        "--onto",
+        default="full",
+        choices=["full", "quantized"],
+        help="merge into the full-precision base (default) or into dequant(Q), the quantized "
+        "base the adapter was trained against",
+    )
     p_plan = sub.add_parser("plan")
     p_plan.add_argument("recipe")
     p_plan.add_argument("overrides", nargs="*")
     p_plan.add_argument("--json", action="store_true", help="print one JSON object (peak_memory_bytes, breakdown)")
-    p_plan.add_argument("--fit", default=None, metavar="BUDGET", help="e.g. 24GiB, 800MiB, bytes: print the "
-                        "overrides (last line) whose predicted peak fits")
+    p_plan.add_argument(
+        "--fit",
+        default=None,
+        metavar="BUDGET",
+        help="e.g. 24GiB, 800MiB, bytes: print the overrides (last line) whose predicted peak fits",
+    )
     p_plan.add_argument("--nproc", type=int, default=None, help="processes (ranks); default WORLD_SIZE or 1")
     sub.add_parser("recipes")
     p_cfg = sub.add_parser("config")

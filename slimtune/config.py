@@ -23,8 +23,19 @@ from slimtune.technique import check_run_flags
 from slimtune.errors import ConfigError
 from slimtune.registry import BY_KEY, SECTIONS
 from slimtune.schema import (  # noqa: F401  (re-exported: config.TrainConfig, ... as before)
-    AdapterConfig, CheckpointConfig, DataConfig, EngineConfig, EvalConfig, LoggingConfig, ModelConfig, OptimConfig,
-    PruneConfig, QuantConfig, RecoverConfig, TrainConfig)
+    AdapterConfig,
+    CheckpointConfig,
+    DataConfig,
+    EngineConfig,
+    EvalConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    PruneConfig,
+    QuantConfig,
+    RecoverConfig,
+    TrainConfig,
+)
 from slimtune.schema import RecipeConfig as CoreConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -41,11 +52,15 @@ def recipe_class() -> type:
     key = tuple(SECTIONS.items())
     if key not in _CLASSES:
         core = _hints(CoreConfig)
-        fields = [(f.name, core[f.name], f) for f in dataclasses.fields(CoreConfig)
-                  if dataclasses.is_dataclass(core[f.name])]
+        fields = [
+            (f.name, core[f.name], f) for f in dataclasses.fields(CoreConfig) if dataclasses.is_dataclass(core[f.name])
+        ]
         fields += [(name, cls, dataclasses.field(default_factory=cls)) for name, cls in SECTIONS.items()]
-        fields += [(f.name, core[f.name], f) for f in dataclasses.fields(CoreConfig)
-                   if not dataclasses.is_dataclass(core[f.name])]
+        fields += [
+            (f.name, core[f.name], f)
+            for f in dataclasses.fields(CoreConfig)
+            if not dataclasses.is_dataclass(core[f.name])
+        ]
         _CLASSES[key] = dataclasses.make_dataclass("RecipeConfig", fields, frozen=True)
     return _CLASSES[key]
 
@@ -173,8 +188,9 @@ def recipe_path(recipe: str) -> Path:
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise ConfigError(f"recipe file '{recipe}' not found; give an existing .yaml path or one of: "
-                              f"{', '.join(list_recipes())}")
+            raise ConfigError(
+                f"recipe file '{recipe}' not found; give an existing .yaml path or one of: {', '.join(list_recipes())}"
+            )
         return path
     path = RECIPES_DIR / f"{recipe}.yaml"
     if not path.is_file():

@@ -40,8 +40,10 @@ def load_records(source: str) -> list[dict]:
     if path.is_dir():
         return _checked(_saved_dataset_rows(path), str(path), "row")
     if not path.is_file():
-        raise SlimtuneError(f"data.source={source!r}: file not found; give pydoc, a .txt, .jsonl or .parquet path "
-                            "or a datasets.save_to_disk directory")
+        raise SlimtuneError(
+            f"data.source={source!r}: file not found; give pydoc, a .txt, .jsonl or .parquet path "
+            "or a datasets.save_to_disk directory"
+        )
     if path.suffix == ".txt":
         return [{"text": path.read_text(encoding="utf-8", errors="replace")}]
     if path.suffix == ".parquet":
@@ -57,8 +59,10 @@ def load_records(source: str) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise SlimtuneError(f"{path}:{line}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}); "
-                            "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        raise SlimtuneError(
+            f"{path}:{line}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}); "
+            "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
     records = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -77,11 +81,14 @@ def _checked(records: list, where: str, unit: str, numbers: list[int] | None = N
         if isinstance(rec, dict) and "messages" in rec:
             check_messages(rec, at)
             continue
-        ok = isinstance(rec, dict) and (isinstance(rec.get("text"), str) or
-                                        (isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str)))
+        ok = isinstance(rec, dict) and (
+            isinstance(rec.get("text"), str)
+            or (isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str))
+        )
         if not ok:
-            raise SlimtuneError(f"{at}: each {unit} needs a 'text' string, 'prompt' and 'response' strings, or "
-                                "'messages'")
+            raise SlimtuneError(
+                f"{at}: each {unit} needs a 'text' string, 'prompt' and 'response' strings, or 'messages'"
+            )
     if not records:
         raise SlimtuneError(f"{where}: no records" + ("; one JSON object per line" if unit == "line" else ""))
     return records
@@ -93,8 +100,9 @@ def _pyarrow(source: str):
         import pyarrow.ipc  # noqa: F401
         import pyarrow.parquet  # noqa: F401
     except ImportError:
-        raise SlimtuneError(f"data.source={source}: reading parquet / saved datasets needs pyarrow: "
-                            "pip install pyarrow") from None
+        raise SlimtuneError(
+            f"data.source={source}: reading parquet / saved datasets needs pyarrow: pip install pyarrow"
+        ) from None
     return pyarrow
 
 
@@ -103,13 +111,15 @@ def _saved_dataset_rows(path: Path) -> list:
     if (path / "dataset_dict.json").is_file():
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
         if "train" not in splits:
-            raise SlimtuneError(f"data.source={path}: a DatasetDict without a 'train' split ({splits}); give the "
-                                "split's directory")
+            raise SlimtuneError(
+                f"data.source={path}: a DatasetDict without a 'train' split ({splits}); give the split's directory"
+            )
         path = path / "train"
     state = path / "state.json"
     if not state.is_file():
-        raise SlimtuneError(f"data.source={path}: a directory without state.json; give a datasets.save_to_disk "
-                            "directory, or a file")
+        raise SlimtuneError(
+            f"data.source={path}: a directory without state.json; give a datasets.save_to_disk directory, or a file"
+        )
     pa = _pyarrow(str(path))
     rows = []
     try:
@@ -121,8 +131,9 @@ def _saved_dataset_rows(path: Path) -> list:
     return rows
 
 
-def documents(records: list[dict], tokenizer, train_on: str = "assistant",
-              source: str = "?") -> list[tuple[list[int], list[int]]]:
+def documents(
+    records: list[dict], tokenizer, train_on: str = "assistant", source: str = "?"
+) -> list[tuple[list[int], list[int]]]:
     """Each record as (ids, labels): text ended by eos; prompt (no loss) + response + eos; a conversation
     through the chat template (loss on assistant turns unless train_on=all)."""
     out = []
@@ -247,14 +258,17 @@ def text_windows(source: str, tokenizer, seq_len: int, train_on: str = "assistan
     return out
 
 
-def build_splits(source: str, tokenizer, seq_len: int, eval_fraction: float, packing: str = "stream",
-                 train_on: str = "assistant") -> DataSplits:
+def build_splits(
+    source: str, tokenizer, seq_len: int, eval_fraction: float, packing: str = "stream", train_on: str = "assistant"
+) -> DataSplits:
     blocks = build_blocks(source, tokenizer, seq_len, packing, train_on)
     n = len(blocks)
     n_eval = max(1, round(n * eval_fraction))
     if n - n_eval < 1:
-        raise SlimtuneError(f"data.source={source!r} gives only {n} block(s) of train.seq_len={seq_len}: "
-                            "too few to split; use more text or a smaller train.seq_len")
+        raise SlimtuneError(
+            f"data.source={source!r} gives only {n} block(s) of train.seq_len={seq_len}: "
+            "too few to split; use more text or a smaller train.seq_len"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     ev, tr = perm[:n_eval].sort().values, perm[n_eval:].sort().values
     return DataSplits(blocks.subset(tr), blocks.subset(ev))
@@ -283,8 +297,9 @@ class BatchOrder:
         if epoch not in self._perms:
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
             if self.lengths is not None:
-                perm = torch.cat([g[torch.argsort(self.lengths[g], descending=True, stable=True)]
-                                  for g in perm.split(self.GROUP)])
+                perm = torch.cat(
+                    [g[torch.argsort(self.lengths[g], descending=True, stable=True)] for g in perm.split(self.GROUP)]
+                )
             self._perms = {epoch: perm}
         return self._perms[epoch]
 
@@ -304,8 +319,9 @@ def _batch(blocks: Blocks, idx) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return x[:, :width], y[:, :width], pos[:, :width]
 
 
-def micro_batch(blocks: Blocks, order: BatchOrder, step: int, micro: int, rank: int, world: int,
-                batch_size: int, grad_accum: int):
+def micro_batch(
+    blocks: Blocks, order: BatchOrder, step: int, micro: int, rank: int, world: int, batch_size: int, grad_accum: int
+):
     """(input_ids, labels, position_ids or None) for (optimizer step, micro-step, rank): the step's global
     batch is the same set for any split of batch_size x grad_accum x world."""
     per_step = batch_size * grad_accum * world

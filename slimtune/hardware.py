@@ -61,8 +61,7 @@ def _device_type(cfg) -> str:
     return "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
 
 
-def resolve_dtype(cfg, device: torch.device | str | None = None, auto: str = "hardware",
-                  resumed: str | None = None):
+def resolve_dtype(cfg, device: torch.device | str | None = None, auto: str = "hardware", resumed: str | None = None):
     """(cfg with a concrete model.dtype, {"dtype", "reason"}). A concrete model.dtype is kept. For "auto":
     resumed (the dtype a checkpoint's run used) wins, then auto="hardware" detects, auto="float32" is the
     fp32 default of eval / generate / export / quantize / prune."""
@@ -77,8 +76,10 @@ def resolve_dtype(cfg, device: torch.device | str | None = None, auto: str = "ha
         reason = f"model.dtype=auto: {reason}"
     else:
         dtype, reason = "float32", "model.dtype not given: fp32 (exact)"
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype)), {"dtype": dtype,
-                                                                                         "reason": reason}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype)), {
+        "dtype": dtype,
+        "reason": reason,
+    }
 
 
 def fixed_dtype(cfg):

@@ -90,8 +90,10 @@ def manifest_path(root: Path, name, manifest: Path | str, key: str) -> Path:
     if bad or Path(name).is_absolute() or ".." in parts or not parts or parts[0] == "/":
         from slimtune.errors import SlimtuneError
 
-        raise SlimtuneError(f"{manifest}: {key} names {name!r}, which is not a file inside {root}; the checkpoint "
-                            "was tampered with or is corrupted (a manifest may only name files in its own directory)")
+        raise SlimtuneError(
+            f"{manifest}: {key} names {name!r}, which is not a file inside {root}; the checkpoint "
+            "was tampered with or is corrupted (a manifest may only name files in its own directory)"
+        )
     return Path(root) / name
 
 
@@ -156,8 +158,10 @@ def verify_checksums(root: Path, checksums, manifest: Path, fix: str, required=(
 
     root = Path(root)
     if not isinstance(checksums, dict):
-        raise SlimtuneError(f"{manifest}: no 'checksums' (written by an older slimtune, or tampered with); the "
-                            f"files it names cannot be verified; {fix}")
+        raise SlimtuneError(
+            f"{manifest}: no 'checksums' (written by an older slimtune, or tampered with); the "
+            f"files it names cannot be verified; {fix}"
+        )
     paths = {}
     for name, want in checksums.items():
         paths[name] = manifest_path(root, name, manifest, "checksums")
@@ -166,14 +170,18 @@ def verify_checksums(root: Path, checksums, manifest: Path, fix: str, required=(
     listed = {os.path.normpath(n) for n in checksums}
     for name in required:
         if os.path.normpath(name) not in listed:
-            raise SlimtuneError(f"{manifest}: 'checksums' has no entry for {name}, a file the loader reads; the "
-                                f"checkpoint was tampered with or is incomplete; {fix}")
+            raise SlimtuneError(
+                f"{manifest}: 'checksums' has no entry for {name}, a file the loader reads; the "
+                f"checkpoint was tampered with or is incomplete; {fix}"
+            )
     for name, path in paths.items():
         if not path.is_file():
             raise SlimtuneError(f"{path}: missing, but {manifest.name} lists it; the checkpoint is incomplete; {fix}")
         if file_checksum(path) != checksums[name]:
-            raise SlimtuneError(f"{path}: its bytes do not match the checksum in {manifest.name}; the file was "
-                                f"changed or corrupted; {fix}")
+            raise SlimtuneError(
+                f"{path}: its bytes do not match the checksum in {manifest.name}; the file was "
+                f"changed or corrupted; {fix}"
+            )
 
 
 def flatten_state(obj, prefix: str = "") -> tuple[dict[str, torch.Tensor], object]:
@@ -186,11 +194,16 @@ def flatten_state(obj, prefix: str = "") -> tuple[dict[str, torch.Tensor], objec
             tensors[path] = o.detach().cpu().contiguous().clone()
             return {"__tensor__": path}
         if isinstance(o, dict):
-            return {"__dict__": [[walk(k, f"{path}.k{i}") if not isinstance(k, (str, int)) else k,
-                                  walk(v, f"{path}.{k}")] for i, (k, v) in enumerate(o.items())]}
+            return {
+                "__dict__": [
+                    [walk(k, f"{path}.k{i}") if not isinstance(k, (str, int)) else k, walk(v, f"{path}.{k}")]
+                    for i, (k, v) in enumerate(o.items())
+                ]
+            }
         if isinstance(o, (list, tuple)):
-            return {"__list__" if isinstance(o, list) else "__tuple__":
-                    [walk(v, f"{path}.{i}") for i, v in enumerate(o)]}
+            return {
+                "__list__" if isinstance(o, list) else "__tuple__": [walk(v, f"{path}.{i}") for i, v in enumerate(o)]
+            }
         if o is None or isinstance(o, (bool, int, float, str)):
             return o
         raise TypeError(f"cannot checkpoint a {type(o).__name__} at {path}")

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from slimtune.errors import SlimtuneError
 from slimtune.kernels import linear_cross_entropy as lce
+from slimtune.kernels.linear_cross_entropy_reference import ChunkedLinearCE
 
 IGNORE = -100
 
@@ -70,8 +71,13 @@ def _ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor, transform: LogitT
     return F.cross_entropy(transform(head(h).float()), y, reduction="sum")
 
 
-def lm_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_tokens: int,
-                transform: LogitTransform = LogitTransform()) -> torch.Tensor:
+def lm_loss_sum(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    labels: torch.Tensor,
+    chunk_tokens: int,
+    transform: LogitTransform = LogitTransform(),
+) -> torch.Tensor:
     """Summed next-token CE. hidden: (B, T, H) final hidden states; labels: (B, T) with IGNORE.
 
     Returns a 0-d fp32 tensor: the sum over predicted tokens (divide by the token count yourself, so
@@ -95,7 +101,7 @@ def lm_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chu
             bias = head.bias.to(dtype) if head.bias is not None else None
             return lce.linear_cross_entropy(h.to(dtype), head.weight.to(dtype), y, bias, scale=scale, softcap=cap)
     if plain and torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
-        return lce.ChunkedLinearCE.apply(h, head.weight, head.bias, y, chunk_tokens, _compute_dtype(h), scale, cap)
+        return ChunkedLinearCE.apply(h, head.weight, head.bias, y, chunk_tokens, _compute_dtype(h), scale, cap)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for s in range(0, h.shape[0], chunk_tokens):
         hc, yc = h[s : s + chunk_tokens], y[s : s + chunk_tokens]
@@ -133,8 +139,9 @@ class CausalLMLoss(nn.Module):
         self.transform = logit_transform(model.config)
         self.before_head = before_head
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """position_ids (data.packing): restarting at each packed document (the model then masks attention
         across documents), or -1 on padding (an attention mask is made from it)."""
         decoder = self.model.get_decoder()
@@ -150,8 +157,10 @@ def check_head(model: nn.Module, name: str, tokens: int = 16) -> None:
     """Refuse (SlimtuneError) a model whose loss slimtune cannot reproduce: compare CausalLMLoss with the
     model's own `forward(labels=...)` loss on `tokens` seeded random tokens. Costs one short forward."""
     if not callable(getattr(model, "get_decoder", None)) or model.get_output_embeddings() is None:
-        raise SlimtuneError(f"model.name={name!r}: {type(model).__name__} has no decoder / output head that "
-                            "slimtune can compute its loss from; use a causal LM (a ...ForCausalLM class)")
+        raise SlimtuneError(
+            f"model.name={name!r}: {type(model).__name__} has no decoder / output head that "
+            "slimtune can compute its loss from; use a causal LM (a ...ForCausalLM class)"
+        )
     vocab = model.get_output_embeddings().weight.shape[0]
     device = next(model.parameters()).device
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
@@ -164,6 +173,8 @@ def check_head(model: nn.Module, name: str, tokens: int = 16) -> None:
         model.train(was_training)
     low = any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters())
     if not abs(got - want) <= (2e-2 if low else 1e-4) * max(1.0, abs(want)):
-        raise SlimtuneError(f"model.name={name!r}: {type(model).__name__}'s forward changes its logits in a way "
-                            f"slimtune's loss does not reproduce (loss {got:.6g} vs the model's {want:.6g}); add its "
-                            "config attribute to slimtune.lm_loss.LOGIT_ATTRIBUTES")
+        raise SlimtuneError(
+            f"model.name={name!r}: {type(model).__name__}'s forward changes its logits in a way "
+            f"slimtune's loss does not reproduce (loss {got:.6g} vs the model's {want:.6g}); add its "
+            "config attribute to slimtune.lm_loss.LOGIT_ATTRIBUTES"
+        )

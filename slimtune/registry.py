@@ -76,5 +76,7 @@ BACKENDS = Registry("quant.backend")
 DIR_VERIFIERS = Registry("model dir manifest")
 
 # config key -> its registry (config.validate reads the allowed values from here)
-BY_KEY = {r.key: r for r in (ADAPTERS, ADAPTER_INITS, QUANT_FORMATS, OPTIMIZERS, PRECISIONS, HOOKS,
-                                PRUNE_METHODS, ENGINES, BACKENDS)}
+BY_KEY = {
+    r.key: r
+    for r in (ADAPTERS, ADAPTER_INITS, QUANT_FORMATS, OPTIMIZERS, PRECISIONS, HOOKS, PRUNE_METHODS, ENGINES, BACKENDS)
+}

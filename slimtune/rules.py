@@ -16,15 +16,26 @@ from slimtune.technique import Technique
 def validate_core(cfg) -> None:
     """Values of the core sections (schema.py) that a type and a choice list cannot express."""
     t, d, o, p, r = cfg.train, cfg.data, cfg.optim, cfg.prune, cfg.recover
-    for key, value in (("train.max_steps", t.max_steps), ("train.seq_len", t.seq_len),
-                       ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
-                       ("quant.block_size", cfg.quant.block_size), ("checkpoint.keep", cfg.checkpoint.keep)):
+    for key, value in (
+        ("train.max_steps", t.max_steps),
+        ("train.seq_len", t.seq_len),
+        ("train.batch_size", t.batch_size),
+        ("train.grad_accum", t.grad_accum),
+        ("quant.block_size", cfg.quant.block_size),
+        ("checkpoint.keep", cfg.checkpoint.keep),
+    ):
         if value <= 0:
             raise ConfigError(f"{key}={value} must be > 0")
-    for key, value in (("train.warmup_steps", t.warmup_steps), ("train.loss_chunk_tokens", t.loss_chunk_tokens),
-                       ("checkpoint.every", cfg.checkpoint.every), ("eval.every", cfg.eval.every),
-                       ("eval.max_batches", cfg.eval.max_batches), ("train.max_grad_norm", t.max_grad_norm),
-                       ("optim.weight_decay", o.weight_decay), ("optim.lora_plus_ratio", o.lora_plus_ratio)):
+    for key, value in (
+        ("train.warmup_steps", t.warmup_steps),
+        ("train.loss_chunk_tokens", t.loss_chunk_tokens),
+        ("checkpoint.every", cfg.checkpoint.every),
+        ("eval.every", cfg.eval.every),
+        ("eval.max_batches", cfg.eval.max_batches),
+        ("train.max_grad_norm", t.max_grad_norm),
+        ("optim.weight_decay", o.weight_decay),
+        ("optim.lora_plus_ratio", o.lora_plus_ratio),
+    ):
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
     if not 0 < t.lr:
@@ -93,8 +104,9 @@ def needs_lowrank(cfg) -> bool:
     adapter.init with a `wrap` (PiSSA) on a plain base is not: it runs as each module is wrapped (LoRALinear.
     from_config) and the run is saved as a PEFT adapter."""
     wraps = getattr(ADAPTER_INITS.technique(cfg.adapter.init), "wrap", None) is not None
-    return cfg.quant.method == "lq_lora" or (cfg.adapter.init != "default" and
-                                             not (wraps and cfg.quant.method == "none"))
+    return cfg.quant.method == "lq_lora" or (
+        cfg.adapter.init != "default" and not (wraps and cfg.quant.method == "none")
+    )
 
 
 def load_dtype(cfg) -> str:

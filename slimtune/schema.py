@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from slimtune.registry import SECTIONS
 
+
 def _help(text: str, default, choices: tuple | None = None, ratio: bool = False, fixed: bool = False, **kw):
     """A field with its help text; `choices` for a fixed set of values (keys that pick a plugin take theirs
     from the plugin registry instead: registry.BY_KEY). ratio: an "N:M" string, which YAML 1.1 reads as a
@@ -32,6 +33,7 @@ option = _help  # for a technique's own section
 def config_section(name: str, fixed: bool = False):
     """Register a frozen dataclass as the config section `name` (its keys read `name.field`). fixed: a resumed
     run must keep every key of the section (as `option(..., fixed=True)` says of one key)."""
+
     def deco(cls):
         cls.fixed_on_resume = fixed
         SECTIONS.register(name)(cls)
@@ -46,28 +48,45 @@ KERNEL_BACKENDS = ("auto", "reference", "triton")  # train.kernels (kernels/disp
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _help("local HF causal-LM dir, or smollm2-135m | tiny-llama", "smollm2-135m")
-    dtype: str = _help("auto | float32 | bfloat16: storage of frozen weights and autocast compute dtype; auto: "
-                       "bf16 where the hardware multiplies it fast (CUDA bf16, CPU AVX512-BF16/AMX), else fp32 "
-                       "(eval, generate, export: fp32 unless given)", "auto", ("auto", "float32", "bfloat16"))
-    keep_compressed: bool = _help("eval / generate on a compressed checkpoint (slimtune export --format ...): keep "
-                                  "its decoder layers encoded in memory, decoding each layer at its forward (less "
-                                  "memory, a decode of every layer per forward)", False)
+    dtype: str = _help(
+        "auto | float32 | bfloat16: storage of frozen weights and autocast compute dtype; auto: "
+        "bf16 where the hardware multiplies it fast (CUDA bf16, CPU AVX512-BF16/AMX), else fp32 "
+        "(eval, generate, export: fp32 unless given)",
+        "auto",
+        ("auto", "float32", "bfloat16"),
+    )
+    keep_compressed: bool = _help(
+        "eval / generate on a compressed checkpoint (slimtune export --format ...): keep "
+        "its decoder layers encoded in memory, decoding each layer at its forward (less "
+        "memory, a decode of every layer per forward)",
+        False,
+    )
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = _help("pydoc | a .txt | a .jsonl or .parquet of records (text, prompt/response or messages) | "
-                        "a datasets.save_to_disk directory", "pydoc")
-    packing: str = _help("documents (blocks of whole documents, no attention across them) | stream (one token "
-                         "stream cut into blocks) | none (a padded row per document, length-grouped)", "documents",
-                         ("documents", "stream", "none"))
-    train_on: str = _help("assistant (loss on assistant turns / responses only) | all", "assistant",
-                          ("assistant", "all"))
+    source: str = _help(
+        "pydoc | a .txt | a .jsonl or .parquet of records (text, prompt/response or messages) | "
+        "a datasets.save_to_disk directory",
+        "pydoc",
+    )
+    packing: str = _help(
+        "documents (blocks of whole documents, no attention across them) | stream (one token "
+        "stream cut into blocks) | none (a padded row per document, length-grouped)",
+        "documents",
+        ("documents", "stream", "none"),
+    )
+    train_on: str = _help(
+        "assistant (loss on assistant turns / responses only) | all", "assistant", ("assistant", "all")
+    )
     chat_template: str = _help("a Jinja chat template file for 'messages' records (default: the tokenizer's)", "")
     eval_fraction: float = _help("fraction of packed blocks held out for eval (deterministic)", 0.05)
-    select: str = _help("recovery data: all | degradation (blocks the pruning hurt most, spread over k-means "
-                        "clusters of the dense model's hidden states; PASER-like) | random", "all",
-                        ("all", "degradation", "random"))
+    select: str = _help(
+        "recovery data: all | degradation (blocks the pruning hurt most, spread over k-means "
+        "clusters of the dense model's hidden states; PASER-like) | random",
+        "all",
+        ("all", "degradation", "random"),
+    )
     select_fraction: float = _help("data.select: fraction of the training blocks kept", 0.25)
 
 
@@ -85,30 +104,46 @@ class TrainConfig:
     activation_checkpointing: bool = _help("recompute activations in backward: less memory, ~30% slower", False)
     loss_chunk_tokens: int = _help("tokens per cross-entropy chunk (chunk x vocab fp32 live); 0 = naive", 256)
     device: str = _help("auto | cpu | cuda", "auto", ("auto", "cpu", "cuda"))
-    kernels: str = _help("auto (Triton kernels on CUDA when triton is installed) | reference (torch only) | triton "
-                         "(always; CPU tensors need TRITON_INTERPRET=1). The SLIMTUNE_KERNELS environment "
-                         "variable overrides it", "auto", KERNEL_BACKENDS)
-    precision: str = _help("matmuls of the linear layers (lm_head excluded): default (model.dtype) | fp8 (e4m3 "
-                           "forward, e5m2 gradients) | halo (fp8 + Hadamard rotations; halo.*) | mxfp4 (Quartet QAT)",
-                           "default")
+    kernels: str = _help(
+        "auto (Triton kernels on CUDA when triton is installed) | reference (torch only) | triton "
+        "(always; CPU tensors need TRITON_INTERPRET=1). The SLIMTUNE_KERNELS environment "
+        "variable overrides it",
+        "auto",
+        KERNEL_BACKENDS,
+    )
+    precision: str = _help(
+        "matmuls of the linear layers (lm_head excluded): default (model.dtype) | fp8 (e4m3 "
+        "forward, e5m2 gradients) | halo (fp8 + Hadamard rotations; halo.*) | mxfp4 (Quartet QAT)",
+        "default",
+    )
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    type: str = _help("lora | dora (weight-decomposed LoRA: a trained magnitude per output row) | lq_lora (needs "
-                      "quant.method=lq_lora) | sparse_ft | none (full fine-tuning); lora.* / sparse_ft.* hold their "
-                      "options", "lora")
-    target_modules: typing.Union[str, tuple[str, ...]] = _help("module names (suffix match) or all-linear",
-                                                               "all-linear")
-    init: str = _help("default (B=0) | loftq (alternate quantize/SVD) | eora (activation-weighted SVD of the "
-                      "quantization error); loftq/eora need a slimtune quant.method | pissa (principal singular "
-                      "vectors as the factors, the base keeps the residual; any base)", "default")
+    type: str = _help(
+        "lora | dora (weight-decomposed LoRA: a trained magnitude per output row) | lq_lora (needs "
+        "quant.method=lq_lora) | sparse_ft | none (full fine-tuning); lora.* / sparse_ft.* hold their "
+        "options",
+        "lora",
+    )
+    target_modules: typing.Union[str, tuple[str, ...]] = _help(
+        "module names (suffix match) or all-linear", "all-linear"
+    )
+    init: str = _help(
+        "default (B=0) | loftq (alternate quantize/SVD) | eora (activation-weighted SVD of the "
+        "quantization error); loftq/eora need a slimtune quant.method | pissa (principal singular "
+        "vectors as the factors, the base keeps the residual; any base)",
+        "default",
+    )
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    method: str = _help("none | nf4 | int8 | nf2 | nf3 | int2..int7 | int2a..int8a (asymmetric) | "
-                        "lq_lora (per-matrix formats under lq_lora.budget_bits)", "none")
+    method: str = _help(
+        "none | nf4 | int8 | nf2 | nf3 | int2..int7 | int2a..int8a (asymmetric) | "
+        "lq_lora (per-matrix formats under lq_lora.budget_bits)",
+        "none",
+    )
     backend: str = _help("slimtune | bitsandbytes", "slimtune")
     block_size: int = _help("weights per absmax block", 64)
     double_quant: bool = _help("quantize the NF4 block scales to 8 bits (saves ~0.4 bit/param)", True)
@@ -116,20 +151,29 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = _help("adamw | adamw8bit (bitsandbytes) | sgd | galore | frugal | dct (their options: sgd.*, "
-                      "galore.*, frugal.*, dct.*)", "adamw")
+    name: str = _help(
+        "adamw | adamw8bit (bitsandbytes) | sgd | galore | frugal | dct (their options: sgd.*, "
+        "galore.*, frugal.*, dct.*)",
+        "adamw",
+    )
     weight_decay: float = _help("decoupled weight decay", 0.0)
     betas: tuple[float, ...] = _help("Adam betas", (0.9, 0.999))
     eps: float = _help("Adam epsilon", 1e-8)
     state_bits: int = _help("32 | 8: block-wise 8-bit Adam moments (adamw, galore, frugal, dct)", 32, (32, 8))
-    in_backward: bool = _help("step each parameter in backward and free its gradient (grad_accum 1, no clipping)",
-                              False)
-    full_rank_modules: tuple[str, ...] = _help("galore / dct / frugal: modules (name suffix) kept on plain AdamW",
-                                     ("embed_tokens", "lm_head"))
-    lora_plus_ratio: float = _help("LoRA+: lora_B (and DoRA's magnitude) train at lr x this ratio (16 is the "
-                                   "paper's choice); 0 = off", 0.0)
-    cram: bool = _help("compression-aware training (CrAM+): each step also takes the gradient at the top-k "
-                       "compressed w + rho g (two forward/backward passes per step); see the cram section", False)
+    in_backward: bool = _help(
+        "step each parameter in backward and free its gradient (grad_accum 1, no clipping)", False
+    )
+    full_rank_modules: tuple[str, ...] = _help(
+        "galore / dct / frugal: modules (name suffix) kept on plain AdamW", ("embed_tokens", "lm_head")
+    )
+    lora_plus_ratio: float = _help(
+        "LoRA+: lora_B (and DoRA's magnitude) train at lr x this ratio (16 is the paper's choice); 0 = off", 0.0
+    )
+    cram: bool = _help(
+        "compression-aware training (CrAM+): each step also takes the gradient at the top-k "
+        "compressed w + rho g (two forward/backward passes per step); see the cram section",
+        False,
+    )
 
 
 PATTERNS = ("unstructured", "2:4", "4:8")
@@ -139,12 +183,11 @@ PATTERNS = ("unstructured", "2:4", "4:8")
 class PruneConfig:
     method: str = _help("magnitude | wanda (|W| x input norm) | sparsegpt (OBS with weight updates)", "wanda")
     sparsity: float = _help("fraction of each matrix's weights set to 0 (pattern=unstructured)", 0.5)
-    pattern: str = _help("unstructured | 2:4 | 4:8 (N:M: N kept in every M consecutive inputs)", "unstructured",
-                         PATTERNS, ratio=True)
-    scope: str = _help("unstructured: the sparsity holds per output row | per layer (matrix)", "row",
-                       ("row", "layer"))
-    calibration_samples: int = _help("train.seq_len blocks of data.source run through the model, layer by layer",
-                                     32)
+    pattern: str = _help(
+        "unstructured | 2:4 | 4:8 (N:M: N kept in every M consecutive inputs)", "unstructured", PATTERNS, ratio=True
+    )
+    scope: str = _help("unstructured: the sparsity holds per output row | per layer (matrix)", "row", ("row", "layer"))
+    calibration_samples: int = _help("train.seq_len blocks of data.source run through the model, layer by layer", 32)
 
 
 @dataclass(frozen=True)
@@ -159,14 +202,23 @@ class RecoverConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    name: str = _help("ddp (one process, or DDP under torchrun) | fsdp2 (torch fully_shard per decoder layer) | "
-                      "deepspeed (ZeRO; deepspeed.*) | offload (slimtune's layer streaming from disk; offload.*)",
-                      "ddp")
-    params: str = _help("where the weights live between uses: auto (the engine's default: disk for offload, else "
-                        "none) | none (RAM / GPU memory) | cpu (pinned host memory) | disk (offload: its store; "
-                        "deepspeed: NVMe, ZeRO-3)", "auto", ("auto", "none", "cpu", "disk"))
-    optimizer: str = _help("where the optimizer state (and fp32 master weights) lives: auto | none | cpu | disk",
-                           "auto", ("auto", "none", "cpu", "disk"))
+    name: str = _help(
+        "ddp (one process, or DDP under torchrun) | fsdp2 (torch fully_shard per decoder layer) | "
+        "deepspeed (ZeRO; deepspeed.*) | offload (slimtune's layer streaming from disk; offload.*)",
+        "ddp",
+    )
+    params: str = _help(
+        "where the weights live between uses: auto (the engine's default: disk for offload, else "
+        "none) | none (RAM / GPU memory) | cpu (pinned host memory) | disk (offload: its store; "
+        "deepspeed: NVMe, ZeRO-3)",
+        "auto",
+        ("auto", "none", "cpu", "disk"),
+    )
+    optimizer: str = _help(
+        "where the optimizer state (and fp32 master weights) lives: auto | none | cpu | disk",
+        "auto",
+        ("auto", "none", "cpu", "disk"),
+    )
 
 
 @dataclass(frozen=True)
@@ -179,8 +231,11 @@ class CheckpointConfig:
 class EvalConfig:
     every: int = _help("eval perplexity every N steps (0 = only before and after)", 0)
     max_batches: int = _help("cap on eval batches of the eval split (0 = whole split)", 20)
-    split: bool = _help("slimtune eval with data.source: score the eval split (as runs do) instead of every "
-                        "train.seq_len window of the whole text", False)
+    split: bool = _help(
+        "slimtune eval with data.source: score the eval split (as runs do) instead of every "
+        "train.seq_len window of the whole text",
+        False,
+    )
 
 
 @dataclass(frozen=True)

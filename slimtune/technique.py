@@ -76,6 +76,7 @@ def declares(requires=(), withholds=(), validate=None, section: str | None = Non
     """Give a function-style technique (an optimizer builder, an adapter init) its declaration as attributes:
     requires / withholds as flag sets or functions of cfg, a validate(cfg), its section's name, and its memory
     terms for the planner (`terms`: e.g. an optimizer's state_bytes / step_bytes, optim/memory.py)."""
+
     def as_fn(flags):
         return flags if callable(flags) else (lambda cfg, fixed=frozenset(flags): set(fixed))
 
@@ -113,8 +114,10 @@ def check_flags(cfg, active: list[Active]) -> None:
         for flag in (f for f in FLAGS if f in needs):
             for b, flags in withheld:
                 if b is not a and flag in flags:
-                    raise ConfigError(f"{a.label} needs {FLAGS[flag]}, which {b.label} does not give: change one "
-                                      f"of {a.key} and {b.key}")
+                    raise ConfigError(
+                        f"{a.label} needs {FLAGS[flag]}, which {b.label} does not give: change one "
+                        f"of {a.key} and {b.key}"
+                    )
 
 
 def _get(cfg, dotted: str):
@@ -127,13 +130,29 @@ def active_techniques(cfg, bases: tuple = (), world: int = 1) -> list[Active]:
     """The techniques `cfg` switches on: one per selecting key (adapter.type, quant.method, quant.backend,
     adapter.init, optim.name, train.precision, engine.name), every active option (registry.OPTIONS), the hooks, and the
     kinds of model.name (`bases`, from registry.BASES, known once its files are looked at) and torchrun."""
-    from slimtune.registry import (ADAPTER_INITS, ADAPTERS, BACKENDS, BASES, ENGINES, HOOKS, OPTIMIZERS, OPTIONS,
-                                   PRECISIONS, QUANT_FORMATS)
+    from slimtune.registry import (
+        ADAPTER_INITS,
+        ADAPTERS,
+        BACKENDS,
+        BASES,
+        ENGINES,
+        HOOKS,
+        OPTIMIZERS,
+        OPTIONS,
+        PRECISIONS,
+        QUANT_FORMATS,
+    )
 
     out = []
-    for key, registry in (("adapter.type", ADAPTERS), ("quant.method", QUANT_FORMATS), ("quant.backend", BACKENDS),
-                          ("adapter.init", ADAPTER_INITS), ("optim.name", OPTIMIZERS),
-                          ("train.precision", PRECISIONS), ("engine.name", ENGINES)):
+    for key, registry in (
+        ("adapter.type", ADAPTERS),
+        ("quant.method", QUANT_FORMATS),
+        ("quant.backend", BACKENDS),
+        ("adapter.init", ADAPTER_INITS),
+        ("optim.name", OPTIMIZERS),
+        ("train.precision", PRECISIONS),
+        ("engine.name", ENGINES),
+    ):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         technique = registry.technique(value)

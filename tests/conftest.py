@@ -43,4 +43,3 @@ def tiny_model_dir():
     from slimtune.formats.hf import resolve_model_dir
 
     return resolve_model_dir("tiny-llama")
-

@@ -56,8 +56,13 @@ def run_cli(*args, check: bool = True):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"},
+    )
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -84,13 +89,33 @@ def safetensors_dir(path) -> dict:
 
 
 # tests/engines: a short full fine-tuning run, on 2 processes through torchrun, and its curve compared per step
-ENGINE_RUN = [*TINY, "train.batch_size=2", "train.max_steps=6", "train.lr=3e-3", "train.warmup_steps=1",
-              "eval.max_batches=3"]
+ENGINE_RUN = [
+    *TINY,
+    "train.batch_size=2",
+    "train.max_steps=6",
+    "train.lr=3e-3",
+    "train.warmup_steps=1",
+    "eval.max_batches=3",
+]
 
 
 def torchrun2(recipe, *overrides):
-    return run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                   "--master_port", str(free_port()), "-m", "slimtune", "run", recipe, *ENGINE_RUN, *overrides)
+    return run_cli(
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "slimtune",
+        "run",
+        recipe,
+        *ENGINE_RUN,
+        *overrides,
+    )
 
 
 def close_curves(a, b, rel=1e-4, steps=6):

@@ -20,8 +20,14 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def example(script: str, cwd: Path, *args: str) -> list[float]:
-    r = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, capture_output=True, text=True,
-                       timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
+    r = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return [float(v) for v in re.findall(r"^step \d+ loss (\S+)$", r.stdout, re.M)]
 
@@ -35,8 +41,18 @@ def plain_loop(tmp_path_factory):
 def test_plain_loop_reproduces_slimtune_run(plain_loop, tmp_path):
     _, loop_losses = plain_loop
     out = tmp_path / "run"
-    run_cli("-m", "slimtune", "run", "lora", "model.name=tiny-llama", "model.dtype=float32", "eval.max_batches=1",
-            "logging.progress=false", "checkpoint.every=0", f"output_dir={out}")
+    run_cli(
+        "-m",
+        "slimtune",
+        "run",
+        "lora",
+        "model.name=tiny-llama",
+        "model.dtype=float32",
+        "eval.max_batches=1",
+        "logging.progress=false",
+        "checkpoint.every=0",
+        f"output_dir={out}",
+    )
     assert len(loop_losses) == 5
     assert losses(out)[:5] == pytest.approx(loop_losses, abs=1e-5)
 
@@ -92,7 +108,8 @@ def test_peft_loads_what_save_writes_with_equal_logits(tmp_path):
     slimtune.save(model, tmp_path / "final", tokenizer)
     ids = torch.randint(0, model.config.vocab_size, (1, 24))
     peft_model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base_dir("tiny-llama"), dtype=torch.float32), tmp_path / "final")
+        AutoModelForCausalLM.from_pretrained(base_dir("tiny-llama"), dtype=torch.float32), tmp_path / "final"
+    )
     with torch.no_grad():
         assert torch.allclose(peft_model(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
 
@@ -108,15 +125,22 @@ def test_keywords_are_config_keys_and_refusals_are_the_clis():
     assert isinstance(opt, torch.optim.Optimizer)
     assert model.slimtune_config.galore.rank == 2 and model.slimtune_config.galore.update_gap == 5
     quantized, _ = slimtune.load("tiny-llama", quant="nf4", dtype="float32")
-    with pytest.raises(ConfigError, match="adapter.type=none needs a base whose weights can be trained, which "
-                                          "quant.method=nf4 does not give"):
+    with pytest.raises(
+        ConfigError,
+        match="adapter.type=none needs a base whose weights can be trained, which quant.method=nf4 does not give",
+    ):
         slimtune.add_adapter(quantized, "none")
 
 
 def test_run_returns_the_report(tmp_path):
-    report = slimtune.run("lora", ["logging.progress=false"], model={"name": "tiny-llama", "dtype": "float32"},
-                          train={"max_steps": 2, "seq_len": 64}, eval={"max_batches": 1},
-                          output_dir=str(tmp_path / "r"))
+    report = slimtune.run(
+        "lora",
+        ["logging.progress=false"],
+        model={"name": "tiny-llama", "dtype": "float32"},
+        train={"max_steps": 2, "seq_len": 64},
+        eval={"max_batches": 1},
+        output_dir=str(tmp_path / "r"),
+    )
     import json
 
     assert report == json.loads((tmp_path / "r" / "report.json").read_text())

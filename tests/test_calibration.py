@@ -80,14 +80,17 @@ def test_samples_see_packed_documents_and_padding_as_training_does(tiny):
     model, _ = tiny
     g = torch.Generator().manual_seed(3)
     a, b = torch.randint(0, 500, (9,), generator=g), torch.randint(0, 500, (7,), generator=g)
-    packed = Blocks(torch.cat([a, b])[None], torch.cat([a, b])[None],
-                    torch.cat([torch.arange(9), torch.arange(7)])[None])
-    padded = Blocks(torch.cat([a, torch.zeros(7, dtype=torch.long)])[None],
-                    torch.cat([a, torch.full((7,), -100)])[None],
-                    torch.cat([torch.arange(9), torch.full((7,), -1)])[None])
+    packed = Blocks(
+        torch.cat([a, b])[None], torch.cat([a, b])[None], torch.cat([torch.arange(9), torch.arange(7)])[None]
+    )
+    padded = Blocks(
+        torch.cat([a, torch.zeros(7, dtype=torch.long)])[None],
+        torch.cat([a, torch.full((7,), -100)])[None],
+        torch.cat([torch.arange(9), torch.full((7,), -1)])[None],
+    )
     alone = [(d[None], d[None].clone(), None) for d in (a, b)]
     names = ["model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
-    (x, _, pos), = calibration_samples(padded, 1)
+    ((x, _, pos),) = calibration_samples(padded, 1)
     assert x.shape == (1, 9) and torch.equal(pos, torch.arange(9)[None])  # cut to its tokens
     cov = input_covariance(model, names, calibration_samples(packed, 1))
     want = input_covariance(model, names, alone)

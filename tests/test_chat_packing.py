@@ -9,21 +9,38 @@ import torch
 
 from slimtune.chat import chat_tokens
 from slimtune.cli import main
-from slimtune.data import (IGNORE, BatchOrder, build_blocks, documents, load_records, micro_batch, pack_documents,
-                           pad_documents)
+from slimtune.data import (
+    IGNORE,
+    BatchOrder,
+    build_blocks,
+    documents,
+    load_records,
+    micro_batch,
+    pack_documents,
+    pad_documents,
+)
 from slimtune.errors import SlimtuneError
 from slimtune.lm_loss import CausalLMLoss
 from slimtune.formats.hf import load_model, load_tokenizer
 from slimtune_testutil import TINY
 
 # ChatML, as SmolLM2's tokenizer has it
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 CHATS = [
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a tuple?"},
-     {"role": "assistant", "content": "An immutable sequence."}],
-    [{"role": "user", "content": "Name a loop."}, {"role": "assistant", "content": "for"},
-     {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "while"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is a tuple?"},
+        {"role": "assistant", "content": "An immutable sequence."},
+    ],
+    [
+        {"role": "user", "content": "Name a loop."},
+        {"role": "assistant", "content": "for"},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "while"},
+    ],
 ]
 
 
@@ -62,8 +79,22 @@ def test_messages_need_a_template_or_chat_template_file(tmp_path):
     assert main(["run", "lora", *TINY, f"data.source={src}", f"output_dir={out}"]) == 2
     tpl = tmp_path / "chatml.jinja"
     tpl.write_text(TEMPLATE)
-    assert main(["run", "lora", *TINY, f"data.source={src}", f"data.chat_template={tpl}", "train.seq_len=32",
-                 "train.max_steps=2", "eval.max_batches=1", f"output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "lora",
+                *TINY,
+                f"data.source={src}",
+                f"data.chat_template={tpl}",
+                "train.seq_len=32",
+                "train.max_steps=2",
+                "eval.max_batches=1",
+                f"output_dir={out}",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.parametrize("bad", [{"messages": []}, {"messages": [{"role": "user"}]}, {"messages": "hi"}])
@@ -79,8 +110,10 @@ def test_packed_block_loss_is_the_sum_of_its_documents(model, tok):
     blocks = pack_documents(docs, seq_len=20)  # 60 tokens: 3 blocks, documents cut at block ends
     loss = CausalLMLoss(model, chunk_tokens=64)
     with torch.no_grad():
-        packed = sum(float(loss(blocks.input_ids[i:i + 1], blocks.labels[i:i + 1], blocks.position_ids[i:i + 1]))
-                     for i in range(len(blocks)))
+        packed = sum(
+            float(loss(blocks.input_ids[i : i + 1], blocks.labels[i : i + 1], blocks.position_ids[i : i + 1]))
+            for i in range(len(blocks))
+        )
         # each segment on its own: the pieces each document was cut into
         one_by_one, flat = 0.0, [t for d, _ in docs for t in d]
         starts = (blocks.position_ids.reshape(-1) == 0).nonzero().squeeze(1).tolist() + [len(flat)]
@@ -91,7 +124,7 @@ def test_packed_block_loss_is_the_sum_of_its_documents(model, tok):
     assert packed == pytest.approx(one_by_one, rel=1e-5)
     # and it differs from the stream (attention across documents)
     with torch.no_grad():
-        stream = sum(float(loss(blocks.input_ids[i:i + 1], blocks.input_ids[i:i + 1])) for i in range(len(blocks)))
+        stream = sum(float(loss(blocks.input_ids[i : i + 1], blocks.input_ids[i : i + 1])) for i in range(len(blocks)))
     assert abs(stream - packed) > 1e-3
 
 
@@ -108,17 +141,32 @@ def test_padded_rows_match_documents_alone_and_batches_group_by_length(model):
     assert lens == sorted(lens, reverse=True)
     with torch.no_grad():
         got = float(loss(x, y, pos))
-        want = sum(float(loss(x[r:r + 1, :n], y[r:r + 1, :n])) for r, n in enumerate(lens))
+        want = sum(float(loss(x[r : r + 1, :n], y[r : r + 1, :n])) for r, n in enumerate(lens))
     assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_packing_modes_and_train_on_from_a_run(tmp_path):
-    src = _write_jsonl(tmp_path / "pr.jsonl", [{"prompt": f"Q{i}: what is {i}?", "response": f"It is {i}."}
-                                               for i in range(200)])
+    src = _write_jsonl(
+        tmp_path / "pr.jsonl", [{"prompt": f"Q{i}: what is {i}?", "response": f"It is {i}."} for i in range(200)]
+    )
     for packing in ("documents", "stream", "none"):
         out = tmp_path / packing
-        assert main(["run", "lora", *TINY, f"data.source={src}", f"data.packing={packing}", "train.seq_len=32",
-                     "train.max_steps=3", "eval.max_batches=2", f"output_dir={out}"]) == 0
+        assert (
+            main(
+                [
+                    "run",
+                    "lora",
+                    *TINY,
+                    f"data.source={src}",
+                    f"data.packing={packing}",
+                    "train.seq_len=32",
+                    "train.max_steps=3",
+                    "eval.max_batches=2",
+                    f"output_dir={out}",
+                ]
+            )
+            == 0
+        )
         assert json.loads((out / "report.json").read_text())["final_loss"] > 0
 
 

@@ -11,26 +11,34 @@ import torch
 
 def slimtune(*args):
     env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "slimtune", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "slimtune", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["run", "lora", "train.max_stepz=3"], "did you mean 'train.max_steps'"),
-    (["run", "lora", "lora.rank=two"], "lora.rank: expected int"),
-    (["run", "lroa"], "unknown recipe 'lroa'; did you mean 'lora'"),
-    (["run", "missing.yaml"], "recipe file 'missing.yaml' not found"),
-    (["run", "lora", "model.name=/no/such/model"], "model.name='/no/such/model': no config.json"),
-    (["run", "lora", "model.name=tiny-llama", "train.seq_len=4096"],
-     "train.seq_len=4096 exceeds the model's context of 1024"),
-    (["run", "lora", "model.name=tiny-llama", "train.seq_len=32", "data.source=/no/file.txt"],
-     "data.source='/no/file.txt': file not found"),
-    (["run", "lora", "model.name=tiny-llama", "train.seq_len=32", "lora.rank=999"], "lora.rank=999"),
-    (["export", "/no/run"], "not a finished slimtune run"),
-    (["export", "/no/run", "--format", "zip"], "export --format 'zip': use one of hf, dfloat11"),
-    (["export", "/no/model", "--format", "dfloat11"], "/no/model"),
-    (["export", "/no/run", "--merge"], "not a finished slimtune run"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "lora", "train.max_stepz=3"], "did you mean 'train.max_steps'"),
+        (["run", "lora", "lora.rank=two"], "lora.rank: expected int"),
+        (["run", "lroa"], "unknown recipe 'lroa'; did you mean 'lora'"),
+        (["run", "missing.yaml"], "recipe file 'missing.yaml' not found"),
+        (["run", "lora", "model.name=/no/such/model"], "model.name='/no/such/model': no config.json"),
+        (
+            ["run", "lora", "model.name=tiny-llama", "train.seq_len=4096"],
+            "train.seq_len=4096 exceeds the model's context of 1024",
+        ),
+        (
+            ["run", "lora", "model.name=tiny-llama", "train.seq_len=32", "data.source=/no/file.txt"],
+            "data.source='/no/file.txt': file not found",
+        ),
+        (["run", "lora", "model.name=tiny-llama", "train.seq_len=32", "lora.rank=999"], "lora.rank=999"),
+        (["export", "/no/run"], "not a finished slimtune run"),
+        (["export", "/no/run", "--format", "zip"], "export --format 'zip': use one of hf, dfloat11"),
+        (["export", "/no/model", "--format", "dfloat11"], "/no/model"),
+        (["export", "/no/run", "--merge"], "not a finished slimtune run"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(args, needle, tmp_path):
     r = slimtune(*args, f"output_dir={tmp_path / 'out'}") if args[0] == "run" else slimtune(*args)
     assert r.returncode == 2, r.stderr[-2000:]
@@ -86,8 +94,13 @@ def _no_tokenizer_model(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("case", ["betas", "kernels_env", "not_utf8", "no_tokenizer", "adapter_no_base"])
 def test_input_errors_never_show_a_traceback(case, tmp_path, tiny_model_dir):
     """Each expected input error is one line naming the key / variable / file and the fix, exit 2."""
-    common = ["model.name=tiny-llama", "train.seq_len=32", "train.max_steps=1", "logging.progress=false",
-              f"output_dir={tmp_path / 'out'}"]
+    common = [
+        "model.name=tiny-llama",
+        "train.seq_len=32",
+        "train.max_steps=1",
+        "logging.progress=false",
+        f"output_dir={tmp_path / 'out'}",
+    ]
     env = {}
     if case == "betas":
         args, needle = ["run", "lora", *common, "optim.betas=[0.9,abc]"], "optim.betas[1]: expected float"
@@ -105,8 +118,13 @@ def test_input_errors_never_show_a_traceback(case, tmp_path, tiny_model_dir):
         a.mkdir()
         (a / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
         args, needle = ["eval", f"model.name={a}", "train.seq_len=32"], "base_model_name_or_path"
-    r = subprocess.run([sys.executable, "-m", "slimtune", *args], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "WANDB_MODE": "offline", **env})
+    r = subprocess.run(
+        [sys.executable, "-m", "slimtune", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "offline", **env},
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]

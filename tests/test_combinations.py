@@ -122,13 +122,11 @@ def covering_rows(values: dict[str, tuple], refused) -> tuple[list[dict], list[t
     with the value covering most new pairs among those that keep the row passing (the factors left unset at
     the recipe's defaults)."""
     keys = list(values)
-    uncovered = {((a, va), (b, vb)) for a, b in itertools.combinations(keys, 2)
-                 for va in values[a] for vb in values[b]}
+    uncovered = {((a, va), (b, vb)) for a, b in itertools.combinations(keys, 2) for va in values[a] for vb in values[b]}
     rows, refused_pairs = [], []
 
     def gain(row, key, value):
-        return sum(((k, row[k]), (key, value)) in uncovered or ((key, value), (k, row[k])) in uncovered
-                   for k in row)
+        return sum(((k, row[k]), (key, value)) in uncovered or ((key, value), (k, row[k])) in uncovered for k in row)
 
     while uncovered:
         (a, va), (b, vb) = min(uncovered, key=repr)
@@ -194,8 +192,10 @@ def test_every_combination_trains_or_is_refused_in_one_line(pruned_dir, tmp_path
             continue
         trained += 1
     with capsys.disabled():
-        print(f"\ncovering set over {len(values)} factors ({seconds:.0f}s to generate): {trained} of {len(rows)} "
-              f"rows trained and evaluated; {len(refused_pairs)} pairs refused before loading:")
+        print(
+            f"\ncovering set over {len(values)} factors ({seconds:.0f}s to generate): {trained} of {len(rows)} "
+            f"rows trained and evaluated; {len(refused_pairs)} pairs refused before loading:"
+        )
         for line in refusals:
             print("  refused", line)
     assert not failures, "\n".join(failures)

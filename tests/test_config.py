@@ -20,8 +20,16 @@ def test_every_recipe_loads_and_has_contract_keys():
 
 
 def test_overrides_are_typed():
-    cfg = C.load_config("qlora", ["train.max_steps=7", "train.lr=3e-4", "adapter.target_modules=[q_proj,v_proj]",
-                                  "train.activation_checkpointing=true", "lora.alpha=8"])
+    cfg = C.load_config(
+        "qlora",
+        [
+            "train.max_steps=7",
+            "train.lr=3e-4",
+            "adapter.target_modules=[q_proj,v_proj]",
+            "train.activation_checkpointing=true",
+            "lora.alpha=8",
+        ],
+    )
     assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
     assert cfg.train.lr == 3e-4
     assert cfg.adapter.target_modules == ("q_proj", "v_proj")
@@ -31,22 +39,25 @@ def test_overrides_are_typed():
         cfg.train.max_steps = 3  # frozen
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("train.max_stepz=3", "did you mean 'train.max_steps'"),
-    ("adapter.rnak=3", "did you mean 'lora.rank'"),
-    ("lora.rank=abc", "lora.rank: expected int"),
-    ("train.lr=fast", "train.lr: expected float"),
-    ("lora.rank=0", "lora.rank=0 must be > 0"),
-    ("train.seq_len=-5", "train.seq_len=-5 must be > 0"),
-    ("quant.method=nf5", "quant.method='nf5' is not one of"),
-    ("data.eval_fraction=1.5", "data.eval_fraction=1.5 must be in (0, 1)"),
-    ("train.activation_checkpointing=maybe", "train.activation_checkpointing: expected bool"),
-    ("adapter.target_modules=some", "adapter.target_modules='some'"),
-    ("nonsense", "must look like key=value"),
-    ("train.precision=fp4", "train.precision='fp4' is not one of"),
-    ("halo.level=3", "halo.level=3 is not one of"),
-    ("train.precision=halo halo.hadamard_block=48", "halo.hadamard_block=48 must be a power of two"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.max_stepz=3", "did you mean 'train.max_steps'"),
+        ("adapter.rnak=3", "did you mean 'lora.rank'"),
+        ("lora.rank=abc", "lora.rank: expected int"),
+        ("train.lr=fast", "train.lr: expected float"),
+        ("lora.rank=0", "lora.rank=0 must be > 0"),
+        ("train.seq_len=-5", "train.seq_len=-5 must be > 0"),
+        ("quant.method=nf5", "quant.method='nf5' is not one of"),
+        ("data.eval_fraction=1.5", "data.eval_fraction=1.5 must be in (0, 1)"),
+        ("train.activation_checkpointing=maybe", "train.activation_checkpointing: expected bool"),
+        ("adapter.target_modules=some", "adapter.target_modules='some'"),
+        ("nonsense", "must look like key=value"),
+        ("train.precision=fp4", "train.precision='fp4' is not one of"),
+        ("halo.level=3", "halo.level=3 is not one of"),
+        ("train.precision=halo halo.hadamard_block=48", "halo.hadamard_block=48 must be a power of two"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
         C.load_config("lora", override.split())
@@ -54,27 +65,50 @@ def test_bad_overrides_name_the_key(override, needle):
 
 
 def test_cross_field_rules():
-    with pytest.raises(ConfigError, match="adapter.type=none needs a base whose weights can be trained, which "
-                                          "quant.method=nf4 does not give: change one of adapter.type and "
-                                          "quant.method"):
+    with pytest.raises(
+        ConfigError,
+        match="adapter.type=none needs a base whose weights can be trained, which "
+        "quant.method=nf4 does not give: change one of adapter.type and "
+        "quant.method",
+    ):
         C.load_config("full", ["quant.method=nf4"])
-    with pytest.raises(ConfigError, match="train.precision=fp8 needs full-precision linear layers in the base, which "
-                                          "quant.method=nf4 does not give"):
+    with pytest.raises(
+        ConfigError,
+        match="train.precision=fp8 needs full-precision linear layers in the base, which "
+        "quant.method=nf4 does not give",
+    ):
         C.load_config("qlora", ["train.precision=fp8"])
 
 
 def test_old_keys_work_with_one_notice_line(capsys, tmp_path):
     """Keys renamed when each technique got its own section keep working for one release: every renamed key
     of the run in one stderr line, and the config equals the one written with the new keys."""
-    old = C.load_config("galore", ["adapter.rank=8", "optim.rank=32", "optim.proj_type=left", "train.halo_level=1",
-                                   "offload.optimizer=disk"])
+    old = C.load_config(
+        "galore",
+        ["adapter.rank=8", "optim.rank=32", "optim.proj_type=left", "train.halo_level=1", "offload.optimizer=disk"],
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("slimtune: renamed keys")
-    for pair in ("adapter.rank -> lora.rank", "optim.rank -> galore.rank", "optim.proj_type -> galore.proj_type",
-                 "train.halo_level -> halo.level", "offload.optimizer -> engine.optimizer"):
+    for pair in (
+        "adapter.rank -> lora.rank",
+        "optim.rank -> galore.rank",
+        "optim.proj_type -> galore.proj_type",
+        "train.halo_level -> halo.level",
+        "offload.optimizer -> engine.optimizer",
+    ):
         assert pair in err[0]
-    new = C.load_config("galore", ["lora.rank=8", "galore.rank=32", "galore.proj_type=left", "halo.level=1",
-                                   "engine.name=offload", "engine.params=none", "engine.optimizer=disk"])
+    new = C.load_config(
+        "galore",
+        [
+            "lora.rank=8",
+            "galore.rank=32",
+            "galore.proj_type=left",
+            "halo.level=1",
+            "engine.name=offload",
+            "engine.params=none",
+            "engine.optimizer=disk",
+        ],
+    )
     assert capsys.readouterr().err == ""  # new keys: no notice
     assert old == new
     # an old key the chosen optimizer has no use for is dropped, and said so
@@ -103,12 +137,15 @@ def test_dump_roundtrip(tmp_path):
     assert C.replace(cfg, **{"train.max_steps": 3}).train.max_steps == 3
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("optim.betas=[0.9,abc]", "optim.betas[1]: expected float, got 'abc'"),
-    ("lq_lora.bits=[2,x]", "lq_lora.bits[1]: expected int"),
-    ("hooks=[nosuchhook]", "hooks='nosuchhook' is not one of"),
-    ("train.kernels=cuda", "train.kernels='cuda' is not one of: auto, reference, triton"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.betas=[0.9,abc]", "optim.betas[1]: expected float, got 'abc'"),
+        ("lq_lora.bits=[2,x]", "lq_lora.bits[1]: expected int"),
+        ("hooks=[nosuchhook]", "hooks='nosuchhook' is not one of"),
+        ("train.kernels=cuda", "train.kernels='cuda' is not one of: auto, reference, triton"),
+    ],
+)
 def test_element_types_and_new_keys(override, needle):
     with pytest.raises(ConfigError) as e:
         C.load_config("lora", override.split())

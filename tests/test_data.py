@@ -22,14 +22,18 @@ def test_pydoc_is_real_text():
 
 def test_prompt_response_masks_prompt(tmp_path, tok):
     p = tmp_path / "d.jsonl"
-    p.write_text(json.dumps({"prompt": "Question: what is a list?", "response": " A mutable sequence."}) + "\n"
-                 + json.dumps({"text": "plain text line"}) + "\n")
+    p.write_text(
+        json.dumps({"prompt": "Question: what is a list?", "response": " A mutable sequence."})
+        + "\n"
+        + json.dumps({"text": "plain text line"})
+        + "\n"
+    )
     ids, labels = tokenize(load_records(str(p)), tok)
     n_prompt = len(tok("Question: what is a list?", add_special_tokens=False)["input_ids"])
     assert labels[:n_prompt] == [IGNORE] * n_prompt
     resp = tok(" A mutable sequence.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert labels[n_prompt : n_prompt + len(resp)] == resp == ids[n_prompt : n_prompt + len(resp)]
-    assert labels[n_prompt + len(resp):] == ids[n_prompt + len(resp):]  # text: every token counts
+    assert labels[n_prompt + len(resp) :] == ids[n_prompt + len(resp) :]  # text: every token counts
 
 
 def test_pack_drops_tail_and_keeps_order():
@@ -56,10 +60,13 @@ def test_global_batch_same_for_any_world_size():
         assert sorted(one[:, 0].tolist()) == sorted(two[:, 0].tolist())
 
 
-@pytest.mark.parametrize("content, needle", [
-    ("{not json}\n", "not valid JSON"),
-    (json.dumps({"prompt": "x"}) + "\n", "needs a 'text' string, 'prompt' and 'response' strings, or 'messages'"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("{not json}\n", "not valid JSON"),
+        (json.dumps({"prompt": "x"}) + "\n", "needs a 'text' string, 'prompt' and 'response' strings, or 'messages'"),
+    ],
+)
 def test_bad_jsonl(tmp_path, content, needle):
     p = tmp_path / "bad.jsonl"
     p.write_text(content)

@@ -44,7 +44,7 @@ def _hf_greedy(model_dir, ids: list[int], n: int, with_ids: bool = False):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
-    new = [t for t in out[0, len(ids):].tolist() if t != tok.eos_token_id]
+    new = [t for t in out[0, len(ids) :].tolist() if t != tok.eos_token_id]
     text = tok.decode(new, skip_special_tokens=True)
     return (text, new) if with_ids else text
 
@@ -84,8 +84,10 @@ def chat_model(tmp_path_factory, tiny_model_dir):
     d = tmp_path_factory.mktemp("chat") / "model"
     shutil.copytree(tiny_model_dir, d)
     tok = AutoTokenizer.from_pretrained(d)
-    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    )
     tok.save_pretrained(d)
     return d
 
@@ -102,8 +104,12 @@ def _template_ids(model_dir, messages) -> list[int]:
 def test_chat_template_prompt_and_messages(chat_model, tmp_path, capsys):
     got = _generate(capsys, f"model.name={chat_model}", f"prompt={PROMPT}", "max_new_tokens=16")
     assert got == _hf_greedy(chat_model, _template_ids(chat_model, [{"role": "user", "content": PROMPT}]), 16) + "\n"
-    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "hello"}, {"role": "user", "content": PROMPT}]
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": PROMPT},
+    ]
     f = tmp_path / "conv.json"
     f.write_text(json.dumps(conv))
     got = _generate(capsys, f"model.name={chat_model}", f"messages={f}", "max_new_tokens=16")
@@ -112,8 +118,12 @@ def test_chat_template_prompt_and_messages(chat_model, tmp_path, capsys):
 
     template = tmp_path / "chat.jinja"  # data.chat_template=FILE on the template-less model: the same prompt
     template.write_text(AutoTokenizer.from_pretrained(chat_model).chat_template)
-    assert _generate(capsys, "model.name=tiny-llama", f"data.chat_template={template}", f"messages={f}",
-                     "max_new_tokens=16") == got
+    assert (
+        _generate(
+            capsys, "model.name=tiny-llama", f"data.chat_template={template}", f"messages={f}", "max_new_tokens=16"
+        )
+        == got
+    )
 
 
 def test_seeded_sampling_is_reproducible(capsys):
@@ -130,18 +140,21 @@ def test_prompt_is_taken_literally():
     assert gen["temperature"] == 0.5 and gen["top_p"] == 1.0 and gen["max_new_tokens"] == 128 and gen["seed"] == 0
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["prompt=x", "tempreature=1"], "unknown generate argument 'tempreature'; did you mean 'temperature'"),
-    (["max_new_tokens=4"], "give exactly one of prompt=TEXT or messages=FILE.json"),
-    (["prompt=x", "messages=m.json"], "give exactly one of"),
-    (["prompt=x", "max_new_tokens=many"], "max_new_tokens='many': expected int"),
-    (["prompt=x", "temperature=-1"], "temperature=-1.0 must be >= 0"),
-    (["prompt=x", "top_p=0"], "top_p=0.0 must be in (0, 1]"),
-    (["prompt=x", "model.nmae=tiny-llama"], "did you mean 'model.name'"),
-    (["messages=/no/such.json"], "messages=/no/such.json: cannot read it as JSON"),
-    (["messages=BAD"], "expected a non-empty JSON list"),
-    (["messages=GOOD"], "has no chat template; use prompt=TEXT"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["prompt=x", "tempreature=1"], "unknown generate argument 'tempreature'; did you mean 'temperature'"),
+        (["max_new_tokens=4"], "give exactly one of prompt=TEXT or messages=FILE.json"),
+        (["prompt=x", "messages=m.json"], "give exactly one of"),
+        (["prompt=x", "max_new_tokens=many"], "max_new_tokens='many': expected int"),
+        (["prompt=x", "temperature=-1"], "temperature=-1.0 must be >= 0"),
+        (["prompt=x", "top_p=0"], "top_p=0.0 must be in (0, 1]"),
+        (["prompt=x", "model.nmae=tiny-llama"], "did you mean 'model.name'"),
+        (["messages=/no/such.json"], "messages=/no/such.json: cannot read it as JSON"),
+        (["messages=BAD"], "expected a non-empty JSON list"),
+        (["messages=GOOD"], "has no chat template; use prompt=TEXT"),
+    ],
+)
 def test_bad_arguments_are_one_line_exit_2(args, needle, tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps([{"role": "user"}]))
     (tmp_path / "good.json").write_text(json.dumps([{"role": "user", "content": "hi"}]))

@@ -19,8 +19,15 @@ bogomips\t: 4800.00
 """
 
 
-@pytest.mark.parametrize("extra, dtype", [("avx512f avx512_bf16", "bfloat16"), ("amx_tile amx_bf16", "bfloat16"),
-                                          ("", "float32"), ("avx512f avx512bw", "float32")])
+@pytest.mark.parametrize(
+    "extra, dtype",
+    [
+        ("avx512f avx512_bf16", "bfloat16"),
+        ("amx_tile amx_bf16", "bfloat16"),
+        ("", "float32"),
+        ("avx512f avx512bw", "float32"),
+    ],
+)
 def test_cpu_flags_pick_the_dtype(extra, dtype):
     flags = hardware.cpu_flags(CPUINFO.format(extra=extra))
     assert "avx2" in flags
@@ -50,8 +57,9 @@ def _auto_run(out, *extra):
     from slimtune_testutil import TINY
 
     args = [a for a in TINY if not a.startswith("model.dtype=")]
-    return main(["run", "lora", *args, "model.dtype=auto", "train.lr=1e-2", "checkpoint.every=2", *extra,
-                 f"output_dir={out}"])
+    return main(
+        ["run", "lora", *args, "model.dtype=auto", "train.lr=1e-2", "checkpoint.every=2", *extra, f"output_dir={out}"]
+    )
 
 
 def test_auto_run_reports_its_choice_and_resumes(tmp_path, monkeypatch):

@@ -6,15 +6,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimtune.kernels import linear_cross_entropy as lce
+from slimtune.kernels.linear_cross_entropy_reference import ChunkedLinearCE
 from slimtune.lm_loss import IGNORE, LogitTransform, lm_loss_sum
 from slimtune_testutil import use_kernels
 
 
 def naive(hidden, head, labels):
     logits = head(hidden).float()[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 @pytest.mark.parametrize("shape", [(2, 33, 16, 101), (3, 17, 8, 41), (1, 64, 32, 257)])
@@ -101,8 +102,7 @@ def transformed_naive(hidden, head, labels, scale, softcap):
     z = head(hidden).float()[:, :-1] * scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    return F.cross_entropy(z.reshape(-1, z.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
+    return F.cross_entropy(z.reshape(-1, z.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
 
 
 def _transform_problem(head):
@@ -123,15 +123,16 @@ def paths(monkeypatch):
     import slimtune.lm_loss as loss_mod
 
     seen = {"chunked_ce": 0, "checkpoint": 0}
-    apply, ckpt = lce.ChunkedLinearCE.apply, loss_mod.checkpoint
+    apply, ckpt = ChunkedLinearCE.apply, loss_mod.checkpoint
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
             seen[name] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
-    monkeypatch.setattr(lce.ChunkedLinearCE, "apply", counted("chunked_ce", apply))
+    monkeypatch.setattr(ChunkedLinearCE, "apply", counted("chunked_ce", apply))
     monkeypatch.setattr(loss_mod, "checkpoint", counted("checkpoint", ckpt))
     use_kernels(monkeypatch, "reference")  # the CPU path: a Triton run is covered in tests/kernels
     return seen

@@ -22,9 +22,20 @@ from slimtune.errors import SlimtuneError
 from slimtune.lm_loss import LOGIT_ATTRIBUTES, CausalLMLoss, LogitTransform, check_head, count_targets, logit_transform
 
 VOCAB = 512  # the tiny-llama tokenizer's
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-              pad_token_id=2, tie_word_embeddings=False)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+    tie_word_embeddings=False,
+)
 
 # family -> (config class, model class, config overrides, factor on lm_head's weight, the transform slimtune
 # must read from the config). The factors put the raw logits z = lm_head(h) at max |z| ~ 10-20 (~0.7 at
@@ -34,11 +45,15 @@ FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}, 1.0, LogitTransform()),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, 1.0, LogitTransform()),
     "mistral": ("MistralConfig", "MistralForCausalLM", {}, 1.0, LogitTransform()),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 5.0}, 30.0,
-               LogitTransform(softcap=5.0)),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"final_logit_softcapping": 5.0},
+        30.0,
+        LogitTransform(softcap=5.0),
+    ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}, 1.0, LogitTransform()),
-    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 8.0}, 32.0,
-                LogitTransform(scale=1 / 8)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 8.0}, 32.0, LogitTransform(scale=1 / 8)),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}, 16.0, LogitTransform(scale=0.25)),
 }
 TRANSFORMED = [name for name, spec in FAMILIES.items() if spec[4] != LogitTransform()]
@@ -184,10 +199,23 @@ def test_lora_all_linear_runs(family, saved_models, tmp_path):
     from slimtune.trainer import run
 
     out = tmp_path / "run"
-    report = run(load_config("lora", [
-        f"model.name={saved_models[family]}", "model.dtype=float32", "train.seq_len=64", "train.batch_size=4",
-        "train.warmup_steps=2", "train.max_steps=3", "train.lr=1e-2", "eval.max_batches=2",
-        "logging.progress=false", f"output_dir={out}"]))
+    report = run(
+        load_config(
+            "lora",
+            [
+                f"model.name={saved_models[family]}",
+                "model.dtype=float32",
+                "train.seq_len=64",
+                "train.batch_size=4",
+                "train.warmup_steps=2",
+                "train.max_steps=3",
+                "train.lr=1e-2",
+                "eval.max_batches=2",
+                "logging.progress=false",
+                f"output_dir={out}",
+            ],
+        )
+    )
     assert report["steps"] == 3
     for key in ("initial_loss", "final_loss", "eval_perplexity_before", "eval_perplexity"):
         assert math.isfinite(report[key]), (key, report[key])

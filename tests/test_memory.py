@@ -13,8 +13,10 @@ from slimtune.memory import _file_ranges, release_file_mappings, trim_heap
 
 def _in_file(model) -> int:
     ranges = _file_ranges()
-    return sum(any(lo <= t.untyped_storage().data_ptr() < hi for lo, hi in ranges)
-               for t in [*model.parameters(), *model.buffers()])
+    return sum(
+        any(lo <= t.untyped_storage().data_ptr() < hi for lo, hi in ranges)
+        for t in [*model.parameters(), *model.buffers()]
+    )
 
 
 def test_weights_backed_by_the_file_are_copied_out_and_the_file_unmapped():
@@ -36,8 +38,10 @@ def test_weights_backed_by_the_file_are_copied_out_and_the_file_unmapped():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the kernels import triton")
 def test_a_cpu_only_run_does_not_import_triton():
-    code = ("import sys, slimtune.cli, slimtune.trainer.loop, slimtune.kernels.linear_cross_entropy, "
-            "slimtune.quant.linear; print('triton' in sys.modules)")
+    code = (
+        "import sys, slimtune.cli, slimtune.trainer.loop, slimtune.kernels.linear_cross_entropy, "
+        "slimtune.quant.linear; print('triton' in sys.modules)"
+    )
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr

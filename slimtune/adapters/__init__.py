@@ -7,6 +7,7 @@ LoRA initialisations that start from the full-precision weight (LoftQ, EoRA, PiS
 """
 
 from slimtune.adapters import dora, eora, loftq, lora, lq_lora, pissa, sparse_ft  # noqa: F401
+
 # (importing them fills the registries ADAPTERS and ADAPTER_INITS; their save formats are in slimtune/formats)
 from slimtune.adapters.inject import (  # noqa: F401
     DISPATCH,

@@ -58,15 +58,16 @@ class AdapterDefaults(Technique):
     plan_dropout = False  # plan/activations.py: a dropped-out copy of the input is saved when dropout > 0
 
     @classmethod
-    def memory_terms(cls, options, out_features: int, in_features: int, share: float,
-                     max_steps: int) -> AdapterTerms:
+    def memory_terms(cls, options, out_features: int, in_features: int, share: float, max_steps: int) -> AdapterTerms:
         """share: this linear's fraction of all targeted weights. The default builds the adapter on a meta-device
         linear (no memory) and counts what it adds: trainable parameters and buffers."""
         with torch.device("meta"):
             m = cls.from_config(nn.Linear(in_features, out_features, bias=False), options)
         own = [(n, t) for n, t in [*m.named_parameters(), *m.named_buffers()] if not n.startswith("base.")]
-        return AdapterTerms([(n, tuple(t.shape)) for n, t in own if isinstance(t, nn.Parameter) and t.requires_grad],
-                            sum(t.numel() * t.element_size() for n, t in own if not isinstance(t, nn.Parameter)))
+        return AdapterTerms(
+            [(n, tuple(t.shape)) for n, t in own if isinstance(t, nn.Parameter) and t.requires_grad],
+            sum(t.numel() * t.element_size() for n, t in own if not isinstance(t, nn.Parameter)),
+        )
 
     @classmethod
     def configure(cls, model: nn.Module, names: list[str], cfg):
@@ -92,11 +93,14 @@ class AdapterFormat:
 
 def checkpoint_state(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Every adapter's checkpoint_state, keyed `<module name>.<key>` (CPU, contiguous)."""
-    return {f"{name}.{k}": t.detach().cpu().contiguous() for name, m in modules.items()
-            for k, t in m.checkpoint_state().items()}
+    return {
+        f"{name}.{k}": t.detach().cpu().contiguous()
+        for name, m in modules.items()
+        for k, t in m.checkpoint_state().items()
+    }
 
 
 def load_checkpoint_state(modules: dict[str, nn.Module], state: dict[str, torch.Tensor]) -> None:
     for name, m in modules.items():
         prefix = name + "."
-        m.load_checkpoint_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        m.load_checkpoint_state({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})

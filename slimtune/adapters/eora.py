@@ -23,8 +23,9 @@ from slimtune.registry import ADAPTER_INITS
 
 
 @torch.no_grad()
-def eora_lowrank(E: torch.Tensor, cov: torch.Tensor, rank: int, damp: float = 1e-6
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def eora_lowrank(
+    E: torch.Tensor, cov: torch.Tensor, rank: int, damp: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(L1 (out, r), L2 (r, in)) minimising ||(E - L1 L2) X^T||_F given cov = X^T X (in, in).
     Eigenvalues are floored at damp x the largest, so directions the data never excites stay finite."""
     lam, V = torch.linalg.eigh(cov.double())
@@ -38,10 +39,14 @@ def eora_lowrank(E: torch.Tensor, cov: torch.Tensor, rank: int, damp: float = 1e
 
 
 @ADAPTER_INITS.register("eora")
-@declares(requires={"quantized_base", "plain_lora", "slimtune_format", "undecomposed_base"},
-          withholds={"exact_zero", "streamable"}, validate=lambda cfg: validate_lq_lora(cfg.lq_lora))
-def apply_eora(model: nn.Module, cfg, calibration, compute_dtype: torch.dtype = torch.float32,
-               log: Callable[[str], None] = print) -> dict:
+@declares(
+    requires={"quantized_base", "plain_lora", "slimtune_format", "undecomposed_base"},
+    withholds={"exact_zero", "streamable"},
+    validate=lambda cfg: validate_lq_lora(cfg.lq_lora),
+)
+def apply_eora(
+    model: nn.Module, cfg, calibration, compute_dtype: torch.dtype = torch.float32, log: Callable[[str], None] = print
+) -> dict:
     """Quantize every targeted nn.Linear of `model` in place at cfg.quant.method and wrap it with LoRA
     initialised by EoRA from the activations `calibration.input_covariance(model, names)` gives
     (calibration.py)."""
@@ -58,7 +63,9 @@ def apply_eora(model: nn.Module, cfg, calibration, compute_dtype: torch.dtype = 
         E = W - packed.dequantize(torch.float32)
         L1, L2 = eora_lowrank(E, covs.pop(name), cfg.lora.rank)
         install(model, name, base, L1, L2, cfg.lora, LoRALinear)
-        modules[name] = {"error": float((E - L1 @ L2).double().square().sum()),
-                         "error_quant_only": float(E.double().square().sum())}
+        modules[name] = {
+            "error": float((E - L1 @ L2).double().square().sum()),
+            "error_quant_only": float(E.double().square().sum()),
+        }
     log(f"eora: initialised {len(names)} LoRA adapters on {cfg.quant.method} in {time.perf_counter() - t0:.1f}s")
     return {"modules": modules, "seconds": time.perf_counter() - t0}

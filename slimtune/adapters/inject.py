@@ -37,6 +37,7 @@ def target_names(model: nn.Module, target_modules, plain_only: bool = False) -> 
     """Qualified names of the modules `adapter.target_modules` selects: the names listed (a last-component
     or full-name match), or every linear but lm_head for "all-linear". plain_only: exact nn.Linear only (a
     low-rank decomposition needs the full-precision weight)."""
+
     def wrappable(m):
         return type(m) is nn.Linear if plain_only else linear_kind(m) is not None
 
@@ -49,14 +50,15 @@ def target_names(model: nn.Module, target_modules, plain_only: bool = False) -> 
         elif last in target_modules or name in target_modules:
             if not wrappable(module):
                 kinds = "nn.Linear" if plain_only else ", ".join(k for _, k in DISPATCH)
-                raise SlimtuneError(f"adapter.target_modules: '{name}' is a {type(module).__name__}, which this "
-                                    f"adapter cannot wrap; supported: {kinds}")
+                raise SlimtuneError(
+                    f"adapter.target_modules: '{name}' is a {type(module).__name__}, which this "
+                    f"adapter cannot wrap; supported: {kinds}"
+                )
             names.append(name)
     if not names:
         available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if wrappable(m)})
         shown = target_modules if isinstance(target_modules, str) else list(target_modules)
-        raise ConfigError(f"adapter.target_modules={shown} matches no linear module; available: "
-                          f"{', '.join(available)}")
+        raise ConfigError(f"adapter.target_modules={shown} matches no linear module; available: {', '.join(available)}")
     return names
 
 
@@ -64,8 +66,9 @@ def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
     for n in names:
         m = model.get_submodule(n)
         if rank > min(m.in_features, m.out_features):
-            raise ConfigError(f"lora.rank={rank} exceeds min(in, out)={min(m.in_features, m.out_features)} "
-                              f"of {n}; use a smaller rank")
+            raise ConfigError(
+                f"lora.rank={rank} exceeds min(in, out)={min(m.in_features, m.out_features)} of {n}; use a smaller rank"
+            )
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

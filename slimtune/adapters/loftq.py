@@ -39,10 +39,18 @@ def targets(model: nn.Module, cfg) -> list[str]:
 
 
 @ADAPTER_INITS.register("loftq")
-@declares(requires={"quantized_base", "plain_lora", "slimtune_format", "undecomposed_base"},
-          withholds={"exact_zero", "streamable"}, validate=lambda cfg: validate_lq_lora(cfg.lq_lora))
-def apply_loftq(model: nn.Module, cfg, calibration=None, compute_dtype: torch.dtype = torch.float32,
-                log: Callable[[str], None] = print) -> dict:
+@declares(
+    requires={"quantized_base", "plain_lora", "slimtune_format", "undecomposed_base"},
+    withholds={"exact_zero", "streamable"},
+    validate=lambda cfg: validate_lq_lora(cfg.lq_lora),
+)
+def apply_loftq(
+    model: nn.Module,
+    cfg,
+    calibration=None,
+    compute_dtype: torch.dtype = torch.float32,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Quantize every targeted nn.Linear of `model` in place at cfg.quant.method and wrap it with LoRA
     initialised by LoftQ (lq_lora.max_iters alternations); needs no calibration data. Returns per-matrix
     errors and seconds."""
@@ -52,11 +60,15 @@ def apply_loftq(model: nn.Module, cfg, calibration=None, compute_dtype: torch.dt
     for name in names:
         old = model.get_submodule(name)
         base = base_module(cfg.quant, old, compute_dtype)
-        d = decompose(old.weight, base.quantize_weight, cfg.lora.rank, cfg.lq_lora.max_iters, start="quantize",
-                      guard=False)
+        d = decompose(
+            old.weight, base.quantize_weight, cfg.lora.rank, cfg.lq_lora.max_iters, start="quantize", guard=False
+        )
         base.set_weight(d.packed)
         install(model, name, base, d.L1, d.L2, cfg.lora, LoRALinear)
-        modules[name] = {"error": d.error, "error_quant_only": d.history[0] if d.history else None,
-                         "iterations": len(d.history)}
+        modules[name] = {
+            "error": d.error,
+            "error_quant_only": d.history[0] if d.history else None,
+            "iterations": len(d.history),
+        }
     log(f"loftq: initialised {len(names)} LoRA adapters on {cfg.quant.method} in {time.perf_counter() - t0:.1f}s")
     return {"modules": modules, "seconds": time.perf_counter() - t0}

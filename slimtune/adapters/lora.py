@@ -39,8 +39,6 @@ class LoRAConfig:
     dropout: float = option("dropout on the LoRA input", 0.0)
 
 
-
-
 @ADAPTERS.register("lora")
 class LoRALinear(AdapterDefaults, nn.Module):
     format = "peft"  # saved in PEFT's format (formats/peft.py)
@@ -48,10 +46,12 @@ class LoRALinear(AdapterDefaults, nn.Module):
     plan_dropout = True
 
     @classmethod
-    def memory_terms(cls, options: LoRAConfig, out_features: int, in_features: int, share: float,
-                     max_steps: int) -> AdapterTerms:
-        return dataclasses.replace(super().memory_terms(options, out_features, in_features, share, max_steps),
-                                   width=options.rank)
+    def memory_terms(
+        cls, options: LoRAConfig, out_features: int, in_features: int, share: float, max_steps: int
+    ) -> AdapterTerms:
+        return dataclasses.replace(
+            super().memory_terms(options, out_features, in_features, share, max_steps), width=options.rank
+        )
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -86,16 +86,19 @@ class LoRALinear(AdapterDefaults, nn.Module):
     def set_weight_mask(self, mask: torch.Tensor) -> None:
         """Hold the base's sparsity: the update becomes mask * delta (mask: (out, in) bool, True = kept)."""
         if getattr(self, "pissa_A0", None) is not None:  # its residual base is dense, B0 A0 would be masked
-            raise ConfigError("adapter.init=pissa on a pruned base would make the pruned weights nonzero; use "
-                              "adapter.init=default")
+            raise ConfigError(
+                "adapter.init=pissa on a pruned base would make the pruned weights nonzero; use adapter.init=default"
+            )
         if tuple(mask.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight mask {tuple(mask.shape)} does not match "
-                             f"({self.out_features}, {self.in_features})")
+            raise ValueError(
+                f"weight mask {tuple(mask.shape)} does not match ({self.out_features}, {self.in_features})"
+            )
         self.weight_mask = mask.to(device=self.lora_A.weight.device, dtype=torch.bool)
 
     @classmethod
-    def from_config(cls, base: nn.Module, options: LoRAConfig, name: str | None = None,
-                    init: str = "default") -> "LoRALinear":
+    def from_config(
+        cls, base: nn.Module, options: LoRAConfig, name: str | None = None, init: str = "default"
+    ) -> "LoRALinear":
         """options: the lora section (rank, alpha, dropout, use_rslora); init: adapter.init, whose `wrap` (if it
         has one: PiSSA) runs on each module as it is wrapped."""
         m = cls(base, options.rank, options.alpha, options.dropout, use_rslora=options.use_rslora)
@@ -109,8 +112,10 @@ class LoRALinear(AdapterDefaults, nn.Module):
         for n in names:
             m = model.get_submodule(n)
             if options.rank > min(m.in_features, m.out_features):
-                raise ConfigError(f"lora.rank={options.rank} exceeds min(in, out)="
-                                  f"{min(m.in_features, m.out_features)} of {n}; use a smaller rank")
+                raise ConfigError(
+                    f"lora.rank={options.rank} exceeds min(in, out)="
+                    f"{min(m.in_features, m.out_features)} of {n}; use a smaller rank"
+                )
         return options
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,8 +166,10 @@ class LoRALinear(AdapterDefaults, nn.Module):
         elif isinstance(base, nn.Linear) and not is_quantized_linear(base):  # (bnb's layers subclass nn.Linear)
             new = base.weight.float() + self.delta_weight().to(base.weight.device)
         else:
-            raise NotImplementedError(f"cannot merge LoRA into {type(base).__name__} in place; export with "
-                                      "`slimtune export RUN_DIR --merge`, which merges into the full-precision base")
+            raise NotImplementedError(
+                f"cannot merge LoRA into {type(base).__name__} in place; export with "
+                "`slimtune export RUN_DIR --merge`, which merges into the full-precision base"
+            )
         if safe and not torch.isfinite(new).all():
             raise ValueError("merging this LoRA adapter gives non-finite weights; not merged")
         if hasattr(base, "requantize_"):

@@ -71,8 +71,14 @@ class LQLoRABase(Technique):
 
     @classmethod
     def withholds(cls, cfg) -> set[str]:
-        return {"trainable_base", "full_precision_linears", "streamable", "exact_zero", "quantized_base",
-                "undecomposed_base"}
+        return {
+            "trainable_base",
+            "full_precision_linears",
+            "streamable",
+            "exact_zero",
+            "quantized_base",
+            "undecomposed_base",
+        }
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -89,8 +95,10 @@ def validate_lq_lora(lq) -> None:
     if not lq.block_sizes or not all(isinstance(b, int) and b > 0 for b in lq.block_sizes):
         raise ConfigError(f"lq_lora.block_sizes={list(lq.block_sizes)}: give positive block sizes, e.g. [64, 128]")
     if not min(lq.bits) <= lq.budget_bits <= max(lq.bits) + 1:
-        raise ConfigError(f"lq_lora.budget_bits={lq.budget_bits} is outside the candidate range "
-                          f"{min(lq.bits)}..{max(lq.bits) + 1} bits/param (lq_lora.bits={list(lq.bits)})")
+        raise ConfigError(
+            f"lq_lora.budget_bits={lq.budget_bits} is outside the candidate range "
+            f"{min(lq.bits)}..{max(lq.bits) + 1} bits/param (lq_lora.bits={list(lq.bits)})"
+        )
 
 
 QUANT_FORMATS.declare("lq_lora", LQLoRABase)
@@ -114,8 +122,14 @@ def weighted_sq_error(E: torch.Tensor, dr: torch.Tensor | None = None, dc: torch
     return float(E.double().square().sum())
 
 
-def lowrank(R: torch.Tensor, rank: int, dr: torch.Tensor | None = None, dc: torch.Tensor | None = None,
-            exact: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def lowrank(
+    R: torch.Tensor,
+    rank: int,
+    dr: torch.Tensor | None = None,
+    dc: torch.Tensor | None = None,
+    exact: bool = False,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(L1 (out, r), L2 (r, in)) minimising ||D_r (R - L1 L2) D_c||_F (plain SVD when dr/dc are None).
 
     Randomized SVD (Halko et al., torch.svd_lowrank, seeded) unless `exact` or the matrix is small;
@@ -136,8 +150,9 @@ def lowrank(R: torch.Tensor, rank: int, dr: torch.Tensor | None = None, dc: torc
     return L1.contiguous(), L2.contiguous()
 
 
-def fisher_weights(row_sums: torch.Tensor, col_sums: torch.Tensor, floor: float = 1e-3
-                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
+def fisher_weights(
+    row_sums: torch.Tensor, col_sums: torch.Tensor, floor: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(dr, dc, scale) with scale * dr_i^2 dc_j^2 = r_i c_j / sum(F), the rank-1 approximation of the
     Fisher F. dr and dc are normalised to mean square 1 (Fisher values are tiny: unnormalised weights
     would make float32 denormals, which are ~100x slower); weighted errors are multiplied by `scale`.
@@ -150,9 +165,18 @@ def fisher_weights(row_sums: torch.Tensor, col_sums: torch.Tensor, floor: float 
 
 
 @torch.no_grad()
-def decompose(W: torch.Tensor, quantize_fn: Callable, rank: int, max_iters: int = 10,
-              dr: torch.Tensor | None = None, dc: torch.Tensor | None = None, start: str = "lowrank",
-              guard: bool = True, exact: bool = False, rtol: float = 1e-4) -> Decomposition:
+def decompose(
+    W: torch.Tensor,
+    quantize_fn: Callable,
+    rank: int,
+    max_iters: int = 10,
+    dr: torch.Tensor | None = None,
+    dc: torch.Tensor | None = None,
+    start: str = "lowrank",
+    guard: bool = True,
+    exact: bool = False,
+    rtol: float = 1e-4,
+) -> Decomposition:
     """Decompose W (out, in) into quantize_fn(.) + L1 L2; quantize_fn(w) returns a holder with .dequantize().
 
     start="lowrank" (LQ-LoRA): Q = 0, then L = SVD_r(W - Q), Q = quant(W - L), ...
@@ -201,8 +225,9 @@ def decompose(W: torch.Tensor, quantize_fn: Callable, rank: int, max_iters: int 
 # ---------------------------------------------------------------- the model-level transform
 
 
-def install(model: nn.Module, name: str, base: nn.Module, L1: torch.Tensor, L2: torch.Tensor, cfg,
-            cls: type = LQLoRALinear) -> nn.Module:
+def install(
+    model: nn.Module, name: str, base: nn.Module, L1: torch.Tensor, L2: torch.Tensor, cfg, cls: type = LQLoRALinear
+) -> nn.Module:
     """Replace module `name` by cls(base) (a LoRA wrapper) whose factors hold L1 L2. cfg: LoRAConfig."""
     wrapped = cls(base, L1.shape[1], cfg.alpha, cfg.dropout, use_rslora=cfg.use_rslora)
     wrapped.init_factors(L1, L2)
@@ -213,8 +238,9 @@ def candidate_formats(lq_cfg, double_quant: bool) -> list:
     return [QuantFormat("nf", b, bs, double_quant) for b in lq_cfg.bits for bs in lq_cfg.block_sizes]
 
 
-def apply_lq_lora(model: nn.Module, cfg, calibration, compute_dtype: torch.dtype = torch.float32,
-                  log: Callable[[str], None] = print) -> dict:
+def apply_lq_lora(
+    model: nn.Module, cfg, calibration, compute_dtype: torch.dtype = torch.float32, log: Callable[[str], None] = print
+) -> dict:
     """Decompose every targeted linear of the full-precision `model` in place (LQ-LoRA with bit
     allocation) and wrap it with LQLoRALinear. cfg: RecipeConfig; calibration: an object whose
     `fisher_sums(model, names)` gives each matrix's Fisher row/column sums (calibration.py).
@@ -240,8 +266,10 @@ def apply_lq_lora(model: nn.Module, cfg, calibration, compute_dtype: torch.dtype
             row_err.append(d.error * scale), row_bits.append(fmt.bits_per_param(tuple(W.shape)))
         errors.append(row_err), bits.append(row_bits), numel.append(W.numel())
         if (i + 1) % every == 0 or i + 1 == len(names):
-            log(f"lq_lora: scored {i + 1}/{len(names)} matrices at {len(formats)} formats "
-                f"({time.perf_counter() - t0:.0f}s)")
+            log(
+                f"lq_lora: scored {i + 1}/{len(names)} matrices at {len(formats)} formats "
+                f"({time.perf_counter() - t0:.0f}s)"
+            )
     t_alloc = time.perf_counter()
     alloc = allocate_bits(errors, bits, numel, lq.budget_bits, names=names, config_names=[f.name for f in formats])
     t_alloc = time.perf_counter() - t_alloc
@@ -251,17 +279,31 @@ def apply_lq_lora(model: nn.Module, cfg, calibration, compute_dtype: torch.dtype
         fmt, old = formats[alloc.choice[i]], model.get_submodule(name)
         dr, dc, scale = fisher_weights(*fisher[name]) if name in fisher else (None, None, 1.0)
         d = decompose(old.weight, _packed_quantizer(fmt), rank, lq.max_iters, dr, dc)
-        base = PackedLinear.from_packed(d.packed, bias=None if old.bias is None else old.bias.detach(),
-                                        compute_dtype=compute_dtype)
+        base = PackedLinear.from_packed(
+            d.packed, bias=None if old.bias is None else old.bias.detach(), compute_dtype=compute_dtype
+        )
         install(model, name, base, d.L1, d.L2, cfg.lora)
-        modules[name] = {"format": fmt.name, "shape": list(old.weight.shape), "bits_per_param": bits_per_param(base),
-                         "error": d.error * scale, "score_error": errors[i][alloc.choice[i]],
-                         "iterations": len(d.history)}
-    log(f"lq_lora: decomposed {len(names)} matrices at {alloc.avg_bits:.3f} bits/param "
-        f"({time.perf_counter() - t0:.0f}s)")
-    return {"allocation": alloc.to_dict(), "table": alloc.table(), "modules": modules,
-            "bits_per_param": alloc.avg_bits, "fisher_seconds": t_fisher, "allocation_seconds": t_alloc,
-            "seconds": time.perf_counter() - t0}
+        modules[name] = {
+            "format": fmt.name,
+            "shape": list(old.weight.shape),
+            "bits_per_param": bits_per_param(base),
+            "error": d.error * scale,
+            "score_error": errors[i][alloc.choice[i]],
+            "iterations": len(d.history),
+        }
+    log(
+        f"lq_lora: decomposed {len(names)} matrices at {alloc.avg_bits:.3f} bits/param "
+        f"({time.perf_counter() - t0:.0f}s)"
+    )
+    return {
+        "allocation": alloc.to_dict(),
+        "table": alloc.table(),
+        "modules": modules,
+        "bits_per_param": alloc.avg_bits,
+        "fisher_seconds": t_fisher,
+        "allocation_seconds": t_alloc,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _packed_quantizer(fmt) -> Callable:

@@ -45,12 +45,16 @@ def pissa_init_(m: LoRALinear, options, name: str | None = None) -> None:
     own dtype), A0 / B0 kept for the converted save. The saved adapter has rank 2r, hence 2r <= min(in, out)."""
     base, limit = m.base, min(m.in_features, m.out_features)
     if type(base) is not nn.Linear:
-        raise ConfigError(f"adapter.init=pissa: {name} is a {type(base).__name__}; on a quantized base PiSSA needs "
-                          "quant.method=nf4, nf3, int4, ... with quant.backend=slimtune")
+        raise ConfigError(
+            f"adapter.init=pissa: {name} is a {type(base).__name__}; on a quantized base PiSSA needs "
+            "quant.method=nf4, nf3, int4, ... with quant.backend=slimtune"
+        )
     if 2 * m.rank > limit:
-        raise ConfigError(f"lora.rank={m.rank} with adapter.init=pissa: the saved adapter (converted to plain "
-                          f"LoRA) has rank {2 * m.rank} > min(in, out)={limit} of {name}; use lora.rank<="
-                          f"{limit // 2}")
+        raise ConfigError(
+            f"lora.rank={m.rank} with adapter.init=pissa: the saved adapter (converted to plain "
+            f"LoRA) has rank {2 * m.rank} > min(in, out)={limit} of {name}; use lora.rank<="
+            f"{limit // 2}"
+        )
     W = base.weight.detach().float()
     A, B = pissa_factors(W, m.rank, m.scaling)
     m.lora_A.weight.copy_(A)
@@ -58,8 +62,6 @@ def pissa_init_(m: LoRALinear, options, name: str | None = None) -> None:
     base.weight.copy_((W - m.scaling * (B @ A)).to(base.weight.dtype))
     m.register_buffer("pissa_A0", A.clone(), persistent=False)
     m.register_buffer("pissa_B0", B.clone(), persistent=False)
-
-
 
 
 def peft_factors(m: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, int, float]:
@@ -82,8 +84,13 @@ def _pissa_requires(cfg) -> set[str]:
 @ADAPTER_INITS.register("pissa")
 @declares(requires=_pissa_requires, withholds={"exact_zero", "streamable"})
 @torch.no_grad()
-def apply_pissa(model: nn.Module, cfg, calibration=None, compute_dtype: torch.dtype = torch.float32,
-                log: Callable[[str], None] = print) -> dict:
+def apply_pissa(
+    model: nn.Module,
+    cfg,
+    calibration=None,
+    compute_dtype: torch.dtype = torch.float32,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Quantize every targeted nn.Linear of the full-precision `model` in place at cfg.quant.method, as
     quant(W - s B A), and wrap it with LoRA holding PiSSA's A, B; needs no calibration data. Returns per-matrix
     errors ||W - deq(Q) - s B A||^2 and seconds."""

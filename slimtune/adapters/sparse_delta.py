@@ -9,7 +9,7 @@ from slimtune.adapters.sparse_ft_regrow import CHUNK_ELEMENTS
 
 
 def pick_path(tokens: int, k: int, out_features: int, in_features: int) -> str:
-    """"gather" while its (tokens x k) work is under one dense (out, in) matrix, else "dense"."""
+    """ "gather" while its (tokens x k) work is under one dense (out, in) matrix, else "dense"."""
     return "dense" if tokens * k > out_features * in_features else "gather"
 
 
@@ -33,7 +33,7 @@ class _SparseDelta(torch.autograd.Function):
         y = x.new_zeros(x.shape[0], out_features)
         step = max(1, CHUNK_ELEMENTS // max(1, rows.numel()))
         for t0 in range(0, x.shape[0], step):
-            y[t0:t0 + step].index_add_(1, rows, x[t0:t0 + step, cols] * v)
+            y[t0 : t0 + step].index_add_(1, rows, x[t0 : t0 + step, cols] * v)
         return y
 
     @staticmethod
@@ -55,19 +55,26 @@ class _SparseDelta(torch.autograd.Function):
             dv = torch.zeros(values.shape, dtype=acc_dtype, device=x.device) if need_v else None
             step = max(1, CHUNK_ELEMENTS // max(1, rows.numel()))
             for t0 in range(0, x.shape[0], step):
-                dy_at = dy[t0:t0 + step, rows]  # (Tc, k)
+                dy_at = dy[t0 : t0 + step, rows]  # (Tc, k)
                 if need_v:
-                    dv += (x[t0:t0 + step, cols] * dy_at).sum(0, dtype=acc_dtype)
+                    dv += (x[t0 : t0 + step, cols] * dy_at).sum(0, dtype=acc_dtype)
                 if need_x:
-                    dx[t0:t0 + step].index_add_(1, cols, dy_at * v)
+                    dx[t0 : t0 + step].index_add_(1, cols, dy_at * v)
             dv = dv.to(values.dtype) if need_v else None
         for obs in ctx.observers:
             obs.observe(x, dy, dense_grad)
         return dx, None, None, dv, None, None, None
 
 
-def sparse_delta_linear(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
-                        out_features: int, path: str = "auto", observers: tuple = ()) -> torch.Tensor:
+def sparse_delta_linear(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    values: torch.Tensor,
+    out_features: int,
+    path: str = "auto",
+    observers: tuple = (),
+) -> torch.Tensor:
     """y = x S^T, S the (out, in) matrix with S[rows[i], cols[i]] = values[i] (rows, cols (k,) int64, pairs
     unique), without building S on the gather path. x: (..., in) -> (..., out) in the compute dtype: the
     autocast dtype under autocast, else the promotion of x's and values' dtypes (fp32 for bf16 x and fp32
@@ -77,11 +84,14 @@ def sparse_delta_linear(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     if path not in ("auto", "gather", "dense"):
         raise ValueError(f"path must be auto, gather or dense, got {path!r}")
     if rows.shape != cols.shape or rows.shape != values.shape or values.dim() != 1:
-        raise ValueError(f"rows {tuple(rows.shape)}, cols {tuple(cols.shape)} and values {tuple(values.shape)} "
-                         "must be the same 1-D shape")
+        raise ValueError(
+            f"rows {tuple(rows.shape)}, cols {tuple(cols.shape)} and values {tuple(values.shape)} "
+            "must be the same 1-D shape"
+        )
     dev = x.device.type
-    dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
-             else torch.promote_types(x.dtype, values.dtype))
+    dtype = (
+        torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype, values.dtype)
+    )
     lead, in_features = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, in_features).to(dtype)
     if path == "auto":

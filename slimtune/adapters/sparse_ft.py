@@ -34,8 +34,18 @@ from slimtune.schema import config_section, option
 
 from slimtune.adapters.sparse_delta import pick_path, sparse_delta_linear  # noqa: F401  (the op, re-exported)
 from slimtune.adapters.sparse_ft_regrow import (  # noqa: F401  (the regrowth half, re-exported)
-    CHUNK_ELEMENTS, GradAccumulator, RegrowSchedule, ScoreBlocks, SM3Stats, _top_candidates, all_reduce_stats,
-    drop_fraction_at, grad_square_sums, in_accumulation_window, remap_adam_state)
+    CHUNK_ELEMENTS,
+    GradAccumulator,
+    RegrowSchedule,
+    ScoreBlocks,
+    SM3Stats,
+    _top_candidates,
+    all_reduce_stats,
+    drop_fraction_at,
+    grad_square_sums,
+    in_accumulation_window,
+    remap_adam_state,
+)
 
 
 @config_section("sparse_ft", fixed=True)
@@ -47,14 +57,24 @@ class SparseFTConfig:
     num_params: int = option("total trainable entries over all targets instead of density (0: use density)", 0)
     seed: int = option("seed of the initial random entries (mixed with each module's name)", 0)
     reselect_every: int = option("sparse_ft: steps between drop/regrow reselections", 20)
-    drop_fraction: float = option("sparse_ft: fraction of the active entries changed at the first reselection, "
-                                 "decayed (cosine) to 0 by train.max_steps", 0.25)
-    regrow: str = option("sparse_ft: ma (SM3 row/column statistics, no dense gradient) | ag (dense gradient "
-                        "accumulated over sparse_ft.accumulate_steps)", "ma", ("ma", "ag"))
+    drop_fraction: float = option(
+        "sparse_ft: fraction of the active entries changed at the first reselection, "
+        "decayed (cosine) to 0 by train.max_steps",
+        0.25,
+    )
+    regrow: str = option(
+        "sparse_ft: ma (SM3 row/column statistics, no dense gradient) | ag (dense gradient "
+        "accumulated over sparse_ft.accumulate_steps)",
+        "ma",
+        ("ma", "ag"),
+    )
     accumulate_steps: int = option("sparse_ft: steps before each reselection whose gradients feed regrowth", 5)
-    grown_moments: str = option("sparse_ft: Adam moments of grown entries: zero | mean (second moment seeded with "
-                               "the kept entries' mean, so their first steps are not amplified)", "zero",
-                               ("zero", "mean"))
+    grown_moments: str = option(
+        "sparse_ft: Adam moments of grown entries: zero | mean (second moment seeded with "
+        "the kept entries' mean, so their first steps are not amplified)",
+        "zero",
+        ("zero", "mean"),
+    )
 
 
 def module_seed(seed: int, name: str) -> int:
@@ -114,8 +134,9 @@ class SparseFTLinear(AdapterDefaults, nn.Module):
         self.register_buffer("weight_mask", None, persistent=False)  # flat bool, set_weight_mask on a pruned base
 
     @classmethod
-    def from_config(cls, base: nn.Module, options: SparseFTConfig, name: str | None = None,
-                    init: str = "default") -> "SparseFTLinear":
+    def from_config(
+        cls, base: nn.Module, options: SparseFTConfig, name: str | None = None, init: str = "default"
+    ) -> "SparseFTLinear":
         """options: the sparse_ft section (density, seed). name: the module's qualified name, mixed into the
         seed (`module_seed`) so that each module draws its own set."""
         seed = options.seed
@@ -126,16 +147,21 @@ class SparseFTLinear(AdapterDefaults, nn.Module):
     plan_kind = "sparse"
 
     @classmethod
-    def memory_terms(cls, options: SparseFTConfig, out_features: int, in_features: int, share: float,
-                     max_steps: int) -> AdapterTerms:
+    def memory_terms(
+        cls, options: SparseFTConfig, out_features: int, in_features: int, share: float, max_steps: int
+    ) -> AdapterTerms:
         """k deltas (round(density * numel), or num_params spread by size) and their int64 indices; regrowth:
         SM3 row + column sums (ma), or a dense fp32 gradient sum during each accumulation window (ag)."""
         numel = out_features * in_features
         k = max(1, round(options.num_params * share if options.num_params else options.density * numel))
         regrow = options.regrow == "ma"
         window = max_steps > options.reselect_every - options.accumulate_steps  # a reselection is reached
-        return AdapterTerms([("deltas", (k,))], 8 * k, 4 * (in_features + out_features) if regrow else 0,
-                            4 * numel if not regrow and window else 0)
+        return AdapterTerms(
+            [("deltas", (k,))],
+            8 * k,
+            4 * (in_features + out_features) if regrow else 0,
+            4 * numel if not regrow and window else 0,
+        )
 
     @classmethod
     def requires(cls, cfg) -> set[str]:
@@ -153,13 +179,17 @@ class SparseFTLinear(AdapterDefaults, nn.Module):
         if s.num_params < 0:
             raise ConfigError(f"sparse_ft.num_params={s.num_params} must be >= 0 (0: use sparse_ft.density)")
         if s.reselect_every < 1 or not 0 <= s.accumulate_steps <= s.reselect_every:
-            raise ConfigError(f"sparse_ft.reselect_every={s.reselect_every} must be >= 1 and "
-                              f"sparse_ft.accumulate_steps={s.accumulate_steps} in [0, reselect_every]")
+            raise ConfigError(
+                f"sparse_ft.reselect_every={s.reselect_every} must be >= 1 and "
+                f"sparse_ft.accumulate_steps={s.accumulate_steps} in [0, reselect_every]"
+            )
         if not 0 <= s.drop_fraction <= 1:
             raise ConfigError(f"sparse_ft.drop_fraction={s.drop_fraction} must be in [0, 1]")
         if s.drop_fraction > 0 and s.accumulate_steps == 0:
-            raise ConfigError("sparse_ft.accumulate_steps=0 leaves regrowth without statistics; set it >= 1 (or "
-                              "sparse_ft.drop_fraction=0 for a fixed random set)")
+            raise ConfigError(
+                "sparse_ft.accumulate_steps=0 leaves regrowth without statistics; set it >= 1 (or "
+                "sparse_ft.drop_fraction=0 for a fixed random set)"
+            )
 
     @classmethod
     def configure(cls, model: nn.Module, names: list[str], options: SparseFTConfig) -> SparseFTConfig:
@@ -168,8 +198,10 @@ class SparseFTLinear(AdapterDefaults, nn.Module):
             return options
         total = sum(model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in names)
         if options.num_params > total:
-            raise ConfigError(f"sparse_ft.num_params={options.num_params} exceeds the {total} weights of the "
-                              "targeted matrices; lower it or target more modules")
+            raise ConfigError(
+                f"sparse_ft.num_params={options.num_params} exceeds the {total} weights of the "
+                "targeted matrices; lower it or target more modules"
+            )
         return dataclasses.replace(options, density=options.num_params / total)
 
     @classmethod
@@ -195,8 +227,9 @@ class SparseFTLinear(AdapterDefaults, nn.Module):
         entries (seeded as at init; k capped at their count); a loaded one must already lie on them. Regrowth
         never grows a pruned entry."""
         if tuple(mask.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight mask {tuple(mask.shape)} does not match ({self.out_features}, "
-                             f"{self.in_features})")
+            raise ValueError(
+                f"weight mask {tuple(mask.shape)} does not match ({self.out_features}, {self.in_features})"
+            )
         dev = self.indices.device
         flat = mask.reshape(-1).to(device=dev, dtype=torch.bool)
         self.weight_mask = flat
@@ -204,8 +237,10 @@ class SparseFTLinear(AdapterDefaults, nn.Module):
         if on_pruned == 0:
             return
         if bool(self.deltas.detach().any()):
-            raise ValueError(f"sparse_ft: {on_pruned} trained deltas lie on pruned weights; this adapter was not "
-                             "trained on this pruned base")
+            raise ValueError(
+                f"sparse_ft: {on_pruned} trained deltas lie on pruned weights; this adapter was not "
+                "trained on this pruned base"
+            )
         kept = flat.nonzero().squeeze(1).cpu()
         k = min(self.num_params, kept.numel())
         pick = _sample_unique(kept.numel(), k, torch.Generator().manual_seed(self.seed))
@@ -281,8 +316,10 @@ class SparseFTLinear(AdapterDefaults, nn.Module):
             raise RuntimeError("sparse_ft adapter is already merged; unmerge() first")
         base = self.base
         if not isinstance(base, nn.Linear) or is_quantized_linear(base):
-            raise NotImplementedError(f"cannot merge sparse_ft into {type(base).__name__} in place; export with "
-                                      "`slimtune export RUN_DIR --merge`, which merges into the full-precision base")
+            raise NotImplementedError(
+                f"cannot merge sparse_ft into {type(base).__name__} in place; export with "
+                "`slimtune export RUN_DIR --merge`, which merges into the full-precision base"
+            )
         flat = base.weight.view(-1)
         before = flat[self.indices].clone()
         new = before.float() + self.deltas.float()
@@ -330,8 +367,9 @@ class SparseFTLinear(AdapterDefaults, nn.Module):
         self.indices.copy_(new_indices)
         for t in (self.deltas.data, self.deltas.grad):
             if t is not None:
-                moved = torch.where(new_to_old >= 0, t[new_to_old.clamp_min(0)], torch.zeros((), dtype=t.dtype,
-                                                                                          device=t.device))
+                moved = torch.where(
+                    new_to_old >= 0, t[new_to_old.clamp_min(0)], torch.zeros((), dtype=t.dtype, device=t.device)
+                )
                 t.copy_(moved)
         return old_to_new, new_to_old
 

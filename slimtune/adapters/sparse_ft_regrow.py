@@ -69,14 +69,14 @@ def grad_square_sums(x: torch.Tensor, dy: torch.Tensor, method: str = "auto") ->
         xf, df = x.float(), dy.float()
         step = max(1, CHUNK_ELEMENTS // max(tokens, in_features, out_features))
         for t0 in range(0, tokens, step):
-            xb, db = xf[t0:t0 + step], df[t0:t0 + step]
+            xb, db = xf[t0 : t0 + step], df[t0 : t0 + step]
             row += (db * ((xb @ xf.T) @ df)).sum(0)  # rows t0.. of (X X^T) DY, times DY, summed over tokens
             col += (xb * ((db @ df.T) @ xf)).sum(0)
     elif method == "blocked":
         step = max(1, CHUNK_ELEMENTS // in_features)
         for r0 in range(0, out_features, step):
-            g2 = (dy[:, r0:r0 + step].T @ x).float().square_()
-            row[r0:r0 + step] = g2.sum(1)
+            g2 = (dy[:, r0 : r0 + step].T @ x).float().square_()
+            row[r0 : r0 + step] = g2.sum(1)
             col += g2.sum(0)
     else:
         raise ValueError(f"method must be auto, gram or blocked, got {method!r}")
@@ -115,8 +115,8 @@ class SM3Stats:
             row, col = torch.zeros_like(self.row), torch.zeros_like(self.col)
             step = max(1, CHUNK_ELEMENTS // self.in_features)
             for r0 in range(0, self.out_features, step):
-                g2 = dense_grad[r0:r0 + step].float().square()
-                row[r0:r0 + step], col = g2.sum(1), col + g2.sum(0)
+                g2 = dense_grad[r0 : r0 + step].float().square()
+                row[r0 : r0 + step], col = g2.sum(1), col + g2.sum(0)
         else:
             row, col = grad_square_sums(x, dy)
         self.row.mul_(self.decay).add_(row)
@@ -131,8 +131,9 @@ class SM3Stats:
         return lambda r0, r1: torch.outer(self.row[r0:r1], self.col) / total
 
 
-def _top_candidates(scores: torch.Tensor | ScoreBlocks, n: int, excluded: torch.Tensor,
-                    out_features: int, in_features: int) -> torch.Tensor:
+def _top_candidates(
+    scores: torch.Tensor | ScoreBlocks, n: int, excluded: torch.Tensor, out_features: int, in_features: int
+) -> torch.Tensor:
     """Flat indices (n,) of the n highest scores outside `excluded` (sorted flat indices), scoring one block
     of rows at a time (at most ~CHUNK_ELEMENTS scores alive). NaN and -inf scores rank last; ties are
     broken by torch.topk (deterministic for the same input on the same device)."""
@@ -149,8 +150,9 @@ def _top_candidates(scores: torch.Tensor | ScoreBlocks, n: int, excluded: torch.
         r1 = min(out_features, r0 + step)
         s = scores(r0, r1).to(device=excluded.device, dtype=torch.float32).reshape(-1)
         s = torch.where(torch.isnan(s) | (s == -math.inf), lowest, s)  # a fresh tensor: the caller's is untouched
-        lo, hi = torch.searchsorted(excluded, torch.tensor([r0 * in_features, r1 * in_features],
-                                                           device=excluded.device)).tolist()
+        lo, hi = torch.searchsorted(
+            excluded, torch.tensor([r0 * in_features, r1 * in_features], device=excluded.device)
+        ).tolist()
         s[excluded[lo:hi] - r0 * in_features] = -math.inf  # active or just dropped: never regrown
         top_s, top_i = s.topk(min(n, s.numel()))
         best_s, best_i = torch.cat([best_s, top_s]), torch.cat([best_i, top_i + r0 * in_features])

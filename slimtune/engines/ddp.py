@@ -42,9 +42,11 @@ def in_memory(cfg) -> None:
     """engine.params / engine.optimizer must be none for an engine that keeps everything in (GPU) memory."""
     for key, where in zip(("params", "optimizer"), placement(cfg)):
         if where != "none":
-            raise ConfigError(f"engine.{key}={where} with engine.name={cfg.engine.name}: this engine keeps {key} in "
-                              "memory; use engine.name=offload (slimtune's disk offload) or deepspeed (its own "
-                              "cpu / nvme offload)")
+            raise ConfigError(
+                f"engine.{key}={where} with engine.name={cfg.engine.name}: this engine keeps {key} in "
+                "memory; use engine.name=offload (slimtune's disk offload) or deepspeed (its own "
+                "cpu / nvme offload)"
+            )
 
 
 @ENGINES.register("ddp")
@@ -72,8 +74,7 @@ class Engine(Technique):
     sharded = False  # FSDP2 / ZeRO-3: every rank must run each forward (eval pads its batches)
     gathers_state = False  # sharded weights or optimizer state (FSDP2, ZeRO 1-3): every rank saves, rank 0 writes
 
-    def __init__(self, model: nn.Module, cfg, device: torch.device, info: DistInfo, recovery=None,
-                 wrap: bool = True):
+    def __init__(self, model: nn.Module, cfg, device: torch.device, info: DistInfo, recovery=None, wrap: bool = True):
         """wrap: DDP under torchrun (an engine that shards the model itself passes False)."""
         t = cfg.train
         self.model, self.cfg, self.device, self.info = model, cfg, device, info
@@ -84,16 +85,20 @@ class Engine(Technique):
         self.loss_model = CausalLMLoss(model, t.loss_chunk_tokens)  # eval: plain cross-entropy
         train_loss = (recovery.loss(model, cfg) if recovery is not None else None) or self.loss_model
         # quantized bases are built identically on every rank, so buffers need no broadcast
-        self.train_model = (nn.parallel.DistributedDataParallel(train_loss, broadcast_buffers=False)
-                            if info.enabled and wrap else train_loss)
+        self.train_model = (
+            nn.parallel.DistributedDataParallel(train_loss, broadcast_buffers=False)
+            if info.enabled and wrap
+            else train_loss
+        )
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        self.optimizer = build_optimizer(self.cfg.optim, self.trainable(), self.cfg.train.lr,
-                                         optimizer_options(self.cfg))
+        self.optimizer = build_optimizer(
+            self.cfg.optim, self.trainable(), self.cfg.train.lr, optimizer_options(self.cfg)
+        )
         if self.cfg.optim.cram:
             self.optimizer = wrap_cram(self.optimizer, self.cfg.cram)
         if self.recovery is not None and self.recovery.held is not None:
@@ -104,8 +109,9 @@ class Engine(Technique):
         """The loss module's arguments on the engine's device (position ids only when data.packing made them)."""
         return (x.to(self.device), y.to(self.device)) + (() if pos is None else (pos.to(self.device),))
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, n_targets: torch.Tensor, last: bool,
-                         pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_backward(
+        self, x: torch.Tensor, y: torch.Tensor, n_targets: torch.Tensor, last: bool, pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One micro-step: the summed loss of (x, y); its gradient divided by the global batch's target count
         `n_targets` is accumulated. Gradients are reduced over ranks on the `last` micro-step only."""
         sync = contextlib.nullcontext() if (last or not self.info.enabled) else self.train_model.no_sync()
@@ -139,8 +145,9 @@ class Engine(Technique):
         adapters = checkpoint_state(self.model, adapter_modules(self.model))  # sparse_ft's indices, ...
         if adapters:
             extra[ckpt.ADAPTERS] = adapters
-        return ckpt.save_checkpoint(root, step, self.model, self.optimizer, trainer_state, config_yaml, keep,
-                                    extra=extra or None)
+        return ckpt.save_checkpoint(
+            root, step, self.model, self.optimizer, trainer_state, config_yaml, keep, extra=extra or None
+        )
 
     def load_checkpoint(self, path: Path) -> dict:
         state = ckpt.load_checkpoint(path, self.model, self.optimizer)

@@ -55,8 +55,11 @@ class DeepSpeedConfig:
 
     zero_stage: int = option("ZeRO stage 0..3", 2, (0, 1, 2, 3))
     nvme_dir: str = option("engine.*=disk: DeepSpeed's swap directory (default: nvme/ inside output_dir)", "")
-    config: str = option("a DeepSpeed JSON of one's own (batch sizes, lr and clipping still come from the recipe); "
-                         "the config used is written to output_dir either way", "")
+    config: str = option(
+        "a DeepSpeed JSON of one's own (batch sizes, lr and clipping still come from the recipe); "
+        "the config used is written to output_dir either way",
+        "",
+    )
 
 
 def deepspeed_config(cfg, world: int) -> dict:
@@ -69,8 +72,11 @@ def deepspeed_config(cfg, world: int) -> dict:
         except (OSError, json.JSONDecodeError) as err:
             raise SlimtuneError(f"deepspeed.config={e.config}: cannot read it as JSON ({err}); fix the file") from None
     zero = {"stage": e.zero_stage, **own.get("zero_optimization", {})}
-    zero["stage"] = e.zero_stage if "zero_optimization" not in own or "stage" not in own["zero_optimization"] \
+    zero["stage"] = (
+        e.zero_stage
+        if "zero_optimization" not in own or "stage" not in own["zero_optimization"]
         else own["zero_optimization"]["stage"]
+    )
     nvme = e.nvme_dir or str(Path(cfg.output_dir) / "nvme")
     params, optimizer = placement(cfg)
     for key, where in (("offload_optimizer", optimizer), ("offload_param", params)):
@@ -82,20 +88,24 @@ def deepspeed_config(cfg, world: int) -> dict:
             zero.setdefault("stage3_max_reuse_distance", 0)
             zero.setdefault("stage3_prefetch_bucket_size", 0)
     out = {k: v for k, v in own.items() if k != "zero_optimization"}
-    out.update({
-        "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.batch_size * t.grad_accum * world,
-        "gradient_clipping": t.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16" and cfg.adapter.type == "none"},
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    })
-    out.setdefault("aio", {"block_size": 1048576, "queue_depth": 8, "single_submit": False,
-                           "overlap_events": True, "thread_count": 1})
+    out.update(
+        {
+            "train_micro_batch_size_per_gpu": t.batch_size,
+            "gradient_accumulation_steps": t.grad_accum,
+            "train_batch_size": t.batch_size * t.grad_accum * world,
+            "gradient_clipping": t.max_grad_norm,
+            "zero_optimization": zero,
+            "bf16": {"enabled": cfg.model.dtype == "bfloat16" and cfg.adapter.type == "none"},
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+    )
+    out.setdefault(
+        "aio",
+        {"block_size": 1048576, "queue_depth": 8, "single_submit": False, "overlap_events": True, "thread_count": 1},
+    )
     return out
 
 
@@ -151,8 +161,10 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, model: nn.Module, cfg, device: torch.device, info, recovery=None):
         if recovery is not None and recovery.held is not None:
-            raise SlimtuneError("engine.name=deepspeed: full fine-tuning of a pruned base holds masks on whole "
-                                "weights, which ZeRO partitions; recover with adapter.type=lora, or engine.name=ddp")
+            raise SlimtuneError(
+                "engine.name=deepspeed: full fine-tuning of a pruned base holds masks on whole "
+                "weights, which ZeRO partitions; recover with adapter.type=lora, or engine.name=ddp"
+            )
         if not info.enabled:  # kept for the process: DeepSpeed's communicator caches this group
             one_rank_group()
             for k, v in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):
@@ -173,8 +185,12 @@ class DeepSpeedEngine(Engine):
         self.names = {id(p): n for n, p in named}
         client = build_optimizer(self.cfg.optim, named, self.cfg.train.lr, optimizer_options(self.cfg))
         self.ds, self.ds_optimizer, _, _ = deepspeed.initialize(
-            model=self.train_model, optimizer=client, config=self.ds_config,
-            model_parameters=[p for _, p in named], dist_init_required=False)
+            model=self.train_model,
+            optimizer=client,
+            config=self.ds_config,
+            model_parameters=[p for _, p in named],
+            dist_init_required=False,
+        )
         self.optimizer = client  # the loop sets the lr on its param groups, which ZeRO's optimizer shares
         return client
 
@@ -270,8 +286,15 @@ class DeepSpeedEngine(Engine):
     def save_checkpoint(self, root: Path, step: int, trainer_state: dict, config_yaml: str, keep: int) -> Path:
         weights, optim = self._full_state()  # gathers: every rank
         if self.info.is_main:
-            ckpt.save_state(root, step, weights, optim, {**trainer_state, "optimizer_steps": _optimizer_steps(
-                self.ds_optimizer, step)}, config_yaml, keep)
+            ckpt.save_state(
+                root,
+                step,
+                weights,
+                optim,
+                {**trainer_state, "optimizer_steps": _optimizer_steps(self.ds_optimizer, step)},
+                config_yaml,
+                keep,
+            )
         return Path(root) / f"step_{step}"
 
     def load_checkpoint(self, path: Path) -> dict:
@@ -279,8 +302,10 @@ class DeepSpeedEngine(Engine):
         named = dict(self.trainable())
         if set(weights) != set(named) or not set(optim.get("state", {})) <= set(named):
             diff = sorted(set(weights) ^ set(named))
-            raise SlimtuneError(f"checkpoint {path} does not match the model (e.g. '{diff[0] if diff else '?'}'); "
-                                "resume with the config it was written with")
+            raise SlimtuneError(
+                f"checkpoint {path} does not match the model (e.g. '{diff[0] if diff else '?'}'); "
+                "resume with the config it was written with"
+            )
         if optim["state"]:
             _init_state(self.ds_optimizer, self._moment_keys())
             link = getattr(self.ds_optimizer, "_lazy_init_hp_params_optimizer_state", None)
@@ -308,8 +333,12 @@ class DeepSpeedEngine(Engine):
             return
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([p for _, p in self.model.named_parameters() if not p.requires_grad]
-                                               if self.cfg.deepspeed.zero_stage == 3 else [], modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(
+            [p for _, p in self.model.named_parameters() if not p.requires_grad]
+            if self.cfg.deepspeed.zero_stage == 3
+            else [],
+            modifier_rank=None,
+        ):
             with torch.no_grad():
                 for n, p in self.model.named_parameters():
                     if n in full:
@@ -345,4 +374,3 @@ def _set_optimizer_steps(ds_optimizer, steps: int) -> None:
     for st in inner.state.values():
         if "step" in st:
             st["step"] = torch.full_like(st["step"], float(steps)) if torch.is_tensor(st["step"]) else steps
-

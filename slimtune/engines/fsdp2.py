@@ -33,7 +33,6 @@ from slimtune.engines.ddp import Engine, in_memory
 from slimtune.formats.final import save_final
 
 
-
 def one_rank_group() -> bool:
     """A one-process gloo group, so FSDP2 (which needs a process group) runs the same code without torchrun.
     True when this call created it (its engine destroys it on close)."""
@@ -77,7 +76,7 @@ def unshardable_quant(model: nn.Module) -> None:
         flat = m.packed_bytes.detach()
         for name, dtype, shape, off, nbytes in layout:
             m.__dict__.pop(name, None)
-            m.register_buffer(name, flat[off:off + nbytes].view(dtype).view(shape).clone())
+            m.register_buffer(name, flat[off : off + nbytes].view(dtype).view(shape).clone())
         del m._parameters["packed_bytes"], m._packed_layout, m._packed_views
         m._packed_hook.remove()
 
@@ -86,8 +85,9 @@ def _view_packed(m: nn.Module, args) -> None:
     """The format's tensors as views of the (gathered) bytes; plain attributes, so not in state_dict."""
     flat = m.packed_bytes
     flat = flat.full_tensor() if hasattr(flat, "full_tensor") else flat  # sharded (outside forward): gather
-    views = {name: flat[off:off + nbytes].view(dtype).view(shape)
-             for name, dtype, shape, off, nbytes in m._packed_layout}
+    views = {
+        name: flat[off : off + nbytes].view(dtype).view(shape) for name, dtype, shape, off, nbytes in m._packed_layout
+    }
     m.__dict__.update(views)  # Int8Linear reads self.codes / self.absmax
     m._packed_views = views
 
@@ -115,8 +115,9 @@ def full_parameters(model: nn.Module, trainable_only: bool = False) -> dict[str,
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     layers = getattr(model.get_decoder(), "layers", None)
     if not isinstance(layers, nn.ModuleList) or not len(layers):
-        raise SlimtuneError(f"engine.name=fsdp2: {type(model).__name__} has no decoder `layers` list to shard; "
-                            "use engine.name=ddp")
+        raise SlimtuneError(
+            f"engine.name=fsdp2: {type(model).__name__} has no decoder `layers` list to shard; use engine.name=ddp"
+        )
     return list(layers)
 
 
@@ -145,8 +146,10 @@ class FSDP2Engine(Engine):
 
     def __init__(self, model: nn.Module, cfg, device: torch.device, info, recovery=None):
         if recovery is not None and recovery.held is not None:
-            raise SlimtuneError("engine.name=fsdp2: full fine-tuning of a pruned base holds masks on whole weights, "
-                                "which FSDP2 shards; recover with adapter.type=lora, or engine.name=ddp")
+            raise SlimtuneError(
+                "engine.name=fsdp2: full fine-tuning of a pruned base holds masks on whole weights, "
+                "which FSDP2 shards; recover with adapter.type=lora, or engine.name=ddp"
+            )
         self.own_group = not info.enabled and one_rank_group()
         super().__init__(model, cfg, device, info, recovery, wrap=False)
         from torch.distributed.fsdp import fully_shard  # imported when used: ~45 MB for every command otherwise
@@ -199,17 +202,23 @@ class FSDP2Engine(Engine):
         names = {n for n, p in self.model.named_parameters() if p.requires_grad}
         if set(weights) != names:
             diff = sorted(set(weights) ^ names)
-            raise SlimtuneError(f"checkpoint {path} does not match the model (e.g. '{diff[0]}'); resume with the "
-                                "config it was written with (an engine.name=fsdp2 run resumes with fsdp2)")
+            raise SlimtuneError(
+                f"checkpoint {path} does not match the model (e.g. '{diff[0]}'); resume with the "
+                "config it was written with (an engine.name=fsdp2 run resumes with fsdp2)"
+            )
         try:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
 
             set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
             set_optimizer_state_dict(self.model, self.optimizer, optim, options=StateDictOptions(full_state_dict=True))
         except (KeyError, ValueError, RuntimeError) as e:
-            raise SlimtuneError(f"checkpoint {path}: its state does not match ({e}); same optim.name and engine "
-                                "needed") from None
+            raise SlimtuneError(
+                f"checkpoint {path}: its state does not match ({e}); same optim.name and engine needed"
+            ) from None
         return state
 
     def save_final(self, path: Path, base_path: str, tokenizer) -> None:

@@ -31,8 +31,7 @@ from safetensors.torch import load_file, save_file
 from slimtune.aliases import rename
 from slimtune.config import to_dict
 from slimtune.errors import SlimtuneError
-from slimtune.io import (atomic_dir, file_checksum, flatten_state, manifest_path, unflatten_state, write_json,
-                         write_text)
+from slimtune.io import atomic_dir, file_checksum, flatten_state, manifest_path, unflatten_state, write_json, write_text
 
 MARKER = "COMPLETE"
 MASKS = "masks.safetensors"  # a pruned base's masks (recovery): uint8 per trained matrix
@@ -43,20 +42,41 @@ CHECKSUMS = "checksums.json"  # {"format": "slimtune-checkpoint", "version": 1, 
 
 def trainable_state(model: nn.Module, skip=frozenset()) -> dict[str, torch.Tensor]:
     """Trainable parameters by name (but the names in `skip`: an engine's own, saved its own way)."""
-    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters()
-            if p.requires_grad and n not in skip}
+    return {
+        n: p.detach().cpu().contiguous().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and n not in skip
+    }
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, trainer_state: dict,
-                    config_yaml: str, keep: int, skip=frozenset(), extra: dict | None = None) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer,
+    trainer_state: dict,
+    config_yaml: str,
+    keep: int,
+    skip=frozenset(),
+    extra: dict | None = None,
+) -> Path:
     """Write checkpoints/step_<step> (atomically) and drop all but the newest `keep`. skip: parameter
     names an engine saves itself (the offload store's); extra: file name -> tensors, saved beside."""
-    return save_state(root, step, trainable_state(model, skip), optimizer.state_dict(), trainer_state, config_yaml,
-                      keep, extra)
+    return save_state(
+        root, step, trainable_state(model, skip), optimizer.state_dict(), trainer_state, config_yaml, keep, extra
+    )
 
 
-def save_state(root: Path, step: int, weights: dict, optimizer_state: dict, trainer_state: dict, config_yaml: str,
-               keep: int, extra: dict | None = None) -> Path:
+def save_state(
+    root: Path,
+    step: int,
+    weights: dict,
+    optimizer_state: dict,
+    trainer_state: dict,
+    config_yaml: str,
+    keep: int,
+    extra: dict | None = None,
+) -> Path:
     """save_checkpoint's writer, from the tensors themselves (an engine that gathers a sharded model's full
     weights and name-keyed optimizer state hands them here)."""
     target = Path(root) / f"step_{step}"
@@ -104,21 +124,28 @@ def verified(ckpt: Path, fname: str) -> Path:
         if not isinstance(sums, dict):
             raise TypeError("not a mapping")
     except FileNotFoundError:
-        raise SlimtuneError(f"checkpoint {ckpt} has no {CHECKSUMS} (written by an older slimtune, or tampered "
-                            "with), so its files cannot be verified; resume from a checkpoint written by this "
-                            "version, or start a new run in another output_dir") from None
+        raise SlimtuneError(
+            f"checkpoint {ckpt} has no {CHECKSUMS} (written by an older slimtune, or tampered "
+            "with), so its files cannot be verified; resume from a checkpoint written by this "
+            "version, or start a new run in another output_dir"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SlimtuneError(f"checkpoint {ckpt} is corrupted ({listing.name}: {e!r}); delete it to resume from an "
-                            "older one") from None
+        raise SlimtuneError(
+            f"checkpoint {ckpt} is corrupted ({listing.name}: {e!r}); delete it to resume from an older one"
+        ) from None
     for name in sums:
         manifest_path(ckpt, name, listing, "checksums")
     path = ckpt / fname
     if fname not in sums:
-        raise SlimtuneError(f"checkpoint {ckpt} is corrupted: {fname} has no checksum in {CHECKSUMS}; delete it to "
-                            "resume from an older one")
+        raise SlimtuneError(
+            f"checkpoint {ckpt} is corrupted: {fname} has no checksum in {CHECKSUMS}; delete it to "
+            "resume from an older one"
+        )
     if not path.is_file() or file_checksum(path) != sums[fname]:
-        raise SlimtuneError(f"checkpoint {ckpt} is corrupted: {fname} is missing or does not match its checksum in "
-                            f"{CHECKSUMS}; delete it to resume from an older one")
+        raise SlimtuneError(
+            f"checkpoint {ckpt} is corrupted: {fname} is missing or does not match its checksum in "
+            f"{CHECKSUMS}; delete it to resume from an older one"
+        )
     return path
 
 
@@ -126,8 +153,10 @@ def read_state(ckpt: Path) -> tuple[dict, dict, dict]:
     """(trainable weights, optimizer state, trainer_state) of `ckpt`, each file verified (verified).
     Corruption is a SlimtuneError."""
     ckpt = Path(ckpt)
-    files = [verified(ckpt, f) for f in ("trainable.safetensors", "optimizer.safetensors", "optimizer.json",
-                                          "trainer_state.json")]
+    files = [
+        verified(ckpt, f)
+        for f in ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json")
+    ]
     try:
         weights = load_file(str(files[0]))
         opt_tensors = load_file(str(files[1]))
@@ -146,24 +175,37 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, skip=frozenset()) -
     expected = {n for n, p in params.items() if p.requires_grad and n not in skip}
     if set(weights) != expected:
         diff = sorted(set(weights) ^ expected)
-        raise SlimtuneError(f"checkpoint {ckpt} does not match the model (e.g. '{diff[0]}'); "
-                            "resume with the config it was written with")
+        raise SlimtuneError(
+            f"checkpoint {ckpt} does not match the model (e.g. '{diff[0]}'); resume with the config it was written with"
+        )
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
     try:
         optimizer.load_state_dict(optimizer_state)
     except (KeyError, ValueError, RuntimeError) as e:
-        raise SlimtuneError(f"checkpoint {ckpt}: optimizer state does not match ({e}); "
-                            "same optim.name needed") from None
+        raise SlimtuneError(
+            f"checkpoint {ckpt}: optimizer state does not match ({e}); same optim.name needed"
+        ) from None
     return state
 
 
 # core keys (or sections, ending in ".") a resumed run must keep: they fix the data order or what the saved
 # weights and optimizer state mean; a technique's section says the same of its keys (schema.option's `fixed`)
-FROZEN_ON_RESUME = ("model.", "data.source", "data.eval_fraction", "adapter.", "quant.", "train.seq_len",
-                    "train.seed", "train.precision", "optim.name", "optim.state_bits", "optim.full_rank_modules",
-                    "optim.in_backward")
+FROZEN_ON_RESUME = (
+    "model.",
+    "data.source",
+    "data.eval_fraction",
+    "adapter.",
+    "quant.",
+    "train.seq_len",
+    "train.seed",
+    "train.precision",
+    "optim.name",
+    "optim.state_bits",
+    "optim.full_rank_modules",
+    "optim.in_backward",
+)
 
 
 def frozen_on_resume() -> tuple[str, ...]:
@@ -208,17 +250,21 @@ def check_resume(ckpt: Path, cfg, world: int) -> None:
     for key in new:
         if key.startswith(frozen) or key in frozen:
             if key in old and old[key] != new[key]:
-                raise SlimtuneError(f"resume: {key}={new[key]!r} differs from {old[key]!r} in {ckpt}/config.yaml, and "
-                                    "changing it changes the data order or the meaning of the saved state; resume "
-                                    f"with {key}={old[key]!r}, or start a new run in another output_dir")
+                raise SlimtuneError(
+                    f"resume: {key}={new[key]!r} differs from {old[key]!r} in {ckpt}/config.yaml, and "
+                    "changing it changes the data order or the meaning of the saved state; resume "
+                    f"with {key}={old[key]!r}, or start a new run in another output_dir"
+                )
     t_new = cfg.train
     old_global = old.get("train.batch_size", 0) * old.get("train.grad_accum", 0) * state.get("world_size", 1)
     new_global = t_new.batch_size * t_new.grad_accum * world
     if old_global != new_global:
-        raise SlimtuneError(f"resume: the global batch train.batch_size x train.grad_accum x world size = "
-                            f"{t_new.batch_size} x {t_new.grad_accum} x {world} = {new_global} differs from the "
-                            f"checkpoint's {old_global} ({ckpt}); keep the product equal (e.g. double grad_accum "
-                            "when halving the processes)")
+        raise SlimtuneError(
+            f"resume: the global batch train.batch_size x train.grad_accum x world size = "
+            f"{t_new.batch_size} x {t_new.grad_accum} x {world} = {new_global} differs from the "
+            f"checkpoint's {old_global} ({ckpt}); keep the product equal (e.g. double grad_accum "
+            "when halving the processes)"
+        )
 
 
 def checkpoint_dtype(ckpt: Path | None) -> str | None:
@@ -242,11 +288,14 @@ def check_masks(ckpt: Path, masks: dict[str, torch.Tensor]) -> None:
     try:
         saved = load_file(str(path))
     except (OSError, SafetensorError) as e:
-        raise SlimtuneError(f"{path}: cannot read the checkpoint's sparsity masks ({e}); resume from an earlier "
-                            "checkpoint") from None
+        raise SlimtuneError(
+            f"{path}: cannot read the checkpoint's sparsity masks ({e}); resume from an earlier checkpoint"
+        ) from None
     if saved.keys() != masks.keys() or any(not torch.equal(saved[k], masks[k]) for k in masks):
-        raise SlimtuneError(f"{path}: the masks differ from the pruned base's zeros now; model.name must be the "
-                            "sparse model the run started from")
+        raise SlimtuneError(
+            f"{path}: the masks differ from the pruned base's zeros now; model.name must be the "
+            "sparse model the run started from"
+        )
 
 
 def load_extra(ckpt: Path, fname: str) -> dict[str, torch.Tensor]:

@@ -106,8 +106,11 @@ def _encode_values(values: torch.Tensor, codec: str, prefix: str) -> tuple[dict,
     padded = torch.zeros(max(VALUE_BLOCK, -(-count // VALUE_BLOCK) * VALUE_BLOCK), dtype=torch.float32)
     padded[:count] = values.float()
     q = quantize_nf4(padded, VALUE_BLOCK, double_quant=True) if codec == "nf4" else quantize_int8(padded, VALUE_BLOCK)
-    return {f"{prefix}.{k}": t.contiguous() for k, t in q.tensors().items()}, {"values": codec, "count": count,
-                                                                              "padded": padded.numel()}
+    return {f"{prefix}.{k}": t.contiguous() for k, t in q.tensors().items()}, {
+        "values": codec,
+        "count": count,
+        "padded": padded.numel(),
+    }
 
 
 def _decode_values(parts: dict, record: dict, dtype) -> torch.Tensor:
@@ -130,8 +133,9 @@ def pruned_keep(t: torch.Tensor, nm=None) -> torch.Tensor:
     return nm_keep(t, *nm) if nm is not None else t != 0
 
 
-def encode_tensor(name: str, t: torch.Tensor, fmt: str, nm=None, pruned: bool = False,
-                  keep: torch.Tensor | None = None) -> tuple[dict, dict]:
+def encode_tensor(
+    name: str, t: torch.Tensor, fmt: str, nm=None, pruned: bool = False, keep: torch.Tensor | None = None
+) -> tuple[dict, dict]:
     """(safetensors entries "<name>::<part>", manifest record) of one tensor in format `fmt`. keep: a pruned
     matrix's keep-mask when `t` is not zero exactly off it (default: from t's zeros)."""
     record = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
@@ -191,8 +195,9 @@ def decode_coded(records: dict[str, dict], parts: dict[str, dict]) -> dict[str, 
         coded = [n for n in coded if n not in out]
         if not coded:
             return out
-    many = [{**parts.get(n, {}), "shape": records[n]["shape"], "block_values": records[n]["block_values"]}
-            for n in coded]
+    many = [
+        {**parts.get(n, {}), "shape": records[n]["shape"], "block_values": records[n]["block_values"]} for n in coded
+    ]
     return {**out, **dict(zip(coded, decode_many(many, [records[n]["kind"] == "df11f" for n in coded])))}
 
 

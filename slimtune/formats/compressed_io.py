@@ -25,8 +25,16 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from slimtune.formats.compressed import (FORMATS, MANIFEST, TENSORS, decode_coded, decode_tensor, encode_tensor,
-                                         is_compressed_checkpoint, keep_mask)
+from slimtune.formats.compressed import (
+    FORMATS,
+    MANIFEST,
+    TENSORS,
+    decode_coded,
+    decode_tensor,
+    encode_tensor,
+    is_compressed_checkpoint,
+    keep_mask,
+)
 from slimtune.errors import SlimtuneError
 from slimtune.registry import BASES, DIR_VERIFIERS
 from slimtune.technique import Technique
@@ -34,8 +42,16 @@ from slimtune.io import atomic_dir, dir_checksums, loaded_files, manifest_path, 
 
 VERSION = 2  # 2: every file a loader reads has a checksum, tokenizer files included (1: not them)
 FIX = "export it again"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "added_tokens.json",
+)
 
 
 def dir_bytes(path: Path) -> int:
@@ -43,8 +59,14 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.name not in TOKENIZER_FILES)
 
 
-def export_compressed(src: str, fmt: str, out: str | None = None, model_dir: Path | None = None,
-                      adapter_dir: Path | None = None, rank: int = 0) -> Path:
+def export_compressed(
+    src: str,
+    fmt: str,
+    out: str | None = None,
+    model_dir: Path | None = None,
+    adapter_dir: Path | None = None,
+    rank: int = 0,
+) -> Path:
     """src: what the user named (the default --out is derived from it); model_dir: the HF dir to compress
     (default: src resolved); adapter_dir: a trained adapter (a recovery run's LoRA) kept beside the compressed
     base in full precision, in `adapter/`, instead of merged into values that are then quantized. rank > 0
@@ -53,11 +75,15 @@ def export_compressed(src: str, fmt: str, out: str | None = None, model_dir: Pat
     if fmt not in FORMATS or fmt == "hf":
         raise SlimtuneError(f"export --format {fmt!r}: use one of {', '.join(FORMATS)}")
     if rank < 0 or (rank and fmt not in ("sparse-nf4", "sparse-int8")):
-        raise SlimtuneError(f"export --rank {rank}: low-rank factors correct quantized kept values, so give --rank "
-                            "> 0 with --format sparse-nf4 or sparse-int8 (or --rank 0)")
+        raise SlimtuneError(
+            f"export --rank {rank}: low-rank factors correct quantized kept values, so give --rank "
+            "> 0 with --format sparse-nf4 or sparse-int8 (or --rank 0)"
+        )
     if rank and adapter_dir is not None:
-        raise SlimtuneError("export --rank: this run has its own adapter, which is kept beside the values; drop "
-                            "--rank (or export its merged model: slimtune export RUN --merge, then that dir)")
+        raise SlimtuneError(
+            "export --rank: this run has its own adapter, which is kept beside the values; drop "
+            "--rank (or export its merged model: slimtune export RUN --merge, then that dir)"
+        )
     from slimtune.formats.pruned import is_sparse_model, read_sparse_manifest
     from slimtune.formats.hf import load_model, load_tokenizer, verify_adapter_files
 
@@ -74,11 +100,16 @@ def export_compressed(src: str, fmt: str, out: str | None = None, model_dir: Pat
         model_dir = resolve_model_dir(src)
     sparse = read_sparse_manifest(model_dir) if is_sparse_model(str(model_dir)) else None
     if fmt != "dfloat11" and sparse is None:
-        raise SlimtuneError(f"--format {fmt} stores pruned matrices; {src} has no slimtune_sparse.json (prune it "
-                            "with `slimtune prune`, or use --format dfloat11)")
+        raise SlimtuneError(
+            f"--format {fmt} stores pruned matrices; {src} has no slimtune_sparse.json (prune it "
+            "with `slimtune prune`, or use --format dfloat11)"
+        )
     model = load_model(str(model_dir), _stored_dtype(model_dir))
-    nm = None if sparse is None or sparse["pattern"] == "unstructured" else \
-        tuple(int(v) for v in sparse["pattern"].split(":"))
+    nm = (
+        None
+        if sparse is None or sparse["pattern"] == "unstructured"
+        else tuple(int(v) for v in sparse["pattern"].split(":"))
+    )
     pruned = {f"{n}.weight" for n in (sparse or {}).get("matrices", {})}
     entries, records, seen, factors = {}, {}, {}, {}
     for name, t in model.state_dict(keep_vars=False).items():
@@ -105,20 +136,35 @@ def export_compressed(src: str, fmt: str, out: str | None = None, model_dir: Pat
         params = sum(int(torch.Size(r["shape"]).numel()) for r in records.values() if "shape" in r)
         # the source's sparse record, without the checksums of the source's files
         record = {k: v for k, v in sparse.items() if k != "checksums"} if sparse is not None else None
-        manifest = {"format": "slimtune-compressed", "version": VERSION, "codec": fmt, "source": str(src),
-                    "tensors": records, "params": params, "pruned": record,
-                    "adapter": "adapter" if adapter_dir is not None else None,
-                    "lowrank": {"rank": rank, "error_without": sum(f["error_without"] for f in factors.values())
-                                / len(factors), "error": sum(f["error"] for f in factors.values()) / len(factors)}
-                    if factors else None}
+        manifest = {
+            "format": "slimtune-compressed",
+            "version": VERSION,
+            "codec": fmt,
+            "source": str(src),
+            "tensors": records,
+            "params": params,
+            "pruned": record,
+            "adapter": "adapter" if adapter_dir is not None else None,
+            "lowrank": {
+                "rank": rank,
+                "error_without": sum(f["error_without"] for f in factors.values()) / len(factors),
+                "error": sum(f["error"] for f in factors.values()) / len(factors),
+            }
+            if factors
+            else None,
+        }
         manifest["checksums"] = dir_checksums(tmp, ["adapter"] if adapter_dir is not None else [])
         write_json(tmp / MANIFEST, manifest)
         nbytes = dir_bytes(tmp)
         bf16 = params * 2
-        write_json(tmp / MANIFEST, {**manifest, "bytes": nbytes, "bits_per_param": 8 * nbytes / params,
-                                    "ratio_to_bf16": nbytes / bf16})
-    print(f"slimtune: wrote {out_dir}/ ({fmt}): {nbytes / 2**20:.1f} MiB, {8 * nbytes / params:.2f} bits/param, "
-          f"{nbytes / bf16:.3f}x bf16 ({time.perf_counter() - t0:.1f}s)")
+        write_json(
+            tmp / MANIFEST,
+            {**manifest, "bytes": nbytes, "bits_per_param": 8 * nbytes / params, "ratio_to_bf16": nbytes / bf16},
+        )
+    print(
+        f"slimtune: wrote {out_dir}/ ({fmt}): {nbytes / 2**20:.1f} MiB, {8 * nbytes / params:.2f} bits/param, "
+        f"{nbytes / bf16:.3f}x bf16 ({time.perf_counter() - t0:.1f}s)"
+    )
     return out_dir
 
 
@@ -135,11 +181,15 @@ def check_export(path: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != "slimtune-compressed":
         raise SlimtuneError(f"{path / MANIFEST}: not a slimtune compressed checkpoint manifest; {FIX}")
     if manifest.get("version") == 1:
-        raise SlimtuneError(f"{path / MANIFEST}: version 1, written before exports carried a checksum of every "
-                            f"file they load (tokenizer files included); {FIX}")
+        raise SlimtuneError(
+            f"{path / MANIFEST}: version 1, written before exports carried a checksum of every "
+            f"file they load (tokenizer files included); {FIX}"
+        )
     if manifest.get("version") != VERSION:
-        raise SlimtuneError(f"{path / MANIFEST}: version {manifest.get('version')!r}, this slimtune reads version "
-                            f"{VERSION}; {FIX} with this slimtune")
+        raise SlimtuneError(
+            f"{path / MANIFEST}: version {manifest.get('version')!r}, this slimtune reads version "
+            f"{VERSION}; {FIX} with this slimtune"
+        )
     adapter = manifest.get("adapter")
     if adapter is not None:
         manifest_path(path, adapter, path / MANIFEST, "adapter")
@@ -177,11 +227,13 @@ def _factor_adapter(model: nn.Module, factors: dict, rank: int, out_dir: Path) -
         m.init_factors(f["L1"], f["L2"])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-factors-"))
-    save_peft_adapter(model, SimpleNamespace(rank=rank, alpha=float(rank), dropout=0.0), tmp / "adapter",
-                      str(out_dir), str(out_dir))
+    save_peft_adapter(
+        model, SimpleNamespace(rank=rank, alpha=float(rank), dropout=0.0), tmp / "adapter", str(out_dir), str(out_dir)
+    )
     weights = tmp / "adapter" / "adapter_model.safetensors"  # stored in bf16: half the bytes of PEFT's fp32
-    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}, str(weights),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}, str(weights), metadata={"format": "pt"}
+    )
     meta = json.loads((tmp / "adapter" / "slimtune_adapter.json").read_text())
     write_metadata(tmp / "adapter", {k: v for k, v in meta.items() if k != "checksums"})  # the bf16 file's
     return tmp / "adapter"
@@ -207,8 +259,9 @@ def load_compressed(path: Path, dtype=None, keep_compressed: bool = False) -> nn
     try:
         stored = load_file(str(path / TENSORS))
     except (OSError, SafetensorError) as e:
-        raise SlimtuneError(f"{path / TENSORS}: cannot read it ({e}); the checkpoint is truncated or corrupted; "
-                            "export it again") from None
+        raise SlimtuneError(
+            f"{path / TENSORS}: cannot read it ({e}); the checkpoint is truncated or corrupted; export it again"
+        ) from None
     model = empty_model(str(path), "float32")
     by_name, masks = {}, {}
     grouped: dict[str, dict] = {}
@@ -220,8 +273,10 @@ def load_compressed(path: Path, dtype=None, keep_compressed: bool = False) -> nn
     try:
         decoded = decode_coded({n: r for n, r in manifest["tensors"].items() if n not in kept}, grouped)
     except (ValueError, KeyError, RuntimeError) as e:
-        raise SlimtuneError(f"{path / TENSORS}: the DFloat11-coded tensors do not match {MANIFEST} ({e}); the "
-                            "checkpoint is corrupted or was tampered with; export it again") from None
+        raise SlimtuneError(
+            f"{path / TENSORS}: the DFloat11-coded tensors do not match {MANIFEST} ({e}); the "
+            "checkpoint is corrupted or was tampered with; export it again"
+        ) from None
     for name, record in manifest["tensors"].items():
         if "tied_to" in record:
             continue
@@ -234,8 +289,10 @@ def load_compressed(path: Path, dtype=None, keep_compressed: bool = False) -> nn
                 continue
             t = decoded[name] if name in decoded else decode_tensor(name, record, parts)
         except (ValueError, KeyError, RuntimeError) as e:
-            raise SlimtuneError(f"{path / TENSORS}: tensor {name!r} does not match {MANIFEST} ({e}); the checkpoint "
-                                "is corrupted or was tampered with; export it again") from None
+            raise SlimtuneError(
+                f"{path / TENSORS}: tensor {name!r} does not match {MANIFEST} ({e}); the checkpoint "
+                "is corrupted or was tampered with; export it again"
+            ) from None
         by_name[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     for name, record in manifest["tensors"].items():
         if "tied_to" in record:

@@ -44,11 +44,15 @@ class EncodedLayer:
         from slimtune.kernels.dfloat11_decode import dfloat11_decode
 
         on_gpu = {n for n, (record, _, _, _) in self.entries.items() if self._on_gpu(record)}
-        out = {n: dfloat11_decode({**parts, "shape": record["shape"], "block_values": record["block_values"]},
-                                  self.device) for n, (record, parts, _, _) in self.entries.items() if n in on_gpu}
+        out = {
+            n: dfloat11_decode({**parts, "shape": record["shape"], "block_values": record["block_values"]}, self.device)
+            for n, (record, parts, _, _) in self.entries.items()
+            if n in on_gpu
+        }
         host = {n: e for n, e in self.entries.items() if n not in on_gpu}
-        decoded = decode_coded({n: record for n, (record, _, _, _) in host.items()},
-                               {n: parts for n, (_, parts, _, _) in host.items()})
+        decoded = decode_coded(
+            {n: record for n, (record, _, _, _) in host.items()}, {n: parts for n, (_, parts, _, _) in host.items()}
+        )
         for n, (record, parts, _, _) in host.items():
             t = decoded[n] if n in decoded else decode_tensor(n, record, parts)
             out[n] = t.to(self.device, non_blocking=True)
@@ -58,13 +62,17 @@ class EncodedLayer:
         try:
             return self.decode()
         except (ValueError, KeyError, RuntimeError) as e:
-            raise SlimtuneError(f"model.keep_compressed=true: the tensors of {', '.join(list(self.entries)[:2])}... "
-                                f"do not decode ({e}); the checkpoint is corrupted; export it again") from None
+            raise SlimtuneError(
+                f"model.keep_compressed=true: the tensors of {', '.join(list(self.entries)[:2])}... "
+                f"do not decode ({e}); the checkpoint is corrupted; export it again"
+            ) from None
 
     def fill(self, module: nn.Module, inputs) -> None:
         if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
-            raise SlimtuneError("model.keep_compressed=true decodes each layer for its forward only; it is for "
-                                "eval and generate, not training: drop model.keep_compressed")
+            raise SlimtuneError(
+                "model.keep_compressed=true decodes each layer for its forward only; it is for "
+                "eval and generate, not training: drop model.keep_compressed"
+            )
         for n, t in self.decode_checked().items():
             _, _, owner, attr = self.entries[n]
             owner._parameters[attr].data = t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t

@@ -31,8 +31,18 @@ import numpy as np
 import torch
 
 from slimtune.kernels.dfloat11_decode import (  # noqa: F401  (the decoding side: kernel + torch reference)
-    FAST_BITS, MAX_CODE_LENGTH, _check_lengths, canonical_codes, check_block_ends, check_parts, decode,
-    decode_fp32, decode_tables, dfloat11_decode, fast_table)
+    FAST_BITS,
+    MAX_CODE_LENGTH,
+    _check_lengths,
+    canonical_codes,
+    check_block_ends,
+    check_parts,
+    decode,
+    decode_fp32,
+    decode_tables,
+    dfloat11_decode,
+    fast_table,
+)
 
 BLOCK_VALUES = 4096  # values per independently decodable block: 64 offset bits / 4096 = 0.016 bits/value
 _ENCODE_CHUNK = 1 << 20  # values packed per numpy pass (bounds the encoder's uint64 temporaries)
@@ -80,8 +90,9 @@ def _pack_codes(codes: np.ndarray, lengths: np.ndarray, starts: np.ndarray, word
     one word boundary, and at most one code crosses each boundary."""
     word, offset = starts >> 6, starts & 63
     shift = 64 - offset.astype(np.int64) - lengths
-    head = np.where(shift >= 0, codes << np.maximum(shift, 0).astype(np.uint64),
-                    codes >> np.maximum(-shift, 0).astype(np.uint64))
+    head = np.where(
+        shift >= 0, codes << np.maximum(shift, 0).astype(np.uint64), codes >> np.maximum(-shift, 0).astype(np.uint64)
+    )
     segment = np.concatenate([[0], np.flatnonzero(word[1:] != word[:-1]) + 1])
     words[word[segment]] |= np.add.reduceat(head, segment)
     spill = np.flatnonzero(shift < 0)
@@ -108,8 +119,12 @@ def _encode_exponents(exponent: np.ndarray, block_values: int) -> dict:
     if n % block_values:  # a partial last block
         block_ends.append(total_bits)
     block_offsets = torch.tensor([0] + block_ends, dtype=torch.int64)
-    return {"bitstream": torch.from_numpy(bitstream.copy()), "block_offsets": block_offsets,
-            "code_lengths": torch.from_numpy(lengths), "block_values": block_values}
+    return {
+        "bitstream": torch.from_numpy(bitstream.copy()),
+        "block_offsets": block_offsets,
+        "code_lengths": torch.from_numpy(lengths),
+        "block_values": block_values,
+    }
 
 
 def encode(t: torch.Tensor, block_values: int = BLOCK_VALUES) -> dict[str, torch.Tensor | int | list]:
@@ -120,8 +135,11 @@ def encode(t: torch.Tensor, block_values: int = BLOCK_VALUES) -> dict[str, torch
     bits = t.detach().cpu().contiguous().view(torch.int16).numpy().reshape(-1).view(np.uint16)
     exponent = ((bits >> 7) & 0xFF).astype(np.uint8)
     sign_mantissa = (((bits >> 8) & 0x80) | (bits & 0x7F)).astype(np.uint8)
-    return {"sign_mantissa": torch.from_numpy(sign_mantissa), **_encode_exponents(exponent, block_values),
-            "shape": list(t.shape)}
+    return {
+        "sign_mantissa": torch.from_numpy(sign_mantissa),
+        **_encode_exponents(exponent, block_values),
+        "shape": list(t.shape),
+    }
 
 
 def encode_fp32(t: torch.Tensor, block_values: int = BLOCK_VALUES) -> dict[str, torch.Tensor | int | list]:
@@ -132,8 +150,11 @@ def encode_fp32(t: torch.Tensor, block_values: int = BLOCK_VALUES) -> dict[str, 
     exponent = ((bits >> 23) & 0xFF).astype(np.uint8)
     raw = ((bits >> 8) & 0x800000) | (bits & 0x7FFFFF)
     sign_mantissa = np.stack([(raw >> 16) & 0xFF, (raw >> 8) & 0xFF, raw & 0xFF], axis=1).astype(np.uint8)
-    return {"sign_mantissa": torch.from_numpy(sign_mantissa), **_encode_exponents(exponent, block_values),
-            "shape": list(t.shape)}
+    return {
+        "sign_mantissa": torch.from_numpy(sign_mantissa),
+        **_encode_exponents(exponent, block_values),
+        "shape": list(t.shape),
+    }
 
 
 # ---------------------------------------------------------------- decoding
@@ -144,6 +165,8 @@ def bits_per_value(parts: dict) -> float:
     n = math.prod(parts["shape"])
     if n == 0:
         return 0.0
-    total = sum(parts[name].numel() * parts[name].element_size() * 8
-                for name in ("sign_mantissa", "bitstream", "block_offsets", "code_lengths"))
+    total = sum(
+        parts[name].numel() * parts[name].element_size() * 8
+        for name in ("sign_mantissa", "bitstream", "block_offsets", "code_lengths")
+    )
     return total / n

@@ -35,8 +35,11 @@ def save_final(model: nn.Module, cfg, path: Path, base_path: str, tokenizer) -> 
     if is_quantized_checkpoint(cfg.model.name) or needs_lowrank(cfg):
         info = {"method": cfg.quant.method, "init": cfg.adapter.init, "base_model": base_path}
         if is_quantized_checkpoint(cfg.model.name):
-            info = {k: v for k, v in read_manifest(Path(cfg.model.name).expanduser()).items()
-                    if k in ("method", "init", "base_model", "budget_bits", "fisher", "allocation")}
+            info = {
+                k: v
+                for k, v in read_manifest(Path(cfg.model.name).expanduser()).items()
+                if k in ("method", "init", "base_model", "budget_bits", "fisher", "allocation")
+            }
         save_quantized(model, path, tokenizer, {**info, "trained_from": cfg.model.name})
     elif cfg.adapter.type == "none":
         with atomic_dir(path) as tmp:

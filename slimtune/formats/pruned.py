@@ -28,13 +28,16 @@ def save_sparse(model: nn.Module, tokenizer, out_dir, manifest: dict) -> Path:
     partial dir). `manifest` keys: method, pattern, sparsity (the target), scope, source_model, matrices
     (name -> achieved sparsity); the pattern is stored as a string ('unstructured', '2:4', ...). The
     manifest also holds the checksums of the dir's files (write_sparse_record)."""
-    missing = [k for k in ("method", "pattern", "sparsity", "scope", "source_model", "matrices")
-               if k not in manifest]
+    missing = [k for k in ("method", "pattern", "sparsity", "scope", "source_model", "matrices") if k not in manifest]
     if missing:
         raise ValueError(f"sparse manifest lacks {missing}")
-    record = {"format": FORMAT, "version": 1, **manifest,
-              "pattern": pattern_name(parse_pattern(manifest["pattern"])),
-              "source_model": str(manifest["source_model"])}
+    record = {
+        "format": FORMAT,
+        "version": 1,
+        **manifest,
+        "pattern": pattern_name(parse_pattern(manifest["pattern"])),
+        "source_model": str(manifest["source_model"]),
+    }
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
@@ -63,12 +66,15 @@ def read_sparse_manifest(model_dir) -> dict:
         raise SlimtuneError(f"{path}: unreadable ({e}); {FIX}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != 1:
         got = record if isinstance(record, dict) else {}
-        raise SlimtuneError(f"{path}: expected format {FORMAT!r} version 1, got "
-                            f"{got.get('format')!r} version {got.get('version')!r}")
+        raise SlimtuneError(
+            f"{path}: expected format {FORMAT!r} version 1, got {got.get('format')!r} version {got.get('version')!r}"
+        )
     sums = record.get("checksums")
     if not isinstance(sums, dict):
-        raise SlimtuneError(f"{path}: no 'checksums' (written before pruned models carried checksums of their "
-                            f"files, or tampered with); {FIX}")
+        raise SlimtuneError(
+            f"{path}: no 'checksums' (written before pruned models carried checksums of their "
+            f"files, or tampered with); {FIX}"
+        )
     for name in sums:
         manifest_path(Path(model_dir), name, path, "checksums")
     return record

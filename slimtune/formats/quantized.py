@@ -41,8 +41,10 @@ def is_quantized_checkpoint(name: str) -> bool:
 def module_spec(m: nn.Module) -> dict:
     """JSON description of a slimtune quantized linear, enough to rebuild it empty (its class and format)."""
     if not isinstance(m, FrozenQuantLinear):
-        raise SlimtuneError(f"cannot write {type(m).__name__} to a slimtune quantized checkpoint "
-                            "(slimtune's own formats only; use quant.backend=slimtune)")
+        raise SlimtuneError(
+            f"cannot write {type(m).__name__} to a slimtune quantized checkpoint "
+            "(slimtune's own formats only; use quant.backend=slimtune)"
+        )
     return m.spec()
 
 
@@ -50,8 +52,9 @@ def build_from_spec(spec: dict, compute_dtype: torch.dtype) -> nn.Module:
     """The empty module module_spec described: its class found among the registered formats."""
     classes = {cls.__name__: cls for cls in QUANT_FORMATS.values()}
     if spec.get("class") not in classes:
-        raise ValueError(f"class {spec.get('class')!r} is not a registered quantized format "
-                         f"({', '.join(sorted(classes))})")
+        raise ValueError(
+            f"class {spec.get('class')!r} is not a registered quantized format ({', '.join(sorted(classes))})"
+        )
     return classes[spec["class"]].from_spec(spec, compute_dtype)
 
 
@@ -73,12 +76,20 @@ def save_quantized(model: nn.Module, path: Path, tokenizer, info: dict) -> Path:
     numel = sum(m.in_features * m.out_features for m in quantized.values())
     bits = sum(bits_per_param(m) * m.in_features * m.out_features for m in quantized.values())
     manifest = {
-        "format": "slimtune-quantized", "version": FORMAT_VERSION, **info,
+        "format": "slimtune-quantized",
+        "version": FORMAT_VERSION,
+        **info,
         "bits_per_param": bits / max(numel, 1),
         "quantized": {n: module_spec(m) for n, m in quantized.items()},
-        "adapters": {n: {"type": _adapter_type(m), "rank": m.rank, "alpha": m.alpha,
-                         **({"use_rslora": True} if getattr(m, "use_rslora", False) else {})}
-                     for n, m in adapters.items()},
+        "adapters": {
+            n: {
+                "type": _adapter_type(m),
+                "rank": m.rank,
+                "alpha": m.alpha,
+                **({"use_rslora": True} if getattr(m, "use_rslora", False) else {}),
+            }
+            for n, m in adapters.items()
+        },
         "tied": tied,
     }
     with atomic_dir(Path(path)) as tmp:
@@ -104,8 +115,9 @@ def read_manifest(path: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != "slimtune-quantized":
         raise SlimtuneError(f"{f}: not a slimtune quantized checkpoint manifest; {FIX}")
     if manifest.get("version") == 2:
-        raise SlimtuneError(f"{f}: version 2, written before quantized checkpoints carried checksums of their "
-                            f"files; {FIX}")
+        raise SlimtuneError(
+            f"{f}: version 2, written before quantized checkpoints carried checksums of their files; {FIX}"
+        )
     if manifest.get("version") != FORMAT_VERSION:
         raise SlimtuneError(f"{f}: not a version-{FORMAT_VERSION} slimtune quantized checkpoint manifest; {FIX}")
     sums = manifest.get("checksums")
@@ -137,8 +149,14 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     model = empty_model(str(path), next(k for k, v in DTYPES.items() if v == dtype))
     # adapters first: a quantized base lives at "<adapter>.base", which exists once the adapter wraps
     for name, spec in manifest["adapters"].items():
-        _replace(model, path, name, lambda old, s=spec: ADAPTERS.get(s["type"])(
-            old, s["rank"], s["alpha"], use_rslora=s.get("use_rslora", False)))
+        _replace(
+            model,
+            path,
+            name,
+            lambda old, s=spec: ADAPTERS.get(s["type"])(
+                old, s["rank"], s["alpha"], use_rslora=s.get("use_rslora", False)
+            ),
+        )
     for name, spec in manifest["quantized"].items():
         _replace(model, path, name, lambda old, s=spec: build_from_spec(s, dtype))
     try:
@@ -151,16 +169,22 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     want = model.state_dict()
     for k, t in want.items():
         if k not in state:
-            raise SlimtuneError(f"{path / WEIGHTS}: tensor {k!r} is missing; the manifest {MANIFEST} does not "
-                                "match the tensors (re-create the checkpoint with `slimtune quantize`)")
+            raise SlimtuneError(
+                f"{path / WEIGHTS}: tensor {k!r} is missing; the manifest {MANIFEST} does not "
+                "match the tensors (re-create the checkpoint with `slimtune quantize`)"
+            )
         if tuple(state[k].shape) != tuple(t.shape) or state[k].dtype != t.dtype:
-            raise SlimtuneError(f"{path / WEIGHTS}: tensor {k!r} is {state[k].dtype} {tuple(state[k].shape)} but "
-                                f"the manifest's format needs {t.dtype} {tuple(t.shape)}; the manifest {MANIFEST} "
-                                "does not match the tensors")
+            raise SlimtuneError(
+                f"{path / WEIGHTS}: tensor {k!r} is {state[k].dtype} {tuple(state[k].shape)} but "
+                f"the manifest's format needs {t.dtype} {tuple(t.shape)}; the manifest {MANIFEST} "
+                "does not match the tensors"
+            )
     extra = sorted(set(state) - set(want))
     if extra:
-        raise SlimtuneError(f"{path / WEIGHTS}: tensor {extra[0]!r} is not in the model the manifest {MANIFEST} "
-                            "describes; the manifest does not match the tensors")
+        raise SlimtuneError(
+            f"{path / WEIGHTS}: tensor {extra[0]!r} is not in the model the manifest {MANIFEST} "
+            "describes; the manifest does not match the tensors"
+        )
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     for p in model.parameters():  # frozen, factors included: the adapters stage decides what trains
@@ -172,13 +196,17 @@ def _replace(model: nn.Module, path: Path, name: str, make) -> None:
     try:
         old = model.get_submodule(name)
     except AttributeError:
-        raise SlimtuneError(f"{path / MANIFEST}: module {name!r} is not in the model of config.json; "
-                            "the manifest does not match the model") from None
+        raise SlimtuneError(
+            f"{path / MANIFEST}: module {name!r} is not in the model of config.json; "
+            "the manifest does not match the model"
+        ) from None
     try:
         new = make(old)
     except (ValueError, KeyError, TypeError) as e:
-        raise SlimtuneError(f"{path / MANIFEST}: module {name!r}: {e}; the manifest does not match the model "
-                            "(re-create the checkpoint with `slimtune quantize`)") from None
+        raise SlimtuneError(
+            f"{path / MANIFEST}: module {name!r}: {e}; the manifest does not match the model "
+            "(re-create the checkpoint with `slimtune quantize`)"
+        ) from None
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, new)
 
@@ -187,6 +215,7 @@ def _replace(model: nn.Module, path: Path, name: str, make) -> None:
 def dequantize_to_dense(model: nn.Module) -> None:
     """In place: every adapter becomes an nn.Linear with W = dequant(base) + delta (merged), and every
     remaining quantized linear an nn.Linear with its dequantized weight (fp32)."""
+
     def dense(name: str, weight: torch.Tensor, bias) -> None:
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
         lin.weight.copy_(weight)

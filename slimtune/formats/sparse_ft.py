@@ -35,8 +35,9 @@ TENSORS, MANIFEST = "sparse_ft.safetensors", "slimtune_adapter.json"
 VERSION = 2  # 2: checksums of the dir's files (1 had none)
 
 
-def save_sparse_ft(model: nn.Module, adapter_cfg, out_dir: Path, model_name: str, base_path: str,
-                   quant: dict | None = None) -> None:
+def save_sparse_ft(
+    model: nn.Module, adapter_cfg, out_dir: Path, model_name: str, base_path: str, quant: dict | None = None
+) -> None:
     mods = {n: m for n, m in adapter_modules(model).items() if isinstance(m, SparseFTLinear)}
     tensors = {}
     for name, m in mods.items():
@@ -44,12 +45,22 @@ def save_sparse_ft(model: nn.Module, adapter_cfg, out_dir: Path, model_name: str
         tensors[f"{name}.deltas"] = m.deltas.detach().float().cpu().contiguous()
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt"})
-        write_json(tmp / MANIFEST, {
-            "format": "sparse_ft", "version": VERSION, "model_name": model_name, "base_model_name_or_path": base_path,
-            "quant": quant, "density": adapter_cfg.density,
-            "modules": {n: {"out_features": m.out_features, "in_features": m.in_features, "num_params": m.num_params}
-                        for n, m in mods.items()},
-            "checksums": dir_checksums(tmp)})
+        write_json(
+            tmp / MANIFEST,
+            {
+                "format": "sparse_ft",
+                "version": VERSION,
+                "model_name": model_name,
+                "base_model_name_or_path": base_path,
+                "quant": quant,
+                "density": adapter_cfg.density,
+                "modules": {
+                    n: {"out_features": m.out_features, "in_features": m.in_features, "num_params": m.num_params}
+                    for n, m in mods.items()
+                },
+                "checksums": dir_checksums(tmp),
+            },
+        )
 
 
 def load_sparse_ft(model: nn.Module, adapter_dir: Path) -> list[str]:
@@ -63,26 +74,33 @@ def load_sparse_ft(model: nn.Module, adapter_dir: Path) -> list[str]:
         raise SlimtuneError(f"{adapter_dir / MANIFEST}: unreadable ({e}); train the adapter again") from None
     if not isinstance(manifest, dict) or manifest.get("version") != VERSION:
         got = manifest.get("version") if isinstance(manifest, dict) else None
-        raise SlimtuneError(f"{adapter_dir / MANIFEST}: sparse_ft version {got!r}, this slimtune reads version "
-                            f"{VERSION} (version 1 had no checksums of the adapter's files); train the adapter again")
+        raise SlimtuneError(
+            f"{adapter_dir / MANIFEST}: sparse_ft version {got!r}, this slimtune reads version "
+            f"{VERSION} (version 1 had no checksums of the adapter's files); train the adapter again"
+        )
     verify_adapter_files(adapter_dir)  # before the tensors are read
     path = adapter_dir / TENSORS
     try:
         state = load_file(str(path))
     except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise SlimtuneError(f"{path}: cannot read the sparse_ft tensors ({e}); the adapter is missing or "
-                            "corrupted") from None
+        raise SlimtuneError(
+            f"{path}: cannot read the sparse_ft tensors ({e}); the adapter is missing or corrupted"
+        ) from None
     names = []
     for name, spec in manifest.get("modules", {}).items():
         try:
             base = model.get_submodule(name)
         except AttributeError:
-            raise SlimtuneError(f"{adapter_dir / MANIFEST}: module {name!r} is not in the base model; is "
-                                "model_name the model this adapter was trained on?") from None
+            raise SlimtuneError(
+                f"{adapter_dir / MANIFEST}: module {name!r} is not in the base model; is "
+                "model_name the model this adapter was trained on?"
+            ) from None
         shape = (getattr(base, "out_features", None), getattr(base, "in_features", None))
         if shape != (spec["out_features"], spec["in_features"]):
-            raise SlimtuneError(f"{adapter_dir / MANIFEST}: {name} is {shape} in the base but "
-                                f"({spec['out_features']}, {spec['in_features']}) in the adapter")
+            raise SlimtuneError(
+                f"{adapter_dir / MANIFEST}: {name} is {shape} in the base but "
+                f"({spec['out_features']}, {spec['in_features']}) in the adapter"
+            )
         idx, deltas = state.get(f"{name}.indices"), state.get(f"{name}.deltas")
         k = spec["num_params"]
         if idx is None or deltas is None or idx.shape != (k,) or deltas.shape != (k,):

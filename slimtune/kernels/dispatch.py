@@ -30,8 +30,10 @@ def _from_env(default: str) -> str:
     if not value:
         return default
     if value not in BACKENDS:
-        raise ConfigError(f"{ENV}={os.environ[ENV]!r} is not one of: {', '.join(BACKENDS)}; fix or unset the "
-                          "environment variable (train.kernels selects the backend too)")
+        raise ConfigError(
+            f"{ENV}={os.environ[ENV]!r} is not one of: {', '.join(BACKENDS)}; fix or unset the "
+            "environment variable (train.kernels selects the backend too)"
+        )
     return value
 
 
@@ -41,8 +43,11 @@ def configure(requested: str = "auto", device: torch.device | None = None) -> st
     backend = _from_env(requested)
     BACKEND.set(backend)
     if interpreting() and (device is None or device.type == "cuda" or backend == "auto"):
-        warnings.warn("TRITON_INTERPRET=1 is set: Triton kernels run in the (very slow) interpreter; unset it "
-                      "unless you are testing kernels", stacklevel=2)
+        warnings.warn(
+            "TRITON_INTERPRET=1 is set: Triton kernels run in the (very slow) interpreter; unset it "
+            "unless you are testing kernels",
+            stacklevel=2,
+        )
     return backend
 
 
@@ -94,14 +99,20 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "triton":
         if not triton_available():
-            raise ConfigError("train.kernels=triton (or SLIMTUNE_KERNELS=triton) but triton is not installed: "
-                              "pip install triton, or use train.kernels=auto")
+            raise ConfigError(
+                "train.kernels=triton (or SLIMTUNE_KERNELS=triton) but triton is not installed: "
+                "pip install triton, or use train.kernels=auto"
+            )
         if not on_cuda and not interpreting():
-            raise ConfigError("train.kernels=triton on CPU tensors needs TRITON_INTERPRET=1 (the interpreter); "
-                              "use train.kernels=auto on CPU")
+            raise ConfigError(
+                "train.kernels=triton on CPU tensors needs TRITON_INTERPRET=1 (the interpreter); "
+                "use train.kernels=auto on CPU"
+            )
         if "triton" not in sys.modules:
-            raise ConfigError("TRITON_INTERPRET=1 was set after slimtune's kernels were imported without CUDA; "
-                              "set it before starting Python")
+            raise ConfigError(
+                "TRITON_INTERPRET=1 was set after slimtune's kernels were imported without CUDA; "
+                "set it before starting Python"
+            )
         return True
     return triton_available() and (on_cuda or (interpreting() and "triton" in sys.modules))
 

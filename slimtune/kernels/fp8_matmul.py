@@ -98,8 +98,9 @@ def _check_inputs(a_fp8, a_scale, b_fp8, b_scale, out_dtype) -> None:
         if scale.dtype != torch.float32:
             raise ValueError(f"fp8_matmul: {name} must be float32, got {scale.dtype}")
         if scale.numel() != 1 and tuple(scale.shape) != (rows, 1):
-            raise ValueError(f"fp8_matmul: {name} must be per-tensor (one value) or per-row ({rows}, 1), "
-                             f"got {tuple(scale.shape)}")
+            raise ValueError(
+                f"fp8_matmul: {name} must be per-tensor (one value) or per-row ({rows}, 1), got {tuple(scale.shape)}"
+            )
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"fp8_matmul: out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
 

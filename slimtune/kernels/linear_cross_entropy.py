@@ -3,21 +3,18 @@ Wijmans et al. 2024). T is a model family's logit transform: z -> softcap * tanh
 (Gemma-2's final_logit_softcapping), or z -> scale * z (Cohere's logit_scale, Granite's 1 / logits_scaling).
 
 Memory: the naive loss keeps logits, softmax and its gradient, 3 x N x V x 4 bytes (N = 8192 tokens,
-V = 128256: 12 GB). The chunked torch reference (ChunkedLinearCE below) keeps one (chunk, V) fp32 block,
-and computes dh and dW during the forward pass (Liger-Kernel's trick), so backward is a multiply. The Triton
-path keeps none: logits live only as (BLOCK_M, BLOCK_V) register tiles.
+V = 128256: 12 GB). The chunked torch reference (linear_cross_entropy_reference.py) keeps one (chunk, V) fp32
+block. The Triton path keeps none: logits live only as (BLOCK_M, BLOCK_V) register tiles.
   * forward, one program per (BLOCK_M rows, vocab slice): stream over the slice's vocab tiles, each tile's
     logits computed by a loop over H; keep a running max and rescaled sum of exponentials (online
     log-sum-exp) and pick out the target logit. The few slices' (splits, N) partial LSEs are combined in
     torch; only lse (N,) fp32 is kept for backward. Slicing the vocabulary keeps the GPU busy when N is small.
   * backward, one program per (BLOCK_M rows, BLOCK_V vocab) tile: recompute the logits tile, form
-    dlogits = g * (exp(logits - lse) - onehot(y)) in registers, then loop over H adding
-    dlogits @ W[v] into dh and dlogits^T @ h into dW (and row sums into db) with fp32 atomic adds
-    (N * H * V / BLOCK_V of them for dh: the price of never holding a (BLOCK_M, H) accumulator).
-    Extra memory is the fp32 gradient accumulators only: N x H + V x H (+ V) values.
-Compute: forward 2NVH flops, backward 6NVH (logits recomputed once).
-Input checks raise ValueError (never assert: `python -O` drops asserts) and read shapes only, so they
-never wait for the GPU; the target range is checked on CPU tensors only (a CUDA check would sync).
+    dlogits = g * (exp(logits - lse) - onehot(y)) in registers, then loop over H adding dlogits @ W[v] into dh
+    and dlogits^T @ h into dW (and row sums into db) with fp32 atomic adds (N * H * V / BLOCK_V for dh: the
+    price of never holding a (BLOCK_M, H) accumulator); extra memory: N x H + V x H (+ V) fp32 values.
+Compute: forward 2NVH flops, backward 6NVH (logits recomputed once). Input checks (the reference file's) raise
+ValueError and read shapes only; the target range is checked on CPU tensors only (a CUDA check would sync).
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from slimtune.kernels.dispatch import dot_precision, interpreting, tile_size, triton_enabled, use_triton
+from slimtune.kernels.linear_cross_entropy_reference import _check, linear_cross_entropy_reference
 
 if triton_enabled():
     import triton
@@ -34,25 +32,46 @@ if triton_enabled():
 BLOCK_M, BLOCK_V, BLOCK_H = 64, 128, 64
 NUM_WARPS = 8
 NUM_STAGES = {torch.float32: 2}  # pipeline depth; fp32 tiles need twice the shared memory (default 3)
-REFERENCE_CHUNK_BYTES = 256 * 2**20  # fp32 (chunk, V) logits block of the torch reference
-REDUCTIONS = ("sum", "mean")
 
 
 if triton_enabled():
 
     @triton.jit
-    def _logits_tile(h_ptr, w_ptr, b_ptr, rm, rv, N, V, H, stride_h, stride_w, scale, softcap,
-                     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                     BLOCK_H: tl.constexpr):
+    def _logits_tile(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        rm,
+        rv,
+        N,
+        V,
+        H,
+        stride_h,
+        stride_w,
+        scale,
+        softcap,
+        HAS_BIAS: tl.constexpr,
+        SOFTCAP: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
         """fp32 (BLOCK_M, BLOCK_V) logits T(h[rm] @ W[rv]^T (+ b[rv])); columns v >= V are -inf."""
         acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_H):
             rk = k0 + tl.arange(0, BLOCK_H)
-            h = tl.load(h_ptr + rm[:, None].to(tl.int64) * stride_h + rk[None, :],
-                        mask=(rm[:, None] < N) & (rk[None, :] < H), other=0.0)
-            w = tl.load(w_ptr + rv[:, None].to(tl.int64) * stride_w + rk[None, :],
-                        mask=(rv[:, None] < V) & (rk[None, :] < H), other=0.0)
+            h = tl.load(
+                h_ptr + rm[:, None].to(tl.int64) * stride_h + rk[None, :],
+                mask=(rm[:, None] < N) & (rk[None, :] < H),
+                other=0.0,
+            )
+            w = tl.load(
+                w_ptr + rv[:, None].to(tl.int64) * stride_w + rk[None, :],
+                mask=(rv[:, None] < V) & (rk[None, :] < H),
+                other=0.0,
+            )
             if UPCAST:  # the interpreter's bf16 tl.dot is wrong: do it in fp32 there
                 acc = tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
             else:
@@ -65,10 +84,29 @@ if triton_enabled():
         return tl.where(rv[None, :] < V, acc, float("-inf"))
 
     @triton.jit
-    def _lce_forward_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, target_ptr, N, V, H, stride_h, stride_w,
-                            tiles_per_split, scale, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                            UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _lce_forward_kernel(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        y_ptr,
+        lse_ptr,
+        target_ptr,
+        N,
+        V,
+        H,
+        stride_h,
+        stride_w,
+        tiles_per_split,
+        scale,
+        softcap,
+        HAS_BIAS: tl.constexpr,
+        SOFTCAP: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
         """Program (row tile, split s) over its vocab slice: lse[s, row] = logsumexp(logits[row, slice]) and
         target[s, row] = logits[row, y] if y falls in the slice else 0. lse/target are fp32 (splits, N)."""
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -80,8 +118,27 @@ if triton_enabled():
         v_start = split * tiles_per_split * BLOCK_V
         for v0 in range(v_start, tl.minimum(V, v_start + tiles_per_split * BLOCK_V), BLOCK_V):
             rv = v0 + tl.arange(0, BLOCK_V)
-            logits = _logits_tile(h_ptr, w_ptr, b_ptr, rm, rv, N, V, H, stride_h, stride_w, scale, softcap,
-                                  HAS_BIAS, SOFTCAP, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_H)
+            logits = _logits_tile(
+                h_ptr,
+                w_ptr,
+                b_ptr,
+                rm,
+                rv,
+                N,
+                V,
+                H,
+                stride_h,
+                stride_w,
+                scale,
+                softcap,
+                HAS_BIAS,
+                SOFTCAP,
+                UPCAST,
+                PRECISION,
+                BLOCK_M,
+                BLOCK_V,
+                BLOCK_H,
+            )
             new_max = tl.maximum(run_max, tl.max(logits, axis=1))  # finite: every tile has a column v < V
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
             run_max = new_max
@@ -90,12 +147,35 @@ if triton_enabled():
         tl.store(target_ptr + split * N + rm, target, mask=rm < N)
 
     @triton.jit
-    def _lce_backward_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, grad_ptr, dh_ptr, dw_ptr, db_ptr,
-                             N, V, H, stride_h, stride_w, ignore_index, scale, softcap,
-                             HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_DH: tl.constexpr,
-                             NEED_DW: tl.constexpr,
-                             NEED_DB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _lce_backward_kernel(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        y_ptr,
+        lse_ptr,
+        grad_ptr,
+        dh_ptr,
+        dw_ptr,
+        db_ptr,
+        N,
+        V,
+        H,
+        stride_h,
+        stride_w,
+        ignore_index,
+        scale,
+        softcap,
+        HAS_BIAS: tl.constexpr,
+        SOFTCAP: tl.constexpr,
+        NEED_DH: tl.constexpr,
+        NEED_DW: tl.constexpr,
+        NEED_DB: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
         """dh += dlogits @ W, dW += dlogits^T @ h, db += sum_rows dlogits for one (rows, vocab) tile (fp32 atomics).
 
         dh/dw are fp32 with row strides H; grad_ptr holds the scalar d(loss)/d(row loss) (grad_out or grad_out / n)."""
@@ -104,8 +184,27 @@ if triton_enabled():
         y = tl.load(y_ptr + rm, mask=rm < N, other=ignore_index)
         lse = tl.load(lse_ptr + rm, mask=rm < N, other=0.0)
         row_grad = tl.where((rm < N) & (y != ignore_index), tl.load(grad_ptr), 0.0)
-        logits = _logits_tile(h_ptr, w_ptr, b_ptr, rm, rv, N, V, H, stride_h, stride_w, scale, softcap,
-                              HAS_BIAS, SOFTCAP, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_H)
+        logits = _logits_tile(
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            rm,
+            rv,
+            N,
+            V,
+            H,
+            stride_h,
+            stride_w,
+            scale,
+            softcap,
+            HAS_BIAS,
+            SOFTCAP,
+            UPCAST,
+            PRECISION,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_H,
+        )
         probs = tl.exp(logits - lse[:, None])  # softmax; 0 in the padding columns (logits = -inf)
         dlogits = (probs - tl.where(rv[None, :] == y[:, None], 1.0, 0.0)) * row_grad[:, None]
         # chain rule through T: d softcap*tanh(s z / softcap) / dz = s (1 - (logit / softcap)^2); d s z / dz = s
@@ -123,23 +222,31 @@ if triton_enabled():
         for k0 in range(0, H, BLOCK_H):
             rk = k0 + tl.arange(0, BLOCK_H)
             if NEED_DH:
-                w = tl.load(w_ptr + rv[:, None].to(tl.int64) * stride_w + rk[None, :],
-                            mask=(rv[:, None] < V) & (rk[None, :] < H), other=0.0)
+                w = tl.load(
+                    w_ptr + rv[:, None].to(tl.int64) * stride_w + rk[None, :],
+                    mask=(rv[:, None] < V) & (rk[None, :] < H),
+                    other=0.0,
+                )
                 if UPCAST:
                     dh = tl.dot(dl, w.to(tl.float32))
                 else:
                     dh = tl.dot(dl, w.to(dl.dtype), input_precision=PRECISION)
-                tl.atomic_add(dh_ptr + rm[:, None].to(tl.int64) * H + rk[None, :], dh,
-                              mask=(rm[:, None] < N) & (rk[None, :] < H))
+                tl.atomic_add(
+                    dh_ptr + rm[:, None].to(tl.int64) * H + rk[None, :], dh, mask=(rm[:, None] < N) & (rk[None, :] < H)
+                )
             if NEED_DW:
-                h = tl.load(h_ptr + rm[:, None].to(tl.int64) * stride_h + rk[None, :],
-                            mask=(rm[:, None] < N) & (rk[None, :] < H), other=0.0)
+                h = tl.load(
+                    h_ptr + rm[:, None].to(tl.int64) * stride_h + rk[None, :],
+                    mask=(rm[:, None] < N) & (rk[None, :] < H),
+                    other=0.0,
+                )
                 if UPCAST:
                     dw = tl.dot(tl.trans(dl), h.to(tl.float32))
                 else:
                     dw = tl.dot(tl.trans(dl), h, input_precision=PRECISION)
-                tl.atomic_add(dw_ptr + rv[:, None].to(tl.int64) * H + rk[None, :], dw,
-                              mask=(rv[:, None] < V) & (rk[None, :] < H))
+                tl.atomic_add(
+                    dw_ptr + rv[:, None].to(tl.int64) * H + rk[None, :], dw, mask=(rv[:, None] < V) & (rk[None, :] < H)
+                )
 
 
 def _vocab_splits(row_tiles: int, vocab_tiles: int, device: torch.device) -> tuple[int, int]:
@@ -154,93 +261,15 @@ def _vocab_splits(row_tiles: int, vocab_tiles: int, device: torch.device) -> tup
 
 def _launch_args(h: torch.Tensor, weight: torch.Tensor) -> dict:
     n, hidden = h.shape
-    return {"UPCAST": interpreting() and h.dtype != torch.float32, "PRECISION": dot_precision(h.dtype),
-            "BLOCK_M": tile_size(n, BLOCK_M), "BLOCK_V": tile_size(weight.shape[0], BLOCK_V),
-            "BLOCK_H": tile_size(hidden, BLOCK_H), "num_warps": NUM_WARPS,
-            "num_stages": NUM_STAGES.get(h.dtype, 3)}
-
-
-def _check(h, weight, bias, targets, ignore_index, reduction, scale, softcap) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"linear_cross_entropy: reduction={reduction!r}, use one of {REDUCTIONS}")
-    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
-        raise ValueError(f"linear_cross_entropy: h (N, H) and weight (V, H), got {tuple(h.shape)} and "
-                         f"{tuple(weight.shape)}")
-    if tuple(targets.shape) != (h.shape[0],):
-        raise ValueError(f"linear_cross_entropy: targets must be ({h.shape[0]},), got {tuple(targets.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"linear_cross_entropy: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if not scale > 0 or (softcap is not None and not softcap > 0):
-        raise ValueError(f"linear_cross_entropy: scale={scale} and softcap={softcap} must be > 0")
-    if not targets.is_cuda:  # free on CPU; on CUDA this check would wait for the GPU on every call
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
-        if bool(bad.any()):
-            raise ValueError(f"linear_cross_entropy: targets out of range [0, {weight.shape[0]}) "
-                             f"(ignore_index={ignore_index})")
-
-
-class ChunkedLinearCE(torch.autograd.Function):
-    """sum_i CE(T(h_i W^T + b), y_i) over rows, `chunk` rows at a time, computing in `dtype` with fp32
-    logits. h: (N, H), W: (V, H), b: (V,) or None, y: (N,) (no ignored rows) -> 0-d fp32.
-
-    The gradients wrt h, W and b are formed chunk by chunk during forward; backward only scales them.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, y, chunk: int, dtype: torch.dtype, scale: float = 1.0,
-                softcap: float | None = None):
-        need_w = weight.requires_grad
-        need_b = bias is not None and bias.requires_grad
-        w = weight.to(dtype)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
-        with torch.autocast(h.device.type, enabled=False):
-            for s in range(0, h.shape[0], chunk):
-                hc, yc = h[s : s + chunk].to(dtype), y[s : s + chunk]
-                logits = (hc @ w.T).float()
-                if bias is not None:
-                    logits += bias.float()
-                if scale != 1.0:
-                    logits.mul_(scale)
-                if softcap is not None:  # keep tanh (the chain-rule factor is 1 - tanh^2)
-                    tanh = logits.div_(softcap).tanh_()
-                    logits = tanh * softcap
-                # log-sum-exp and softmax in place in the (chunk, V) fp32 buffer
-                target = logits.gather(1, yc[:, None]).squeeze(1)
-                top = logits.amax(dim=-1)
-                probs = logits.sub_(top[:, None]).exp_()
-                sumexp = probs.sum(dim=-1)
-                total += (top + sumexp.log() - target).sum()
-                # d(sum CE)/d logits = softmax - onehot, then through T
-                dlogits = probs.div_(sumexp[:, None])
-                dlogits[rows[: len(yc)], yc] -= 1.0
-                if softcap is not None:
-                    dlogits.mul_(tanh.square_().neg_().add_(1.0))
-                if scale != 1.0:
-                    dlogits.mul_(scale)
-                grad_h[s : s + chunk] = (dlogits.to(dtype) @ w).to(h.dtype)
-                if need_w:  # in place: `grad_w += dlogits.T @ hc` would hold a second (V, H) fp32 temporary
-                    grad_w.addmm_(dlogits.T, hc.float())
-                if need_b:
-                    grad_b += dlogits.sum(0)
-                del logits, probs, dlogits  # else the next chunk's logits are formed while these are held
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.weight_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        # scaled in place (the buffers are this function's own and backward runs once): a (V, H) fp32 copy
-        # of the head's gradient would double its memory at the peak of a step
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        gh = grad_h.mul_(grad_out.to(grad_h.dtype))
-        gw = grad_w.mul_(grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        gb = grad_b.mul_(grad_out).to(ctx.weight_dtype) if grad_b is not None else None
-        return gh, gw, gb, None, None, None, None, None
+    return {
+        "UPCAST": interpreting() and h.dtype != torch.float32,
+        "PRECISION": dot_precision(h.dtype),
+        "BLOCK_M": tile_size(n, BLOCK_M),
+        "BLOCK_V": tile_size(weight.shape[0], BLOCK_V),
+        "BLOCK_H": tile_size(hidden, BLOCK_H),
+        "num_warps": NUM_WARPS,
+        "num_stages": NUM_STAGES.get(h.dtype, 3),
+    }
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -248,8 +277,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     forward/backward."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, ignore_index: int, reduction: str, scale: float = 1.0,
-                softcap: float | None = None):
+    def forward(
+        ctx,
+        h,
+        weight,
+        bias,
+        targets,
+        ignore_index: int,
+        reduction: str,
+        scale: float = 1.0,
+        softcap: float | None = None,
+    ):
         h, weight = h.contiguous(), weight.contiguous()
         bias = bias.contiguous() if bias is not None else None
         targets = targets.contiguous()
@@ -260,9 +298,24 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         lse_part = torch.empty((splits, n), dtype=torch.float32, device=h.device)
         target_part = torch.empty((splits, n), dtype=torch.float32, device=h.device)
         _lce_forward_kernel[(row_tiles, splits)](
-            h, weight, bias if bias is not None else lse_part, targets, lse_part, target_part, n, weight.shape[0],
-            hidden, h.stride(0), weight.stride(0), per_split, float(scale), float(softcap or 1.0),
-            HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, **args)
+            h,
+            weight,
+            bias if bias is not None else lse_part,
+            targets,
+            lse_part,
+            target_part,
+            n,
+            weight.shape[0],
+            hidden,
+            h.stride(0),
+            weight.stride(0),
+            per_split,
+            float(scale),
+            float(softcap or 1.0),
+            HAS_BIAS=bias is not None,
+            SOFTCAP=softcap is not None,
+            **args,
+        )
         lse = torch.logsumexp(lse_part, dim=0)  # (N,): combine the vocab slices
         valid = targets != ignore_index
         loss = torch.where(valid, lse - target_part.sum(0), 0.0).sum()
@@ -289,36 +342,53 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grid = (triton.cdiv(n, args["BLOCK_M"]), triton.cdiv(vocab, args["BLOCK_V"]))
         dummy = lse
         _lce_backward_kernel[grid](
-            h, weight, bias if bias is not None else dummy, targets, lse, row_grad,
-            dh if need_dh else dummy, dw if need_dw else dummy, db if need_db else dummy,
-            n, vocab, hidden, h.stride(0), weight.stride(0), ctx.ignore_index, float(ctx.scale),
-            float(ctx.softcap or 1.0), HAS_BIAS=bias is not None, SOFTCAP=ctx.softcap is not None,
-            NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db, **args)
-        return (dh.to(h.dtype) if need_dh else None, dw.to(weight.dtype) if need_dw else None,
-                db.to(bias.dtype) if need_db else None, None, None, None, None, None)
+            h,
+            weight,
+            bias if bias is not None else dummy,
+            targets,
+            lse,
+            row_grad,
+            dh if need_dh else dummy,
+            dw if need_dw else dummy,
+            db if need_db else dummy,
+            n,
+            vocab,
+            hidden,
+            h.stride(0),
+            weight.stride(0),
+            ctx.ignore_index,
+            float(ctx.scale),
+            float(ctx.softcap or 1.0),
+            HAS_BIAS=bias is not None,
+            SOFTCAP=ctx.softcap is not None,
+            NEED_DH=need_dh,
+            NEED_DW=need_dw,
+            NEED_DB=need_db,
+            **args,
+        )
+        return (
+            dh.to(h.dtype) if need_dh else None,
+            dw.to(weight.dtype) if need_dw else None,
+            db.to(bias.dtype) if need_db else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def linear_cross_entropy_reference(h, weight, targets, bias=None, ignore_index: int = -100,
-                                   reduction: str = "sum", scale: float = 1.0, softcap: float | None = None,
-                                   chunk: int | None = None) -> torch.Tensor:
-    """Chunked torch path: ignored rows dropped, then ChunkedLinearCE (one (chunk, V) fp32 block at a time;
-    default chunk: REFERENCE_CHUNK_BYTES of logits). Computes in h's dtype (the autocast dtype if enabled)."""
-    keep = targets != ignore_index
-    n_valid = keep.sum()
-    if not bool(n_valid):
-        zero = h.sum() * 0.0 + weight.sum() * 0.0 + (bias.sum() * 0.0 if bias is not None else 0.0)
-        return zero.float() / 0.0 if reduction == "mean" else zero.float()
-    chunk = chunk or max(1, REFERENCE_CHUNK_BYTES // (4 * weight.shape[0]))
-    dev = h.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-    loss = ChunkedLinearCE.apply(h[keep], weight, bias, targets[keep], chunk, dtype, scale, softcap)
-    return loss / n_valid if reduction == "mean" else loss
-
-
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         bias: torch.Tensor | None = None, ignore_index: int = -100,
-                         reduction: str = "sum", scale: float = 1.0, softcap: float | None = None,
-                         chunk: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+    scale: float = 1.0,
+    softcap: float | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
     """CE(T(h W^T + b), targets) without the (N, V) logits. h (N, H), weight (V, H), targets (N,) int,
     bias (V,) or None -> 0-d fp32: the sum over non-ignored rows, or their mean (reduction="mean").
     T(z) = softcap * tanh(scale * z / softcap), or scale * z when softcap is None. Differentiable wrt h,

@@ -61,8 +61,15 @@ def _e8m0_code(amax: torch.Tensor) -> torch.Tensor:
 def _rtn_e2m1(m: torch.Tensor) -> torch.Tensor:
     """m: magnitudes in [0, 6] -> codes 0..7, nearest with ties to the even code (midpoints 0.25,
     1.25, 2.5, 5 round down to an even code; 0.75, 1.75, 3.5 round up to one)."""
-    return ((m > 0.25).int() + (m >= 0.75).int() + (m > 1.25).int() + (m >= 1.75).int()
-            + (m > 2.5).int() + (m >= 3.5).int() + (m > 5.0).int())
+    return (
+        (m > 0.25).int()
+        + (m >= 0.75).int()
+        + (m > 1.25).int()
+        + (m >= 1.75).int()
+        + (m > 2.5).int()
+        + (m >= 3.5).int()
+        + (m > 5.0).int()
+    )
 
 
 def _floor_e2m1(m: torch.Tensor) -> torch.Tensor:
@@ -70,8 +77,9 @@ def _floor_e2m1(m: torch.Tensor) -> torch.Tensor:
     return sum((m >= v).int() for v in E2M1_VALUES[1:])
 
 
-def quantize_mxfp4_reference(x: torch.Tensor, rounding: str = "nearest",
-                             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_mxfp4_reference(
+    x: torch.Tensor, rounding: str = "nearest", generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (..., D) float, D % 32 == 0 -> (packed (..., D/2) uint8, scales (..., D/32) uint8)."""
     _check_quantize_args(x, rounding)
     blocks = x.float().reshape(*x.shape[:-1], -1, BLOCK_SIZE)
@@ -99,12 +107,15 @@ def _scale_from_code(code: torch.Tensor) -> torch.Tensor:
     return torch.where((code == 0) | (code == 255), bits | (1 << 22), bits).view(torch.float32)
 
 
-def dequantize_mxfp4_reference(packed: torch.Tensor, scales: torch.Tensor,
-                               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_mxfp4_reference(
+    packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """packed: (..., D/2) uint8, scales: (..., D/32) uint8 -> (..., D) `dtype`."""
     if packed.shape[:-1] != scales.shape[:-1] or packed.shape[-1] != scales.shape[-1] * BLOCK_SIZE // 2:
-        raise ValueError(f"packed {tuple(packed.shape)} and scales {tuple(scales.shape)} do not match: "
-                         f"want packed (..., D/2) and scales (..., D/32)")
+        raise ValueError(
+            f"packed {tuple(packed.shape)} and scales {tuple(scales.shape)} do not match: "
+            f"want packed (..., D/2) and scales (..., D/32)"
+        )
     codes = unpack_fp4(packed).long()
     table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), device=packed.device)
     values = table[codes].reshape(*scales.shape, BLOCK_SIZE)
@@ -112,8 +123,9 @@ def dequantize_mxfp4_reference(packed: torch.Tensor, scales: torch.Tensor,
     return (values * scale).flatten(-2).to(dtype)
 
 
-def mxfp4_matmul_reference(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor,
-                           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def mxfp4_matmul_reference(
+    x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """x: (..., K) float, w_packed: (N, K/2) uint8, w_scales: (N, K/32) uint8 -> (..., N) = x @ W.T,
     computed in fp32 (the whole W is materialized: this is the memory-hungry baseline)."""
     _check_matmul_args(x, w_packed, w_scales)
@@ -125,18 +137,23 @@ def _check_quantize_args(x: torch.Tensor, rounding: str) -> None:
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding={rounding!r}: use one of {', '.join(ROUNDINGS)}")
     if not x.is_floating_point() or x.dim() == 0 or x.shape[-1] % BLOCK_SIZE:
-        raise ValueError(f"MXFP4 needs a float tensor whose last dim is a multiple of {BLOCK_SIZE}, "
-                         f"got {x.dtype} {tuple(x.shape)}")
+        raise ValueError(
+            f"MXFP4 needs a float tensor whose last dim is a multiple of {BLOCK_SIZE}, got {x.dtype} {tuple(x.shape)}"
+        )
 
 
 def _check_matmul_args(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor) -> None:
     if w_packed.dtype != torch.uint8 or w_scales.dtype != torch.uint8 or w_packed.dim() != 2:
-        raise ValueError(f"w_packed (N, K/2) and w_scales (N, K/32) must be 2-D uint8, got "
-                         f"{w_packed.dtype} {tuple(w_packed.shape)} and {w_scales.dtype} {tuple(w_scales.shape)}")
+        raise ValueError(
+            f"w_packed (N, K/2) and w_scales (N, K/32) must be 2-D uint8, got "
+            f"{w_packed.dtype} {tuple(w_packed.shape)} and {w_scales.dtype} {tuple(w_scales.shape)}"
+        )
     n, k = w_packed.shape[0], w_packed.shape[1] * 2
     if x.shape[-1] != k or tuple(w_scales.shape) != (n, k // BLOCK_SIZE):
-        raise ValueError(f"x {tuple(x.shape)}, w_packed {tuple(w_packed.shape)}, w_scales "
-                         f"{tuple(w_scales.shape)}: want x (..., K), w_packed (N, K/2), w_scales (N, K/32)")
+        raise ValueError(
+            f"x {tuple(x.shape)}, w_packed {tuple(w_packed.shape)}, w_scales "
+            f"{tuple(w_scales.shape)}: want x (..., K), w_packed (N, K/2), w_scales (N, K/32)"
+        )
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -148,22 +165,35 @@ if triton_enabled():
         """fp32 values (already in the block) -> uint8 codes 0..15 (same rules as the reference)."""
         m = tl.minimum(tl.abs(v) * inv_scale, 6.0)
         if STOCHASTIC:
-            lo = ((m >= 0.5).to(tl.int32) + (m >= 1.0).to(tl.int32) + (m >= 1.5).to(tl.int32)
-                  + (m >= 2.0).to(tl.int32) + (m >= 3.0).to(tl.int32) + (m >= 4.0).to(tl.int32)
-                  + (m >= 6.0).to(tl.int32))
+            lo = (
+                (m >= 0.5).to(tl.int32)
+                + (m >= 1.0).to(tl.int32)
+                + (m >= 1.5).to(tl.int32)
+                + (m >= 2.0).to(tl.int32)
+                + (m >= 3.0).to(tl.int32)
+                + (m >= 4.0).to(tl.int32)
+                + (m >= 6.0).to(tl.int32)
+            )
             # grid point and step of code lo: 0.5 apart below 2, then 1 (2..4), then 2 (4..6), 0 at 6
             lo_value = tl.where(lo < 4, lo * 0.5, tl.where(lo < 6, lo - 2.0, tl.where(lo == 6, 4.0, 6.0)))
             step = tl.where(lo < 4, 0.5, tl.where(lo < 6, 1.0, tl.where(lo == 6, 2.0, 0.0)))
             mag = lo + (u * step < m - lo_value).to(tl.int32)
         else:
-            mag = ((m > 0.25).to(tl.int32) + (m >= 0.75).to(tl.int32) + (m > 1.25).to(tl.int32)
-                   + (m >= 1.75).to(tl.int32) + (m > 2.5).to(tl.int32) + (m >= 3.5).to(tl.int32)
-                   + (m > 5.0).to(tl.int32))
+            mag = (
+                (m > 0.25).to(tl.int32)
+                + (m >= 0.75).to(tl.int32)
+                + (m > 1.25).to(tl.int32)
+                + (m >= 1.75).to(tl.int32)
+                + (m > 2.5).to(tl.int32)
+                + (m >= 3.5).to(tl.int32)
+                + (m > 5.0).to(tl.int32)
+            )
         return (mag | ((v < 0).to(tl.int32) << 3)).to(tl.uint8)
 
     @triton.jit
-    def _quantize_mxfp4_kernel(x_ptr, packed_ptr, scales_ptr, num_blocks, seed,
-                               BLOCKS: tl.constexpr, STOCHASTIC: tl.constexpr):
+    def _quantize_mxfp4_kernel(
+        x_ptr, packed_ptr, scales_ptr, num_blocks, seed, BLOCKS: tl.constexpr, STOCHASTIC: tl.constexpr
+    ):
         """One program quantizes BLOCKS blocks of 32 values of the flat input (num_blocks * 32,)."""
         block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,)
         pair = tl.arange(0, _KERNEL_BLOCK_SIZE // 2)  # (16,) byte index inside a block
@@ -190,8 +220,9 @@ if triton_enabled():
         tl.store(scales_ptr + block, code.to(tl.uint8), mask=block < num_blocks)
 
 
-def quantize_mxfp4(x: torch.Tensor, rounding: str = "nearest",
-                   seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_mxfp4(
+    x: torch.Tensor, rounding: str = "nearest", seed: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (..., D) fp32/bf16/fp16, D % 32 == 0 -> (packed (..., D/2) uint8, scales (..., D/32) uint8).
 
     Stochastic rounding draws from tl.rand(seed, element index) in the kernel (seed=None: one
@@ -209,18 +240,19 @@ def quantize_mxfp4(x: torch.Tensor, rounding: str = "nearest",
     packed = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=torch.uint8, device=x.device)
     scales = torch.empty(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE, dtype=torch.uint8, device=x.device)
     grid = (triton.cdiv(num_blocks, QUANT_BLOCKS_PER_PROGRAM),)
-    _quantize_mxfp4_kernel[grid](x, packed, scales, num_blocks, seed,
-                                 BLOCKS=QUANT_BLOCKS_PER_PROGRAM, STOCHASTIC=rounding == "stochastic")
+    _quantize_mxfp4_kernel[grid](
+        x, packed, scales, num_blocks, seed, BLOCKS=QUANT_BLOCKS_PER_PROGRAM, STOCHASTIC=rounding == "stochastic"
+    )
     return packed, scales
 
 
 if triton_enabled():
+
     @triton.jit
     def _scale_from_code_bits(code):
         """int32 E8M0 codes -> fp32 scales, as _scale_from_code."""
         bits = code << 23
         return tl.where((code == 0) | (code == 255), bits | (1 << 22), bits).to(tl.float32, bitcast=True)
-
 
     @triton.jit
     def _dequantize_e2m1(codes, scale):
@@ -234,12 +266,24 @@ if triton_enabled():
         bits = tl.where(e == 0, m * (126 << 23), ((e + 126) << 23) | (m << 22)) | ((c & 8) << 28)
         return bits.to(tl.float32, bitcast=True) * scale
 
-
     @triton.jit
-    def _mxfp4_matmul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K,
-                             stride_xm, stride_om,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    def _mxfp4_matmul_kernel(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_om,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
         """out[M, N] = x[M, K] @ dequant(w)[N, K].T; w is (N, K/2) packed bytes, scales (N, K/32)."""
         # grouped ordering: GROUP_M row tiles sweep the N tiles together so W tiles stay in L2
         pid = tl.program_id(0)
@@ -258,14 +302,18 @@ if triton_enabled():
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_mask = (k0 + offs_k) < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
-                        mask=mask_m[:, None] & k_mask[None, :], other=0.0)
+            x = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                mask=mask_m[:, None] & k_mask[None, :],
+                other=0.0,
+            )
             byte_col = k0 // 2 + offs_byte
             w_mask = mask_n[:, None] & (byte_col < K // 2)[None, :]
             packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + byte_col[None, :], mask=w_mask, other=0)
             # one scale per 16 bytes; the repeated addresses are served from L1
-            code = tl.load(s_ptr + offs_n[:, None] * (K // _KERNEL_BLOCK_SIZE) + (byte_col // 16)[None, :],
-                           mask=w_mask, other=127).to(tl.int32)
+            code = tl.load(
+                s_ptr + offs_n[:, None] * (K // _KERNEL_BLOCK_SIZE) + (byte_col // 16)[None, :], mask=w_mask, other=127
+            ).to(tl.int32)
             scale = _scale_from_code_bits(code)
             lo = _dequantize_e2m1(packed & 0xF, scale)
             hi = _dequantize_e2m1(packed >> 4, scale)
@@ -287,8 +335,9 @@ def _matmul_blocks(m: int, k: int) -> tuple[int, int, int]:
     return block_m, 128 if block_m <= 64 else 64, block_k
 
 
-def _mxfp4_matmul_triton(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor,
-                         out_dtype: torch.dtype) -> torch.Tensor:
+def _mxfp4_matmul_triton(
+    x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -299,10 +348,23 @@ def _mxfp4_matmul_triton(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torc
     # fp32 x follows torch's TF32 switch (off by default), so fp32 matches torch.matmul
     precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _mxfp4_matmul_kernel[grid](x2, w_packed.contiguous(), w_scales.contiguous(), out, m, n, k,
-                               x2.stride(0), out.stride(0),
-                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                               UPCAST_DOT=interpreting(), INPUT_PRECISION=precision)
+    _mxfp4_matmul_kernel[grid](
+        x2,
+        w_packed.contiguous(),
+        w_scales.contiguous(),
+        out,
+        m,
+        n,
+        k,
+        x2.stride(0),
+        out.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=8,
+        UPCAST_DOT=interpreting(),
+        INPUT_PRECISION=precision,
+    )
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -323,8 +385,9 @@ class _MXFP4Matmul(torch.autograd.Function):
         return grad_out.to(ctx.x_dtype) @ w, None, None, None
 
 
-def mxfp4_matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor,
-                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def mxfp4_matmul(
+    x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """x: (..., K) bf16/fp16/fp32, w_packed: (N, K/2) uint8, w_scales: (N, K/32) uint8 -> (..., N).
 
     The Triton path streams the 4.25-bit weight and dequantizes tiles in registers (fp32

@@ -36,8 +36,21 @@ NUM_STAGES = {torch.float32: 2}  # pipeline depth; fp32 tiles need twice the sha
 if triton_enabled():
 
     @triton.jit
-    def _dequant_nf4_tile(codes_ptr, absmax_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_offset_ptr, codebook_ptr,
-                          rows, byte_cols, mask, K, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, DQ: tl.constexpr):
+    def _dequant_nf4_tile(
+        codes_ptr,
+        absmax_ptr,
+        absmax_q_ptr,
+        absmax_scale_ptr,
+        absmax_offset_ptr,
+        codebook_ptr,
+        rows,
+        byte_cols,
+        mask,
+        K,
+        QBLOCK: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+        DQ: tl.constexpr,
+    ):
         """W[rows, 2 * byte_cols + {0, 1}] in fp32: rows (R,), byte_cols (C,) -> (R, 2C), masked entries 0."""
         flat = rows[:, None].to(tl.int64) * K + 2 * byte_cols[None, :]  # flat index of the pair's first value
         byte = tl.load(codes_ptr + flat // 2, mask=mask, other=0)
@@ -54,11 +67,31 @@ if triton_enabled():
         return tl.interleave(hi * absmax, lo * absmax)
 
     @triton.jit
-    def _nf4_matmul_kernel(x_ptr, codes_ptr, absmax_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_offset_ptr,
-                           codebook_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_ym, QBLOCK: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, DQ: tl.constexpr,
-                           UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _nf4_matmul_kernel(
+        x_ptr,
+        codes_ptr,
+        absmax_ptr,
+        absmax_q_ptr,
+        absmax_scale_ptr,
+        absmax_offset_ptr,
+        codebook_ptr,
+        bias_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_ym,
+        QBLOCK: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+        DQ: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """y (M, N) = x (M, K) @ W^T; one program per (BLOCK_M, BLOCK_N) output tile, looping over K."""
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -66,27 +99,63 @@ if triton_enabled():
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :],
-                        mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            x = tl.load(
+                x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :],
+                mask=(rm[:, None] < M) & (rk[None, :] < K),
+                other=0.0,
+            )
             rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            w = _dequant_nf4_tile(codes_ptr, absmax_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_offset_ptr,
-                                  codebook_ptr, rn, rb, (rn[:, None] < N) & (rb[None, :] < K // 2), K, QBLOCK,
-                                  DOUBLE_QUANT, DQ)
+            w = _dequant_nf4_tile(
+                codes_ptr,
+                absmax_ptr,
+                absmax_q_ptr,
+                absmax_scale_ptr,
+                absmax_offset_ptr,
+                codebook_ptr,
+                rn,
+                rb,
+                (rn[:, None] < N) & (rb[None, :] < K // 2),
+                K,
+                QBLOCK,
+                DOUBLE_QUANT,
+                DQ,
+            )
             if UPCAST:  # the interpreter's bf16 tl.dot is wrong: do it in fp32 there
                 acc = tl.dot(x.to(tl.float32), tl.trans(w), acc)
             else:
                 acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+        tl.store(
+            y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=(rm[:, None] < M) & (rn[None, :] < N),
+        )
 
     @triton.jit
-    def _nf4_matmul_t_kernel(g_ptr, codes_ptr, absmax_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_offset_ptr,
-                             codebook_ptr, dx_ptr, M, N, K, stride_gm, stride_dm, QBLOCK: tl.constexpr,
-                             DOUBLE_QUANT: tl.constexpr, DQ: tl.constexpr, UPCAST: tl.constexpr,
-                             PRECISION: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _nf4_matmul_t_kernel(
+        g_ptr,
+        codes_ptr,
+        absmax_ptr,
+        absmax_q_ptr,
+        absmax_scale_ptr,
+        absmax_offset_ptr,
+        codebook_ptr,
+        dx_ptr,
+        M,
+        N,
+        K,
+        stride_gm,
+        stride_dm,
+        QBLOCK: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+        DQ: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """dx (M, K) = g (M, N) @ W; one program per (BLOCK_M, BLOCK_K) output tile, looping over N."""
         pid_m, pid_k = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -95,17 +164,35 @@ if triton_enabled():
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
-            g = tl.load(g_ptr + rm[:, None].to(tl.int64) * stride_gm + rn[None, :],
-                        mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
-            w = _dequant_nf4_tile(codes_ptr, absmax_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_offset_ptr,
-                                  codebook_ptr, rn, rb, (rn[:, None] < N) & (rb[None, :] < K // 2), K, QBLOCK,
-                                  DOUBLE_QUANT, DQ)
+            g = tl.load(
+                g_ptr + rm[:, None].to(tl.int64) * stride_gm + rn[None, :],
+                mask=(rm[:, None] < M) & (rn[None, :] < N),
+                other=0.0,
+            )
+            w = _dequant_nf4_tile(
+                codes_ptr,
+                absmax_ptr,
+                absmax_q_ptr,
+                absmax_scale_ptr,
+                absmax_offset_ptr,
+                codebook_ptr,
+                rn,
+                rb,
+                (rn[:, None] < N) & (rb[None, :] < K // 2),
+                K,
+                QBLOCK,
+                DOUBLE_QUANT,
+                DQ,
+            )
             if UPCAST:
                 acc = tl.dot(g.to(tl.float32), w, acc)
             else:
                 acc = tl.dot(g, w.to(g.dtype), acc, input_precision=PRECISION)
-        tl.store(dx_ptr + rm[:, None].to(tl.int64) * stride_dm + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rk[None, :] < K))
+        tl.store(
+            dx_ptr + rm[:, None].to(tl.int64) * stride_dm + rk[None, :],
+            acc.to(dx_ptr.dtype.element_ty),
+            mask=(rm[:, None] < M) & (rk[None, :] < K),
+        )
 
 
 class NF4Operand(NamedTuple):
@@ -166,8 +253,10 @@ def _check(x: torch.Tensor, weight: NF4Operand) -> tuple[int, int]:
     if weight.block_size % 2:
         raise ValueError(f"nf4_matmul: NF4 block_size must be even, got {weight.block_size}")
     if weight.codes.dtype != torch.uint8 or not weight.codes.is_contiguous() or weight.codes.numel() * 2 != n * k:
-        raise ValueError(f"nf4_matmul: codes must be contiguous uint8 of {n * k // 2} bytes, got "
-                         f"{weight.codes.dtype} {tuple(weight.codes.shape)}")
+        raise ValueError(
+            f"nf4_matmul: codes must be contiguous uint8 of {n * k // 2} bytes, got "
+            f"{weight.codes.dtype} {tuple(weight.codes.shape)}"
+        )
     return n, k
 
 
@@ -180,11 +269,29 @@ def nf4_matmul_forward(x2: torch.Tensor, weight: NF4Operand, bias: torch.Tensor 
     bm, bn, bk = tile_size(m, BLOCK_M), tile_size(n, BLOCK_N), tile_size(k, BLOCK_K)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _nf4_matmul_kernel[grid](
-        x2, weight.codes, *_scale_args(weight), weight.codebook, bias if bias is not None else y, y,
-        m, n, k, x2.stride(0), y.stride(0), QBLOCK=weight.block_size,
-        HAS_BIAS=bias is not None, DOUBLE_QUANT=weight.double_quant, DQ=weight.dq_block,
-        UPCAST=interpreting() and x2.dtype != torch.float32, PRECISION=dot_precision(x2.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS, num_stages=NUM_STAGES.get(x2.dtype, 3))
+        x2,
+        weight.codes,
+        *_scale_args(weight),
+        weight.codebook,
+        bias if bias is not None else y,
+        y,
+        m,
+        n,
+        k,
+        x2.stride(0),
+        y.stride(0),
+        QBLOCK=weight.block_size,
+        HAS_BIAS=bias is not None,
+        DOUBLE_QUANT=weight.double_quant,
+        DQ=weight.dq_block,
+        UPCAST=interpreting() and x2.dtype != torch.float32,
+        PRECISION=dot_precision(x2.dtype),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES.get(x2.dtype, 3),
+    )
     return y
 
 
@@ -198,11 +305,27 @@ def nf4_matmul_backward(g2: torch.Tensor, weight: NF4Operand) -> torch.Tensor:
     bm, bn, bk = tile_size(m, BLOCK_M), tile_size(n, BLOCK_K), tile_size(k, BLOCK_N)
     grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
     _nf4_matmul_t_kernel[grid](
-        g2, weight.codes, *_scale_args(weight), weight.codebook, dx,
-        m, n, k, g2.stride(0), dx.stride(0), QBLOCK=weight.block_size,
-        DOUBLE_QUANT=weight.double_quant, DQ=weight.dq_block,
-        UPCAST=interpreting() and g2.dtype != torch.float32, PRECISION=dot_precision(g2.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS, num_stages=NUM_STAGES.get(g2.dtype, 3))
+        g2,
+        weight.codes,
+        *_scale_args(weight),
+        weight.codebook,
+        dx,
+        m,
+        n,
+        k,
+        g2.stride(0),
+        dx.stride(0),
+        QBLOCK=weight.block_size,
+        DOUBLE_QUANT=weight.double_quant,
+        DQ=weight.dq_block,
+        UPCAST=interpreting() and g2.dtype != torch.float32,
+        PRECISION=dot_precision(g2.dtype),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES.get(g2.dtype, 3),
+    )
     return dx
 
 
@@ -221,8 +344,11 @@ class NF4MatmulFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         weight = ctx.weight
         g2 = grad_y.reshape(-1, weight.shape[0]).contiguous()
-        dx = nf4_matmul_backward(g2, weight).view(*grad_y.shape[:-1], weight.shape[1]) \
-            if ctx.needs_input_grad[0] else None
+        dx = (
+            nf4_matmul_backward(g2, weight).view(*grad_y.shape[:-1], weight.shape[1])
+            if ctx.needs_input_grad[0]
+            else None
+        )
         db = g2.float().sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return dx, None, db
 

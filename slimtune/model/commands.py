@@ -34,19 +34,35 @@ def prune_command(cfg) -> Path:
     if method.statistic is not None:
         # the train split as a run sees it: data.chat_template, data.packing and data.train_on applied
         samples = calibration_samples(splits_for(cfg, tokenizer).train, p.calibration_samples, cfg.train.seed)
-    achieved = prune_model(model, samples, p.method, p.sparsity, p.pattern, p.scope,
-                           options_of(cfg, method))
+    achieved = prune_model(model, samples, p.method, p.sparsity, p.pattern, p.scope, options_of(cfg, method))
     if cfg.model.dtype != "float32":
         from slimtune.formats.hf import DTYPES
 
         model.to(DTYPES[cfg.model.dtype])
-    source = read_sparse_manifest(cfg.model.name)["source_model"] if is_sparse_model(cfg.model.name) else \
-        str(resolve_model_dir(cfg.model.name))
+    source = (
+        read_sparse_manifest(cfg.model.name)["source_model"]
+        if is_sparse_model(cfg.model.name)
+        else str(resolve_model_dir(cfg.model.name))
+    )
     mean = sum(achieved.values()) / max(len(achieved), 1)
-    save_sparse(model, tokenizer, out, {"method": p.method, "pattern": p.pattern, "sparsity": p.sparsity,
-                                        "scope": p.scope, "source_model": source, "matrices": achieved,
-                                        "calibration_samples": len(samples), "data_source": cfg.data.source,
-                                        "seconds": round(time.perf_counter() - t0, 2)})
-    print(f"slimtune: wrote {out}/ ({p.method}, {p.pattern}, {len(achieved)} matrices at mean sparsity "
-          f"{mean:.3f}, {time.perf_counter() - t0:.1f}s)")
+    save_sparse(
+        model,
+        tokenizer,
+        out,
+        {
+            "method": p.method,
+            "pattern": p.pattern,
+            "sparsity": p.sparsity,
+            "scope": p.scope,
+            "source_model": source,
+            "matrices": achieved,
+            "calibration_samples": len(samples),
+            "data_source": cfg.data.source,
+            "seconds": round(time.perf_counter() - t0, 2),
+        },
+    )
+    print(
+        f"slimtune: wrote {out}/ ({p.method}, {p.pattern}, {len(achieved)} matrices at mean sparsity "
+        f"{mean:.3f}, {time.perf_counter() - t0:.1f}s)"
+    )
     return out

@@ -23,9 +23,11 @@ def load_base(name: str, dtype: str = "float32", keep_compressed: bool = False) 
     """model.name -> the model (CPU, frozen, use_cache off); `dtype` for what is stored in full precision.
     keep_compressed: a compressed checkpoint's decoder layers stay encoded in memory (inference only)."""
     if keep_compressed and not is_compressed_checkpoint(name):
-        raise SlimtuneError(f"model.keep_compressed=true needs a compressed checkpoint (slimtune export ... --format "
-                            f"dfloat11 | sparse | sparse-nf4 | sparse-int8), but model.name={name!r} is not one; "
-                            "drop model.keep_compressed")
+        raise SlimtuneError(
+            f"model.keep_compressed=true needs a compressed checkpoint (slimtune export ... --format "
+            f"dfloat11 | sparse | sparse-nf4 | sparse-int8), but model.name={name!r} is not one; "
+            "drop model.keep_compressed"
+        )
     for base in BASES.values():
         load = getattr(base, "load", None)
         if load is not None and base.detect(name):

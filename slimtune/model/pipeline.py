@@ -40,7 +40,8 @@ from slimtune.technique import options_of
 from slimtune.engines.ddp import Engine
 from slimtune.memory import release_file_mappings, set_mmap_threshold, trim_heap
 from slimtune.engines.offload.rundir import offload_dir, open_store
-from slimtune.engines.offload.engine import OffloadEngine, offload_active
+from slimtune.engines.offload.engine import OffloadEngine
+from slimtune.engines.offload.settings import offload_active
 from slimtune.engines.dist import DistInfo
 
 
@@ -82,8 +83,7 @@ def add_adapters(model: nn.Module, cfg) -> None:
         apply_adapters(model, cfg.adapter, adapter_options(cfg))
 
 
-def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), train_blocks=None,
-                log=print) -> Built:
+def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), train_blocks=None, log=print) -> Built:
     """Run the stages for training per `cfg` (RecipeConfig); train_blocks feed calibration (LQ-LoRA ...)."""
     if offload_active(cfg):
         return _build_offloaded(cfg, device, dist_info, log)
@@ -95,8 +95,11 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
     n = apply_precision(model, precision, options_of(cfg, technique), skip=adapter_internals(model))
     if n:
         log(f"train.precision={cfg.train.precision}: {n} linear layers compute in low precision")
-    hooks = (ADAPTERS.get(cfg.adapter.type).training_hooks(model, adapter_options(cfg), cfg.train.max_steps)
-             if cfg.adapter.type != "none" else [])
+    hooks = (
+        ADAPTERS.get(cfg.adapter.type).training_hooks(model, adapter_options(cfg), cfg.train.max_steps)
+        if cfg.adapter.type != "none"
+        else []
+    )
     release_file_mappings(model)  # the loaded file's pages would stay resident all run
     trim_heap()  # and so would what loading and quantizing freed
     engine_cls = Engine if cfg.engine.name == "offload" else ENGINES.get(cfg.engine.name)  # offload: nothing on disk
@@ -129,8 +132,10 @@ def _build_offloaded(cfg, device, dist_info, log) -> Built:
     except BaseException:  # the store's threads and its lock go with the error
         engine.close() if engine is not None else store.close(delete=True)
         raise
-    log(f"offload: engine.params={params} engine.optimizer={optimizer}, store in {offload_dir(cfg)} "
-        f"({engine.pool.nbytes / 2**20:.0f} MiB of buffers)")
+    log(
+        f"offload: engine.params={params} engine.optimizer={optimizer}, store in {offload_dir(cfg)} "
+        f"({engine.pool.nbytes / 2**20:.0f} MiB of buffers)"
+    )
     return Built(model, engine, {})
 
 
@@ -143,11 +148,13 @@ def _check_sparse_kept(model: nn.Module, masks: dict, cfg) -> None:
         m = model.get_submodule(name)
         base = getattr(m, "base", m)
         if is_quantized_linear(base) and bool((dequantize_weight(base)[~mask.bool()] != 0).any()):
-            raise ConfigError(f"model.name={cfg.model.name!r} is pruned, but quant.method={cfg.quant.method} / "
-                              f"adapter.init={cfg.adapter.init} makes its pruned weights nonzero ({name}): use "
-                              "quant.method=nf4 or int8 with adapter.init=default (the LoRA update is masked), or "
-                              "`slimtune export PRUNED --format sparse-nf4 --rank R` for LQ-LoRA factors on the "
-                              "kept weights, then train that")
+            raise ConfigError(
+                f"model.name={cfg.model.name!r} is pruned, but quant.method={cfg.quant.method} / "
+                f"adapter.init={cfg.adapter.init} makes its pruned weights nonzero ({name}): use "
+                "quant.method=nf4 or int8 with adapter.init=default (the LoRA update is masked), or "
+                "`slimtune export PRUNED --format sparse-nf4 --rank R` for LQ-LoRA factors on the "
+                "kept weights, then train that"
+            )
 
 
 def with_recorded_quant(cfg, record: dict, adapter_dir: Path):
@@ -161,8 +168,10 @@ def with_recorded_quant(cfg, record: dict, adapter_dir: Path):
         if options is not None and section is not None:
             cfg = dataclasses.replace(cfg, **{section: SECTIONS[section](**options)})
     except (TypeError, ConfigError) as e:
-        raise SlimtuneError(f"{adapter_dir / 'slimtune_adapter.json'}: bad 'quant' record ({e}); re-save the "
-                            "adapter with slimtune or fix the record") from None
+        raise SlimtuneError(
+            f"{adapter_dir / 'slimtune_adapter.json'}: bad 'quant' record ({e}); re-save the "
+            "adapter with slimtune or fix the record"
+        ) from None
     return cfg
 
 
@@ -178,17 +187,21 @@ def build_for_eval(cfg) -> nn.Module:
     stage_cfg = with_recorded_quant(cfg, meta["quant"], Path(name)) if meta is not None and meta["quant"] else cfg
     quant = stage_cfg.quant
     if needs_lowrank(stage_cfg):
-        raise ConfigError(f"slimtune eval with quant.method={quant.method} adapter.init={cfg.adapter.init}: the "
-                          "decomposition needs calibration data; write it with `slimtune quantize ... output_dir=DIR` "
-                          "and evaluate model.name=DIR")
+        raise ConfigError(
+            f"slimtune eval with quant.method={quant.method} adapter.init={cfg.adapter.init}: the "
+            "decomposition needs calibration data; write it with `slimtune quantize ... output_dir=DIR` "
+            "and evaluate model.name=DIR"
+        )
     base = meta["model_name"] if meta else name
     # a base quantized on load (quant.method, or the format an adapter was trained against) is decoded once
     # and quantized: its linears then stay compressed in their quantized form, which keep_compressed's
     # per-layer decode would only duplicate
     keep = cfg.model.keep_compressed and quant.method == "none"
     if cfg.model.keep_compressed and not keep:
-        print(f"slimtune: model.keep_compressed=true with quant.method={quant.method}: the checkpoint is decoded "
-              f"once and its linears quantized ({quant.method}), which keeps them compressed in memory")
+        print(
+            f"slimtune: model.keep_compressed=true with quant.method={quant.method}: the checkpoint is decoded "
+            f"once and its linears quantized ({quant.method}), which keeps them compressed in memory"
+        )
     model = load_base(base, load_dtype(stage_cfg), keep)
     check_head(model, name)
     _, masks = read_masks(base, model)
@@ -198,4 +211,3 @@ def build_for_eval(cfg) -> nn.Module:
         ADAPTER_FORMATS.get(meta["format"]).load(model, Path(name).expanduser())
         hold_masks(model, masks)  # an adapter trained on a pruned base learned mask * (B A)
     return model.eval()
-

@@ -38,8 +38,15 @@ def quantize_base(model: nn.Module, cfg, train_blocks=None, log=print) -> dict:
         samples = calibration_samples(train_blocks, cfg.lq_lora.calibration_samples, cfg.train.seed)
         info = quantize_lowrank(model, cfg, Calibration(samples, cfg.train.loss_chunk_tokens), log)
     else:
-        quantize_model(model, q.method, backend=q.backend, block_size=q.block_size, double_quant=q.double_quant,
-                       compute_dtype=dtype, options=options_of(cfg, QUANT_FORMATS.technique(q.method)))
+        quantize_model(
+            model,
+            q.method,
+            backend=q.backend,
+            block_size=q.block_size,
+            double_quant=q.double_quant,
+            compute_dtype=dtype,
+            options=options_of(cfg, QUANT_FORMATS.technique(q.method)),
+        )
         info = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
@@ -73,11 +80,14 @@ def quantize_command(cfg) -> Path:
     if cfg.quant.method == "none":
         raise ConfigError("quant.method=none: nothing to quantize; set quant.method=lq_lora, nf4, nf3, int4, ...")
     if is_quantized_checkpoint(cfg.model.name):
-        raise ConfigError(f"model.name={cfg.model.name!r} is already a quantized checkpoint; give the "
-                          "full-precision model")
+        raise ConfigError(
+            f"model.name={cfg.model.name!r} is already a quantized checkpoint; give the full-precision model"
+        )
     if cfg.quant.backend != "slimtune":
-        raise ConfigError(f"quant.backend={cfg.quant.backend}: slimtune quantize writes slimtune's own formats; "
-                          "use quant.backend=slimtune")
+        raise ConfigError(
+            f"quant.backend={cfg.quant.backend}: slimtune quantize writes slimtune's own formats; "
+            "use quant.backend=slimtune"
+        )
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model.name)
     model = load_model(cfg.model.name, load_dtype(cfg))
@@ -85,11 +95,14 @@ def quantize_command(cfg) -> Path:
     if needs_lowrank(cfg):
         blocks = build_splits(cfg.data.source, tokenizer, cfg.train.seq_len, cfg.data.eval_fraction).train
     info = quantize_base(model, cfg, blocks)
-    fields = {"method": cfg.quant.method, "init": cfg.adapter.init,
-              "base_model": str(resolve_model_dir(cfg.model.name)), "seconds": time.perf_counter() - t0}
+    fields = {
+        "method": cfg.quant.method,
+        "init": cfg.adapter.init,
+        "base_model": str(resolve_model_dir(cfg.model.name)),
+        "seconds": time.perf_counter() - t0,
+    }
     if cfg.quant.method == "lq_lora":
-        fields.update(budget_bits=cfg.lq_lora.budget_bits, fisher=cfg.lq_lora.fisher,
-                      allocation=info["allocation"])
+        fields.update(budget_bits=cfg.lq_lora.budget_bits, fisher=cfg.lq_lora.fisher, allocation=info["allocation"])
     if "modules" in info:
         fields["errors"] = info["modules"]
     save_quantized(model, out, tokenizer, fields)
@@ -97,6 +110,8 @@ def quantize_command(cfg) -> Path:
     if "table" in info:
         write_text(out / "allocation.txt", info["table"] + "\n")
     write_json(out / "quantize_report.json", {"bits_per_param": bits, **fields})
-    print(f"slimtune: wrote {out}/ ({cfg.quant.method}, {bits:.3f} bits/param in the quantized linears, "
-          f"{time.perf_counter() - t0:.1f}s)")
+    print(
+        f"slimtune: wrote {out}/ ({cfg.quant.method}, {bits:.3f} bits/param in the quantized linears, "
+        f"{time.perf_counter() - t0:.1f}s)"
+    )
     return out

@@ -39,8 +39,15 @@ class Recovery:
         r = cfg.recover
         if self.teacher is None:
             return None
-        return RecoveryLoss(model, self.teacher, ce=r.ce, kd=r.kd, feature=r.feature, temperature=r.temperature,
-                            chunk_tokens=cfg.train.loss_chunk_tokens)
+        return RecoveryLoss(
+            model,
+            self.teacher,
+            ce=r.ce,
+            kd=r.kd,
+            feature=r.feature,
+            temperature=r.temperature,
+            chunk_tokens=cfg.train.loss_chunk_tokens,
+        )
 
     def mask_tensors(self) -> dict[str, torch.Tensor]:
         return self.held.state_dict() if self.held is not None else {}
@@ -61,8 +68,10 @@ def load_teacher(cfg, manifest: dict | None, log=print) -> nn.Module | None:
         return None
     name = r.teacher or (manifest or {}).get("source_model")
     if not name:
-        raise ConfigError(f"recover.kd / recover.feature need a teacher: model.name={cfg.model.name!r} has no "
-                          f"{MANIFEST} naming its dense source; set recover.teacher=MODEL")
+        raise ConfigError(
+            f"recover.kd / recover.feature need a teacher: model.name={cfg.model.name!r} has no "
+            f"{MANIFEST} naming its dense source; set recover.teacher=MODEL"
+        )
     from slimtune.model.load import load_base
     from slimtune.formats.hf import DTYPES
     from slimtune.quant import quantize_model
@@ -73,16 +82,24 @@ def load_teacher(cfg, manifest: dict | None, log=print) -> nn.Module | None:
     except SlimtuneError as e:
         raise SlimtuneError(f"recover.teacher={name!r}: {e}") from None
     if r.teacher_quant != "none":
-        quantize_model(teacher, r.teacher_quant, block_size=cfg.quant.block_size, double_quant=cfg.quant.double_quant,
-                       compute_dtype=DTYPES[cfg.model.dtype])
+        quantize_model(
+            teacher,
+            r.teacher_quant,
+            block_size=cfg.quant.block_size,
+            double_quant=cfg.quant.double_quant,
+            compute_dtype=DTYPES[cfg.model.dtype],
+        )
     teacher.eval().requires_grad_(False)
-    log(f"recover: teacher {name} ({r.teacher_quant if r.teacher_quant != 'none' else cfg.model.dtype}, "
-        f"{time.perf_counter() - t0:.1f}s)")
+    log(
+        f"recover: teacher {name} ({r.teacher_quant if r.teacher_quant != 'none' else cfg.model.dtype}, "
+        f"{time.perf_counter() - t0:.1f}s)"
+    )
     return teacher
 
 
-def recovery_stage(cfg, model: nn.Module, manifest: dict | None, masks: dict, device: torch.device,
-                   log=print) -> Recovery | None:
+def recovery_stage(
+    cfg, model: nn.Module, manifest: dict | None, masks: dict, device: torch.device, log=print
+) -> Recovery | None:
     """Masks held and the teacher loaded (after the adapters stage). None when nothing applies."""
     needs_teacher = cfg.recover.kd > 0 or cfg.recover.feature > 0
     if manifest is None and not needs_teacher and cfg.data.select == "all":
@@ -90,8 +107,10 @@ def recovery_stage(cfg, model: nn.Module, manifest: dict | None, masks: dict, de
     rec = Recovery(manifest, masks, hold_masks(model, masks))
     if masks:
         kept = sum(int(m.sum()) for m in masks.values()) / max(sum(m.numel() for m in masks.values()), 1)
-        log(f"recover: {len(masks)} pruned matrices ({manifest.get('method')} {manifest.get('pattern')}, "
-            f"{1 - kept:.3f} sparse) held sparse")
+        log(
+            f"recover: {len(masks)} pruned matrices ({manifest.get('method')} {manifest.get('pattern')}, "
+            f"{1 - kept:.3f} sparse) held sparse"
+        )
     teacher = load_teacher(cfg, manifest, log)
     if teacher is not None:
         rec.teacher_model = teacher.to(device)
@@ -112,18 +131,26 @@ def select_data(cfg, rec: Recovery | None, model: nn.Module, blocks, device, log
     if dense is None:  # no teacher for the loss: the dense model only for the scores
         name = cfg.recover.teacher or ((rec.manifest or {}).get("source_model") if rec else None)
         if not name:
-            raise ConfigError("data.select=degradation compares the pruned model with its dense source: give a "
-                              f"sparse model.name (with {MANIFEST}) or recover.teacher=MODEL")
+            raise ConfigError(
+                "data.select=degradation compares the pruned model with its dense source: give a "
+                f"sparse model.name (with {MANIFEST}) or recover.teacher=MODEL"
+            )
         from slimtune.model.load import load_base
 
         dense = load_base(name, cfg.model.dtype).to(device).eval()
     t0 = time.perf_counter()
-    subset, summary = select_recovery_data(dense, model, blocks, d.select_fraction, seed=cfg.train.seed,
-                                           batch_size=cfg.train.batch_size,
-                                           chunk_tokens=cfg.train.loss_chunk_tokens)
-    log(f"data.select=degradation: {summary['n_selected']} of {summary['n_candidates']} blocks in "
+    subset, summary = select_recovery_data(
+        dense,
+        model,
+        blocks,
+        d.select_fraction,
+        seed=cfg.train.seed,
+        batch_size=cfg.train.batch_size,
+        chunk_tokens=cfg.train.loss_chunk_tokens,
+    )
+    log(
+        f"data.select=degradation: {summary['n_selected']} of {summary['n_candidates']} blocks in "
         f"{summary['clusters']} clusters (mean degradation {summary['mean_score_selected']:.3f} vs "
-        f"{summary['mean_score_all']:.3f} for all, {time.perf_counter() - t0:.1f}s)")
+        f"{summary['mean_score_all']:.3f} for all, {time.perf_counter() - t0:.1f}s)"
+    )
     return subset
-
-

@@ -98,8 +98,9 @@ def keep_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> Non
                 optimizer.state[p][key] = value.to(device=p.device, copy=True)
 
 
-def _advance_moments(state: dict, grad: torch.Tensor, betas: tuple[float, float],
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _advance_moments(
+    state: dict, grad: torch.Tensor, betas: tuple[float, float], eps: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Increment state["step"], advance both moments with `grad` and return (m, denom, bc1):
     m the new first moment (fp32), denom = sqrt(v) / sqrt(1 - b2^t) + eps, bc1 = 1 - b1^t, each with
     torch.optim.AdamW's (single-tensor) arithmetic."""

@@ -26,8 +26,15 @@ from slimtune.technique import declares
 class AdamW(torch.optim.Optimizer):
     """AdamW(params, lr, betas, eps, weight_decay, state_bits); every option may differ per param group."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, state_bits: int = 32):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        state_bits: int = 32,
+    ):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
@@ -36,8 +43,7 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"eps and weight_decay must be >= 0, got eps={eps}, weight_decay={weight_decay}")
         if state_bits not in (32, 8):
             raise ValueError(f"state_bits must be 32 or 8, got {state_bits}")
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
-                    "state_bits": state_bits}
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "state_bits": state_bits}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -72,8 +78,10 @@ def build_adamw(optim, options, named, lr):
 
 def _state_bits_32(cfg) -> None:
     if cfg.optim.state_bits != 32:
-        raise ConfigError(f"optim.state_bits={cfg.optim.state_bits} applies to adamw, galore, frugal and dct, not "
-                          f"optim.name={cfg.optim.name}")
+        raise ConfigError(
+            f"optim.state_bits={cfg.optim.state_bits} applies to adamw, galore, frugal and dct, not "
+            f"optim.name={cfg.optim.name}"
+        )
 
 
 def _bnb_state_bytes(optim, options, name: str, shape) -> int:
@@ -88,14 +96,21 @@ def _bnb_shared_bytes(optim, options, tensors) -> int:
 
 
 @OPTIMIZERS.register("adamw8bit")
-@declares(requires={"whole_matrices"}, withholds={"per_tensor_state"}, validate=_state_bits_32,
-          state_bytes=_bnb_state_bytes, shared_bytes=_bnb_shared_bytes,
-          step_bytes=lambda optim, options, name, shape: STEP_RATE["other"] * math.prod(shape))
+@declares(
+    requires={"whole_matrices"},
+    withholds={"per_tensor_state"},
+    validate=_state_bits_32,
+    state_bytes=_bnb_state_bytes,
+    shared_bytes=_bnb_shared_bytes,
+    step_bytes=lambda optim, options, name, shape: STEP_RATE["other"] * math.prod(shape),
+)
 def build_adamw8bit(optim, options, named, lr):
     """bitsandbytes' AdamW8bit (it keeps its own state: the offload engine cannot stream it)."""
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise SlimtuneError("optim.name=adamw8bit needs bitsandbytes: pip install bitsandbytes "
-                            "(or optim.name=adamw optim.state_bits=8, slimtune's own 8-bit states)") from None
+        raise SlimtuneError(
+            "optim.name=adamw8bit needs bitsandbytes: pip install bitsandbytes "
+            "(or optim.name=adamw optim.state_bits=8, slimtune's own 8-bit states)"
+        ) from None
     return bnb.optim.AdamW8bit([p for _, p in named], lr=lr, **adam_kwargs(optim))

@@ -42,8 +42,9 @@ def lora_plus(optimizer, named, ratio: float, lr: float):
             continue
         if moved:
             group["params"] = [p for p in group["params"] if id(p) not in fast]
-            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved,
-                                       "lr_scale": ratio})
+            optimizer.add_param_group(
+                {**{k: v for k, v in group.items() if k != "params"}, "params": moved, "lr_scale": ratio}
+            )
     set_lr(optimizer, lr)
     return optimizer
 

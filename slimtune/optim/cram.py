@@ -41,8 +41,9 @@ class CramConfig:
 
     rho: float = option("optim.cram: step size of the perturbation w + rho g", 0.05)
     sparsities: tuple[float, ...] = option("optim.cram: top-k sparsity, one drawn per step", (0.5, 0.6, 0.7))
-    pattern: str = option("optim.cram: unstructured (cram.sparsities) | 2:4 | 4:8", "unstructured", PATTERNS,
-                         ratio=True)
+    pattern: str = option(
+        "optim.cram: unstructured (cram.sparsities) | 2:4 | 4:8", "unstructured", PATTERNS, ratio=True
+    )
     plus: bool = option("CrAM+: add the clean gradient to the compressed one", True)
     seed: int = option("optim.cram: seed of the sparsity draws", 0)
 
@@ -62,9 +63,16 @@ class CrAM(torch.optim.Optimizer):
     setting group["lr"] reaches it); state_dict() holds the base's state and the generator.
     """
 
-    def __init__(self, base: torch.optim.Optimizer, rho: float = 0.05, sparsities: Sequence[float] = (0.5,),
-                 nm: Sequence[int] | Sequence[Sequence[int]] | None = None, plus: bool = True, seed: int = 0,
-                 masked_grad: bool = True):
+    def __init__(
+        self,
+        base: torch.optim.Optimizer,
+        rho: float = 0.05,
+        sparsities: Sequence[float] = (0.5,),
+        nm: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        plus: bool = True,
+        seed: int = 0,
+        masked_grad: bool = True,
+    ):
         if rho < 0:
             raise ValueError(f"rho must be >= 0, got {rho}")
         sparsities = [float(s) for s in sparsities]

@@ -38,6 +38,7 @@ class DCTConfig:
     scale: float = option("scale of the back-projected update", 0.25)
     proj_type: str = option("std (smaller side) | left | right", "std", ("std", "left", "right"), fixed=True)
 
+
 DCT_CACHE_SIZE = 8  # distinct (n, device) kept: a model has a few matrix sides; D of n=8192 is 256 MB
 
 
@@ -110,15 +111,30 @@ def _dct_state_bytes(optim, options, name, shape) -> int:
 
 def _dct_cache_bytes(optim, options, tensors) -> int:
     """The orthonormal DCT basis (n, n) fp32 per distinct projected side, cached (the 8 largest)."""
-    sides = {shape[1] if shape[0] >= shape[1] else shape[0] for name, shape in tensors
-             if is_lowrank(optim, name, shape)}
+    sides = {
+        shape[1] if shape[0] >= shape[1] else shape[0] for name, shape in tensors if is_lowrank(optim, name, shape)
+    }
     return sum(4 * s * s for s in sorted(sides)[-8:])
 
 
 @OPTIMIZERS.register("dct")
-@declares(requires={"whole_matrices"}, validate=_validate_dct, section="dct", state_bytes=_dct_state_bytes,
-          step_bytes=projected_step_bytes, cache_bytes=_dct_cache_bytes)
+@declares(
+    requires={"whole_matrices"},
+    validate=_validate_dct,
+    section="dct",
+    state_bytes=_dct_state_bytes,
+    step_bytes=projected_step_bytes,
+    cache_bytes=_dct_cache_bytes,
+)
 def build_dct(optim, options, named, lr):
-    return DCTAdamW(lowrank_groups(optim, named), lr=lr, rank=options.rank, update_gap=options.update_gap,
-                 scale=options.scale, proj_type=options.proj_type, state_bits=optim.state_bits,
-                 proj_dtype=getattr(options, "proj_dtype", "float32"), **adam_kwargs(optim))
+    return DCTAdamW(
+        lowrank_groups(optim, named),
+        lr=lr,
+        rank=options.rank,
+        update_gap=options.update_gap,
+        scale=options.scale,
+        proj_type=options.proj_type,
+        state_bits=optim.state_bits,
+        proj_dtype=getattr(options, "proj_dtype", "float32"),
+        **adam_kwargs(optim),
+    )

@@ -48,12 +48,26 @@ from dataclasses import dataclass
 
 import torch
 
-from slimtune.optim.adam_core import (adam_direction, adamw_step, apply_update, init_adam_state, keep_saved_dtypes,
-                                      reset_adam_moments)
+from slimtune.optim.adam_core import (
+    adam_direction,
+    adamw_step,
+    apply_update,
+    init_adam_state,
+    keep_saved_dtypes,
+    reset_adam_moments,
+)
 from slimtune.optim.projected import PROJ_DTYPES, load_projection, store_projection
 from slimtune.errors import ConfigError
-from slimtune.optim.memory import (STEP_BYTES, STEP_RATE, adam_state_bytes, adam_step_bytes, is_lowrank,
-                                 lowrank_step_bytes, moment_bytes, projection_bytes)
+from slimtune.optim.memory import (
+    STEP_BYTES,
+    STEP_RATE,
+    adam_state_bytes,
+    adam_step_bytes,
+    is_lowrank,
+    lowrank_step_bytes,
+    moment_bytes,
+    projection_bytes,
+)
 from slimtune.optim.common import adam_kwargs, lowrank_groups
 from slimtune.registry import OPTIMIZERS
 from slimtune.schema import config_section, option
@@ -68,12 +82,20 @@ class FrugalConfig:
     """optim.name=frugal's options."""
 
     density: float = option("fraction of each matrix updated state-full (AdamW)", 0.25, fixed=True)
-    subspace: str = option("svd | random | blocks (rows/columns) | coordinates | modules (whole params)", "svd",
-                            ("svd", "random", "blocks", "coordinates", "modules"), fixed=True)
+    subspace: str = option(
+        "svd | random | blocks (rows/columns) | coordinates | modules (whole params)",
+        "svd",
+        ("svd", "random", "blocks", "coordinates", "modules"),
+        fixed=True,
+    )
     update_gap: int = option("steps between subspace updates", 200)
     inactive_lr_scale: float = option("lr multiplier of the state-free signSGD part", 1.0)
-    proj_dtype: str = option("svd / random: storage of the projection P: float32 | bfloat16 | int8", "float32",
-                                ("float32", "bfloat16", "int8"), fixed=True)
+    proj_dtype: str = option(
+        "svd / random: storage of the projection P: float32 | bfloat16 | int8",
+        "float32",
+        ("float32", "bfloat16", "int8"),
+        fixed=True,
+    )
     seed: int = option("seed of the random subspaces (the same on every rank)", 0, fixed=True)
 
 
@@ -170,8 +192,6 @@ def _drop_adam_state(state: dict) -> None:
         del state[key]
 
 
-
-
 class FRUGAL(torch.optim.Optimizer):
     """AdamW in a subspace of each 2-D gradient plus signSGD on the rest (see the module docstring).
 
@@ -182,12 +202,26 @@ class FRUGAL(torch.optim.Optimizer):
     in the subspace's shape (absent when the subspace is empty), plus "proj", "index", "mask_bits" or
     "active" (bool, "modules") describing the subspace."""
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 density: float = 0.25, subspace: str = "svd", update_gap: int = 200,
-                 inactive_lr_scale: float = 1.0, state_bits: int = 32, seed: int = 0, proj_dtype: str = "float32"):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        density: float = 0.25,
+        subspace: str = "svd",
+        update_gap: int = 200,
+        inactive_lr_scale: float = 1.0,
+        state_bits: int = 32,
+        seed: int = 0,
+        proj_dtype: str = "float32",
+    ):
         if lr < 0 or eps < 0 or weight_decay < 0 or inactive_lr_scale < 0:
-            raise ValueError(f"lr, eps, weight_decay and inactive_lr_scale must be >= 0, got "
-                             f"{lr}, {eps}, {weight_decay}, {inactive_lr_scale}")
+            raise ValueError(
+                f"lr, eps, weight_decay and inactive_lr_scale must be >= 0, got "
+                f"{lr}, {eps}, {weight_decay}, {inactive_lr_scale}"
+            )
         if proj_dtype not in PROJ_DTYPES:
             raise ValueError(f"proj_dtype must be one of {', '.join(PROJ_DTYPES)}, got {proj_dtype!r}")
         if not 0.0 <= density <= 1.0:
@@ -198,9 +232,20 @@ class FRUGAL(torch.optim.Optimizer):
             raise ValueError(f"update_gap must be >= 1, got {update_gap}")
         if state_bits not in (32, 8):
             raise ValueError(f"state_bits must be 32 or 8, got {state_bits}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, density=density,
-                        subspace=subspace, update_gap=update_gap, inactive_lr_scale=inactive_lr_scale,
-                        state_bits=state_bits, seed=int(seed), lowrank=True, proj_dtype=proj_dtype)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            density=density,
+            subspace=subspace,
+            update_gap=update_gap,
+            inactive_lr_scale=inactive_lr_scale,
+            state_bits=state_bits,
+            seed=int(seed),
+            lowrank=True,
+            proj_dtype=proj_dtype,
+        )
         super().__init__(params, defaults)
         self.projection_seconds = 0.0
 
@@ -264,7 +309,7 @@ class FRUGAL(torch.optim.Optimizer):
         if taken % group["update_gap"] == 0:
             start = time.perf_counter()
             gen = subspace_generator(group["seed"], taken, f"g{group_index}", "cpu")
-            chosen = torch.randperm(count, generator=gen)[:round(group["density"] * count)]
+            chosen = torch.randperm(count, generator=gen)[: round(group["density"] * count)]
             state["active"] = bool((chosen == position).any())
             _drop_adam_state(state)  # the official BlockOptimizer re-inits every block on reselection
             if state["active"]:
@@ -326,9 +371,23 @@ def _frugal_step_bytes(optim, options, name: str, shape) -> float:
 
 
 @OPTIMIZERS.register("frugal")
-@declares(requires=_frugal_requires, validate=_validate_frugal, section="frugal", state_bytes=_frugal_state_bytes,
-          step_bytes=_frugal_step_bytes)
+@declares(
+    requires=_frugal_requires,
+    validate=_validate_frugal,
+    section="frugal",
+    state_bytes=_frugal_state_bytes,
+    step_bytes=_frugal_step_bytes,
+)
 def build_frugal(optim, options, named, lr):
-    return FRUGAL(lowrank_groups(optim, named), lr=lr, density=options.density, subspace=options.subspace,
-                  update_gap=options.update_gap, inactive_lr_scale=options.inactive_lr_scale,
-                  state_bits=optim.state_bits, seed=options.seed, proj_dtype=options.proj_dtype, **adam_kwargs(optim))
+    return FRUGAL(
+        lowrank_groups(optim, named),
+        lr=lr,
+        density=options.density,
+        subspace=options.subspace,
+        update_gap=options.update_gap,
+        inactive_lr_scale=options.inactive_lr_scale,
+        state_bits=optim.state_bits,
+        seed=options.seed,
+        proj_dtype=options.proj_dtype,
+        **adam_kwargs(optim),
+    )

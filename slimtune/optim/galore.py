@@ -29,8 +29,9 @@ class GaLoreConfig:
     update_gap: int = option("steps between projection updates", 200)
     scale: float = option("scale of the back-projected update", 0.25)
     proj_type: str = option("std (smaller side) | left | right", "std", ("std", "left", "right"), fixed=True)
-    proj_dtype: str = option("storage of the projection P: float32 | bfloat16 | int8", "float32",
-                                ("float32", "bfloat16", "int8"), fixed=True)
+    proj_dtype: str = option(
+        "storage of the projection P: float32 | bfloat16 | int8", "float32", ("float32", "bfloat16", "int8"), fixed=True
+    )
 
 
 def svd_projection(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
@@ -57,9 +58,22 @@ def _validate_galore(cfg) -> None:
 
 
 @OPTIMIZERS.register("galore")
-@declares(requires={"whole_matrices"}, validate=_validate_galore, section="galore",
-          state_bytes=projected_state_bytes, step_bytes=projected_step_bytes)
+@declares(
+    requires={"whole_matrices"},
+    validate=_validate_galore,
+    section="galore",
+    state_bytes=projected_state_bytes,
+    step_bytes=projected_step_bytes,
+)
 def build_galore(optim, options, named, lr):
-    return GaLoreAdamW(lowrank_groups(optim, named), lr=lr, rank=options.rank, update_gap=options.update_gap,
-                 scale=options.scale, proj_type=options.proj_type, state_bits=optim.state_bits,
-                 proj_dtype=getattr(options, "proj_dtype", "float32"), **adam_kwargs(optim))
+    return GaLoreAdamW(
+        lowrank_groups(optim, named),
+        lr=lr,
+        rank=options.rank,
+        update_gap=options.update_gap,
+        scale=options.scale,
+        proj_type=options.proj_type,
+        state_bits=optim.state_bits,
+        proj_dtype=getattr(options, "proj_dtype", "float32"),
+        **adam_kwargs(optim),
+    )

@@ -36,8 +36,9 @@ class OptimizerInBackward:
     (setting group["lr"] reaches them), `state` maps each parameter to its inner state, and
     `state_dict()` is {parameter index: inner optimizer's state_dict()} (tensors and scalars only)."""
 
-    def __init__(self, params: Iterable[torch.Tensor], make: Callable[[list], torch.optim.Optimizer],
-                 accumulation_steps: int = 1):
+    def __init__(
+        self, params: Iterable[torch.Tensor], make: Callable[[list], torch.optim.Optimizer], accumulation_steps: int = 1
+    ):
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
         self.params = [p for p in params if p.requires_grad]
@@ -95,8 +96,10 @@ class OptimizerInBackward:
 
     def load_state_dict(self, state_dict: dict) -> None:
         if sorted(state_dict) != list(range(len(self.optimizers))):
-            raise ValueError(f"state_dict holds {len(state_dict)} per-parameter optimizers, "
-                             f"this one has {len(self.optimizers)} parameters")
+            raise ValueError(
+                f"state_dict holds {len(state_dict)} per-parameter optimizers, "
+                f"this one has {len(self.optimizers)} parameters"
+            )
         for i, opt in enumerate(self.optimizers):
             opt.load_state_dict(state_dict[i])
 

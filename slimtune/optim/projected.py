@@ -21,11 +21,25 @@ import time
 
 import torch
 
-from slimtune.optim.memory import (STEP_BYTES, STEP_RATE, adam_state_bytes, adam_step_bytes, is_lowrank,
-                                 lowrank_step_bytes, moment_bytes, projection_bytes)
+from slimtune.optim.memory import (
+    STEP_BYTES,
+    STEP_RATE,
+    adam_state_bytes,
+    adam_step_bytes,
+    is_lowrank,
+    lowrank_step_bytes,
+    moment_bytes,
+    projection_bytes,
+)
 
-from slimtune.optim.adam_core import (adam_direction, adamw_step, apply_update, init_adam_state, keep_saved_dtypes,
-                                      reset_adam_moments)
+from slimtune.optim.adam_core import (
+    adam_direction,
+    adamw_step,
+    apply_update,
+    init_adam_state,
+    keep_saved_dtypes,
+    reset_adam_moments,
+)
 
 PROJ_TYPES = ("std", "left", "right")
 
@@ -57,7 +71,7 @@ def load_projection(state: dict) -> torch.Tensor:
 
 
 def projection_side(shape: tuple[int, int], proj_type: str) -> str:
-    """"left" or "right" for a (m, n) gradient; "std" (GaLore) projects the smaller dimension away:
+    """ "left" or "right" for a (m, n) gradient; "std" (GaLore) projects the smaller dimension away:
     right when m >= n (moments (m, r)), else left (moments (r, n))."""
     if proj_type == "std":
         return "right" if shape[0] >= shape[1] else "left"
@@ -109,9 +123,21 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
     reset_moments_on_update = False
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 rank: int = 128, update_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
-                 state_bits: int = 32, reset_moments_on_update: bool | None = None, proj_dtype: str = "float32"):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 128,
+        update_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        state_bits: int = 32,
+        reset_moments_on_update: bool | None = None,
+        proj_dtype: str = "float32",
+    ):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if rank < 1 or update_gap < 1:
@@ -123,10 +149,20 @@ class ProjectedAdamW(torch.optim.Optimizer):
             raise ValueError(f"proj_dtype must be one of {', '.join(PROJ_DTYPES)}, got {proj_dtype!r}")
         if reset_moments_on_update is None:
             reset_moments_on_update = self.reset_moments_on_update
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
-                        update_gap=update_gap, scale=scale, proj_type=proj_type, state_bits=state_bits,
-                        lowrank=True, reset_moments_on_update=bool(reset_moments_on_update),
-                        proj_dtype=proj_dtype)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            rank=rank,
+            update_gap=update_gap,
+            scale=scale,
+            proj_type=proj_type,
+            state_bits=state_bits,
+            lowrank=True,
+            reset_moments_on_update=bool(reset_moments_on_update),
+            proj_dtype=proj_dtype,
+        )
         super().__init__(params, defaults)
         self.projection_seconds = 0.0
 
@@ -164,7 +200,6 @@ class ProjectedAdamW(torch.optim.Optimizer):
                     adamw_step(self.state[p], p, group)
         return loss
 
-
     def _lowrank_step(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         grad = p.grad.float()
@@ -193,4 +228,3 @@ class ProjectedAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         keep_saved_dtypes(self, state_dict)  # torch would cast codes / indices / fp32 moments
-

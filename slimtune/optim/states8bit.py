@@ -159,8 +159,12 @@ def moment_nbytes(state: dict, name: str) -> int:
 
 def state_nbytes(optimizer) -> int:
     """Bytes of every tensor in `optimizer.state` (moments, steps, projections, ...)."""
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-               if isinstance(v, torch.Tensor))
+    return sum(
+        v.numel() * v.element_size()
+        for s in optimizer.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
+    )
 
 
 @OPTIONS.register("optim.state_bits")

@@ -54,8 +54,9 @@ def _modes(arch: Arch, weights: Weights) -> dict[str, str]:
     return {role: common for role in ATTN_ROLES + MLP_ROLES}
 
 
-def _consumers(out: list, roles, modes, width: int, x_bytes: int, a: int, dropout: bool, flowing: bool,
-               x_saved: bool = False) -> bool:
+def _consumers(
+    out: list, roles, modes, width: int, x_bytes: int, a: int, dropout: bool, flowing: bool, x_saved: bool = False
+) -> bool:
     """Append the per-token bytes of each tensor the linears reading one tensor x (width values per token,
     x_bytes each) save; returns whether gradients flow after them. x_saved: x is saved already (SDPA's
     output, read by o_proj)."""
@@ -74,8 +75,18 @@ def _consumers(out: list, roles, modes, width: int, x_bytes: int, a: int, dropou
     return flowing or any(modes[r] != "frozen" for r in roles)
 
 
-def layer_tensors(arch: Arch, modes: dict[str, str], rank: int, a: int, rb: int, train_norms: bool,
-                  dropout: bool, seq_len: int, flowing: bool = True, masked: bool = False) -> list[int]:
+def layer_tensors(
+    arch: Arch,
+    modes: dict[str, str],
+    rank: int,
+    a: int,
+    rb: int,
+    train_norms: bool,
+    dropout: bool,
+    seq_len: int,
+    flowing: bool = True,
+    masked: bool = False,
+) -> list[int]:
     """Per-token bytes of each tensor one decoder layer saves; flowing: whether its input requires grad
     (layer 0 of an adapter run: no, the embedding is frozen); masked: SDPA gets a 4-D attention mask."""
     H, intermediate, d = arch.hidden, arch.intermediate, arch.head_dim
@@ -149,17 +160,37 @@ def activations(arch: Arch, cfg, weights: Weights, device: str, batch_size: int 
     # under checkpointing the cache still holds them through forward); a linear whose input needs no gradient
     # saves none: LoRA's A on q/k/v of layer 0 in an adapter run
     matmul = {f"{lin.name}.weight" for lin in arch.linears if lin.name != arch.head}
-    no_input_grad = set() if full else {f"{lin.name}.lora_A.weight" for role, lin in arch.layer_linears(0).items()
-                                        if role in ("q_proj", "k_proj", "v_proj")}
-    copies = [2 * tt.numel for tt in weights.trainable if (tt.name in matmul or ".lora_" in tt.name)
-              and tt.name not in no_input_grad] if bf16 else []
+    no_input_grad = (
+        set()
+        if full
+        else {
+            f"{lin.name}.lora_A.weight"
+            for role, lin in arch.layer_linears(0).items()
+            if role in ("q_proj", "k_proj", "v_proj")
+        }
+    )
+    copies = (
+        [
+            2 * tt.numel
+            for tt in weights.trainable
+            if (tt.name in matmul or ".lora_" in tt.name) and tt.name not in no_input_grad
+        ]
+        if bf16
+        else []
+    )
     everything = layers + other + copies
     # backward of one layer: the residual's gradient (2 x H) and the MLP's (3 x I), in fp32 / compute dtype
     backward = tokens * (2 * 4 * H + 3 * a * arch.intermediate)
-    return Activations(saved=sum(everything), saved_heap=_heap(everything),
-                       churn_heap=_heap(every + other + copies), layer=sum(per_layer) * tokens,
-                       loss_forward=loss_fwd, loss_backward=loss_bwd, backward=backward,
-                       weight_copies=sum(copies))
+    return Activations(
+        saved=sum(everything),
+        saved_heap=_heap(everything),
+        churn_heap=_heap(every + other + copies),
+        layer=sum(per_layer) * tokens,
+        loss_forward=loss_fwd,
+        loss_backward=loss_bwd,
+        backward=backward,
+        weight_copies=sum(copies),
+    )
 
 
 def _has_triton() -> bool:

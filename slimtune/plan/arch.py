@@ -20,8 +20,20 @@ from slimtune.errors import SlimtuneError
 from slimtune.formats.hf import base_dir
 
 # safetensors dtype names -> bytes per element (the file's weights, for the load stage)
-SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                     "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+SAFETENSORS_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 # the linear roles of a Llama-style decoder layer (Llama, Mistral, Qwen2/3, SmolLM2, Gemma, ...)
 ATTN_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_ROLES = ("gate_proj", "up_proj", "down_proj")
@@ -140,8 +152,10 @@ def _architecture(model_dir: Path) -> Arch:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError) as e:
-        raise SlimtuneError(f"model.name: cannot build the architecture in {model_dir} from its config.json "
-                            f"({str(e).splitlines()[0]}); give a Hugging Face causal-LM dir") from None
+        raise SlimtuneError(
+            f"model.name: cannot build the architecture in {model_dir} from its config.json "
+            f"({str(e).splitlines()[0]}); give a Hugging Face causal-LM dir"
+        ) from None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(_num(text, "hidden_size", "n_embd", "d_model"))
     heads = int(_num(text, "num_attention_heads", "n_head"))
@@ -154,14 +168,19 @@ def _architecture(model_dir: Path) -> Arch:
     names = {id(m): n for n, m in model.named_modules()}
     params, linears = [], []
     for mname, module in model.named_modules():
-        kind = ("linear" if isinstance(module, nn.Linear) else
-                "embedding" if isinstance(module, nn.Embedding) else "other")
+        kind = (
+            "linear" if isinstance(module, nn.Linear) else "embedding" if isinstance(module, nn.Embedding) else "other"
+        )
         if isinstance(module, nn.Linear):
-            linears.append(Linear(mname, module.in_features, module.out_features, module.bias is not None,
-                                  layer_of.get(id(module))))
+            linears.append(
+                Linear(
+                    mname, module.in_features, module.out_features, module.bias is not None, layer_of.get(id(module))
+                )
+            )
         for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
-            params.append((f"{mname}.{pname}" if mname else pname, tuple(p.shape), mname, kind,
-                           layer_of.get(id(module)), id(p)))
+            params.append(
+                (f"{mname}.{pname}" if mname else pname, tuple(p.shape), mname, kind, layer_of.get(id(module)), id(p))
+            )
     seen, unique = set(), []
     for qname, shape, mname, kind, layer, pid in params:  # tied parameters (lm_head <-> embed_tokens) once
         if pid not in seen:
@@ -171,16 +190,26 @@ def _architecture(model_dir: Path) -> Arch:
     tied = head_module is not None and embed is not None and head_module.weight is embed.weight
     file_bytes, file_dtype_bytes = _file_info(model_dir)
     return Arch(
-        model_dir=model_dir, model_type=getattr(config, "model_type", "?"), hidden=hidden,
+        model_dir=model_dir,
+        model_type=getattr(config, "model_type", "?"),
+        hidden=hidden,
         intermediate=int(_num(text, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)),
-        layers=len(layers_mod) or int(_num(text, "num_hidden_layers", "n_layer")), heads=heads,
+        layers=len(layers_mod) or int(_num(text, "num_hidden_layers", "n_layer")),
+        heads=heads,
         kv_heads=int(_num(text, "num_key_value_heads", default=heads)),
         head_dim=int(_num(text, "head_dim", default=hidden // heads)),
-        vocab=int(_num(text, "vocab_size")), attn_impl=getattr(config, "_attn_implementation", None) or "sdpa",
-        tied=tied, params=tuple(unique), linears=tuple(linears), head=names.get(id(head_module), "lm_head"),
-        file_bytes=file_bytes, file_dtype_bytes=file_dtype_bytes, tokenizer_bytes=_tokenizer_bytes(model_dir),
+        vocab=int(_num(text, "vocab_size")),
+        attn_impl=getattr(config, "_attn_implementation", None) or "sdpa",
+        tied=tied,
+        params=tuple(unique),
+        linears=tuple(linears),
+        head=names.get(id(head_module), "lm_head"),
+        file_bytes=file_bytes,
+        file_dtype_bytes=file_dtype_bytes,
+        tokenizer_bytes=_tokenizer_bytes(model_dir),
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
-        model=model)
+        model=model,
+    )
 
 
 def architecture(name: str) -> Arch:

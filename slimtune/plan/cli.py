@@ -54,20 +54,30 @@ def table(plan) -> str:
     lines = [f"{'component':<{width}}{'bytes':>16}{'MiB':>11}"]
     for key, value in plan.breakdown.items():
         lines.append(f"{key:<{width}}{value:>16,}{value / MiB:>11.1f}")
-    lines.append(f"{'peak (' + plan.phase + ')':<{width}}{plan.peak_memory_bytes:>16,}"
-                 f"{plan.peak_memory_bytes / MiB:>11.1f}")
+    lines.append(
+        f"{'peak (' + plan.phase + ')':<{width}}{plan.peak_memory_bytes:>16,}{plan.peak_memory_bytes / MiB:>11.1f}"
+    )
     others = ", ".join(f"{k} {v / MiB:.0f} MiB" for k, v in plan.phases.items() if k != plan.phase)
     d = plan.details
-    head = (f"{d['model']}: {d['params']:,} params, weights {d['weights_format']}, {d['trainable_params']:,} "
-            f"trainable, optim {d['optimizer']}, engine {d['engine']} x {plan.world_size} rank(s), "
-            f"{d['tokens_per_micro_batch']} tokens per micro-batch, device {plan.device}")
+    head = (
+        f"{d['model']}: {d['params']:,} params, weights {d['weights_format']}, {d['trainable_params']:,} "
+        f"trainable, optim {d['optimizer']}, engine {d['engine']} x {plan.world_size} rank(s), "
+        f"{d['tokens_per_micro_batch']} tokens per micro-batch, device {plan.device}"
+    )
     kind = "peak RSS" if plan.device == "cpu" else "GPU memory (nvidia-smi)"
-    return "\n".join([head, *lines, f"other phases: {others}",
-                      f"predicted peak ({kind}, per rank): {plan.peak_memory_bytes / 2**30:.2f} GiB"])
+    return "\n".join(
+        [
+            head,
+            *lines,
+            f"other phases: {others}",
+            f"predicted peak ({kind}, per rank): {plan.peak_memory_bytes / 2**30:.2f} GiB",
+        ]
+    )
 
 
-def plan_command(recipe: str, overrides: list[str], as_json: bool = False, budget_text: str | None = None,
-                 nproc: int | None = None) -> int:
+def plan_command(
+    recipe: str, overrides: list[str], as_json: bool = False, budget_text: str | None = None, nproc: int | None = None
+) -> int:
     from slimtune import config as C
 
     cfg = C.load_config(recipe, overrides)  # validated as `slimtune run` does
@@ -96,17 +106,20 @@ def plan_command(recipe: str, overrides: list[str], as_json: bool = False, budge
         return 0
     tokens = fit_tokens(cfg, changes)
     if as_json:
-        print(json.dumps({**fitted.to_dict(), "budget_bytes": budget, "fits_as_is": not changes,
-                          "overrides": tokens}))
+        print(json.dumps({**fitted.to_dict(), "budget_bytes": budget, "fits_as_is": not changes, "overrides": tokens}))
         return 0
     from slimtune.plan.fit import FIT_MARGIN
 
     gib, margin = 2**30, f"{(1 - FIT_MARGIN) * 100:.0f}% margin for the prediction's error"
     if changes:
-        print(f"predicted peak {plan.peak_memory_bytes / gib:.2f} GiB does not fit {budget / gib:.2f} GiB (with a "
-              f"{margin}); with the overrides below: {fitted.peak_memory_bytes / gib:.2f} GiB")
+        print(
+            f"predicted peak {plan.peak_memory_bytes / gib:.2f} GiB does not fit {budget / gib:.2f} GiB (with a "
+            f"{margin}); with the overrides below: {fitted.peak_memory_bytes / gib:.2f} GiB"
+        )
     else:
-        print(f"fits as is: predicted peak {plan.peak_memory_bytes / gib:.2f} GiB within {budget / gib:.2f} GiB "
-              f"(with a {margin}); the knobs' current values:")
+        print(
+            f"fits as is: predicted peak {plan.peak_memory_bytes / gib:.2f} GiB within {budget / gib:.2f} GiB "
+            f"(with a {margin}); the knobs' current values:"
+        )
     print(tokens)
     return 0

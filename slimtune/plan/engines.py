@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from slimtune.plan.arch import Arch
-from slimtune.engines.offload.engine import offload_active
+from slimtune.engines.offload.settings import offload_active
 from slimtune.plan.weights import Weights, layer_param_bytes
 from slimtune.registry import ENGINES
 from slimtune.rules import placement
@@ -50,8 +50,15 @@ def model_sizes(cfg, arch: Arch, w: Weights) -> ModelSizes:
     layer = trainable if full else layer_param_bytes(arch, w, DTYPE_BYTES[cfg.model.dtype]) + trainable
     per = 4 if full or cfg.model.dtype == "float32" else 2
     root = [p for p in arch.params if p.layer is None]
-    return ModelSizes(layer, trainable, per * sum(p.numel for p in root), max(per * p.numel for p in root),
-                      per * sum(p.numel for p in root if p.kind == "other"), w.adapter_buffers + w.regrowth, full)
+    return ModelSizes(
+        layer,
+        trainable,
+        per * sum(p.numel for p in root),
+        max(per * p.numel for p in root),
+        per * sum(p.numel for p in root if p.kind == "other"),
+        w.adapter_buffers + w.regrowth,
+        full,
+    )
 
 
 def per_rank(cfg, arch: Arch, w: Weights, sizes: Sizes, world: int, device: str) -> Sizes:
@@ -71,7 +78,7 @@ def _layer_of(arch: Arch, name: str) -> int | None:
 def offload_recompute(cfg, arch: Arch, device: str) -> bool | None:
     """Whether the offload engine recomputes each decoder layer in backward (it ignores
     train.activation_checkpointing); None when the offload engine is not used. offload.activations=auto keeps
-    them as engines/offload/engine.keep_activations decides: within 1/16 of RAM and no streamed quantized base."""
+    them as engines/offload/settings.keep_activations decides: within 1/16 of RAM and no streamed quantized base."""
     import os
 
     o = cfg.offload
@@ -82,8 +89,11 @@ def offload_recompute(cfg, arch: Arch, device: str) -> bool | None:
     if placement(cfg)[0] == "disk" and cfg.quant.method != "none":
         return True
     size = 4 if cfg.adapter.type == "none" or cfg.model.dtype == "float32" else 2
-    per_token = 12 * arch.hidden + 5 * arch.intermediate + (2 * arch.heads * cfg.train.seq_len
-                                                            if arch.attn_impl == "eager" else 0)
+    per_token = (
+        12 * arch.hidden
+        + 5 * arch.intermediate
+        + (2 * arch.heads * cfg.train.seq_len if arch.attn_impl == "eager" else 0)
+    )
     tokens = cfg.train.batch_size * cfg.train.seq_len
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return per_token * tokens * arch.layers * size > ram / 16

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from slimtune.plan import platform as P
 from slimtune.plan.activations import activations
 from slimtune.plan.arch import Arch, architecture
-from slimtune.engines.offload.engine import offload_active
+from slimtune.engines.offload.settings import offload_active
 from slimtune.plan.engines import Sizes, offload_recompute, per_rank
 from slimtune.plan.optimizer import state_bytes, step_transient_bytes
 from slimtune.plan.weights import DTYPE_BYTES, Weights, model_weights
@@ -46,9 +46,15 @@ class Plan:
     details: dict = field(default_factory=dict)  # the counts behind the components
 
     def to_dict(self) -> dict:
-        return {"peak_memory_bytes": self.peak_memory_bytes, "peak_phase": self.phase,
-                "device": self.device, "world_size": self.world_size, "breakdown": self.breakdown,
-                "phases": self.phases, "details": self.details}
+        return {
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_phase": self.phase,
+            "device": self.device,
+            "world_size": self.world_size,
+            "breakdown": self.breakdown,
+            "phases": self.phases,
+            "details": self.details,
+        }
 
 
 def resolve_device(cfg) -> str:
@@ -63,9 +69,16 @@ def _weights(arch: Arch, cfg, cache: dict) -> Weights:
     from slimtune.formats.quantized import is_quantized_checkpoint, read_manifest
     from slimtune.registry import ADAPTERS, QUANT_FORMATS
 
-    key = ("weights", arch.model_dir, cfg.model, cfg.adapter, cfg.quant, cfg.lq_lora,
-           options_of(cfg, ADAPTERS.technique(cfg.adapter.type)),
-           options_of(cfg, QUANT_FORMATS.technique(cfg.quant.method)))
+    key = (
+        "weights",
+        arch.model_dir,
+        cfg.model,
+        cfg.adapter,
+        cfg.quant,
+        cfg.lq_lora,
+        options_of(cfg, ADAPTERS.technique(cfg.adapter.type)),
+        options_of(cfg, QUANT_FORMATS.technique(cfg.quant.method)),
+    )
     if key not in cache:
         prebuilt = None
         if is_quantized_checkpoint(cfg.model.name):
@@ -83,7 +96,8 @@ def _format(cfg) -> str:
     if q.method == "lq_lora":
         return f"lq_lora@{cfg.lq_lora.budget_bits}b"
     return f"{q.method}-b{q.block_size}{'-dq' if q.double_quant else ''}" + (
-        "-bnb" if q.backend == "bitsandbytes" else "")
+        "-bnb" if q.backend == "bitsandbytes" else ""
+    )
 
 
 def _sizes(cfg, w: Weights, cache: dict) -> Sizes:
@@ -93,9 +107,13 @@ def _sizes(cfg, w: Weights, cache: dict) -> Sizes:
         grads = w.trainable_bytes
         if o.in_backward:  # each gradient is stepped and freed in backward: the largest one at a time
             grads = 4 * max((t.numel for t in w.trainable), default=0)
-        cache[key] = Sizes(frozen=w.frozen_bytes + w.adapter_buffers + w.regrowth, trainable=w.trainable_bytes,
-                            grads=grads,
-                            state=state_bytes(cfg, w.trainable), step=step_transient_bytes(cfg, w.trainable))
+        cache[key] = Sizes(
+            frozen=w.frozen_bytes + w.adapter_buffers + w.regrowth,
+            trainable=w.trainable_bytes,
+            grads=grads,
+            state=state_bytes(cfg, w.trainable),
+            step=step_transient_bytes(cfg, w.trainable),
+        )
     return dataclasses.replace(cache[key])
 
 
@@ -123,11 +141,22 @@ def _train_steps(cfg, arch: Arch, w: Weights, s: Sizes, acts) -> dict[str, dict[
         extra["optimizer.cram"] = s.trainable + s.grads
     recompute = acts.layer if t.activation_checkpointing else 0
     saved = acts.saved
-    forward = {**keep, **extra, "gradients": accumulated, "activations.saved": saved,
-               "activations.loss": acts.loss_forward}
-    backward = {**keep, **extra, "gradients": accumulated, "activations.saved": saved,
-                "activations.loss": acts.loss_backward, "activations.recompute": recompute,
-                "activations.backward": acts.backward}
+    forward = {
+        **keep,
+        **extra,
+        "gradients": accumulated,
+        "activations.saved": saved,
+        "activations.loss": acts.loss_forward,
+    }
+    backward = {
+        **keep,
+        **extra,
+        "gradients": accumulated,
+        "activations.saved": saved,
+        "activations.loss": acts.loss_backward,
+        "activations.recompute": recompute,
+        "activations.backward": acts.backward,
+    }
     if o.in_backward:
         backward["optimizer.step"] = s.step
     embed_grad = 4 * arch.vocab * arch.hidden if full and not o.in_backward else 0
@@ -164,8 +193,9 @@ def _load_phases(cfg, arch: Arch, w: Weights, device: str) -> dict[str, dict[str
         decompose = {"weights.loading": loaded, "load.transient": 3 * 4 * largest}
         if cfg.lq_lora.fisher:  # + one calibration sample's forward with every target weight requiring grad
             decompose["load.fisher"] = 8 * targets
-            sample = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=1,
-                                                                        activation_checkpointing=False))
+            sample = dataclasses.replace(
+                cfg, train=dataclasses.replace(cfg.train, batch_size=1, activation_checkpointing=False)
+            )
             acts = activations(arch, sample, Weights(adapted={n: "train" for n in w.quantized}), device)
             decompose["load.fisher_activations"] = acts.saved + acts.loss_forward
             f_act, _ = P.FRAGMENTATION[cfg.model.dtype]
@@ -198,10 +228,14 @@ def plan_memory(cfg, world_size: int = 1, device: str | None = None, cache: dict
     acts = activations(arch, cfg, w, device)
     unsharded = w.frozen_bytes + w.adapter_buffers + w.regrowth
     quantized = round(s.frozen * sum(w.quantized.values()) / unsharded) if unsharded else 0
-    resident = {"weights.quantized": quantized, "weights.frozen": s.frozen - quantized,
-                "weights.trainable": s.trainable, "engine.buffers": s.engine, "offload.buffers": s.offload,
-                "hooks.state": sum(HOOKS.get(n).state_bytes(options_of(cfg, HOOKS.get(n)), s.trainable)
-                                   for n in cfg.hooks)}
+    resident = {
+        "weights.quantized": quantized,
+        "weights.frozen": s.frozen - quantized,
+        "weights.trainable": s.trainable,
+        "engine.buffers": s.engine,
+        "offload.buffers": s.offload,
+        "hooks.state": sum(HOOKS.get(n).state_bytes(options_of(cfg, HOOKS.get(n)), s.trainable) for n in cfg.hooks),
+    }
     steps = _train_steps(cfg, arch, w, s, acts)
     name, top = max(steps.items(), key=lambda kv: sum(kv[1].values()))
     train = {**resident, **top}
@@ -210,8 +244,11 @@ def plan_memory(cfg, world_size: int = 1, device: str | None = None, cache: dict
     if device == "cpu":  # on CUDA the base is loaded and quantized in host memory, then moved
         phases = {**_load_phases(cfg, arch, w, device), **phases}
     if cfg.adapter.type == "none":
-        phases["save"] = {**resident, "optimizer.state": s.state,
-                          "save.copy": arch.numel * DTYPE_BYTES[cfg.model.dtype]}
+        phases["save"] = {
+            **resident,
+            "optimizer.state": s.state,
+            "save.copy": arch.numel * DTYPE_BYTES[cfg.model.dtype],
+        }
     platform = _platform(cfg, arch, device)
     if device == "cpu":
         frag = _fragmentation(cfg, arch, w, acts, device)
@@ -225,17 +262,33 @@ def plan_memory(cfg, world_size: int = 1, device: str | None = None, cache: dict
     totals = {k: sum(v.values()) + sum(platform.values()) for k, v in phases.items()}
     peak_phase = max(totals, key=totals.get)
     breakdown = {k: int(v) for k, v in {**platform, **phases[peak_phase]}.items() if v}
-    details = {"model": str(arch.model_dir), "params": arch.numel, "dtype": cfg.model.dtype,
-               "weights_format": _format(cfg),
-               "trainable_params": sum(t.numel for t in w.trainable), "optimizer": cfg.optim.name,
-               "tokens_per_micro_batch": cfg.train.batch_size * cfg.train.seq_len,
-               "saved_activations": acts.saved, "engine": cfg.engine.name}
-    return Plan(sum(breakdown.values()), peak_phase, breakdown, {k: int(v) for k, v in totals.items()}, device,
-                world_size, details)
+    details = {
+        "model": str(arch.model_dir),
+        "params": arch.numel,
+        "dtype": cfg.model.dtype,
+        "weights_format": _format(cfg),
+        "trainable_params": sum(t.numel for t in w.trainable),
+        "optimizer": cfg.optim.name,
+        "tokens_per_micro_batch": cfg.train.batch_size * cfg.train.seq_len,
+        "saved_activations": acts.saved,
+        "engine": cfg.engine.name,
+    }
+    return Plan(
+        sum(breakdown.values()),
+        peak_phase,
+        breakdown,
+        {k: int(v) for k, v in totals.items()},
+        device,
+        world_size,
+        details,
+    )
 
 
 def _platform(cfg, arch: Arch, device: str) -> dict[str, int]:
     if device != "cpu":
         return {"cuda_context": P.CUDA_CONTEXT}
-    return {"libraries": P.library_rss(), "tokenizer": int(P.TOKENIZER_RSS_PER_BYTE * arch.tokenizer_bytes),
-            "data": int(P.DATA_RSS_PER_BYTE * _data_bytes(cfg))}
+    return {
+        "libraries": P.library_rss(),
+        "tokenizer": int(P.TOKENIZER_RSS_PER_BYTE * arch.tokenizer_bytes),
+        "data": int(P.DATA_RSS_PER_BYTE * _data_bytes(cfg)),
+    }

@@ -26,8 +26,22 @@ from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.plan.estimate import Plan, plan_memory
 
 FIT_MARGIN = 0.92
-UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-         "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _BUDGET_RE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", re.IGNORECASE)
 
 
@@ -65,8 +79,9 @@ def _choices(cfg, world: int) -> list[list[tuple[dict, float]]]:
     while b > 1:
         b = b // 2
         if global_batch % b == 0:
-            batch.append(({"train.batch_size": b, "train.grad_accum": global_batch // b},
-                          0.15 * math.log2(t.batch_size / b)))
+            batch.append(
+                ({"train.batch_size": b, "train.grad_accum": global_batch // b}, 0.15 * math.log2(t.batch_size / b))
+            )
     groups.append(batch)
     if t.loss_chunk_tokens <= 0:
         groups.append([({}, 0.0), ({"train.loss_chunk_tokens": 256}, 0.05)])
@@ -77,12 +92,17 @@ def _choices(cfg, world: int) -> list[list[tuple[dict, float]]]:
     if cfg.adapter.type != "none" and cfg.quant.method == "none" and cfg.adapter.init == "default":
         groups.append([({}, 0.0), ({"quant.method": "nf4"}, 2.0)])
     if cfg.engine.name == "ddp":
-        groups.append([({}, 0.0), ({"engine.name": "offload", "engine.params": "none", "engine.optimizer": "disk"},
-                                   3.0), ({"engine.name": "offload", "engine.params": "disk",
-                                           "engine.optimizer": "disk"}, 5.0)])
+        groups.append(
+            [
+                ({}, 0.0),
+                ({"engine.name": "offload", "engine.params": "none", "engine.optimizer": "disk"}, 3.0),
+                ({"engine.name": "offload", "engine.params": "disk", "engine.optimizer": "disk"}, 5.0),
+            ]
+        )
     if world > 1 and cfg.engine.name == "ddp":
-        groups.append([({}, 0.0), ({"engine.name": "fsdp2"}, 1.5),
-                       ({"engine.name": "deepspeed", "deepspeed.zero_stage": 3}, 2.0)])
+        groups.append(
+            [({}, 0.0), ({"engine.name": "fsdp2"}, 1.5), ({"engine.name": "deepspeed", "deepspeed.zero_stage": 3}, 2.0)]
+        )
     return groups
 
 
@@ -123,10 +143,12 @@ def fit(cfg, budget: int, world: int = 1, device: str | None = None) -> tuple[di
         raise SlimtuneError("--fit: no configuration of the knobs is valid for this recipe")
     over, plan = smallest
     shown = " ".join(f"{k}={_text(v)}" for k, v in over.items()) or "the current settings"
-    raise SlimtuneError(f"nothing fits in {_gib(budget)}: the smallest predicted peak is "
-                        f"{_gib(plan.peak_memory_bytes)} ({plan.peak_memory_bytes} bytes, with {shown}), above the "
-                        f"{FIT_MARGIN:.0%} of the budget --fit allows (a safety margin for the prediction); raise "
-                        "the budget or use a smaller model / train.seq_len")
+    raise SlimtuneError(
+        f"nothing fits in {_gib(budget)}: the smallest predicted peak is "
+        f"{_gib(plan.peak_memory_bytes)} ({plan.peak_memory_bytes} bytes, with {shown}), above the "
+        f"{FIT_MARGIN:.0%} of the budget --fit allows (a safety margin for the prediction); raise "
+        "the budget or use a smaller model / train.seq_len"
+    )
 
 
 def fit_tokens(cfg, overrides: dict) -> str:

@@ -53,7 +53,6 @@ FRAGMENTATION = {"bfloat16": (0.372, 0.0), "float32": (0.83, 0.0)}
 DATA_RSS_PER_BYTE = 13.0
 
 
-
 def library_rss() -> int:
     """LIBRARY_RSS, plus triton's import where it is installed (see TRITON_RSS)."""
     return LIBRARY_RSS + (TRITON_RSS if importlib.util.find_spec("triton") is not None else 0)

@@ -62,8 +62,13 @@ def stored_bytes(lin: Linear, cls, fmt, dtype_bytes: int) -> int:
     layout = cls.tensor_layout(fmt, (lin.out_features, lin.in_features))
     bias = lin.out_features * dtype_bytes if lin.bias else 0
     # double-quantized int8 scales keep the storage of their padded (256-value) blocks (scales.double_quantize)
-    return sum((-(-count // DQ_BLOCK) * DQ_BLOCK if key.endswith("_q") else count) * dt.itemsize
-               for key, (count, dt) in layout.items()) + bias
+    return (
+        sum(
+            (-(-count // DQ_BLOCK) * DQ_BLOCK if key.endswith("_q") else count) * dt.itemsize
+            for key, (count, dt) in layout.items()
+        )
+        + bias
+    )
 
 
 def linear_storage_bytes(lin: Linear, cfg, dtype_bytes: int) -> int:
@@ -71,7 +76,8 @@ def linear_storage_bytes(lin: Linear, cfg, dtype_bytes: int) -> int:
     q = cfg.quant
     if q.backend == "bitsandbytes":
         return BACKENDS.get("bitsandbytes").storage_bytes(q, lin.numel, lin.out_features) + (
-            lin.out_features * dtype_bytes if lin.bias else 0)
+            lin.out_features * dtype_bytes if lin.bias else 0
+        )
     cls = QUANT_FORMATS.get(q.method)
     fmt = configured_format(cls, q.method, q.block_size, q.double_quant, options_of(cfg, cls))
     return stored_bytes(lin, cls, fmt, dtype_bytes)
@@ -110,7 +116,8 @@ def model_weights(arch: Arch, cfg, prebuilt: dict | None = None) -> Weights:
         if q.method == "lq_lora":  # the targets' Q at the budget's average bits per value
             for lin in targets:
                 quantized[lin.name] = math.ceil(cfg.lq_lora.budget_bits * lin.numel / 8) + (
-                    lin.out_features * dtype_bytes if lin.bias else 0)
+                    lin.out_features * dtype_bytes if lin.bias else 0
+                )
         elif q.method != "none":
             # uniform formats swap every nn.Linear but lm_head; LoftQ / EoRA (adapter.init) the targets only
             chosen = targets if a.init != "default" else [x for x in arch.linears if x.role != "lm_head"]
@@ -118,16 +125,20 @@ def model_weights(arch: Arch, cfg, prebuilt: dict | None = None) -> Weights:
                 quantized[lin.name] = linear_storage_bytes(lin, cfg, dtype_bytes)
     w.quantized = quantized
     in_quantized = {f"{n}.{p}" for n in quantized for p in ("weight", "bias")}
-    w.frozen_bytes = arch.buffer_bytes + sum(quantized.values()) + sum(
-        p.numel * dtype_bytes for p in arch.params if p.name not in in_quantized)
+    w.frozen_bytes = (
+        arch.buffer_bytes
+        + sum(quantized.values())
+        + sum(p.numel * dtype_bytes for p in arch.params if p.name not in in_quantized)
+    )
     adapter = ADAPTERS.get(a.type)
     options = options_of(cfg, adapter)
     w.adapter_dropout = adapter.plan_dropout and getattr(options, "dropout", 0) > 0
     total_target = sum(lin.numel for lin in targets)
     for lin in targets if not ranks else [x for x in arch.linears if x.name in ranks]:
         own = dataclasses.replace(options, rank=ranks[lin.name]) if lin.name in ranks else options
-        terms = adapter.memory_terms(own, lin.out_features, lin.in_features, lin.numel / max(total_target, 1),
-                                     cfg.train.max_steps)
+        terms = adapter.memory_terms(
+            own, lin.out_features, lin.in_features, lin.numel / max(total_target, 1), cfg.train.max_steps
+        )
         w.trainable += [Tensor(f"{lin.name}.{n}", shape) for n, shape in terms.trainable]
         w.adapter_buffers += terms.buffer_bytes
         w.regrowth += terms.state_bytes

@@ -147,8 +147,16 @@ class FP8Linear(TrainingLinear):
 
     level=None: plain fp8 (per-tensor scales); 0, 1, 2: HALO levels with `block`-wide rotations."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, level: int | None = None,
-                 block: int = 128, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        level: int | None = None,
+        block: int = 128,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._set_mode(level, block)
 

@@ -22,8 +22,7 @@ import torch
 import torch.nn as nn
 
 from slimtune.kernels import mxfp4 as mxk  # a module reference: kernel tests reload it in interpreter mode
-from slimtune.kernels.mxfp4 import (BLOCK_SIZE, E2M1_VALUES, _floor_e2m1, _rtn_e2m1, dequantize_mxfp4_reference,
-                                    pack_fp4)
+from slimtune.kernels.mxfp4 import BLOCK_SIZE, E2M1_VALUES, _floor_e2m1, _rtn_e2m1, dequantize_mxfp4_reference, pack_fp4
 from slimtune.precision.fp8 import PrecisionSwap, TrainingLinear, rotate_last
 from slimtune.registry import PRECISIONS
 
@@ -84,8 +83,9 @@ class QuartetLinearFunction(torch.autograd.Function):
         if bias is not None:
             y = y + bias.float()
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen W (LoRA base): no dW
-        ctx.save_for_backward(*(xq, xs, mask_w) if need_w else (None,) * 3,
-                              *(wq, ws, mask_x) if need_x else (None,) * 3)
+        ctx.save_for_backward(
+            *(xq, xs, mask_w) if need_w else (None,) * 3, *(wq, ws, mask_x) if need_x else (None,) * 3
+        )
         ctx.k, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = k, x.shape, x.dtype, weight.dtype
         ctx.has_bias = bias is not None
         return y.to(out_dtype).reshape(*x.shape[:-1], weight.shape[0])

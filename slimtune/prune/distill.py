@@ -28,8 +28,15 @@ from slimtune.technique import Technique
 from slimtune.lm_loss import IGNORE, LogitTransform, count_targets, lm_loss_sum, logit_transform, position_kwargs
 
 
-def _kd_chunk(head_s: nn.Module, head_t: nn.Module, hs: torch.Tensor, ht: torch.Tensor, temperature: float,
-              transform_s: LogitTransform, transform_t: LogitTransform) -> torch.Tensor:
+def _kd_chunk(
+    head_s: nn.Module,
+    head_t: nn.Module,
+    hs: torch.Tensor,
+    ht: torch.Tensor,
+    temperature: float,
+    transform_s: LogitTransform,
+    transform_t: LogitTransform,
+) -> torch.Tensor:
     """T^2 * sum over rows of KL(softmax(t / T) || softmax(s / T)), in fp32."""
     with torch.no_grad():
         log_p = F.log_softmax(transform_t(head_t(ht).float()) / temperature, dim=-1)
@@ -38,10 +45,17 @@ def _kd_chunk(head_s: nn.Module, head_t: nn.Module, hs: torch.Tensor, ht: torch.
     return F.kl_div(log_q, log_p, reduction="sum", log_target=True) * temperature**2
 
 
-def kd_loss_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head_s: nn.Module, head_t: nn.Module,
-                labels: torch.Tensor, temperature: float = 1.0, chunk_tokens: int = 0,
-                transform_s: LogitTransform = LogitTransform(),
-                transform_t: LogitTransform = LogitTransform()) -> torch.Tensor:
+def kd_loss_sum(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    head_s: nn.Module,
+    head_t: nn.Module,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = 0,
+    transform_s: LogitTransform = LogitTransform(),
+    transform_t: LogitTransform = LogitTransform(),
+) -> torch.Tensor:
     """Summed logit distillation over target tokens; hidden states (B, T, H) are the final (normed) ones.
 
     Same alignment as lm_loss_sum: position t is scored where labels[t + 1] != IGNORE. chunk_tokens <= 0: one
@@ -50,8 +64,10 @@ def kd_loss_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
-        raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
-                         f"{tuple(teacher_hidden.shape)} differ in batch or sequence length")
+        raise ValueError(
+            f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
+            f"{tuple(teacher_hidden.shape)} differ in batch or sequence length"
+        )
     keep = labels[:, 1:].reshape(-1) != IGNORE
     hs = student_hidden[:, :-1].reshape(-1, student_hidden.shape[-1])[keep]
     ht = teacher_hidden[:, :-1].reshape(-1, teacher_hidden.shape[-1])[keep].detach()
@@ -70,16 +86,22 @@ def kd_loss_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head
     return total
 
 
-def squarehead_loss(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
-                    mask: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:
+def squarehead_loss(
+    student_states: list[torch.Tensor],
+    teacher_states: list[torch.Tensor],
+    mask: torch.Tensor | None = None,
+    eps: float = 1e-12,
+) -> torch.Tensor:
     """Mean over layers of ||h_s - h_t||^2 / ||h_t||^2 (squared Frobenius norms over tokens x hidden), in fp32.
 
     states: one (B, T, H) tensor per layer; mask: optional (B, T) bool, True = token counted. The teacher side is
     detached. eps only guards an all-zero teacher state.
     """
     if len(student_states) != len(teacher_states) or not student_states:
-        raise ValueError(f"need the same nonzero number of layers, got {len(student_states)} student and "
-                         f"{len(teacher_states)} teacher states")
+        raise ValueError(
+            f"need the same nonzero number of layers, got {len(student_states)} student and "
+            f"{len(teacher_states)} teacher states"
+        )
     ratios = []
     for hs, ht in zip(student_states, teacher_states):
         hs, ht = hs.float(), ht.detach().float().to(hs.device)
@@ -130,14 +152,16 @@ class Teacher:
         return self.model.get_output_embeddings()
 
     @torch.no_grad()
-    def hidden_states(self, input_ids: torch.Tensor, layers: bool = True,
-                      position_ids: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def hidden_states(
+        self, input_ids: torch.Tensor, layers: bool = True, position_ids: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(per-layer outputs, or [] when layers=False; final normed hidden state), each (B, T, H)."""
         self.model.eval()  # stays frozen even if someone called .train() on it
         kw = {k: v.to(self.device) for k, v in position_kwargs(position_ids).items()}
         with capture_layer_outputs(self.model) if layers else contextlib.nullcontext([]) as outputs:
-            final = self.model.get_decoder()(input_ids=input_ids.to(self.device), use_cache=False,
-                                             **kw).last_hidden_state
+            final = self.model.get_decoder()(
+                input_ids=input_ids.to(self.device), use_cache=False, **kw
+            ).last_hidden_state
         return list(outputs), final
 
 
@@ -148,8 +172,17 @@ class RecoveryLoss(nn.Module):
     CausalLMLoss. `last` holds the detached summed terms of the latest forward (for logging).
     """
 
-    def __init__(self, student: nn.Module, teacher: Teacher | None, ce: float = 1.0, kd: float = 0.0,
-                 feature: float = 0.0, temperature: float = 1.0, chunk_tokens: int = 0, before_head=None):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: Teacher | None,
+        ce: float = 1.0,
+        kd: float = 0.0,
+        feature: float = 0.0,
+        temperature: float = 1.0,
+        chunk_tokens: int = 0,
+        before_head=None,
+    ):
         """before_head(head module): as in CausalLMLoss, called before the student's head weight is read."""
         super().__init__()
         if min(ce, kd, feature) < 0 or ce == kd == feature == 0:
@@ -167,12 +200,14 @@ class RecoveryLoss(nn.Module):
         self.before_head = before_head
         self.last: dict[str, torch.Tensor] = {}
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         use_teacher = bool(self.kd or self.feature)
         with capture_layer_outputs(self.model) if self.feature else contextlib.nullcontext([]) as student_states:
-            hidden = self.model.get_decoder()(input_ids=input_ids, use_cache=False,
-                                              **position_kwargs(position_ids)).last_hidden_state
+            hidden = self.model.get_decoder()(
+                input_ids=input_ids, use_cache=False, **position_kwargs(position_ids)
+            ).last_hidden_state
         student_states = list(student_states)
         if use_teacher:
             teacher_states, teacher_hidden = self.teacher.hidden_states(input_ids, bool(self.feature), position_ids)
@@ -183,8 +218,17 @@ class RecoveryLoss(nn.Module):
         if self.ce:
             terms["ce"] = lm_loss_sum(hidden, head, labels, self.chunk_tokens, self.transform)
         if self.kd:
-            terms["kd"] = kd_loss_sum(hidden, teacher_hidden.to(hidden.device), head, self.teacher.head, labels,
-                                      self.temperature, self.chunk_tokens, self.transform, self.teacher.transform)
+            terms["kd"] = kd_loss_sum(
+                hidden,
+                teacher_hidden.to(hidden.device),
+                head,
+                self.teacher.head,
+                labels,
+                self.temperature,
+                self.chunk_tokens,
+                self.transform,
+                self.teacher.transform,
+            )
         if self.feature:
             # x n_targets: after the trainer's division by the target count this is the plain SquareHead value
             terms["feature"] = squarehead_loss(student_states, teacher_states) * count_targets(labels)

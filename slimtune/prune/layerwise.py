@@ -22,7 +22,6 @@ from slimtune.registry import PRUNE_METHODS
 from slimtune.errors import SlimtuneError
 
 
-
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(qualified name, module list) of the decoder layers (`model.get_decoder().layers`)."""
     layers = model.get_decoder().layers
@@ -65,8 +64,9 @@ def capture_layer_inputs(model: nn.Module, samples) -> list[tuple[torch.Tensor, 
         for sample in samples:
             ids, kwargs = sample_inputs(sample)
             try:
-                model.get_decoder()(input_ids=ids.to(device), use_cache=False,
-                                    **{k: v.to(device) for k, v in kwargs.items()})
+                model.get_decoder()(
+                    input_ids=ids.to(device), use_cache=False, **{k: v.to(device) for k, v in kwargs.items()}
+                )
             except _Captured:
                 pass
     finally:
@@ -82,8 +82,9 @@ def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> lis
     return outs
 
 
-def _collect_stats(layer: nn.Module, names: list[str], inputs: list[tuple[torch.Tensor, dict]],
-                   statistic: str) -> dict[str, torch.Tensor]:
+def _collect_stats(
+    layer: nn.Module, names: list[str], inputs: list[tuple[torch.Tensor, dict]], statistic: str
+) -> dict[str, torch.Tensor]:
     """One pass of `layer` on `inputs`; name (within the layer) -> fp32 statistic of that linear's input:
     "sq_norms": sum over tokens of x_j^2 (in,); "hessian": H = 2 X X^T / n (in, in), accumulated as the
     SparseGPT reference does (H *= n / (n + b); H += 2 / (n + b) x x^T, n counting sequences)."""
@@ -116,8 +117,16 @@ def _collect_stats(layer: nn.Module, names: list[str], inputs: list[tuple[torch.
 
 
 @torch.no_grad()
-def prune_model(model: nn.Module, samples, method: str, sparsity: float, pattern="unstructured",
-                scope: str = "row", options=None, log=print) -> dict[str, float]:
+def prune_model(
+    model: nn.Module,
+    samples,
+    method: str,
+    sparsity: float,
+    pattern="unstructured",
+    scope: str = "row",
+    options=None,
+    log=print,
+) -> dict[str, float]:
     """Prune every linear of the decoder layers in place; returns name -> achieved sparsity (fraction of
     zeros). `samples`: input_ids tensors (1, T) or (N, T), or calibration_samples' (input_ids, labels,
     position_ids) (position ids as data.packing made them: no attention across packed documents), on any device;
@@ -142,8 +151,7 @@ def prune_model(model: nn.Module, samples, method: str, sparsity: float, pattern
                 linear, full = layer.get_submodule(name), f"{prefix}.{i}.{name}"
                 stat = stats.pop(name, None)
                 if pruner.statistic is not None and stat is None:
-                    raise SlimtuneError(f"prune: {full} got no input during calibration; {method} needs its "
-                                        "statistics")
+                    raise SlimtuneError(f"prune: {full} got no input during calibration; {method} needs its statistics")
                 pruner.prune(linear.weight.data, stat, sparsity, nm, scope, options)
                 achieved[full] = (linear.weight == 0).float().mean().item()
             del stats
@@ -151,8 +159,10 @@ def prune_model(model: nn.Module, samples, method: str, sparsity: float, pattern
                 outs = _run_layer(layer, inputs)  # the pruned layer feeds the next one
                 inputs = [(h, kwargs) for h, (_, kwargs) in zip(outs, inputs)]
             mean = sum(achieved[f"{prefix}.{i}.{n}"] for n in names) / max(len(names), 1)
-            log(f"prune layer {i}/{len(layers)}: {method} {pattern_name(nm)} sparsity {mean:.3f} "
-                f"({time.perf_counter() - start:.1f}s)")
+            log(
+                f"prune layer {i}/{len(layers)}: {method} {pattern_name(nm)} sparsity {mean:.3f} "
+                f"({time.perf_counter() - start:.1f}s)"
+            )
     finally:
         model.train(was_training)
     return achieved

@@ -9,8 +9,9 @@ from slimtune.registry import PRUNE_METHODS
 from slimtune.technique import Technique
 
 
-def magnitude_mask(W: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
-                   scope: str = "row") -> torch.Tensor:
+def magnitude_mask(
+    W: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None, scope: str = "row"
+) -> torch.Tensor:
     """Prune the smallest |W_ij|."""
     return mask_from_scores(W.detach().float().abs(), sparsity, nm, scope)
 

@@ -120,8 +120,9 @@ class MaskedParams:
 def merge_masked(base_weight: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """W + mask * delta in W's dtype (added in fp32): merging a LoRA update into a pruned base keeps its zeros."""
     if base_weight.shape != delta.shape or base_weight.shape != mask.shape:
-        raise ValueError(f"shapes differ: weight {tuple(base_weight.shape)}, delta {tuple(delta.shape)}, "
-                         f"mask {tuple(mask.shape)}")
+        raise ValueError(
+            f"shapes differ: weight {tuple(base_weight.shape)}, delta {tuple(delta.shape)}, mask {tuple(mask.shape)}"
+        )
     keep = mask.to(device=base_weight.device, dtype=torch.bool)
     merged = base_weight.float() + delta.to(base_weight.device).float().masked_fill(~keep, 0)
     return merged.to(base_weight.dtype)

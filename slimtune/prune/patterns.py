@@ -62,8 +62,9 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(scores, dim=-1, stable=True).indices[..., :k]
 
 
-def mask_from_scores(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
-                     scope: str = "row") -> torch.Tensor:
+def mask_from_scores(
+    scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None, scope: str = "row"
+) -> torch.Tensor:
     """Keep-mask that prunes the lowest `scores` (out, in) under the module's conventions."""
     _check(scores, sparsity, nm, scope)
     out_f, in_f = scores.shape

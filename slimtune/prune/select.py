@@ -79,8 +79,14 @@ def _row_losses(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, ch
     return out
 
 
-def _row_kl(dense: nn.Module, pruned: nn.Module, h_dense: torch.Tensor, h_pruned: torch.Tensor,
-            labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+def _row_kl(
+    dense: nn.Module,
+    pruned: nn.Module,
+    h_dense: torch.Tensor,
+    h_pruned: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int,
+) -> torch.Tensor:
     """Mean over target positions of KL(dense || pruned) per row (B,) fp32 on CPU.
 
     Only (chunk_tokens, V) fp32 logits of each model exist at a time (chunk_tokens <= 0: all at once)."""
@@ -105,8 +111,14 @@ def _row_kl(dense: nn.Module, pruned: nn.Module, h_dense: torch.Tensor, h_pruned
 
 
 @torch.no_grad()
-def score_blocks(dense: nn.Module, pruned: nn.Module, blocks: Blocks, batch_size: int = 4,
-                 chunk_tokens: int = 256, measure: str = "loss") -> tuple[torch.Tensor, torch.Tensor]:
+def score_blocks(
+    dense: nn.Module,
+    pruned: nn.Module,
+    blocks: Blocks,
+    batch_size: int = 4,
+    chunk_tokens: int = 256,
+    measure: str = "loss",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(degradation (N,), dense embeddings (N, H)), both fp32 on CPU, from one dense and one pruned decoder
     pass per batch (eval mode, no grad; the models' train/eval flags are restored).
 
@@ -130,8 +142,14 @@ def score_blocks(dense: nn.Module, pruned: nn.Module, blocks: Blocks, batch_size
     return torch.cat(scores), torch.cat(embeddings)
 
 
-def degradation_scores(dense: nn.Module, pruned: nn.Module, blocks: Blocks, batch_size: int = 4,
-                       chunk_tokens: int = 256, measure: str = "loss") -> torch.Tensor:
+def degradation_scores(
+    dense: nn.Module,
+    pruned: nn.Module,
+    blocks: Blocks,
+    batch_size: int = 4,
+    chunk_tokens: int = 256,
+    measure: str = "loss",
+) -> torch.Tensor:
     """Per-block degradation (N,) fp32; see `score_blocks`."""
     return score_blocks(dense, pruned, blocks, batch_size, chunk_tokens, measure)[0]
 
@@ -228,8 +246,9 @@ def allocate(weights: torch.Tensor, sizes: torch.Tensor, total: int) -> torch.Te
     return budgets
 
 
-def select_blocks(scores: torch.Tensor, embeddings: torch.Tensor, fraction: float, k: int | None = None,
-                  seed: int = 0) -> torch.Tensor:
+def select_blocks(
+    scores: torch.Tensor, embeddings: torch.Tensor, fraction: float, k: int | None = None, seed: int = 0
+) -> torch.Tensor:
     """Indices (sorted, int64) of the B = max(1, round(fraction * N)) blocks to recover on.
 
     Rule: cluster the blocks with `kmeans(embeddings, k, seed=seed)`, k = round(sqrt(N / 2)) by default,
@@ -264,9 +283,17 @@ def random_blocks(n: int, fraction: float, seed: int = 0) -> torch.Tensor:
     return perm[: budget_size(n, fraction)].sort().values
 
 
-def select_recovery_data(dense: nn.Module, pruned: nn.Module, blocks: Blocks, fraction: float, seed: int = 0,
-                         k: int | None = None, batch_size: int = 4, chunk_tokens: int = 256,
-                         measure: str = "loss") -> tuple[Blocks, dict]:
+def select_recovery_data(
+    dense: nn.Module,
+    pruned: nn.Module,
+    blocks: Blocks,
+    fraction: float,
+    seed: int = 0,
+    k: int | None = None,
+    batch_size: int = 4,
+    chunk_tokens: int = 256,
+    measure: str = "loss",
+) -> tuple[Blocks, dict]:
     """(the selected blocks as a new Blocks, summary) for recovery fine-tuning of `pruned`.
 
     summary: n_candidates, n_selected, clusters, measure, mean_score_selected, mean_score_all."""
@@ -274,8 +301,14 @@ def select_recovery_data(dense: nn.Module, pruned: nn.Module, blocks: Blocks, fr
         raise SlimtuneError("recovery data selection: no candidate blocks")
     scores, emb = score_blocks(dense, pruned, blocks, batch_size, chunk_tokens, measure)
     idx, clusters = _select(scores, emb, fraction, k, seed)
-    summary = {"n_candidates": len(blocks), "n_selected": len(idx), "clusters": clusters, "measure": measure,
-               "mean_score_selected": float(scores[idx].mean()), "mean_score_all": float(scores.mean())}
+    summary = {
+        "n_candidates": len(blocks),
+        "n_selected": len(idx),
+        "clusters": clusters,
+        "measure": measure,
+        "mean_score_selected": float(scores[idx].mean()),
+        "mean_score_all": float(scores.mean()),
+    }
     return blocks.subset(idx), summary
 
 

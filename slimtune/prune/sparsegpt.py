@@ -35,8 +35,10 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
         L = torch.linalg.cholesky(H)
         return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     except torch.linalg.LinAlgError as e:
-        raise ValueError(f"SparseGPT: the input Hessian is not positive definite after damping "
-                         f"(percdamp={percdamp}); raise percdamp or use more calibration samples") from e
+        raise ValueError(
+            f"SparseGPT: the input Hessian is not positive definite after damping "
+            f"(percdamp={percdamp}); raise percdamp or use more calibration samples"
+        ) from e
 
 
 def _block_quota(total: int, cols: int, start: int, end: int) -> int:
@@ -46,9 +48,16 @@ def _block_quota(total: int, cols: int, start: int, end: int) -> int:
 
 
 @torch.no_grad()
-def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
-                    blocksize: int = 128, percdamp: float = 0.01, scope: str = "row",
-                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt_prune(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    scope: str = "row",
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT (Frantar & Alistarh 2023, IST-DASLab/sparsegpt `fasterprune`): prune W and update the kept
     weights to compensate, with H = 2 X X^T / n (in, in) of the layer's calibration inputs.
 
@@ -102,8 +111,8 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple
         for i in range(i2 - i1):
             if mask is None and nm is not None and i % nm[1] == 0:
                 n, m = nm
-                scores = W1[:, i:i + m].square() / d1[i:i + m].square().unsqueeze(0)
-                keep1[:, i:i + m].scatter_(1, _lowest(scores, m - n), False)
+                scores = W1[:, i : i + m].square() / d1[i : i + m].square().unsqueeze(0)
+                keep1[:, i : i + m].scatter_(1, _lowest(scores, m - n), False)
             w = W1[:, i]
             q = torch.where(keep1[:, i], w, torch.zeros_like(w))
             err = (w - q) / d1[i]
@@ -140,8 +149,9 @@ class SparseGPT(Technique):
     @staticmethod
     def prune(W: torch.Tensor, stat, sparsity: float, nm, scope: str, options: SparseGPTConfig | None) -> None:
         options = options or SparseGPTConfig()
-        W_new, _ = sparsegpt_prune(W, stat, sparsity, nm, blocksize=options.blocksize, percdamp=options.percdamp,
-                                   scope=scope)
+        W_new, _ = sparsegpt_prune(
+            W, stat, sparsity, nm, blocksize=options.blocksize, percdamp=options.percdamp, scope=scope
+        )
         W.copy_(W_new)
 
     @classmethod

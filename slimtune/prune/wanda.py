@@ -9,8 +9,9 @@ from slimtune.registry import PRUNE_METHODS
 from slimtune.technique import Technique
 
 
-def wanda_mask(W: torch.Tensor, x_norm: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
-               scope: str = "row") -> torch.Tensor:
+def wanda_mask(
+    W: torch.Tensor, x_norm: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None, scope: str = "row"
+) -> torch.Tensor:
     """Wanda (Sun et al. 2023): prune the smallest |W_ij| * ||X_j||_2, where x_norm (in,) is the 2-norm of
     input feature j over the calibration tokens."""
     if x_norm.shape != (W.shape[1],):

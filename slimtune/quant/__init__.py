@@ -47,10 +47,18 @@ __all__ = [
     "unpack_bits",
 ]
 
+
 @torch.no_grad()
-def quantize_model(model: nn.Module, method: str, backend: str = "slimtune", block_size: int = 64,
-                   double_quant: bool = True, compute_dtype: torch.dtype | None = torch.float32,
-                   skip_modules=("lm_head",), options=None) -> int:
+def quantize_model(
+    model: nn.Module,
+    method: str,
+    backend: str = "slimtune",
+    block_size: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = torch.float32,
+    skip_modules=("lm_head",),
+    options=None,
+) -> int:
     """Replace, in place, every nn.Linear of `model` whose last name component is not in skip_modules by
     its quantized version; returns how many were replaced. method "none" is a no-op (returns 0).
 
@@ -62,6 +70,7 @@ def quantize_model(model: nn.Module, method: str, backend: str = "slimtune", blo
     if method == "none":
         return 0
     if backend == "bitsandbytes":
+
         def make(linear):
             return to_bnb_linear(linear, method, block_size, double_quant, compute_dtype)
     elif backend == "slimtune":
@@ -73,11 +82,15 @@ def quantize_model(model: nn.Module, method: str, backend: str = "slimtune", blo
     else:
         raise ValueError(f"unknown quantization backend={backend!r}; use slimtune or bitsandbytes")
     skip = {skip_modules} if isinstance(skip_modules, str) else set(skip_modules)
-    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
-               if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in skip]
+    targets = [
+        (name, m)
+        for name, m in model.named_modules(remove_duplicate=False)
+        if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in skip
+    ]
     if any(name == "" for name, _ in targets):
-        raise ValueError("quantize_model replaces submodules in place; the model itself is an nn.Linear "
-                         "(wrap it in a container)")
+        raise ValueError(
+            "quantize_model replaces submodules in place; the model itself is an nn.Linear (wrap it in a container)"
+        )
     done: dict[int, nn.Module] = {}
     for name, old in targets:
         new = done.get(id(old))

@@ -59,13 +59,16 @@ class Allocation:
     def table(self) -> str:
         """Aligned text table: one line per matrix, then a total line (achieved vs budget)."""
         head = ("matrix", "config", "bits/param", "error")
-        rows = [(n, cfg, f"{b:.4f}", f"{e:.6g}")
-                for n, cfg, b, e in zip(self.names, self.configs, self.bits, self.errors)]
+        rows = [
+            (n, cfg, f"{b:.4f}", f"{e:.6g}") for n, cfg, b, e in zip(self.names, self.configs, self.bits, self.errors)
+        ]
         w = [max(len(r[k]) for r in [head, *rows]) for k in range(4)]
         lines = [f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:>{w[2]}}  {r[3]:>{w[3]}}" for r in [head, *rows]]
         status = "optimal" if self.optimal else "not proven optimal"
-        lines.append(f"total: {sum(self.numel):,} params, {self.avg_bits:.4f} bits/param achieved "
-                     f"(budget {self.budget_bits:.4f}), error {self.total_error:.6g} ({status})")
+        lines.append(
+            f"total: {sum(self.numel):,} params, {self.avg_bits:.4f} bits/param achieved "
+            f"(budget {self.budget_bits:.4f}), error {self.total_error:.6g} ({status})"
+        )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -91,8 +94,10 @@ def _check_inputs(errors, bits, numel) -> tuple[np.ndarray, np.ndarray, np.ndarr
     available (M, C) bool."""
     e, b, n = _as_array(errors, "errors", 2), _as_array(bits, "bits", 2), _as_array(numel, "numel", 1)
     if e.shape != b.shape or e.shape[0] != n.shape[0] or e.size == 0:
-        raise ValueError(f"errors {e.shape} and bits {b.shape} must be the same non-empty (M, C) shape and "
-                         f"numel {n.shape} must be (M,)")
+        raise ValueError(
+            f"errors {e.shape} and bits {b.shape} must be the same non-empty (M, C) shape and "
+            f"numel {n.shape} must be (M,)"
+        )
     if not (np.all(np.isfinite(n)) and np.all(n > 0)):
         raise ValueError("numel must be positive and finite")
     available = np.isfinite(e)
@@ -127,8 +132,10 @@ def _check_feasible(e, b, w, available, budget_bits: float, names) -> float:
     if not math.isfinite(budget_bits):
         raise ValueError(f"budget_bits must be finite, got {budget_bits}")
     if not _within_budget(min_avg, budget_bits):
-        raise ValueError(f"budget {budget_bits:.10g} bits/param is below the smallest achievable "
-                         f"{min_avg:.10g} bits/param (every matrix at its cheapest candidate)")
+        raise ValueError(
+            f"budget {budget_bits:.10g} bits/param is below the smallest achievable "
+            f"{min_avg:.10g} bits/param (every matrix at its cheapest candidate)"
+        )
     return min_avg
 
 
@@ -186,17 +193,21 @@ def _solve_milp(cost: np.ndarray, b, w, available, rhs: float, time_limit_s: flo
     upper = np.concatenate([np.ones(m), [rhs]])
     # mip_rel_gap=0: HiGHS's default 1e-4 relative gap would stop short of the true optimum
     with _quiet_c_stdout():
-        res = milp(np.where(available, cost, 0.0).ravel(), integrality=np.ones(m * c),
-                   bounds=Bounds(0.0, available.ravel().astype(np.float64)),
-                   constraints=LinearConstraint(a, lower, upper),
-                   options={"time_limit": time_limit_s, "mip_rel_gap": 0.0})
+        res = milp(
+            np.where(available, cost, 0.0).ravel(),
+            integrality=np.ones(m * c),
+            bounds=Bounds(0.0, available.ravel().astype(np.float64)),
+            constraints=LinearConstraint(a, lower, upper),
+            options={"time_limit": time_limit_s, "mip_rel_gap": 0.0},
+        )
     if res.x is None:  # infeasible (ruled out beforehand) or time limit before any integer solution
         return None, False
     return res.x.reshape(m, c).argmax(axis=1), bool(res.success)
 
 
-def allocate_bits(errors, bits, numel, budget_bits: float, names=None, config_names=None,
-                  time_limit_s: float = 60.0) -> Allocation:
+def allocate_bits(
+    errors, bits, numel, budget_bits: float, names=None, config_names=None, time_limit_s: float = 60.0
+) -> Allocation:
     """Pick one config per matrix minimising total error under an average bits/param budget.
 
     errors, bits: (M, C) array-like (numpy or torch); an inf/nan error marks the candidate unavailable
@@ -242,10 +253,18 @@ def allocate_bits(errors, bits, numel, budget_bits: float, names=None, config_na
                 break
             rhs = max(min_avg, rhs - 2 * (avg - budget_bits))
     best = [int(k) for k in best]
-    return Allocation(choice=best, total_error=float(e[rows, best].sum()), avg_bits=_avg_bits(b, w, best),
-                      budget_bits=budget_bits, optimal=optimal, names=names, config_names=config_names,
-                      errors=[float(x) for x in e[rows, best]], bits=[float(x) for x in b[rows, best]],
-                      numel=[int(x) for x in _as_array(numel, "numel", 1)])
+    return Allocation(
+        choice=best,
+        total_error=float(e[rows, best].sum()),
+        avg_bits=_avg_bits(b, w, best),
+        budget_bits=budget_bits,
+        optimal=optimal,
+        names=names,
+        config_names=config_names,
+        errors=[float(x) for x in e[rows, best]],
+        bits=[float(x) for x in b[rows, best]],
+        numel=[int(x) for x in _as_array(numel, "numel", 1)],
+    )
 
 
 def brute_force_allocation(errors, bits, numel, budget_bits: float) -> list[int]:
@@ -254,8 +273,9 @@ def brute_force_allocation(errors, bits, numel, budget_bits: float) -> list[int]
     e, b, w, available = _check_inputs(errors, bits, numel)
     m, c = e.shape
     if m * math.log2(max(c, 1)) > _MAX_BRUTE_LOG2:
-        raise ValueError(f"brute force over {c}**{m} choices is too large (limit 2**{_MAX_BRUTE_LOG2}); "
-                         f"use allocate_bits")
+        raise ValueError(
+            f"brute force over {c}**{m} choices is too large (limit 2**{_MAX_BRUTE_LOG2}); use allocate_bits"
+        )
     _check_feasible(e, b, w, available, float(budget_bits), [f"matrix{i}" for i in range(m)])
     # all choices at once, row 0 varying slowest: (C**M,) total error and average bits
     tot_err, tot_bits = np.zeros(1), np.zeros(1)

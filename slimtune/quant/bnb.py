@@ -40,8 +40,13 @@ def _import_bnb():
 
 
 @torch.no_grad()
-def to_bnb_linear(linear: nn.Linear, method: str, block_size: int = 64, double_quant: bool = True,
-                  compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+def to_bnb_linear(
+    linear: nn.Linear,
+    method: str,
+    block_size: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+) -> nn.Module:
     """A bitsandbytes layer holding `linear`'s weight, quantized now (on CPU, then moved to linear's device).
 
     method "nf4": bnb.nn.Linear4bit(quant_type="nf4", blocksize=block_size, compress_statistics=double_quant),
@@ -57,14 +62,28 @@ def to_bnb_linear(linear: nn.Linear, method: str, block_size: int = 64, double_q
     # allocating (and random-initialising) a second full-precision weight.
     w = linear.weight.detach().to("cpu")
     if method == "nf4":
-        m = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
-                              compress_statistics=double_quant, quant_type="nf4", device="meta")
-        m.weight = bnb.nn.Params4bit(w.to(compute_dtype), requires_grad=False, quant_type="nf4",
-                                     blocksize=block_size, compress_statistics=double_quant, module=m)
+        m = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=compute_dtype,
+            compress_statistics=double_quant,
+            quant_type="nf4",
+            device="meta",
+        )
+        m.weight = bnb.nn.Params4bit(
+            w.to(compute_dtype),
+            requires_grad=False,
+            quant_type="nf4",
+            blocksize=block_size,
+            compress_statistics=double_quant,
+            module=m,
+        )
         m.support_avx512bf16_for_cpu = False  # see the module docstring: keeps backward and dequantization
     else:
-        m = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
-                                threshold=0.0, device="meta")
+        m = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=0.0, device="meta"
+        )
         m.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
     if has_bias:
         m.bias = nn.Parameter(linear.bias.detach().to("cpu", compute_dtype), requires_grad=False)

@@ -23,8 +23,9 @@ from slimtune.registry import QUANT_FORMATS
 def _check_layout(shape, block_size: int) -> int:
     numel = int(torch.Size(shape).numel())
     if block_size <= 0 or numel == 0 or numel % block_size:
-        raise ValueError(f"INT8 needs numel divisible by block_size={block_size}; weight shape {tuple(shape)} "
-                         f"has {numel} elements")
+        raise ValueError(
+            f"INT8 needs numel divisible by block_size={block_size}; weight shape {tuple(shape)} has {numel} elements"
+        )
     return numel
 
 
@@ -83,8 +84,15 @@ class Int8Linear(FrozenQuantLinear):
     format = "int8"
     _function = LinearInt8
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, block_size: int = 64,
-                 compute_dtype: torch.dtype | None = None, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        block_size: int = 64,
+        compute_dtype: torch.dtype | None = None,
+        device=None,
+    ):
         super().__init__()
         _check_layout((out_features, in_features), block_size)
         self.fmt = QuantFormat("int", 8, block_size)
@@ -111,11 +119,18 @@ class Int8Linear(FrozenQuantLinear):
 
     def _empty(self, device) -> Int8Weight:
         n = self.out_features * self.in_features
-        return Int8Weight(codes=torch.zeros(n, dtype=torch.int8, device=device),
-                          absmax=torch.zeros(n // self.block_size, device=device),
-                          shape=(self.out_features, self.in_features), block_size=self.block_size)
+        return Int8Weight(
+            codes=torch.zeros(n, dtype=torch.int8, device=device),
+            absmax=torch.zeros(n // self.block_size, device=device),
+            shape=(self.out_features, self.in_features),
+            block_size=self.block_size,
+        )
 
     def _packed(self) -> Int8Weight:
         """The buffers viewed as an Int8Weight (shares storage, no copy)."""
-        return Int8Weight(codes=self.codes, absmax=self.absmax, shape=(self.out_features, self.in_features),
-                          block_size=self.block_size)
+        return Int8Weight(
+            codes=self.codes,
+            absmax=self.absmax,
+            shape=(self.out_features, self.in_features),
+            block_size=self.block_size,
+        )

@@ -31,8 +31,9 @@ def _safe(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def quantize_int_blocks(blocks: torch.Tensor, bits: int, symmetric: bool = True
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def quantize_int_blocks(
+    blocks: torch.Tensor, bits: int, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """blocks fp32 (nb, B), finite -> (codes uint8 (nb * B,), scale fp32 (nb,), zero fp32 (nb,) or None)."""
     qmax = int_qmax(bits, symmetric)
     if symmetric:
@@ -45,8 +46,9 @@ def quantize_int_blocks(blocks: torch.Tensor, bits: int, symmetric: bool = True
     return q.to(torch.uint8).flatten(), scale, zero
 
 
-def dequantize_int_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-                          symmetric: bool = True) -> torch.Tensor:
+def dequantize_int_blocks(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, symmetric: bool = True
+) -> torch.Tensor:
     """codes uint8 (nb * B,), scale fp32 (nb,), zero fp32 (nb,) or None -> fp32 (nb, B)."""
     values = codes.view(scale.numel(), -1).float()
     if symmetric:

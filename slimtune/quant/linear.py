@@ -31,8 +31,10 @@ def check_packed_sizes(fmt: str, d: dict[str, torch.Tensor], want: dict[str, int
     for k, n in want.items():
         if k not in d or d[k].numel() != n:
             got = tuple(d[k].shape) if k in d else "missing"
-            raise ValueError(f"{fmt} tensor {k!r}: expected {n} elements for shape {tuple(shape)}, "
-                             f"block_size {block_size}; got {got}")
+            raise ValueError(
+                f"{fmt} tensor {k!r}: expected {n} elements for shape {tuple(shape)}, "
+                f"block_size {block_size}; got {got}"
+            )
 
 
 def configured_format(cls, method: str, block_size: int, double_quant: bool, options=None):
@@ -100,9 +102,14 @@ class FrozenQuantLinear(nn.Module):
         self.block_size, self.compute_dtype = block_size, compute_dtype
         # zero codes of the right sizes, so load_state_dict can fill a freshly built module
         self._set_packed(self._empty(device))
-        self.register_parameter("bias", nn.Parameter(
-            torch.zeros(out_features, device=device, dtype=compute_dtype or torch.float32), requires_grad=False)
-            if bias else None)
+        self.register_parameter(
+            "bias",
+            nn.Parameter(
+                torch.zeros(out_features, device=device, dtype=compute_dtype or torch.float32), requires_grad=False
+            )
+            if bias
+            else None,
+        )
 
     @classmethod
     def format_for(cls, name: str, block_size: int | None = None, double_quant: bool | None = None, options=None):
@@ -117,8 +124,15 @@ class FrozenQuantLinear(nn.Module):
         return fmt.tensor_layout(shape)
 
     @classmethod
-    def make(cls, fmt, in_features: int, out_features: int, bias: bool = False,
-             compute_dtype: torch.dtype | None = None, device=None) -> "FrozenQuantLinear":
+    def make(
+        cls,
+        fmt,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        compute_dtype: torch.dtype | None = None,
+        device=None,
+    ) -> "FrozenQuantLinear":
         """An empty (zero-code) module storing QuantFormat `fmt`; ValueError if the class cannot store it."""
         raise NotImplementedError
 
@@ -136,14 +150,20 @@ class FrozenQuantLinear(nn.Module):
 
     def spec(self) -> dict:
         """JSON description, enough for from_spec to rebuild the module empty (then load_state_dict)."""
-        return {"class": type(self).__name__, "format": self.fmt.name, "in_features": self.in_features,
-                "out_features": self.out_features, "bias": self.bias is not None}
+        return {
+            "class": type(self).__name__,
+            "format": self.fmt.name,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
 
     @classmethod
     def from_spec(cls, spec: dict, compute_dtype: torch.dtype | None) -> "FrozenQuantLinear":
         """Inverse of spec(): the empty module (load_state_dict fills it)."""
-        return cls.make(cls.format_for(spec["format"]), spec["in_features"], spec["out_features"], spec["bias"],
-                        compute_dtype)
+        return cls.make(
+            cls.format_for(spec["format"]), spec["in_features"], spec["out_features"], spec["bias"], compute_dtype
+        )
 
     def quantize_weight(self, w: torch.Tensor):
         """A packed-weight holder of `w` (out, in) in this module's format (the module is unchanged)."""
@@ -179,8 +199,9 @@ class FrozenQuantLinear(nn.Module):
         """Replace the stored codes by quantizing `new_weight` (out, in), e.g. after merging a LoRA delta
         into the base. Same format settings, so state_dict keys and sizes do not change."""
         if tuple(new_weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"requantize_: weight shape {tuple(new_weight.shape)} != "
-                             f"({self.out_features}, {self.in_features})")
+            raise ValueError(
+                f"requantize_: weight shape {tuple(new_weight.shape)} != ({self.out_features}, {self.in_features})"
+            )
         self._set_packed(self._quantize(new_weight.to(self.codes.device)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,8 +229,10 @@ class FrozenQuantLinear(nn.Module):
                 self._buffers[k] = self._buffers[k].view(dt)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"format={self.format}, block_size={self.block_size}, compute_dtype={self.compute_dtype}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"format={self.format}, block_size={self.block_size}, compute_dtype={self.compute_dtype}"
+        )
 
     # -- format hooks
     def _quantize(self, w: torch.Tensor):

@@ -30,17 +30,31 @@ from slimtune.quant.linear import FrozenQuantLinear, LinearDequant, check_packed
 from slimtune.quant.scales import DQ_BLOCK, double_dequantize, double_quant_sizes, double_quantize
 
 # QLoRA paper appendix E == bitsandbytes.functional.get_4bit_type("nf4")
-NF4_CODEBOOK = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-], dtype=torch.float32)
+NF4_CODEBOOK = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
 # nearest-value rounding == bucketize against the midpoints between neighbouring code values
 _MIDPOINTS = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2
 # byte -> (value of high nibble, value of low nibble): dequantization is one lookup per byte
 _PAIR_LUT = torch.stack([NF4_CODEBOOK[torch.arange(256) >> 4], NF4_CODEBOOK[torch.arange(256) & 15]], dim=1)
-
 
 
 @functools.lru_cache(maxsize=8)  # a few devices at most; bounded so a long-lived process cannot grow it
@@ -54,11 +68,14 @@ def _on_device(table: str, device: torch.device) -> torch.Tensor:
 def _check_layout(shape, block_size: int) -> int:
     numel = int(torch.Size(shape).numel())
     if block_size <= 0 or block_size % 2:
-        raise ValueError(f"NF4 block_size must be a positive even number (2 codes per byte), got {block_size} "
-                         f"for weight shape {tuple(shape)}")
+        raise ValueError(
+            f"NF4 block_size must be a positive even number (2 codes per byte), got {block_size} "
+            f"for weight shape {tuple(shape)}"
+        )
     if numel == 0 or numel % block_size:
-        raise ValueError(f"NF4 needs numel divisible by block_size={block_size}; weight shape {tuple(shape)} "
-                         f"has {numel} elements")
+        raise ValueError(
+            f"NF4 needs numel divisible by block_size={block_size}; weight shape {tuple(shape)} has {numel} elements"
+        )
     return numel
 
 
@@ -105,8 +122,17 @@ class NF4Weight:
 
     def operand(self) -> NF4Operand:
         """The same tensors (no copy) as the nf4_matmul kernel's plain-tensor operand."""
-        return NF4Operand(self.codes, _on_device("codebook", self.codes.device), tuple(self.shape), self.block_size,
-                          self.absmax, self.absmax_q, self.absmax_scale, self.absmax_offset, DQ_BLOCK)
+        return NF4Operand(
+            self.codes,
+            _on_device("codebook", self.codes.device),
+            tuple(self.shape),
+            self.block_size,
+            self.absmax,
+            self.absmax_q,
+            self.absmax_scale,
+            self.absmax_offset,
+            DQ_BLOCK,
+        )
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by name (safetensors-ready; names match NF4Linear's buffers)."""
@@ -139,8 +165,15 @@ def _empty_nf4(shape, block_size: int, double_quant: bool, device=None) -> NF4We
     """All-zero NF4Weight of the sizes quantize_nf4 would produce, without a full-precision temporary."""
     nb = _check_layout(shape, block_size) // block_size
     z = lambda n, dt: torch.zeros(n, dtype=dt, device=device)  # noqa: E731
-    scales = ({"absmax_q": z(nb, torch.int8), "absmax_scale": z(-(-nb // DQ_BLOCK), torch.float32),
-               "absmax_offset": z(1, torch.float32)} if double_quant else {"absmax": z(nb, torch.float32)})
+    scales = (
+        {
+            "absmax_q": z(nb, torch.int8),
+            "absmax_scale": z(-(-nb // DQ_BLOCK), torch.float32),
+            "absmax_offset": z(1, torch.float32),
+        }
+        if double_quant
+        else {"absmax": z(nb, torch.float32)}
+    )
     return NF4Weight(codes=z(nb * block_size // 2, torch.uint8), shape=tuple(shape), block_size=block_size, **scales)
 
 
@@ -182,8 +215,16 @@ class NF4Linear(FrozenQuantLinear):
     format = "nf4"
     _function = LinearNF4
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, block_size: int = 64,
-                 double_quant: bool = True, compute_dtype: torch.dtype | None = None, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        block_size: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        device=None,
+    ):
         super().__init__()
         _check_layout((out_features, in_features), block_size)
         self.double_quant = double_quant
@@ -197,8 +238,13 @@ class NF4Linear(FrozenQuantLinear):
         return cls(in_features, out_features, bias, fmt.block_size, fmt.double_quant, compute_dtype, device)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, block_size: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None) -> "NF4Linear":
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        block_size: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> "NF4Linear":
         """Quantize `linear`'s weight on its device; the bias is kept (frozen) in compute_dtype or its own."""
         return cls.quantize_linear(linear, QuantFormat("nf", 4, block_size, double_quant), compute_dtype)
 
@@ -210,8 +256,9 @@ class NF4Linear(FrozenQuantLinear):
 
     def _packed(self) -> NF4Weight:
         """The buffers viewed as an NF4Weight (shares storage, no copy)."""
-        return NF4Weight(shape=(self.out_features, self.in_features), block_size=self.block_size,
-                         **self.packed_tensors())
+        return NF4Weight(
+            shape=(self.out_features, self.in_features), block_size=self.block_size, **self.packed_tensors()
+        )
 
     def _matmul(self, x: torch.Tensor, packed: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
         """On CUDA (or forced by SLIMTUNE_KERNELS) the Triton kernel dequantizes W tile by tile in

@@ -33,6 +33,7 @@ from slimtune.quant.packing import pack_bits, unpack_bits
 from slimtune.quant.qformat import QuantFormat
 from slimtune.quant.scales import double_dequantize, double_quantize
 
+
 @dataclass
 class PackedWeight:
     """A packed weight (n = numel, nb = n / block_size): codes uint8 (ceil(n * bits / 8),); scale fp32
@@ -70,8 +71,9 @@ class PackedWeight:
         if self.fmt.kind == "nf":
             w = dequantize_nf_blocks(codes, self.block_scale(), self.fmt.bits)
         else:
-            w = dequantize_int_blocks(codes, self.block_scale(), self.block_zero(), self.fmt.bits,
-                                      symmetric=self.fmt.kind == "int")
+            w = dequantize_int_blocks(
+                codes, self.block_scale(), self.block_zero(), self.fmt.bits, symmetric=self.fmt.kind == "int"
+            )
         return w.view(self.shape).to(dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -124,8 +126,9 @@ def bits_per_param(x) -> float:
     if isinstance(x, FrozenQuantLinear):
         x = x._packed()
     if not (hasattr(x, "nbytes") and hasattr(x, "shape") and hasattr(x, "dequantize")):
-        raise TypeError(f"bits_per_param: expected a packed weight or a slimtune quantized linear, "
-                        f"got {type(x).__name__}")
+        raise TypeError(
+            f"bits_per_param: expected a packed weight or a slimtune quantized linear, got {type(x).__name__}"
+        )
     return x.nbytes * 8 / math.prod(x.shape)
 
 
@@ -146,8 +149,15 @@ class PackedLinear(FrozenQuantLinear):
 
     _function = LinearPacked
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, fmt: QuantFormat | str = "nf3",
-                 compute_dtype: torch.dtype | None = None, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        fmt: QuantFormat | str = "nf3",
+        compute_dtype: torch.dtype | None = None,
+        device=None,
+    ):
         super().__init__()
         self.fmt = QuantFormat.parse(fmt)
         self.format, self.double_quant = self.fmt.name, self.fmt.double_quant
@@ -159,20 +169,28 @@ class PackedLinear(FrozenQuantLinear):
         return cls(in_features, out_features, bias, fmt, compute_dtype, device)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: QuantFormat | str = "nf3",
-                    compute_dtype: torch.dtype | None = None) -> PackedLinear:
+    def from_linear(
+        cls, linear: nn.Linear, fmt: QuantFormat | str = "nf3", compute_dtype: torch.dtype | None = None
+    ) -> PackedLinear:
         """Quantize `linear`'s weight on its device; the bias is kept (frozen) in compute_dtype or its own."""
         return cls.quantize_linear(linear, QuantFormat.parse(fmt), compute_dtype)
 
     @classmethod
-    def from_packed(cls, packed: PackedWeight, bias: torch.Tensor | None = None,
-                    compute_dtype: torch.dtype | None = None) -> PackedLinear:
+    def from_packed(
+        cls, packed: PackedWeight, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None
+    ) -> PackedLinear:
         """Wrap an existing (out, in) PackedWeight (its tensors become the buffers, no copy)."""
         if len(packed.shape) != 2:
             raise ValueError(f"PackedLinear needs a 2-D (out, in) weight, got shape {tuple(packed.shape)}")
         out_features, in_features = packed.shape
-        m = cls(in_features, out_features, bias=False, fmt=packed.fmt, compute_dtype=compute_dtype,
-                device=packed.codes.device)
+        m = cls(
+            in_features,
+            out_features,
+            bias=False,
+            fmt=packed.fmt,
+            compute_dtype=compute_dtype,
+            device=packed.codes.device,
+        )
         m._set_packed(PackedWeight.from_tensors(packed.tensors(), packed.fmt, packed.shape))
         m.set_bias(bias)
         return m
@@ -187,8 +205,7 @@ class PackedLinear(FrozenQuantLinear):
 
     def _packed(self) -> PackedWeight:
         """The buffers viewed as a PackedWeight (shares storage, no copy)."""
-        return PackedWeight(fmt=self.fmt, shape=(self.out_features, self.in_features),
-                            **self.packed_tensors())
+        return PackedWeight(fmt=self.fmt, shape=(self.out_features, self.in_features), **self.packed_tensors())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", double_quant={self.double_quant}"

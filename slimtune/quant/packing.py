@@ -60,8 +60,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """uint8 (ceil(n * bits / 8),) bitstream -> uint8 codes (n,) in 0..2**bits-1 (inverse of pack_bits)."""
     _check_bits(bits)
     if packed.dtype != torch.uint8 or packed.numel() != packed_len(n, bits):
-        raise ValueError(f"unpack_bits: expected {packed_len(n, bits)} uint8 bytes for {n} codes of {bits} bits, "
-                         f"got {packed.dtype} with {packed.numel()} elements")
+        raise ValueError(
+            f"unpack_bits: expected {packed_len(n, bits)} uint8 bytes for {n} codes of {bits} bits, "
+            f"got {packed.dtype} with {packed.numel()} elements"
+        )
     packed = packed.reshape(-1)
     if bits == 8:
         return packed.clone()

@@ -20,8 +20,10 @@ from slimtune.quant.scales import double_quant_sizes
 
 KINDS = {"nf": NF_BITS, "int": INT_BITS, "int_asym": INT_BITS}  # kind -> valid bits
 _NAME_RE = re.compile(r"(nf|int)(\d+)(a?)(?:-b(\d+))?(-dq)?")
-_VALID_NAMES = ("nf2..nf8, int2..int8 (symmetric), int2a..int8a (asymmetric), optionally followed by "
-                "-b<block_size> and -dq, e.g. 'nf3', 'int4a-b128', 'nf3-b64-dq'")
+_VALID_NAMES = (
+    "nf2..nf8, int2..int8 (symmetric), int2a..int8a (asymmetric), optionally followed by "
+    "-b<block_size> and -dq, e.g. 'nf3', 'int4a-b128', 'nf3-b64-dq'"
+)
 
 
 def _is_int(x) -> bool:
@@ -63,9 +65,10 @@ class QuantFormat:
         return f"{prefix}{self.bits}{suffix}-b{self.block_size}" + ("-dq" if self.double_quant else "")
 
     @classmethod
-    def parse(cls, name: str | QuantFormat, block_size: int | None = None,
-              double_quant: bool | None = None) -> QuantFormat:
-        """"nf3" / "int4a-b128" / "nf3-b64-dq" (or a QuantFormat) -> QuantFormat. Short names default to
+    def parse(
+        cls, name: str | QuantFormat, block_size: int | None = None, double_quant: bool | None = None
+    ) -> QuantFormat:
+        """ "nf3" / "int4a-b128" / "nf3-b64-dq" (or a QuantFormat) -> QuantFormat. Short names default to
         block_size=64, double_quant=False; the keyword arguments, when not None, override the name."""
         if isinstance(name, QuantFormat):
             fmt = name
@@ -75,8 +78,9 @@ class QuantFormat:
                 raise ValueError(f"unknown quantization format {name!r}; valid: {_VALID_NAMES}")
             prefix, bits, asym, block, dq = m.groups()
             if prefix == "nf" and asym:
-                raise ValueError(f"unknown quantization format {name!r} (NF has no asymmetric variant); "
-                                 f"valid: {_VALID_NAMES}")
+                raise ValueError(
+                    f"unknown quantization format {name!r} (NF has no asymmetric variant); valid: {_VALID_NAMES}"
+                )
             try:
                 fmt = cls("int_asym" if asym else prefix, int(bits), int(block) if block else 64, dq is not None)
             except ValueError as e:
@@ -88,8 +92,10 @@ class QuantFormat:
         """numel of `shape`; ValueError unless it is positive and divisible by block_size."""
         numel = math.prod(shape)
         if numel == 0 or numel % self.block_size:
-            raise ValueError(f"{self.name} needs numel divisible by block_size={self.block_size}; weight shape "
-                             f"{tuple(shape)} has {numel} elements")
+            raise ValueError(
+                f"{self.name} needs numel divisible by block_size={self.block_size}; weight shape "
+                f"{tuple(shape)} has {numel} elements"
+            )
         return numel
 
     def tensor_layout(self, shape) -> dict[str, tuple[int, torch.dtype]]:

@@ -35,8 +35,11 @@ def double_quantize(values: torch.Tensor, prefix: str = "absmax") -> dict[str, t
     scale = blocks.abs().amax(dim=1)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(blocks / safe[:, None] * 127).clamp(-127, 127).to(torch.int8)
-    return {f"{prefix}_q": q.flatten()[: values.numel()].contiguous(), f"{prefix}_scale": scale,
-            f"{prefix}_offset": offset}
+    return {
+        f"{prefix}_q": q.flatten()[: values.numel()].contiguous(),
+        f"{prefix}_scale": scale,
+        f"{prefix}_offset": offset,
+    }
 
 
 def double_dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

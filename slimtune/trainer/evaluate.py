@@ -24,9 +24,15 @@ def _on(device, x, y, pos) -> tuple:
 
 
 @torch.no_grad()
-def loss_totals(loss_model: nn.Module, blocks: Blocks, batch_size: int, max_batches: int,
-                device: torch.device, info: dist.DistInfo = dist.DistInfo(),
-                lockstep: bool = False) -> tuple[float, int]:
+def loss_totals(
+    loss_model: nn.Module,
+    blocks: Blocks,
+    batch_size: int,
+    max_batches: int,
+    device: torch.device,
+    info: dist.DistInfo = dist.DistInfo(),
+    lockstep: bool = False,
+) -> tuple[float, int]:
     """(summed next-token CE in nats, target tokens) over the blocks (at most max_batches batches, 0 = all);
     ranks split the batches and sum their totals. lockstep (a sharded model, whose forward is collective):
     every rank runs as many forwards as the busiest one, the extra ones on its first batch, not counted."""
@@ -48,8 +54,15 @@ def loss_totals(loss_model: nn.Module, blocks: Blocks, batch_size: int, max_batc
     return float(totals[0]), int(totals[1])
 
 
-def perplexity(loss_model: nn.Module, blocks: Blocks, batch_size: int, max_batches: int,
-               device: torch.device, info: dist.DistInfo = dist.DistInfo(), lockstep: bool = False) -> float:
+def perplexity(
+    loss_model: nn.Module,
+    blocks: Blocks,
+    batch_size: int,
+    max_batches: int,
+    device: torch.device,
+    info: dist.DistInfo = dist.DistInfo(),
+    lockstep: bool = False,
+) -> float:
     """exp(mean next-token CE) over the eval blocks."""
     nats, tokens = loss_totals(loss_model, blocks, batch_size, max_batches, device, info, lockstep)
     return math.exp(nats / tokens) if tokens > 0 else float("nan")
@@ -84,6 +97,12 @@ def _evaluate(cfg, whole_text: bool) -> dict:
             n, k = loss_totals(loss_model, blocks, t.batch_size, cap, device)
             nats, tokens = nats + n, tokens + k
     loss = nats / tokens if tokens else float("nan")
-    return {"model": cfg.model.name, "data": cfg.data.source, "seq_len": t.seq_len,
-            "scored": "whole text" if whole_text else "eval split", "eval_loss": loss,
-            "eval_perplexity": math.exp(loss) if tokens else float("nan"), "eval_tokens": tokens}
+    return {
+        "model": cfg.model.name,
+        "data": cfg.data.source,
+        "seq_len": t.seq_len,
+        "scored": "whole text" if whole_text else "eval split",
+        "eval_loss": loss,
+        "eval_perplexity": math.exp(loss) if tokens else float("nan"),
+        "eval_tokens": tokens,
+    }

@@ -33,8 +33,10 @@ def export_merged(run_dir: Path, out_dir: Path | None = None, onto: str = "full"
     run_dir = Path(run_dir)
     final, cfg_path = run_dir / "final", run_dir / "config.yaml"
     if not cfg_path.is_file() or not final.is_dir():
-        raise SlimtuneError(f"{run_dir}: not a finished slimtune run (needs config.yaml and final/); "
-                            "give the output_dir of a completed `slimtune run`")
+        raise SlimtuneError(
+            f"{run_dir}: not a finished slimtune run (needs config.yaml and final/); "
+            "give the output_dir of a completed `slimtune run`"
+        )
     cfg = fixed_dtype(load_config(str(cfg_path)))  # a model.dtype=auto run merges in fp32 (exact)
     out = Path(out_dir) if out_dir else run_dir / "merged"
     tokenizer = load_tokenizer(cfg.model.name)

@@ -38,7 +38,7 @@ def split_args(args: list[str]) -> tuple[dict, list[str]]:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep:
-            raise ConfigError(f"argument {item!r} must look like key=value (e.g. prompt=\"Hello\" or model.name=DIR)")
+            raise ConfigError(f'argument {item!r} must look like key=value (e.g. prompt="Hello" or model.name=DIR)')
         if "." in key:
             overrides.append(item)
             continue
@@ -73,12 +73,19 @@ def read_messages(path: str) -> list[dict]:
         raise ConfigError(f"messages={path}: cannot read it as JSON ({e})") from None
     if isinstance(data, dict):
         data = data.get("messages")
-    ok = isinstance(data, list) and data and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and m["role"] and isinstance(m.get("content"), str)
-        for m in data)
+    ok = (
+        isinstance(data, list)
+        and data
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and m["role"] and isinstance(m.get("content"), str)
+            for m in data
+        )
+    )
     if not ok:
-        raise ConfigError(f"messages={path}: expected a non-empty JSON list of {{\"role\": ..., \"content\": ...}} "
-                          "objects with string values")
+        raise ConfigError(
+            f'messages={path}: expected a non-empty JSON list of {{"role": ..., "content": ...}} '
+            "objects with string values"
+        )
     return data
 
 
@@ -89,8 +96,10 @@ def prompt_ids(tokenizer, gen: dict, name: str) -> list[int]:
     if gen["messages"] is not None:
         messages = read_messages(gen["messages"])
         if not template:
-            raise ConfigError(f"messages={gen['messages']}: the tokenizer of model.name={name!r} has no chat "
-                              "template; use prompt=TEXT (used raw, without a template)")
+            raise ConfigError(
+                f"messages={gen['messages']}: the tokenizer of model.name={name!r} has no chat "
+                "template; use prompt=TEXT (used raw, without a template)"
+            )
     elif template:
         messages = [{"role": "user", "content": gen["prompt"]}]
     else:
@@ -121,8 +130,16 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
 
 
 @torch.no_grad()
-def decode(model: nn.Module, ids: list[int], max_new_tokens: int, temperature: float, top_p: float, seed: int,
-           stop: set[int], device: torch.device) -> list[int]:
+def decode(
+    model: nn.Module,
+    ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    stop: set[int],
+    device: torch.device,
+) -> list[int]:
     """New token ids (the stop token excluded), one forward per token on the KV cache."""
     generator = torch.Generator().manual_seed(seed)
     # transformers >= 5.25 names the KV cache `cache`, earlier `past_key_values`
@@ -162,8 +179,18 @@ def generate(cfg, gen: dict, log=print) -> str:
     t0 = time.perf_counter()
     model = to_device(build_for_eval(cfg), device)  # a keep_compressed model stays encoded on the device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16"):
-        new = decode(model, ids, min(gen["max_new_tokens"], room), gen["temperature"], gen["top_p"], gen["seed"],
-                     stop_ids(model, tokenizer), device)
-    log(f"slimtune: generated {len(new)} tokens after a {len(ids)}-token prompt ({name}, {cfg.model.dtype}, "
-        f"{time.perf_counter() - t0:.1f}s)")
+        new = decode(
+            model,
+            ids,
+            min(gen["max_new_tokens"], room),
+            gen["temperature"],
+            gen["top_p"],
+            gen["seed"],
+            stop_ids(model, tokenizer),
+            device,
+        )
+    log(
+        f"slimtune: generated {len(new)} tokens after a {len(ids)}-token prompt ({name}, {cfg.model.dtype}, "
+        f"{time.perf_counter() - t0:.1f}s)"
+    )
     return tokenizer.decode(new, skip_special_tokens=True)

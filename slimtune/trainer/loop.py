@@ -39,8 +39,16 @@ from slimtune.trainer.hooks import Hooks
 from slimtune.model.pipeline import build_model
 from slimtune.plan.report import planned_peak
 from slimtune.trainer.preflight import check_run
-from slimtune.trainer.report import (MetricsLog, optimizer_state_bytes, peak_memory, plot_loss, print_main,
-                                     reset_peak_memory, start_wandb, summary_line)
+from slimtune.trainer.report import (
+    MetricsLog,
+    optimizer_state_bytes,
+    peak_memory,
+    plot_loss,
+    print_main,
+    reset_peak_memory,
+    start_wandb,
+    summary_line,
+)
 
 
 def lr_at(step: int, t: C.TrainConfig) -> float:
@@ -58,14 +66,18 @@ def check_output_dir(cfg: C.RecipeConfig, world: int) -> Path | None:
     if cfg.resume:
         ckpts = complete_checkpoints(out / "checkpoints")
         if not ckpts:
-            raise SlimtuneError(f"resume=true but {out}/checkpoints holds no complete checkpoint; drop resume=true "
-                                "(add overwrite=true to replace the run) or give the output_dir of a checkpointed run")
+            raise SlimtuneError(
+                f"resume=true but {out}/checkpoints holds no complete checkpoint; drop resume=true "
+                "(add overwrite=true to replace the run) or give the output_dir of a checkpointed run"
+            )
         check_resume(ckpts[-1], cfg, world)
         return ckpts[-1]
     holds_run = any((out / f).exists() for f in ("metrics.jsonl", "report.json", "checkpoints"))
     if holds_run and not cfg.overwrite:
-        raise SlimtuneError(f"output_dir={str(out)!r} already holds a run; pass resume=true to continue it, "
-                            "overwrite=true to replace it, or another output_dir")
+        raise SlimtuneError(
+            f"output_dir={str(out)!r} already holds a run; pass resume=true to continue it, "
+            "overwrite=true to replace it, or another output_dir"
+        )
     return None
 
 
@@ -126,8 +138,17 @@ class Session:
 
     def evaluate(self) -> float:
         t = self.cfg.train
-        return self.engine.evaluate(lambda m: perplexity(m, self.data.eval, t.batch_size, self.cfg.eval.max_batches,
-                                                         self.device, self.info, lockstep=self.engine.sharded))
+        return self.engine.evaluate(
+            lambda m: perplexity(
+                m,
+                self.data.eval,
+                t.batch_size,
+                self.cfg.eval.max_batches,
+                self.device,
+                self.info,
+                lockstep=self.engine.sharded,
+            )
+        )
 
 
 def setup(cfg: C.RecipeConfig, hooks: list[Hooks], opened: list) -> Session:
@@ -160,8 +181,21 @@ def setup(cfg: C.RecipeConfig, hooks: list[Hooks], opened: list) -> Session:
     if cfg.data.select != "all":  # recovery data: the blocks the pruning hurt most (or a random subset)
         data.train = select_data(cfg, built.recovery, built.model, data.train, device, log=log)
     optimizer = built.engine.make_optimizer()
-    s = Session(cfg, requested, dtype_choice, device, info, Path(cfg.output_dir), config_yaml, tokenizer, data, built,
-                optimizer, hooks + built.hooks, planned_peak(cfg, info.world, device.type))
+    s = Session(
+        cfg,
+        requested,
+        dtype_choice,
+        device,
+        info,
+        Path(cfg.output_dir),
+        config_yaml,
+        tokenizer,
+        data,
+        built,
+        optimizer,
+        hooks + built.hooks,
+        planned_peak(cfg, info.world, device.type),
+    )
     for h in s.hooks:
         h.on_setup(s.model, optimizer, cfg)
     if resume_from is not None:
@@ -184,8 +218,13 @@ def train(s: Session) -> None:
     """The steps from s.step to train.max_steps: each logged, evaluated and checkpointed per cfg."""
     cfg, t, info = s.cfg, s.cfg.train, s.info
     order = BatchOrder(len(s.data.train), t.seed, s.data.train.lengths())
-    bar = tqdm(total=t.max_steps, initial=s.step, disable=not (info.is_main and cfg.logging.progress),
-               desc="train", dynamic_ncols=True)
+    bar = tqdm(
+        total=t.max_steps,
+        initial=s.step,
+        disable=not (info.is_main and cfg.logging.progress),
+        desc="train",
+        dynamic_ncols=True,
+    )
     start = time.perf_counter()
     s.model.train()
     while s.step < t.max_steps:
@@ -210,8 +249,10 @@ def train_step(s: Session, order: BatchOrder) -> dict:
     torch.manual_seed(t.seed * 1_000_003 + s.step * 1009 + info.rank)
     lr = lr_at(s.step, t)
     set_lr(s.optimizer, lr)  # times each group's lr_scale (LoRA+)
-    batches = [micro_batch(s.data.train, order, s.step, m, info.rank, info.world, t.batch_size, t.grad_accum)
-               for m in range(t.grad_accum)]
+    batches = [
+        micro_batch(s.data.train, order, s.step, m, info.rank, info.world, t.batch_size, t.grad_accum)
+        for m in range(t.grad_accum)
+    ]
     n_targets = dist.all_reduce_sum(torch.tensor(float(sum(count_targets(y) for _, y, _ in batches))), info)
     loss_sum = torch.zeros(())
     for m, (x, y, pos) in enumerate(batches):
@@ -245,10 +286,19 @@ def train_step(s: Session, order: BatchOrder) -> dict:
 
 def save_checkpoint(s: Session) -> None:
     if s.info.is_main or s.engine.gathers_state:  # gathered on every rank, written by rank 0
-        s.engine.save_checkpoint(s.out / "checkpoints", s.step,
-                                 {"tokens": s.tokens_seen, "seconds": s.train_seconds,
-                                  "eval_perplexity_before": s.ppl_before, "world_size": s.info.world,
-                                  "compute_dtype": s.cfg.model.dtype}, s.config_yaml, s.cfg.checkpoint.keep)
+        s.engine.save_checkpoint(
+            s.out / "checkpoints",
+            s.step,
+            {
+                "tokens": s.tokens_seen,
+                "seconds": s.train_seconds,
+                "eval_perplexity_before": s.ppl_before,
+                "world_size": s.info.world,
+                "compute_dtype": s.cfg.model.dtype,
+            },
+            s.config_yaml,
+            s.cfg.checkpoint.keep,
+        )
     for h in s.hooks:
         h.on_save(s.out / "checkpoints" / f"step_{s.step}", s.step)
     dist.barrier(s.info)
@@ -312,6 +362,7 @@ def build_report(s: Session, ppl_after: float) -> dict:
     report["planned_peak_memory_bytes"] = s.planned_peak
     quant_info = s.built.info
     if quant_info:
-        report["quantization"] = {k: quant_info[k] for k in ("bits_per_param", "seconds", "fisher_seconds")
-                                  if k in quant_info}
+        report["quantization"] = {
+            k: quant_info[k] for k in ("bits_per_param", "seconds", "fisher_seconds") if k in quant_info
+        }
     return report

@@ -20,15 +20,21 @@ def base_kinds(name: str) -> tuple[str, ...]:
 def check_run(cfg, world: int = 1) -> None:
     """Refuse (ConfigError, one line) a run `cfg` cannot train, before loading anything."""
     if cfg.model.keep_compressed:
-        raise ConfigError("model.keep_compressed=true is for slimtune eval and generate (each layer is decoded for "
-                          "its forward only); training decodes the checkpoint once at load: drop it")
+        raise ConfigError(
+            "model.keep_compressed=true is for slimtune eval and generate (each layer is decoded for "
+            "its forward only); training decodes the checkpoint once at load: drop it"
+        )
     bases = base_kinds(cfg.model.name)
     check_run_flags(cfg, bases, world)
     if "pruned" not in bases and not cfg.recover.teacher:
         name = cfg.model.name
         if cfg.recover.kd or cfg.recover.feature:
-            raise ConfigError(f"recover.kd / recover.feature need a teacher: model.name={name!r} has no "
-                              f"{SPARSE_MANIFEST} naming its dense source; set recover.teacher=MODEL")
+            raise ConfigError(
+                f"recover.kd / recover.feature need a teacher: model.name={name!r} has no "
+                f"{SPARSE_MANIFEST} naming its dense source; set recover.teacher=MODEL"
+            )
         if cfg.data.select == "degradation":
-            raise ConfigError(f"data.select=degradation compares the pruned model with its dense source: "
-                              f"model.name={name!r} has no {SPARSE_MANIFEST}; give a pruned model or recover.teacher")
+            raise ConfigError(
+                f"data.select=degradation compares the pruned model with its dense source: "
+                f"model.name={name!r} has no {SPARSE_MANIFEST}; give a pruned model or recover.teacher"
+            )

@@ -117,10 +117,12 @@ def summary_line(report: dict) -> str:
         return f"{x:.2f}" if x is not None else "n/a"
 
     gib = report["peak_memory_bytes"] / 2**30
-    return (f"loss {report['initial_loss']:.4f} -> {report['final_loss']:.4f} | eval perplexity "
-            f"{ppl(report['eval_perplexity_before'])} -> {ppl(report['eval_perplexity'])} | "
-            f"{report['tokens_per_second']:.0f} tok/s | peak {gib:.2f} GiB ({report['peak_memory_kind']}) | "
-            f"trainable {report['trainable_params']:,} / {report['total_params']:,} params")
+    return (
+        f"loss {report['initial_loss']:.4f} -> {report['final_loss']:.4f} | eval perplexity "
+        f"{ppl(report['eval_perplexity_before'])} -> {ppl(report['eval_perplexity'])} | "
+        f"{report['tokens_per_second']:.0f} tok/s | peak {gib:.2f} GiB ({report['peak_memory_kind']}) | "
+        f"trainable {report['trainable_params']:,} / {report['total_params']:,} params"
+    )
 
 
 def print_main(msg: str, is_main: bool) -> None:

@@ -142,8 +142,9 @@ def test_merge_into_quantized_base_requantizes_and_unmerge_restores_exact_codes(
     expected = quantize(deq + (B @ A) * 2.0)  # dequant(Q) + delta, quantized by the format's own code
     assert torch.equal(merged, expected)
     assert not torch.equal(merged, deq)  # the delta did change the codes
-    assert {k: (v.shape, v.dtype) for k, v in base.named_buffers()} == {k: (v.shape, v.dtype)
-                                                                       for k, v in before.items()}
+    assert {k: (v.shape, v.dtype) for k, v in base.named_buffers()} == {
+        k: (v.shape, v.dtype) for k, v in before.items()
+    }
     # merged forward: the base alone, x W'^T + b with W' the re-quantized weight
     torch.testing.assert_close(m(x).double(), _by_hand(x, expected, base.bias, A, 0 * B, 0.0), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="already merged"):
@@ -186,8 +187,9 @@ def test_same_output_and_merge_as_peft(use_rslora):
     torch.manual_seed(4)
     theirs = _Proj()
     ours = _lora(copy.deepcopy(theirs.proj), use_rslora=use_rslora)
-    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], lora_dropout=0.0, bias="none",
-                          use_rslora=use_rslora)
+    cfg = peft.LoraConfig(
+        r=RANK, lora_alpha=ALPHA, target_modules=["proj"], lora_dropout=0.0, bias="none", use_rslora=use_rslora
+    )
     pm = peft.get_peft_model(theirs, cfg)
     layer = pm.base_model.model.proj
     with torch.no_grad():
@@ -222,7 +224,10 @@ def test_dropout_only_on_the_adapter_input_and_only_in_training():
     torch.manual_seed(5)
     xd = nn.functional.dropout(x, 0.5, training=True)
     assert (xd == 0).any() and (xd != 0).any()
-    ref = x.double() @ W.detach().double().T + b.detach().double() + 2.0 * (xd.double() @ A.detach().double().T
-                                                                          @ B.detach().double().T)
+    ref = (
+        x.double() @ W.detach().double().T
+        + b.detach().double()
+        + 2.0 * (xd.double() @ A.detach().double().T @ B.detach().double().T)
+    )
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(y, m.eval()(x))

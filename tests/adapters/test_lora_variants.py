@@ -65,8 +65,16 @@ def _logits(model):
         return model(input_ids=X).logits
 
 
-@pytest.mark.parametrize("adapter", [{"use_rslora": True}, {"type": "dora"}, {"type": "dora", "use_rslora": True},
-                                     {"init": "pissa"}, {"init": "pissa", "use_rslora": True}])
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        {"use_rslora": True},
+        {"type": "dora"},
+        {"type": "dora", "use_rslora": True},
+        {"init": "pissa"},
+        {"init": "pissa", "use_rslora": True},
+    ],
+)
 def test_trained_variant_loads_in_peft_with_same_logits(tmp_path, tiny_model_dir, adapter, peft):
     model, cfg = _sgd_steps(_adapted(**adapter)[0]), _configs(**adapter)[1]
     save_peft_adapter(model, cfg, tmp_path / "a", "tiny-llama", str(tiny_model_dir))
@@ -75,7 +83,7 @@ def test_trained_variant_loads_in_peft_with_same_logits(tmp_path, tiny_model_dir
     assert saved["use_rslora"] is rslora and saved["use_dora"] is (adapter.get("type") == "dora")
     # PiSSA is saved converted: rank 2r on the original base, alpha x 2 (x sqrt 2 with rsLoRA): same scaling
     assert saved["r"] == (2 * RANK if pissa else RANK)
-    assert saved["lora_alpha"] == pytest.approx(ALPHA * (2 ** 0.5 if rslora else 2) if pissa else ALPHA)
+    assert saved["lora_alpha"] == pytest.approx(ALPHA * (2**0.5 if rslora else 2) if pissa else ALPHA)
     ours = _logits(model)
     theirs = _logits(peft.PeftModel.from_pretrained(load_model("tiny-llama").eval(), str(tmp_path / "a")).eval())
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
@@ -89,8 +97,14 @@ def test_dora_saved_by_peft_loads_and_trains_as_in_peft(tmp_path, peft):
     """A DoRA adapter made by PEFT (dropout 0.1, trained-looking B and magnitude): slimtune's loader gives its
     logits in eval, and in training (dropout on, same seed) the same logits and gradients."""
     torch.manual_seed(0)
-    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.1, use_dora=True, use_rslora=True,
-                          target_modules=["q_proj", "v_proj", "down_proj"])
+    cfg = peft.LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=0.1,
+        use_dora=True,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+    )
     pm = peft.get_peft_model(load_model("tiny-llama"), cfg)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -116,16 +130,18 @@ def test_dora_saved_by_peft_loads_and_trains_as_in_peft(tmp_path, peft):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     for name, m in adapter_modules(ours).items():
         layer = pm.base_model.model.get_submodule(name)
-        torch.testing.assert_close(m.lora_magnitude_vector.grad, layer.lora_magnitude_vector["default"].weight.grad,
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            m.lora_magnitude_vector.grad, layer.lora_magnitude_vector["default"].weight.grad, rtol=1e-4, atol=1e-5
+        )
         torch.testing.assert_close(m.lora_A.weight.grad, layer.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_pissa_init_is_peft_s_and_keeps_the_model(peft):
     model, _ = _adapted(init="pissa")
-    pm = peft.get_peft_model(load_model("tiny-llama"), peft.LoraConfig(r=RANK, lora_alpha=ALPHA,
-                                                                       init_lora_weights="pissa",
-                                                                       target_modules="all-linear"))
+    pm = peft.get_peft_model(
+        load_model("tiny-llama"),
+        peft.LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="pissa", target_modules="all-linear"),
+    )
     modules = adapter_modules(model)
     assert len(modules) == 14
     for name, m in modules.items():
@@ -169,8 +185,10 @@ def test_dora_on_nf4_is_the_formula_on_the_dequantized_weight_and_trains():
 def test_pissa_on_nf4_quantizes_the_residual():
     """At init: base = NF4(W - s B A) with s B A the rank-r SVD part of W (float64 SVD here), and the model equals
     the plain model with weights NF4(W - s B A) + s B A."""
-    cfg = C.load_config("lora", ["model.name=tiny-llama", "quant.method=nf4", "adapter.init=pissa",
-                                 f"lora.rank={RANK}", f"lora.alpha={ALPHA}"])
+    cfg = C.load_config(
+        "lora",
+        ["model.name=tiny-llama", "quant.method=nf4", "adapter.init=pissa", f"lora.rank={RANK}", f"lora.alpha={ALPHA}"],
+    )
     model, ref = load_model("tiny-llama"), load_model("tiny-llama")
     apply_pissa(model, cfg, log=lambda s: None)
     modules = adapter_modules(model)
@@ -223,21 +241,35 @@ def test_lora_plus_groups_dora_magnitude_with_b_as_peft():
         assert (id(p) in fast) == ("lora_B" in n or "magnitude" in n), n
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["adapter.type=dora", "adapter.init=pissa"], "adapter.init=pissa needs plain LoRA factors .*, which "
-                                                  "adapter.type=dora does not give"),
-    (["optim.lora_plus_ratio=-1"], "optim.lora_plus_ratio=-1.0 must be >= 0"),
-    (["adapter.type=none", "optim.lora_plus_ratio=16"],
-     "optim.lora_plus_ratio=16.0 needs LoRA factors .*, which adapter.type=none"),
-    (["adapter.type=none", "lora.use_rslora=true"], "lora.use_rslora=true"),
-    (["adapter.init=pissa", "engine.name=offload"],
-     "engine.name=offload needs every other technique to work on one streamed layer .*, "
-     "which adapter.init=pissa does not give"),
-    (["adapter.type=dora", "engine.name=offload"], "adapter.type=dora needs the whole frozen base weight in its "
-                                                   "forward, which engine.name=offload does not give"),
-    (["adapter.init=pissa", "quant.method=lq_lora", "adapter.type=lq_lora"], "adapter.init=pissa needs plain LoRA "
-                                                                             "factors .*, which adapter.type=lq_lora"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (
+            ["adapter.type=dora", "adapter.init=pissa"],
+            "adapter.init=pissa needs plain LoRA factors .*, which adapter.type=dora does not give",
+        ),
+        (["optim.lora_plus_ratio=-1"], "optim.lora_plus_ratio=-1.0 must be >= 0"),
+        (
+            ["adapter.type=none", "optim.lora_plus_ratio=16"],
+            "optim.lora_plus_ratio=16.0 needs LoRA factors .*, which adapter.type=none",
+        ),
+        (["adapter.type=none", "lora.use_rslora=true"], "lora.use_rslora=true"),
+        (
+            ["adapter.init=pissa", "engine.name=offload"],
+            "engine.name=offload needs every other technique to work on one streamed layer .*, "
+            "which adapter.init=pissa does not give",
+        ),
+        (
+            ["adapter.type=dora", "engine.name=offload"],
+            "adapter.type=dora needs the whole frozen base weight in its "
+            "forward, which engine.name=offload does not give",
+        ),
+        (
+            ["adapter.init=pissa", "quant.method=lq_lora", "adapter.type=lq_lora"],
+            "adapter.init=pissa needs plain LoRA factors .*, which adapter.type=lq_lora",
+        ),
+    ],
+)
 def test_bad_combinations_name_the_key(overrides, needle):
     with pytest.raises(ConfigError, match=needle.replace("+", r"\+")):
         C.load_config("lora", overrides)
@@ -250,8 +282,18 @@ def test_pissa_rank_beyond_half_the_smallest_dim_is_refused():
 
 def test_cli_runs_dora_and_peft_loads_it(tmp_path, peft):
     out = tmp_path / "dora"
-    run_cli("-m", "slimtune", "run", "lora", "adapter.type=dora", "model.name=tiny-llama", "train.max_steps=3",
-            "optim.lora_plus_ratio=16", *TINY, f"output_dir={out}")
+    run_cli(
+        "-m",
+        "slimtune",
+        "run",
+        "lora",
+        "adapter.type=dora",
+        "model.name=tiny-llama",
+        "train.max_steps=3",
+        "optim.lora_plus_ratio=16",
+        *TINY,
+        f"output_dir={out}",
+    )
     saved = json.loads((out / "final" / "adapter_config.json").read_text())
     assert saved["use_dora"] is True
     pm = peft.PeftModel.from_pretrained(load_model("tiny-llama"), str(out / "final"))
@@ -259,7 +301,8 @@ def test_cli_runs_dora_and_peft_loads_it(tmp_path, peft):
 
 
 def test_cli_refuses_a_bad_ratio_in_one_line(tmp_path):
-    r = run_cli("-m", "slimtune", "run", "lora", "optim.lora_plus_ratio=-2", f"output_dir={tmp_path / 'x'}",
-                check=False)
+    r = run_cli(
+        "-m", "slimtune", "run", "lora", "optim.lora_plus_ratio=-2", f"output_dir={tmp_path / 'x'}", check=False
+    )
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
     assert r.returncode == 2 and len(lines) == 1 and "optim.lora_plus_ratio=-2.0" in lines[0], r.stderr

@@ -11,9 +11,17 @@ import torch
 import torch.nn as nn
 
 from slimtune.adapters import sparse_ft
-from slimtune.adapters.sparse_ft import (SparseFTConfig, SparseFTLinear, drop_fraction_at, grad_square_sums,
-                                         in_accumulation_window, module_seed, pick_path, remap_adam_state,
-                                         sparse_delta_linear)
+from slimtune.adapters.sparse_ft import (
+    SparseFTConfig,
+    SparseFTLinear,
+    drop_fraction_at,
+    grad_square_sums,
+    in_accumulation_window,
+    module_seed,
+    pick_path,
+    remap_adam_state,
+    sparse_delta_linear,
+)
 from slimtune.optim.adamw import AdamW
 from slimtune.quant import NF4Linear
 from slimtune.registry import ADAPTERS
@@ -301,8 +309,11 @@ def test_regrow_state_round_trip():
 
 
 def test_remap_can_seed_grown_second_moments_with_the_kept_mean():
-    st = {"step": torch.tensor(7.0), "exp_avg": torch.tensor([1.0, 2.0, 3.0]),
-          "exp_avg_sq": torch.tensor([4.0, 5.0, 9.0])}
+    st = {
+        "step": torch.tensor(7.0),
+        "exp_avg": torch.tensor([1.0, 2.0, 3.0]),
+        "exp_avg_sq": torch.tensor([4.0, 5.0, 9.0]),
+    }
     remap_adam_state(st, torch.tensor([2, -1, 0]), 3, grown="mean")
     assert st["exp_avg"].tolist() == [3.0, 0.0, 1.0]  # a grown entry's first moment is 0
     assert st["exp_avg_sq"].tolist() == [9.0, 6.5, 4.0]  # its second moment: the mean of the kept (4, 9)

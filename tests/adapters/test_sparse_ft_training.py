@@ -18,9 +18,15 @@ from slimtune_testutil import (
     losses as _losses,
 )
 
-SFT = [*TINY, "train.max_steps=12", "train.lr=1e-2", "train.warmup_steps=1", "sparse_ft.reselect_every=4",
-       "sparse_ft.accumulate_steps=3", "sparse_ft.drop_fraction=0.5"]
-
+SFT = [
+    *TINY,
+    "train.max_steps=12",
+    "train.lr=1e-2",
+    "train.warmup_steps=1",
+    "sparse_ft.reselect_every=4",
+    "sparse_ft.accumulate_steps=3",
+    "sparse_ft.drop_fraction=0.5",
+]
 
 
 _cli = run_cli
@@ -46,8 +52,11 @@ def test_trains_reselects_and_counts_only_deltas(tmp_path, regrow):
 
     name = next(iter(manifest["modules"]))
     spec = manifest["modules"][name]
-    first = SparseFTLinear(torch.nn.Linear(spec["in_features"], spec["out_features"]), num_params=spec["num_params"],
-                           seed=module_seed(0, name)).indices
+    first = SparseFTLinear(
+        torch.nn.Linear(spec["in_features"], spec["out_features"]),
+        num_params=spec["num_params"],
+        seed=module_seed(0, name),
+    ).indices
     assert not torch.equal(first, final[f"{name}.indices"])
 
 
@@ -93,9 +102,25 @@ run(load_config("sparse_ft", sys.argv[2:]), hooks=[DumpIndices()])
 def test_two_ranks_make_the_same_decisions(tmp_path):
     out = tmp_path / "ddp"
     out.mkdir()
-    r = _cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-             str(free_port()), "--no-python", sys.executable, "-c", DUMP, str(out), *SFT, "train.batch_size=2",
-             f"output_dir={out / 'run'}", check=False)
+    r = _cli(
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "--no-python",
+        sys.executable,
+        "-c",
+        DUMP,
+        str(out),
+        *SFT,
+        "train.batch_size=2",
+        f"output_dir={out / 'run'}",
+        check=False,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = (load_file(str(out / f"indices.rank{i}.safetensors")) for i in (0, 1))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

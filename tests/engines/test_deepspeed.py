@@ -23,8 +23,13 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ds")
     _torchrun("full", "checkpoint.every=0", f"output_dir={root / 'ddp'}")
     for stage in (1, 2, 3):
-        _torchrun("full", "engine.name=deepspeed", f"deepspeed.zero_stage={stage}", "checkpoint.every=3",
-                  f"output_dir={root / f'z{stage}'}")
+        _torchrun(
+            "full",
+            "engine.name=deepspeed",
+            f"deepspeed.zero_stage={stage}",
+            "checkpoint.every=3",
+            f"output_dir={root / f'z{stage}'}",
+        )
     _torchrun("full", *BF16_ZERO0, "checkpoint.every=3", f"output_dir={root / 'z0_bf16'}")
     return root
 
@@ -52,8 +57,21 @@ def test_saved_on_two_resumes_on_one(runs, tmp_path, stage):
     ckpt = out / "checkpoints" / "step_3"
     assert (ckpt / "optimizer.safetensors").is_file() and not list(ckpt.rglob("*.pt"))
     engine = BF16_ZERO0 if stage == "z0_bf16" else ["engine.name=deepspeed", f"deepspeed.zero_stage={stage[1]}"]
-    assert main(["run", "full", *RUN, *engine, "checkpoint.every=3", "train.grad_accum=2", "resume=true",
-                 f"output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "full",
+                *RUN,
+                *engine,
+                "checkpoint.every=3",
+                "train.grad_accum=2",
+                "resume=true",
+                f"output_dir={out}",
+            ]
+        )
+        == 0
+    )
     _close(losses(out), losses(runs / stage))
     a, b = safetensors_dir(out / "final"), safetensors_dir(runs / stage / "final")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
@@ -64,12 +82,28 @@ def test_generated_config_round_trips_with_ones_own(tmp_path):
     from slimtune.engines.deepspeed import deepspeed_config
 
     own = tmp_path / "ds.json"
-    own.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 12345}, "communication_data_type": "fp32",
-                               "train_micro_batch_size_per_gpu": 99}))
-    cfg = load_config("full", [*RUN, "engine.name=deepspeed", "deepspeed.zero_stage=3", "engine.params=disk",
-                               "engine.optimizer=disk",
-                               f"deepspeed.nvme_dir={tmp_path / 'nvme'}", f"deepspeed.config={own}",
-                               "train.grad_accum=3"])
+    own.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"reduce_bucket_size": 12345},
+                "communication_data_type": "fp32",
+                "train_micro_batch_size_per_gpu": 99,
+            }
+        )
+    )
+    cfg = load_config(
+        "full",
+        [
+            *RUN,
+            "engine.name=deepspeed",
+            "deepspeed.zero_stage=3",
+            "engine.params=disk",
+            "engine.optimizer=disk",
+            f"deepspeed.nvme_dir={tmp_path / 'nvme'}",
+            f"deepspeed.config={own}",
+            "train.grad_accum=3",
+        ],
+    )
     ds = deepspeed_config(cfg, world=2)
     assert json.loads(json.dumps(ds)) == ds  # plain JSON
     z = ds["zero_optimization"]
@@ -81,8 +115,22 @@ def test_generated_config_round_trips_with_ones_own(tmp_path):
 
 def _one_process(out, *overrides):
     linear = torch.nn.functional.linear
-    assert main(["run", "full", *RUN, "train.max_steps=4", "engine.name=deepspeed", "deepspeed.zero_stage=3",
-                 "checkpoint.every=2", f"output_dir={out}", *overrides]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "full",
+                *RUN,
+                "train.max_steps=4",
+                "engine.name=deepspeed",
+                "deepspeed.zero_stage=3",
+                "checkpoint.every=2",
+                f"output_dir={out}",
+                *overrides,
+            ]
+        )
+        == 0
+    )
     assert torch.nn.functional.linear is linear  # ZeRO-3's process-wide F.linear patch undone after the run
     return losses(out)
 
@@ -94,6 +142,7 @@ def test_zero3_cpu_offload_follows_zero3(tmp_path):
 def _aio_ok() -> bool:
     try:
         from deepspeed.ops.op_builder import AsyncIOBuilder
+
         return AsyncIOBuilder().is_compatible(verbose=False)
     except Exception:  # noqa: BLE001  (no libaio, no compiler)
         return False
@@ -104,7 +153,7 @@ def _aio_ok() -> bool:
 def test_zero3_nvme_offload_follows_zero3(tmp_path):
     """Parameters and optimizer state swapped to files (first run JIT-compiles DeepSpeed's async_io op)."""
     nvme = tmp_path / "nvme"
-    assert _one_process(tmp_path / "off", "engine.params=disk", "engine.optimizer=disk",
-                        f"deepspeed.nvme_dir={nvme}") == \
-        _one_process(tmp_path / "on")
+    assert _one_process(
+        tmp_path / "off", "engine.params=disk", "engine.optimizer=disk", f"deepspeed.nvme_dir={nvme}"
+    ) == _one_process(tmp_path / "on")
     assert any(nvme.rglob("*.swp")) or any(nvme.iterdir())

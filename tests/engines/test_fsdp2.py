@@ -44,8 +44,9 @@ def test_a_run_saved_on_two_processes_resumes_on_one(full_runs, tmp_path):
     ckpt = out / "checkpoints" / "step_3"
     assert {p.name for p in ckpt.iterdir()} >= {"trainable.safetensors", "optimizer.safetensors", "optimizer.json"}
     assert not list(ckpt.glob("*.pt")) and not list(ckpt.glob("*.bin"))
-    assert main(["run", "full", *RUN, "engine.name=fsdp2", "train.grad_accum=2", "resume=true",
-                 f"output_dir={out}"]) == 0
+    assert (
+        main(["run", "full", *RUN, "engine.name=fsdp2", "train.grad_accum=2", "resume=true", f"output_dir={out}"]) == 0
+    )
     _close(losses(out), losses(full_runs / "fsdp2"))
     a, b = safetensors_dir(out / "final"), safetensors_dir(full_runs / "fsdp2" / "final")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
@@ -90,16 +91,29 @@ def test_quantized_base_becomes_one_shardable_parameter(method):
     assert torch.equal(q(x), want)
 
 
-@pytest.mark.parametrize("override, needle", [
-    (["engine.name=fsdp2", "optim.name=galore"], "optim.name=galore needs each rank to hold whole parameter "
-                                                 "matrices, which engine.name=fsdp2 does not give"),
-    (["engine.name=fsdp2", "optim.state_bits=8"], "optim.state_bits=8 needs each rank to hold whole parameter "
-                                                  "matrices, which engine.name=fsdp2 does not give"),
-    (["engine.name=fsdp2", "engine.optimizer=disk"], "this engine keeps optimizer in memory; use engine.name=offload"),
-    (["engine.name=deepspeed", "engine.optimizer=disk", "deepspeed.zero_stage=1"],
-     "engine.optimizer=disk needs deepspeed.zero_stage>=2"),
-    (["engine.name=deepspeed", "deepspeed.config=/nonexistent/ds.json"], "no such file"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (
+            ["engine.name=fsdp2", "optim.name=galore"],
+            "optim.name=galore needs each rank to hold whole parameter matrices, which engine.name=fsdp2 does not give",
+        ),
+        (
+            ["engine.name=fsdp2", "optim.state_bits=8"],
+            "optim.state_bits=8 needs each rank to hold whole parameter "
+            "matrices, which engine.name=fsdp2 does not give",
+        ),
+        (
+            ["engine.name=fsdp2", "engine.optimizer=disk"],
+            "this engine keeps optimizer in memory; use engine.name=offload",
+        ),
+        (
+            ["engine.name=deepspeed", "engine.optimizer=disk", "deepspeed.zero_stage=1"],
+            "engine.optimizer=disk needs deepspeed.zero_stage>=2",
+        ),
+        (["engine.name=deepspeed", "deepspeed.config=/nonexistent/ds.json"], "no such file"),
+    ],
+)
 def test_what_an_engine_cannot_do_is_one_line(override, needle, tmp_path, capsys):
     assert main(["run", "full", *RUN, *override, f"output_dir={tmp_path / 'x'}"]) == 2
     err = capsys.readouterr().err

@@ -27,8 +27,9 @@ def _model_and_optimizer(seed=0):
 def saved(tmp_path):
     model, opt = _model_and_optimizer()
     masks = {"0": torch.ones(8, 8, dtype=torch.uint8)}
-    return ckpt.save_checkpoint(tmp_path / "checkpoints", 3, model, opt, {"tokens": 12}, "train:\n  seed: 0\n", 2,
-                                extra={ckpt.MASKS: masks})
+    return ckpt.save_checkpoint(
+        tmp_path / "checkpoints", 3, model, opt, {"tokens": 12}, "train:\n  seed: 0\n", 2, extra={ckpt.MASKS: masks}
+    )
 
 
 def _flip_last_byte(path):

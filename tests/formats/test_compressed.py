@@ -145,8 +145,20 @@ def test_sparse_needs_a_pruned_model_and_out_must_be_empty(models, tmp_path, cap
 
 def test_a_lora_recovery_run_keeps_its_adapter_beside_sparse_nf4(models, tmp_path):
     run = tmp_path / "rec"
-    assert main(["run", "lora", *TINY, f"model.name={models / 'w50'}", "train.max_steps=4", "train.lr=1e-2",
-                 f"output_dir={run}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "lora",
+                *TINY,
+                f"model.name={models / 'w50'}",
+                "train.max_steps=4",
+                "train.lr=1e-2",
+                f"output_dir={run}",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "snf4"
     assert main(["export", str(run), "--format", "sparse-nf4", "--out", str(out)]) == 0
     assert (out / "adapter" / "adapter_config.json").is_file()
@@ -207,8 +219,11 @@ def test_sparse_nf4_with_rank_loads_as_values_plus_masked_factors(models, tmp_pa
     mods = adapter_modules(model)
     pruned = json.loads((models / pattern / "slimtune_sparse.json").read_text())["matrices"]
     assert set(mods) == set(pruned)
-    plain = _loaded(tmp_path / "plain") if main(["export", str(models / pattern), "--format", "sparse-nf4", "--out",
-                                                  str(tmp_path / "plain")]) == 0 else None
+    plain = (
+        _loaded(tmp_path / "plain")
+        if main(["export", str(models / pattern), "--format", "sparse-nf4", "--out", str(tmp_path / "plain")]) == 0
+        else None
+    )
     err_r = err_0 = 0.0
     for name, m in mods.items():
         w = src[f"{name}.weight"].float()
@@ -227,8 +242,10 @@ def test_sparse_nf4_with_rank_loads_as_values_plus_masked_factors(models, tmp_pa
 def test_rank_needs_a_quantized_sparse_format(models, tmp_path, capsys):
     assert main(["export", str(models / "w50"), "--format", "sparse", "--rank", "4", "--out", str(tmp_path / "x")]) == 2
     assert "--rank" in capsys.readouterr().err
-    assert main(["export", str(models / "w50"), "--format", "sparse-nf4", "--rank", "999",
-                 "--out", str(tmp_path / "y")]) == 2
+    assert (
+        main(["export", str(models / "w50"), "--format", "sparse-nf4", "--rank", "999", "--out", str(tmp_path / "y")])
+        == 2
+    )
     assert not (tmp_path / "y").exists()
 
 
@@ -283,8 +300,10 @@ def test_keep_compressed_on_the_cli(models, tmp_path, capsys):
     text = capsys.readouterr().out
     assert main([*gen, "model.keep_compressed=true"]) == 0  # every new token's forward decodes the layers
     assert capsys.readouterr().out == text
-    assert main(["run", "lora", *TINY, f"model.name={out}", "model.keep_compressed=true",
-                 f"output_dir={tmp_path / 'r'}"]) == 2
+    assert (
+        main(["run", "lora", *TINY, f"model.name={out}", "model.keep_compressed=true", f"output_dir={tmp_path / 'r'}"])
+        == 2
+    )
     assert "model.keep_compressed" in capsys.readouterr().err
     assert main(["eval", *TINY, f"model.name={models / 'dense'}", "model.keep_compressed=true"]) == 2
     assert "needs a compressed checkpoint" in capsys.readouterr().err

@@ -70,11 +70,28 @@ def test_every_bf16_bit_pattern(block_values):
 
 
 def test_special_values():
-    patterns = [0x0000, 0x8000,  # +0, -0
-                0x0001, 0x007F, 0x8001, 0x807F,  # subnormals
-                0x7F80, 0xFF80,  # +inf, -inf
-                0x7FC0, 0xFFC0, 0x7F81, 0xFF81, 0x7FFF, 0xFFFF, 0x7FA5, 0xFF5A,  # NaNs with payloads
-                0x0080, 0x7F7F, 0xFF7F, 0x3F80]  # smallest normal, largest finite, 1.0
+    patterns = [
+        0x0000,
+        0x8000,  # +0, -0
+        0x0001,
+        0x007F,
+        0x8001,
+        0x807F,  # subnormals
+        0x7F80,
+        0xFF80,  # +inf, -inf
+        0x7FC0,
+        0xFFC0,
+        0x7F81,
+        0xFF81,
+        0x7FFF,
+        0xFFFF,
+        0x7FA5,
+        0xFF5A,  # NaNs with payloads
+        0x0080,
+        0x7F7F,
+        0xFF7F,
+        0x3F80,
+    ]  # smallest normal, largest finite, 1.0
     t = _bf16(patterns * 7).reshape(7, len(patterns))
     _round_trip(t, block_values=16)
 
@@ -101,8 +118,11 @@ def test_gaussian_weight_compresses_like_dfloat11():
     print(f"gaussian bf16: {bits:.3f} bits/value")
     assert bits < 11.5
     assert {k: v.dtype for k, v in parts.items() if isinstance(v, torch.Tensor)} == {
-        "sign_mantissa": torch.uint8, "bitstream": torch.uint8, "block_offsets": torch.int64,
-        "code_lengths": torch.uint8}
+        "sign_mantissa": torch.uint8,
+        "bitstream": torch.uint8,
+        "block_offsets": torch.int64,
+        "code_lengths": torch.uint8,
+    }
     assert parts["shape"] == [1024, 576] and parts["code_lengths"].shape == (256,)
 
 
@@ -182,20 +202,23 @@ def _tampered(parts: dict, **changes) -> dict:
     return {**parts, **changes}
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda p: {"bitstream": p["bitstream"][:-1]}, "truncated"),
-    (lambda p: {"bitstream": torch.cat([p["bitstream"], p["bitstream"][:2]])}, "truncated or padded"),
-    (lambda p: {"block_offsets": p["block_offsets"][:-1]}, "block_offsets has shape"),
-    (lambda p: {"block_offsets": p["block_offsets"] + torch.tensor([0, 1] + [0] * 11)}, "block 0 ended at bit"),
-    (lambda p: {"block_offsets": p["block_offsets"].flip(0)}, "never decrease"),
-    (lambda p: {"block_offsets": p["block_offsets"].to(torch.int32)}, "block_offsets must be a torch.int64"),
-    (lambda p: {"code_lengths": torch.where(p["code_lengths"] > 0, 33, 0).to(torch.uint8)}, "> 32"),
-    (lambda p: {"code_lengths": torch.where(p["code_lengths"] > 0, 1, 0).to(torch.uint8)}, "Kraft"),
-    (lambda p: {"code_lengths": torch.zeros(256, dtype=torch.uint8)}, "all 0"),
-    (lambda p: {"sign_mantissa": p["sign_mantissa"][1:]}, "sign_mantissa has shape"),
-    (lambda p: {"shape": [3000, -1]}, "non-negative"),
-    (lambda p: {"block_values": 0}, "positive int"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p: {"bitstream": p["bitstream"][:-1]}, "truncated"),
+        (lambda p: {"bitstream": torch.cat([p["bitstream"], p["bitstream"][:2]])}, "truncated or padded"),
+        (lambda p: {"block_offsets": p["block_offsets"][:-1]}, "block_offsets has shape"),
+        (lambda p: {"block_offsets": p["block_offsets"] + torch.tensor([0, 1] + [0] * 11)}, "block 0 ended at bit"),
+        (lambda p: {"block_offsets": p["block_offsets"].flip(0)}, "never decrease"),
+        (lambda p: {"block_offsets": p["block_offsets"].to(torch.int32)}, "block_offsets must be a torch.int64"),
+        (lambda p: {"code_lengths": torch.where(p["code_lengths"] > 0, 33, 0).to(torch.uint8)}, "> 32"),
+        (lambda p: {"code_lengths": torch.where(p["code_lengths"] > 0, 1, 0).to(torch.uint8)}, "Kraft"),
+        (lambda p: {"code_lengths": torch.zeros(256, dtype=torch.uint8)}, "all 0"),
+        (lambda p: {"sign_mantissa": p["sign_mantissa"][1:]}, "sign_mantissa has shape"),
+        (lambda p: {"shape": [3000, -1]}, "non-negative"),
+        (lambda p: {"block_values": 0}, "positive int"),
+    ],
+)
 def test_tampered_parts_raise(parts, change, message):
     with pytest.raises(ValueError, match=message):
         decode(_tampered(parts, **change(parts)))
@@ -223,8 +246,13 @@ def test_decode_many_is_bit_exact_across_tensors_of_every_size():
 
     torch.manual_seed(0)
     all_bits = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    tensors = [(torch.randn(300, 70) * 0.02).bfloat16(), torch.tensor([], dtype=torch.bfloat16),
-               torch.randn(5).bfloat16(), (torch.randn(64, 4096) * 3).bfloat16(), all_bits]
+    tensors = [
+        (torch.randn(300, 70) * 0.02).bfloat16(),
+        torch.tensor([], dtype=torch.bfloat16),
+        torch.randn(5).bfloat16(),
+        (torch.randn(64, 4096) * 3).bfloat16(),
+        all_bits,
+    ]
     f32 = torch.randn(1000) * 0.1
     parts = [encode(t) for t in tensors] + [encode_fp32(f32)]
     out = decode_many(parts, [False] * len(tensors) + [True])

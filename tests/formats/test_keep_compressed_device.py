@@ -73,6 +73,10 @@ def test_the_loader_decodes_dfloat11_on_the_gpu_bit_exactly(exports, monkeypatch
     assert calls
     with dispatch.using("reference"):  # the CPU lockstep decoder
         on_cpu = load_base(str(exports / "dfloat11"), "bfloat16").state_dict()
-    assert all(torch.equal(on_gpu[k].view(torch.int16) if on_gpu[k].dtype == torch.bfloat16 else on_gpu[k],
-                           on_cpu[k].view(torch.int16) if on_cpu[k].dtype == torch.bfloat16 else on_cpu[k])
-               for k in on_cpu)
+    assert all(
+        torch.equal(
+            on_gpu[k].view(torch.int16) if on_gpu[k].dtype == torch.bfloat16 else on_gpu[k],
+            on_cpu[k].view(torch.int16) if on_cpu[k].dtype == torch.bfloat16 else on_cpu[k],
+        )
+        for k in on_cpu
+    )

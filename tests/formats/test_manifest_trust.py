@@ -45,6 +45,7 @@ def made(tmp_path_factory):
 @pytest.fixture
 def copy(made, tmp_path):
     """A fresh copy of one of `made`'s dirs, to tamper with."""
+
     def fn(name):
         shutil.copytree(made / name, tmp_path / name)
         return tmp_path / name
@@ -69,8 +70,14 @@ def _flip_value(path, suffix=""):
     data = bytearray(path.read_bytes())
     header = 8 + int.from_bytes(data[:8], "little")
     meta = json.loads(data[8:header])
-    key = next(k for k, v in meta.items() if k != "__metadata__" and k.endswith(suffix)
-               and (suffix or v["dtype"] in ("F32", "BF16", "F16")) and v["data_offsets"][1] > v["data_offsets"][0])
+    key = next(
+        k
+        for k, v in meta.items()
+        if k != "__metadata__"
+        and k.endswith(suffix)
+        and (suffix or v["dtype"] in ("F32", "BF16", "F16"))
+        and v["data_offsets"][1] > v["data_offsets"][0]
+    )
     data[header + meta[key]["data_offsets"][0]] ^= 0x01
     path.write_bytes(bytes(data))
 
@@ -144,8 +151,9 @@ def test_compressed_added_tokenizer_file_is_refused(copy, capsys):
 
 
 @pytest.mark.parametrize("where", ["relative", "absolute"])
-def test_compressed_adapter_outside_the_export_is_refused_and_nothing_loaded(copy, monkeypatch, tmp_path,
-                                                                              capsys, where):
+def test_compressed_adapter_outside_the_export_is_refused_and_nothing_loaded(
+    copy, monkeypatch, tmp_path, capsys, where
+):
     from slimtune.formats import compressed_io
 
     d = copy("df")
@@ -183,7 +191,8 @@ def test_compressed_version_1_export_must_be_exported_again(copy, capsys):
 def test_compressed_export_in_a_hf_cache_layout_loads_and_is_still_verified(made, copy, tmp_path, capsys):
     d = copy("df")
     assert {"tokenizer.json", "chat_template.jinja", "config.json", TENSORS} <= set(
-        json.loads((d / MANIFEST).read_text())["checksums"])
+        json.loads((d / MANIFEST).read_text())["checksums"]
+    )
     want = _logits(_load_compressed(made / "df"))
     _as_hf_snapshot(d, tmp_path / "blobs")
     assert (d / TENSORS).is_symlink()

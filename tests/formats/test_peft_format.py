@@ -73,12 +73,18 @@ def _peft_adapter(tmp_path, **lora_kwargs):
     return tmp_path / "peft", x, want
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"target_modules": ["q_proj", "v_proj"], "use_rslora": True},
-    {"target_modules": ["q_proj", "up_proj", "o_proj"], "rank_pattern": {"up_proj": 2, "layers.1.self_attn.q_proj": 8},
-     "alpha_pattern": {"o_proj": 3}},
-    {"target_modules": "model.layers.0.*(q_proj|down_proj)", "modules_to_save": ["lm_head"]},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"target_modules": ["q_proj", "v_proj"], "use_rslora": True},
+        {
+            "target_modules": ["q_proj", "up_proj", "o_proj"],
+            "rank_pattern": {"up_proj": 2, "layers.1.self_attn.q_proj": 8},
+            "alpha_pattern": {"o_proj": 3},
+        },
+        {"target_modules": "model.layers.0.*(q_proj|down_proj)", "modules_to_save": ["lm_head"]},
+    ],
+)
 def test_slimtune_loads_peft_adapters_with_its_options(tmp_path, kwargs):
     """use_rslora, rank_pattern, alpha_pattern, regex target_modules and modules_to_save all change the
     model; slimtune's loader must give PEFT's own logits."""
@@ -92,10 +98,13 @@ def test_slimtune_loads_peft_adapters_with_its_options(tmp_path, kwargs):
     assert not torch.allclose(got, plain, atol=1e-3)
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"target_modules": ["q_proj"], "lora_bias": True}, "lora_bias=True is not supported"),
-    ({"target_modules": ["q_proj"], "bias": "lora_only"}, "bias='lora_only'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"target_modules": ["q_proj"], "lora_bias": True}, "lora_bias=True is not supported"),
+        ({"target_modules": ["q_proj"], "bias": "lora_only"}, "bias='lora_only'"),
+    ],
+)
 def test_options_slimtune_cannot_load_are_refused(tmp_path, kwargs, needle):
     path, _, _ = _peft_adapter(tmp_path, **kwargs)
     with pytest.raises(SlimtuneError, match=needle):

@@ -58,8 +58,10 @@ class HalfLinear(FrozenQuantLinear):
         return HalfWeight(w.detach().to(torch.float16), tuple(w.shape))
 
     def _empty(self, device):
-        return HalfWeight(torch.zeros(self.out_features, self.in_features, dtype=torch.float16, device=device),
-                          (self.out_features, self.in_features))
+        return HalfWeight(
+            torch.zeros(self.out_features, self.in_features, dtype=torch.float16, device=device),
+            (self.out_features, self.in_features),
+        )
 
     def _packed(self):
         return HalfWeight(self.codes, (self.out_features, self.in_features))

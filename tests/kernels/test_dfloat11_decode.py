@@ -14,8 +14,7 @@ from slimtune.kernels.dfloat11_decode import dfloat11_decode
 from slimtune.kernels.dispatch import interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernel = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
-                                  reason="needs CUDA or TRITON_INTERPRET=1")
+needs_kernel = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(), reason="needs CUDA or TRITON_INTERPRET=1")
 
 
 def _on_device(parts: dict) -> dict:
@@ -38,13 +37,16 @@ def _every_pattern() -> torch.Tensor:
 
 
 @needs_kernel
-@pytest.mark.parametrize("make, block_values", [
-    (lambda: _adversarial(3001), 64),  # a partial last block
-    (lambda: _every_pattern(), 300),  # 219 blocks, the last one partial
-    (lambda: (torch.randn(48, 80, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16), 128),
-    (lambda: torch.ones(1, dtype=torch.bfloat16), 64),
-    (lambda: torch.zeros(0, 7, dtype=torch.bfloat16), 64),
-])
+@pytest.mark.parametrize(
+    "make, block_values",
+    [
+        (lambda: _adversarial(3001), 64),  # a partial last block
+        (lambda: _every_pattern(), 300),  # 219 blocks, the last one partial
+        (lambda: (torch.randn(48, 80, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16), 128),
+        (lambda: torch.ones(1, dtype=torch.bfloat16), 64),
+        (lambda: torch.zeros(0, 7, dtype=torch.bfloat16), 64),
+    ],
+)
 def test_kernel_equals_reference(make, block_values):
     t = make()
     parts = encode(t, block_values)

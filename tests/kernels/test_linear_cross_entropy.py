@@ -10,11 +10,13 @@ import torch.nn.functional as F
 
 from slimtune.kernels import linear_cross_entropy as lce
 from slimtune.kernels.dispatch import interpreting
-from slimtune.kernels.linear_cross_entropy import ChunkedLinearCE, linear_cross_entropy
+from slimtune.kernels.linear_cross_entropy import linear_cross_entropy
+from slimtune.kernels.linear_cross_entropy_reference import ChunkedLinearCE
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernel = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
-                                  reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1")
+needs_kernel = pytest.mark.skipif(
+    DEVICE == "cpu" and not interpreting(), reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1"
+)
 
 # (N, V, H): ragged rows, vocab and hidden; 2-3 vocab tiles (two forward vocab slices, the last one short);
 # H spanning two hidden tiles
@@ -88,10 +90,12 @@ def backend(request, monkeypatch):
     _skip_without_kernel(request.param)
     use_kernels(monkeypatch, request.param)
     calls = {"triton": 0, "reference": 0}
-    for name, cls in (("triton", lce.LinearCrossEntropyFunction), ("reference", lce.ChunkedLinearCE)):
+    for name, cls in (("triton", lce.LinearCrossEntropyFunction), ("reference", ChunkedLinearCE)):
+
         def counted(*args, _name=name, _apply=cls.apply, **kwargs):
             calls[_name] += 1
             return _apply(*args, **kwargs)
+
         monkeypatch.setattr(cls, "apply", counted)
     yield request.param
     other = "reference" if request.param == "triton" else "triton"
@@ -170,8 +174,9 @@ def test_bf16_close_to_fp32_naive(backend, scale, softcap):
     come back in bf16."""
     h, w, b, y = _problem(24, 70, 32, dtype=torch.bfloat16)
     kw = dict(reduction="mean", scale=scale, softcap=softcap)
-    _assert_same(_loss_and_grads(linear_cross_entropy, h, w, y, b, **kw),
-                 _loss_and_grads(_naive, h, w, y, b, **kw), rtol=3e-2)
+    _assert_same(
+        _loss_and_grads(linear_cross_entropy, h, w, y, b, **kw), _loss_and_grads(_naive, h, w, y, b, **kw), rtol=3e-2
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 16, 1000])
@@ -197,8 +202,9 @@ def test_reference_backend_small_chunks(monkeypatch, chunk):
     use_kernels(monkeypatch, "reference")
     h, w, b, y = _problem(12, 30, 8)
     kw = dict(reduction="mean", scale=4.0)
-    _assert_same(_loss_and_grads(linear_cross_entropy, h, w, y, b, chunk=chunk, **kw),
-                 _loss_and_grads(_naive, h, w, y, b, **kw))
+    _assert_same(
+        _loss_and_grads(linear_cross_entropy, h, w, y, b, chunk=chunk, **kw), _loss_and_grads(_naive, h, w, y, b, **kw)
+    )
 
 
 def test_bad_arguments():

@@ -21,8 +21,7 @@ from slimtune.kernels.mxfp4 import (
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernel = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
-                                  reason="needs CUDA or TRITON_INTERPRET=1")
+needs_kernel = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(), reason="needs CUDA or TRITON_INTERPRET=1")
 
 
 @pytest.fixture
@@ -62,10 +61,22 @@ def test_e2m1_codes_decode_to_the_spec_grid():
     assert E2M1_VALUES == (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
-@pytest.mark.parametrize("amax, code", [
-    (6.0, 127), (4.0, 127), (7.0, 127), (8.0, 128), (3.0, 126), (0.75, 124),
-    (2.0**-125, 0), (2.0**-130, 0), (0.0, 0), (2.0**127, 252), (3.0e38, 252),
-])
+@pytest.mark.parametrize(
+    "amax, code",
+    [
+        (6.0, 127),
+        (4.0, 127),
+        (7.0, 127),
+        (8.0, 128),
+        (3.0, 126),
+        (0.75, 124),
+        (2.0**-125, 0),
+        (2.0**-130, 0),
+        (0.0, 0),
+        (2.0**127, 252),
+        (3.0e38, 252),
+    ],
+)
 def test_e8m0_scale_is_floor_log2_amax_minus_2(amax, code):
     assert _quantize_one(amax)[1] == code
 

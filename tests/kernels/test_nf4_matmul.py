@@ -10,8 +10,9 @@ from slimtune.kernels.nf4_matmul import nf4_matmul, nf4_matmul_reference
 from slimtune.quant.nf4 import quantize_nf4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
-                                reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cpu" and not interpreting(), reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1"
+)
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 # (M, N, K, block_size): ragged M/N, one row, K not a multiple of the tile, blocks straddling rows (K=200, 16)
@@ -76,10 +77,24 @@ def test_grads_match_reference(double_quant):
 
 
 # the 16 NF4 values of the QLoRA paper (appendix E), typed in here: independent of slimtune's constant
-QLORA_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-             0.7229568362236023, 1.0]
+QLORA_NF4 = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+]
 
 
 def _by_hand(w):

@@ -14,8 +14,9 @@ from slimtune.quant.nf4 import NF4Linear
 from slimtune.lm_loss import IGNORE, lm_loss_sum
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
-                                reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cpu" and not interpreting(), reason="the Triton kernels need CUDA or TRITON_INTERPRET=1"
+)
 
 
 def _spy(monkeypatch, cls):
@@ -83,8 +84,11 @@ def test_training_linears_run_the_kernels(monkeypatch, make):
 
     torch.manual_seed(0)
     lin = nn.Linear(64, 40).to(DEVICE)
-    layer = {"fp8": lambda: FP8Linear.from_linear(lin), "halo2": lambda: FP8Linear.from_linear(lin, 2, 32),
-             "mxfp4": lambda: QuartetLinear.from_linear(lin)}[make]()
+    layer = {
+        "fp8": lambda: FP8Linear.from_linear(lin),
+        "halo2": lambda: FP8Linear.from_linear(lin, 2, 32),
+        "mxfp4": lambda: QuartetLinear.from_linear(lin),
+    }[make]()
     x = torch.randn(3, 7, 64, device=DEVICE)
     use_kernels(monkeypatch, "reference")
     want = layer(x)

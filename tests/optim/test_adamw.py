@@ -53,8 +53,10 @@ def test_half_precision_params_update_in_fp32():
     p16 = _params(dtype=torch.bfloat16)
     p32 = [p.detach().float().requires_grad_() for p in p16]
     # the same weight_decay on both sides (torch's AdamW defaults to 0.01, slimtune's to 0)
-    opt16, opt32 = AdamW(p16, lr=1e-2, weight_decay=0.01), torch.optim.AdamW(p32, lr=1e-2, weight_decay=0.01,
-                                                                             foreach=False)
+    opt16, opt32 = (
+        AdamW(p16, lr=1e-2, weight_decay=0.01),
+        torch.optim.AdamW(p32, lr=1e-2, weight_decay=0.01, foreach=False),
+    )
     for p, q, g in zip(p16, p32, _grads(p16, 0)):
         p.grad, q.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()
     opt16.step()

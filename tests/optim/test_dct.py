@@ -84,21 +84,32 @@ def reference_dct(w, grads_seq, rank, lr, wd, eps, scale, update_gap, side):
     return w
 
 
-@pytest.mark.parametrize("shape, proj_type, side", [((24, 16), "std", "right"), ((16, 24), "std", "left"),
-                                                    ((24, 16), "left", "left")])
+@pytest.mark.parametrize(
+    "shape, proj_type, side", [((24, 16), "std", "right"), ((16, 24), "std", "left"), ((24, 16), "left", "left")]
+)
 def test_steps_match_reference(shape, proj_type, side):
     grads = [gs[0] for gs in grads_like([shape], 7, seed=1)]
     w0 = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     kw = dict(rank=5, lr=1e-2, wd=0.1, eps=1e-8, scale=0.25, update_gap=3)  # refreshes at steps 0, 3, 6
     p = torch.nn.Parameter(w0.clone())
-    opt = DCTAdamW([p], lr=kw["lr"], weight_decay=kw["wd"], eps=kw["eps"], rank=kw["rank"], scale=kw["scale"],
-                   update_gap=kw["update_gap"], proj_type=proj_type)
+    opt = DCTAdamW(
+        [p],
+        lr=kw["lr"],
+        weight_decay=kw["wd"],
+        eps=kw["eps"],
+        rank=kw["rank"],
+        scale=kw["scale"],
+        update_gap=kw["update_gap"],
+        proj_type=proj_type,
+    )
     run(opt, [p], [grads[:1]])
-    np.testing.assert_allclose(p.detach().double().numpy(), reference_dct(w0, grads[:1], side=side, **kw),
-                               atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        p.detach().double().numpy(), reference_dct(w0, grads[:1], side=side, **kw), atol=1e-6, rtol=0
+    )
     run(opt, [p], [[g] for g in grads[1:]])
-    np.testing.assert_allclose(p.detach().double().numpy(), reference_dct(w0, grads, side=side, **kw),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        p.detach().double().numpy(), reference_dct(w0, grads, side=side, **kw), atol=1e-5, rtol=0
+    )
     assert opt.state[p]["exp_avg"].shape == ((shape[0], 5) if side == "right" else (5, shape[1]))
 
 
@@ -145,8 +156,14 @@ def test_state_dict_roundtrip_is_bit_identical(via_checkpoint, tmp_path):
     grads = grads_like(shapes, 12, seed=30)
 
     def build(params):
-        return DCTAdamW([{"params": params[:2]}, {"params": params[2:], "lowrank": False}], lr=1e-2,
-                        weight_decay=0.1, rank=4, update_gap=5, scale=0.25)
+        return DCTAdamW(
+            [{"params": params[:2]}, {"params": params[2:], "lowrank": False}],
+            lr=1e-2,
+            weight_decay=0.1,
+            rank=4,
+            update_gap=5,
+            scale=0.25,
+        )
 
     def roundtrip(state_dict):
         if not via_checkpoint:
@@ -154,8 +171,9 @@ def test_state_dict_roundtrip_is_bit_identical(via_checkpoint, tmp_path):
         tensors, skeleton = flatten_state(state_dict)
         save_file(tensors, str(tmp_path / "opt.safetensors"))
         (tmp_path / "opt.json").write_text(json.dumps(skeleton))
-        return unflatten_state(json.loads((tmp_path / "opt.json").read_text()),
-                               load_file(str(tmp_path / "opt.safetensors")))
+        return unflatten_state(
+            json.loads((tmp_path / "opt.json").read_text()), load_file(str(tmp_path / "opt.safetensors"))
+        )
 
     straight = [torch.nn.Parameter(w.clone()) for w in init]
     opt = build(straight)

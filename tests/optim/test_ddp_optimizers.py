@@ -12,7 +12,7 @@ import pytest
 
 from slimtune_testutil import free_port
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import hashlib, json, sys
     import torch, torch.distributed as dist
     from slimtune import config as C
@@ -42,24 +42,60 @@ WORKER = textwrap.dedent('''
     run(cfg, [Check()])
     if int(__import__("os").environ.get("RANK", "0")) == 0:  # run() has torn the process group down
         open(out, "w").write(json.dumps(Check.rows))
-''')
+""")
 
 
-@pytest.mark.parametrize("recipe, extra", [("galore", ["galore.rank=8"]),
-                                           ("frugal", ["frugal.subspace=random"]),
-                                           ("frugal", ["frugal.subspace=coordinates"]),
-                                           ("dct", ["dct.rank=8", "optim.state_bits=8"])])
+@pytest.mark.parametrize(
+    "recipe, extra",
+    [
+        ("galore", ["galore.rank=8"]),
+        ("frugal", ["frugal.subspace=random"]),
+        ("frugal", ["frugal.subspace=coordinates"]),
+        ("dct", ["dct.rank=8", "optim.state_bits=8"]),
+    ],
+)
 def test_every_rank_has_the_same_state_and_parameters(tmp_path, tiny_overrides, recipe, extra):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     result = tmp_path / "rows.json"
-    args = [*tiny_overrides, "train.max_steps=4", "train.batch_size=2", "train.lr=1e-3", f"{recipe}.update_gap=2",
-            "checkpoint.every=0", "eval.max_batches=1", *extra, f"output_dir={tmp_path / 'run'}"]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                        str(worker), str(result), recipe, *args], env=env, capture_output=True, text=True, timeout=600)
+    args = [
+        *tiny_overrides,
+        "train.max_steps=4",
+        "train.batch_size=2",
+        "train.lr=1e-3",
+        f"{recipe}.update_gap=2",
+        "checkpoint.every=0",
+        "eval.max_batches=1",
+        *extra,
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+    }
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(worker),
+            str(result),
+            recipe,
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(result.read_text())
     assert len(rows) == 4

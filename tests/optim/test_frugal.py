@@ -32,7 +32,7 @@ def run(opt, params, grads):
 
 def mask_from_bits(bits: torch.Tensor, shape) -> torch.Tensor:
     """The optimizer's packed mask read bit by bit (bit j of byte i is entry 8 i + j)."""
-    flat = [(byte >> j) & 1 for byte in bits.tolist() for j in range(8)][:math.prod(shape)]
+    flat = [(byte >> j) & 1 for byte in bits.tolist() for j in range(8)][: math.prod(shape)]
     return torch.tensor(flat, dtype=torch.bool).view(shape)
 
 
@@ -275,8 +275,17 @@ def state_bytes(opt):
     return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
 
 
-@pytest.mark.parametrize("kind, bits, ratio", [("blocks", 32, 0.3), ("coordinates", 32, 0.3), ("modules", 32, 0.3),
-                                               ("svd", 32, 0.38), ("random", 32, 0.38), ("random", 8, 0.3)])
+@pytest.mark.parametrize(
+    "kind, bits, ratio",
+    [
+        ("blocks", 32, 0.3),
+        ("coordinates", 32, 0.3),
+        ("modules", 32, 0.3),
+        ("svd", 32, 0.38),
+        ("random", 32, 0.38),
+        ("random", 8, 0.3),
+    ],
+)
 def test_state_bytes_at_quarter_density(kind, bits, ratio):
     """512x512 at density 0.25: moments are 0.25 of AdamW's; blocks add 128 indices, coordinates a
     bit mask (1/64 of AdamW). svd/random also keep P (128, 512) in fp32, 0.125 of AdamW: 0.375 in all
@@ -300,8 +309,13 @@ def test_non_lowrank_groups_and_vectors_are_adamw():
     ours = [torch.nn.Parameter(w) for w in tensors(shapes, 0)]
     ref = [torch.nn.Parameter(w) for w in tensors(shapes, 0)]
     grads = tensors(shapes, 1, steps=10)
-    opt = FRUGAL([{"params": [ours[0]], "lowrank": False}, {"params": [ours[1]]}], lr=1e-2, weight_decay=0.1,
-                 density=0.25, subspace="random")
+    opt = FRUGAL(
+        [{"params": [ours[0]], "lowrank": False}, {"params": [ours[1]]}],
+        lr=1e-2,
+        weight_decay=0.1,
+        density=0.25,
+        subspace="random",
+    )
     run(opt, ours, grads)
     run(torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False), ref, grads)
     for a, b in zip(ours, ref):

@@ -134,8 +134,15 @@ def test_steps_across_projection_updates_match_reference(shape):
     w0 = torch.randn(shape, generator=torch.Generator().manual_seed(6))
     kw = dict(rank=5, lr=1e-2, wd=0.1, eps=1e-8, scale=0.25, update_gap=3)
     p = torch.nn.Parameter(w0.clone())
-    opt = GaLoreAdamW([p], lr=kw["lr"], weight_decay=kw["wd"], eps=kw["eps"], rank=kw["rank"],
-                      scale=kw["scale"], update_gap=kw["update_gap"])
+    opt = GaLoreAdamW(
+        [p],
+        lr=kw["lr"],
+        weight_decay=kw["wd"],
+        eps=kw["eps"],
+        rank=kw["rank"],
+        scale=kw["scale"],
+        update_gap=kw["update_gap"],
+    )
     run(opt, [p], [[g] for g in grads])
     expected = reference_galore(w0, grads, **kw)
     torch.testing.assert_close(p.detach().double(), expected, atol=1e-5, rtol=0)
@@ -172,10 +179,18 @@ def test_matches_galore_torch(eps, atol):
     ours = [torch.nn.Parameter(w.clone()) for w in init]
     theirs = [torch.nn.Parameter(w.clone()) for w in init]
     lowrank = dict(rank=6, update_proj_gap=5, scale=0.25, proj_type="std")  # refreshes at steps 0, 5, 10
-    opt = GaLoreAdamW([{"params": ours[:2]}, {"params": ours[2:], "lowrank": False}], lr=1e-2, eps=eps,
-                      rank=6, update_gap=5, scale=0.25, proj_type="std")
-    ref = Reference([{"params": theirs[:2], **lowrank}, {"params": theirs[2:]}], lr=1e-2, eps=eps,
-                    no_deprecation_warning=True)
+    opt = GaLoreAdamW(
+        [{"params": ours[:2]}, {"params": ours[2:], "lowrank": False}],
+        lr=1e-2,
+        eps=eps,
+        rank=6,
+        update_gap=5,
+        scale=0.25,
+        proj_type="std",
+    )
+    ref = Reference(
+        [{"params": theirs[:2], **lowrank}, {"params": theirs[2:]}], lr=1e-2, eps=eps, no_deprecation_warning=True
+    )
     run(opt, ours, grads)
     run(ref, theirs, grads)
     for a, b, w in zip(ours, theirs, init):
@@ -197,8 +212,15 @@ def test_state_dict_roundtrip_is_bit_identical(via_checkpoint, state_bits, tmp_p
     grads = grads_like(shapes, 12, seed=30)
 
     def build(params):
-        return GaLoreAdamW([{"params": params[:2]}, {"params": params[2:], "lowrank": False}], lr=1e-2,
-                           weight_decay=0.1, rank=48, update_gap=5, scale=0.25, state_bits=state_bits)
+        return GaLoreAdamW(
+            [{"params": params[:2]}, {"params": params[2:], "lowrank": False}],
+            lr=1e-2,
+            weight_decay=0.1,
+            rank=48,
+            update_gap=5,
+            scale=0.25,
+            state_bits=state_bits,
+        )
 
     def roundtrip(state_dict):
         if not via_checkpoint:
@@ -206,8 +228,9 @@ def test_state_dict_roundtrip_is_bit_identical(via_checkpoint, state_bits, tmp_p
         tensors, skeleton = flatten_state(state_dict)
         save_file(tensors, str(tmp_path / "opt.safetensors"))
         (tmp_path / "opt.json").write_text(json.dumps(skeleton))
-        return unflatten_state(json.loads((tmp_path / "opt.json").read_text()),
-                               load_file(str(tmp_path / "opt.safetensors")))
+        return unflatten_state(
+            json.loads((tmp_path / "opt.json").read_text()), load_file(str(tmp_path / "opt.safetensors"))
+        )
 
     straight = [torch.nn.Parameter(w.clone()) for w in init]
     opt = build(straight)
@@ -236,8 +259,7 @@ def test_non_2d_and_full_rank_groups_are_adamw():
     ours = [torch.nn.Parameter(w.clone()) for w in init]
     theirs = [torch.nn.Parameter(w.clone()) for w in init]
     # (10, 6) in a lowrank: False group; (6,) and (3, 4, 5) are not 2-D; (7, 9) is projected (control)
-    opt = GaLoreAdamW([{"params": ours[:1], "lowrank": False}, {"params": ours[1:]}], lr=1e-2,
-                      weight_decay=0.1, rank=2)
+    opt = GaLoreAdamW([{"params": ours[:1], "lowrank": False}, {"params": ours[1:]}], lr=1e-2, weight_decay=0.1, rank=2)
     ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, foreach=False)
     run(opt, ours, grads)
     run(ref, theirs, grads)
@@ -248,8 +270,9 @@ def test_non_2d_and_full_rank_groups_are_adamw():
     assert (ours[3] - theirs[3]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("shape, moment_shape, proj_shape", [((512, 512), (512, 128), (128, 512)),
-                                                             ((256, 512), (128, 512), (256, 128))])
+@pytest.mark.parametrize(
+    "shape, moment_shape, proj_shape", [((512, 512), (512, 128), (128, 512)), ((256, 512), (128, 512), (256, 128))]
+)
 def test_state_elements(shape, moment_shape, proj_shape):
     p = torch.nn.Parameter(torch.zeros(shape))
     opt = GaLoreAdamW([p], lr=1e-3, rank=128)

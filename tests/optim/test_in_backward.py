@@ -87,8 +87,7 @@ def test_lr_through_param_groups_reaches_inner_optimizers():
 def test_gradient_accumulation_steps_on_last_micro_step():
     ref, model = _mlp(), _mlp()
     _train(ref, MAKERS["slimtune_adamw"](list(ref.parameters())), 6, accum=3)
-    _train(model, OptimizerInBackward(model.parameters(), MAKERS["slimtune_adamw"], accumulation_steps=3),
-           6, accum=3)
+    _train(model, OptimizerInBackward(model.parameters(), MAKERS["slimtune_adamw"], accumulation_steps=3), 6, accum=3)
     _assert_same(ref, model)
 
 

@@ -20,19 +20,31 @@ class CrashAfterSave(Hooks):
         raise RuntimeError(f"simulated crash after saving step {step}")
 
 
-@pytest.mark.parametrize("recipe, extra", [("galore", ["galore.rank=8"]),
-                                           ("galore", ["galore.rank=8", "galore.proj_dtype=bfloat16"]),
-                                           ("galore", ["galore.rank=8", "galore.proj_dtype=int8"]),
-                                           ("frugal", ["frugal.subspace=random"]),
-                                           ("frugal", ["frugal.subspace=svd", "frugal.proj_dtype=int8"]),
-                                           ("dct", ["dct.rank=8", "optim.state_bits=8"]),
-                                           ("full", ["optim.state_bits=8"])])
+@pytest.mark.parametrize(
+    "recipe, extra",
+    [
+        ("galore", ["galore.rank=8"]),
+        ("galore", ["galore.rank=8", "galore.proj_dtype=bfloat16"]),
+        ("galore", ["galore.rank=8", "galore.proj_dtype=int8"]),
+        ("frugal", ["frugal.subspace=random"]),
+        ("frugal", ["frugal.subspace=svd", "frugal.proj_dtype=int8"]),
+        ("dct", ["dct.rank=8", "optim.state_bits=8"]),
+        ("full", ["optim.state_bits=8"]),
+    ],
+)
 def test_resume_is_bit_identical(tmp_path, tiny_overrides, recipe, extra):
     """A run stopped after its step-3 checkpoint and resumed gives the losses of an uninterrupted run,
     across a projection / subspace update (update_gap 2)."""
     gap = [f"{recipe}.update_gap=2"] if recipe != "full" else []
-    common = [*tiny_overrides, "train.max_steps=6", "train.lr=1e-3", *gap, "checkpoint.every=3",
-              "checkpoint.keep=2", *extra]
+    common = [
+        *tiny_overrides,
+        "train.max_steps=6",
+        "train.lr=1e-3",
+        *gap,
+        "checkpoint.every=3",
+        "checkpoint.keep=2",
+        *extra,
+    ]
     a, b = tmp_path / "a", tmp_path / "b"
     run(C.load_config(recipe, [*common, f"output_dir={a}"]))
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -50,8 +62,10 @@ def test_in_backward_equals_the_ordinary_step(tmp_path, tiny_overrides):
 
 
 def test_in_backward_needs_accum_1_and_no_clipping():
-    with pytest.raises(C.ConfigError, match="train.grad_accum=2 needs gradients kept across micro-steps, which "
-                                            "optim.in_backward=true does not give"):
+    with pytest.raises(
+        C.ConfigError,
+        match="train.grad_accum=2 needs gradients kept across micro-steps, which optim.in_backward=true does not give",
+    ):
         C.load_config("full", ["optim.in_backward=true", "train.grad_accum=2", "train.max_grad_norm=0"])
     with pytest.raises(C.ConfigError, match="train.max_grad_norm=1.0 needs the whole gradient before the step"):
         C.load_config("full", ["optim.in_backward=true"])
@@ -164,8 +178,13 @@ def test_int8_projection_quarters_its_storage_and_tracks_fp32(tmp_path, tiny_ove
             self.states = [s for s in optimizer.state.values() if "proj" in s or "proj_q_int8" in s]
             self.bytes = optimizer_state_bytes(optimizer)
 
-    common = [*tiny_overrides, "train.max_steps=6", "train.lr=1e-3", "checkpoint.every=0",
-              f"{recipe}.update_gap=100"] + (["galore.rank=16"] if recipe == "galore" else [])
+    common = [
+        *tiny_overrides,
+        "train.max_steps=6",
+        "train.lr=1e-3",
+        "checkpoint.every=0",
+        f"{recipe}.update_gap=100",
+    ] + (["galore.rank=16"] if recipe == "galore" else [])
     runs = {}
     for dtype in ("float32", "int8"):
         runs[dtype] = grab = Grab()

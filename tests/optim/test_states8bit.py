@@ -143,8 +143,9 @@ def test_state_survives_torch_load_cast():
 
 # --- which moments are 8-bit: >= 4096 values and a parameter that is not 1-D (bitsandbytes' min_8bit_size) ---
 
+
 def _kinds(state):
-    """"8" if both moments are 8-bit codes, "32" if both are plain fp32 tensors (anything else fails)."""
+    """ "8" if both moments are 8-bit codes, "32" if both are plain fp32 tensors (anything else fails)."""
     if {"exp_avg_q_int8", "exp_avg_sq_q_uint8", "exp_avg_absmax", "exp_avg_sq_absmax"} <= state.keys():
         assert "exp_avg" not in state and "exp_avg_sq" not in state
         return "8"
@@ -193,10 +194,16 @@ def test_agrees_with_bitsandbytes_min_8bit_size():
         assert _kinds(opt.state[p]) == ("8" if bnb8 and p.dim() > 1 else "32"), p.shape
 
 
-@pytest.mark.parametrize("shape, rank, kind", [((512, 64), 8, "8"),    # moments (512, 8): 4096 values
-                                               ((64, 512), 8, "8"),    # left side: (8, 512)
-                                               ((128, 64), 8, "32"),   # (128, 8): 1024, though W has 8192
-                                               ((64, 64), 64, "8"), ((64, 64), 63, "32")])
+@pytest.mark.parametrize(
+    "shape, rank, kind",
+    [
+        ((512, 64), 8, "8"),  # moments (512, 8): 4096 values
+        ((64, 512), 8, "8"),  # left side: (8, 512)
+        ((128, 64), 8, "32"),  # (128, 8): 1024, though W has 8192
+        ((64, 64), 64, "8"),
+        ((64, 64), 63, "32"),
+    ],
+)
 def test_galore_decides_by_the_projected_moment(shape, rank, kind):
     from slimtune.optim.galore import GaLoreAdamW
 
@@ -211,11 +218,16 @@ def test_galore_decides_by_the_projected_moment(shape, rank, kind):
         assert _moment_shape(opt.state[p]) == low
 
 
-@pytest.mark.parametrize("subspace, shape, density, kind", [("coordinates", (128, 128), 0.25, "8"),  # (4096,)
-                                                            ("coordinates", (128, 128), 0.2, "32"),  # (3277,)
-                                                            ("blocks", (128, 64), 0.5, "8"),  # (128, 32)
-                                                            ("blocks", (128, 64), 0.25, "32"),  # (128, 16)
-                                                            ("modules", (64, 64), 1.0, "8")])
+@pytest.mark.parametrize(
+    "subspace, shape, density, kind",
+    [
+        ("coordinates", (128, 128), 0.25, "8"),  # (4096,)
+        ("coordinates", (128, 128), 0.2, "32"),  # (3277,)
+        ("blocks", (128, 64), 0.5, "8"),  # (128, 32)
+        ("blocks", (128, 64), 0.25, "32"),  # (128, 16)
+        ("modules", (64, 64), 1.0, "8"),
+    ],
+)
 def test_frugal_decides_by_the_subspace_moment(subspace, shape, density, kind):
     from slimtune.optim.frugal import FRUGAL
 

@@ -83,6 +83,7 @@ def saved_activation_bytes(built, args: tuple) -> int:
 
     handles = []
     if engine.cfg.train.activation_checkpointing:
+
         def keep_input(module, args, kwargs):
             for a in [*args, *kwargs.values()]:
                 for t in a if isinstance(a, tuple) else (a,):

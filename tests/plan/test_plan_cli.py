@@ -61,8 +61,9 @@ def test_engines_shard_per_rank():
     full = C.load_config("full", TINY + STREAM + ["train.activation_checkpointing=true"])
     ddp = plan_memory(full, world_size=2, device="cuda")
     fsdp = plan_memory(C.replace(full, **{"engine.name": "fsdp2"}), world_size=2, device="cuda")
-    zero3 = plan_memory(C.replace(full, **{"engine.name": "deepspeed", "deepspeed.zero_stage": 3}), world_size=4,
-                        device="cuda")
+    zero3 = plan_memory(
+        C.replace(full, **{"engine.name": "deepspeed", "deepspeed.zero_stage": 3}), world_size=4, device="cuda"
+    )
     assert ddp.breakdown["engine.buffers"] > 0  # DDP's gradient buckets
     assert fsdp.breakdown["optimizer.state"] * 2 == pytest.approx(ddp.breakdown["optimizer.state"], abs=8)
     assert zero3.breakdown["optimizer.state"] * 4 == pytest.approx(ddp.breakdown["optimizer.state"], abs=16)
@@ -77,8 +78,10 @@ def test_nproc_and_world_size(capfd, monkeypatch):
     assert json.loads(out)["world_size"] == 4
 
 
-@pytest.mark.parametrize("text,want", [("24GiB", 24 * 2**30), ("1.5GiB", 3 * 2**29), ("800MiB", 800 * 2**20),
-                                       ("2GB", 2 * 10**9), ("1073741824", 2**30)])
+@pytest.mark.parametrize(
+    "text,want",
+    [("24GiB", 24 * 2**30), ("1.5GiB", 3 * 2**29), ("800MiB", 800 * 2**20), ("2GB", 2 * 10**9), ("1073741824", 2**30)],
+)
 def test_budget_parsing(text, want):
     assert parse_budget(text) == want
 

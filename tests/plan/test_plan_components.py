@@ -33,14 +33,17 @@ def _built(cfg):
     return _BUILT[cfg]
 
 
-@pytest.mark.parametrize("recipe,extra", [
-    ("lora", ()),
-    ("qlora", ()),  # NF4, double-quantized scales (int8 codes kept in 256-value blocks)
-    ("qlora", ("quant.method=nf3", "quant.double_quant=false")),  # packed 3-bit codes, fp32 scales
-    ("qlora", ("quant.method=int8",)),
-    ("full", ()),
-    ("sparse_ft", ()),
-])
+@pytest.mark.parametrize(
+    "recipe,extra",
+    [
+        ("lora", ()),
+        ("qlora", ()),  # NF4, double-quantized scales (int8 codes kept in 256-value blocks)
+        ("qlora", ("quant.method=nf3", "quant.double_quant=false")),  # packed 3-bit codes, fp32 scales
+        ("qlora", ("quant.method=int8",)),
+        ("full", ()),
+        ("sparse_ft", ()),
+    ],
+)
 def test_weights_match_the_built_model(recipe, extra):
     cfg = _cfg(recipe, *extra)
     (built, _) = _built(cfg)
@@ -51,17 +54,20 @@ def test_weights_match_the_built_model(recipe, extra):
     assert sum(t.numel for t in w.trainable) == sum(p.numel() for p in built.model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("optim", [
-    ("optim.name=adamw",),
-    ("optim.name=adamw", "optim.state_bits=8"),
-    ("optim.name=sgd", "sgd.momentum=0.9"),
-    ("optim.name=galore", "galore.rank=8"),
-    ("optim.name=galore", "galore.rank=8", "galore.proj_dtype=int8", "optim.state_bits=8", "galore.proj_type=left"),
-    ("optim.name=dct", "dct.rank=8"),
-    ("optim.name=frugal", "frugal.subspace=svd"),
-    ("optim.name=frugal", "frugal.subspace=blocks"),
-    ("optim.name=frugal", "frugal.subspace=coordinates"),
-])
+@pytest.mark.parametrize(
+    "optim",
+    [
+        ("optim.name=adamw",),
+        ("optim.name=adamw", "optim.state_bits=8"),
+        ("optim.name=sgd", "sgd.momentum=0.9"),
+        ("optim.name=galore", "galore.rank=8"),
+        ("optim.name=galore", "galore.rank=8", "galore.proj_dtype=int8", "optim.state_bits=8", "galore.proj_type=left"),
+        ("optim.name=dct", "dct.rank=8"),
+        ("optim.name=frugal", "frugal.subspace=svd"),
+        ("optim.name=frugal", "frugal.subspace=blocks"),
+        ("optim.name=frugal", "frugal.subspace=coordinates"),
+    ],
+)
 def test_optimizer_state_matches_a_real_step(optim):
     base = _cfg("full", "train.activation_checkpointing=false")
     built, blocks = _built(base)
@@ -95,8 +101,13 @@ def test_activations_match_autograds_saved_tensors(recipe, checkpointing):
     planned = activations(arch, cfg, model_weights(arch, cfg), "cpu")
     assert planned.saved == measured
     if checkpointing == "true":  # checkpointing keeps a fraction of the full count
-        assert planned.saved < activations(arch, _cfg(recipe, "train.activation_checkpointing=false"),
-                                           model_weights(arch, cfg), "cpu").saved / 3
+        assert (
+            planned.saved
+            < activations(
+                arch, _cfg(recipe, "train.activation_checkpointing=false"), model_weights(arch, cfg), "cpu"
+            ).saved
+            / 3
+        )
 
 
 def test_bf16_activations_count_the_autocast_copies():
@@ -119,6 +130,10 @@ def test_packed_documents_with_a_boundary_are_the_planned_worst_case():
     planned = activations(arch, cfg, model_weights(arch, cfg), "cpu").saved
     ignored = int((args[1][:, 1:] == -100).sum())
     assert planned - ignored * (arch.hidden * 4 + 1) <= measured <= planned
-    stream = activations(arch, C.load_config("lora", TINY + ["data.packing=stream", "train.seq_len=256"]),
-                         model_weights(arch, cfg), "cpu").saved
+    stream = activations(
+        arch,
+        C.load_config("lora", TINY + ["data.packing=stream", "train.seq_len=256"]),
+        model_weights(arch, cfg),
+        "cpu",
+    ).saved
     assert measured > stream * 1.1  # the mask and the repeated k, v are real memory

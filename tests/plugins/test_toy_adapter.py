@@ -72,11 +72,19 @@ class IA3Linear(nn.Module, AdapterDefaults):
 def save_ia3(model, options, out_dir, model_name, base_path, quant=None):
     mods = adapter_modules(model)
     with atomic_dir(Path(out_dir)) as tmp:
-        save_file({f"{n}.scale": m.scale.detach().float().contiguous() for n, m in mods.items()},
-                  str(tmp / "ia3.safetensors"))
-        write_json(tmp / "slimtune_adapter.json", {"format": "toy_ia3", "model_name": model_name,
-                                                   "base_model_name_or_path": base_path, "quant": quant,
-                                                   "checksums": dir_checksums(tmp)})
+        save_file(
+            {f"{n}.scale": m.scale.detach().float().contiguous() for n, m in mods.items()}, str(tmp / "ia3.safetensors")
+        )
+        write_json(
+            tmp / "slimtune_adapter.json",
+            {
+                "format": "toy_ia3",
+                "model_name": model_name,
+                "base_model_name_or_path": base_path,
+                "quant": quant,
+                "checksums": dir_checksums(tmp),
+            },
+        )
 
 
 def load_ia3(model, adapter_dir):
@@ -101,8 +109,9 @@ def test_selectable_and_validated():
     assert C.load_config("lora", [*TINY, "adapter.type=toy_ia3", "toy_ia3.init=0.5"]).toy_ia3.init == 0.5
     with pytest.raises(ConfigError, match="toy_ia3.init=-2.0 must be > -1"):
         C.load_config("lora", [*TINY, "adapter.type=toy_ia3", "toy_ia3.init=-2"])
-    with pytest.raises(ConfigError, match="optim.lora_plus_ratio=16.0 needs LoRA factors .*, which "
-                                          "adapter.type=toy_ia3 does not give"):
+    with pytest.raises(
+        ConfigError, match="optim.lora_plus_ratio=16.0 needs LoRA factors .*, which adapter.type=toy_ia3 does not give"
+    ):
         C.load_config("lora", [*TINY, "adapter.type=toy_ia3", "optim.lora_plus_ratio=16"])
 
 
@@ -118,8 +127,11 @@ def test_planned_trainable_is_one_scale_per_output(tiny_model_dir):
 
 def test_trains_saves_and_loads(tmp_path):
     out = tmp_path / "run"
-    report = run(C.load_config("lora", [*TINY, "adapter.type=toy_ia3", "train.max_steps=8", "train.lr=1e-2",
-                                        f"output_dir={out}"]))
+    report = run(
+        C.load_config(
+            "lora", [*TINY, "adapter.type=toy_ia3", "train.max_steps=8", "train.lr=1e-2", f"output_dir={out}"]
+        )
+    )
     curve = losses(out)
     assert curve[-1] < curve[0]
     assert json.loads((out / "final" / "slimtune_adapter.json").read_text())["format"] == "toy_ia3"

@@ -26,8 +26,11 @@ MANIFEST, WEIGHTS = "toy_model.json", "weights.safetensors"
 
 
 def save_toy(model, tokenizer, out: Path) -> Path:
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
-             if k != "lm_head.weight" or not model.config.tie_word_embeddings}
+    state = {
+        k: v.detach().to(torch.float16).contiguous()
+        for k, v in model.state_dict().items()
+        if k != "lm_head.weight" or not model.config.tie_word_embeddings
+    }
     with atomic_dir(out) as tmp:
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -47,8 +50,10 @@ class ToyFP16Dir(Technique):
     def load(path: Path, dtype: torch.dtype, keep_compressed: bool = False):
         manifest = json.loads((path / MANIFEST).read_text())
         if file_checksum(path / WEIGHTS) != manifest["checksum"]:
-            raise SlimtuneError(f"{path / WEIGHTS}: does not match the checksum in {MANIFEST}; the file is "
-                                "corrupted or was changed: write the model again")
+            raise SlimtuneError(
+                f"{path / WEIGHTS}: does not match the checksum in {MANIFEST}; the file is "
+                "corrupted or was changed: write the model again"
+            )
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
         model.load_state_dict({k: v.to(dtype) for k, v in load_file(str(path / WEIGHTS)).items()}, strict=False)
         model.tie_weights()
@@ -80,8 +85,7 @@ def test_loads_as_written_and_refuses_a_tampered_file(toy_dir):
 
 
 def test_planned_and_trained(toy_dir, tmp_path):
-    cfg = C.load_config("lora", [*TINY, f"model.name={toy_dir}", "train.max_steps=6",
-                                 f"output_dir={tmp_path / 'run'}"])
+    cfg = C.load_config("lora", [*TINY, f"model.name={toy_dir}", "train.max_steps=6", f"output_dir={tmp_path / 'run'}"])
     assert plan_memory(cfg, device="cpu").details["model"] == str(toy_dir.resolve())
     report = run(cfg)
     assert len(losses(tmp_path / "run")) == 6 and report["eval_perplexity"] < report["eval_perplexity_before"]

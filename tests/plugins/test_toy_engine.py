@@ -52,7 +52,7 @@ class BucketEngine(Engine):
         self.bucket = torch.zeros(sum(aligned(p.numel(), align) for p in params), device=self.device)
         start = 0
         for p in params:
-            p.grad = self.bucket[start:start + p.numel()].view_as(p)
+            p.grad = self.bucket[start : start + p.numel()].view_as(p)
             start += aligned(p.numel(), align)
         return optimizer
 
@@ -95,7 +95,11 @@ def test_trains_as_the_in_memory_engine(tmp_path):
     common = [*TINY, "train.max_steps=4", "train.grad_accum=2", "checkpoint.every=0"]
     run(C.load_config("lora", [*common, f"output_dir={tmp_path / 'ddp'}"]))
     hook = GradsInBucket()
-    run(C.load_config("lora", [*common, "engine.name=toy_bucket", "toy_bucket.align=64",
-                               f"output_dir={tmp_path / 'bucket'}"]), hooks=[hook])
+    run(
+        C.load_config(
+            "lora", [*common, "engine.name=toy_bucket", "toy_bucket.align=64", f"output_dir={tmp_path / 'bucket'}"]
+        ),
+        hooks=[hook],
+    )
     assert hook.checked == 4
     assert losses(tmp_path / "bucket") == pytest.approx(losses(tmp_path / "ddp"), abs=1e-6)

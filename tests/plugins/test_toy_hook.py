@@ -82,8 +82,11 @@ def test_selectable_and_validated():
     assert C.load_config("lora", [*TINY, "hooks=[toy_ema]", "toy_ema.decay=0.5"]).toy_ema.decay == 0.5
     with pytest.raises(ConfigError, match=r"toy_ema.decay=1.0 must be in \(0, 1\)"):
         C.load_config("lora", [*TINY, "hooks=[toy_ema]", "toy_ema.decay=1"])
-    with pytest.raises(ConfigError, match="hooks=toy_ema needs each rank to hold whole parameter matrices, which "
-                                          "engine.name=fsdp2 does not give: change one of hooks and engine.name"):
+    with pytest.raises(
+        ConfigError,
+        match="hooks=toy_ema needs each rank to hold whole parameter matrices, which "
+        "engine.name=fsdp2 does not give: change one of hooks and engine.name",
+    ):
         C.load_config("lora", [*TINY, "hooks=[toy_ema]", "engine.name=fsdp2"])
 
 
@@ -95,8 +98,20 @@ def test_planned_copy_is_its_declared_term():
 
 def test_trained_average_equals_the_formula(tmp_path):
     trajectory = Trajectory()
-    run(C.load_config("lora", [*TINY, "hooks=[toy_ema]", "toy_ema.decay=0.8", "train.max_steps=4",
-                               "checkpoint.every=2", f"output_dir={tmp_path}"]), hooks=[trajectory])
+    run(
+        C.load_config(
+            "lora",
+            [
+                *TINY,
+                "hooks=[toy_ema]",
+                "toy_ema.decay=0.8",
+                "train.max_steps=4",
+                "checkpoint.every=2",
+                f"output_dir={tmp_path}",
+            ],
+        ),
+        hooks=[trajectory],
+    )
     want = {n: t.clone() for n, t in trajectory.weights[0].items()}
     for weights in trajectory.weights[1:]:
         for n in want:

@@ -17,8 +17,10 @@ from slimtune_testutil import TINY, losses
 
 def _validate(cfg):
     if cfg.quant.method != "none":
-        raise ConfigError(f"adapter.init=toy_orth starts from a full-precision base; quant.method="
-                          f"{cfg.quant.method} is not one: set quant.method=none")
+        raise ConfigError(
+            f"adapter.init=toy_orth starts from a full-precision base; quant.method="
+            f"{cfg.quant.method} is not one: set quant.method=none"
+        )
 
 
 @torch.no_grad()
@@ -44,8 +46,11 @@ def toy(plug):
 
 def test_selectable_and_validated():
     assert C.load_config("lora", [*TINY, "adapter.init=toy_orth"]).adapter.init == "toy_orth"
-    with pytest.raises(ConfigError, match="adapter.init=toy_orth needs plain LoRA factors .adapter.type=lora., "
-                                          "which adapter.type=dora does not give"):
+    with pytest.raises(
+        ConfigError,
+        match="adapter.init=toy_orth needs plain LoRA factors .adapter.type=lora., "
+        "which adapter.type=dora does not give",
+    ):
         C.load_config("lora", [*TINY, "adapter.init=toy_orth", "adapter.type=dora"])
     with pytest.raises(ConfigError, match="quant.method=nf4 is not one: set quant.method=none"):
         C.load_config("qlora", [*TINY, "adapter.init=toy_orth"])

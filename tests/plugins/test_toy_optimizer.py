@@ -52,8 +52,12 @@ def _state_bytes(optim, options, name, shape):
     return 4 * math.prod(shape) if options.momentum else 0
 
 
-@declares(validate=_validate, section="toy_signsgd", state_bytes=_state_bytes,
-          step_bytes=lambda optim, options, name, shape: 0)
+@declares(
+    validate=_validate,
+    section="toy_signsgd",
+    state_bytes=_state_bytes,
+    step_bytes=lambda optim, options, name, shape: 0,
+)
 def build_signsgd(optim, options, named, lr):
     return SignSGD([p for _, p in named], lr, options.momentum)
 
@@ -99,8 +103,19 @@ def test_first_step_is_minus_lr_sign_of_the_gradient():
 
 
 def test_trains(tmp_path):
-    report = run(C.load_config("lora", [*TINY, "optim.name=toy_signsgd", "toy_signsgd.momentum=0.5",
-                                        "train.lr=1e-3", "train.max_steps=8", f"output_dir={tmp_path}"]))
+    report = run(
+        C.load_config(
+            "lora",
+            [
+                *TINY,
+                "optim.name=toy_signsgd",
+                "toy_signsgd.momentum=0.5",
+                "train.lr=1e-3",
+                "train.max_steps=8",
+                f"output_dir={tmp_path}",
+            ],
+        )
+    )
     curve = losses(tmp_path)
     assert len(curve) == 8 and curve[-1] < curve[0]
     assert report["eval_perplexity"] < report["eval_perplexity_before"]

@@ -93,8 +93,11 @@ def test_selectable_and_validated():
     assert C.load_config("full", [*TINY, "train.precision=toy_round"]).toy_round.mantissa_bits == 7
     with pytest.raises(ConfigError, match=r"toy_round.mantissa_bits=0 must be in \[1, 22\]"):
         C.load_config("full", [*TINY, "train.precision=toy_round", "toy_round.mantissa_bits=0"])
-    with pytest.raises(ConfigError, match="train.precision=toy_round needs full-precision linear layers in the "
-                                          "base, which quant.method=nf4 does not give"):
+    with pytest.raises(
+        ConfigError,
+        match="train.precision=toy_round needs full-precision linear layers in the "
+        "base, which quant.method=nf4 does not give",
+    ):
         C.load_config("qlora", [*TINY, "train.precision=toy_round"])
 
 
@@ -105,9 +108,20 @@ def test_planned():
 
 def test_trains(tmp_path):
     counter = CountSwapped()
-    report = run(C.load_config("full", [*TINY, "train.precision=toy_round", "toy_round.mantissa_bits=10",
-                                        "train.max_steps=6", "train.lr=1e-3", f"output_dir={tmp_path}"]),
-                 hooks=[counter])
+    report = run(
+        C.load_config(
+            "full",
+            [
+                *TINY,
+                "train.precision=toy_round",
+                "toy_round.mantissa_bits=10",
+                "train.max_steps=6",
+                "train.lr=1e-3",
+                f"output_dir={tmp_path}",
+            ],
+        ),
+        hooks=[counter],
+    )
     assert counter.swapped > 0 and counter.linears == 1  # every linear but the head swapped
     curve = losses(tmp_path)
     assert curve[-1] < curve[0] and report["eval_perplexity"] < report["eval_perplexity_before"]

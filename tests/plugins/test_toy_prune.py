@@ -51,8 +51,12 @@ def toy(plug):
 
 
 def prune(out, *overrides):
-    return prune_command(C.load_config(None, ["model.name=tiny-llama", "prune.method=toy_random",
-                                              "prune.sparsity=0.5", f"output_dir={out}", *overrides]))
+    return prune_command(
+        C.load_config(
+            None,
+            ["model.name=tiny-llama", "prune.method=toy_random", "prune.sparsity=0.5", f"output_dir={out}", *overrides],
+        )
+    )
 
 
 def test_selectable_and_validated(tmp_path):
@@ -70,8 +74,9 @@ def test_pruned_rows_planned_and_recovered(tmp_path):
     other = load_model(str(prune(tmp_path / "q", "toy_random.seed=2")), "float32").model.layers[0].mlp.up_proj
     assert not torch.equal(weight == 0, other.weight == 0)  # the seed chooses
 
-    cfg = C.load_config("recover", [*TINY, f"model.name={out}", "train.max_steps=6", "train.lr=1e-3",
-                                    f"output_dir={tmp_path / 'r'}"])
+    cfg = C.load_config(
+        "recover", [*TINY, f"model.name={out}", "train.max_steps=6", "train.lr=1e-3", f"output_dir={tmp_path / 'r'}"]
+    )
     assert plan_memory(cfg, device="cpu").peak_memory_bytes > 0
     run(cfg)
     curve = losses(tmp_path / "r")

@@ -97,8 +97,11 @@ class RowIntLinear(FrozenQuantLinear):
         return RowIntWeight(codes.flatten(), scale, (self.out_features, self.in_features))
 
     def _empty(self, device):
-        return RowIntWeight(torch.zeros(self.out_features * self.in_features, dtype=torch.int8, device=device),
-                            torch.zeros(self.out_features, device=device), (self.out_features, self.in_features))
+        return RowIntWeight(
+            torch.zeros(self.out_features * self.in_features, dtype=torch.int8, device=device),
+            torch.zeros(self.out_features, device=device),
+            (self.out_features, self.in_features),
+        )
 
     def _packed(self):
         return RowIntWeight(self.codes, self.scale, (self.out_features, self.in_features))
@@ -114,8 +117,11 @@ def test_selectable_and_validated():
     assert C.load_config("qlora", [*TINY, "quant.method=toy_rowint"]).quant.method == "toy_rowint"
     with pytest.raises(ConfigError, match=r"toy_rowint.bits=9 must be in \[2, 8\]"):
         C.load_config("qlora", [*TINY, "quant.method=toy_rowint", "toy_rowint.bits=9"])
-    with pytest.raises(ConfigError, match="adapter.type=none needs a base whose weights can be trained, which "
-                                          "quant.method=toy_rowint does not give"):
+    with pytest.raises(
+        ConfigError,
+        match="adapter.type=none needs a base whose weights can be trained, which "
+        "quant.method=toy_rowint does not give",
+    ):
         C.load_config("full", [*TINY, "quant.method=toy_rowint"])
 
 
@@ -135,16 +141,27 @@ def test_planned_storage_is_its_layout(tiny_model_dir):
 def test_quantized_base_trains_and_its_checkpoint_loads(tmp_path):
     model = load_model("tiny-llama", "float32")
     w = model.model.layers[0].mlp.down_proj.weight.detach().bfloat16().float()  # a quantized base loads in bf16
-    out = quantize_command(C.load_config(None, [*TINY, "quant.method=toy_rowint", "toy_rowint.bits=4",
-                                                f"output_dir={tmp_path / 'q'}"]))
+    out = quantize_command(
+        C.load_config(None, [*TINY, "quant.method=toy_rowint", "toy_rowint.bits=4", f"output_dir={tmp_path / 'q'}"])
+    )
     from slimtune.model.load import load_base
 
     loaded = load_base(str(out)).model.layers[0].mlp.down_proj
     assert isinstance(loaded, RowIntLinear)
     torch.testing.assert_close(loaded.dequantize_weight(), reference_rowint(w, 4))
-    report = run(C.load_config("qlora", [*TINY, "quant.method=toy_rowint", "toy_rowint.bits=3", "train.max_steps=6",
-                                         "train.lr=1e-2",
-                                         f"output_dir={tmp_path / 'run'}"]))
+    report = run(
+        C.load_config(
+            "qlora",
+            [
+                *TINY,
+                "quant.method=toy_rowint",
+                "toy_rowint.bits=3",
+                "train.max_steps=6",
+                "train.lr=1e-2",
+                f"output_dir={tmp_path / 'run'}",
+            ],
+        )
+    )
     assert len(losses(tmp_path / "run")) == 6 and report["eval_perplexity"] < report["eval_perplexity_before"]
     scored = evaluate_model(C.load_config(None, [*TINY, f"model.name={tmp_path / 'run' / 'final'}"]))
     assert scored["eval_perplexity"] == pytest.approx(report["eval_perplexity"], rel=1e-5)

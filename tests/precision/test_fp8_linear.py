@@ -38,8 +38,12 @@ def _run(x, w, b, e, level, block=32):
 def tensors():
     g = torch.Generator().manual_seed(0)
     m, k, n = 64, 96, 80
-    return (torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.1,
-            torch.randn(n, generator=g), torch.randn(m, n, generator=g))
+    return (
+        torch.randn(m, k, generator=g),
+        torch.randn(n, k, generator=g) * 0.1,
+        torch.randn(n, generator=g),
+        torch.randn(m, n, generator=g),
+    )
 
 
 def test_fp8_per_tensor_matches_reference(tensors):
@@ -61,8 +65,7 @@ def test_halo_levels_match_reference(tensors, level):
     y, gx, gw, _ = _run(x, w, b, e, level)
     hk, hm = block_hadamard(x.shape[1], 32), block_hadamard(x.shape[0], 32)
     xr, wr = (x @ hk, w @ hk) if level else (x, w)
-    torch.testing.assert_close(y, fake_fp8(xr, E4M3, True) @ fake_fp8(wr, E4M3, True).t() + b,
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, fake_fp8(xr, E4M3, True) @ fake_fp8(wr, E4M3, True).t() + b, rtol=1e-4, atol=1e-4)
     wt = fake_fp8(w.t().contiguous(), E4M3, True)
     want_gx = hm @ (fake_fp8(hm @ e, E5M2, True) @ wt.t()) if level == 2 else fake_fp8(e, E5M2, True) @ wt.t()
     torch.testing.assert_close(gx, want_gx, rtol=1e-4, atol=1e-4)

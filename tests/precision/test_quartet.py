@@ -52,8 +52,23 @@ def authors_quest_forward(x: torch.Tensor, hadamard: torch.Tensor) -> tuple[torc
     a = scaled.abs()
     sign = torch.where(scaled > 0, 1.0, -1.0)
     t = AUTHORS_RTN_THRESHOLDS
-    fp4 = torch.where(a > t[6], 6.0, torch.where(a > t[5], 4.0, torch.where(a > t[4], 3.0, torch.where(
-        a > t[3], 2.0, torch.where(a > t[2], 1.5, torch.where(a > t[1], 1.0, torch.where(a > t[0], 0.5, 0.0)))))))
+    fp4 = torch.where(
+        a > t[6],
+        6.0,
+        torch.where(
+            a > t[5],
+            4.0,
+            torch.where(
+                a > t[4],
+                3.0,
+                torch.where(
+                    a > t[3],
+                    2.0,
+                    torch.where(a > t[2], 1.5, torch.where(a > t[1], 1.0, torch.where(a > t[0], 0.5, 0.0))),
+                ),
+            ),
+        ),
+    )
     fp4 = fp4 * sign
     return (fp4 * shared_exps).reshape(x.shape), (a < 6).reshape(x.shape)
 
@@ -67,10 +82,28 @@ def authors_sr_candidates(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     shared_exps = torch.exp2(torch.floor(torch.log2(scales)) - 2) / AUTHORS_SR_GAUSSIAN_SCALE
     a = (g / shared_exps).abs()
     sign = torch.where(g > 0, 1.0, -1.0)
-    high = torch.where(a > 4, 6.0, torch.where(a > 3, 4.0, torch.where(a > 2, 3.0, torch.where(
-        a > 1.5, 2.0, torch.where(a > 1.0, 1.5, torch.where(a > 0.5, 1.0, 0.5))))))
-    low = torch.where(a > 4, 4.0, torch.where(a > 3, 3.0, torch.where(a > 2, 2.0, torch.where(
-        a > 1.5, 1.5, torch.where(a > 1.0, 1.0, torch.where(a > 0.5, 0.5, 0.0))))))
+    high = torch.where(
+        a > 4,
+        6.0,
+        torch.where(
+            a > 3,
+            4.0,
+            torch.where(
+                a > 2, 3.0, torch.where(a > 1.5, 2.0, torch.where(a > 1.0, 1.5, torch.where(a > 0.5, 1.0, 0.5)))
+            ),
+        ),
+    )
+    low = torch.where(
+        a > 4,
+        4.0,
+        torch.where(
+            a > 3,
+            3.0,
+            torch.where(
+                a > 2, 2.0, torch.where(a > 1.5, 1.5, torch.where(a > 1.0, 1.0, torch.where(a > 0.5, 0.5, 0.0)))
+            ),
+        ),
+    )
     prob_up = (a - low) / (high - low)
     return tuple(t.reshape(x.shape) for t in (low * shared_exps * sign, high * shared_exps * sign, prob_up))
 
@@ -93,6 +126,7 @@ def dequantized_quest(x: torch.Tensor):
 
 
 # --- tests ---------------------------------------------------------------------------------------------------
+
 
 def test_constants_are_the_authors():
     assert quartet.QUEST_SCALE == AUTHORS_QUEST_GAUSSIAN_SCALE

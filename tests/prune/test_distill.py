@@ -9,16 +9,21 @@ import torch
 import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimtune.prune.distill import (RecoveryLoss, Teacher, capture_layer_outputs, kd_loss_sum,
-                                       squarehead_loss)
+from slimtune.prune.distill import RecoveryLoss, Teacher, capture_layer_outputs, kd_loss_sum, squarehead_loss
 from slimtune.lm_loss import CausalLMLoss, LogitTransform
 from slimtune.engines.ddp import activation_checkpointing
 
 
 def tiny_llama(seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(cfg).float()
 
 
@@ -125,8 +130,7 @@ def test_recovery_loss_ce_only_is_causal_lm_loss_and_runs_no_teacher(pair):
 
 def test_recovery_loss_kd_only_matches_kl_of_the_models_own_logits(pair):
     student, teacher_model, ids, labels = pair
-    loss = RecoveryLoss(student, Teacher(copy.deepcopy(teacher_model)), ce=0.0, kd=1.0, temperature=2.0,
-                        chunk_tokens=4)
+    loss = RecoveryLoss(student, Teacher(copy.deepcopy(teacher_model)), ce=0.0, kd=1.0, temperature=2.0, chunk_tokens=4)
     got = loss(ids, labels)
     with torch.no_grad():
         want = kd_reference(student(ids).logits, teacher_model(ids).logits, labels, 2.0)
@@ -180,8 +184,9 @@ def test_recovery_loss_gradient_same_with_activation_checkpointing(pair):
         model = copy.deepcopy(student).train()
         if ckpt:
             activation_checkpointing(model)
-        RecoveryLoss(model, Teacher(copy.deepcopy(teacher_model)), ce=1.0, kd=1.0, feature=1.0,
-                     chunk_tokens=6)(ids, labels).backward()
+        RecoveryLoss(model, Teacher(copy.deepcopy(teacher_model)), ce=1.0, kd=1.0, feature=1.0, chunk_tokens=6)(
+            ids, labels
+        ).backward()
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

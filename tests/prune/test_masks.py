@@ -12,15 +12,24 @@ from slimtune.lm_loss import CausalLMLoss, count_targets
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(cfg).float()
 
 
 def random_masks(model, density: float = 0.5, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(p.shape, generator=g) < density
-            for n, p in model.named_parameters() if p.dim() == 2 and ".layers." in n}
+    return {
+        n: torch.rand(p.shape, generator=g) < density
+        for n, p in model.named_parameters()
+        if p.dim() == 2 and ".layers." in n
+    }
 
 
 def batch():

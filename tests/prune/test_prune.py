@@ -25,6 +25,7 @@ from slimtune.formats.hf import load_tokenizer
 
 # ---- references -----------------------------------------------------------------------------------
 
+
 def brute_mask(scores: torch.Tensor, sparsity: float, nm=None, scope="row") -> torch.Tensor:
     """Loop-and-argsort reference: prune the lowest scores, the lower index first on ties."""
     out_f, in_f = scores.shape
@@ -41,7 +42,7 @@ def brute_mask(scores: torch.Tensor, sparsity: float, nm=None, scope="row") -> t
             continue
         n, m = nm
         for g in range(0, in_f, m):
-            for j in torch.argsort(scores[r, g:g + m], stable=True).tolist()[: m - n]:
+            for j in torch.argsort(scores[r, g : g + m], stable=True).tolist()[: m - n]:
                 keep[r, g + j] = False
     return keep
 
@@ -49,7 +50,7 @@ def brute_mask(scores: torch.Tensor, sparsity: float, nm=None, scope="row") -> t
 def correlated_inputs(tokens: int, in_f: int, seed: int, dtype=torch.float32) -> torch.Tensor:
     """X = Z A: inputs with a non-identity covariance and uneven feature scales (tokens, in)."""
     g = torch.Generator().manual_seed(seed)
-    A = torch.randn(in_f, in_f, generator=g, dtype=torch.float64) / in_f ** 0.5
+    A = torch.randn(in_f, in_f, generator=g, dtype=torch.float64) / in_f**0.5
     A = A + torch.diag(torch.rand(in_f, generator=g, dtype=torch.float64) * 3)
     return (torch.randn(tokens, in_f, generator=g, dtype=torch.float64) @ A).to(dtype)
 
@@ -59,6 +60,7 @@ def hessian(X: torch.Tensor) -> torch.Tensor:
 
 
 # ---- patterns and masks ---------------------------------------------------------------------------
+
 
 def test_parse_pattern():
     assert parse_pattern("unstructured") is None
@@ -110,6 +112,7 @@ def test_wanda_with_unit_norms_is_magnitude():
 
 
 # ---- SparseGPT --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("nm", [None, (2, 4)])
 def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(nm):
@@ -183,10 +186,17 @@ def test_sparsegpt_exact_sparsity_scopes_dead_inputs_and_dtype():
 
 # ---- the model driver ---------------------------------------------------------------------------------
 
+
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -197,8 +207,15 @@ def samples(k: int = 4, T: int = 16) -> list[torch.Tensor]:
 
 def test_prunable_linears():
     names = prunable_linears(tiny_llama())
-    per_layer = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    per_layer = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
     assert names == [f"model.layers.{i}.{p}" for i in range(2) for p in per_layer]
 
 
@@ -224,8 +241,14 @@ def test_prune_model_and_sparse_checkpoint(method, pattern, tmp_path, tiny_model
             assert torch.equal(W[W != 0], dense[key][W != 0])
 
     out = tmp_path / "pruned"
-    manifest = {"method": method, "pattern": 124 if pattern == "2:4" else pattern, "sparsity": 0.5,
-                "scope": "row", "source_model": "tiny-random", "matrices": achieved}
+    manifest = {
+        "method": method,
+        "pattern": 124 if pattern == "2:4" else pattern,
+        "sparsity": 0.5,
+        "scope": "row",
+        "source_model": "tiny-random",
+        "matrices": achieved,
+    }
     save_sparse(model, load_tokenizer(str(tiny_model_dir)), out, manifest)
     record = json.loads((out / "slimtune_sparse.json").read_text())
     assert record["format"] == "slimtune-sparse" and record["version"] == 1 and record["pattern"] == pattern
@@ -242,8 +265,14 @@ def test_prune_model_and_sparse_checkpoint(method, pattern, tmp_path, tiny_model
 
 def test_load_masks_names_the_missing_matrix(tmp_path):
     model = tiny_llama()
-    manifest = {"method": "magnitude", "pattern": "unstructured", "sparsity": 0.5, "scope": "row",
-                "source_model": "x", "matrices": {"model.layers.7.mlp.up_proj": 0.5}}
+    manifest = {
+        "method": "magnitude",
+        "pattern": "unstructured",
+        "sparsity": 0.5,
+        "scope": "row",
+        "source_model": "x",
+        "matrices": {"model.layers.7.mlp.up_proj": 0.5},
+    }
     save_sparse(model, None, tmp_path / "m", manifest)
     with pytest.raises(SlimtuneError, match=r"slimtune_sparse\.json.*model\.layers\.7\.mlp\.up_proj"):
         load_masks(tmp_path / "m", model)
@@ -256,8 +285,14 @@ def test_save_sparse_failure_leaves_no_partial_dir(tmp_path):
         def save_pretrained(self, path):
             raise RuntimeError("disk full")
 
-    manifest = {"method": "magnitude", "pattern": "2:4", "sparsity": 0.5, "scope": "row",
-                "source_model": "x", "matrices": {}}
+    manifest = {
+        "method": "magnitude",
+        "pattern": "2:4",
+        "sparsity": 0.5,
+        "scope": "row",
+        "source_model": "x",
+        "matrices": {},
+    }
     with pytest.raises(RuntimeError, match="disk full"):
         save_sparse(tiny_llama(), BrokenTokenizer(), tmp_path / "out", manifest)
     assert list(tmp_path.iterdir()) == []
@@ -286,9 +321,12 @@ def test_layer_one_is_calibrated_on_pruned_layer_zero(method, monkeypatch):
         ref.load_state_dict(state_dict)
         xs: dict[str, list[torch.Tensor]] = {}
         layer1 = ref.model.layers[1]
-        handles = [layer1.get_submodule(n).register_forward_pre_hook(
-            lambda m, a, n=n: xs.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
-            for n in recorded[1]]
+        handles = [
+            layer1.get_submodule(n).register_forward_pre_hook(
+                lambda m, a, n=n: xs.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]))
+            )
+            for n in recorded[1]
+        ]
         with torch.no_grad():
             for ids in data:
                 ref(ids)
@@ -331,8 +369,10 @@ def test_prune_calibrates_on_the_runs_data_with_its_chat_template(tmp_path, caps
     records (the tokenizer has no template of its own), data.packing and data.train_on apply."""
     import json
 
-    chats = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
-             for i in range(60)]
+    chats = [
+        [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+        for i in range(60)
+    ]
     src = tmp_path / "chat.jsonl"
     src.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
     tpl = tmp_path / "t.jinja"

@@ -39,7 +39,7 @@ def test_sparse_ft_deltas_stay_on_kept_entries_at_selection_and_regrowth():
     with torch.no_grad():
         m.deltas.copy_(torch.linspace(-1, 1, k))
     scores = torch.where(keep, torch.rand(16, 32), 100.0 + torch.rand(16, 32))  # pruned entries score highest
-    for fn in (lambda: scores, lambda: (lambda r0, r1: scores[r0:r1])):  # a dense tensor and score blocks
+    for fn in (lambda: scores, lambda: lambda r0, r1: scores[r0:r1]):  # a dense tensor and score blocks
         m.reselect(k // 2, fn())
         assert keep.view(-1)[m.indices].all() and m.num_params == k
     dense = torch.nn.Linear(32, 16, bias=False)
@@ -63,8 +63,21 @@ def test_a_trained_sparse_ft_adapter_off_the_mask_is_refused():
 
 def test_sparse_ft_on_a_pruned_base_trains_and_merges_sparse(pruned, tmp_path):
     out = tmp_path / "sft"
-    assert main(["run", "sparse_ft", *RUN, f"model.name={pruned}", "sparse_ft.reselect_every=2",
-                 "sparse_ft.accumulate_steps=1", "sparse_ft.drop_fraction=0.5", f"output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "sparse_ft",
+                *RUN,
+                f"model.name={pruned}",
+                "sparse_ft.reselect_every=2",
+                "sparse_ft.accumulate_steps=1",
+                "sparse_ft.drop_fraction=0.5",
+                f"output_dir={out}",
+            ]
+        )
+        == 0
+    )
     assert main(["export", str(out), "--merge"]) == 0
     merged, base, zeros = safetensors_dir(out / "merged"), safetensors_dir(pruned), _zeros(pruned)
     for name, zero in zeros.items():
@@ -78,8 +91,22 @@ def test_full_recovery_with_the_optimizer_in_backward(pruned, tmp_path):
     runs = {}
     for in_backward in (False, True):
         out = tmp_path / f"ib{in_backward}"
-        assert main(["run", "recover", *RUN, f"model.name={pruned}", "train.max_grad_norm=0", "recover.kd=0",
-                     "recover.feature=0", f"optim.in_backward={str(in_backward).lower()}", f"output_dir={out}"]) == 0
+        assert (
+            main(
+                [
+                    "run",
+                    "recover",
+                    *RUN,
+                    f"model.name={pruned}",
+                    "train.max_grad_norm=0",
+                    "recover.kd=0",
+                    "recover.feature=0",
+                    f"optim.in_backward={str(in_backward).lower()}",
+                    f"output_dir={out}",
+                ]
+            )
+            == 0
+        )
         runs[in_backward] = safetensors_dir(out / "final")
     for name, zero in _zeros(pruned).items():
         w = runs[True][f"{name}.weight"]
@@ -114,8 +141,23 @@ def test_export_merge_merges_the_adapter_before_quantizing(pruned, tmp_path):
     from slimtune.formats.compressed_io import load_compressed
 
     run = tmp_path / "lora"
-    assert main(["run", "recover", *RUN, "train.max_steps=2", f"model.name={pruned}", "adapter.type=lora",
-                 "lora.rank=4", "recover.kd=0", "recover.feature=0", f"output_dir={run}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "recover",
+                *RUN,
+                "train.max_steps=2",
+                f"model.name={pruned}",
+                "adapter.type=lora",
+                "lora.rank=4",
+                "recover.kd=0",
+                "recover.feature=0",
+                f"output_dir={run}",
+            ]
+        )
+        == 0
+    )
     beside, merged, ref = tmp_path / "beside", tmp_path / "merged", tmp_path / "ref"
     assert main(["export", str(run), "--format", "sparse-nf4", "--out", str(beside)]) == 0
     assert main(["export", str(run), "--format", "sparse-nf4", "--merge", "--out", str(merged)]) == 0

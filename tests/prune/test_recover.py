@@ -23,8 +23,6 @@ from slimtune_testutil import (
 RUN = [*TINY, "train.max_steps=6", "train.lr=3e-3", "train.warmup_steps=1"]
 
 
-
-
 def _zeros(d):
     """module name -> weight == 0 of every matrix the manifest lists."""
     w = _weights(d)
@@ -36,8 +34,19 @@ def pruned(tmp_path_factory):
     """tiny-llama trained 20 steps (a teacher worth distilling), then Wanda 50% (the dense dir in the manifest)."""
     root = tmp_path_factory.mktemp("pruned")
     assert main(["run", "full", *TINY, "train.max_steps=20", "train.lr=3e-3", f"output_dir={root / 'dense'}"]) == 0
-    assert main(["prune", *TINY, f"model.name={root / 'dense' / 'final'}", "prune.method=wanda",
-                 "prune.calibration_samples=8", f"output_dir={root / 'w50'}"]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                *TINY,
+                f"model.name={root / 'dense' / 'final'}",
+                "prune.method=wanda",
+                "prune.calibration_samples=8",
+                f"output_dir={root / 'w50'}",
+            ]
+        )
+        == 0
+    )
     return root / "w50"
 
 
@@ -102,8 +111,22 @@ def test_resume_refuses_a_base_whose_zeros_changed(pruned, tmp_path):
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_lora_recovery_merges_sparse(pruned, tmp_path, quant):
     out = tmp_path / "lora"
-    assert main(["run", "recover", *RUN, f"model.name={pruned}", "adapter.type=lora", "lora.rank=4",
-                 f"quant.method={quant}", "train.lr=1e-2", f"output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "recover",
+                *RUN,
+                f"model.name={pruned}",
+                "adapter.type=lora",
+                "lora.rank=4",
+                f"quant.method={quant}",
+                "train.lr=1e-2",
+                f"output_dir={out}",
+            ]
+        )
+        == 0
+    )
     assert main(["export", str(out), "--merge"]) == 0
     merged = _weights(out / "merged")
     zeros = _zeros(pruned)
@@ -126,9 +149,24 @@ def test_lora_recovery_merges_sparse(pruned, tmp_path, quant):
 
 def test_torchrun_recovery_holds_masks(pruned, tmp_path):
     out = tmp_path / "ddp"
-    r = _cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-             str(free_port()), "-m", "slimtune", "run", "recover", *RUN, f"model.name={pruned}", "train.batch_size=2",
-             f"output_dir={out}")
+    r = _cli(
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "slimtune",
+        "run",
+        "recover",
+        *RUN,
+        f"model.name={pruned}",
+        "train.batch_size=2",
+        f"output_dir={out}",
+    )
     assert r.returncode == 0
     after = _weights(out / "final")
     assert all(torch.all(after[f"{n}.weight"][z] == 0) for n, z in _zeros(pruned).items())
@@ -137,8 +175,20 @@ def test_torchrun_recovery_holds_masks(pruned, tmp_path):
 @pytest.mark.parametrize("select", ["degradation", "random"])
 def test_data_selection_trains_on_a_fraction(pruned, tmp_path, select):
     out = tmp_path / select
-    assert main(["run", "recover", *RUN, f"model.name={pruned}", f"data.select={select}",
-                 "data.select_fraction=0.5", f"output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "recover",
+                *RUN,
+                f"model.name={pruned}",
+                f"data.select={select}",
+                "data.select_fraction=0.5",
+                f"output_dir={out}",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     full = json.loads((pruned.parent / "dense" / "report.json").read_text())["train_blocks"]
     assert report["train_blocks"] == round(0.5 * full)
@@ -203,9 +253,19 @@ def test_cram_trains_a_dense_model(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "micro_batch", recorded)
     rho, sparsity = 0.05, 0.5
     probe = _StepZero()
-    cfg = load_config("full", [*RUN, "optim.cram=true", f"cram.rho={rho}", f"cram.sparsities=[{sparsity}]",
-                               "train.max_steps=10", "train.grad_accum=2", "data.packing=stream",
-                               f"output_dir={tmp_path / 'cram'}"])
+    cfg = load_config(
+        "full",
+        [
+            *RUN,
+            "optim.cram=true",
+            f"cram.rho={rho}",
+            f"cram.sparsities=[{sparsity}]",
+            "train.max_steps=10",
+            "train.grad_accum=2",
+            "data.packing=stream",
+            f"output_dir={tmp_path / 'cram'}",
+        ],
+    )
     report = loop.run(cfg, hooks=[probe])
     # the global batch of step 0 (two micro-batches; stream packing: no position ids)
     assert all(pos is None for _, _, pos in batches[:2])
@@ -221,22 +281,32 @@ def test_cram_trains_a_dense_model(tmp_path, monkeypatch):
     for n, p in ref.items():
         p.grad = probe.grad[n].clone()
     torch.nn.utils.clip_grad_norm_(list(ref.values()), cfg.train.max_grad_norm)
-    torch.optim.AdamW(list(ref.values()), lr=loop.lr_at(0, cfg.train), betas=cfg.optim.betas, eps=cfg.optim.eps,
-                      weight_decay=cfg.optim.weight_decay).step()
+    torch.optim.AdamW(
+        list(ref.values()),
+        lr=loop.lr_at(0, cfg.train),
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    ).step()
     for n, p in ref.items():
         torch.testing.assert_close(probe.w1[n], p.detach(), rtol=1e-5, atol=1e-8)
     assert report["eval_perplexity"] < report["eval_perplexity_before"]
     assert report["final_loss"] < report["initial_loss"]
 
 
-@pytest.mark.parametrize("override, needle", [
-    (["model.name=tiny-llama", "recover.kd=1"], "set recover.teacher=MODEL"),
-    (["model.name=tiny-llama", "recover.kd=0", "recover.feature=0", "data.select=degradation"], "recover.teacher"),
-    (["recover.ce=0", "recover.kd=0", "recover.feature=0"], "give at least one a weight"),
-    (["prune.sparsity=1.5"], "prune.sparsity=1.5 must be in (0, 1)"),
-    (["optim.cram=true", "optim.in_backward=true"],
-     "optim.cram=true needs every gradient in memory before the optimizer step, which optim.in_backward=true"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (["model.name=tiny-llama", "recover.kd=1"], "set recover.teacher=MODEL"),
+        (["model.name=tiny-llama", "recover.kd=0", "recover.feature=0", "data.select=degradation"], "recover.teacher"),
+        (["recover.ce=0", "recover.kd=0", "recover.feature=0"], "give at least one a weight"),
+        (["prune.sparsity=1.5"], "prune.sparsity=1.5 must be in (0, 1)"),
+        (
+            ["optim.cram=true", "optim.in_backward=true"],
+            "optim.cram=true needs every gradient in memory before the optimizer step, which optim.in_backward=true",
+        ),
+    ],
+)
 def test_bad_recovery_settings_are_one_line(override, needle, tmp_path, capsys):
     assert main(["run", "full", *RUN, *override, f"output_dir={tmp_path / 'x'}"]) == 2
     err = capsys.readouterr().err
@@ -247,11 +317,27 @@ def test_bad_recovery_settings_are_one_line(override, needle, tmp_path, capsys):
 def test_a_decomposition_that_densifies_a_pruned_base_is_refused(pruned, tmp_path, capsys):
     """LQ-LoRA quantizes W - L1 L2, which is not 0 where W was pruned: the run would silently train a dense
     model, so it is one line pointing at what keeps it sparse."""
-    assert main(["run", "lq_lora", *RUN, f"model.name={pruned}", "lora.rank=4", "lq_lora.calibration_samples=2",
-                 f"output_dir={tmp_path / 'lq'}"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "lq_lora",
+                *RUN,
+                f"model.name={pruned}",
+                "lora.rank=4",
+                "lq_lora.calibration_samples=2",
+                f"output_dir={tmp_path / 'lq'}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert ("(pruned) needs a base that keeps 0 exactly (the pruned weights stay pruned), which quant.method=lq_lora "
-            "does not give" in err and err.count("\n") == 1), err
+    assert (
+        "(pruned) needs a base that keeps 0 exactly (the pruned weights stay pruned), which quant.method=lq_lora "
+        "does not give"
+        in err
+        and err.count("\n") == 1
+    ), err
 
 
 def test_lowrank_factors_of_a_sparse_nf4_export_train_on(pruned, tmp_path):

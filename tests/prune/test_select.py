@@ -7,8 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimtune.prune.select import (allocate, degradation_scores, dense_embeddings, kmeans, random_blocks,
-                                      score_blocks, select_blocks, select_recovery_data)
+from slimtune.prune.select import (
+    allocate,
+    degradation_scores,
+    dense_embeddings,
+    kmeans,
+    random_blocks,
+    score_blocks,
+    select_blocks,
+    select_recovery_data,
+)
 from slimtune.data import Blocks
 
 IGNORE = -100
@@ -19,8 +27,14 @@ def models_and_blocks():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     dense = LlamaForCausalLM(cfg).eval()
     pruned = copy.deepcopy(dense)
     g = torch.Generator().manual_seed(1)
@@ -37,8 +51,12 @@ def models_and_blocks():
 
 def _hf_losses(model, blocks):
     with torch.no_grad():
-        return torch.stack([model(input_ids=blocks.input_ids[i : i + 1], labels=blocks.labels[i : i + 1]).loss
-                            for i in range(len(blocks))])
+        return torch.stack(
+            [
+                model(input_ids=blocks.input_ids[i : i + 1], labels=blocks.labels[i : i + 1]).loss
+                for i in range(len(blocks))
+            ]
+        )
 
 
 def test_loss_scores_match_transformers_loss(models_and_blocks):
@@ -68,8 +86,9 @@ def test_identical_models_score_zero(models_and_blocks):
     dense, _, blocks = models_and_blocks
     twin = copy.deepcopy(dense)
     for measure in ("loss", "kl"):
-        torch.testing.assert_close(degradation_scores(dense, twin, blocks, measure=measure), torch.zeros(5),
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            degradation_scores(dense, twin, blocks, measure=measure), torch.zeros(5), atol=1e-6, rtol=0
+        )
 
 
 def test_embeddings_are_mean_final_hidden_states(models_and_blocks):
@@ -196,9 +215,11 @@ def test_scores_see_packed_documents_and_padding_as_training_does(models_and_blo
     dense, pruned, _ = models_and_blocks
     g = torch.Generator().manual_seed(5)
     doc_a, doc_b = torch.randint(0, 128, (7,), generator=g), torch.randint(0, 128, (5,), generator=g)
-    packed = Blocks(torch.cat([doc_a, doc_b])[None], torch.cat([torch.tensor([IGNORE]), doc_a[1:],
-                                                                 torch.tensor([IGNORE]), doc_b[1:]])[None],
-                    torch.cat([torch.arange(7), torch.arange(5)])[None])
+    packed = Blocks(
+        torch.cat([doc_a, doc_b])[None],
+        torch.cat([torch.tensor([IGNORE]), doc_a[1:], torch.tensor([IGNORE]), doc_b[1:]])[None],
+        torch.cat([torch.arange(7), torch.arange(5)])[None],
+    )
     alone = [Blocks(d[None], d[None].clone()) for d in (doc_a, doc_b)]
     s_packed, _ = score_blocks(dense, pruned, packed, measure="loss")
     per_doc = [score_blocks(dense, pruned, b, measure="loss")[0] for b in alone]
@@ -206,13 +227,16 @@ def test_scores_see_packed_documents_and_padding_as_training_does(models_and_blo
     want = torch.stack([_hf_losses(pruned, b) - _hf_losses(dense, b) for b in alone]).squeeze(1)
     torch.testing.assert_close(torch.cat(per_doc), want, atol=1e-5, rtol=0)
     torch.testing.assert_close(s_packed, (6 * want[0] + 4 * want[1])[None] / 10, atol=1e-5, rtol=0)
-    pad = Blocks(torch.cat([doc_a, torch.zeros(5, dtype=torch.long)])[None],
-                 torch.cat([doc_a, torch.full((5,), IGNORE)])[None],
-                 torch.cat([torch.arange(7), torch.full((5,), -1)])[None])
+    pad = Blocks(
+        torch.cat([doc_a, torch.zeros(5, dtype=torch.long)])[None],
+        torch.cat([doc_a, torch.full((5,), IGNORE)])[None],
+        torch.cat([torch.arange(7), torch.full((5,), -1)])[None],
+    )
     for measure in ("loss", "kl"):
         s_pad, e_pad = score_blocks(dense, pruned, pad, measure=measure)
         s_alone, e_alone = score_blocks(dense, pruned, alone[0], measure=measure)
         torch.testing.assert_close(s_pad, s_alone, atol=1e-5, rtol=0)
         torch.testing.assert_close(e_pad, e_alone, atol=1e-5, rtol=0)
-    torch.testing.assert_close(dense_embeddings(dense, pad), score_blocks(dense, pruned, alone[0])[1], atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(
+        dense_embeddings(dense, pad), score_blocks(dense, pruned, alone[0])[1], atol=1e-5, rtol=0
+    )

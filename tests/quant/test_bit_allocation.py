@@ -94,8 +94,9 @@ def test_unavailable_candidates_never_chosen(bad):
         alloc = allocate_bits(errors, bits, numel, budget)
         assert 0 not in alloc.choice and alloc.choice[2] != 3
         assert all(math.isfinite(e) for e in alloc.errors)
-        assert alloc.total_error == pytest.approx(_total(errors, brute_force_allocation(errors, bits, numel, budget)),
-                                                  rel=1e-9)
+        assert alloc.total_error == pytest.approx(
+            _total(errors, brute_force_allocation(errors, bits, numel, budget)), rel=1e-9
+        )
 
 
 def test_infeasible_budget_names_minimum():

@@ -125,18 +125,27 @@ def test_quantize_model_frees_weights_but_not_tied_ones():
 
 
 def test_slimtune_backend_never_imports_bitsandbytes():
-    code = ("import sys, torch; from slimtune.quant import quantize_model, is_quantized_linear, dequantize_weight; "
-            "m = torch.nn.Sequential(torch.nn.Linear(64, 64)); quantize_model(m, 'nf4'); "
-            "assert is_quantized_linear(m[0]) and not is_quantized_linear(torch.nn.Linear(2, 2)); "
-            "dequantize_weight(m[0]); assert 'bitsandbytes' not in sys.modules")
+    code = (
+        "import sys, torch; from slimtune.quant import quantize_model, is_quantized_linear, dequantize_weight; "
+        "m = torch.nn.Sequential(torch.nn.Linear(64, 64)); quantize_model(m, 'nf4'); "
+        "assert is_quantized_linear(m[0]) and not is_quantized_linear(torch.nn.Linear(2, 2)); "
+        "dequantize_weight(m[0]); assert 'bitsandbytes' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
 

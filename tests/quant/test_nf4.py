@@ -4,14 +4,36 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimtune.quant.nf4 import (DQ_BLOCK, NF4_CODEBOOK, LinearNF4, NF4Linear, NF4Weight, pack_codes, quantize_nf4,
-                                unpack_codes)
+from slimtune.quant.nf4 import (
+    DQ_BLOCK,
+    NF4_CODEBOOK,
+    LinearNF4,
+    NF4Linear,
+    NF4Weight,
+    pack_codes,
+    quantize_nf4,
+    unpack_codes,
+)
 
 # QLoRA paper, appendix E (NF4 data type values)
-QLORA_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-             0.7229568362236023, 1.0]
+QLORA_NF4 = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+]
 MAX_HALF_GAP = float((NF4_CODEBOOK[1:] - NF4_CODEBOOK[:-1]).max() / 2)  # nearest-value rounding bound
 
 

@@ -69,8 +69,9 @@ def test_parse_short_names_and_overrides():
     assert QuantFormat.parse(QuantFormat("nf", 2), block_size=32).name == "nf2-b32"
 
 
-@pytest.mark.parametrize("name", ["nf1", "nf9", "int1", "int9", "int1a", "nf3a", "fp4", "", "nf3-b0", "nf3-dq-b64",
-                                  "int4-b64-dq-x"])
+@pytest.mark.parametrize(
+    "name", ["nf1", "nf9", "int1", "int9", "int1a", "nf3a", "fp4", "", "nf3-b0", "nf3-dq-b64", "int4-b64-dq-x"]
+)
 def test_invalid_names(name):
     with pytest.raises(ValueError, match="valid"):
         QuantFormat.parse(name)
@@ -167,8 +168,9 @@ def test_double_quantize_bound(n):
     v = torch.rand(n) * 0.1 + 0.01
     d = double_quantize(v, "zero")
     assert set(d) == {"zero_q", "zero_scale", "zero_offset"} and d["zero_q"].dtype == torch.int8
-    assert (d["zero_q"].shape == (n,) and d["zero_scale"].shape == (-(-n // DQ_BLOCK),)
-            and d["zero_offset"].shape == (1,))
+    assert (
+        d["zero_q"].shape == (n,) and d["zero_scale"].shape == (-(-n // DQ_BLOCK),) and d["zero_offset"].shape == (1,)
+    )
     back = double_dequantize(d["zero_q"], d["zero_scale"], d["zero_offset"])
     assert ((back - v).abs() <= dq_error_bound(v)).all()
 
@@ -180,10 +182,13 @@ def test_double_quantize_bound(n):
 def test_tensors_roundtrip(name):
     w = torch.randn(32, 128)
     packed = quantize_packed(w, name)
-    names = {"nf3-b64": ["codes", "scale"], "nf3-b64-dq": ["codes", "scale_q", "scale_scale", "scale_offset"],
-             "int4a-b32": ["codes", "scale", "zero"],
-             "int4a-b32-dq": ["codes", "scale_q", "scale_scale", "scale_offset", "zero_q", "zero_scale", "zero_offset"],
-             "int6-b128-dq": ["codes", "scale_q", "scale_scale", "scale_offset"]}[name]
+    names = {
+        "nf3-b64": ["codes", "scale"],
+        "nf3-b64-dq": ["codes", "scale_q", "scale_scale", "scale_offset"],
+        "int4a-b32": ["codes", "scale", "zero"],
+        "int4a-b32-dq": ["codes", "scale_q", "scale_scale", "scale_offset", "zero_q", "zero_scale", "zero_offset"],
+        "int6-b128-dq": ["codes", "scale_q", "scale_scale", "scale_offset"],
+    }[name]
     assert list(packed.tensors()) == names
     back = PackedWeight.from_tensors({k: t.clone() for k, t in packed.tensors().items()}, name, (32, 128))
     assert torch.equal(back.dequantize(), packed.dequantize())

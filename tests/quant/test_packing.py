@@ -13,7 +13,7 @@ def reference_pack(codes: list[int], bits: int) -> list[int]:
     """Slow and obvious: write every code as `bits` binary digits, pad with zeros, cut into bytes."""
     stream = "".join(format(c, f"0{bits}b") for c in codes)
     stream += "0" * (-len(stream) % 8)
-    return [int(stream[i:i + 8], 2) for i in range(0, len(stream), 8)]
+    return [int(stream[i : i + 8], 2) for i in range(0, len(stream), 8)]
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

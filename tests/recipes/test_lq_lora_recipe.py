@@ -51,8 +51,10 @@ def test_quantize_writes_a_checkpoint_within_budget(lq_ckpt, tiny_model_dir):
 def test_lq_lora_training_lowers_loss_and_save_load_is_exact(tmp_path, tiny_overrides, lq_ckpt, capsys):
     grab = Grab()
     out = tmp_path / "run"
-    cfg = C.load_config("lq_lora", [*tiny_overrides, *LQ, "train.max_steps=8", "train.lr=1e-2",
-                                    f"model.name={lq_ckpt}", f"output_dir={out}"])
+    cfg = C.load_config(
+        "lq_lora",
+        [*tiny_overrides, *LQ, "train.max_steps=8", "train.lr=1e-2", f"model.name={lq_ckpt}", f"output_dir={out}"],
+    )
     from slimtune.trainer import run
 
     report = run(cfg, [grab])
@@ -76,8 +78,22 @@ def test_lq_lora_training_lowers_loss_and_save_load_is_exact(tmp_path, tiny_over
 
 def test_lq_lora_from_scratch_decomposes_in_the_run(tmp_path, tiny_overrides):
     out = tmp_path / "run"
-    assert main(["run", "lq_lora", *tiny_overrides, *LQ, "train.max_steps=4", "train.lr=1e-2",
-                 "lq_lora.fisher=false", "lq_lora.budget_bits=3.5", f"output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "lq_lora",
+                *tiny_overrides,
+                *LQ,
+                "train.max_steps=4",
+                "train.lr=1e-2",
+                "lq_lora.fisher=false",
+                "lq_lora.budget_bits=3.5",
+                f"output_dir={out}",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["quantization"]["bits_per_param"] <= 3.5
     assert (out / "allocation.txt").is_file()
@@ -89,8 +105,16 @@ def test_loftq_and_eora_start_closer_to_full_precision(tmp_path, tiny_overrides,
     from slimtune.model.load import load_base as load_model
 
     out = tmp_path / init
-    args = [*tiny_overrides, "quant.method=nf3", "quant.double_quant=false", "lora.rank=16",
-            "lq_lora.calibration_samples=8", "train.max_steps=3", "train.lr=1e-2", "checkpoint.every=0"]
+    args = [
+        *tiny_overrides,
+        "quant.method=nf3",
+        "quant.double_quant=false",
+        "lora.rank=16",
+        "lq_lora.calibration_samples=8",
+        "train.max_steps=3",
+        "train.lr=1e-2",
+        "checkpoint.every=0",
+    ]
     assert main(["run", "lora", *args, f"adapter.init={init}", f"output_dir={out}"]) == 0
     assert main(["quantize", "lora", *args, f"output_dir={tmp_path / 'plain'}"]) == 0
     assert main(["quantize", "lora", *args, f"adapter.init={init}", f"output_dir={tmp_path / 'init'}"]) == 0
@@ -131,8 +155,10 @@ def test_bad_lq_lora_config_is_rejected():
 def test_quantize_bad_input_is_one_line_exit_2(tmp_path, tiny_overrides, lq_ckpt, capsys):
     capsys.readouterr()
     # a budget below the cheapest candidate (nf2, blocks of 256, dq scales: ~2.05 bits/param)
-    assert main(["quantize", "lq_lora", *tiny_overrides, *LQ, "lq_lora.budget_bits=2.0",
-                 f"output_dir={tmp_path / 'q'}"]) == 2
+    assert (
+        main(["quantize", "lq_lora", *tiny_overrides, *LQ, "lq_lora.budget_bits=2.0", f"output_dir={tmp_path / 'q'}"])
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "budget" in err[0] and "2.0" in err[0], err
     assert not (tmp_path / "q").exists()

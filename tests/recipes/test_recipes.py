@@ -9,9 +9,20 @@ from slimtune.cli import main
 
 # per-recipe lr for a random tiny model (the recipes' own lrs suit SmolLM2)
 LR = {"full": "3e-3", "lora": "1e-2", "qlora": "1e-2", "recover": "3e-3", "sparse_ft": "5e-2"}
-REPORT_KEYS = {"initial_loss", "final_loss", "eval_perplexity", "eval_perplexity_before", "peak_memory_bytes",
-               "peak_memory_kind", "trainable_params", "total_params", "tokens_per_second", "steps",
-               "wall_seconds", "config"}
+REPORT_KEYS = {
+    "initial_loss",
+    "final_loss",
+    "eval_perplexity",
+    "eval_perplexity_before",
+    "peak_memory_bytes",
+    "peak_memory_kind",
+    "trainable_params",
+    "total_params",
+    "tokens_per_second",
+    "steps",
+    "wall_seconds",
+    "config",
+}
 
 
 @pytest.mark.parametrize("recipe", C.list_recipes())
@@ -19,14 +30,46 @@ def test_recipe_lowers_loss(recipe, tmp_path, tiny_overrides):
     out = tmp_path / recipe
     extra = []
     if recipe == "recover":  # recovers a pruned model: train the tiny one a little (a teacher worth copying), prune it
-        assert main(["run", "full", *tiny_overrides, "train.max_steps=30", "train.lr=3e-3",
-                     f"output_dir={tmp_path / 'dense'}"]) == 0
+        assert (
+            main(
+                [
+                    "run",
+                    "full",
+                    *tiny_overrides,
+                    "train.max_steps=30",
+                    "train.lr=3e-3",
+                    f"output_dir={tmp_path / 'dense'}",
+                ]
+            )
+            == 0
+        )
         # 80% by magnitude: a tiny model loses little at 50%, and recovery needs something to recover
-        assert main(["prune", *tiny_overrides, f"model.name={tmp_path / 'dense' / 'final'}", "prune.method=magnitude",
-                     "prune.sparsity=0.8", f"output_dir={tmp_path / 'pruned'}"]) == 0
+        assert (
+            main(
+                [
+                    "prune",
+                    *tiny_overrides,
+                    f"model.name={tmp_path / 'dense' / 'final'}",
+                    "prune.method=magnitude",
+                    "prune.sparsity=0.8",
+                    f"output_dir={tmp_path / 'pruned'}",
+                ]
+            )
+            == 0
+        )
         extra = [f"model.name={tmp_path / 'pruned'}"]
-    rc = main(["run", recipe, *tiny_overrides, *extra, "train.max_steps=12", f"train.lr={LR.get(recipe, '1e-2')}",
-               "checkpoint.every=6", f"output_dir={out}"])
+    rc = main(
+        [
+            "run",
+            recipe,
+            *tiny_overrides,
+            *extra,
+            "train.max_steps=12",
+            f"train.lr={LR.get(recipe, '1e-2')}",
+            "checkpoint.every=6",
+            f"output_dir={out}",
+        ]
+    )
     assert rc == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
@@ -44,17 +87,25 @@ def test_recipe_lowers_loss(recipe, tmp_path, tiny_overrides):
     assert (out / "checkpoints" / "step_6" / "COMPLETE").is_file()
     final = out / "final"
     expected = {"none": "config.json", "lq_lora": "slimtune_quant.json", "sparse_ft": "sparse_ft.safetensors"}.get(
-        report["config"]["adapter"]["type"], "adapter_config.json")
+        report["config"]["adapter"]["type"], "adapter_config.json"
+    )
     assert (final / expected).is_file()
 
 
-@pytest.mark.parametrize("extra", [["quant.backend=bitsandbytes"], ["quant.method=int8"],
-                                   ["train.grad_accum=2", "train.activation_checkpointing=true"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["quant.backend=bitsandbytes"],
+        ["quant.method=int8"],
+        ["train.grad_accum=2", "train.activation_checkpointing=true"],
+    ],
+)
 def test_qlora_variants_train(extra, tmp_path, tiny_overrides):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "q"
-    assert main(["run", "qlora", *tiny_overrides, "train.max_steps=12", "train.lr=1e-2", *extra,
-                 f"output_dir={out}"]) == 0
+    assert (
+        main(["run", "qlora", *tiny_overrides, "train.max_steps=12", "train.lr=1e-2", *extra, f"output_dir={out}"]) == 0
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["loss"] for r in rows[-3:]) < sum(r["loss"] for r in rows[:3]) - 0.15
 

@@ -20,7 +20,7 @@ def _reference(text: str, seq_len: int) -> tuple[float, int]:
     nats, targets = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(ids), seq_len):
-            w = torch.tensor([ids[s: s + seq_len]])
+            w = torch.tensor([ids[s : s + seq_len]])
             if w.shape[1] < 2:
                 continue
             nats += float(model(input_ids=w, labels=w).loss) * (w.shape[1] - 1)
@@ -34,9 +34,22 @@ def test_eval_on_a_file_scores_all_of_it(tmp_path):
     text = "\n\n".join(topics[k] for k in sorted(topics)[:6])
     f = tmp_path / "notes.txt"
     f.write_text(text)
-    r = subprocess.run([sys.executable, "-m", "slimtune", "eval", "model.name=tiny-llama", f"data.source={f}",
-                        "train.seq_len=64", "eval.max_batches=1"], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "WANDB_MODE": "offline"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "slimtune",
+            "eval",
+            "model.name=tiny-llama",
+            f"data.source={f}",
+            "train.seq_len=64",
+            "eval.max_batches=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     assert len(lines) == 1, r.stdout  # stdout holds the JSON object only
@@ -48,9 +61,24 @@ def test_eval_on_a_file_scores_all_of_it(tmp_path):
     assert abs(got["eval_perplexity"] - torch.tensor(nats / targets).exp().item()) < 1e-4 * got["eval_perplexity"]
 
     # eval.split=true: the eval split of the same file (as a run's own eval), capped by eval.max_batches
-    r = subprocess.run([sys.executable, "-m", "slimtune", "eval", "model.name=tiny-llama", f"data.source={f}",
-                        "train.seq_len=64", "eval.split=true", "eval.max_batches=1", "train.batch_size=2"],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "slimtune",
+            "eval",
+            "model.name=tiny-llama",
+            f"data.source={f}",
+            "train.seq_len=64",
+            "eval.split=true",
+            "eval.max_batches=1",
+            "train.batch_size=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     split = json.loads(r.stdout)
     assert split["eval_tokens"] == 2 * 63 and split["scored"] == "eval split"

@@ -28,17 +28,20 @@ def bf16_losses(tmp_path_factory):
     return {r: _run(tmp, list(TINY), r, r, "model.dtype=bfloat16")[0] for r in ("full", "lora")}
 
 
-@pytest.mark.parametrize("recipe, precision, extra", [
-    ("full", "fp8", ()),
-    ("full", "halo", ("halo.level=2", "halo.hadamard_block=32")),
-    ("full", "halo", ("halo.level=1",)),
-    ("full", "mxfp4", ()),
-    ("lora", "fp8", ()),
-    ("lora", "halo", ()),
-    ("lora", "mxfp4", ()),
-    ("full", "halo", ("model.dtype=bfloat16",)),  # under bf16 autocast
-    ("full", "mxfp4", ("train.activation_checkpointing=true",)),  # forward recomputed in backward
-])
+@pytest.mark.parametrize(
+    "recipe, precision, extra",
+    [
+        ("full", "fp8", ()),
+        ("full", "halo", ("halo.level=2", "halo.hadamard_block=32")),
+        ("full", "halo", ("halo.level=1",)),
+        ("full", "mxfp4", ()),
+        ("lora", "fp8", ()),
+        ("lora", "halo", ()),
+        ("lora", "mxfp4", ()),
+        ("full", "halo", ("model.dtype=bfloat16",)),  # under bf16 autocast
+        ("full", "mxfp4", ("train.activation_checkpointing=true",)),  # forward recomputed in backward
+    ],
+)
 def test_low_precision_training_tracks_bf16(tmp_path, tiny_overrides, bf16_losses, recipe, precision, extra):
     losses, report = _run(tmp_path, tiny_overrides, recipe, "run", f"train.precision={precision}", *extra)
     # tiny-llama: 2 layers x 7 linears (q, k, v, o, gate, up, down); the head stays full precision

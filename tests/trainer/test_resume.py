@@ -30,18 +30,26 @@ def _losses(path):
 
 def _slimtune(*args, check=True):
     env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "slimtune", *args], capture_output=True, text=True, env=env,
-                          check=check, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "slimtune", *args], capture_output=True, text=True, env=env, check=check, timeout=600
+    )
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_overrides):
-    common = tiny_overrides + ["train.max_steps=20", "checkpoint.every=5", "checkpoint.keep=2",
-                               "lora.dropout=0.1", "train.lr=5e-3", "lora.rank=4"]
+    common = tiny_overrides + [
+        "train.max_steps=20",
+        "checkpoint.every=5",
+        "checkpoint.keep=2",
+        "lora.dropout=0.1",
+        "train.lr=5e-3",
+        "lora.rank=4",
+    ]
     _slimtune("run", "lora", *common, f"output_dir={tmp_path / 'a'}")
 
     b = tmp_path / "b"
-    killed = subprocess.run([sys.executable, "-c", KILLER, *common, f"output_dir={b}"],
-                            capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, *common, f"output_dir={b}"], capture_output=True, text=True, timeout=600
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert [s for s, _ in _losses(b / "metrics.jsonl")] == list(range(1, 11))
     assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step_10", "step_5"]
@@ -106,15 +114,18 @@ def checkpointed(tmp_path_factory):
     return root, common
 
 
-@pytest.mark.parametrize("change, key", [
-    ("train.seq_len=32", "train.seq_len"),
-    ("data.eval_fraction=0.1", "data.eval_fraction"),
-    ("lora.rank=8", "lora.rank"),
-    ("quant.method=nf4", "quant.method"),
-    ("optim.name=sgd", "optim.name"),
-    ("train.seed=1", "train.seed"),
-    ("train.batch_size=2", "global batch"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ("train.seq_len=32", "train.seq_len"),
+        ("data.eval_fraction=0.1", "data.eval_fraction"),
+        ("lora.rank=8", "lora.rank"),
+        ("quant.method=nf4", "quant.method"),
+        ("optim.name=sgd", "optim.name"),
+        ("train.seed=1", "train.seed"),
+        ("train.batch_size=2", "global batch"),
+    ],
+)
 def test_resume_refuses_a_change_of_data_order_or_state(checkpointed, change, key, capsys):
     from slimtune.cli import main
 
@@ -135,8 +146,17 @@ def test_resume_with_same_global_batch_and_new_lr_schedule(checkpointed, tmp_pat
     run = tmp_path / "b"
     shutil.copytree(root / "a", run)
     shutil.rmtree(run / "checkpoints" / "step_4", ignore_errors=True)  # resume from step 2
-    _slimtune("run", "lora", *common, "train.max_steps=6", f"output_dir={run}", "resume=true",
-              "train.batch_size=2", "train.grad_accum=2", "eval.every=0")
+    _slimtune(
+        "run",
+        "lora",
+        *common,
+        "train.max_steps=6",
+        f"output_dir={run}",
+        "resume=true",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "eval.every=0",
+    )
     got, ref = _losses(run / "metrics.jsonl"), _losses(root / "ref" / "metrics.jsonl")
     assert [s for s, _ in got] == list(range(1, 7))
     for (s, x), (_, y) in zip(got, ref):

@@ -32,8 +32,10 @@ class DeviceMirror:
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self._free = {c: [(torch.empty(size, dtype=torch.uint8, device=device), None) for _ in range(count)]
-                      for c, (size, count) in classes.items()}
+        self._free = {
+            c: [(torch.empty(size, dtype=torch.uint8, device=device), None) for _ in range(count)]
+            for c, (size, count) in classes.items()
+        }
         self.nbytes = sum(size * count for size, count in classes.values())
         self._cond = threading.Condition()
 

@@ -16,71 +16,33 @@ and checkpoints/step_N names it by absolute path, with the in-memory rest as usu
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dataclasses import dataclass
-
 from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.registry import ENGINES
 from slimtune.rules import placement
-from slimtune.schema import config_section, option
 from slimtune.io import atomic_dir, write_json
 from slimtune.lm_loss import CausalLMLoss
 from slimtune.engines.offload import store as store_mod
 from slimtune.engines.offload.device import DeviceMirror, pin
-from slimtune.engines.offload.pool import BufferPool
+from slimtune.engines.offload.pool import BufferPool, slab_classes
 from slimtune.engines.offload.rundir import checked_snapshot, prune_snapshots
 from slimtune.engines.offload.snapshot import restore, snapshot
 from slimtune.engines.offload.store import UnitStore
 from slimtune.engines.offload.stream import Streamer
 from slimtune.engines.offload.units import split_units, uses
-from slimtune.engines.offload.update import UnitOptimizer
+from slimtune.engines.offload.settings import OffloadConfig, keep_activations, offload_active  # noqa: F401
+from slimtune.engines.offload.update import OffloadOptimizer, UnitOptimizer
 from slimtune.optim import build_optimizer, optimizer_options
 from slimtune.formats import checkpoint as ckpt
 from slimtune.engines.ddp import Engine
 from slimtune.formats.final import save_final
 
 READ_AHEAD = 4  # state chunks read ahead of the one being updated
-
-
-class OffloadOptimizer:
-    """What the loop holds as its optimizer: the lr group the unit updates read, plus the in-memory
-    optimizer of the parameters outside the store (if any)."""
-
-    def __init__(self, resident: torch.optim.Optimizer | None):
-        self.resident = resident
-        self.group = {"lr": 0.0}
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return [self.group] + (self.resident.param_groups if self.resident else [])
-
-    def state_dict(self) -> dict:
-        return self.resident.state_dict() if self.resident else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.resident:
-            self.resident.load_state_dict(state)
-
-
-@config_section("offload")
-@dataclass(frozen=True)
-class OffloadConfig:
-    """engine.name=offload's options (where state lives: engine.params / engine.optimizer)."""
-
-    dir: str = option("a fast local disk for the store, shareable: each run uses its own subdirectory <output dir "
-                      "name>-<hash> (default: offload/ inside output_dir)", "")
-    prefetch: int = option("units (decoder layers) read ahead of the one computing", 2)
-    io_threads: int = option("threads doing the store's reads and writes", 4)
-    direct_io: bool = option("O_DIRECT reads/writes (bypass the page cache) where the file system allows", True)
-    activations: str = option("backward: keep each layer's activations in RAM (weights loaded again when backward "
-                              "reads them) | recompute each layer from its input | auto (keep when they fit in 1/16 "
-                              "of RAM and the streamed weights are plain)", "auto", ("auto", "keep", "recompute"))
 
 
 @ENGINES.register("offload")
@@ -104,16 +66,22 @@ class OffloadEngine(Engine):
             if getattr(o, key) < 1:
                 raise ConfigError(f"offload.{key}={getattr(o, key)} must be >= 1")
         if params == "none" and optimizer == "none":
-            raise ConfigError("engine.name=offload with engine.params=none engine.optimizer=none offloads nothing: set "
-                              "one of them to disk (or cpu on a GPU machine), or engine.name=ddp")
+            raise ConfigError(
+                "engine.name=offload with engine.params=none engine.optimizer=none offloads nothing: set "
+                "one of them to disk (or cpu on a GPU machine), or engine.name=ddp"
+            )
         if o.activations == "keep" and params == "disk" and cfg.quant.method != "none":
-            raise ConfigError("offload.activations=keep would keep each layer's dequantized weights for backward on a "
-                              f"quantized streamed base (quant.method={cfg.quant.method}); use "
-                              "offload.activations=recompute (or auto)")
+            raise ConfigError(
+                "offload.activations=keep would keep each layer's dequantized weights for backward on a "
+                f"quantized streamed base (quant.method={cfg.quant.method}); use "
+                "offload.activations=recompute (or auto)"
+            )
         if cfg.adapter.type == "none" and params == "disk" and optimizer != "disk":
-            raise ConfigError(f"engine.params=disk with full fine-tuning (adapter.type=none) keeps the fp32 master "
-                              f"weights on disk, so their optimizer state goes there too: set engine.optimizer=disk "
-                              f"(not {optimizer})")
+            raise ConfigError(
+                f"engine.params=disk with full fine-tuning (adapter.type=none) keeps the fp32 master "
+                f"weights on disk, so their optimizer state goes there too: set engine.optimizer=disk "
+                f"(not {optimizer})"
+            )
 
     @classmethod
     def memory_terms(cls, cfg, model, s, world: int, device: str):
@@ -150,31 +118,51 @@ class OffloadEngine(Engine):
         # backward recomputes each decoder layer (streamer.attach wraps their forward in checkpointing, with
         # the load inside, so the recompute loads the layer again, in reverse order)
         # no autocast cache: it would hold a bf16 copy of every streamed weight until the forward ends
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16",
-                                       cache_enabled=False)
+        self.autocast = torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16", cache_enabled=False
+        )
         on_disk = optimizer_at == "disk"
         # names in the store (written before adapters renamed q_proj.weight to q_proj.base.weight ...)
         by_id = getattr(model, "offload_store_names", {}) if streamed_weights else {}
         by_buffer = getattr(model, "offload_store_buffers", {}) if streamed_weights else {}
-        buffers = {f"{mn}.{attr}": by_buffer[(id(m), attr)] for mn, m in model.named_modules() for attr in m._buffers
-                   if (id(m), attr) in by_buffer}
+        buffers = {
+            f"{mn}.{attr}": by_buffer[(id(m), attr)]
+            for mn, m in model.named_modules()
+            for attr in m._buffers
+            if (id(m), attr) in by_buffer
+        }
         units = split_units(model, set(buffers))
         store_names = {n: by_id[id(p)] for u in units for n, p in u.params.items() if id(p) in by_id}
         store_names.update(buffers)
-        streamed = {u.name: {n: ("train" if n in u.params and u.params[n].requires_grad else "frozen")
-                             for n in [*u.params, *u.buffers] if n in store_names and u.name != "resident"}
-                    for u in units}
+        streamed = {
+            u.name: {
+                n: ("train" if n in u.params and u.params[n].requires_grad else "frozen")
+                for n in [*u.params, *u.buffers]
+                if n in store_names and u.name != "resident"
+            }
+            for u in units
+        }
         self.trained = {u.name: [n for n, p in u.params.items() if p.requires_grad] if on_disk else [] for u in units}
         self.in_store = {n for names in self.trained.values() for n in names}
         index = {n: i for i, (n, p) in enumerate(model.named_parameters()) if p.requires_grad}
-        classes = self._slab_classes(units, streamed, o.prefetch, READ_AHEAD)
+        classes = slab_classes(units, streamed, o.prefetch, READ_AHEAD, store_mod.CHUNK)
         mirrored = {c: classes[c] for c in ("layer", "big")}
         self.mirror = DeviceMirror(device, mirrored) if device.type == "cuda" or self.stage_on_cpu else None
         self.pool = BufferPool(classes, pin=pin if device.type == "cuda" else None)
         self.unit_opt = UnitOptimizer(cfg.optim, optimizer_options(cfg), index, self.pool, READ_AHEAD)
         self.keep_activations = keep_activations(cfg, model, streamed_weights)
-        self.streamer = Streamer(units, uses(model, units, recompute=not self.keep_activations), store, self.pool,
-                                 streamed, o.prefetch, self.unit_opt, self.trained, store_names, self.mirror)
+        self.streamer = Streamer(
+            units,
+            uses(model, units, recompute=not self.keep_activations),
+            store,
+            self.pool,
+            streamed,
+            o.prefetch,
+            self.unit_opt,
+            self.trained,
+            store_names,
+            self.mirror,
+        )
         self.root, self._closed = store.root.parent, False  # the run's own store directory (rundir.py)
         try:
             if device.type == "cuda":  # what stays in memory (norms, rotary tables, LoRA factors) computes there
@@ -190,33 +178,28 @@ class OffloadEngine(Engine):
         self.io = {"steps": 0, "read": 0, "written": 0, "io_seconds": 0.0, "wait_seconds": 0.0, "seconds": 0.0}
         self._step_start = None
 
-    @staticmethod
-    def _slab_classes(units, streamed, prefetch: int, read_ahead: int) -> dict[str, tuple[int, int]]:
-        def size(u):
-            tensors = [*u.params.items(), *((n, m._buffers[a]) for n, (m, a) in u.buffers.items())]
-            return sum(-(-t.numel() * t.element_size() // 4096) * 4096 for n, t in tensors if n in streamed[u.name])
-
-        layer = max([size(u) for u in units if u.name.startswith("layer.")] or [0])
-        big = max([size(u) for u in units if u.name in ("embed", "head")] or [0])
-        # layers: the one computing, `prefetch` ahead, one whose update is being written; chunks: the moments
-        # (two tensors) of `read_ahead` chunks being read, one being updated, one being written
-        return {"layer": (max(layer, 4096), prefetch + 2), "big": (max(big, 4096), 1),
-                "chunk": (store_mod.CHUNK * 4, 2 * (read_ahead + 2))}
-
     # ------------------------------------------------------------------ the step
 
     def make_optimizer(self):
         resident = [(n, p) for n, p in self.trainable() if n not in self.in_store]
-        self.resident_opt = build_optimizer(self.cfg.optim, resident, self.cfg.train.lr,
-                                           optimizer_options(self.cfg)) if resident else None
+        self.resident_opt = (
+            build_optimizer(self.cfg.optim, resident, self.cfg.train.lr, optimizer_options(self.cfg))
+            if resident
+            else None
+        )
         self.optimizer = OffloadOptimizer(self.resident_opt)
         return self.optimizer
 
     def forward_backward(self, x, y, n_targets, last: bool, pos=None):
         if self._step_start is None:  # the step's first micro-step: its I/O is counted from here
             s = self.store
-            self._step_start = (time.perf_counter(), s.bytes_read, s.bytes_written, s.io_seconds,
-                                self.streamer.wait_seconds)
+            self._step_start = (
+                time.perf_counter(),
+                s.bytes_read,
+                s.bytes_written,
+                s.io_seconds,
+                self.streamer.wait_seconds,
+            )
         self.unit_opt.lr = self.optimizer.group["lr"]
         self.streamer.begin_backward(accumulate=not last, defer=self.cfg.train.max_grad_norm > 0)
         saved = self.streamer.saved.hooks() if self.keep_activations else contextlib.nullcontext()
@@ -274,9 +257,14 @@ class OffloadEngine(Engine):
         self.streamer.release_all()
         t0, r0, w0, io0, wait0 = self._step_start
         s, self._step_start = self.store, None
-        for key, delta in (("seconds", time.perf_counter() - t0), ("read", s.bytes_read - r0),
-                           ("written", s.bytes_written - w0), ("io_seconds", s.io_seconds - io0),
-                           ("wait_seconds", self.streamer.wait_seconds - wait0), ("steps", 1)):
+        for key, delta in (
+            ("seconds", time.perf_counter() - t0),
+            ("read", s.bytes_read - r0),
+            ("written", s.bytes_written - w0),
+            ("io_seconds", s.io_seconds - io0),
+            ("wait_seconds", self.streamer.wait_seconds - wait0),
+            ("steps", 1),
+        ):
             self.io[key] += delta
 
     def evaluate(self, fn):
@@ -292,8 +280,16 @@ class OffloadEngine(Engine):
         snap = self.root / "snapshots" / f"step_{step}"
         self.streamer.drain()
         snapshot(self.store, snap, {"step": step})
-        target = ckpt.save_checkpoint(root, step, self.model, self.optimizer, {**trainer_state, "offload": str(snap)},
-                                      config_yaml, keep, skip=self._store_params())
+        target = ckpt.save_checkpoint(
+            root,
+            step,
+            self.model,
+            self.optimizer,
+            {**trainer_state, "offload": str(snap)},
+            config_yaml,
+            keep,
+            skip=self._store_params(),
+        )
         prune_snapshots(self.root, ckpt.complete_checkpoints(root))
         return target
 
@@ -349,18 +345,26 @@ class OffloadEngine(Engine):
         time hidden behind compute: 1 - wait / (io_seconds / io_threads)."""
         s, io, n = self.store, self.io, max(self.io["steps"], 1)
         io_wall = io["io_seconds"] / max(self.cfg.offload.io_threads, 1)
-        return {"offload": {
-            "params": placement(self.cfg)[0], "optimizer": placement(self.cfg)[1],
-            "activations": "keep" if self.keep_activations else "recompute",
-            "weights_reloaded_for_backward": self.streamer.saved.kept,
-            "bytes_read_per_step": io["read"] / n, "bytes_written_per_step": io["written"] / n,
-            "gb_per_second": (io["read"] + io["written"]) / 1e9 / max(io["seconds"], 1e-9),
-            "io_seconds_per_step": io["io_seconds"] / n, "wait_seconds_per_step": io["wait_seconds"] / n,
-            "compute_seconds_per_step": (io["seconds"] - io["wait_seconds"]) / n,
-            "io_hidden_fraction": max(0.0, 1 - io["wait_seconds"] / io_wall) if io_wall else None,
-            "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,  # whole run, setup and evals included
-            "buffer_pool_bytes": self.pool.nbytes, "device_buffer_bytes": self.mirror.nbytes if self.mirror else 0,
-            "projection_seconds": self.unit_opt.projection_seconds}}
+        return {
+            "offload": {
+                "params": placement(self.cfg)[0],
+                "optimizer": placement(self.cfg)[1],
+                "activations": "keep" if self.keep_activations else "recompute",
+                "weights_reloaded_for_backward": self.streamer.saved.kept,
+                "bytes_read_per_step": io["read"] / n,
+                "bytes_written_per_step": io["written"] / n,
+                "gb_per_second": (io["read"] + io["written"]) / 1e9 / max(io["seconds"], 1e-9),
+                "io_seconds_per_step": io["io_seconds"] / n,
+                "wait_seconds_per_step": io["wait_seconds"] / n,
+                "compute_seconds_per_step": (io["seconds"] - io["wait_seconds"]) / n,
+                "io_hidden_fraction": max(0.0, 1 - io["wait_seconds"] / io_wall) if io_wall else None,
+                "bytes_read": s.bytes_read,
+                "bytes_written": s.bytes_written,  # whole run, setup and evals included
+                "buffer_pool_bytes": self.pool.nbytes,
+                "device_buffer_bytes": self.mirror.nbytes if self.mirror else 0,
+                "projection_seconds": self.unit_opt.projection_seconds,
+            }
+        }
 
     def close(self) -> None:
         """After a finished run or an error alike (raises nothing): the update and I/O threads stopped, hooks
@@ -389,35 +393,3 @@ def _resident_to(model: nn.Module, device: torch.device) -> None:
 
 def _store_unit(unit: str, p: nn.Parameter) -> str:
     return unit if p.requires_grad else f"{unit}~frozen"
-
-
-def activation_bytes(model: nn.Module, tokens: int) -> int:
-    """An upper bound of what autograd saves in the decoder layers for `tokens` tokens: 12 hidden + 5
-    intermediate values per token and layer (measured on Llama layers with SDPA: 10.5 h + 4.1 i), plus the
-    attention matrices with eager attention, in the compute dtype."""
-    c = model.config
-    h, i = c.hidden_size, getattr(c, "intermediate_size", 4 * c.hidden_size)
-    per_token = 12 * h + 5 * i
-    if getattr(c, "_attn_implementation", "sdpa") == "eager":
-        per_token += 2 * c.num_attention_heads * tokens
-    size = next(model.parameters()).element_size()
-    return per_token * tokens * c.num_hidden_layers * size
-
-
-def keep_activations(cfg, model: nn.Module, streamed_weights: bool) -> bool:
-    """offload.activations: keep (no recompute, a third less compute) or recompute each layer in backward.
-    auto keeps them when they fit in 1/16 of the machine's RAM and no streamed base is quantized (its
-    dequantized weights would be kept with them)."""
-    mode = cfg.offload.activations
-    if mode != "auto":
-        return mode == "keep"
-    if streamed_weights and cfg.quant.method != "none":
-        return False
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return activation_bytes(model, cfg.train.batch_size * cfg.train.seq_len) <= ram / 16
-
-
-def offload_active(cfg) -> bool:
-    """True for engine.name=offload with some weights or optimizer state on disk (cpu = pinned host memory:
-    nothing to do on a CPU-only machine, where it equals none, and the in-memory engine runs)."""
-    return cfg.engine.name == "offload" and "disk" in placement(cfg)

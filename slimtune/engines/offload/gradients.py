@@ -27,6 +27,7 @@ class StreamedGradients:
             pending.discard(name)
             if not pending:
                 self._unit_ready(unit)
+
         return hook
 
     def _unit_ready(self, unit: str) -> None:
@@ -83,8 +84,10 @@ class StreamedGradients:
             return params
         with self.lock:
             host = self.loaded[unit].host if unit in self.loaded else {}
-        return {n: self.host_master[n] if n in self.host_master else nn.Parameter(host[n], requires_grad=True)
-                for n in params}
+        return {
+            n: self.host_master[n] if n in self.host_master else nn.Parameter(host[n], requires_grad=True)
+            for n in params
+        }
 
     def _always_loaded(self) -> set[str]:
         return {u for u in self.units if not self.streamed.get(u)}

@@ -22,9 +22,13 @@ def load_streamed(name: str, dtype: str, store, trainable: bool, quant=None) -> 
 
     model = empty_model(name, dtype)
     files = safetensor_files(name)
-    owner = {qname: (module, attr) for module_name, module in model.named_modules()
-             for attr, p in module._parameters.items() if p is not None
-             for qname in [f"{module_name}.{attr}" if module_name else attr]}
+    owner = {
+        qname: (module, attr)
+        for module_name, module in model.named_modules()
+        for attr, p in module._parameters.items()
+        if p is not None
+        for qname in [f"{module_name}.{attr}" if module_name else attr]
+    }
     quantize = quant is not None and quant.method != "none"
     headers: dict = {}
     resident: dict = {}
@@ -34,12 +38,15 @@ def load_streamed(name: str, dtype: str, store, trainable: bool, quant=None) -> 
         tensors = {}
         for qname, p in unit.params.items():
             if qname not in files:
-                raise SlimtuneError(f"model.name={name!r}: tensor {qname!r} is not in its safetensors files; "
-                                    "give a complete Hugging Face model dir")
+                raise SlimtuneError(
+                    f"model.name={name!r}: tensor {qname!r} is not in its safetensors files; "
+                    "give a complete Hugging Face model dir"
+                )
             t = read_tensor(files[qname], qname, headers)
             if tuple(t.shape) != tuple(p.shape):
-                raise SlimtuneError(f"{files[qname]}: tensor {qname!r} is {tuple(t.shape)}, the model's config "
-                                    f"says {tuple(p.shape)}")
+                raise SlimtuneError(
+                    f"{files[qname]}: tensor {qname!r} is {tuple(t.shape)}, the model's config says {tuple(p.shape)}"
+                )
             # quantize_base's path: loaded in bf16, what stays unquantized cast to model.dtype afterwards
             tensors[qname] = (t.to(torch.bfloat16).to(target) if quantize else t.to(target)).contiguous()
         if unit.name == "resident":
@@ -66,8 +73,14 @@ def _quantize_layer(model, unit: str, tensors: dict, owner: dict, quant, dtype: 
     for qname, t in tensors.items():
         module, attr = owner[qname]
         module._parameters[attr] = nn.Parameter(t, requires_grad=False)
-    quantize_model(layer, quant.method, backend="slimtune", block_size=quant.block_size,
-                   double_quant=quant.double_quant, compute_dtype=DTYPES[dtype])
+    quantize_model(
+        layer,
+        quant.method,
+        backend="slimtune",
+        block_size=quant.block_size,
+        double_quant=quant.double_quant,
+        compute_dtype=DTYPES[dtype],
+    )
     prefix = {id(m): n for n, m in model.named_modules()}
     out = {}
     for local, module in layer.named_modules():
@@ -86,8 +99,18 @@ def _quantize_layer(model, unit: str, tensors: dict, owner: dict, quant, dtype: 
     return out
 
 
-SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+SAFETENSORS_DTYPES = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def read_tensor(path, name: str, headers: dict):

@@ -71,3 +71,22 @@ class BufferPool:
         """Unpin every pinned slab (no copy may be reading one: the caller synchronizes first)."""
         while self._unpin:
             self._unpin.pop()()
+
+
+def slab_classes(units, streamed, prefetch: int, read_ahead: int, chunk: int) -> dict[str, tuple[int, int]]:
+    """The pool's size classes for the offload engine's units: (slab bytes, count) per class. `streamed`: unit ->
+    the names of its tensors the store holds; `chunk`: elements per optimizer-state chunk."""
+
+    def size(u):
+        tensors = [*u.params.items(), *((n, m._buffers[a]) for n, (m, a) in u.buffers.items())]
+        return sum(-(-t.numel() * t.element_size() // 4096) * 4096 for n, t in tensors if n in streamed[u.name])
+
+    layer = max([size(u) for u in units if u.name.startswith("layer.")] or [0])
+    big = max([size(u) for u in units if u.name in ("embed", "head")] or [0])
+    # layers: the one computing, `prefetch` ahead, one whose update is being written; chunks: the moments
+    # (two tensors) of `read_ahead` chunks being read, one being updated, one being written
+    return {
+        "layer": (max(layer, 4096), prefetch + 2),
+        "big": (max(big, 4096), 1),
+        "chunk": (chunk * 4, 2 * (read_ahead + 2)),
+    }

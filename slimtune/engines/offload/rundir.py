@@ -124,8 +124,11 @@ def checked_snapshot(ckpt: Path, value, run: Path) -> Path:
     path = _resolved(value)
     moved = path is not None and not path.exists() and (snaps / path.name).is_dir()  # its old place is gone
     if path is None or not STEP_DIR.match(path.name) or (path.parent != snaps and not moved):
-        where = f" (it lies in {path.parent.parent}: resume with offload.dir set so that this run's store is there)" \
-            if path is not None and path.parent.name == "snapshots" else ""
+        where = (
+            f" (it lies in {path.parent.parent}: resume with offload.dir set so that this run's store is there)"
+            if path is not None and path.parent.name == "snapshots"
+            else ""
+        )
         raise SlimtuneError(
             f'{ckpt}/trainer_state.json: "offload" names {value!r}, not a snapshot in this run\'s store {snaps}'
             f"{where}; resume with the output_dir and offload.dir the run was started with (a relative "

@@ -49,8 +49,9 @@ class SavedWeights:
                 start = v.data_ptr()
                 if start <= ptr < start + v.numel() * v.element_size() and t.dtype == v.dtype and t.device == v.device:
                     self.kept += 1
-                    return WeightRef(unit, name, tuple(t.size()), tuple(t.stride()),
-                                     t.storage_offset() - v.storage_offset())
+                    return WeightRef(
+                        unit, name, tuple(t.size()), tuple(t.stride()), t.storage_offset() - v.storage_offset()
+                    )
         return self._pack_cast(t)
 
     def _pack_cast(self, t: torch.Tensor):

@@ -200,25 +200,31 @@ class UnitStore:
         with self._lock:
             path, entry = self.root / self.files[unit], self.entries[unit][name]
         if out.dtype != entry.torch_dtype:
-            raise StoreCorrupt(f"{path}: tensor {name!r} is {entry.dtype}, the model expects {out.dtype}; the "
-                               "store does not match the model")
+            raise StoreCorrupt(
+                f"{path}: tensor {name!r} is {entry.dtype}, the model expects {out.dtype}; the "
+                "store does not match the model"
+            )
         return self.pool.submit(self._read, path, entry, out, elem_offset * out.element_size())
 
     def _read(self, path: Path, e: Entry, out: torch.Tensor, byte_offset: int) -> torch.Tensor:
         t0 = time.perf_counter()
         view, step = _bytes_view(out), e.chunk_bytes
         if byte_offset + len(view) > e.nbytes:
-            raise StoreCorrupt(f"{path}: tensor {e.name!r} holds {e.nbytes} bytes, asked for "
-                               f"{byte_offset + len(view)}; the store does not match the model")
+            raise StoreCorrupt(
+                f"{path}: tensor {e.name!r} holds {e.nbytes} bytes, asked for "
+                f"{byte_offset + len(view)}; the store does not match the model"
+            )
         fd, direct = _open(path, False, self.direct)
         try:
             for start in range(0, len(view), step):
                 part = view[start : start + step]
                 self._pread(fd, part, e.offset + byte_offset + start, direct)
                 if _hash(part) != e.hashes[(byte_offset + start) // step]:
-                    raise StoreCorrupt(f"{path}: checksum mismatch in tensor {e.name!r} at byte "
-                                       f"{byte_offset + start}; the store file is corrupted (resume from an "
-                                       "earlier checkpoint)")
+                    raise StoreCorrupt(
+                        f"{path}: checksum mismatch in tensor {e.name!r} at byte "
+                        f"{byte_offset + start}; the store file is corrupted (resume from an "
+                        "earlier checkpoint)"
+                    )
         finally:
             os.close(fd)
         with self._lock:
@@ -260,8 +266,10 @@ class UnitStore:
                 part = buf[: min(step, e.nbytes - start)]
                 self._pread(fd, part, e.offset + start, direct)
                 if _hash(part) != e.hashes[start // step]:
-                    raise StoreCorrupt(f"{path}: checksum mismatch in tensor {e.name!r} at byte {start}; the store "
-                                       "file is corrupted (resume from an earlier checkpoint)")
+                    raise StoreCorrupt(
+                        f"{path}: checksum mismatch in tensor {e.name!r} at byte {start}; the store "
+                        "file is corrupted (resume from an earlier checkpoint)"
+                    )
         finally:
             os.close(fd)
 
@@ -319,14 +327,17 @@ class UnitWriter:
                 chunks = max(1, -(-_numel(e.shape) // CHUNK))
                 if sorted(self.hashes[n]) != list(range(chunks)):
                     raise RuntimeError(f"store writer for {self.unit}: tensor {n!r} not fully written")
-                done[n] = Entry(e.name, e.dtype, e.shape, e.offset, e.nbytes,
-                                tuple(self.hashes[n][i] for i in range(chunks)))
+                done[n] = Entry(
+                    e.name, e.dtype, e.shape, e.offset, e.nbytes, tuple(self.hashes[n][i] for i in range(chunks))
+                )
             self.store._pwrite(self.fd, _header(list(done.values()), self.meta, self.header), 0, self.direct)
         except OSError as e:
             self.abort()
             if e.errno == errno.ENOSPC:
-                raise StoreFull(f"{self.store.root}: no space left on the device while writing {self.unit}; free "
-                                "space or set offload.dir to a larger disk (the last checkpoint is intact)") from None
+                raise StoreFull(
+                    f"{self.store.root}: no space left on the device while writing {self.unit}; free "
+                    "space or set offload.dir to a larger disk (the last checkpoint is intact)"
+                ) from None
             raise
         except BaseException:
             self.abort()
@@ -347,9 +358,22 @@ class UnitWriter:
 
 
 def _header(entries: list[Entry], meta: dict, size: int) -> memoryview:
-    body = json.dumps({"meta": meta, "tensors": [
-        {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "offset": e.offset, "nbytes": e.nbytes,
-         "hashes": list(e.hashes)} for e in entries]}).encode()
+    body = json.dumps(
+        {
+            "meta": meta,
+            "tensors": [
+                {
+                    "name": e.name,
+                    "dtype": e.dtype,
+                    "shape": list(e.shape),
+                    "offset": e.offset,
+                    "nbytes": e.nbytes,
+                    "hashes": list(e.hashes),
+                }
+                for e in entries
+            ],
+        }
+    ).encode()
     if len(MAGIC) + 4 + len(body) > size:
         raise RuntimeError("store header overflow: metadata larger than reserved")  # a bug if reached
     buf = _aligned(size)
@@ -360,7 +384,7 @@ def _header(entries: list[Entry], meta: dict, size: int) -> memoryview:
 
 def _aligned(nbytes: int) -> memoryview:
     """A zeroed, page-aligned buffer of `nbytes` (rounded up to ALIGN)."""
-    return memoryview(mmap.mmap(-1, _align(max(nbytes, 1))))[:_align(max(nbytes, 1))]
+    return memoryview(mmap.mmap(-1, _align(max(nbytes, 1))))[: _align(max(nbytes, 1))]
 
 
 def _addr(view: memoryview) -> int:

@@ -54,9 +54,19 @@ class Streamer(StreamedGradients):
     """Owns which units are in memory. units: forward order; streamed: unit -> {param name: "frozen" |
     "train"} for the parameters whose weights live in the store (the rest stay resident)."""
 
-    def __init__(self, units: list[Unit], uses: list[Use], store: UnitStore, pool: BufferPool,
-                 streamed: dict[str, dict[str, str]], prefetch: int, optimizer: UnitOptimizer | None,
-                 trained: dict[str, list[str]], store_names: dict[str, str], mirror: DeviceMirror | None = None):
+    def __init__(
+        self,
+        units: list[Unit],
+        uses: list[Use],
+        store: UnitStore,
+        pool: BufferPool,
+        streamed: dict[str, dict[str, str]],
+        prefetch: int,
+        optimizer: UnitOptimizer | None,
+        trained: dict[str, list[str]],
+        store_names: dict[str, str],
+        mirror: DeviceMirror | None = None,
+    ):
         self.units = {u.name: u for u in units}
         self.order = [u.name for u in units if streamed.get(u.name)]
         self.uses, self.store, self.pool = uses, store, pool
@@ -279,6 +289,7 @@ class Streamer(StreamedGradients):
     def _pre(self, uses: list[Use]):
         def hook(module, args):
             self._enter(uses)
+
         return hook
 
     def _enter(self, uses: list[Use]) -> None:
@@ -312,6 +323,7 @@ class Streamer(StreamedGradients):
                 keep = grad and (not use.release_after_forward or self._kept_for_backward(use.unit))
                 if not keep:
                     self.release(use.unit)
+
         return hook
 
     def _kept_for_backward(self, unit: str) -> bool:
@@ -325,8 +337,9 @@ class Streamer(StreamedGradients):
         if unit not in self.order:
             return
         i = self.order.index(unit)
-        ahead = (self.order[max(0, i - self.prefetch) : i][::-1] if reverse
-                 else self.order[i + 1 : i + 1 + self.prefetch])
+        ahead = (
+            self.order[max(0, i - self.prefetch) : i][::-1] if reverse else self.order[i + 1 : i + 1 + self.prefetch]
+        )
         for u in ahead:
             if u not in self.loaded:
                 self.start_load(u, wait=False)

@@ -51,8 +51,10 @@ def _parts(model: nn.Module):
     except (AttributeError, TypeError, NotImplementedError):
         layers = None
     if layers is None or embed is None or head is None:
-        raise SlimtuneError(f"offload: {type(model).__name__} does not expose input embeddings, decoder layers "
-                            "and an output head; engine.name=offload needs a decoder-only causal LM")
+        raise SlimtuneError(
+            f"offload: {type(model).__name__} does not expose input embeddings, decoder layers "
+            "and an output head; engine.name=offload needs a decoder-only causal LM"
+        )
     return embed, layers, head
 
 

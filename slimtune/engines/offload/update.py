@@ -57,14 +57,23 @@ class UnitOptimizer:
         if moment_bits(p.shape, self.cfg.state_bits, p.dim()) == 32:
             moments = {"exp_avg": (torch.float32, (n,)), "exp_avg_sq": (torch.float32, (n,))}
         else:
-            moments = {"exp_avg_q_int8": (torch.int8, (n,)), "exp_avg_absmax": (torch.float32, (num_blocks(n),)),
-                       "exp_avg_sq_q_uint8": (torch.uint8, (n,)),
-                       "exp_avg_sq_absmax": (torch.float32, (num_blocks(n),))}
+            moments = {
+                "exp_avg_q_int8": (torch.int8, (n,)),
+                "exp_avg_absmax": (torch.float32, (num_blocks(n),)),
+                "exp_avg_sq_q_uint8": (torch.uint8, (n,)),
+                "exp_avg_sq_absmax": (torch.float32, (num_blocks(n),)),
+            }
         return {state_key(name, k): v for k, v in {"step": (torch.float32, ()), **moments}.items()}
 
     @torch.no_grad()
-    def step(self, store: UnitStore, unit: str, params: dict[str, nn.Parameter], grads: dict[str, torch.Tensor],
-             write_weights: bool):
+    def step(
+        self,
+        store: UnitStore,
+        unit: str,
+        params: dict[str, nn.Parameter],
+        grads: dict[str, torch.Tensor],
+        write_weights: bool,
+    ):
         """Update `params` in place (their .data: the fp32 master weights) from `grads`, and queue the unit's
         new version: the weights (if write_weights) and every state tensor. Returns the writer, whose commit()
         (waiting for the writes) makes it the current version."""
@@ -110,27 +119,42 @@ class UnitOptimizer:
             p.grad = None
         self.projection_seconds += getattr(opt, "projection_seconds", 0.0)
         out = opt.state[p]
-        return ({k: v.contiguous() for k, v in out.items() if isinstance(v, torch.Tensor)},
-                {k: v for k, v in out.items() if not isinstance(v, torch.Tensor)})
+        return (
+            {k: v.contiguous() for k, v in out.items() if isinstance(v, torch.Tensor)},
+            {k: v for k, v in out.items() if not isinstance(v, torch.Tensor)},
+        )
 
     def _adamw_chunks(self, jobs: list, old: "StateSource", writer) -> None:
         """Chunked AdamW over every (parameter, chunk) of the unit in one pipeline: the moments of the next
         `read_ahead` chunks are being read into pooled slabs while one chunk is updated, and a slab goes
         back to the pool when its write is done."""
-        group = {"lr": self.lr, "betas": tuple(self.cfg.betas), "eps": self.cfg.eps,
-                 "weight_decay": self.cfg.weight_decay, "state_bits": self.cfg.state_bits}
+        group = {
+            "lr": self.lr,
+            "betas": tuple(self.cfg.betas),
+            "eps": self.cfg.eps,
+            "weight_decay": self.cfg.weight_decay,
+            "state_bits": self.cfg.state_bits,
+        }
         chunk = store_mod.CHUNK
         plan, params = [], []
         for name, p, g, specs in jobs:
             step_key = state_key(name, "step")
             whole = [k for k in specs if k.endswith("_absmax")]  # one value per 256 elements: read whole
             fresh = not old.has(step_key)
-            params.append({
-                "name": name, "w": p.data.reshape(-1), "g": g.reshape(-1), "specs": specs, "fresh": fresh,
-                "chunked": [k for k in specs if k != step_key and k not in whole],
-                "step": torch.zeros((), dtype=torch.float32) if fresh else old.read(step_key).result(),
-                "absmax": {k: torch.zeros(specs[k][1], dtype=specs[k][0]) if fresh else old.read(k).result()
-                           for k in whole}})
+            params.append(
+                {
+                    "name": name,
+                    "w": p.data.reshape(-1),
+                    "g": g.reshape(-1),
+                    "specs": specs,
+                    "fresh": fresh,
+                    "chunked": [k for k in specs if k != step_key and k not in whole],
+                    "step": torch.zeros((), dtype=torch.float32) if fresh else old.read(step_key).result(),
+                    "absmax": {
+                        k: torch.zeros(specs[k][1], dtype=specs[k][0]) if fresh else old.read(k).result() for k in whole
+                    },
+                }
+            )
             plan += [(len(params) - 1, s, min(p.numel(), s + chunk)) for s in range(0, p.numel(), chunk)]
 
         def fetch(j: int, start: int, stop: int) -> dict:
@@ -189,7 +213,27 @@ class StateSource:
 
     def tensors_of(self, param: str) -> dict[str, torch.Tensor]:
         prefix = param + ":"
-        return {k[len(prefix):]: self.read(k).result() for k in sorted(self.names) if k.startswith(prefix)}
+        return {k[len(prefix) :]: self.read(k).result() for k in sorted(self.names) if k.startswith(prefix)}
 
     def scalars_of(self, param: str) -> dict:
         return dict(self.meta.get(param, {}))
+
+
+class OffloadOptimizer:
+    """What the loop holds as its optimizer: the lr group the unit updates read, plus the in-memory
+    optimizer of the parameters outside the store (if any)."""
+
+    def __init__(self, resident: torch.optim.Optimizer | None):
+        self.resident = resident
+        self.group = {"lr": 0.0}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [self.group] + (self.resident.param_groups if self.resident else [])
+
+    def state_dict(self) -> dict:
+        return self.resident.state_dict() if self.resident else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.resident:
+            self.resident.load_state_dict(state)

@@ -31,8 +31,9 @@ class Worker:
         self.error: BaseException | None = None
         self.stopping = False  # set by close(): queued updates are dropped
         # the updates run in the caller's context (its kernel backend: kernels/dispatch.py)
-        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,), daemon=True,
-                                       name="slimtune-update")
+        self.thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._run,), daemon=True, name="slimtune-update"
+        )
         self.thread.start()
 
     def submit(self, unit: str, fn) -> None:

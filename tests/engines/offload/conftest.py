@@ -11,9 +11,18 @@ def deep_tiny(tmp_path_factory):
     from slimtune.formats.hf import load_tokenizer
 
     path = tmp_path_factory.mktemp("deep_tiny")
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-                      bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         LlamaForCausalLM(cfg).save_pretrained(path)

@@ -18,9 +18,18 @@ def _model(path, layers):
 
     from slimtune.formats.hf import load_tokenizer
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1376, num_hidden_layers=layers,
-                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(path)
     load_tokenizer("tiny-llama").save_pretrained(path)
@@ -28,14 +37,22 @@ def _model(path, layers):
 
 
 def _peak(model_dir, out, offload, activations="recompute"):
-    args = ["model.name=" + str(model_dir), "train.seq_len=64", "train.batch_size=2", "train.max_steps=3",
-            "eval.max_batches=1", "logging.progress=false", "train.max_grad_norm=0", f"output_dir={out}"]
+    args = [
+        "model.name=" + str(model_dir),
+        "train.seq_len=64",
+        "train.batch_size=2",
+        "train.max_steps=3",
+        "eval.max_batches=1",
+        "logging.progress=false",
+        "train.max_grad_norm=0",
+        f"output_dir={out}",
+    ]
     if offload:
-        args += ["engine.name=offload", "offload.prefetch=1",
-                 f"offload.activations={activations}"]
+        args += ["engine.name=offload", "offload.prefetch=1", f"offload.activations={activations}"]
     env = {**os.environ, "WANDB_MODE": "offline", "MALLOC_MMAP_THRESHOLD_": "131072"}  # RSS ~ live memory
-    r = subprocess.run([sys.executable, "-m", "slimtune", "run", "full", *args], capture_output=True, text=True,
-                       env=env, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "slimtune", "run", "full", *args], capture_output=True, text=True, env=env, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     return report["peak_memory_bytes"], report["compute_dtype"]
@@ -53,9 +70,11 @@ def test_offload_peak_rss_stays_flat_when_layers_double(tmp_path):
     # counted here as 12 h + 5 i in the compute dtype; 4 added layers, batch 2 x seq 64
     per_value = 2 if keep[8][1] == "bfloat16" else 4
     activations = 4 * 2 * 64 * (12 * 512 + 5 * 1376) * per_value
-    print(f"added {added / 1e6:.1f}M params: in-memory peak +{grew_mem / 2**20:.0f} MiB, "
-          f"offload +{grew_off / 2**20:.0f} MiB ({off[4] / 2**20:.0f} -> {off[8] / 2**20:.0f} MiB), "
-          f"offload keep +{grew_keep / 2**20:.0f} MiB ({keep[8][1]}; activations ~{activations / 2**20:.0f} MiB)")
+    print(
+        f"added {added / 1e6:.1f}M params: in-memory peak +{grew_mem / 2**20:.0f} MiB, "
+        f"offload +{grew_off / 2**20:.0f} MiB ({off[4] / 2**20:.0f} -> {off[8] / 2**20:.0f} MiB), "
+        f"offload keep +{grew_keep / 2**20:.0f} MiB ({keep[8][1]}; activations ~{activations / 2**20:.0f} MiB)"
+    )
     assert grew_mem > 8 * added  # weights + grads + AdamW moments of the added layers, at least half of 16 B
     assert grew_off < 0.1 * grew_mem
     assert grew_keep < 0.1 * grew_mem + activations

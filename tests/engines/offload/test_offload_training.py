@@ -4,7 +4,6 @@ GaLore, and LoRA on a streamed base; on tiny-llama (tied head, 2 layers: everyth
 a 6-layer untied model at offload.prefetch=1 (layers leave memory after their forward and are loaded again
 by backward's recompute). The store's chunks are made small so parameters stream in several pieces."""
 
-
 import pytest
 import torch
 from slimtune_testutil import losses as _losses
@@ -14,16 +13,22 @@ from slimtune.config import load_config
 from slimtune.engines.offload import store as S
 from slimtune.trainer import run
 
-BASE = ["model.name=tiny-llama", "model.dtype=float32", "train.seq_len=64", "train.warmup_steps=2",
-        "eval.max_batches=2", "logging.progress=false", "train.max_steps=10", "train.lr=1e-3"]
+BASE = [
+    "model.name=tiny-llama",
+    "model.dtype=float32",
+    "train.seq_len=64",
+    "train.warmup_steps=2",
+    "eval.max_batches=2",
+    "logging.progress=false",
+    "train.max_steps=10",
+    "train.lr=1e-3",
+]
 DISK = ["engine.name=offload"]
 
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setattr(S, "CHUNK", 4096)
-
-
 
 
 CASES = {
@@ -36,8 +41,10 @@ CASES = {
     "galore": ("galore", ["galore.rank=8", "galore.update_gap=4", "train.batch_size=4"]),
     "lora_streamed_base": ("lora", ["train.batch_size=4", "lora.rank=4"]),
     "qlora_streamed_nf4_base": ("qlora", ["train.batch_size=4", "lora.rank=4"]),
-    "lora_streamed_nf3_base": ("lora", ["train.batch_size=4", "lora.rank=4", "quant.method=nf3",
-                                        "quant.block_size=32"]),
+    "lora_streamed_nf3_base": (
+        "lora",
+        ["train.batch_size=4", "lora.rank=4", "quant.method=nf3", "quant.block_size=32"],
+    ),
 }
 
 
@@ -71,8 +78,16 @@ def test_keep_under_bf16_autocast_holds_no_weight_casts(deep_tiny, tmp_path):
     """Under bf16 autocast `mm` saves a view of the weight's bf16 cast (a copy); keep must save a reference
     to it like the fp32 weight itself, or every layer's cast stays in RAM until backward: the same number
     of weights is read back for backward in bf16 as in fp32."""
-    args = [*BASE, "train.max_grad_norm=0", "train.batch_size=2", f"model.name={deep_tiny}", "train.max_steps=2",
-            *DISK, "offload.activations=keep", "offload.prefetch=1"]
+    args = [
+        *BASE,
+        "train.max_grad_norm=0",
+        "train.batch_size=2",
+        f"model.name={deep_tiny}",
+        "train.max_steps=2",
+        *DISK,
+        "offload.activations=keep",
+        "offload.prefetch=1",
+    ]
     counts = {}
     for dtype in ("float32", "bfloat16"):
         r = run(load_config("full", [*args, f"model.dtype={dtype}", f"output_dir={tmp_path / dtype}"]))
@@ -100,8 +115,14 @@ def _cli(*args, check=True):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, check=False,
-                       env={**os.environ, "WANDB_MODE": "offline"})
+    r = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -132,8 +153,17 @@ def test_a_corrupted_store_file_stops_the_run_naming_it(tmp_path):
     data[8192 + 100] ^= 0x01  # a byte of the first tensor's data (the header takes the first block(s))
     layer.write_bytes(bytes(data))
     before = (out / "metrics.jsonl").read_text()
-    r = _cli("-m", "slimtune", "run", "full", *args[:-2], "train.max_steps=5", f"output_dir={out}", "resume=true",
-             check=False)
+    r = _cli(
+        "-m",
+        "slimtune",
+        "run",
+        "full",
+        *args[:-2],
+        "train.max_steps=5",
+        f"output_dir={out}",
+        "resume=true",
+        check=False,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
     assert "checksum mismatch" in last and layer.name.rsplit(".", 2)[0] in last
@@ -165,19 +195,30 @@ def test_full_disk_mid_run_is_a_clear_error_and_the_checkpoint_resumes(tmp_path,
     assert _losses(tmp_path / "b") == _losses(tmp_path / "ref")
 
 
-@pytest.mark.parametrize("override, needle", [
-    (["engine.name=offload", "engine.optimizer=none"], "set engine.optimizer=disk (not none)"),
-    (["engine.name=offload", "quant.method=lq_lora", "adapter.type=lq_lora"],
-     "which quant.method=lq_lora does not give: change one of engine.name and quant.method"),
-    (["engine.name=offload", "quant.method=nf4", "adapter.type=lora", "quant.backend=bitsandbytes"],
-     "which quant.backend=bitsandbytes does not give: change one of engine.name and quant.backend"),
-    (["engine.name=offload", "engine.params=none", "offload.prefetch=0"], "offload.prefetch=0 must be >= 1"),
-    (["engine.name=offload", "quant.method=nf4", "adapter.type=lora", "offload.activations=keep"],
-     "use offload.activations=recompute"),
-    (["engine.name=offload", "engine.params=none", "optim.in_backward=true", "train.max_grad_norm=0"],
-     "optim.in_backward=true needs the optimizer step left to the trainer (not run by the engine inside backward), "
-     "which engine.name=offload does not give"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (["engine.name=offload", "engine.optimizer=none"], "set engine.optimizer=disk (not none)"),
+        (
+            ["engine.name=offload", "quant.method=lq_lora", "adapter.type=lq_lora"],
+            "which quant.method=lq_lora does not give: change one of engine.name and quant.method",
+        ),
+        (
+            ["engine.name=offload", "quant.method=nf4", "adapter.type=lora", "quant.backend=bitsandbytes"],
+            "which quant.backend=bitsandbytes does not give: change one of engine.name and quant.backend",
+        ),
+        (["engine.name=offload", "engine.params=none", "offload.prefetch=0"], "offload.prefetch=0 must be >= 1"),
+        (
+            ["engine.name=offload", "quant.method=nf4", "adapter.type=lora", "offload.activations=keep"],
+            "use offload.activations=recompute",
+        ),
+        (
+            ["engine.name=offload", "engine.params=none", "optim.in_backward=true", "train.max_grad_norm=0"],
+            "optim.in_backward=true needs the optimizer step left to the trainer (not run by the engine inside "
+            "backward), which engine.name=offload does not give",
+        ),
+    ],
+)
 def test_bad_offload_settings_are_one_line(override, needle, tmp_path):
     r = _cli("-m", "slimtune", "run", "full", *BASE, *override, f"output_dir={tmp_path / 'o'}", check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -202,9 +243,16 @@ def test_unwritable_or_too_small_offload_dir(tmp_path, monkeypatch):
     assert not (tmp_path / "b" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("case, activations", [("adamw_clip_accum", "keep"), ("adamw_8bit", "recompute"),
-                                               ("galore", "keep"), ("lora_streamed_base", "keep"),
-                                               ("qlora_streamed_nf4_base", "recompute")])
+@pytest.mark.parametrize(
+    "case, activations",
+    [
+        ("adamw_clip_accum", "keep"),
+        ("adamw_8bit", "recompute"),
+        ("galore", "keep"),
+        ("lora_streamed_base", "keep"),
+        ("qlora_streamed_nf4_base", "recompute"),
+    ],
+)
 def test_accelerator_path_staged_on_cpu_equals_in_memory(case, activations, tmp_path, request, monkeypatch):
     """The CUDA path's split, run on CPU: units computed on copies uploaded into separate "device" buffers,
     gradients downloaded, updates on the host masters (resident ones copied back), placeholders and
@@ -218,8 +266,19 @@ def test_accelerator_path_staged_on_cpu_equals_in_memory(case, activations, tmp_
     extra = [*extra, f"model.name={request.getfixturevalue('deep_tiny')}", "train.max_steps=5"]
     ref = run(load_config(recipe, [*BASE, *extra, f"output_dir={tmp_path / 'mem'}"]))
     monkeypatch.setattr(OffloadEngine, "stage_on_cpu", True)
-    off = run(load_config(recipe, [*BASE, *extra, *disk, "offload.prefetch=1", f"offload.activations={activations}",
-                                   f"output_dir={tmp_path / 'off'}"]))
+    off = run(
+        load_config(
+            recipe,
+            [
+                *BASE,
+                *extra,
+                *disk,
+                "offload.prefetch=1",
+                f"offload.activations={activations}",
+                f"output_dir={tmp_path / 'off'}",
+            ],
+        )
+    )
     assert _losses(tmp_path / "off") == _losses(tmp_path / "mem")
     assert off["eval_perplexity"] == ref["eval_perplexity"]
     a, b = _weights(tmp_path / "mem" / "final"), _weights(tmp_path / "off" / "final")
@@ -262,8 +321,14 @@ def test_cuda_path_streams_events_pinned_slabs_and_equals_in_memory(deep_tiny, t
     pool.close()
     assert not slab.data.is_pinned()
 
-    args = [*BASE, f"model.name={deep_tiny}", "train.max_steps=4", "train.batch_size=2", "train.device=cuda",
-            "train.max_grad_norm=0"]
+    args = [
+        *BASE,
+        f"model.name={deep_tiny}",
+        "train.max_steps=4",
+        "train.batch_size=2",
+        "train.device=cuda",
+        "train.max_grad_norm=0",
+    ]
     run(load_config("full", [*args, f"output_dir={tmp_path / 'mem'}"]))
     off = run(load_config("full", [*args, *DISK, "offload.prefetch=1", f"output_dir={tmp_path / 'off'}"]))
     assert off["offload"]["device_buffer_bytes"] > 0

@@ -21,8 +21,12 @@ def small_chunks(monkeypatch):
 def test_roundtrip_whole_and_by_chunk(tmp_path, small_chunks, direct):
     st = S.UnitStore(tmp_path, io_threads=2, direct=direct)
     g = torch.Generator().manual_seed(0)
-    tensors = {"w": torch.randn(3, 5000, generator=g), "codes": torch.randint(-127, 127, (9000,), dtype=torch.int8),
-               "step": torch.tensor(7.0), "half": torch.randn(77, generator=g).bfloat16()}
+    tensors = {
+        "w": torch.randn(3, 5000, generator=g),
+        "codes": torch.randint(-127, 127, (9000,), dtype=torch.int8),
+        "step": torch.tensor(7.0),
+        "half": torch.randn(77, generator=g).bfloat16(),
+    }
     st.write_all("layer.0", tensors, meta={"w": {"frugal_step": 3}})
     for name, t in tensors.items():
         out = torch.empty_like(t)
@@ -123,14 +127,17 @@ def _tree(root):
     return sorted((str(p), p.stat().st_ino, p.stat().st_nlink) for p in root.rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("tamper, needle", [
-    ("unit ../../escaped", "files names the unit '../../escaped'"),
-    ("absolute file name", "files['layer.0'] names '/"),
-    ("'..' file name", "files['layer.0'] names '../../../outside.bin'"),
-    ("missing file", "missing; the snapshot is incomplete"),
-    ("not a store file", "not a slimtune store file"),
-    ("flipped byte", "checksum mismatch"),
-])
+@pytest.mark.parametrize(
+    "tamper, needle",
+    [
+        ("unit ../../escaped", "files names the unit '../../escaped'"),
+        ("absolute file name", "files['layer.0'] names '/"),
+        ("'..' file name", "files['layer.0'] names '../../../outside.bin'"),
+        ("missing file", "missing; the snapshot is incomplete"),
+        ("not a store file", "not a slimtune store file"),
+        ("flipped byte", "checksum mismatch"),
+    ],
+)
 def test_restore_checks_the_whole_snapshot_before_touching_anything(tmp_path, tamper, needle):
     """A snapshot is untrusted input: a unit or file name from its manifest never reaches a path outside the
     store or the snapshot, and a bad snapshot leaves the store's current files as they were."""
