@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from slimtune.errors import SlimtuneError
 from slimtune.kernels import linear_cross_entropy as lce
-from slimtune.kernels.linear_cross_entropy_reference import ChunkedLinearCE
+from slimtune.kernels import linear_cross_entropy_reference as lce_reference
 
 IGNORE = -100
 
@@ -101,7 +101,9 @@ def lm_loss_sum(
             bias = head.bias.to(dtype) if head.bias is not None else None
             return lce.linear_cross_entropy(h.to(dtype), head.weight.to(dtype), y, bias, scale=scale, softcap=cap)
     if plain and torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
-        return ChunkedLinearCE.apply(h, head.weight, head.bias, y, chunk_tokens, _compute_dtype(h), scale, cap)
+        return lce_reference.ChunkedLinearCE.apply(
+            h, head.weight, head.bias, y, chunk_tokens, _compute_dtype(h), scale, cap
+        )
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for s in range(0, h.shape[0], chunk_tokens):
         hc, yc = h[s : s + chunk_tokens], y[s : s + chunk_tokens]
