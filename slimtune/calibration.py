@@ -24,8 +24,7 @@ def calibration_samples(blocks: Blocks, n: int, seed: int = 0) -> list[tuple]:
     idx = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[: min(n, len(blocks))]
     out = []
     for i in idx.sort().values.tolist():
-        x, y = blocks.input_ids[i : i + 1], blocks.labels[i : i + 1]
-        pos = None if blocks.position_ids is None else blocks.position_ids[i : i + 1]
+        x, y, pos = blocks.rows(slice(i, i + 1))
         if pos is not None:
             n_real = int((pos >= 0).sum())
             x, y, pos = x[:, :n_real], y[:, :n_real], pos[:, :n_real]

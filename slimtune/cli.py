@@ -31,6 +31,8 @@ USAGE = """slimtune run RECIPE [key=value ...]     train (RECIPE: a name from `s
                  first, but sparse-nf4 / sparse-int8 keep it beside the quantized values unless --merge
        slimtune plan RECIPE [key=value ...] [--json] [--fit BUDGET] [--nproc N]  predicted peak memory of the
                  run (breakdown by component, from config.json alone); --fit 24GiB prints the overrides that fit
+       slimtune data prepare RECIPE [key=value ...]  tokenize data.source once into the data cache (before a
+                 torchrun launch, so its ranks find it built); prints the entry's path, tokens and blocks
        slimtune recipes                        list recipes
        slimtune config show RECIPE [key=value ...]  print the resolved config"""
 
@@ -148,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         help="e.g. 24GiB, 800MiB, bytes: print the overrides (last line) whose predicted peak fits",
     )
     p_plan.add_argument("--nproc", type=int, default=None, help="processes (ranks); default WORLD_SIZE or 1")
+    p_data = sub.add_parser("data")
+    p_data.add_argument("action", choices=["prepare"])
+    p_data.add_argument("recipe")
+    p_data.add_argument("overrides", nargs="*")
     sub.add_parser("recipes")
     p_cfg = sub.add_parser("config")
     p_cfg.add_argument("action", choices=["show"])
@@ -161,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "recipes":
             for name in C.list_recipes():
                 print(name)
+        elif args.cmd == "data":
+            cfg = C.load_config(args.recipe, args.overrides)
+            _quiet_libraries()
+            from slimtune.data.prepare import prepare_command
+            from slimtune.formats.hf import load_tokenizer
+
+            print(json.dumps(prepare_command(cfg, load_tokenizer(cfg.model.name))))
         elif args.cmd == "config":
             print(C.dump_yaml(C.load_config(args.recipe, args.overrides)), end="")
         elif args.cmd == "run":

@@ -19,6 +19,15 @@ from pathlib import Path
 import torch
 
 
+def cache_dir() -> Path:
+    """slimtune's cache: $SLIMTUNE_CACHE, else $XDG_CACHE_HOME/slimtune (~/.cache/slimtune): built-in models,
+    the data cache (data/)."""
+    root = (
+        os.environ.get("SLIMTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimtune"
+    )
+    return Path(root)
+
+
 def _umask() -> int:
     mask = os.umask(0o022)  # the only way to read it is to set it: put it back at once
     os.umask(mask)

@@ -28,6 +28,7 @@ def validate_core(cfg) -> None:
             raise ConfigError(f"{key}={value} must be > 0")
     for key, value in (
         ("train.warmup_steps", t.warmup_steps),
+        ("train.epochs", t.epochs),
         ("train.loss_chunk_tokens", t.loss_chunk_tokens),
         ("checkpoint.every", cfg.checkpoint.every),
         ("eval.every", cfg.eval.every),
@@ -40,6 +41,12 @@ def validate_core(cfg) -> None:
             raise ConfigError(f"{key}={value} must be >= 0")
     if not 0 < t.lr:
         raise ConfigError(f"train.lr={t.lr} must be > 0")
+    for i, part in enumerate(d.sources):
+        if not isinstance(part, dict) or set(part) - {"source", "weight"} or not isinstance(part.get("source"), str):
+            raise ConfigError(f"data.sources[{i}]={part!r}: each entry is {{source: PATH or pydoc, weight: NUMBER}}")
+        weight = part.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"data.sources[{i}].weight={weight!r} must be a number > 0")
     if not 0 < d.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
     if not 0 <= t.min_lr_ratio <= 1:

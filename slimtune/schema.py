@@ -81,6 +81,17 @@ class DataConfig:
     )
     chat_template: str = _help("a Jinja chat template file for 'messages' records (default: the tokenizer's)", "")
     eval_fraction: float = _help("fraction of packed blocks held out for eval (deterministic)", 0.05)
+    sources: tuple = _help(
+        "a mixture instead of data.source: [{source: a.jsonl, weight: 0.7}, {source: pydoc, weight: 0.3}], "
+        "train blocks drawn by weight with train.seed, each source split and cached on its own",
+        (),
+    )
+    num_proc: int = _help("processes tokenizing a source into the cache (0: every core for a source over 32 MB)", 0)
+    cache_dir: str = _help(
+        "where sources are tokenized once, as memory-mapped token files (default: "
+        "$SLIMTUNE_CACHE/data, ~/.cache/slimtune/data)",
+        "",
+    )
     select: str = _help(
         "recovery data: all | degradation (blocks the pruning hurt most, spread over k-means "
         "clusters of the dense model's hidden states; PASER-like) | random",
@@ -93,6 +104,11 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     max_steps: int = _help("optimizer steps", 100)
+    epochs: float = _help(
+        "> 0: passes over the train blocks, which sets max_steps (each block once per epoch, "
+        "in a seeded order per epoch)",
+        0.0,
+    )
     seq_len: int = _help("tokens per packed block", 256)
     batch_size: int = _help("blocks per micro-batch per process", 4)
     grad_accum: int = _help("micro-batches per optimizer step", 1)

@@ -64,7 +64,10 @@ def test_global_batch_same_for_any_world_size():
     "content, needle",
     [
         ("{not json}\n", "not valid JSON"),
-        (json.dumps({"prompt": "x"}) + "\n", "needs a 'text' string, 'prompt' and 'response' strings, or 'messages'"),
+        (
+            json.dumps({"prompt": "x"}) + "\n",
+            "needs a 'text' string, 'prompt' and 'response' strings, 'messages' or 'input_ids'",
+        ),
     ],
 )
 def test_bad_jsonl(tmp_path, content, needle):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -25,11 +24,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def cache_dir() -> Path:
-    root = (
-        os.environ.get("SLIMTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimtune"
-    )
-    return Path(root)
+from slimtune.io import cache_dir  # noqa: E402,F401  (re-exported: formats.hf.cache_dir as before)
 
 
 def _atomic_build(name: str, build) -> Path:

@@ -93,7 +93,9 @@ def quantize_command(cfg) -> Path:
     model = load_model(cfg.model.name, load_dtype(cfg))
     blocks = None
     if needs_lowrank(cfg):
-        blocks = build_splits(cfg.data.source, tokenizer, cfg.train.seq_len, cfg.data.eval_fraction).train
+        blocks = build_splits(
+            cfg.data.source, tokenizer, cfg.train.seq_len, cfg.data.eval_fraction, cache_dir=cfg.data.cache_dir or None
+        ).train
     info = quantize_base(model, cfg, blocks)
     fields = {
         "method": cfg.quant.method,

@@ -118,16 +118,11 @@ def _sizes(cfg, w: Weights, cache: dict) -> Sizes:
 
 
 def _data_bytes(cfg) -> int:
-    """Bytes of text data.source holds (pydoc is part of the calibrated library figure)."""
-    import os
+    """What the data pipeline keeps resident (data/splits.resident_bytes): its block and document indexes, not
+    the tokens (pydoc's are part of the calibrated library figure)."""
+    from slimtune.data.splits import resident_bytes
 
-    src = cfg.data.source
-    if src == "pydoc":
-        return 0
-    try:
-        return os.path.getsize(os.path.expanduser(src))
-    except OSError:
-        return 0
+    return 0 if cfg.data.source == "pydoc" else resident_bytes(cfg.data.source, cfg.train.seq_len, cfg.data.packing)
 
 
 def _train_steps(cfg, arch: Arch, w: Weights, s: Sizes, acts) -> dict[str, dict[str, int]]:
@@ -290,5 +285,5 @@ def _platform(cfg, arch: Arch, device: str) -> dict[str, int]:
     return {
         "libraries": P.library_rss(),
         "tokenizer": int(P.TOKENIZER_RSS_PER_BYTE * arch.tokenizer_bytes),
-        "data": int(P.DATA_RSS_PER_BYTE * _data_bytes(cfg)),
+        "data": _data_bytes(cfg),
     }

@@ -22,8 +22,6 @@ are not the ones the accuracy table reports (benchmarks/results/plan_accuracy.js
                    live bytes) on SmolLM2 LoRA (4 x 256 tokens: 0.80 x) and QLoRA (2 x 128: 0.86 x), the mean
                    (fp32 runs show no dequantization term). Gradients add nothing measurable (a least-squares
                    factor of -0.06..-0.1)
-  DATA_RSS_PER_BYTE  a .txt / .jsonl data.source: token ids and the Python lists tokenization goes through
-                   (not measured here: pydoc is part of LIBRARY_RSS)
   RUNTIME_RSS      growth by the first training step that no tensor explains (allocator arenas, OpenMP
                    threads, oneDNN caches): tiny-llama's VmRSS went from 454 MiB at the start of model loading to
                    a 505 MiB peak in its first step; kept apart from LIBRARY_RSS so the load phase excludes it
@@ -50,7 +48,6 @@ MMAP_MAX = 32 * MiB
 # model.dtype -> (x the heap-sized activations of a step without checkpointing, x a quantized base's
 # heap-sized dequantized weights)
 FRAGMENTATION = {"bfloat16": (0.372, 0.0), "float32": (0.83, 0.0)}
-DATA_RSS_PER_BYTE = 13.0
 
 
 def library_rss() -> int:

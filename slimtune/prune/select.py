@@ -63,8 +63,7 @@ def _mean_tokens(hidden: torch.Tensor, position_ids: torch.Tensor | None) -> tor
 
 
 def _rows(blocks: Blocks, s: int, n: int):
-    pos = None if blocks.position_ids is None else blocks.position_ids[s : s + n]
-    return blocks.input_ids[s : s + n], blocks.labels[s : s + n], pos
+    return blocks.rows(slice(s, s + n))
 
 
 def _row_losses(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:

@@ -86,7 +86,10 @@ def _evaluate(cfg, whole_text: bool) -> dict:
     if whole_text:
         if cfg.data.chat_template:
             set_chat_template(tokenizer, cfg.data.chat_template)
-        parts, cap = text_windows(cfg.data.source, tokenizer, t.seq_len, cfg.data.train_on), 0
+        parts, cap = (
+            text_windows(cfg.data.source, tokenizer, t.seq_len, cfg.data.train_on, cfg.data.cache_dir or None),
+            0,
+        )
     else:
         parts, cap = [splits_for(cfg, tokenizer).eval], cfg.eval.max_batches
     model = to_device(build_for_eval(cfg), device)  # a keep_compressed model stays encoded on the device

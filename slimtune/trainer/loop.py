@@ -176,6 +176,10 @@ def setup(cfg: C.RecipeConfig, hooks: list[Hooks], opened: list) -> Session:
     torch.manual_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model.name)
     data = splits_for(cfg, tokenizer)
+    if t.epochs > 0:  # passes over the train blocks: max_steps follows from the data (every stage reads it)
+        per_step = t.batch_size * t.grad_accum * info.world
+        cfg = C.replace(cfg, **{"train.max_steps": max(1, math.ceil(t.epochs * len(data.train) / per_step))})
+        log(f"slimtune: train.epochs={t.epochs:g} over {len(data.train)} blocks: {cfg.train.max_steps} steps")
     built = build_model(cfg, device, info, data.train, log=log)
     opened.append(built.engine)
     if cfg.data.select != "all":  # recovery data: the blocks the pruning hurt most (or a random subset)
