@@ -152,6 +152,8 @@ def test_a_mixture_draws_blocks_by_weight_and_keeps_each_eval_split(tok, tmp_pat
         assert torch.equal(rows[i], alone[part].train.rows(torch.tensor([block]))[0][0])
     again = splits_for(cfg, tok)
     assert np.array_equal(again.train.block, splits.train.block)  # seeded: a resume sees the same mixture
+    padded = splits_for(C.replace(cfg, **{"data.packing": "none"}), tok).train
+    assert torch.equal(padded.lengths(), (padded.rows(slice(None))[2] >= 0).sum(1))
 
 
 def test_epochs_set_the_steps_and_an_epoch_sees_every_block_once(tmp_path):

@@ -49,7 +49,11 @@ class MixtureBlocks:
         per_part = [p.lengths() for p in self.parts]
         if any(x is None for x in per_part):
             return None
-        return torch.tensor([int(per_part[i][b]) for i, b in zip(self.part, self.block)], dtype=torch.long)
+        out = np.empty(len(self), dtype=np.int64)
+        for i, lengths in enumerate(per_part):
+            mine = self.part == i
+            out[mine] = lengths.numpy()[self.block[mine]]
+        return torch.from_numpy(out)
 
     def rows(self, idx):
         sel = self._select(idx)
