@@ -167,8 +167,10 @@ class DeepSpeedEngine(Engine):
             )
         if not info.enabled:  # kept for the process: DeepSpeed's communicator caches this group
             one_rank_group()
-            for k, v in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):
-                os.environ.setdefault(k, v)  # deepspeed.initialize reads them even with a group in place
+            # deepspeed.initialize reads them even with a group in place; close() takes them back, or a
+            # later transformers.Trainer in this process would take itself for a torchrun rank
+            self.env_added = [k for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE") if k not in os.environ]
+            os.environ.update({k: "1" if k == "WORLD_SIZE" else "0" for k in self.env_added})
         self.linear = torch.nn.functional.linear  # ZeRO-3 replaces it process-wide ("persists unless reset")
         super().__init__(model, cfg, device, info, recovery, wrap=False)
         self.sharded = cfg.deepspeed.zero_stage == 3  # ZeRO-3's forward gathers parameters: collective
@@ -200,6 +202,8 @@ class DeepSpeedEngine(Engine):
         if getattr(self, "ds", None) is not None:
             self.ds.destroy()
         torch.nn.functional.linear = self.linear
+        for k in getattr(self, "env_added", ()):
+            os.environ.pop(k, None)
 
     def forward_backward(self, x, y, n_targets, last: bool, pos=None) -> torch.Tensor:
         with self.autocast:

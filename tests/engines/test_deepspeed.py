@@ -4,6 +4,7 @@ safetensors checkpoint, not DeepSpeed's pickles;
 the generated DeepSpeed JSON round-trips with a user's own and carries the NVMe settings."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -115,6 +116,7 @@ def test_generated_config_round_trips_with_ones_own(tmp_path):
 
 def _one_process(out, *overrides):
     linear = torch.nn.functional.linear
+    launcher = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     assert (
         main(
             [
@@ -132,6 +134,8 @@ def _one_process(out, *overrides):
         == 0
     )
     assert torch.nn.functional.linear is linear  # ZeRO-3's process-wide F.linear patch undone after the run
+    # the rank variables DeepSpeed needs are taken back: a later transformers.Trainer is not a torchrun rank
+    assert {k: os.environ.get(k) for k in launcher} == launcher
     return losses(out)
 
 
