@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 from slimtune import config as C
-from slimtune.calibration import calibration_samples
-from slimtune.model.quantize import quantize_lowrank
+from slimtune.model.quantize import decomposition_of, quantize_lowrank
 from slimtune.data import build_splits
 from slimtune.formats.hf import load_model, load_tokenizer
 from slimtune.quant import bits_per_param, is_quantized_linear, quantize_model
@@ -59,7 +58,7 @@ def method_overrides(method: str, a) -> list[str]:
     return [*base, f"quant.method={method if method in ('nf4', 'nf3') else 'none'}"]
 
 
-def build(method: str, cfg, samples) -> torch.nn.Module:
+def build(method: str, cfg, blocks) -> torch.nn.Module:
     model = load_model(cfg.model.name, "float32")
     if method == "bf16":
         for p in model.parameters():
@@ -67,7 +66,7 @@ def build(method: str, cfg, samples) -> torch.nn.Module:
     elif method in ("nf4", "nf3"):
         quantize_model(model, method, block_size=64, double_quant=True, compute_dtype=torch.float32)
     else:
-        quantize_lowrank(model, cfg, samples, log=lambda s: None)
+        quantize_lowrank(model, decomposition_of(cfg, blocks), torch.float32, log=lambda s: None)
     return model.eval()
 
 
@@ -100,12 +99,11 @@ def main() -> None:
     torch.manual_seed(0)
     tokenizer = load_tokenizer(a.model)
     data = build_splits("pydoc", tokenizer, a.seq_len, 0.05)
-    samples = calibration_samples(data.train, a.calibration, 0)
     rows = []
     for method in a.methods.split(","):
         cfg = C.load_config(None, method_overrides(method, a))
         t0 = time.perf_counter()
-        model = build(method, cfg, samples)
+        model = build(method, cfg, data.train)
         seconds = time.perf_counter() - t0
         ppl = perplexity(CausalLMLoss(model, 256), data.eval, 4, a.eval_batches, torch.device("cpu"))
         bits, lora_bits = storage(model)

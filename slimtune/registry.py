@@ -52,7 +52,7 @@ class Registry(dict):
 
 ADAPTERS = Registry("adapter.type", fixed=("none",))  # name -> adapter class (adapters/base.py's contract)
 ADAPTER_FORMATS = Registry("adapter format")  # an adapter class's `format` -> adapters.base.AdapterFormat
-ADAPTER_INITS = Registry("adapter.init", fixed=("default",))  # name -> init(model, cfg, calibration, dtype, log)
+ADAPTER_INITS = Registry("adapter.init", fixed=("default",))  # name -> init(model, setup, calibration, dtype, log)
 QUANT_FORMATS = Registry("quant.method", fixed=("none", "lq_lora"))  # name -> frozen quantized linear class
 OPTIMIZERS = Registry("optim.name")  # name -> builder(cfg, named_params, lr) -> torch.optim.Optimizer
 PRECISIONS = Registry("train.precision", fixed=("default",))  # name -> swap(linear, train_cfg) -> module

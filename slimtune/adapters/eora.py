@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from slimtune.adapters.loftq import base_module, targets
 from slimtune.adapters.lora import LoRALinear
+from slimtune.adapters.lowrank_setup import LowRankSetup
 from slimtune.adapters.lq_lora import install
 from slimtune.adapters.lq_lora import validate_lq_lora
 from slimtune.technique import declares
@@ -45,27 +46,31 @@ def eora_lowrank(
     validate=lambda cfg: validate_lq_lora(cfg.lq_lora),
 )
 def apply_eora(
-    model: nn.Module, cfg, calibration, compute_dtype: torch.dtype = torch.float32, log: Callable[[str], None] = print
+    model: nn.Module,
+    setup: LowRankSetup,
+    calibration,
+    compute_dtype: torch.dtype = torch.float32,
+    log: Callable[[str], None] = print,
 ) -> dict:
-    """Quantize every targeted nn.Linear of `model` in place at cfg.quant.method and wrap it with LoRA
+    """Quantize every targeted nn.Linear of `model` in place at quant.method and wrap it with LoRA
     initialised by EoRA from the activations `calibration.input_covariance(model, names)` gives
     (calibration.py)."""
     t0 = time.perf_counter()
-    names = targets(model, cfg)
+    names = targets(model, setup)
     covs = calibration.input_covariance(model, names)
     modules = {}
     for name in names:
         old = model.get_submodule(name)
         W = old.weight.detach().float()
-        base = base_module(cfg.quant, old, compute_dtype)
+        base = base_module(setup.quant, old, compute_dtype)
         packed = base.quantize_weight(W)
         base.set_weight(packed)
         E = W - packed.dequantize(torch.float32)
-        L1, L2 = eora_lowrank(E, covs.pop(name), cfg.lora.rank)
-        install(model, name, base, L1, L2, cfg.lora, LoRALinear)
+        L1, L2 = eora_lowrank(E, covs.pop(name), setup.lora.rank)
+        install(model, name, base, L1, L2, setup.lora, LoRALinear)
         modules[name] = {
             "error": float((E - L1 @ L2).double().square().sum()),
             "error_quant_only": float(E.double().square().sum()),
         }
-    log(f"eora: initialised {len(names)} LoRA adapters on {cfg.quant.method} in {time.perf_counter() - t0:.1f}s")
+    log(f"eora: initialised {len(names)} LoRA adapters on {setup.quant.method} in {time.perf_counter() - t0:.1f}s")
     return {"modules": modules, "seconds": time.perf_counter() - t0}

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from slimtune.adapters.inject import check_rank, target_names
 from slimtune.adapters.lora import LoRALinear
+from slimtune.adapters.lowrank_setup import LowRankSetup
 from slimtune.adapters.lq_lora import decompose, install
 from slimtune.adapters.lq_lora import validate_lq_lora
 from slimtune.technique import declares
@@ -31,10 +32,10 @@ def base_module(quant_cfg, linear: nn.Module, compute_dtype: torch.dtype) -> nn.
     return m
 
 
-def targets(model: nn.Module, cfg) -> list[str]:
-    """The plain nn.Linear layers cfg.adapter.target_modules selects, rank-checked."""
-    names = target_names(model, cfg.adapter.target_modules, plain_only=True)
-    check_rank(model, names, cfg.lora.rank)
+def targets(model: nn.Module, setup: LowRankSetup) -> list[str]:
+    """The plain nn.Linear layers adapter.target_modules selects, rank-checked."""
+    names = target_names(model, setup.target_modules, plain_only=True)
+    check_rank(model, names, setup.lora.rank)
     return names
 
 
@@ -46,29 +47,29 @@ def targets(model: nn.Module, cfg) -> list[str]:
 )
 def apply_loftq(
     model: nn.Module,
-    cfg,
+    setup: LowRankSetup,
     calibration=None,
     compute_dtype: torch.dtype = torch.float32,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Quantize every targeted nn.Linear of `model` in place at cfg.quant.method and wrap it with LoRA
+    """Quantize every targeted nn.Linear of `model` in place at quant.method and wrap it with LoRA
     initialised by LoftQ (lq_lora.max_iters alternations); needs no calibration data. Returns per-matrix
     errors and seconds."""
     t0 = time.perf_counter()
     modules = {}
-    names = targets(model, cfg)
+    names = targets(model, setup)
     for name in names:
         old = model.get_submodule(name)
-        base = base_module(cfg.quant, old, compute_dtype)
+        base = base_module(setup.quant, old, compute_dtype)
         d = decompose(
-            old.weight, base.quantize_weight, cfg.lora.rank, cfg.lq_lora.max_iters, start="quantize", guard=False
+            old.weight, base.quantize_weight, setup.lora.rank, setup.lq_lora.max_iters, start="quantize", guard=False
         )
         base.set_weight(d.packed)
-        install(model, name, base, d.L1, d.L2, cfg.lora, LoRALinear)
+        install(model, name, base, d.L1, d.L2, setup.lora, LoRALinear)
         modules[name] = {
             "error": d.error,
             "error_quant_only": d.history[0] if d.history else None,
             "iterations": len(d.history),
         }
-    log(f"loftq: initialised {len(names)} LoRA adapters on {cfg.quant.method} in {time.perf_counter() - t0:.1f}s")
+    log(f"loftq: initialised {len(names)} LoRA adapters on {setup.quant.method} in {time.perf_counter() - t0:.1f}s")
     return {"modules": modules, "seconds": time.perf_counter() - t0}

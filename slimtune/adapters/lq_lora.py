@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from slimtune.adapters.inject import check_rank, replace_module, target_names
 from slimtune.adapters.lora import LoRALinear
+from slimtune.adapters.lowrank_setup import LowRankSetup
 from slimtune.quant import PackedLinear, QuantFormat, bits_per_param, quantize_packed
 from slimtune.quant.bit_allocation import allocate_bits
 from slimtune.errors import ConfigError
@@ -239,19 +240,24 @@ def candidate_formats(lq_cfg, double_quant: bool) -> list:
 
 
 def apply_lq_lora(
-    model: nn.Module, cfg, calibration, compute_dtype: torch.dtype = torch.float32, log: Callable[[str], None] = print
+    model: nn.Module,
+    setup: LowRankSetup,
+    calibration,
+    compute_dtype: torch.dtype = torch.float32,
+    log: Callable[[str], None] = print,
 ) -> dict:
     """Decompose every targeted linear of the full-precision `model` in place (LQ-LoRA with bit
-    allocation) and wrap it with LQLoRALinear. cfg: RecipeConfig; calibration: an object whose
-    `fisher_sums(model, names)` gives each matrix's Fisher row/column sums (calibration.py).
+    allocation) and wrap it with LQLoRALinear. setup: the sections it reads (adapters/lowrank_setup.py);
+    calibration: an object whose `fisher_sums(model, names)` gives each matrix's Fisher row/column sums
+    (calibration.py).
     Returns a summary: allocation (dict), per-matrix formats/errors, achieved bits/param, seconds."""
-    lq, rank = cfg.lq_lora, cfg.lora.rank
+    lq, rank = setup.lq_lora, setup.lora.rank
     t0 = time.perf_counter()
-    names = target_names(model, cfg.adapter.target_modules, plain_only=True)
+    names = target_names(model, setup.target_modules, plain_only=True)
     check_rank(model, names, rank)
     fisher = calibration.fisher_sums(model, names) if lq.fisher else {}
     t_fisher = time.perf_counter() - t0
-    formats = candidate_formats(lq, cfg.quant.double_quant)
+    formats = candidate_formats(lq, setup.quant.double_quant)
     errors, bits, numel = [], [], []
     every = max(1, len(names) // 10)
     for i, name in enumerate(names):  # score every candidate with a short decomposition
@@ -282,7 +288,7 @@ def apply_lq_lora(
         base = PackedLinear.from_packed(
             d.packed, bias=None if old.bias is None else old.bias.detach(), compute_dtype=compute_dtype
         )
-        install(model, name, base, d.L1, d.L2, cfg.lora)
+        install(model, name, base, d.L1, d.L2, setup.lora)
         modules[name] = {
             "format": fmt.name,
             "shape": list(old.weight.shape),

@@ -24,6 +24,7 @@ import torch.nn as nn
 from slimtune.adapters.inject import replace_module
 from slimtune.adapters.loftq import base_module, targets
 from slimtune.adapters.lora import LoRALinear
+from slimtune.adapters.lowrank_setup import LowRankSetup
 from slimtune.errors import ConfigError
 from slimtune.registry import ADAPTER_INITS
 from slimtune.technique import declares
@@ -86,21 +87,21 @@ def _pissa_requires(cfg) -> set[str]:
 @torch.no_grad()
 def apply_pissa(
     model: nn.Module,
-    cfg,
+    setup: LowRankSetup,
     calibration=None,
     compute_dtype: torch.dtype = torch.float32,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Quantize every targeted nn.Linear of the full-precision `model` in place at cfg.quant.method, as
+    """Quantize every targeted nn.Linear of the full-precision `model` in place at quant.method, as
     quant(W - s B A), and wrap it with LoRA holding PiSSA's A, B; needs no calibration data. Returns per-matrix
     errors ||W - deq(Q) - s B A||^2 and seconds."""
     t0 = time.perf_counter()
-    a, modules = cfg.lora, {}
-    names = targets(model, cfg)
+    a, modules = setup.lora, {}
+    names = targets(model, setup)
     for name in names:
         old = model.get_submodule(name)
         W = old.weight.detach().float()
-        base = base_module(cfg.quant, old, compute_dtype)
+        base = base_module(setup.quant, old, compute_dtype)
         wrapped = LoRALinear(base, a.rank, a.alpha, a.dropout, use_rslora=a.use_rslora)
         A, B = pissa_factors(W, a.rank, wrapped.scaling)
         residual = W - wrapped.scaling * (B @ A)
@@ -110,7 +111,7 @@ def apply_pissa(
         wrapped.lora_B.weight.copy_(B)
         replace_module(model, name, wrapped)
         modules[name] = {"error": float((residual - packed.dequantize(torch.float32)).double().square().sum())}
-    log(f"pissa: initialised {len(names)} LoRA adapters on {cfg.quant.method} in {time.perf_counter() - t0:.1f}s")
+    log(f"pissa: initialised {len(names)} LoRA adapters on {setup.quant.method} in {time.perf_counter() - t0:.1f}s")
     return {"modules": modules, "seconds": time.perf_counter() - t0}
 
 

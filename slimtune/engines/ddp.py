@@ -18,13 +18,13 @@ from slimtune.adapters import adapter_modules
 from slimtune.adapters.base import checkpoint_state, load_checkpoint_state
 from slimtune.formats.pruned import write_sparse_manifest
 from slimtune.lm_loss import CausalLMLoss
-from slimtune.optim import build_optimizer, optimizer_options
+from slimtune.optim import build_optimizer
 from slimtune.optim.cram import wrap_cram
 from slimtune.formats import checkpoint as ckpt
 from slimtune.engines.dist import DistInfo
 from slimtune.quant import is_quantized_linear
 from slimtune.errors import ConfigError
-from slimtune.formats.final import save_final
+from slimtune.engines.setup import EngineSetup
 from slimtune.registry import ENGINES
 from slimtune.rules import placement
 from slimtune.technique import Technique
@@ -51,7 +51,7 @@ def in_memory(cfg) -> None:
 
 @ENGINES.register("ddp")
 class Engine(Technique):
-    """In-memory training (DDP under torchrun). cfg: RecipeConfig. The engine interface: every engine
+    """In-memory training (DDP under torchrun). The engine interface: every engine
     implements make_optimizer, forward_backward, clip_grad_norm, step, evaluate, save_checkpoint,
     load_checkpoint, save_final, count_params, report and close (this class is the in-memory one)."""
 
@@ -74,33 +74,36 @@ class Engine(Technique):
     sharded = False  # FSDP2 / ZeRO-3: every rank must run each forward (eval pads its batches)
     gathers_state = False  # sharded weights or optimizer state (FSDP2, ZeRO 1-3): every rank saves, rank 0 writes
 
-    def __init__(self, model: nn.Module, cfg, device: torch.device, info: DistInfo, recovery=None, wrap: bool = True):
-        """wrap: DDP under torchrun (an engine that shards the model itself passes False)."""
-        t = cfg.train
-        self.model, self.cfg, self.device, self.info = model, cfg, device, info
+    def __init__(
+        self, model: nn.Module, setup: EngineSetup, device: torch.device, info: DistInfo, recovery=None, wrap=True
+    ):
+        """setup: the engine's sections and what it needs of the others (engines/setup.py); wrap: DDP under
+        torchrun (an engine that shards the model itself passes False)."""
+        t = setup.train
+        self.model, self.setup, self.device, self.info = model, setup, device, info
+        self.options = setup.options  # the engine's own section (None for ddp)
         self.recovery = recovery  # model/recovery.Recovery: masks held, the teacher's loss
         if t.activation_checkpointing:
             activation_checkpointing(model)
         model.to(device)
         self.loss_model = CausalLMLoss(model, t.loss_chunk_tokens)  # eval: plain cross-entropy
-        train_loss = (recovery.loss(model, cfg) if recovery is not None else None) or self.loss_model
+        train_loss = (recovery.loss(model, t.loss_chunk_tokens) if recovery is not None else None) or self.loss_model
         # quantized bases are built identically on every rank, so buffers need no broadcast
         self.train_model = (
             nn.parallel.DistributedDataParallel(train_loss, broadcast_buffers=False)
             if info.enabled and wrap
             else train_loss
         )
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.dtype == "bfloat16")
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        self.optimizer = build_optimizer(
-            self.cfg.optim, self.trainable(), self.cfg.train.lr, optimizer_options(self.cfg)
-        )
-        if self.cfg.optim.cram:
-            self.optimizer = wrap_cram(self.optimizer, self.cfg.cram)
+        s = self.setup
+        self.optimizer = build_optimizer(s.optim, self.trainable(), s.train.lr, s.optim_options)
+        if s.optim.cram:
+            self.optimizer = wrap_cram(self.optimizer, s.cram)
         if self.recovery is not None and self.recovery.held is not None:
             self.recovery.held.wrap_optimizer(self.optimizer)  # pruned entries back to 0 after every step
         return self.optimizer
@@ -159,12 +162,12 @@ class Engine(Technique):
         return state
 
     def save_final(self, path: Path, base_path: str, tokenizer) -> None:
-        save_final(self.model, self.cfg, path, base_path, tokenizer)
+        self.setup.final.write(self.model, path, base_path, tokenizer)
         self.save_final_extras(path)
 
     def save_final_extras(self, path: Path) -> None:
         rec = self.recovery
-        if rec is not None and rec.manifest is not None and self.cfg.adapter.type == "none":
+        if rec is not None and rec.manifest is not None and self.setup.full:
             write_sparse_manifest(path, self.model, rec.manifest, recovered_by=str(Path(path).parent))
 
     def count_params(self) -> tuple[int, int]:

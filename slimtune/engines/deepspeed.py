@@ -37,11 +37,11 @@ from slimtune.io import write_json
 from slimtune.registry import ENGINES
 from slimtune.rules import placement
 from slimtune.schema import config_section, option
-from slimtune.optim import build_optimizer, optimizer_options
+from slimtune.optim import build_optimizer
 from slimtune.formats import checkpoint as ckpt
 from slimtune.engines.ddp import Engine
 from slimtune.engines.fsdp2 import one_rank_group
-from slimtune.formats.final import save_final
+from slimtune.engines.setup import EngineSetup
 
 MOMENTS = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
 BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce / allgather bucket size
@@ -62,9 +62,10 @@ class DeepSpeedConfig:
     )
 
 
-def deepspeed_config(cfg, world: int) -> dict:
-    """The DeepSpeed JSON for `cfg` (RecipeConfig): the user's deepspeed.config with the recipe's settings."""
-    e, t = cfg.deepspeed, cfg.train
+def deepspeed_config(setup: EngineSetup, world: int) -> dict:
+    """The DeepSpeed JSON of an engine setup (engines/setup.py): the user's deepspeed.config with the
+    recipe's settings."""
+    e, t = setup.options, setup.train
     own = {}
     if e.config:
         try:
@@ -77,8 +78,8 @@ def deepspeed_config(cfg, world: int) -> dict:
         if "zero_optimization" not in own or "stage" not in own["zero_optimization"]
         else own["zero_optimization"]["stage"]
     )
-    nvme = e.nvme_dir or str(Path(cfg.output_dir) / "nvme")
-    params, optimizer = placement(cfg)
+    nvme = e.nvme_dir or str(Path(setup.output_dir) / "nvme")
+    params, optimizer = setup.params, setup.optimizer
     for key, where in (("offload_optimizer", optimizer), ("offload_param", params)):
         if where == "none" or (key == "offload_param" and zero["stage"] != 3):
             continue
@@ -95,7 +96,7 @@ def deepspeed_config(cfg, world: int) -> dict:
             "train_batch_size": t.batch_size * t.grad_accum * world,
             "gradient_clipping": t.max_grad_norm,
             "zero_optimization": zero,
-            "bf16": {"enabled": cfg.model.dtype == "bfloat16" and cfg.adapter.type == "none"},
+            "bf16": {"enabled": setup.dtype == "bfloat16" and setup.full},
             "zero_allow_untested_optimizer": True,
             "zero_force_ds_cpu_optimizer": False,
             "steps_per_print": 10**9,
@@ -159,7 +160,7 @@ class DeepSpeedEngine(Engine):
         s.trainable += master
         return s
 
-    def __init__(self, model: nn.Module, cfg, device: torch.device, info, recovery=None):
+    def __init__(self, model: nn.Module, setup: EngineSetup, device: torch.device, info, recovery=None):
         if recovery is not None and recovery.held is not None:
             raise SlimtuneError(
                 "engine.name=deepspeed: full fine-tuning of a pruned base holds masks on whole "
@@ -172,20 +173,21 @@ class DeepSpeedEngine(Engine):
             self.env_added = [k for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE") if k not in os.environ]
             os.environ.update({k: "1" if k == "WORLD_SIZE" else "0" for k in self.env_added})
         self.linear = torch.nn.functional.linear  # ZeRO-3 replaces it process-wide ("persists unless reset")
-        super().__init__(model, cfg, device, info, recovery, wrap=False)
-        self.sharded = cfg.deepspeed.zero_stage == 3  # ZeRO-3's forward gathers parameters: collective
+        super().__init__(model, setup, device, info, recovery, wrap=False)
+        self.sharded = setup.options.zero_stage == 3  # ZeRO-3's forward gathers parameters: collective
         self.gathers_state = True  # ZeRO 1-3 and the bf16 optimizer hold fragments: gathered on every rank
-        self.ds_config = deepspeed_config(cfg, info.world)
+        self.ds_config = deepspeed_config(setup, info.world)
         if info.is_main:
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            write_json(Path(cfg.output_dir) / "deepspeed.json", self.ds_config)
+            Path(setup.output_dir).mkdir(parents=True, exist_ok=True)
+            write_json(Path(setup.output_dir) / "deepspeed.json", self.ds_config)
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         import deepspeed
 
         named = self.trainable()
         self.names = {id(p): n for n, p in named}
-        client = build_optimizer(self.cfg.optim, named, self.cfg.train.lr, optimizer_options(self.cfg))
+        s = self.setup
+        client = build_optimizer(s.optim, named, s.train.lr, s.optim_options)
         self.ds, self.ds_optimizer, _, _ = deepspeed.initialize(
             model=self.train_model,
             optimizer=client,
@@ -327,8 +329,8 @@ class DeepSpeedEngine(Engine):
         return state
 
     def _moment_keys(self) -> tuple[str, ...]:
-        o = self.cfg.optim
-        return () if o.name == "sgd" and not self.cfg.sgd.momentum else MOMENTS[o.name]
+        o = self.setup.optim
+        return () if o.name == "sgd" and not self.setup.optim_options.momentum else MOMENTS[o.name]
 
     def save_final(self, path: Path, base_path: str, tokenizer) -> None:
         """Full fp32 weights gathered (every rank), put into the plain model on rank 0, saved as usual."""
@@ -339,7 +341,7 @@ class DeepSpeedEngine(Engine):
 
         with deepspeed.zero.GatheredParameters(
             [p for _, p in self.model.named_parameters() if not p.requires_grad]
-            if self.cfg.deepspeed.zero_stage == 3
+            if self.options.zero_stage == 3
             else [],
             modifier_rank=None,
         ):
@@ -347,7 +349,7 @@ class DeepSpeedEngine(Engine):
                 for n, p in self.model.named_parameters():
                     if n in full:
                         p.data = full[n].to(p.device, p.dtype) if p.numel() == full[n].numel() else full[n]
-            save_final(self.model, self.cfg, path, base_path, tokenizer)
+            self.setup.final.write(self.model, path, base_path, tokenizer)
         self.save_final_extras(path)
 
 

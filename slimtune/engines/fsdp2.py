@@ -30,7 +30,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.registry import ENGINES
 from slimtune.formats import checkpoint as ckpt
 from slimtune.engines.ddp import Engine, in_memory
-from slimtune.formats.final import save_final
+from slimtune.engines.setup import EngineSetup
 
 
 def one_rank_group() -> bool:
@@ -144,14 +144,14 @@ class FSDP2Engine(Engine):
     sharded = True  # every rank must run each forward (eval batches are padded to the same count)
     gathers_state = True
 
-    def __init__(self, model: nn.Module, cfg, device: torch.device, info, recovery=None):
+    def __init__(self, model: nn.Module, setup: EngineSetup, device: torch.device, info, recovery=None):
         if recovery is not None and recovery.held is not None:
             raise SlimtuneError(
                 "engine.name=fsdp2: full fine-tuning of a pruned base holds masks on whole weights, "
                 "which FSDP2 shards; recover with adapter.type=lora, or engine.name=ddp"
             )
         self.own_group = not info.enabled and one_rank_group()
-        super().__init__(model, cfg, device, info, recovery, wrap=False)
+        super().__init__(model, setup, device, info, recovery, wrap=False)
         from torch.distributed.fsdp import fully_shard  # imported when used: ~45 MB for every command otherwise
 
         shardable_quant(model)
@@ -239,7 +239,7 @@ class FSDP2Engine(Engine):
                         del m._state_dict_pre_hooks[key]
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
-        save_final(self.model, self.cfg, path, base_path, tokenizer)
+        self.setup.final.write(self.model, path, base_path, tokenizer)
         super().save_final_extras(path)
 
     def close(self) -> None:

@@ -3,6 +3,7 @@ checkpoint; what `slimtune eval`, `export` and PEFT load. (`slimtune export` is 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.nn as nn
@@ -27,26 +28,50 @@ def quant_record(cfg) -> dict | None:
     return record
 
 
-def save_final(model: nn.Module, cfg, path: Path, base_path: str, tokenizer) -> None:
-    """LoRA: PEFT adapter dir, with the base's quantization recorded so `slimtune eval model.name=path`
+@dataclass(frozen=True)
+class FinalFormat:
+    """What a run's final/ is, decided once from the recipe (`final_format`); the engines call `write`.
+
+    LoRA: PEFT adapter dir, with the base's quantization recorded so `slimtune eval model.name=path`
     rebuilds the base it was trained on. Full fine-tuning: an HF model dir (+ tokenizer). A base quantized
     together with its factors (LQ-LoRA, LoftQ, EoRA, or a quantized checkpoint): a quantized checkpoint
     dir, since the adapter alone cannot rebuild that base. Written atomically."""
-    if is_quantized_checkpoint(cfg.model.name) or needs_lowrank(cfg):
-        info = {"method": cfg.quant.method, "init": cfg.adapter.init, "base_model": base_path}
-        if is_quantized_checkpoint(cfg.model.name):
-            info = {
-                k: v
-                for k, v in read_manifest(Path(cfg.model.name).expanduser()).items()
-                if k in ("method", "init", "base_model", "budget_bits", "fisher", "allocation")
-            }
-        save_quantized(model, path, tokenizer, {**info, "trained_from": cfg.model.name})
-    elif cfg.adapter.type == "none":
-        with atomic_dir(path) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    else:  # the adapter family's own format (adapters/base.py)
-        quant = quant_record(cfg)
-        adapter = ADAPTERS.get(cfg.adapter.type)
-        fmt = ADAPTER_FORMATS.get(adapter.format)
-        fmt.save(model, options_of(cfg, adapter), path, cfg.model.name, base_path, quant)
+
+    model_name: str  # model.name
+    kind: str  # quantized | full | adapter
+    fields: dict | None = None  # kind=quantized: the manifest fields (base_model filled in at write time)
+    adapter_type: str = "none"
+    adapter_options: object = None  # the adapter's own section
+    quant: dict | None = None  # quant_record: what an adapter dir records of the base's quantization
+
+    def write(self, model: nn.Module, path: Path, base_path: str, tokenizer) -> None:
+        if self.kind == "quantized":
+            info = {"base_model": base_path, **self.fields}
+            save_quantized(model, path, tokenizer, {**info, "trained_from": self.model_name})
+        elif self.kind == "full":
+            with atomic_dir(path) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+        else:  # the adapter family's own format (adapters/base.py)
+            fmt = ADAPTER_FORMATS.get(ADAPTERS.get(self.adapter_type).format)
+            fmt.save(model, self.adapter_options, path, self.model_name, base_path, self.quant)
+
+
+def final_format(cfg) -> FinalFormat:
+    """The FinalFormat of RecipeConfig `cfg`."""
+    name = cfg.model.name
+    if is_quantized_checkpoint(name):
+        keep = ("method", "init", "base_model", "budget_bits", "fisher", "allocation")
+        manifest = read_manifest(Path(name).expanduser())
+        return FinalFormat(name, "quantized", {k: v for k, v in manifest.items() if k in keep})
+    if needs_lowrank(cfg):
+        return FinalFormat(name, "quantized", {"method": cfg.quant.method, "init": cfg.adapter.init})
+    if cfg.adapter.type == "none":
+        return FinalFormat(name, "full")
+    adapter = ADAPTERS.get(cfg.adapter.type)
+    return FinalFormat(name, "adapter", None, cfg.adapter.type, options_of(cfg, adapter), quant_record(cfg))
+
+
+def save_final(model: nn.Module, cfg, path: Path, base_path: str, tokenizer) -> None:
+    """final/ of RecipeConfig `cfg` (see FinalFormat)."""
+    final_format(cfg).write(model, path, base_path, tokenizer)

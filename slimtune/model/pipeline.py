@@ -27,7 +27,7 @@ from slimtune.engines.offload.load import load_streamed
 from slimtune.model.load import load_base
 from slimtune.formats.quantized import is_quantized_checkpoint
 from slimtune.rules import load_dtype, needs_lowrank, placement
-from slimtune.model.quantize import quantize_base
+from slimtune.model.quantize import quantize_stage
 from slimtune.model.recovery import Recovery, hold_masks, read_masks, recovery_stage
 from slimtune.config import QuantConfig
 from slimtune.errors import ConfigError, SlimtuneError
@@ -43,6 +43,9 @@ from slimtune.engines.offload.rundir import offload_dir, open_store
 from slimtune.engines.offload.engine import OffloadEngine
 from slimtune.engines.offload.settings import offload_active
 from slimtune.engines.dist import DistInfo
+from slimtune.engines.setup import EngineSetup
+from slimtune.formats.final import final_format
+from slimtune.optim import optimizer_options
 
 
 def adapter_options(cfg):
@@ -66,7 +69,7 @@ def build_base(cfg, train_blocks=None, log=print) -> tuple[nn.Module, dict, dict
     model = load_base(cfg.model.name, cfg.model.dtype if prebuilt else load_dtype(cfg))
     check_head(model, cfg.model.name)
     manifest, masks = read_masks(cfg.model.name, model)
-    info = {} if prebuilt else quantize_base(model, cfg, train_blocks, log)
+    info = {} if prebuilt else quantize_stage(model, cfg, train_blocks, log)
     _check_sparse_kept(model, masks, cfg)
     return model, manifest, masks, info
 
@@ -89,7 +92,18 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
         return _build_offloaded(cfg, device, dist_info, log)
     model, manifest, masks, info = build_base(cfg, train_blocks, log)
     add_adapters(model, cfg)
-    recovery = recovery_stage(cfg, model, manifest, masks, device, log)
+    recovery = recovery_stage(
+        cfg.recover,
+        model,
+        manifest,
+        masks,
+        device,
+        model_name=cfg.model.name,
+        dtype=cfg.model.dtype,
+        quant=cfg.quant,
+        select=cfg.data.select,
+        log=log,
+    )
     precision = cfg.train.precision
     technique = PRECISIONS.get(precision) if precision != "default" else None
     n = apply_precision(model, precision, options_of(cfg, technique), skip=adapter_internals(model))
@@ -103,8 +117,30 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
     release_file_mappings(model)  # the loaded file's pages would stay resident all run
     trim_heap()  # and so would what loading and quantizing freed
     engine_cls = Engine if cfg.engine.name == "offload" else ENGINES.get(cfg.engine.name)  # offload: nothing on disk
-    built = Built(model, engine_cls(model, cfg, device, dist_info, recovery), info, recovery, hooks)
+    built = Built(
+        model, engine_cls(model, engine_setup(cfg, engine_cls), device, dist_info, recovery), info, recovery, hooks
+    )
     return built
+
+
+def engine_setup(cfg, engine_cls) -> EngineSetup:
+    """The engine's sections of RecipeConfig `cfg` and the other sections' values it uses."""
+    params, optimizer = placement(cfg)
+    return EngineSetup(
+        engine=cfg.engine,
+        options=options_of(cfg, engine_cls),
+        train=cfg.train,
+        optim=cfg.optim,
+        optim_options=optimizer_options(cfg),
+        cram=cfg.cram if cfg.optim.cram else None,
+        dtype=cfg.model.dtype,
+        output_dir=cfg.output_dir,
+        params=params,
+        optimizer=optimizer,
+        full=cfg.adapter.type == "none",
+        quant_method=cfg.quant.method,
+        final=final_format(cfg),
+    )
 
 
 def _build_offloaded(cfg, device, dist_info, log) -> Built:
@@ -123,10 +159,11 @@ def _build_offloaded(cfg, device, dist_info, log) -> Built:
             model = load_streamed(name, cfg.model.dtype, store, trainable=full, quant=cfg.quant)
         else:
             model = load_base(name, load_dtype(cfg))
-            quantize_base(model, cfg)
+            quantize_stage(model, cfg)
         apply_adapters(model, cfg.adapter, adapter_options(cfg))
         set_mmap_threshold(OffloadEngine.heap_mmap_threshold)  # the engine's allocator setting, for this process
-        engine = OffloadEngine(model, cfg, device, dist_info, store, streamed_weights=params == "disk")
+        setup = engine_setup(cfg, OffloadEngine)
+        engine = OffloadEngine(model, setup, device, dist_info, store, streamed_weights=params == "disk")
         check_head(model, name)
         engine.streamer.release_all()
     except BaseException:  # the store's threads and its lock go with the error
@@ -206,7 +243,7 @@ def build_for_eval(cfg) -> nn.Module:
     check_head(model, name)
     _, masks = read_masks(base, model)
     if not is_quantized_checkpoint(name):
-        quantize_base(model, stage_cfg)
+        quantize_stage(model, stage_cfg)
     if meta is not None:
         ADAPTER_FORMATS.get(meta["format"]).load(model, Path(name).expanduser())
         hold_masks(model, masks)  # an adapter trained on a pruned base learned mask * (B A)

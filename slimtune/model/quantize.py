@@ -1,6 +1,6 @@
 """The quantize-or-decompose stage of model setup, and `slimtune quantize` (a checkpoint of its result).
 
-`quantize_base(model, cfg, train_blocks)`: a uniform format (quant.method=nf4, int8, nf3, ..., either
+`quantize_base(model, quant, dtype, ...)`: a uniform format (quant.method=nf4, int8, nf3, ..., either
 backend) swaps every linear but lm_head for its frozen quantized version; LQ-LoRA (quant.method=lq_lora)
 and the LoftQ / EoRA initialisations (adapter.init, the ADAPTER_INITS registry) quantize the targeted
 linears together with LoRA factors that start at the low-rank part, from calibration statistics.
@@ -9,10 +9,12 @@ linears together with LoRA factors that start at the low-rank part, from calibra
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.nn as nn
 
+from slimtune.adapters.lowrank_setup import LowRankSetup
 from slimtune.adapters.lq_lora import apply_lq_lora
 from slimtune.calibration import Calibration, calibration_samples
 from slimtune.formats.quantized import is_quantized_checkpoint, read_manifest, save_quantized
@@ -27,46 +29,77 @@ from slimtune.technique import options_of
 from slimtune.rules import load_dtype, needs_lowrank
 
 
-def quantize_base(model: nn.Module, cfg, train_blocks=None, log=print) -> dict:
-    """Quantize (or quantize + decompose) `model` in place per cfg.quant / cfg.adapter.init; returns the
-    decomposition's summary (empty for a uniform format or quant.method=none). What stays unquantized
-    (embeddings, norms, lm_head) is stored frozen in model.dtype."""
-    q, dtype = cfg.quant, DTYPES[cfg.model.dtype]
-    if q.method == "none":
+@dataclass(frozen=True)
+class Decomposition:
+    """A base quantized together with LoRA factors from its full-precision W: LQ-LoRA (method "lq_lora") or
+    an adapter.init of the ADAPTER_INITS registry (LoftQ, EoRA, PiSSA), with the sections it reads."""
+
+    method: str
+    setup: LowRankSetup
+    calibration: Calibration | None = None
+
+
+def decomposition_of(cfg, train_blocks=None) -> Decomposition | None:
+    """The Decomposition RecipeConfig `cfg` asks for (None: a uniform format, or none); train_blocks feed the
+    calibration statistics (LQ-LoRA's Fisher sums, EoRA's covariances)."""
+    if not needs_lowrank(cfg):
+        return None
+    setup = LowRankSetup(cfg.quant, cfg.lora, cfg.lq_lora, cfg.adapter.target_modules)
+    method = "lq_lora" if cfg.quant.method == "lq_lora" else cfg.adapter.init
+    if train_blocks is None:  # LoftQ and PiSSA need no calibration data
+        return Decomposition(method, setup)
+    samples = calibration_samples(train_blocks, cfg.lq_lora.calibration_samples, cfg.train.seed)
+    return Decomposition(method, setup, Calibration(samples, cfg.train.loss_chunk_tokens))
+
+
+def quantize_base(
+    model: nn.Module, quant, dtype: str, options=None, decomposition: Decomposition | None = None, log=print
+) -> dict:
+    """Quantize `model` in place per `quant` (the quant section; options: the format's own section), or
+    quantize + decompose it (`decomposition`); returns the decomposition's summary (empty for a uniform
+    format or quant.method=none). What stays unquantized (embeddings, norms, lm_head) is stored frozen in
+    `dtype` (model.dtype)."""
+    torch_dtype = DTYPES[dtype]
+    if quant.method == "none":
         return {}
-    if needs_lowrank(cfg):
-        samples = calibration_samples(train_blocks, cfg.lq_lora.calibration_samples, cfg.train.seed)
-        info = quantize_lowrank(model, cfg, Calibration(samples, cfg.train.loss_chunk_tokens), log)
+    if decomposition is not None:
+        info = quantize_lowrank(model, decomposition, torch_dtype, log)
     else:
         quantize_model(
             model,
-            q.method,
-            backend=q.backend,
-            block_size=q.block_size,
-            double_quant=q.double_quant,
-            compute_dtype=dtype,
-            options=options_of(cfg, QUANT_FORMATS.technique(q.method)),
+            quant.method,
+            backend=quant.backend,
+            block_size=quant.block_size,
+            double_quant=quant.double_quant,
+            compute_dtype=torch_dtype,
+            options=options,
         )
         info = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
-            if p.is_floating_point() and p.dtype != dtype and not p.requires_grad:
-                p.data = p.data.to(dtype)
+            if p.is_floating_point() and p.dtype != torch_dtype and not p.requires_grad:
+                p.data = p.data.to(torch_dtype)
     return info
 
 
-def quantize_lowrank(model: nn.Module, cfg, calibration: Calibration, log=print) -> dict:
+def quantize_stage(model: nn.Module, cfg, train_blocks=None, log=print) -> dict:
+    """quantize_base with the sections of RecipeConfig `cfg` (for the setup pipeline and the commands)."""
+    options = options_of(cfg, QUANT_FORMATS.technique(cfg.quant.method))
+    return quantize_base(model, cfg.quant, cfg.model.dtype, options, decomposition_of(cfg, train_blocks), log)
+
+
+def quantize_lowrank(model: nn.Module, d: Decomposition, dtype, log=print) -> dict:
     """Quantize `model` (full precision) in place and wrap the targeted linears with LoRA factors that
     start at the low-rank part: LQ-LoRA (bit allocation), or the adapter.init method. Returns the summary."""
-    dtype = DTYPES[cfg.model.dtype]
     try:
-        if cfg.quant.method == "lq_lora":
-            info = apply_lq_lora(model, cfg, calibration, dtype, log)
+        if d.method == "lq_lora":
+            info = apply_lq_lora(model, d.setup, d.calibration, dtype, log)
             log("lq_lora: bit allocation\n" + info["table"])
         else:
-            info = ADAPTER_INITS.get(cfg.adapter.init)(model, cfg, calibration, dtype, log)
+            info = ADAPTER_INITS.get(d.method)(model, d.setup, d.calibration, dtype, log)
     except ValueError as e:  # an infeasible budget, a block size that does not divide a matrix, ...
-        raise ConfigError(f"quant.method={cfg.quant.method} adapter.init={cfg.adapter.init}: {e}") from None
+        init = "default" if d.method == "lq_lora" else d.method
+        raise ConfigError(f"quant.method={d.setup.quant.method} adapter.init={init}: {e}") from None
     return info
 
 
@@ -96,7 +129,7 @@ def quantize_command(cfg) -> Path:
         blocks = build_splits(
             cfg.data.source, tokenizer, cfg.train.seq_len, cfg.data.eval_fraction, cache_dir=cfg.data.cache_dir or None
         ).train
-    info = quantize_base(model, cfg, blocks)
+    info = quantize_stage(model, cfg, blocks)
     fields = {
         "method": cfg.quant.method,
         "init": cfg.adapter.init,

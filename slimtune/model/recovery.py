@@ -24,6 +24,7 @@ from slimtune.prune.masks import MaskedParams, hold_masks  # noqa: F401  (hold_m
 from slimtune.formats.pruned import MANIFEST, is_sparse_model, load_masks, read_sparse_manifest
 from slimtune.prune.select import random_blocks, select_recovery_data
 from slimtune.errors import ConfigError, SlimtuneError
+from slimtune.schema import RecoverConfig
 
 
 @dataclass
@@ -33,10 +34,11 @@ class Recovery:
     held: MaskedParams | None = None  # full fine-tuning: the trained weights' masks
     teacher: Teacher | None = None
     teacher_model: nn.Module | None = None
+    options: RecoverConfig | None = None  # recover.*
 
-    def loss(self, model: nn.Module, cfg) -> nn.Module | None:
-        """The training loss when distilling (None: plain cross-entropy)."""
-        r = cfg.recover
+    def loss(self, model: nn.Module, chunk_tokens: int) -> nn.Module | None:
+        """The training loss when distilling (None: plain cross-entropy); chunk_tokens: train.loss_chunk_tokens."""
+        r = self.options
         if self.teacher is None:
             return None
         return RecoveryLoss(
@@ -46,7 +48,7 @@ class Recovery:
             kd=r.kd,
             feature=r.feature,
             temperature=r.temperature,
-            chunk_tokens=cfg.train.loss_chunk_tokens,
+            chunk_tokens=chunk_tokens,
         )
 
     def mask_tensors(self) -> dict[str, torch.Tensor]:
@@ -61,15 +63,18 @@ def read_masks(name: str, model: nn.Module) -> tuple[dict | None, dict[str, torc
     return read_sparse_manifest(name), load_masks(name, model)
 
 
-def load_teacher(cfg, manifest: dict | None, log=print) -> nn.Module | None:
-    """The dense teacher when recover.kd / recover.feature need one (frozen, eval mode, on CPU)."""
-    r = cfg.recover
+def load_teacher(
+    r: RecoverConfig, manifest: dict | None, model_name: str, dtype: str, quant, log=print
+) -> nn.Module | None:
+    """The dense teacher when recover.kd / recover.feature need one (frozen, eval mode, on CPU). r: the
+    recover section; model_name, dtype: model.name / model.dtype; quant: the quant section (a quantized
+    teacher takes its block size and double quant)."""
     if r.kd == 0 and r.feature == 0:
         return None
     name = r.teacher or (manifest or {}).get("source_model")
     if not name:
         raise ConfigError(
-            f"recover.kd / recover.feature need a teacher: model.name={cfg.model.name!r} has no "
+            f"recover.kd / recover.feature need a teacher: model.name={model_name!r} has no "
             f"{MANIFEST} naming its dense source; set recover.teacher=MODEL"
         )
     from slimtune.model.load import load_base
@@ -78,58 +83,70 @@ def load_teacher(cfg, manifest: dict | None, log=print) -> nn.Module | None:
 
     t0 = time.perf_counter()
     try:
-        teacher = load_base(name, cfg.model.dtype)
+        teacher = load_base(name, dtype)
     except SlimtuneError as e:
         raise SlimtuneError(f"recover.teacher={name!r}: {e}") from None
     if r.teacher_quant != "none":
         quantize_model(
             teacher,
             r.teacher_quant,
-            block_size=cfg.quant.block_size,
-            double_quant=cfg.quant.double_quant,
-            compute_dtype=DTYPES[cfg.model.dtype],
+            block_size=quant.block_size,
+            double_quant=quant.double_quant,
+            compute_dtype=DTYPES[dtype],
         )
     teacher.eval().requires_grad_(False)
     log(
-        f"recover: teacher {name} ({r.teacher_quant if r.teacher_quant != 'none' else cfg.model.dtype}, "
+        f"recover: teacher {name} ({r.teacher_quant if r.teacher_quant != 'none' else dtype}, "
         f"{time.perf_counter() - t0:.1f}s)"
     )
     return teacher
 
 
 def recovery_stage(
-    cfg, model: nn.Module, manifest: dict | None, masks: dict, device: torch.device, log=print
+    r: RecoverConfig,
+    model: nn.Module,
+    manifest: dict | None,
+    masks: dict,
+    device: torch.device,
+    *,
+    model_name: str,
+    dtype: str,
+    quant,
+    select: str = "all",
+    log=print,
 ) -> Recovery | None:
-    """Masks held and the teacher loaded (after the adapters stage). None when nothing applies."""
-    needs_teacher = cfg.recover.kd > 0 or cfg.recover.feature > 0
-    if manifest is None and not needs_teacher and cfg.data.select == "all":
+    """Masks held and the teacher loaded (after the adapters stage). None when nothing applies. r: the
+    recover section; select: data.select; the rest as load_teacher."""
+    needs_teacher = r.kd > 0 or r.feature > 0
+    if manifest is None and not needs_teacher and select == "all":
         return None
-    rec = Recovery(manifest, masks, hold_masks(model, masks))
+    rec = Recovery(manifest, masks, hold_masks(model, masks), options=r)
     if masks:
         kept = sum(int(m.sum()) for m in masks.values()) / max(sum(m.numel() for m in masks.values()), 1)
         log(
             f"recover: {len(masks)} pruned matrices ({manifest.get('method')} {manifest.get('pattern')}, "
             f"{1 - kept:.3f} sparse) held sparse"
         )
-    teacher = load_teacher(cfg, manifest, log)
+    teacher = load_teacher(r, manifest, model_name, dtype, quant, log)
     if teacher is not None:
         rec.teacher_model = teacher.to(device)
         rec.teacher = Teacher(teacher)
     return rec
 
 
-def select_data(cfg, rec: Recovery | None, model: nn.Module, blocks, device, log=print):
-    """data.select: the training blocks to recover on (all of them for data.select=all)."""
-    d = cfg.data
+def select_data(d, t, rec: Recovery | None, model: nn.Module, blocks, device, dtype: str, log=print):
+    """data.select: the training blocks to recover on (all of them for data.select=all). d, t: the data and
+    train sections; dtype: model.dtype (of the dense model scored against)."""
     if d.select == "all":
         return blocks
     if d.select == "random":
-        idx = random_blocks(len(blocks), d.select_fraction, cfg.train.seed)
+        idx = random_blocks(len(blocks), d.select_fraction, t.seed)
         log(f"data.select=random: {len(idx)} of {len(blocks)} blocks")
         return blocks.subset(idx)
     dense = rec.teacher_model if rec is not None else None
     if dense is None:  # no teacher for the loss: the dense model only for the scores
-        name = cfg.recover.teacher or ((rec.manifest or {}).get("source_model") if rec else None)
+        teacher = rec.options.teacher if rec is not None else ""
+        name = teacher or ((rec.manifest or {}).get("source_model") if rec else None)
         if not name:
             raise ConfigError(
                 "data.select=degradation compares the pruned model with its dense source: give a "
@@ -137,16 +154,16 @@ def select_data(cfg, rec: Recovery | None, model: nn.Module, blocks, device, log
             )
         from slimtune.model.load import load_base
 
-        dense = load_base(name, cfg.model.dtype).to(device).eval()
+        dense = load_base(name, dtype).to(device).eval()
     t0 = time.perf_counter()
     subset, summary = select_recovery_data(
         dense,
         model,
         blocks,
         d.select_fraction,
-        seed=cfg.train.seed,
-        batch_size=cfg.train.batch_size,
-        chunk_tokens=cfg.train.loss_chunk_tokens,
+        seed=t.seed,
+        batch_size=t.batch_size,
+        chunk_tokens=t.loss_chunk_tokens,
     )
     log(
         f"data.select=degradation: {summary['n_selected']} of {summary['n_candidates']} blocks in "

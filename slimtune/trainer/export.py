@@ -13,7 +13,7 @@ from slimtune.formats.quantized import dequantize_to_dense, is_quantized_checkpo
 from slimtune.hardware import fixed_dtype
 from slimtune.io import atomic_dir
 from slimtune.model.load import load_base
-from slimtune.model.quantize import quantize_base
+from slimtune.model.quantize import quantize_stage
 from slimtune.model.recovery import hold_masks, read_masks
 from slimtune.registry import ADAPTER_FORMATS
 from slimtune.rules import load_dtype
@@ -50,7 +50,7 @@ def export_merged(run_dir: Path, out_dir: Path | None = None, onto: str = "full"
         model = load_base(cfg.model.name, load_dtype(cfg) if quantized else cfg.model.dtype)
         sparse, masks = read_masks(cfg.model.name, model)
         if quantized:
-            quantize_base(model, cfg)
+            quantize_stage(model, cfg)
         ADAPTER_FORMATS.get(adapter_metadata(final)["format"]).load(model, final)
         hold_masks(model, masks)  # a pruned base: W + mask * (B A), the merged model stays sparse
         if quantized:

@@ -183,7 +183,9 @@ def setup(cfg: C.RecipeConfig, hooks: list[Hooks], opened: list) -> Session:
     built = build_model(cfg, device, info, data.train, log=log)
     opened.append(built.engine)
     if cfg.data.select != "all":  # recovery data: the blocks the pruning hurt most (or a random subset)
-        data.train = select_data(cfg, built.recovery, built.model, data.train, device, log=log)
+        data.train = select_data(
+            cfg.data, cfg.train, built.recovery, built.model, data.train, device, cfg.model.dtype, log=log
+        )
     optimizer = built.engine.make_optimizer()
     s = Session(
         cfg,

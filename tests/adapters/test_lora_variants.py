@@ -13,6 +13,7 @@ from slimtune.adapters.dora import DoRALinear
 from slimtune.adapters.lora import LoRALinear
 from slimtune.formats.peft import load_peft_adapter, save_peft_adapter
 from slimtune.adapters.pissa import apply_pissa
+from slimtune.model.quantize import decomposition_of
 from slimtune.adapters.lora import LoRAConfig
 from slimtune.config import AdapterConfig, OptimConfig
 from slimtune.errors import ConfigError
@@ -190,7 +191,7 @@ def test_pissa_on_nf4_quantizes_the_residual():
         ["model.name=tiny-llama", "quant.method=nf4", "adapter.init=pissa", f"lora.rank={RANK}", f"lora.alpha={ALPHA}"],
     )
     model, ref = load_model("tiny-llama"), load_model("tiny-llama")
-    apply_pissa(model, cfg, log=lambda s: None)
+    apply_pissa(model, decomposition_of(cfg).setup, log=lambda s: None)
     modules = adapter_modules(model)
     assert len(modules) == 14 and all(type(m) is LoRALinear for m in modules.values())
     for name, m in modules.items():

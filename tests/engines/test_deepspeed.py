@@ -80,7 +80,8 @@ def test_saved_on_two_resumes_on_one(runs, tmp_path, stage):
 
 def test_generated_config_round_trips_with_ones_own(tmp_path):
     from slimtune.config import load_config
-    from slimtune.engines.deepspeed import deepspeed_config
+    from slimtune.engines.deepspeed import DeepSpeedEngine, deepspeed_config
+    from slimtune.model.pipeline import engine_setup
 
     own = tmp_path / "ds.json"
     own.write_text(
@@ -105,7 +106,7 @@ def test_generated_config_round_trips_with_ones_own(tmp_path):
             "train.grad_accum=3",
         ],
     )
-    ds = deepspeed_config(cfg, world=2)
+    ds = deepspeed_config(engine_setup(cfg, DeepSpeedEngine), world=2)
     assert json.loads(json.dumps(ds)) == ds  # plain JSON
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["reduce_bucket_size"] == 12345 and ds["communication_data_type"] == "fp32"

@@ -82,7 +82,7 @@ def saved_activation_bytes(built, args: tuple) -> int:
         return t
 
     handles = []
-    if engine.cfg.train.activation_checkpointing:
+    if engine.setup.train.activation_checkpointing:
 
         def keep_input(module, args, kwargs):
             for a in [*args, *kwargs.values()]:

@@ -48,7 +48,7 @@ class BucketEngine(Engine):
     def make_optimizer(self):
         optimizer = super().make_optimizer()
         params = [p for _, p in self.trainable()]
-        align = self.cfg.toy_bucket.align
+        align = self.options.align  # the engine's own section, toy_bucket.*
         self.bucket = torch.zeros(sum(aligned(p.numel(), align) for p in params), device=self.device)
         start = 0
         for p in params:

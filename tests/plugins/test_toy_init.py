@@ -32,7 +32,7 @@ def orth_init_(m, options, name=None):
 
 
 @declares(requires={"plain_lora"}, validate=_validate)
-def apply_orth(model, cfg, calibration=None, compute_dtype=torch.float32, log=print):
+def apply_orth(model, setup, calibration=None, compute_dtype=torch.float32, log=print):
     raise AssertionError("only a quantized base calls this; the rule refuses one")
 
 

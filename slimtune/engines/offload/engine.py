@@ -37,10 +37,10 @@ from slimtune.engines.offload.stream import Streamer
 from slimtune.engines.offload.units import split_units, uses
 from slimtune.engines.offload.settings import OffloadConfig, keep_activations, offload_active  # noqa: F401
 from slimtune.engines.offload.update import OffloadOptimizer, UnitOptimizer
-from slimtune.optim import build_optimizer, optimizer_options
+from slimtune.optim import build_optimizer
 from slimtune.formats import checkpoint as ckpt
 from slimtune.engines.ddp import Engine
-from slimtune.formats.final import save_final
+from slimtune.engines.setup import EngineSetup
 
 READ_AHEAD = 4  # state chunks read ahead of the one being updated
 
@@ -109,17 +109,20 @@ class OffloadEngine(Engine):
     # per-layer gradients and temporaries would otherwise fragment the heap and RSS creep to ~2x the live set
     heap_mmap_threshold = 128 * 1024
 
-    def __init__(self, model: nn.Module, cfg, device: torch.device, info, store: UnitStore, streamed_weights: bool):
+    def __init__(
+        self, model: nn.Module, setup: EngineSetup, device: torch.device, info, store: UnitStore, streamed_weights: bool
+    ):
         if device.type not in ("cpu", "cuda"):
             raise SlimtuneError(f"offload.* runs on CPU or CUDA, not {device.type}; set train.device=cpu or cuda")
-        t, o = cfg.train, cfg.offload
-        params_at, optimizer_at = placement(cfg)
-        self.model, self.cfg, self.device, self.info, self.store = model, cfg, device, info, store
+        t, o = setup.train, setup.options
+        optimizer_at = setup.optimizer
+        self.model, self.setup, self.options, self.device, self.info = model, setup, o, device, info
+        self.store = store
         # backward recomputes each decoder layer (streamer.attach wraps their forward in checkpointing, with
         # the load inside, so the recompute loads the layer again, in reverse order)
         # no autocast cache: it would hold a bf16 copy of every streamed weight until the forward ends
         self.autocast = torch.autocast(
-            device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16", cache_enabled=False
+            device.type, dtype=torch.bfloat16, enabled=setup.dtype == "bfloat16", cache_enabled=False
         )
         on_disk = optimizer_at == "disk"
         # names in the store (written before adapters renamed q_proj.weight to q_proj.base.weight ...)
@@ -149,8 +152,9 @@ class OffloadEngine(Engine):
         mirrored = {c: classes[c] for c in ("layer", "big")}
         self.mirror = DeviceMirror(device, mirrored) if device.type == "cuda" or self.stage_on_cpu else None
         self.pool = BufferPool(classes, pin=pin if device.type == "cuda" else None)
-        self.unit_opt = UnitOptimizer(cfg.optim, optimizer_options(cfg), index, self.pool, READ_AHEAD)
-        self.keep_activations = keep_activations(cfg, model, streamed_weights)
+        self.unit_opt = UnitOptimizer(setup.optim, setup.optim_options, index, self.pool, READ_AHEAD)
+        quantized = streamed_weights and setup.quant_method != "none"
+        self.keep_activations = keep_activations(o.activations, model, quantized, t.batch_size * t.seq_len)
         self.streamer = Streamer(
             units,
             uses(model, units, recompute=not self.keep_activations),
@@ -183,7 +187,7 @@ class OffloadEngine(Engine):
     def make_optimizer(self):
         resident = [(n, p) for n, p in self.trainable() if n not in self.in_store]
         self.resident_opt = (
-            build_optimizer(self.cfg.optim, resident, self.cfg.train.lr, optimizer_options(self.cfg))
+            build_optimizer(self.setup.optim, resident, self.setup.train.lr, self.setup.optim_options)
             if resident
             else None
         )
@@ -201,7 +205,7 @@ class OffloadEngine(Engine):
                 self.streamer.wait_seconds,
             )
         self.unit_opt.lr = self.optimizer.group["lr"]
-        self.streamer.begin_backward(accumulate=not last, defer=self.cfg.train.max_grad_norm > 0)
+        self.streamer.begin_backward(accumulate=not last, defer=self.setup.train.max_grad_norm > 0)
         saved = self.streamer.saved.hooks() if self.keep_activations else contextlib.nullcontext()
         with self.autocast, saved:
             loss = self.loss_model(*self.inputs(x, y, pos))
@@ -312,8 +316,8 @@ class OffloadEngine(Engine):
         return frozenset(self.in_store) | frozenset(self.streamer.placeholder)
 
     def save_final(self, path: Path, base_path: str, tokenizer) -> None:
-        if self.cfg.adapter.type != "none":
-            save_final(self.model, self.cfg, path, base_path, tokenizer)  # adapters are in memory
+        if not self.setup.full:
+            self.setup.final.write(self.model, path, base_path, tokenizer)  # adapters are in memory
             return
         dtype = torch.float32  # the fp32 master weights, as the in-memory engine's save_pretrained writes them
         with atomic_dir(path) as tmp:
@@ -344,11 +348,11 @@ class OffloadEngine(Engine):
         thread waited for I/O or updates (wait_seconds) and computed (compute_seconds), and the share of I/O
         time hidden behind compute: 1 - wait / (io_seconds / io_threads)."""
         s, io, n = self.store, self.io, max(self.io["steps"], 1)
-        io_wall = io["io_seconds"] / max(self.cfg.offload.io_threads, 1)
+        io_wall = io["io_seconds"] / max(self.options.io_threads, 1)
         return {
             "offload": {
-                "params": placement(self.cfg)[0],
-                "optimizer": placement(self.cfg)[1],
+                "params": self.setup.params,
+                "optimizer": self.setup.optimizer,
                 "activations": "keep" if self.keep_activations else "recompute",
                 "weights_reloaded_for_backward": self.streamer.saved.kept,
                 "bytes_read_per_step": io["read"] / n,

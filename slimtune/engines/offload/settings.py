@@ -47,17 +47,16 @@ def activation_bytes(model: nn.Module, tokens: int) -> int:
     return per_token * tokens * c.num_hidden_layers * size
 
 
-def keep_activations(cfg, model: nn.Module, streamed_weights: bool) -> bool:
+def keep_activations(mode: str, model: nn.Module, streamed_quantized: bool, tokens: int) -> bool:
     """offload.activations: keep (no recompute, a third less compute) or recompute each layer in backward.
     auto keeps them when they fit in 1/16 of the machine's RAM and no streamed base is quantized (its
-    dequantized weights would be kept with them)."""
-    mode = cfg.offload.activations
+    dequantized weights would be kept with them). tokens: a micro-batch's (train.batch_size x seq_len)."""
     if mode != "auto":
         return mode == "keep"
-    if streamed_weights and cfg.quant.method != "none":
+    if streamed_quantized:
         return False
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return activation_bytes(model, cfg.train.batch_size * cfg.train.seq_len) <= ram / 16
+    return activation_bytes(model, tokens) <= ram / 16
 
 
 def offload_active(cfg) -> bool:

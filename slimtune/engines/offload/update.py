@@ -33,28 +33,28 @@ def state_key(param: str, key: str) -> str:
 
 
 class UnitOptimizer:
-    """cfg: OptimConfig; options: the optimizer's own section (galore.*, frugal.*, ...; None for adamw). `index`
+    """optim: the optim section; options: the optimizer's own section (galore.*, frugal.*, ...; None for adamw). `index`
     numbers every trainable parameter of the model (the per-parameter seeds of random subspaces, as
     optimizer-in-backward does). `lr` is set by the loop every step."""
 
-    def __init__(self, cfg, options, index: dict[str, int], pool=None, read_ahead: int = 4):
+    def __init__(self, optim, options, index: dict[str, int], pool=None, read_ahead: int = 4):
         """pool: a BufferPool with a "chunk" class (CHUNK fp32 values per slab, 2 x (read_ahead + 2) of them)."""
-        self.cfg, self.options, self.index, self.read_ahead = cfg, options, index, read_ahead
+        self.optim, self.options, self.index, self.read_ahead = optim, options, index, read_ahead
         self.pool = pool
         self.lr = 0.0
         self.projection_seconds = 0.0
 
     def elementwise(self, name: str, p: nn.Parameter) -> bool:
         """Chunked AdamW for this parameter (the optimizer's own arithmetic for it is adamw_update)?"""
-        if self.cfg.name == "adamw":
+        if self.optim.name == "adamw":
             return True
-        if self.cfg.name == "sgd":
+        if self.optim.name == "sgd":
             return False
-        return not any(g["lowrank"] for g in lowrank_groups(self.cfg, [(name, p)]))
+        return not any(g["lowrank"] for g in lowrank_groups(self.optim, [(name, p)]))
 
     def _adam_specs(self, name: str, p: torch.Tensor) -> dict[str, tuple[torch.dtype, tuple]]:
         n = p.numel()
-        if moment_bits(p.shape, self.cfg.state_bits, p.dim()) == 32:
+        if moment_bits(p.shape, self.optim.state_bits, p.dim()) == 32:
             moments = {"exp_avg": (torch.float32, (n,)), "exp_avg_sq": (torch.float32, (n,))}
         else:
             moments = {
@@ -108,7 +108,7 @@ class UnitOptimizer:
         options = self.options
         if options is not None and hasattr(options, "seed"):
             options = dataclasses.replace(options, seed=options.seed * 1_000_003 + self.index[name])
-        opt = build_optimizer(self.cfg, [(name, p)], self.lr, options)
+        opt = build_optimizer(self.optim, [(name, p)], self.lr, options)
         state = old.tensors_of(name)
         if state:
             opt.state[p] = {**state, **old.scalars_of(name)}
@@ -130,10 +130,10 @@ class UnitOptimizer:
         back to the pool when its write is done."""
         group = {
             "lr": self.lr,
-            "betas": tuple(self.cfg.betas),
-            "eps": self.cfg.eps,
-            "weight_decay": self.cfg.weight_decay,
-            "state_bits": self.cfg.state_bits,
+            "betas": tuple(self.optim.betas),
+            "eps": self.optim.eps,
+            "weight_decay": self.optim.weight_decay,
+            "state_bits": self.optim.state_bits,
         }
         chunk = store_mod.CHUNK
         plan, params = [], []
