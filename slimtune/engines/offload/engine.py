@@ -252,13 +252,12 @@ class OffloadEngine(Engine):
         return total
 
     def step(self) -> None:
-        self.streamer.drain()
-        self.streamer.deferred_updates(self.coef)
+        self.streamer.release_all()
+        self.streamer.deferred_updates(self.coef, self.optimizer.group["lr"])  # run ahead of the next forward
         self.coef = None
         if self.resident_opt is not None:
             self.resident_opt.step()
             self.resident_opt.zero_grad(set_to_none=True)
-        self.streamer.release_all()
         t0, r0, w0, io0, wait0 = self._step_start
         s, self._step_start = self.store, None
         for key, delta in (
@@ -316,6 +315,7 @@ class OffloadEngine(Engine):
         return frozenset(self.in_store) | frozenset(self.streamer.placeholder)
 
     def save_final(self, path: Path, base_path: str, tokenizer) -> None:
+        self.streamer.drain()  # the last step's queued updates (clipping) on disk first
         if not self.setup.full:
             self.setup.final.write(self.model, path, base_path, tokenizer)  # adapters are in memory
             return

@@ -60,12 +60,12 @@ class StreamedGradients:
         self.with_grad_store.discard(unit)
         self.worker.submit(unit, lambda: (synchronize(ready), self._update(unit, params, grads)))
 
-    def _update(self, unit: str, params: dict, grads: dict) -> None:
+    def _update(self, unit: str, params: dict, grads: dict, lr: float | None = None) -> None:
         """Update, then commit on the store's commit thread: the next unit's update need not wait for these
         writes. The weights' slab is released once they are written."""
         self.ensure(unit)
         params = self._host_params(unit, params)
-        writer = self.optimizer.step(self.store, unit, params, grads, write_weights=True)
+        writer = self.optimizer.step(self.store, unit, params, grads, write_weights=True, lr=lr)
         for n, p in params.items():  # a resident parameter's compute copy follows its host master
             if n in self.host_master:
                 self.mirror.to_device(p.data, into=self.units[unit].params[n].data)
@@ -92,18 +92,27 @@ class StreamedGradients:
     def _always_loaded(self) -> set[str]:
         return {u for u in self.units if not self.streamed.get(u)}
 
-    def deferred_updates(self, coef: torch.Tensor | None) -> None:
-        """Run the updates the gradient store holds (clipping: each gradient times `coef` first)."""
-        for unit in [u for u in self.order + sorted(self._always_loaded()) if u in self.with_grad_store]:
-            self._prefetch_from(unit, reverse=False)
-            params = {n: self.units[unit].params[n] for n in self.trained[unit]}
-            grads = {}
-            for n, p in params.items():
-                g = torch.empty(p.shape, dtype=torch.float32)
-                self.store.read(f"{unit}~grad", n, g).result()
-                if coef is not None:
-                    g.mul_(coef)
-                grads[n] = g
-            self.with_grad_store.discard(unit)
-            self._update(unit, params, grads)
+    def deferred_updates(self, coef: torch.Tensor | None, lr: float) -> None:
+        """The updates the gradient store holds (clipping: each gradient times `coef` first), at `lr`. The
+        units always in memory are updated now; the streamed ones are queued on the update thread in forward
+        order and not waited for: the next forward waits for a unit's update only when it reaches that unit
+        (ensure), so the updates run while the layers before them compute. Whatever else reads the store
+        (a checkpoint, final/) drains first."""
+        resident = sorted(u for u in self._always_loaded() if u in self.with_grad_store)
+        for unit in resident:
+            self._deferred_update(unit, coef, lr)
+        for unit in [u for u in self.order if u in self.with_grad_store and u not in resident]:
+            self.worker.submit(unit, lambda unit=unit: self._deferred_update(unit, coef, lr), backpressure=False)
         self.norms = {}
+
+    def _deferred_update(self, unit: str, coef: torch.Tensor | None, lr: float) -> None:
+        params = {n: self.units[unit].params[n] for n in self.trained[unit]}
+        grads = {}
+        for n, p in params.items():
+            g = torch.empty(p.shape, dtype=torch.float32)
+            self.store.read(f"{unit}~grad", n, g).result()
+            if coef is not None:
+                g.mul_(coef)
+            grads[n] = g
+        self.with_grad_store.discard(unit)
+        self._update(unit, params, grads, lr)

@@ -76,14 +76,16 @@ def open_store(cfg, numel: int, trainable: int, rank: int = 0, world: int = 1) -
             probe.unlink()
         except OSError as e:
             raise _unwritable(root, e) from None
-        need = store_bytes(cfg, numel, trainable) * world  # every rank's store on this disk
-        free = shutil.disk_usage(root).free
+        total = store_bytes(cfg, numel, trainable) * world  # every rank's store on this disk
+        # what the run already holds (a resumed run's snapshots) is part of that bound: only the rest is new
+        held = bytes_held(root)
+        need, free = max(total - held, 0), shutil.disk_usage(root).free
         if need > free:
             raise SlimtuneError(
-                f"offload.dir={str(root)!r}: the store needs about {need / 1e9:.1f} GB (weights, "
-                f"optimizer state and checkpoint.keep={cfg.checkpoint.keep} snapshots) but "
-                f"{free / 1e9:.1f} GB are free; free space, lower checkpoint.keep, or point "
-                "offload.dir at a larger disk"
+                f"offload.dir={str(root)!r}: the store needs about {need / 1e9:.1f} GB more (weights, "
+                f"optimizer state and checkpoint.keep={cfg.checkpoint.keep} snapshots: {total / 1e9:.1f} GB, "
+                f"of which the run already holds {held / 1e9:.1f}) but {free / 1e9:.1f} GB are free; free "
+                "space, lower checkpoint.keep, or point offload.dir at a larger disk"
             )
         return UnitStore(live, cfg.offload.io_threads, cfg.offload.direct_io, lock=lock)
     except BaseException:
@@ -95,6 +97,21 @@ def _unwritable(root: Path, e: OSError) -> SlimtuneError:
     return SlimtuneError(
         f"offload.dir={str(root)!r}: not writable ({e.strerror}); give a writable directory on a fast local disk"
     )
+
+
+def bytes_held(root: Path) -> int:
+    """Disk space the files under `root` take, each hard-linked file once (a snapshot shares its files with
+    the live store and with the other snapshots)."""
+    seen, total = set(), 0
+    for path in root.rglob("*"):
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if path.is_file() and not path.is_symlink() and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
 
 
 def store_bytes(cfg, numel: int, trainable: int) -> int:

@@ -140,7 +140,8 @@ class Streamer(StreamedGradients):
         with self.lock:
             if unit in self.loaded or unit in self.loading or not self.streamed.get(unit):
                 return
-            if not wait and (self.worker.is_pending(unit) or unit in self.commits):
+            commit = self.commits.get(unit)
+            if not wait and (self.worker.is_pending(unit) or (commit is not None and not commit.done())):
                 return
             slab = None if wait else self.pool.try_acquire(self.slab_class(unit))
             if not wait and slab is None:
@@ -164,7 +165,16 @@ class Streamer(StreamedGradients):
                 self.loading.pop(unit).set()
 
     def ensure(self, unit: str) -> None:
-        """`unit`'s weights in its parameters (waiting for their reads, or for another thread's load)."""
+        """`unit`'s weights in its parameters (waiting for their reads, or for another thread's load); on the
+        training thread, a queued update of the unit (clipping's, from the step before) is done and
+        committed first, so what is read is its new version."""
+        if threading.current_thread() is threading.main_thread() and (
+            self.worker.is_pending(unit) or unit in self.commits
+        ):
+            t0 = time.perf_counter()
+            self.worker.wait_for(unit)
+            self.wait_commit(unit)
+            self.wait_seconds += time.perf_counter() - t0
         self.start_load(unit)
         with self.lock:
             started = self.loading.get(unit)

@@ -73,10 +73,12 @@ class UnitOptimizer:
         params: dict[str, nn.Parameter],
         grads: dict[str, torch.Tensor],
         write_weights: bool,
+        lr: float | None = None,
     ):
         """Update `params` in place (their .data: the fp32 master weights) from `grads`, and queue the unit's
         new version: the weights (if write_weights) and every state tensor. Returns the writer, whose commit()
-        (waiting for the writes) makes it the current version."""
+        (waiting for the writes) makes it the current version. lr: the step's (default: self.lr)."""
+        lr = self.lr if lr is None else lr
         old = StateSource(store, unit)
         meta, small, specs, chunked = {}, {}, [], []
         for name, p in params.items():
@@ -87,7 +89,7 @@ class UnitOptimizer:
                 chunked.append((name, p, grads[name], adam))
                 specs += [(k, dt, shape) for k, (dt, shape) in adam.items()]
                 continue
-            state, meta[name] = self._generic(name, p, grads[name], old)
+            state, meta[name] = self._generic(name, p, grads[name], old, lr)
             for k, t in state.items():
                 small[state_key(name, k)] = t
                 specs.append((state_key(name, k), t.dtype, tuple(t.shape)))
@@ -95,7 +97,7 @@ class UnitOptimizer:
         try:
             for k, t in small.items():
                 writer.write(k, t)
-            self._adamw_chunks(chunked, old, writer)
+            self._adamw_chunks(chunked, old, writer, lr)
             if write_weights:
                 for name, p in params.items():
                     writer.write(name, p.data)
@@ -104,11 +106,11 @@ class UnitOptimizer:
             raise
         return writer
 
-    def _generic(self, name: str, p: nn.Parameter, g: torch.Tensor, old: "StateSource") -> tuple[dict, dict]:
+    def _generic(self, name: str, p: nn.Parameter, g: torch.Tensor, old: "StateSource", lr: float) -> tuple[dict, dict]:
         options = self.options
         if options is not None and hasattr(options, "seed"):
             options = dataclasses.replace(options, seed=options.seed * 1_000_003 + self.index[name])
-        opt = build_optimizer(self.optim, [(name, p)], self.lr, options)
+        opt = build_optimizer(self.optim, [(name, p)], lr, options)
         state = old.tensors_of(name)
         if state:
             opt.state[p] = {**state, **old.scalars_of(name)}
@@ -124,12 +126,12 @@ class UnitOptimizer:
             {k: v for k, v in out.items() if not isinstance(v, torch.Tensor)},
         )
 
-    def _adamw_chunks(self, jobs: list, old: "StateSource", writer) -> None:
+    def _adamw_chunks(self, jobs: list, old: "StateSource", writer, lr: float) -> None:
         """Chunked AdamW over every (parameter, chunk) of the unit in one pipeline: the moments of the next
         `read_ahead` chunks are being read into pooled slabs while one chunk is updated, and a slab goes
         back to the pool when its write is done."""
         group = {
-            "lr": self.lr,
+            "lr": lr,
             "betas": tuple(self.optim.betas),
             "eps": self.optim.eps,
             "weight_decay": self.optim.weight_decay,

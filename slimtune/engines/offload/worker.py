@@ -36,12 +36,15 @@ class Worker:
         )
         self.thread.start()
 
-    def submit(self, unit: str, fn) -> None:
+    def submit(self, unit: str, fn, backpressure: bool = True) -> None:
+        """Queue `fn` as `unit`'s update. backpressure: wait while another update runs (a backward's update
+        holds that unit's gradients in memory); False for one that reads its gradients itself (clipping)."""
         self._raise()
-        self.slot.acquire()
+        if backpressure:
+            self.slot.acquire()
         done = threading.Event()
         self.pending[unit] = done
-        self.q.put((unit, fn, done))
+        self.q.put((unit, fn, done, backpressure))
 
     def _run(self) -> None:
         while True:
@@ -52,7 +55,7 @@ class Worker:
             self._do(*task)
             del task  # waiting for the next one must not keep this one's closure (streamer, buffers, model) alive
 
-    def _do(self, unit: str, fn, done: threading.Event) -> None:
+    def _do(self, unit: str, fn, done: threading.Event, slot: bool) -> None:
         try:
             if self.error is None and not self.stopping:
                 fn()
@@ -60,7 +63,8 @@ class Worker:
             self.error = e
         finally:
             done.set()
-            self.slot.release()
+            if slot:
+                self.slot.release()
             self.q.task_done()
 
     def close(self) -> None:

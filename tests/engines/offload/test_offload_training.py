@@ -339,3 +339,35 @@ def test_cuda_path_streams_events_pinned_slabs_and_equals_in_memory(deep_tiny, t
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_resume_needs_no_more_free_disk_than_the_run_left(tmp_path, monkeypatch):
+    """The free-space check counts what the run's own store already holds (its checkpoints' snapshots, hard
+    links): a resume with exactly the space the first run left is not refused; with less, the refusal names
+    the figures (the bound, what the run holds, what is free)."""
+    import shutil
+    from collections import namedtuple
+
+    from slimtune.engines.offload.rundir import bytes_held, offload_dir, store_bytes
+    from slimtune.errors import SlimtuneError
+
+    args = [*BASE, *DISK, "train.max_steps=4", "checkpoint.every=2", "checkpoint.keep=2"]
+    first = load_config("full", [*args, f"output_dir={tmp_path / 'o'}"])
+    run(first)
+    root = offload_dir(first)
+    held = bytes_held(root)
+    assert held > 0  # the snapshots of step 2 and 4
+    weights = _weights(tmp_path / "o" / "final")
+    numel = sum(t.numel() for t in weights.values())
+    total = store_bytes(first, numel, numel)
+    assert held < total  # a bound: every pinned version in full
+    resume = load_config("full", [*args, "train.max_steps=6", "resume=true", f"output_dir={tmp_path / 'o'}"])
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, total - held - 10**5))
+    with pytest.raises(SlimtuneError, match=r"needs about .* GB more .* the run already holds .* GB are free"):
+        run(resume)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, total - held + 10**5))
+    run(resume)  # the space the run needs beyond what it holds: enough (the old check wanted `total` free)
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    assert len(_losses(tmp_path / "o")) == 6
