@@ -50,7 +50,7 @@ def main(
     ds = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": 0.0,
+        "gradient_clipping": float(os.environ.get("BENCH_MAX_GRAD_NORM", "0")),
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
         "zero_optimization": {
             "stage": 3,

@@ -1,10 +1,12 @@
 """slimtune's disk offload vs DeepSpeed ZeRO-3 NVMe offload vs in-RAM torch: full fine-tuning of a random 1.0B
 Llama (16 layers, hidden 2048, intermediate 5440, 32 heads, vocab 49152, untied), fp32, AdamW, seq 256, batch 1,
-no gradient clipping. Each side runs in its own process on this machine; printed side by side with ratios and
+without gradient clipping, and with `--clip 1.0` every side clipping at 1.0 (rows `<side>_clip`). Each side runs in
+its own process on this machine; printed side by side with ratios and
 written to benchmarks/results/offload_vs_deepspeed.json.
 
     python benchmarks/offload_vs_deepspeed.py                     # all three (DeepSpeed: apt libaio-dev, pip deepspeed)
     python benchmarks/offload_vs_deepspeed.py --sides slimtune    # one side (the others' last results are kept)
+    python benchmarks/offload_vs_deepspeed.py --clip 1.0          # the same with clipping on every side
     python benchmarks/offload_vs_deepspeed.py --scale             # 2.1B (24 layers, hidden 2560): 2 steps, a checkpoint
 
 Steady state = the steps after the first (slimtune: the `seconds` column of metrics.jsonl). Peak RSS: the whole
@@ -106,7 +108,7 @@ def run_child(cmd: list[str], env: dict | None = None, disk: Path | None = None)
     return usage.ru_maxrss * 1024, {k: int(v) for k, v in io.items()}, time.perf_counter() - t
 
 
-def slimtune_side(model: Path, work: Path, steps: int, scale: bool) -> dict:
+def slimtune_side(model: Path, work: Path, steps: int, scale: bool, clip: float = 0.0) -> dict:
     out = work / "slimtune"
     shutil.rmtree(out, ignore_errors=True)
     args = [
@@ -114,7 +116,7 @@ def slimtune_side(model: Path, work: Path, steps: int, scale: bool) -> dict:
         "train.seq_len=256",
         "train.batch_size=1",
         f"train.max_steps={steps}",
-        "train.max_grad_norm=0",
+        f"train.max_grad_norm={clip}",
         "train.warmup_steps=1",
         "train.lr=1e-4",
         "eval.max_batches=1",
@@ -153,7 +155,7 @@ def slimtune_side(model: Path, work: Path, steps: int, scale: bool) -> dict:
     return result
 
 
-def deepspeed_side(model: Path, work: Path, steps: int) -> dict:
+def deepspeed_side(model: Path, work: Path, steps: int, clip: float = 0.0) -> dict:
     nvme = work / "deepspeed_nvme"
     shutil.rmtree(nvme, ignore_errors=True)
     nvme.mkdir(parents=True)
@@ -167,7 +169,8 @@ def deepspeed_side(model: Path, work: Path, steps: int) -> dict:
             str(steps),
             "256",
             str(out),
-        ]
+        ],
+        env={"BENCH_MAX_GRAD_NORM": str(clip)},
     )
     r = json.loads(out.read_text())
     secs = [s["seconds"] for s in r["steps"]]
@@ -185,7 +188,7 @@ def deepspeed_side(model: Path, work: Path, steps: int) -> dict:
     }
 
 
-def in_ram_side(model: Path, work: Path, steps: int) -> dict:
+def in_ram_side(model: Path, work: Path, steps: int, clip: float = 0.0) -> dict:
     out = work / "in_ram"
     shutil.rmtree(out, ignore_errors=True)
     args = [
@@ -193,7 +196,7 @@ def in_ram_side(model: Path, work: Path, steps: int) -> dict:
         "train.seq_len=256",
         "train.batch_size=1",
         f"train.max_steps={steps}",
-        "train.max_grad_norm=0",
+        f"train.max_grad_norm={clip}",
         "train.warmup_steps=1",
         "train.lr=1e-4",
         "eval.max_batches=1",
@@ -222,8 +225,8 @@ def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def table(res: dict) -> str:
-    s, d, m = res.get("slimtune"), res.get("deepspeed"), res.get("in_ram")
+def table(res: dict, suffix: str = "") -> str:
+    s, d, m = res.get("slimtune" + suffix), res.get("deepspeed" + suffix), res.get("in_ram" + suffix)
 
     def cell(side, key, scale=1.0, f=".1f"):
         return "-" if not side or side.get(key) is None else format(side[key] / scale, f)
@@ -233,21 +236,23 @@ def table(res: dict) -> str:
 
     speed = "-" if not (s and d) else format(d["steady_seconds_per_step"] / s["steady_seconds_per_step"], ".2f") + "x"
     mem = "-" if not (s and d) else format(s["peak_rss_bytes"] / d["peak_rss_bytes"], ".2f") + "x"
+    ram = "-" if not (s and m) else format(m["steady_seconds_per_step"] / s["steady_seconds_per_step"], ".2f") + "x"
+    clipping = "clipping at 1.0" if suffix else "no clipping"
     rows = [
-        "| 1.0B Llama, fp32, seq 256, batch 1 | slimtune offload | DeepSpeed ZeRO-3 NVMe | in-RAM torch "
-        "| slimtune vs DeepSpeed |",
-        "|---|---|---|---|---|",
+        f"| 1.0B Llama, fp32, seq 256, batch 1, {clipping} | slimtune offload | DeepSpeed ZeRO-3 NVMe | in-RAM torch "
+        "| slimtune vs DeepSpeed | slimtune vs in-RAM |",
+        "|---|---|---|---|---|---|",
         f"| s/step (steady) | {cell(s, 'steady_seconds_per_step')} | {cell(d, 'steady_seconds_per_step')} | "
-        f"{cell(m, 'steady_seconds_per_step')} | |",
-        f"| tokens/s | {tokens(s)} | {tokens(d)} | {tokens(m)} | {speed} |",
+        f"{cell(m, 'steady_seconds_per_step')} | | |",
+        f"| tokens/s | {tokens(s)} | {tokens(d)} | {tokens(m)} | {speed} | {ram} |",
         f"| peak RSS (GB) | {cell(s, 'peak_rss_bytes', 1e9, '.2f')} | {cell(d, 'peak_rss_bytes', 1e9, '.2f')} | "
-        f"{cell(m, 'peak_rss_bytes', 1e9, '.2f')} | {mem} |",
+        f"{cell(m, 'peak_rss_bytes', 1e9, '.2f')} | {mem} | |",
     ]
     if s and d:
         rows.append(
             f"| GB read / written per step | {s['read_bytes_per_step'] / 1e9:.1f} / "
             f"{s['written_bytes_per_step'] / 1e9:.1f} | {d['read_bytes_per_step'] / 1e9:.1f} / "
-            f"{d['written_bytes_per_step'] / 1e9:.1f} | - | |"
+            f"{d['written_bytes_per_step'] / 1e9:.1f} | - | | |"
         )
     return "\n".join(rows)
 
@@ -257,6 +262,7 @@ def main() -> None:
     ap.add_argument("--sides", nargs="+", default=["slimtune", "deepspeed", "in_ram"])
     ap.add_argument("--work", default="/tmp/slimtune-offload-bench")
     ap.add_argument("--scale", action="store_true", help="the 2.1B run (slimtune only, 2 steps, checkpoint)")
+    ap.add_argument("--clip", type=float, default=0.0, help="train.max_grad_norm on every side (0: none)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -274,14 +280,17 @@ def main() -> None:
     else:
         model = work / "llama-1b"
         make_model(model, **SHAPES["1b"])
+        suffix = "_clip" if a.clip > 0 else ""
         for side in a.sides:
-            res[side] = {
-                "slimtune": lambda: slimtune_side(model, work, 4, False),
-                "deepspeed": lambda: deepspeed_side(model, work, 3),
-                "in_ram": lambda: in_ram_side(model, work, 4),
+            res[side + suffix] = {
+                "slimtune": lambda: slimtune_side(model, work, 4, False, a.clip),
+                "deepspeed": lambda: deepspeed_side(model, work, 3, a.clip),
+                "in_ram": lambda: in_ram_side(model, work, 4, a.clip),
             }[side]()
-            print(side, json.dumps(res[side]), flush=True)
+            res[side + suffix]["max_grad_norm"] = a.clip
+            print(side + suffix, json.dumps(res[side + suffix]), flush=True)
         print(table(res))
+        print(table(res, "_clip"))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))

@@ -11,6 +11,7 @@ and ranks, so 1 process x accum 2 == 2 processes x accum 1).
 from __future__ import annotations
 
 import contextlib
+import gc
 import contextvars
 import math
 import time
@@ -92,6 +93,10 @@ def run(cfg: C.RecipeConfig, hooks: list[Hooks] = ()) -> dict:
             with contextlib.suppress(Exception):  # the error raised is the original one
                 engine.close()
         raise
+    finally:
+        # the run's reference cycles (modules and their hooks, FSDP2's state with its collectives' work objects)
+        # freed now, while the interpreter is whole: gloo's threads freeing them at exit can abort the process
+        gc.collect()
 
 
 def _run(cfg: C.RecipeConfig, hooks: list[Hooks], opened: list) -> dict:
