@@ -289,8 +289,13 @@ def main() -> None:
             }[side]()
             res[side + suffix]["max_grad_norm"] = a.clip
             print(side + suffix, json.dumps(res[side + suffix]), flush=True)
+            save(res)  # a later side failing keeps this one
         print(table(res))
         print(table(res, "_clip"))
+    save(res)
+
+
+def save(res: dict) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
