@@ -98,10 +98,9 @@ class StreamedGradients:
         order and not waited for: the next forward waits for a unit's update only when it reaches that unit
         (ensure), so the updates run while the layers before them compute. Whatever else reads the store
         (a checkpoint, final/) drains first."""
-        resident = sorted(u for u in self._always_loaded() if u in self.with_grad_store)
-        for unit in resident:
+        for unit in sorted(u for u in self._always_loaded() if u in self.with_grad_store):
             self._deferred_update(unit, coef, lr)
-        for unit in [u for u in self.order if u in self.with_grad_store and u not in resident]:
+        for unit in [u for u in self.order if u in self.with_grad_store]:  # order: the streamed units
             self.worker.submit(unit, lambda unit=unit: self._deferred_update(unit, coef, lr), backpressure=False)
         self.norms = {}
 
