@@ -33,8 +33,9 @@ SHAPES = {
 }
 
 
-def make_model(path: Path, layers: int, hidden: int, intermediate: int) -> None:
-    """A random Llama written shard by shard (each layer made, saved, dropped: no full model in memory)."""
+def make_model(path: Path, layers: int, hidden: int, intermediate: int, dtype: str = "float32") -> None:
+    """A random Llama written shard by shard (each layer made, saved, dropped: no full model in memory), its
+    tensors in `dtype`."""
     if (path / "config.json").is_file():
         return
     import torch
@@ -66,16 +67,20 @@ def make_model(path: Path, layers: int, hidden: int, intermediate: int) -> None:
         nonlocal shard
         shard += 1
         name = f"model-{shard:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name), metadata={"format": "pt"})
+        tensors = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})
 
     std = cfg.initializer_range
     save({"model.embed_tokens.weight": torch.randn(cfg.vocab_size, hidden) * std})
     for i in range(layers):
-        layer = LlamaDecoderLayer(cfg, i)
+        with torch.no_grad():
+            layer = LlamaDecoderLayer(cfg, i)
         save({f"model.layers.{i}.{k}": v for k, v in layer.state_dict().items()})
+        del layer
     save({"model.norm.weight": torch.ones(hidden), "lm_head.weight": torch.randn(cfg.vocab_size, hidden) * std})
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg.dtype = dtype
     cfg.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(resolve_model_dir("smollm2-135m")).save_pretrained(tmp)
     tmp.rename(path)

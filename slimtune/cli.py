@@ -29,8 +29,9 @@ USAGE = """slimtune run RECIPE [key=value ...]     train (RECIPE: a name from `s
                  compressed checkpoint (lossless bf16, or a pruned model's masks + kept values, with --rank R
                  low-rank factors beside quantized values); eval and run load it. A run's adapter is merged
                  first, but sparse-nf4 / sparse-int8 keep it beside the quantized values unless --merge
-       slimtune plan RECIPE [key=value ...] [--json] [--fit BUDGET] [--nproc N]  predicted peak memory of the
-                 run (breakdown by component, from config.json alone); --fit 24GiB prints the overrides that fit
+       slimtune plan RECIPE [key=value ...] [--json] [--fit BUDGET] [--disk BUDGET] [--nproc N]  predicted peak
+                 memory of the run (breakdown by component, from config.json alone) and the disk it writes;
+                 --fit 24GiB prints the overrides that fit (--disk 60GB: within that disk too)
        slimtune data prepare RECIPE [key=value ...]  tokenize data.source once into the data cache (before a
                  torchrun launch, so its ranks find it built); prints the entry's path, tokens and blocks
        slimtune recipes                        list recipes
@@ -150,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         help="e.g. 24GiB, 800MiB, bytes: print the overrides (last line) whose predicted peak fits",
     )
     p_plan.add_argument("--nproc", type=int, default=None, help="processes (ranks); default WORLD_SIZE or 1")
+    p_plan.add_argument(
+        "--disk",
+        default=None,
+        metavar="BUDGET",
+        help="e.g. 60GB: the disk the run may write (store, snapshots, checkpoints, final/); --fit keeps within it",
+    )
     p_data = sub.add_parser("data")
     p_data.add_argument("action", choices=["prepare"])
     p_data.add_argument("recipe")
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             _quiet_libraries()
             from slimtune.plan.cli import plan_command
 
-            return plan_command(args.recipe, args.overrides, args.json, args.fit, args.nproc)
+            return plan_command(args.recipe, args.overrides, args.json, args.fit, args.nproc, args.disk)
         elif args.cmd == "export" and args.format != "hf":
             _quiet_libraries()
             from slimtune.formats.compressed_io import export_compressed

@@ -118,8 +118,8 @@ def needs_lowrank(cfg) -> bool:
 
 def load_dtype(cfg) -> str:
     """The dtype to load the base in: bf16 when a uniform quantization follows (the full-precision copy then
-    never exists in fp32: lower peak memory); fp32 for full fine-tuning (its fp32 master weights are the
+    never exists in fp32: lower peak memory); optim.master_dtype for full fine-tuning (fp32 master weights are the
     file's values, not their bf16 rounding); else model.dtype (a decomposition needs the exact weights)."""
     if cfg.quant.method != "none" and not needs_lowrank(cfg):
         return "bfloat16"
-    return "float32" if cfg.adapter.type == "none" else cfg.model.dtype
+    return cfg.optim.master_dtype if cfg.adapter.type == "none" else cfg.model.dtype

@@ -176,6 +176,18 @@ class OptimConfig:
     betas: tuple[float, ...] = _help("Adam betas", (0.9, 0.999))
     eps: float = _help("Adam epsilon", 1e-8)
     state_bits: int = _help("32 | 8: block-wise 8-bit Adam moments (adamw, galore, frugal, dct)", 32, (32, 8))
+    master_dtype: str = _help(
+        "float32 | bfloat16: the trained weights' dtype in full fine-tuning (bf16: half their memory and offload "
+        "store; the updates go through optim.compensation)",
+        "float32",
+        ("float32", "bfloat16"),
+    )
+    compensation: str = _help(
+        "auto | none | kahan | stochastic: how bf16 master weights take fp32 updates (stochastic rounding, or "
+        "Kahan summation with a bf16 buffer); auto: stochastic with bfloat16, none with float32",
+        "auto",
+        ("auto", "none", "kahan", "stochastic"),
+    )
     in_backward: bool = _help(
         "step each parameter in backward and free its gradient (grad_accum 1, no clipping)", False
     )

@@ -36,6 +36,7 @@ FACTORS = {
     "optim.name": None,
     "optim.state_bits": None,
     "optim.in_backward": None,
+    "optim.master_dtype": None,
     "train.max_grad_norm": (0.0, 1.0),
     "train.grad_accum": (1, 2),
     "train.precision": None,

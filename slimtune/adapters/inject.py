@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 from slimtune.errors import ConfigError, SlimtuneError
@@ -77,14 +78,14 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return new
 
 
-def apply_adapters(model: nn.Module, cfg, options=None) -> list[str]:
+def apply_adapters(model: nn.Module, cfg, options=None, master: torch.dtype = torch.float32) -> list[str]:
     """Freeze `model` and wrap the modules `cfg.target_modules` names with adapter `cfg.type`; for
-    type "none" unfreeze everything instead (fp32 master weights). Returns the qualified names wrapped.
-    cfg: AdapterConfig (type, target_modules, init); options: the adapter's own section (lora.*,
-    sparse_ft.*; None: its defaults)."""
+    type "none" unfreeze everything instead (master weights in `master`: optim.master_dtype). Returns the
+    qualified names wrapped. cfg: AdapterConfig (type, target_modules, init); options: the adapter's own
+    section (lora.*, sparse_ft.*; None: its defaults)."""
     if cfg.type == "none":
         for p in model.parameters():
-            p.data = p.data.float()
+            p.data = p.data.to(master)
             p.requires_grad_(True)
         return []
     adapter_cls = ADAPTERS.get(cfg.type)

@@ -203,6 +203,8 @@ FROZEN_ON_RESUME = (
     "train.precision",
     "optim.name",
     "optim.state_bits",
+    "optim.master_dtype",
+    "optim.compensation",
     "optim.full_rank_modules",
     "optim.in_backward",
 )

@@ -33,7 +33,7 @@ from slimtune.config import QuantConfig
 from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.hardware import fixed_dtype
 from slimtune.lm_loss import check_head
-from slimtune.formats.hf import adapter_metadata, empty_model
+from slimtune.formats.hf import DTYPES, adapter_metadata, empty_model
 from slimtune.precision.swap import apply_precision
 from slimtune.registry import ADAPTER_FORMATS, ADAPTERS, ENGINES, PRECISIONS, QUANT_FORMATS, SECTIONS
 from slimtune.technique import options_of
@@ -83,7 +83,7 @@ def add_adapters(model: nn.Module, cfg) -> None:
             for p in m.trainable_parameters():
                 p.requires_grad_(True)
     else:
-        apply_adapters(model, cfg.adapter, adapter_options(cfg))
+        apply_adapters(model, cfg.adapter, adapter_options(cfg), DTYPES[cfg.optim.master_dtype])
 
 
 def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), train_blocks=None, log=print) -> Built:
@@ -156,11 +156,13 @@ def _build_offloaded(cfg, device, dist_info, log) -> Built:
     engine = None
     try:
         if params == "disk":
-            model = load_streamed(name, cfg.model.dtype, store, trainable=full, quant=cfg.quant)
+            model = load_streamed(
+                name, cfg.model.dtype, store, trainable=full, quant=cfg.quant, master=cfg.optim.master_dtype
+            )
         else:
             model = load_base(name, load_dtype(cfg))
             quantize_stage(model, cfg)
-        apply_adapters(model, cfg.adapter, adapter_options(cfg))
+        apply_adapters(model, cfg.adapter, adapter_options(cfg), DTYPES[cfg.optim.master_dtype])
         set_mmap_threshold(OffloadEngine.heap_mmap_threshold)  # the engine's allocator setting, for this process
         setup = engine_setup(cfg, OffloadEngine)
         engine = OffloadEngine(model, setup, device, dist_info, store, streamed_weights=params == "disk")

@@ -53,4 +53,4 @@ def _names_of(named, params):
     return [(n, p) for n, p in named if id(p) in ids]
 
 
-from slimtune.optim import adamw, cram, dct, frugal, galore, in_backward, sgd, states8bit  # noqa: E402,F401
+from slimtune.optim import adamw, cram, dct, frugal, galore, in_backward, master, sgd, states8bit  # noqa: E402,F401

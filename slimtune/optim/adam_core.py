@@ -17,6 +17,8 @@ from itertools import chain
 
 import torch
 
+from slimtune.optim.master import init_master_state, write_back
+
 MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, signed)
 MIN_8BIT_SIZE = 4096  # moments with fewer values stay fp32 with 8-bit states (bitsandbytes' min_8bit_size)
 
@@ -138,21 +140,24 @@ def apply_update(p: torch.Tensor, update: torch.Tensor, lr: float, weight_decay:
         p.copy_(w)
 
 
-def adamw_step(state: dict, p: torch.Tensor, group: dict) -> None:
+def adamw_step(state: dict, p: torch.Tensor, group: dict, key: int = 0) -> None:
     """One AdamW step of `p` from p.grad, with 8-bit moments if group["state_bits"] == 8 and p is large
-    enough (see `moment_bits`). group: lr, betas, eps, weight_decay, state_bits.
+    enough (see `moment_bits`). group: lr, betas, eps, weight_decay, state_bits (and compensation for bf16
+    parameters, master.py; key: the parameter's master.param_key).
 
     torch.optim.AdamW(foreach=False)'s exact operations (decay, then p += -lr / bc1 * m / denom by
     addcdiv), in fp32: with fp32 moments and fp32 parameters the result is bit-identical to torch's."""
     if "step" not in state:
         init_adam_state(state, p.shape, group["state_bits"], p.device, p.dim())
-    adamw_update(state, p, p.grad.float(), group)
+        init_master_state(state, p, group.get("compensation", "none"))
+    adamw_update(state, p, p.grad.float(), group, key)
 
 
-def adamw_update(state: dict, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+def adamw_update(state: dict, p: torch.Tensor, grad: torch.Tensor, group: dict, key: int = 0, start: int = 0) -> None:
     """adamw_step's arithmetic on an initialised `state`, with `grad` given: every operation is elementwise,
     so a slice of p, grad and the moments (8-bit ones cut at whole blocks of 256) gives the bits the whole
-    tensor gives. The offload engine streams the state through it chunk by chunk."""
+    tensor gives. The offload engine streams the state through it chunk by chunk (start: the slice's first
+    element, for stochastic rounding's random stream)."""
     lr, weight_decay = group["lr"], group["weight_decay"]
     m, denom, bc1 = _advance_moments(state, grad, tuple(group["betas"]), group["eps"])
     w = p if p.dtype == torch.float32 else p.float()
@@ -160,4 +165,4 @@ def adamw_update(state: dict, p: torch.Tensor, grad: torch.Tensor, group: dict) 
         w.mul_(1 - lr * weight_decay)
     w.addcdiv_(m, denom, value=-lr / bc1)
     if w is not p:
-        p.copy_(w)
+        write_back(p, w, state, group.get("compensation", "none"), key, start)

@@ -19,12 +19,15 @@ from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.optim.adam_core import MIN_8BIT_SIZE, adamw_step, keep_saved_dtypes
 from slimtune.optim.memory import STEP_RATE
 from slimtune.optim.common import adam_kwargs
+from slimtune.optim.master import compensation_of, param_key
 from slimtune.registry import OPTIMIZERS
 from slimtune.technique import declares
 
 
 class AdamW(torch.optim.Optimizer):
-    """AdamW(params, lr, betas, eps, weight_decay, state_bits); every option may differ per param group."""
+    """AdamW(params, lr, betas, eps, weight_decay, state_bits, compensation, names); every option may differ per
+    param group. compensation (master.py): how bf16 parameters take the fp32 update; names: each parameter's
+    qualified name (stochastic rounding's per-parameter stream; default: its position)."""
 
     def __init__(
         self,
@@ -34,6 +37,8 @@ class AdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         state_bits: int = 32,
+        compensation: str = "none",
+        names: list[str] | None = None,
     ):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -43,8 +48,20 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"eps and weight_decay must be >= 0, got eps={eps}, weight_decay={weight_decay}")
         if state_bits not in (32, 8):
             raise ValueError(f"state_bits must be 32 or 8, got {state_bits}")
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "state_bits": state_bits}
+        if compensation not in ("none", "kahan", "stochastic"):
+            raise ValueError(f"compensation must be none, kahan or stochastic, got {compensation}")
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "state_bits": state_bits,
+            "compensation": compensation,
+        }
         super().__init__(params, defaults)
+        ordered = [p for g in self.param_groups for p in g["params"]]
+        names = names or [f"param{i}" for i in range(len(ordered))]
+        self.keys = {p: param_key(n) for p, n in zip(ordered, names)}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -58,7 +75,7 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("slimtune AdamW does not support sparse gradients")
-                adamw_step(self.state[p], p, group)
+                adamw_step(self.state[p], p, group, self.keys[p])
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -70,8 +87,12 @@ class AdamW(torch.optim.Optimizer):
 @declares()
 def build_adamw(optim, options, named, lr):
     params = [p for _, p in named]
-    if optim.state_bits == 8:
-        return AdamW(params, lr=lr, state_bits=8, **adam_kwargs(optim))
+    compensation = compensation_of(optim)
+    if optim.state_bits == 8 or optim.master_dtype != "float32" or compensation != "none":
+        names = [n for n, _ in named]
+        return AdamW(
+            params, lr=lr, state_bits=optim.state_bits, compensation=compensation, names=names, **adam_kwargs(optim)
+        )
     # foreach=False keeps one parameter's temporaries alive at a time (lower peak memory on CPU)
     return torch.optim.AdamW(params, lr=lr, foreach=False, **adam_kwargs(optim))
 

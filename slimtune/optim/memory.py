@@ -46,7 +46,9 @@ def is_lowrank(optim, name: str, shape) -> bool:
 
 
 def adam_state_bytes(optim, options, name: str, shape) -> int:
-    return moment_bytes(shape, optim.state_bits, len(shape)) + STEP_BYTES
+    """Both moments and `step`, plus Kahan's bf16 buffer with bf16 master weights (master.py)."""
+    kahan = 2 * math.prod(shape) if optim.master_dtype == "bfloat16" and optim.compensation == "kahan" else 0
+    return moment_bytes(shape, optim.state_bits, len(shape)) + STEP_BYTES + kahan
 
 
 def adam_step_bytes(optim, options, name: str, shape) -> float:

@@ -24,7 +24,7 @@ to the block's absmax) the half-step is about 1.5 / (127 x^(1/3)) for m (1.2 % a
 at 1, 2.7 % at 1e-2). The dynamic-tree map of bitsandbytes has 0.7-7 % in the top decade, 1.4-14 % in
 the next, and coarser below; on Gaussian data its mean relative error is 1.5 % for m and 6.5 % for
 sqrt(v), against 1.2 % and 0.6 % here. Codes are nearest (bucketize against the midpoints between
-neighbouring levels).
+neighbouring levels, through a table on the values' top 16 bits: `nearest_code`).
 
 Stability: Adam's classic 8-bit failure is v rounding to 0 while m does not, giving m / eps steps. Here a
 nonzero v never decodes to 0: it gets at least code 1 (v >= vmax * 255^-6, i.e. sqrt(v) >= 6e-8 of the
@@ -67,6 +67,43 @@ def _tables_on(signed: bool, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return levels.to(device), mids.to(device)
 
 
+@functools.lru_cache(maxsize=16)
+def _nearest_tables(signed: bool, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of the 2^15 buckets of non-negative fp32 values sharing their top 16 bits: (the number of
+    midpoints below the bucket, int32; the one midpoint inside it, or +inf). No bucket holds two (asserted:
+    neighbouring levels are >= 2.4 % apart, a bucket spans 0.8 %)."""
+    mids = _tables(signed, device)[1].cpu()
+    start = (torch.arange(1 << 15, dtype=torch.int32) << 16).view(torch.float32)
+    end = ((torch.arange(1 << 15, dtype=torch.int32) + 1) << 16).view(torch.float32)
+    below = torch.searchsorted(mids, start)  # midpoints < start
+    inside = torch.searchsorted(mids, end) - below
+    assert int(inside.max()) <= 1, "two midpoints in one bucket: the nearest-code table cannot be used"
+    mid = torch.where(inside > 0, mids[below.clamp(max=mids.numel() - 1)], torch.tensor(float("inf")))
+    return below.to(torch.int32).to(device), mid.to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _byte_values(signed: bool, device: str) -> torch.Tensor:
+    """fp32 (256,): the value of each code byte (int8 codes read as their two's-complement byte)."""
+    levels = _tables(signed, device)[0].cpu()
+    code = torch.arange(256, dtype=torch.int32)
+    if not signed:
+        return levels[code].to(device)
+    code = code.to(torch.uint8).view(torch.int8).long()  # byte -> int8 code; -128 is never written
+    mag = levels[code.abs().clamp(max=SIGNED_CODES)]
+    return torch.where(code < 0, -mag, mag).to(device)
+
+
+def nearest_code(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """torch.bucketize(x, midpoints) for finite x >= 0 (fp32), as int32, from the bucket of x's top 16 bits:
+    the midpoints below the bucket, plus one if the bucket's own midpoint is below x. Bit for bit the binary
+    search's answer, at a fifth of its time on CPU."""
+    below, mid = _nearest_tables(signed, str(x.device))
+    bucket = x.reshape(-1).view(torch.int32) >> 16
+    out = below.index_select(0, bucket) + (x.reshape(-1) > mid.index_select(0, bucket)).to(torch.int32)
+    return out.view(x.shape)
+
+
 def num_blocks(numel: int) -> int:
     return -(-numel // BLOCK)
 
@@ -84,7 +121,6 @@ def quantize_blockwise(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, tor
     """x (any shape, float) -> (codes int8 | uint8 of x's shape, absmax fp32 (num_blocks,)).
 
     Unsigned: x must be >= 0 (negatives are stored as 0); a value > 0 never gets code 0."""
-    mids = _tables(signed, x.device)[1]
     flat = x.detach().reshape(-1).float()
     if not signed:
         flat = flat.clamp(min=0)
@@ -92,7 +128,7 @@ def quantize_blockwise(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, tor
     mags = blocks.abs()
     absmax = mags.amax(dim=1)
     scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    idx = torch.bucketize(mags / scale[:, None], mids)  # nearest level (ties go to the smaller one)
+    idx = nearest_code((mags / scale[:, None]).contiguous(), signed)  # nearest level (ties go to the smaller one)
     if signed:
         codes = torch.where(blocks < 0, -idx, idx).to(torch.int8)
     else:
@@ -104,11 +140,14 @@ def quantize_blockwise(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, tor
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
     """codes (any shape; int8 / uint8, or a float dtype holding the same integers) and absmax
     (num_blocks,) -> fp32 of codes' shape."""
-    levels = _tables(signed, codes.device)[0]
-    flat = codes.reshape(-1).long()
-    vals = levels[flat.abs()]
-    if signed:
-        vals = torch.where(flat < 0, -vals, vals)
+    if codes.dtype in (torch.int8, torch.uint8):  # one lookup per byte, in a table of all 256 byte values
+        vals = _byte_values(signed, str(codes.device)).index_select(0, codes.reshape(-1).view(torch.uint8).int())
+    else:
+        levels = _tables(signed, codes.device)[0]
+        flat = codes.reshape(-1).long()
+        vals = levels[flat.abs()]
+        if signed:
+            vals = torch.where(flat < 0, -vals, vals)
     out = _blocks(vals) * absmax.float()[:, None]
     return out.reshape(-1)[: codes.numel()].reshape(codes.shape)
 

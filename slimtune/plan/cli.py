@@ -13,6 +13,7 @@ import os
 import sys
 
 from slimtune.errors import ConfigError, SlimtuneError
+from slimtune.plan.disk import disk_line
 
 MiB = 2**20
 
@@ -48,8 +49,8 @@ def stdout_to_stderr():
         os.close(saved)
 
 
-def table(plan) -> str:
-    """The breakdown as `component  bytes  MiB` lines, then the predicted peak."""
+def table(plan, cfg) -> str:
+    """The breakdown as `component  bytes  MiB` lines, then the predicted peak and the disk the run writes."""
     width = max(len(k) for k in plan.breakdown) + 2
     lines = [f"{'component':<{width}}{'bytes':>16}{'MiB':>11}"]
     for key, value in plan.breakdown.items():
@@ -71,12 +72,18 @@ def table(plan) -> str:
             *lines,
             f"other phases: {others}",
             f"predicted peak ({kind}, per rank): {plan.peak_memory_bytes / 2**30:.2f} GiB",
+            disk_line(plan.disk, cfg),
         ]
     )
 
 
 def plan_command(
-    recipe: str, overrides: list[str], as_json: bool = False, budget_text: str | None = None, nproc: int | None = None
+    recipe: str,
+    overrides: list[str],
+    as_json: bool = False,
+    budget_text: str | None = None,
+    nproc: int | None = None,
+    disk_text: str | None = None,
 ) -> int:
     from slimtune import config as C
 
@@ -93,6 +100,11 @@ def plan_command(
         from slimtune.plan.fit import parse_budget
 
         budget = parse_budget(budget_text)
+    disk = None
+    if disk_text is not None:
+        from slimtune.plan.fit import parse_budget
+
+        disk = parse_budget(disk_text, "--disk")
     with stdout_to_stderr():
         from slimtune.plan.estimate import plan_memory
 
@@ -100,9 +112,13 @@ def plan_command(
         if budget is not None:
             from slimtune.plan.fit import fit, fit_tokens
 
-            changes, fitted = fit(cfg, budget, world, plan.device)
+            changes, fitted = fit(cfg, budget, world, plan.device, disk)
     if budget is None:
-        print(json.dumps(plan.to_dict()) if as_json else table(plan))
+        print(json.dumps(plan.to_dict()) if as_json else table(plan, cfg))
+        if disk is not None and not as_json:
+            from slimtune.plan.disk import check_disk, size
+
+            print(check_disk(plan.disk, disk) or f"fits the disk budget of {size(disk)}")
         return 0
     tokens = fit_tokens(cfg, changes)
     if as_json:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from slimtune.plan.arch import Arch
 from slimtune.engines.offload.settings import offload_active
-from slimtune.plan.weights import Weights, layer_param_bytes
+from slimtune.plan.weights import DTYPE_BYTES, Weights, layer_param_bytes
 from slimtune.registry import ENGINES
 from slimtune.rules import placement
 
@@ -43,12 +43,10 @@ class ModelSizes:
 
 
 def model_sizes(cfg, arch: Arch, w: Weights) -> ModelSizes:
-    from slimtune.plan.weights import DTYPE_BYTES
-
     full = cfg.adapter.type == "none"
-    trainable = 4 * sum(t.numel for t in w.trainable if _layer_of(arch, t.name) == 0)
+    trainable = w.master * sum(t.numel for t in w.trainable if _layer_of(arch, t.name) == 0)
     layer = trainable if full else layer_param_bytes(arch, w, DTYPE_BYTES[cfg.model.dtype]) + trainable
-    per = 4 if full or cfg.model.dtype == "float32" else 2
+    per = w.master if full else DTYPE_BYTES[cfg.model.dtype]
     root = [p for p in arch.params if p.layer is None]
     return ModelSizes(
         layer,
@@ -88,7 +86,7 @@ def offload_recompute(cfg, arch: Arch, device: str) -> bool | None:
         return o.activations == "recompute"
     if placement(cfg)[0] == "disk" and cfg.quant.method != "none":
         return True
-    size = 4 if cfg.adapter.type == "none" or cfg.model.dtype == "float32" else 2
+    size = DTYPE_BYTES[cfg.optim.master_dtype if cfg.adapter.type == "none" else cfg.model.dtype]
     per_token = (
         12 * arch.hidden
         + 5 * arch.intermediate

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from slimtune.plan import platform as P
 from slimtune.plan.activations import activations
+from slimtune.plan.disk import disk_bytes
 from slimtune.plan.arch import Arch, architecture
 from slimtune.engines.offload.settings import offload_active
 from slimtune.plan.engines import Sizes, offload_recompute, per_rank
@@ -44,6 +45,7 @@ class Plan:
     device: str
     world_size: int
     details: dict = field(default_factory=dict)  # the counts behind the components
+    disk: dict = field(default_factory=dict)  # component -> bytes the run writes at most (plan/disk.py)
 
     def to_dict(self) -> dict:
         return {
@@ -54,6 +56,7 @@ class Plan:
             "breakdown": self.breakdown,
             "phases": self.phases,
             "details": self.details,
+            "disk_bytes": self.disk,
         }
 
 
@@ -106,7 +109,7 @@ def _sizes(cfg, w: Weights, cache: dict) -> Sizes:
     if key not in cache:
         grads = w.trainable_bytes
         if o.in_backward:  # each gradient is stepped and freed in backward: the largest one at a time
-            grads = 4 * max((t.numel for t in w.trainable), default=0)
+            grads = w.master * max((t.numel for t in w.trainable), default=0)
         cache[key] = Sizes(
             frozen=w.frozen_bytes + w.adapter_buffers + w.regrowth,
             trainable=w.trainable_bytes,
@@ -154,7 +157,7 @@ def _train_steps(cfg, arch: Arch, w: Weights, s: Sizes, acts) -> dict[str, dict[
     }
     if o.in_backward:
         backward["optimizer.step"] = s.step
-    embed_grad = 4 * arch.vocab * arch.hidden if full and not o.in_backward else 0
+    embed_grad = w.master * arch.vocab * arch.hidden if full and not o.in_backward else 0
     end = {**keep, **extra, "gradients": s.grads, "activations.backward": acts.backward + embed_grad}
     step = {**keep, "gradients": s.grads, "optimizer.step": 0 if o.in_backward else s.step}
     if w.adapter_step:  # the adapters' own step-time memory (sparse_ft's dense gradient sums before a reselection)
@@ -276,6 +279,7 @@ def plan_memory(cfg, world_size: int = 1, device: str | None = None, cache: dict
         device,
         world_size,
         details,
+        disk_bytes(cfg, arch, w, world_size),
     )
 
 

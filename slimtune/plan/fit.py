@@ -10,9 +10,10 @@ Knobs, each with a cost (roughly: how much speed or fidelity it gives up), and t
   quant.method         nf4 for an adapter on an unquantized base (2.0: a 4-bit base, slower matmuls on CPU)
   engine.name=offload  engine.optimizer=disk (3.0), engine.params=disk as well (5.0): slimtune's offload engine
   engine.name          with world size > 1: fsdp2 (1.5), deepspeed with deepspeed.zero_stage=3 (2.0)
-A candidate the config's rules refuse is skipped. Candidates are evaluated cheapest first; the first whose peak
-is at most FIT_MARGIN x the budget wins (the margin covers the prediction's error on the measured runs of
-benchmarks/plan_accuracy.py).
+A candidate the config's rules refuse is skipped, and with --disk BUDGET one that writes more than that
+(plan/disk.py: the offload store and its snapshots, checkpoints, final/). Candidates are evaluated cheapest
+first; the first whose peak is at most FIT_MARGIN x the budget wins (the margin covers the prediction's error
+on the measured runs of benchmarks/plan_accuracy.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import re
 
 from slimtune import config as C
 from slimtune.errors import ConfigError, SlimtuneError
+from slimtune.plan.disk import check_disk
 from slimtune.plan.estimate import Plan, plan_memory
 
 FIT_MARGIN = 0.92
@@ -45,15 +47,15 @@ UNITS = {
 _BUDGET_RE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", re.IGNORECASE)
 
 
-def parse_budget(text: str) -> int:
-    """'24GiB', '1.5GiB', '800MiB', '2GB', '1073741824' -> bytes (> 0); ConfigError otherwise."""
+def parse_budget(text: str, flag: str = "--fit") -> int:
+    """'24GiB', '1.5GiB', '800MiB', '2GB', '1073741824' -> bytes (> 0); ConfigError naming `flag` otherwise."""
     m = _BUDGET_RE.fullmatch(str(text))
     unit = m.group(2).lower() if m else None
     if m is None or unit not in UNITS:
-        raise ConfigError(f"--fit {text!r}: not a memory size; give e.g. 24GiB, 1.5GiB, 800MiB or a byte count")
+        raise ConfigError(f"{flag} {text!r}: not a size; give e.g. 24GiB, 1.5GiB, 800MiB, 60GB or a byte count")
     value = float(m.group(1)) * UNITS[unit]
     if not math.isfinite(value) or value < 1:
-        raise ConfigError(f"--fit {text!r}: the budget must be a positive size, e.g. 24GiB")
+        raise ConfigError(f"{flag} {text!r}: the budget must be a positive size, e.g. 24GiB")
     return int(value)
 
 
@@ -118,9 +120,9 @@ def _candidate(cfg, overrides: dict):
     return new
 
 
-def fit(cfg, budget: int, world: int = 1, device: str | None = None) -> tuple[dict, Plan]:
-    """(overrides, plan) of the cheapest candidate predicted under FIT_MARGIN x budget; SlimtuneError naming
-    the smallest predicted peak when none is."""
+def fit(cfg, budget: int, world: int = 1, device: str | None = None, disk: int | None = None) -> tuple[dict, Plan]:
+    """(overrides, plan) of the cheapest candidate predicted under FIT_MARGIN x budget (and writing at most
+    `disk` bytes: --disk); SlimtuneError naming the smallest predicted peak when none is."""
     options = []
     for combo in itertools.product(*_choices(cfg, world)):
         overrides, cost = {}, 0.0
@@ -130,15 +132,24 @@ def fit(cfg, budget: int, world: int = 1, device: str | None = None) -> tuple[di
         options.append((cost, len(overrides), overrides))
     options.sort(key=lambda x: (x[0], x[1]))
     smallest, cache = None, {}  # one model: its weight and optimizer counts shared by the candidates
+    skipped_for_disk = None
     for cost, _, overrides in options:
         cand = _candidate(cfg, overrides)
         if cand is None:
             continue
         plan = plan_memory(cand, world, device, cache)
+        if disk is not None and check_disk(plan.disk, disk) is not None:
+            if skipped_for_disk is None or plan.disk["total"] < skipped_for_disk[1].disk["total"]:
+                skipped_for_disk = (overrides, plan)  # the least disk among them, for the refusal
+            continue
         if plan.peak_memory_bytes <= FIT_MARGIN * budget:
             return overrides, plan
         if smallest is None or plan.peak_memory_bytes < smallest[1].peak_memory_bytes:
             smallest = (overrides, plan)
+    if smallest is None and skipped_for_disk is not None:
+        over, plan = skipped_for_disk
+        shown = " ".join(f"{k}={_text(v)}" for k, v in over.items()) or "the current settings"
+        raise SlimtuneError(f"--disk: with {shown} {check_disk(plan.disk, disk)}; free disk or lower checkpoint.keep")
     if smallest is None:
         raise SlimtuneError("--fit: no configuration of the knobs is valid for this recipe")
     over, plan = smallest

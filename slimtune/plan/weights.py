@@ -39,7 +39,8 @@ class Tensor:
 class Weights:
     frozen_bytes: int = 0  # frozen base: quantized codes + scales, unquantized params in model.dtype, buffers
     quantized: dict[str, int] = field(default_factory=dict)  # quantized linear -> its stored bytes
-    trainable: list[Tensor] = field(default_factory=list)  # fp32 master weights / adapter factors
+    trainable: list[Tensor] = field(default_factory=list)  # master weights / adapter factors
+    master: int = 4  # bytes per trainable value: fp32, or bf16 with optim.master_dtype=bfloat16
     adapter_buffers: int = 0  # non-trainable adapter tensors: sparse_ft's indices (int64)
     regrowth: int = 0  # adapter statistics allocated when training starts (sparse_ft's SM3 row + column sums)
     adapter_step: int = 0  # held around some optimizer steps (sparse_ft's dense gradient sums)
@@ -49,11 +50,11 @@ class Weights:
 
     @property
     def trainable_bytes(self) -> int:
-        return 4 * sum(t.numel for t in self.trainable)
+        return self.master * sum(t.numel for t in self.trainable)
 
     def heap_trainable_bytes(self, limit: int) -> int:
-        """fp32 bytes of the trainable tensors smaller than `limit` bytes each (their gradients' heap share)."""
-        return 4 * sum(t.numel for t in self.trainable if 4 * t.numel < limit)
+        """Bytes of the trainable tensors smaller than `limit` bytes each (their gradients' heap share)."""
+        return self.master * sum(t.numel for t in self.trainable if self.master * t.numel < limit)
 
 
 def stored_bytes(lin: Linear, cls, fmt, dtype_bytes: int) -> int:
@@ -97,7 +98,8 @@ def model_weights(arch: Arch, cfg, prebuilt: dict | None = None) -> Weights:
     a, q = cfg.adapter, cfg.quant
     dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
     w = Weights()
-    if a.type == "none":  # full fine-tuning: every parameter an fp32 master weight (buffers stay frozen)
+    if a.type == "none":  # full fine-tuning: every parameter a master weight (buffers stay frozen)
+        w.master = DTYPE_BYTES[cfg.optim.master_dtype]
         w.frozen_bytes = arch.buffer_bytes
         w.trainable = [Tensor(p.name, p.shape) for p in arch.params]
         w.adapted = {lin.name: "train" for lin in arch.linears}

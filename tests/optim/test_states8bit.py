@@ -238,3 +238,33 @@ def test_frugal_decides_by_the_subspace_moment(subspace, shape, density, kind):
         p.grad, b.grad = torch.randn(shape, generator=g), torch.randn(300, generator=g)
         opt.step()
         assert _kinds(opt.state[p]) == kind and _kinds(opt.state[b]) == "32"
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_nearest_code_is_bucketize_bit_for_bit(signed):
+    """The 16-bit bucket table against torch's binary search: at every bucket's edges, at every midpoint and
+    its neighbouring floats, and on random values spread over the decades the codes cover."""
+    from slimtune.optim.states8bit import _tables, nearest_code
+
+    mids = _tables(signed, "cpu")[1]
+    edges = (torch.arange(0x3F81, dtype=torch.int32) << 16).view(torch.float32)  # 0 .. 1.0 and just above
+    below_edges = (edges.view(torch.int32)[1:] - 1).view(torch.float32)
+    near_mids = torch.cat([torch.nextafter(mids, torch.zeros_like(mids)), mids, torch.nextafter(mids, mids + 1)])
+    g = torch.Generator().manual_seed(0)
+    spread = torch.rand(1 << 20, generator=g) ** torch.randint(1, 12, (1 << 20,), generator=g).float()
+    for x in (edges, below_edges, near_mids, spread, torch.zeros(7)):
+        assert torch.equal(nearest_code(x.contiguous(), signed).long(), torch.bucketize(x, mids))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_byte_table_decodes_every_code_as_the_formula(signed):
+    """int8 / uint8 codes (the table path) decode as the same integers held in floats (the direct path)."""
+    codes = torch.arange(-127, 128) if signed else torch.arange(0, 256)
+    codes = codes.repeat(4)[: 2 * 256].to(torch.int8 if signed else torch.uint8)
+    absmax = torch.tensor([0.5, 3.0])
+    got = S.dequantize_blockwise(codes, absmax, signed)
+    want = S.dequantize_blockwise(codes.float(), absmax, signed)
+    n, p = (S.SIGNED_CODES, S.SIGNED_POWER) if signed else (S.UNSIGNED_CODES, S.UNSIGNED_POWER)
+    c = codes.double()
+    formula = (c.abs() / n) ** p * torch.sign(c) * absmax.double().repeat_interleave(256)
+    assert torch.equal(got, want) and torch.allclose(got.double(), formula, rtol=1e-6, atol=0)

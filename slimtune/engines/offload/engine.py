@@ -34,11 +34,13 @@ from slimtune.engines.offload.rundir import checked_snapshot, prune_snapshots
 from slimtune.engines.offload.snapshot import restore, snapshot
 from slimtune.engines.offload.store import UnitStore
 from slimtune.engines.offload.stream import Streamer
-from slimtune.engines.offload.units import split_units, uses
+from slimtune.engines.offload.units import resident_to, split_units, uses
 from slimtune.engines.offload.settings import OffloadConfig, keep_activations, offload_active  # noqa: F401
 from slimtune.engines.offload.update import OffloadOptimizer, UnitOptimizer
 from slimtune.optim import build_optimizer
+from slimtune.optim.master import compensation_of
 from slimtune.formats import checkpoint as ckpt
+from slimtune.formats.hf import DTYPES
 from slimtune.engines.ddp import Engine
 from slimtune.engines.setup import EngineSetup
 
@@ -101,7 +103,8 @@ class OffloadEngine(Engine):
             s.state = 0
             if model.full:
                 s.grads = max(model.layer_trainable, model.root_largest)
-            s.offload += store_mod.CHUNK * 4 * 2 * (READ_AHEAD + 2)
+            per_chunk = 3 if compensation_of(cfg.optim) == "kahan" else 2  # moments (+ Kahan's buffer)
+            s.offload += store_mod.CHUNK * 4 * per_chunk * (READ_AHEAD + 2)
         return s
 
     stage_on_cpu = False  # tests: run the accelerator path on CPU (compute on copies, updates on the host)
@@ -148,7 +151,8 @@ class OffloadEngine(Engine):
         self.trained = {u.name: [n for n, p in u.params.items() if p.requires_grad] if on_disk else [] for u in units}
         self.in_store = {n for names in self.trained.values() for n in names}
         index = {n: i for i, (n, p) in enumerate(model.named_parameters()) if p.requires_grad}
-        classes = slab_classes(units, streamed, o.prefetch, READ_AHEAD, store_mod.CHUNK)
+        per_chunk = 3 if compensation_of(setup.optim) == "kahan" else 2  # moments (+ Kahan's buffer)
+        classes = slab_classes(units, streamed, o.prefetch, READ_AHEAD, store_mod.CHUNK, per_chunk)
         mirrored = {c: classes[c] for c in ("layer", "big")}
         self.mirror = DeviceMirror(device, mirrored) if device.type == "cuda" or self.stage_on_cpu else None
         self.pool = BufferPool(classes, pin=pin if device.type == "cuda" else None)
@@ -170,7 +174,7 @@ class OffloadEngine(Engine):
         self.root, self._closed = store.root.parent, False  # the run's own store directory (rundir.py)
         try:
             if device.type == "cuda":  # what stays in memory (norms, rotary tables, LoRA factors) computes there
-                _resident_to(model, device)
+                resident_to(model, device)
             self.streamer.attach()
         except BaseException:
             self.close()  # the update thread started with the streamer
@@ -319,7 +323,7 @@ class OffloadEngine(Engine):
         if not self.setup.full:
             self.setup.final.write(self.model, path, base_path, tokenizer)  # adapters are in memory
             return
-        dtype = torch.float32  # the fp32 master weights, as the in-memory engine's save_pretrained writes them
+        dtype = DTYPES[self.setup.optim.master_dtype]  # the master weights, as the in-memory engine writes them
         with atomic_dir(path) as tmp:
             from safetensors.torch import save_file
 
@@ -382,17 +386,6 @@ class OffloadEngine(Engine):
             torch.cuda.synchronize(self.device)  # no copy still reads a pinned slab
         self.pool.close()
         self.store.close(delete=True)
-
-
-def _resident_to(model: nn.Module, device: torch.device) -> None:
-    """Every parameter and buffer still on the host (what no unit streams) moved to `device`, in place."""
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if p.device.type == "cpu":
-                p.data = p.data.to(device)
-        for name, b in module._buffers.items():
-            if b is not None and b.device.type == "cpu":
-                module._buffers[name] = b.to(device)
 
 
 def _store_unit(unit: str, p: nn.Parameter) -> str:

@@ -42,6 +42,7 @@ class StreamedGradients:
                 synchronize(ready)  # read on this thread below
                 ready = None
         if unit in self.with_grad_store:  # the earlier micro-steps' sum (g1 + g2 == g2 + g1 exactly)
+            self.worker.wait_for(unit)  # its write, queued on the update thread
             for n, g in grads.items():
                 old = torch.empty_like(g)
                 self.store.read(f"{unit}~grad", n, old).result()
@@ -52,7 +53,8 @@ class StreamedGradients:
             if not self.accumulate:
                 for n, g in grads.items():
                     self.norms[n] = torch.linalg.vector_norm(g, 2.0)
-            self.store.write_all(f"{unit}~grad", grads)
+            # written on the update thread (in order, before any update that reads it), while backward goes on
+            self.worker.submit(unit, lambda: self.store.write_all(f"{unit}~grad", grads))
             self.with_grad_store.add(unit)
             if self._released_by_update(unit):
                 self.release(unit)
@@ -60,9 +62,12 @@ class StreamedGradients:
         self.with_grad_store.discard(unit)
         self.worker.submit(unit, lambda: (synchronize(ready), self._update(unit, params, grads)))
 
-    def _update(self, unit: str, params: dict, grads: dict, lr: float | None = None) -> None:
+    def _update(self, unit: str, params: dict, grads: dict, lr: float | None = None, keep: bool = False) -> None:
         """Update, then commit on the store's commit thread: the next unit's update need not wait for these
-        writes. The weights' slab is released once they are written."""
+        writes. The weights' slab is released once they are written, unless `keep` (a clipped update, run
+        ahead of the next forward: the forward finds the new weights loaded instead of reading them again)
+        and another slab of its class is free: the update thread never holds the last one, so neither a
+        forward nor the next update can wait on a slab only a later forward would release."""
         self.ensure(unit)
         params = self._host_params(unit, params)
         writer = self.optimizer.step(self.store, unit, params, grads, write_weights=True, lr=lr)
@@ -72,7 +77,7 @@ class StreamedGradients:
 
         def finish():
             writer.commit()
-            if self._released_by_update(unit):
+            if self._released_by_update(unit) and not (keep and self.pool.has_free(self.slab_class(unit))):
                 self.release(unit)
 
         self.commits[unit] = self.store.committer.submit(finish)
@@ -105,13 +110,14 @@ class StreamedGradients:
         self.norms = {}
 
     def _deferred_update(self, unit: str, coef: torch.Tensor | None, lr: float) -> None:
+        self.worker.wait_for(unit)  # (on the training thread) its gradients' write
         params = {n: self.units[unit].params[n] for n in self.trained[unit]}
         grads = {}
         for n, p in params.items():
-            g = torch.empty(p.shape, dtype=torch.float32)
+            g = torch.empty(p.shape, dtype=p.dtype)  # gradients have their parameter's dtype (bf16 masters)
             self.store.read(f"{unit}~grad", n, g).result()
             if coef is not None:
                 g.mul_(coef)
             grads[n] = g
         self.with_grad_store.discard(unit)
-        self._update(unit, params, grads, lr)
+        self._update(unit, params, grads, lr, keep=self.mirror is None)  # a device copy would hold the old weights

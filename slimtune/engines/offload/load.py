@@ -9,10 +9,10 @@ from slimtune.errors import SlimtuneError
 from slimtune.formats.hf import DTYPES, empty_model, safetensor_files
 
 
-def load_streamed(name: str, dtype: str, store, trainable: bool, quant=None) -> nn.Module:
+def load_streamed(name: str, dtype: str, store, trainable: bool, quant=None, master: str = "float32") -> nn.Module:
     """The architecture of `name` on the meta device, its weights streamed tensor by tensor from the
     safetensors files into `store` (an offload UnitStore), one unit (decoder layer) at a time: no code path
-    holds more than one unit. Weights that will train are stored as fp32 master weights (store unit
+    holds more than one unit. Weights that will train are stored as master weights in `master` (store unit
     `<unit>`), frozen ones in `dtype` (`<unit>~frozen`). With `quant` (a uniform slimtune format) each decoder
     layer is quantized as it passes (its codes and scales stored instead), exactly as quantize_base would.
     The resident unit (final norm, ...) is loaded into the model itself."""
@@ -32,7 +32,7 @@ def load_streamed(name: str, dtype: str, store, trainable: bool, quant=None) -> 
     quantize = quant is not None and quant.method != "none"
     headers: dict = {}
     resident: dict = {}
-    target = torch.float32 if trainable else DTYPES[dtype]
+    target = DTYPES[master] if trainable else DTYPES[dtype]
     model.offload_store_buffers = {}  # (id(module), attr) -> the buffer's name in the store
     for unit in split_units(model):
         tensors = {}

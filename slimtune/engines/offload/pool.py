@@ -62,6 +62,10 @@ class BufferPool:
         with self._cond:
             return self._free[cls].pop() if self._free[cls] else None
 
+    def has_free(self, cls: str) -> bool:
+        with self._cond:
+            return bool(self._free[cls])
+
     def release(self, slab: Slab) -> None:
         with self._cond:
             self._free[slab.cls].append(slab)
@@ -73,9 +77,12 @@ class BufferPool:
             self._unpin.pop()()
 
 
-def slab_classes(units, streamed, prefetch: int, read_ahead: int, chunk: int) -> dict[str, tuple[int, int]]:
+def slab_classes(
+    units, streamed, prefetch: int, read_ahead: int, chunk: int, per_chunk: int = 2
+) -> dict[str, tuple[int, int]]:
     """The pool's size classes for the offload engine's units: (slab bytes, count) per class. `streamed`: unit ->
-    the names of its tensors the store holds; `chunk`: elements per optimizer-state chunk."""
+    the names of its tensors the store holds; `chunk`: elements per optimizer-state chunk; `per_chunk`: the
+    state tensors streamed per chunk (Adam's two moments, plus Kahan's buffer with bf16 masters)."""
 
     def size(u):
         tensors = [*u.params.items(), *((n, m._buffers[a]) for n, (m, a) in u.buffers.items())]
@@ -83,10 +90,10 @@ def slab_classes(units, streamed, prefetch: int, read_ahead: int, chunk: int) ->
 
     layer = max([size(u) for u in units if u.name.startswith("layer.")] or [0])
     big = max([size(u) for u in units if u.name in ("embed", "head")] or [0])
-    # layers: the one computing, `prefetch` ahead, one whose update is being written; chunks: the moments
-    # (two tensors) of `read_ahead` chunks being read, one being updated, one being written
+    # layers: the one computing, `prefetch` ahead, one whose update is being written; chunks: the state
+    # tensors of `read_ahead` chunks being read, one being updated, one being written
     return {
         "layer": (max(layer, 4096), prefetch + 2),
         "big": (max(big, 4096), 1),
-        "chunk": (chunk * 4, 2 * (read_ahead + 2)),
+        "chunk": (chunk * 4, per_chunk * (read_ahead + 2)),
     }

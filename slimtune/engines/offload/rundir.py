@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
+from slimtune.optim.master import compensation_of
 from slimtune.rules import placement
 from slimtune.engines.offload.store import UnitStore
 
@@ -114,15 +115,26 @@ def bytes_held(root: Path) -> int:
     return total
 
 
-def store_bytes(cfg, numel: int, trainable: int) -> int:
-    """An upper bound of the store's disk use: every version a snapshot can pin counted in full."""
-    (params, optimizer), t = placement(cfg), cfg.train
+def store_terms(cfg, numel: int, trainable: int) -> tuple[int, int]:
+    """(live, snapshot): the live store's bytes (streamed frozen weights; the trained ones' master weights,
+    Adam's moments, Kahan's buffer, and the gradients clipping or accumulation keep there), and what one
+    checkpoint's snapshot can pin besides (every trained tensor in another version; frozen files are shared)."""
+    (params, optimizer), t, o = placement(cfg), cfg.train, cfg.optim
     state = 0
     if optimizer == "disk":
-        state = 4 + (2.1 if cfg.optim.state_bits == 8 else 8) + (4 if t.max_grad_norm > 0 or t.grad_accum > 1 else 0)
+        master = 2 if o.master_dtype == "bfloat16" else 4
+        kahan = 2 if compensation_of(o) == "kahan" else 0
+        state = master + (2.1 if o.state_bits == 8 else 8) + kahan
+    grads = state and (t.max_grad_norm > 0 or t.grad_accum > 1)  # the transient ~grad units: never in snapshots
+    grad_bytes = trainable * (2 if o.master_dtype == "bfloat16" else 4) if grads else 0
     frozen = (numel - trainable) * (4 if cfg.model.dtype == "float32" else 2) if params == "disk" else 0
-    versions = 1 + (cfg.checkpoint.keep if cfg.checkpoint.every else 0)
-    return int(frozen + trainable * state * versions)
+    return int(frozen + trainable * state + grad_bytes), int(trainable * state)
+
+
+def store_bytes(cfg, numel: int, trainable: int) -> int:
+    """An upper bound of the store's disk use: every version a snapshot can pin counted in full."""
+    live, snapshot = store_terms(cfg, numel, trainable)
+    return live + snapshot * (cfg.checkpoint.keep if cfg.checkpoint.every else 0)
 
 
 def _resolved(value) -> Path | None:

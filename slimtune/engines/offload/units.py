@@ -120,3 +120,14 @@ def materialize(model: nn.Module, values: dict, dtype) -> None:
                 data = values[qname] if qname in values else placeholder(tuple(p.shape), dtype)
                 new[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
             module._parameters[attr] = new[id(p)]
+
+
+def resident_to(model: nn.Module, device: torch.device) -> None:
+    """Every parameter and buffer still on the host (what no unit streams) moved to `device`, in place."""
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.device.type == "cpu":
+                p.data = p.data.to(device)
+        for name, b in module._buffers.items():
+            if b is not None and b.device.type == "cpu":
+                module._buffers[name] = b.to(device)

@@ -25,6 +25,7 @@ from slimtune.engines.offload import store as store_mod
 from slimtune.engines.offload.store import UnitStore
 from slimtune.optim import build_optimizer, lowrank_groups
 from slimtune.optim.adam_core import adamw_update, moment_bits
+from slimtune.optim.master import KAHAN_KEY, compensation_of, param_key
 from slimtune.optim.states8bit import BLOCK, num_blocks
 
 
@@ -43,6 +44,7 @@ class UnitOptimizer:
         self.pool = pool
         self.lr = 0.0
         self.projection_seconds = 0.0
+        self.compensation = compensation_of(optim)
 
     def elementwise(self, name: str, p: nn.Parameter) -> bool:
         """Chunked AdamW for this parameter (the optimizer's own arithmetic for it is adamw_update)?"""
@@ -63,6 +65,8 @@ class UnitOptimizer:
                 "exp_avg_sq_q_uint8": (torch.uint8, (n,)),
                 "exp_avg_sq_absmax": (torch.float32, (num_blocks(n),)),
             }
+        if self.compensation == "kahan" and p.dtype != torch.float32:
+            moments[KAHAN_KEY] = (p.dtype, (n,))
         return {state_key(name, k): v for k, v in {"step": (torch.float32, ()), **moments}.items()}
 
     @torch.no_grad()
@@ -136,6 +140,7 @@ class UnitOptimizer:
             "eps": self.optim.eps,
             "weight_decay": self.optim.weight_decay,
             "state_bits": self.optim.state_bits,
+            "compensation": self.compensation,
         }
         chunk = store_mod.CHUNK
         plan, params = [], []
@@ -146,6 +151,7 @@ class UnitOptimizer:
             params.append(
                 {
                     "name": name,
+                    "key": param_key(name),
                     "w": p.data.reshape(-1),
                     "g": g.reshape(-1),
                     "specs": specs,
@@ -178,7 +184,7 @@ class UnitOptimizer:
                 st[k.split(":", 1)[1]] = view
             for k, t in job["absmax"].items():
                 st[k.split(":", 1)[1]] = t[start // BLOCK : -(-stop // BLOCK)]
-            adamw_update(st, job["w"][start:stop], job["g"][start:stop].float(), group)
+            adamw_update(st, job["w"][start:stop], job["g"][start:stop].float(), group, job["key"], start)
             for k, (slab, view, f) in bufs.items():
                 writer.write(k, view, start).add_done_callback(lambda _, s=slab: self.pool.release(s))
             if stop == job["w"].numel():  # the parameter's last chunk: its step and scales

@@ -1,6 +1,7 @@
 """Offloaded training equals in-memory training bit for bit on CPU fp32: the same losses step for step and
 the same final weights, for AdamW (with and without clipping, with grad_accum and batch > 1), 8-bit states,
-GaLore, and LoRA on a streamed base; on tiny-llama (tied head, 2 layers: everything fits the slabs) and on
+bf16 master weights (stochastic rounding, Kahan), GaLore, and LoRA on a streamed base; on tiny-llama (tied
+head, 2 layers: everything fits the slabs) and on
 a 6-layer untied model at offload.prefetch=1 (layers leave memory after their forward and are loaded again
 by backward's recompute). The store's chunks are made small so parameters stream in several pieces."""
 
@@ -38,6 +39,15 @@ CASES = {
     # bf16 autocast: keep saves references to the weights' casts (no autocast cache in the offload engine)
     "adamw_bf16": ("full", ["model.dtype=bfloat16", "train.max_grad_norm=0.5", "train.batch_size=2"]),
     "adamw_8bit": ("full", ["optim.state_bits=8", "train.max_grad_norm=1.0", "train.batch_size=4"]),
+    # bf16 master weights: stochastic rounding's random streams and Kahan's buffer go through the chunks
+    "bf16_master_stochastic_8bit": (
+        "full",
+        ["optim.master_dtype=bfloat16", "optim.state_bits=8", "train.max_grad_norm=0", "train.batch_size=4"],
+    ),
+    "bf16_master_kahan_clip_accum": (
+        "full",
+        ["optim.master_dtype=bfloat16", "optim.compensation=kahan", "train.max_grad_norm=0.5", "train.grad_accum=2"],
+    ),
     "galore": ("galore", ["galore.rank=8", "galore.update_gap=4", "train.batch_size=4"]),
     "lora_streamed_base": ("lora", ["train.batch_size=4", "lora.rank=4"]),
     "qlora_streamed_nf4_base": ("qlora", ["train.batch_size=4", "lora.rank=4"]),
@@ -128,8 +138,12 @@ def _cli(*args, check=True):
     return r
 
 
-def test_kill_mid_step_then_resume_gives_the_same_losses(tmp_path):
+@pytest.mark.parametrize(
+    "master", [[], ["optim.master_dtype=bfloat16", "optim.compensation=kahan"]], ids=["fp32", "bf16"]
+)
+def test_kill_mid_step_then_resume_gives_the_same_losses(tmp_path, master):
     args = [*BASE, *DISK, "train.max_grad_norm=0", "train.batch_size=4", "checkpoint.every=2", "checkpoint.keep=2"]
+    args += master  # bf16 masters: Kahan's buffer goes through the snapshot
     ref = tmp_path / "ref"
     _cli("-m", "slimtune", "run", "full", *args, f"output_dir={ref}")
     b = tmp_path / "b"
