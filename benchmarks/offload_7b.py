@@ -55,16 +55,8 @@ def run_7b(work: Path) -> dict:
     make_model(model, **SHAPE, dtype="bfloat16")
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)
-    args = [f"model.name={model}", *OPTIONS, "engine.name=offload", "offload.prefetch=1", f"output_dir={out}"]
-    plan = json.loads(
-        subprocess.run(
-            [sys.executable, "-m", "slimtune", "plan", "full", *args, "--json"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=ROOT,
-        ).stdout
-    )
+    args = run_args(model, out)
+    plan = planned(args)
     peak, io, wall = run_child([sys.executable, "-m", "slimtune", "run", "full", *args], disk=work)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     secs = [b["seconds"] - a["seconds"] for a, b in zip([{"seconds": 0.0}] + rows, rows)]
@@ -90,6 +82,16 @@ def run_7b(work: Path) -> dict:
     }
     shutil.rmtree(out / "final", ignore_errors=True)
     return result
+
+
+def run_args(model: Path, out: Path) -> list[str]:
+    return [f"model.name={model}", *OPTIONS, "engine.name=offload", "offload.prefetch=1", f"output_dir={out}"]
+
+
+def planned(args: list[str]) -> dict:
+    """`slimtune plan --json` for the run."""
+    cmd = [sys.executable, "-m", "slimtune", "plan", "full", *args, "--json"]
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout)
 
 
 def reference(work: Path) -> dict:
@@ -124,11 +126,18 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/slimtune-7b")
     ap.add_argument("--reference", action="store_true", help="also the in-memory equality check on 1.0B")
     ap.add_argument("--skip-7b", action="store_true", help="only the reference check")
+    ap.add_argument("--plan-only", action="store_true", help="refresh only the planner's figures of the 7B run")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     res = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     res["machine"] = {"cpus": os.cpu_count(), "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+    if a.plan_only:
+        plan = planned(run_args(work / "llama-6.9b", work / "run"))
+        res["run_7b"].update(planned_peak_bytes=plan["peak_memory_bytes"], planned_disk_bytes=plan["disk_bytes"])
+        save(res)
+        print(json.dumps({k: res["run_7b"][k] for k in ("planned_peak_bytes", "planned_disk_bytes")}))
+        return
     if not a.skip_7b:
         res["run_7b"] = run_7b(work)
         print(json.dumps(res["run_7b"], indent=1), flush=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from slimtune.engines.offload.settings import offload_active
 from slimtune.plan.arch import ATTN_ROLES, MLP_ROLES, Arch
 from slimtune.plan.platform import MMAP_MAX
 from slimtune.plan.weights import Weights
@@ -122,9 +123,9 @@ def activations(arch: Arch, cfg, weights: Weights, device: str, batch_size: int 
     B, S = batch_size or t.batch_size, t.seq_len
     tokens, n_loss = B * S, B * (S - 1)
     full = cfg.adapter.type == "none"
-    bf16 = cfg.model.dtype == "bfloat16"
+    bf16 = cfg.model.dtype == "bfloat16" or (full and weights.master == 2)  # bf16 masters compute in bf16
     a = 2 if bf16 else 4
-    rb = 4 if (not bf16 or full) else 2
+    rb = 4 if (not bf16 or (full and weights.master == 4)) else 2
     modes = _modes(arch, weights)
     # data.packing=documents / none pass position ids: cos / sin per row, and (a block with a document boundary,
     # or padding) a 4-D mask; the planner assumes a micro-batch that has one (the worst case)
@@ -158,7 +159,9 @@ def activations(arch: Arch, cfg, weights: Weights, device: str, batch_size: int 
         layers = [tokens * rb * H] * arch.layers + rope + ([tokens * S] if masked else [])
     # autocast's bf16 copies of the trainable fp32 linear weights (cached for the forward, saved for backward;
     # under checkpointing the cache still holds them through forward); a linear whose input needs no gradient
-    # saves none: LoRA's A on q/k/v of layer 0 in an adapter run
+    # saves none: LoRA's A on q/k/v of layer 0 in an adapter run. None of bf16 masters (no cast), nor under the
+    # offload engine (no autocast cache; a saved cast is swapped for a handle that loads the layer again)
+    casts = bf16 and weights.master == 4 and not offload_active(cfg)
     matmul = {f"{lin.name}.weight" for lin in arch.linears if lin.name != arch.head}
     no_input_grad = (
         set()
@@ -175,7 +178,7 @@ def activations(arch: Arch, cfg, weights: Weights, device: str, batch_size: int 
             for tt in weights.trainable
             if (tt.name in matmul or ".lora_" in tt.name) and tt.name not in no_input_grad
         ]
-        if bf16
+        if casts
         else []
     )
     everything = layers + other + copies

@@ -12,7 +12,7 @@ directory already holds (rundir.bytes_held), and a checkpoint is written before 
 
 from __future__ import annotations
 
-from slimtune.engines.offload.rundir import store_terms
+from slimtune.engines.offload.rundir import checkpoints_kept, store_terms
 from slimtune.engines.offload.settings import offload_active
 from slimtune.formats.final import final_format
 from slimtune.plan.arch import Arch
@@ -23,7 +23,7 @@ from slimtune.plan.weights import Weights
 def disk_bytes(cfg, arch: Arch, w: Weights, world: int) -> dict[str, int]:
     """Component -> bytes at most, and "total"."""
     trainable = sum(t.numel for t in w.trainable)
-    keep = cfg.checkpoint.keep if cfg.checkpoint.every else 0
+    keep = checkpoints_kept(cfg)
     out = {}
     if offload_active(cfg):
         live, snapshot = store_terms(cfg, arch.numel, trainable)
@@ -49,7 +49,7 @@ def disk_line(disk: dict[str, int], cfg) -> str:
     where = "output_dir" + (f" + offload.dir ({cfg.offload.dir})" if cfg.offload.dir else "")
     return (
         f"disk ({where}): {parts or 'nothing'}: {size(disk['total'])} at most "
-        f"(checkpoint.keep={cfg.checkpoint.keep}); a resume needs no more free disk than that, less what the "
+        f"(checkpoints kept: {checkpoints_kept(cfg)}); a resume needs no more free disk than that, less what the "
         "run's directory already holds"
     )
 

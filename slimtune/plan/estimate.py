@@ -31,6 +31,7 @@ from slimtune.plan.engines import Sizes, offload_recompute, per_rank
 from slimtune.plan.optimizer import state_bytes, step_transient_bytes
 from slimtune.plan.weights import DTYPE_BYTES, Weights, model_weights
 from slimtune.registry import HOOKS, OPTIMIZERS
+from slimtune.rules import placement
 from slimtune.technique import options_of
 
 MiB = 2**20
@@ -181,6 +182,8 @@ def _load_phases(cfg, arch: Arch, w: Weights, device: str) -> dict[str, dict[str
     from slimtune.rules import load_dtype, needs_lowrank
 
     loaded = arch.numel * DTYPE_BYTES[load_dtype(cfg)] + arch.buffer_bytes
+    if offload_active(cfg) and placement(cfg)[0] == "disk":  # streamed into the store unit by unit (pread)
+        return {"load": {"weights.loading": _streamed_load_bytes(cfg, arch, w)}}
     load = {"weights.loading": loaded}
     if device == "cpu":
         load["load.file_pages"] = arch.file_bytes
@@ -200,6 +203,16 @@ def _load_phases(cfg, arch: Arch, w: Weights, device: str) -> dict[str, dict[str
             decompose["allocator.fragmentation"] = int(f_act * acts.churn_heap)
         phases["load.decompose"] = decompose
     return phases
+
+
+def _streamed_load_bytes(cfg, arch: Arch, w: Weights) -> int:
+    """engines/offload/load.load_streamed: one unit's tensors converted (a decoder layer, or the embedding / head)
+    while its largest tensor is read in the files' dtype, beside the buffers."""
+    target = w.master if cfg.adapter.type == "none" else DTYPE_BYTES[cfg.model.dtype]
+    layer = sum(p.numel for p in arch.params if p.layer == 0)
+    root = [p.numel for p in arch.params if p.layer is None]
+    largest = max([p.numel for p in arch.params], default=0)
+    return target * max([layer, *root]) + arch.file_dtype_bytes * largest + arch.buffer_bytes
 
 
 def resolve_dtype(cfg, device: str):
@@ -245,7 +258,10 @@ def plan_memory(cfg, world_size: int = 1, device: str | None = None, cache: dict
         phases["save"] = {
             **resident,
             "optimizer.state": s.state,
-            "save.copy": arch.numel * DTYPE_BYTES[cfg.model.dtype],
+            # final/: the whole model copied, or under the offload engine one unit at a time
+            "save.copy": _streamed_load_bytes(cfg, arch, w)
+            if offload_active(cfg)
+            else arch.numel * DTYPE_BYTES[cfg.model.dtype],
         }
     platform = _platform(cfg, arch, device)
     if device == "cpu":

@@ -42,7 +42,8 @@ def test_table_lists_components_in_bytes_and_mib(capfd):
     code, out, _ = _plan(capfd, "full", *TINY)
     assert code == 0
     assert "weights.trainable" in out and "optimizer.state" in out and "MiB" in out
-    assert out.strip().splitlines()[-1].startswith("predicted peak")
+    assert out.strip().splitlines()[-2].startswith("predicted peak")
+    assert out.strip().splitlines()[-1].startswith("disk (output_dir): checkpoints")  # plan/disk.py
 
 
 def test_components_follow_the_config():

@@ -45,6 +45,7 @@ from slimtune.engines.ddp import Engine
 from slimtune.engines.setup import EngineSetup
 
 READ_AHEAD = 4  # state chunks read ahead of the one being updated
+STEP_CHUNK_RATE = 53  # bytes per value of one chunk's update at most: 8-bit moments' 41 (memory.STEP_RATE) + rounding
 
 
 @ENGINES.register("offload")
@@ -105,6 +106,7 @@ class OffloadEngine(Engine):
                 s.grads = max(model.layer_trainable, model.root_largest)
             per_chunk = 3 if compensation_of(cfg.optim) == "kahan" else 2  # moments (+ Kahan's buffer)
             s.offload += store_mod.CHUNK * 4 * per_chunk * (READ_AHEAD + 2)
+            s.step = min(s.step, STEP_CHUNK_RATE * store_mod.CHUNK)  # a chunk's temporaries, not a whole tensor's
         return s
 
     stage_on_cpu = False  # tests: run the accelerator path on CPU (compute on copies, updates on the host)

@@ -131,10 +131,20 @@ def store_terms(cfg, numel: int, trainable: int) -> tuple[int, int]:
     return int(frozen + trainable * state + grad_bytes), int(trainable * state)
 
 
+def checkpoints_kept(cfg) -> int:
+    """How many checkpoints the run can hold at once: checkpoint.keep, fewer when train.max_steps ends it first."""
+    every, steps = cfg.checkpoint.every, cfg.train.max_steps
+    if not every:
+        return 0
+    if steps <= 0 or cfg.train.epochs > 0:  # train.epochs sets the steps when the data is known
+        return cfg.checkpoint.keep
+    return min(cfg.checkpoint.keep, steps // every)
+
+
 def store_bytes(cfg, numel: int, trainable: int) -> int:
     """An upper bound of the store's disk use: every version a snapshot can pin counted in full."""
     live, snapshot = store_terms(cfg, numel, trainable)
-    return live + snapshot * (cfg.checkpoint.keep if cfg.checkpoint.every else 0)
+    return live + snapshot * checkpoints_kept(cfg)
 
 
 def _resolved(value) -> Path | None:
