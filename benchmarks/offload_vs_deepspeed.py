@@ -86,6 +86,26 @@ def make_model(path: Path, layers: int, hidden: int, intermediate: int, dtype: s
     tmp.rename(path)
 
 
+COMPETING_JOB = """
+import os, sys, time, torch
+torch.set_num_threads(2)
+a, buf, path = torch.randn(1024, 1024), os.urandom(64 << 20), sys.argv[1]
+while True:
+    t = time.time()
+    while time.time() - t < 2:
+        a = torch.tanh(a @ a)
+    with open(path, "wb") as f:
+        for _ in range(32):
+            f.write(buf)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+    os.remove(path)
+"""
+
+
 def run_child(cmd: list[str], env: dict | None = None, disk: Path | None = None) -> tuple[int, dict, float]:
     """(peak RSS bytes of that child, its last /proc io counters (+ "disk_peak_bytes": the most the file
     system of `disk` filled up while it ran), wall seconds)."""
@@ -152,6 +172,7 @@ def slimtune_side(model: Path, work: Path, steps: int, scale: bool, clip: float 
         "buffer_pool_bytes": off["buffer_pool_bytes"],
         "losses": [r["loss"] for r in rows],
         "activations": off.get("activations"),
+        "report_peak_bytes": report.get("peak_memory_bytes"),
     }
     if scale:  # the source model, plus the most the run added at once (store, snapshot, final/)
         result["disk_bytes"] = _du(model) + io["disk_peak_bytes"]
@@ -268,6 +289,12 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/slimtune-offload-bench")
     ap.add_argument("--scale", action="store_true", help="the 2.1B run (slimtune only, 2 steps, checkpoint)")
     ap.add_argument("--clip", type=float, default=0.0, help="train.max_grad_norm on every side (0: none)")
+    ap.add_argument(
+        "--beside-job",
+        action="store_true",
+        help="slimtune only, with a competing job running (2 threads of matmuls, 2 GB written and read back in a "
+        "loop): its peak against the same side alone (row slimtune_beside_job)",
+    )
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -277,7 +304,18 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "torch_threads": os.environ.get("OMP_NUM_THREADS"),
     }
-    if a.scale:
+    if a.beside_job:
+        model = work / "llama-1b"
+        make_model(model, **SHAPES["1b"])
+        job = subprocess.Popen([sys.executable, "-c", COMPETING_JOB, str(work / "competing.bin")])
+        try:
+            res["slimtune_beside_job"] = slimtune_side(model, work, 4, False, a.clip)
+        finally:
+            job.kill()
+            job.wait()
+            (work / "competing.bin").unlink(missing_ok=True)
+        print(json.dumps(res["slimtune_beside_job"]), flush=True)
+    elif a.scale:
         model = work / "llama-2.1b"
         make_model(model, **SHAPES["2.1b"])
         res["scale_2.1b"] = slimtune_side(model, work, 2, scale=True)
