@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offload_vs_deepspeed import _du, make_model, run_child  # noqa: E402
+from offload_vs_deepspeed import _du, make_model, run_child, save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "offload_7b.json"
@@ -135,24 +135,17 @@ def main() -> None:
     if a.plan_only:
         plan = planned(run_args(work / "llama-6.9b", work / "run"))
         res["run_7b"].update(planned_peak_bytes=plan["peak_memory_bytes"], planned_disk_bytes=plan["disk_bytes"])
-        save(res)
+        save(res, RESULTS)
         print(json.dumps({k: res["run_7b"][k] for k in ("planned_peak_bytes", "planned_disk_bytes")}))
         return
     if not a.skip_7b:
         res["run_7b"] = run_7b(work)
         print(json.dumps(res["run_7b"], indent=1), flush=True)
-        save(res)
+        save(res, RESULTS)
     if a.reference:
         res["reference_1b"] = reference(work)
         print(json.dumps(res["reference_1b"], indent=1), flush=True)
-    save(res)
-
-
-def save(res: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(RESULTS)
+    save(res, RESULTS)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ written to benchmarks/results/offload_vs_deepspeed.json.
     python benchmarks/offload_vs_deepspeed.py --sides slimtune    # one side (the others' last results are kept)
     python benchmarks/offload_vs_deepspeed.py --clip 1.0          # the same with clipping on every side
     python benchmarks/offload_vs_deepspeed.py --scale             # 2.1B (24 layers, hidden 2560): 2 steps, a checkpoint
+    python benchmarks/offload_vs_deepspeed.py --scale --no-checkpoint --beside-job   # the same beside a competing job
 
 Steady state = the steps after the first (slimtune: the `seconds` column of metrics.jsonl). Peak RSS: the whole
 process (ru_maxrss of the child). Bytes read/written per step: /proc/<pid>/io of the child (storage, not page cache).
@@ -133,7 +134,7 @@ def run_child(cmd: list[str], env: dict | None = None, disk: Path | None = None)
     return usage.ru_maxrss * 1024, {k: int(v) for k, v in io.items()}, time.perf_counter() - t
 
 
-def slimtune_side(model: Path, work: Path, steps: int, scale: bool, clip: float = 0.0) -> dict:
+def slimtune_side(model: Path, work: Path, steps: int, scale: bool, clip: float = 0.0, checkpoint: bool = True) -> dict:
     out = work / "slimtune"
     shutil.rmtree(out, ignore_errors=True)
     args = [
@@ -152,7 +153,7 @@ def slimtune_side(model: Path, work: Path, steps: int, scale: bool, clip: float 
         f"output_dir={out}",
     ]
     if scale:
-        args += ["checkpoint.every=1", "checkpoint.keep=1"]
+        args += ["checkpoint.every=1", "checkpoint.keep=1"] if checkpoint else ["checkpoint.every=0"]
     peak, io, wall = run_child([sys.executable, "-m", "slimtune", "run", "full", *args], disk=work if scale else None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     secs = [b["seconds"] - a["seconds"] for a, b in zip([{"seconds": 0.0}] + rows, rows)]
@@ -289,11 +290,12 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/slimtune-offload-bench")
     ap.add_argument("--scale", action="store_true", help="the 2.1B run (slimtune only, 2 steps, checkpoint)")
     ap.add_argument("--clip", type=float, default=0.0, help="train.max_grad_norm on every side (0: none)")
+    ap.add_argument("--no-checkpoint", action="store_true", help="--scale without its checkpoint (~26 GB less disk)")
     ap.add_argument(
         "--beside-job",
         action="store_true",
-        help="slimtune only, with a competing job running (2 threads of matmuls, 2 GB written and read back in a "
-        "loop): its peak against the same side alone (row slimtune_beside_job)",
+        help="slimtune only (with --scale: the 2.1B run), with a competing job running (2 threads of matmuls, 2 GB "
+        "written and read back in a loop): its peak against the same side alone (rows *_beside_job)",
     )
     a = ap.parse_args()
     work = Path(a.work)
@@ -304,22 +306,24 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "torch_threads": os.environ.get("OMP_NUM_THREADS"),
     }
-    if a.beside_job:
-        model = work / "llama-1b"
-        make_model(model, **SHAPES["1b"])
+    if a.beside_job:  # slimtune's side only (1.0B, or the 2.1B run with --scale), beside a competing job
+        model = work / ("llama-2.1b" if a.scale else "llama-1b")
+        make_model(model, **SHAPES["2.1b" if a.scale else "1b"])
+        row = "scale_2.1b_beside_job" if a.scale else "slimtune_beside_job"
         job = subprocess.Popen([sys.executable, "-c", COMPETING_JOB, str(work / "competing.bin")])
         try:
-            res["slimtune_beside_job"] = slimtune_side(model, work, 4, False, a.clip)
+            res[row] = slimtune_side(model, work, 2 if a.scale else 4, a.scale, a.clip, not a.no_checkpoint)
         finally:
             job.kill()
             job.wait()
             (work / "competing.bin").unlink(missing_ok=True)
-        print(json.dumps(res["slimtune_beside_job"]), flush=True)
+        print(json.dumps(res[row]), flush=True)
     elif a.scale:
         model = work / "llama-2.1b"
         make_model(model, **SHAPES["2.1b"])
-        res["scale_2.1b"] = slimtune_side(model, work, 2, scale=True)
-        print(json.dumps(res["scale_2.1b"], indent=1))
+        row = "scale_2.1b_no_checkpoint" if a.no_checkpoint else "scale_2.1b"
+        res[row] = slimtune_side(model, work, 2, True, a.clip, not a.no_checkpoint)
+        print(json.dumps(res[row], indent=1))
     else:
         model = work / "llama-1b"
         make_model(model, **SHAPES["1b"])
@@ -338,11 +342,12 @@ def main() -> None:
     save(res)
 
 
-def save(res: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
+def save(res: dict, path: Path = RESULTS) -> None:
+    """The results, written atomically (a later failure keeps what was measured)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(RESULTS)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
