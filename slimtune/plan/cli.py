@@ -95,16 +95,10 @@ def plan_command(
         context = context_length(cfg.model.name)
     if cfg.train.seq_len > context:  # the run's own check (trainer/loop.py)
         raise SlimtuneError(f"train.seq_len={cfg.train.seq_len} exceeds the model's context of {context} tokens")
-    budget = None
-    if budget_text is not None:
-        from slimtune.plan.fit import parse_budget
+    from slimtune.plan.fit import parse_budget
 
-        budget = parse_budget(budget_text)
-    disk = None
-    if disk_text is not None:
-        from slimtune.plan.fit import parse_budget
-
-        disk = parse_budget(disk_text, "--disk")
+    budget = None if budget_text is None else parse_budget(budget_text)
+    disk = None if disk_text is None else parse_budget(disk_text, "--disk")
     with stdout_to_stderr():
         from slimtune.plan.estimate import plan_memory
 

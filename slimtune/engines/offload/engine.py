@@ -36,9 +36,8 @@ from slimtune.engines.offload.store import UnitStore
 from slimtune.engines.offload.stream import Streamer
 from slimtune.engines.offload.units import resident_to, split_units, uses
 from slimtune.engines.offload.settings import OffloadConfig, keep_activations, offload_active  # noqa: F401
-from slimtune.engines.offload.update import OffloadOptimizer, UnitOptimizer
+from slimtune.engines.offload.update import OffloadOptimizer, UnitOptimizer, chunk_tensors
 from slimtune.optim import build_optimizer
-from slimtune.optim.master import compensation_of
 from slimtune.formats import checkpoint as ckpt
 from slimtune.formats.hf import DTYPES
 from slimtune.engines.ddp import Engine
@@ -104,8 +103,7 @@ class OffloadEngine(Engine):
             s.state = 0
             if model.full:
                 s.grads = max(model.layer_trainable, model.root_largest)
-            per_chunk = 3 if compensation_of(cfg.optim) == "kahan" else 2  # moments (+ Kahan's buffer)
-            s.offload += store_mod.CHUNK * 4 * per_chunk * (READ_AHEAD + 2)
+            s.offload += store_mod.CHUNK * 4 * chunk_tensors(cfg.optim) * (READ_AHEAD + 2)
             s.step = min(s.step, STEP_CHUNK_RATE * store_mod.CHUNK)  # a chunk's temporaries, not a whole tensor's
         return s
 
@@ -153,7 +151,7 @@ class OffloadEngine(Engine):
         self.trained = {u.name: [n for n, p in u.params.items() if p.requires_grad] if on_disk else [] for u in units}
         self.in_store = {n for names in self.trained.values() for n in names}
         index = {n: i for i, (n, p) in enumerate(model.named_parameters()) if p.requires_grad}
-        per_chunk = 3 if compensation_of(setup.optim) == "kahan" else 2  # moments (+ Kahan's buffer)
+        per_chunk = chunk_tensors(setup.optim)
         classes = slab_classes(units, streamed, o.prefetch, READ_AHEAD, store_mod.CHUNK, per_chunk)
         mirrored = {c: classes[c] for c in ("layer", "big")}
         self.mirror = DeviceMirror(device, mirrored) if device.type == "cuda" or self.stage_on_cpu else None

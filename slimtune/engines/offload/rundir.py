@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
+from slimtune.formats.hf import DTYPES
 from slimtune.optim.master import compensation_of
 from slimtune.rules import placement
 from slimtune.engines.offload.store import UnitStore
@@ -120,13 +121,12 @@ def store_terms(cfg, numel: int, trainable: int) -> tuple[int, int]:
     Adam's moments, Kahan's buffer, and the gradients clipping or accumulation keep there), and what one
     checkpoint's snapshot can pin besides (every trained tensor in another version; frozen files are shared)."""
     (params, optimizer), t, o = placement(cfg), cfg.train, cfg.optim
-    state = 0
+    state, master = 0, DTYPES[o.master_dtype].itemsize  # gradients have their master weight's dtype
     if optimizer == "disk":
-        master = 2 if o.master_dtype == "bfloat16" else 4
         kahan = 2 if compensation_of(o) == "kahan" else 0
         state = master + (2.1 if o.state_bits == 8 else 8) + kahan
     grads = state and (t.max_grad_norm > 0 or t.grad_accum > 1)  # the transient ~grad units: never in snapshots
-    grad_bytes = trainable * (2 if o.master_dtype == "bfloat16" else 4) if grads else 0
+    grad_bytes = trainable * master if grads else 0
     frozen = (numel - trainable) * (4 if cfg.model.dtype == "float32" else 2) if params == "disk" else 0
     return int(frozen + trainable * state + grad_bytes), int(trainable * state)
 

@@ -33,6 +33,11 @@ def state_key(param: str, key: str) -> str:
     return f"{param}:{key}"
 
 
+def chunk_tensors(optim) -> int:
+    """State tensors streamed per chunk by `_adamw_chunks`: Adam's two moments, plus Kahan's buffer (bf16 masters)."""
+    return 3 if compensation_of(optim) == "kahan" else 2
+
+
 class UnitOptimizer:
     """optim: the optim section; options: the optimizer's own section (galore.*, frugal.*, ...; None for adamw). `index`
     numbers every trainable parameter of the model (the per-parameter seeds of random subspaces, as
