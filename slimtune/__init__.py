@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from slimtune import adapters, engines, optim, precision, quant  # noqa: E402,F401  (fill the registries)
 from slimtune.formats import compressed_io, peft, quantized, sparse_ft  # noqa: E402,F401  (ADAPTER_FORMATS, DIR_VERIFIERS)
+from slimtune.quant import qat  # noqa: E402,F401  (the qat section and its declaration)
 from slimtune.prune import layerwise  # noqa: E402,F401  (DIR_VERIFIERS: the pruned dir, until formats/pruned.py)
 from slimtune.api import (  # noqa: E402  (the Python API)
     add_adapter,

@@ -47,6 +47,7 @@ FACTORS = {
     "data.packing": None,
     "adapter.init": None,
     "engine.name": None,
+    "qat.method": ("none", "int4"),
 }
 KEY = re.compile(r"\b([a-z_]+\.[a-z_0-9]+)")
 

@@ -81,6 +81,7 @@ class LoRALinear(AdapterDefaults, nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.merged = False
+        self.delta_in_base = False  # QAT (quant/qat.py): the base quantizes W + delta itself
         self.register_buffer("weight_mask", None, persistent=False)  # set_weight_mask on a pruned base
 
     def set_weight_mask(self, mask: torch.Tensor) -> None:
@@ -121,7 +122,7 @@ class LoRALinear(AdapterDefaults, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features), in the base output's dtype."""
         y = self.base(x)
-        if self.merged:
+        if self.merged or self.delta_in_base:
             return y
         # under autocast the factors run in the autocast dtype; otherwise in fp32. Under autocast x goes in as
         # it is: an fp32 copy would be cast back per adapter, and q/k/v (gate/up) would each save their own copy

@@ -10,7 +10,9 @@ import torch.nn as nn
 
 from slimtune.config import to_dict
 from slimtune.formats.quantized import is_quantized_checkpoint, read_manifest, save_quantized
+from slimtune.formats.hf import DTYPES
 from slimtune.io import atomic_dir
+from slimtune.quant.qat import converted
 from slimtune.registry import ADAPTER_FORMATS, ADAPTERS, QUANT_FORMATS
 from slimtune.rules import needs_lowrank
 from slimtune.technique import options_of
@@ -35,7 +37,8 @@ class FinalFormat:
     LoRA: PEFT adapter dir, with the base's quantization recorded so `slimtune eval model.name=path`
     rebuilds the base it was trained on. Full fine-tuning: an HF model dir (+ tokenizer). A base quantized
     together with its factors (LQ-LoRA, LoftQ, EoRA, or a quantized checkpoint): a quantized checkpoint
-    dir, since the adapter alone cannot rebuild that base. Written atomically."""
+    dir, since the adapter alone cannot rebuild that base. A QAT run: the quantized checkpoint its
+    fake-quantized linears convert to (a LoRA adapter merged). Written atomically."""
 
     model_name: str  # model.name
     kind: str  # quantized | full | adapter
@@ -43,11 +46,16 @@ class FinalFormat:
     adapter_type: str = "none"
     adapter_options: object = None  # the adapter's own section
     quant: dict | None = None  # quant_record: what an adapter dir records of the base's quantization
+    qat_dtype: str | None = None  # a QAT run: its fake-quantized linears converted, in this compute dtype
 
     def write(self, model: nn.Module, path: Path, base_path: str, tokenizer) -> None:
         if self.kind == "quantized":
-            info = {"base_model": base_path, **self.fields}
-            save_quantized(model, path, tokenizer, {**info, "trained_from": self.model_name})
+            info = {"base_model": base_path, **self.fields, "trained_from": self.model_name}
+            if self.qat_dtype is None:
+                save_quantized(model, path, tokenizer, info)
+                return
+            with converted(model, DTYPES[self.qat_dtype]) as plain:
+                save_quantized(plain, path, tokenizer, info)
         elif self.kind == "full":
             with atomic_dir(path) as tmp:
                 model.save_pretrained(tmp)
@@ -66,6 +74,9 @@ def final_format(cfg) -> FinalFormat:
         return FinalFormat(name, "quantized", {k: v for k, v in manifest.items() if k in keep})
     if needs_lowrank(cfg):
         return FinalFormat(name, "quantized", {"method": cfg.quant.method, "init": cfg.adapter.init})
+    if cfg.qat.method != "none":  # the converted model: the format the run trained against
+        fields = {"method": cfg.qat.method, "init": "default", "qat": to_dict(cfg.qat)}
+        return FinalFormat(name, "quantized", fields, qat_dtype=cfg.model.dtype)
     if cfg.adapter.type == "none":
         return FinalFormat(name, "full")
     adapter = ADAPTERS.get(cfg.adapter.type)

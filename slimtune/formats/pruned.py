@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimtune.quant import dequantize_weight, is_quantized_linear
 from slimtune.errors import SlimtuneError
 from slimtune.io import atomic_dir, dir_checksums, loaded_files, manifest_path, verify_checksums, write_json
 from slimtune.prune.patterns import parse_pattern, pattern_name
@@ -101,7 +102,8 @@ def load_masks(model_dir, model: nn.Module) -> dict[str, torch.Tensor]:
             module = model.get_submodule(name)
         except AttributeError:
             raise SlimtuneError(f"{Path(model_dir) / MANIFEST}: matrix {name!r} is not in the model") from None
-        masks[name] = module.weight.detach() != 0
+        weight = dequantize_weight(module) if is_quantized_linear(module) else module.weight.detach()
+        masks[name] = weight != 0  # a QAT run's final/ on a pruned base: its quantized linears keep the zeros
     return masks
 
 

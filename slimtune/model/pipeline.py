@@ -4,6 +4,7 @@
                                                   a pruned base's masks are read here (model/recovery.py)
   2. quantize / decompose  model/quantize.py   quant.method (QUANT_FORMATS), LQ-LoRA, adapter.init
   3. adapters              adapters/inject.py     adapter.type (ADAPTERS); none = full fine-tuning
+  3b. QAT                  quant/qat.py         qat.method: linears trained against their quantization
   4. recovery              model/recovery.py    masks held, the dense teacher (recover.*), data.select
   5. training precision    precision/swap.py     train.precision (PRECISIONS), adapter factors excluded
   6. engine                engines/ddp.py      activation checkpointing, device, loss module, DDP
@@ -35,6 +36,7 @@ from slimtune.hardware import fixed_dtype
 from slimtune.lm_loss import check_head
 from slimtune.formats.hf import DTYPES, adapter_metadata, empty_model
 from slimtune.precision.swap import apply_precision
+from slimtune.quant.qat import apply_qat, qat_hooks
 from slimtune.registry import ADAPTER_FORMATS, ADAPTERS, ENGINES, PRECISIONS, QUANT_FORMATS, SECTIONS
 from slimtune.technique import options_of
 from slimtune.engines.ddp import Engine
@@ -92,6 +94,9 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
         return _build_offloaded(cfg, device, dist_info, log)
     model, manifest, masks, info = build_base(cfg, train_blocks, log)
     add_adapters(model, cfg)
+    qat = apply_qat(model, cfg, adapter_internals(model)) if cfg.qat.method != "none" else 0
+    if qat:
+        log(f"qat.method={cfg.qat.method}: {qat} linear layers train against their quantization")
     recovery = recovery_stage(
         cfg.recover,
         model,
@@ -102,6 +107,7 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
         dtype=cfg.model.dtype,
         quant=cfg.quant,
         select=cfg.data.select,
+        default_teacher=cfg.model.name if qat else None,  # QAT distils from the model before fake quantization
         log=log,
     )
     precision = cfg.train.precision
@@ -113,7 +119,7 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
         ADAPTERS.get(cfg.adapter.type).training_hooks(model, adapter_options(cfg), cfg.train.max_steps)
         if cfg.adapter.type != "none"
         else []
-    )
+    ) + qat_hooks(model, cfg)
     release_file_mappings(model)  # the loaded file's pages would stay resident all run
     trim_heap()  # and so would what loading and quantizing freed
     engine_cls = Engine if cfg.engine.name == "offload" else ENGINES.get(cfg.engine.name)  # offload: nothing on disk

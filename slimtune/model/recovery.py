@@ -64,14 +64,21 @@ def read_masks(name: str, model: nn.Module) -> tuple[dict | None, dict[str, torc
 
 
 def load_teacher(
-    r: RecoverConfig, manifest: dict | None, model_name: str, dtype: str, quant, log=print
+    r: RecoverConfig,
+    manifest: dict | None,
+    model_name: str,
+    dtype: str,
+    quant,
+    log=print,
+    default: str | None = None,
 ) -> nn.Module | None:
     """The dense teacher when recover.kd / recover.feature need one (frozen, eval mode, on CPU). r: the
     recover section; model_name, dtype: model.name / model.dtype; quant: the quant section (a quantized
-    teacher takes its block size and double quant)."""
+    teacher takes its block size and double quant); default: the teacher when neither recover.teacher nor a
+    sparse manifest names one (QAT: model.name itself)."""
     if r.kd == 0 and r.feature == 0:
         return None
-    name = r.teacher or (manifest or {}).get("source_model")
+    name = r.teacher or (manifest or {}).get("source_model") or default
     if not name:
         raise ConfigError(
             f"recover.kd / recover.feature need a teacher: model.name={model_name!r} has no "
@@ -113,10 +120,11 @@ def recovery_stage(
     dtype: str,
     quant,
     select: str = "all",
+    default_teacher: str | None = None,
     log=print,
 ) -> Recovery | None:
     """Masks held and the teacher loaded (after the adapters stage). None when nothing applies. r: the
-    recover section; select: data.select; the rest as load_teacher."""
+    recover section; select: data.select; default_teacher, the rest: as load_teacher."""
     needs_teacher = r.kd > 0 or r.feature > 0
     if manifest is None and not needs_teacher and select == "all":
         return None
@@ -127,7 +135,7 @@ def recovery_stage(
             f"recover: {len(masks)} pruned matrices ({manifest.get('method')} {manifest.get('pattern')}, "
             f"{1 - kept:.3f} sparse) held sparse"
         )
-    teacher = load_teacher(r, manifest, model_name, dtype, quant, log)
+    teacher = load_teacher(r, manifest, model_name, dtype, quant, log, default_teacher)
     if teacher is not None:
         rec.teacher_model = teacher.to(device)
         rec.teacher = Teacher(teacher)

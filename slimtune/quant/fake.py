@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtune.quant.activations import fake_quantize_activations
+from slimtune.quant.learned_scales import initial_scales, learned_fake_quantize, packed_with
 from slimtune.quant.linear import configured_format
+from slimtune.quant.pv_tuning import codes_fixed_quantize
 from slimtune.registry import QUANT_FORMATS
 
 
@@ -52,23 +55,81 @@ def fake_quantize(w: torch.Tensor, spec: QuantFormatSpec) -> torch.Tensor:
 
 
 class FakeQuantLinear(nn.Linear):
-    """nn.Linear computing with its weight fake-quantized to `spec` (the bias is not quantized)."""
+    """nn.Linear computing with its weight fake-quantized to `spec` (the bias is not quantized).
+
+    enabled: False computes with the weight as it is (qat.start_step). activations: "int8" also fake-quantizes
+    the input per token. delta: a callable giving an (out, in) fp32 update added before quantizing (a LoRA
+    adapter wrapped around this module, so the adapter trains against the quantization its merge gets)."""
 
     def __init__(self, in_features: int, out_features: int, spec: QuantFormatSpec, bias: bool = True, **kw):
         super().__init__(in_features, out_features, bias, **kw)
-        self.spec = spec
+        self.spec, self.enabled, self.activations = spec, True, "none"
+        self.__dict__["delta"] = None
+        self.qat_scale = self.qat_zero = None
+        self.pv = False
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: QuantFormatSpec) -> "FakeQuantLinear":
-        """The same parameters (shared, not copied), now trained against the format."""
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        spec: QuantFormatSpec,
+        activations: str = "none",
+        delta=None,
+        learn_scales: bool = False,
+        pv: bool = False,
+    ) -> "FakeQuantLinear":
+        """The same parameters (shared, not copied), now trained against the format. learn_scales: the block
+        scales (and asymmetric zeros) become parameters `qat_scale` / `qat_zero` (quant/learned_scales.py). pv:
+        PV-Tuning (quant/pv_tuning.py): learned scales, and the weight snapped to its codes."""
         m = cls.__new__(cls)
         nn.Module.__init__(m)
         m.in_features, m.out_features, m.spec = linear.in_features, linear.out_features, spec
         m.weight, m.bias = linear.weight, linear.bias
+        m.enabled, m.activations = True, activations
+        m.__dict__["delta"] = delta  # not a submodule: the adapter owns this module, not the reverse
+        m.qat_scale = m.qat_zero = None
+        m.pv = pv
+        if learn_scales or pv:
+            scale, zero = initial_scales(m.effective_weight().detach(), spec.fmt)
+            m.qat_scale = nn.Parameter(scale)
+            m.qat_zero = nn.Parameter(zero) if zero is not None else None
+        if pv:  # the weight holds its codes from now on (round to nearest to start), updated by the V step only
+            with torch.no_grad():
+                m.weight.copy_(m.packed().dequantize(torch.float32).to(m.weight.dtype))
+            m.weight.discrete = True
         return m
 
+    def quantized_weight(self) -> torch.Tensor:
+        """The effective weight fake-quantized (learned scales when it has them; PV: codes fixed)."""
+        w = self.effective_weight()
+        if self.pv:
+            return codes_fixed_quantize(w, self.qat_scale, self.qat_zero, self.spec.fmt)
+        if self.qat_scale is not None:
+            return learned_fake_quantize(w, self.qat_scale, self.qat_zero, self.spec.fmt)
+        return fake_quantize(w, self.spec)
+
+    @torch.no_grad()
+    def packed(self):
+        """What the converted linear stores: the format's packed weight of the effective weight."""
+        w = self.effective_weight().detach()
+        if self.qat_scale is not None:
+            return packed_with(w, self.spec.fmt, self.qat_scale, self.qat_zero)
+        module = self.spec.cls.make(self.spec.fmt, self.in_features, self.out_features, False, None, w.device)
+        return module.quantize_weight(w)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight that is quantized: the weight, plus the adapter's update (fp32) when there is one."""
+        return self.weight if self.delta is None else self.weight.float() + self.delta()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, fake_quantize(self.weight, self.spec).to(x.dtype), self.bias)
+        if self.enabled:
+            w = self.quantized_weight()
+            if self.activations == "int8":
+                x = fake_quantize_activations(x)
+        else:
+            w = self.effective_weight()
+        return F.linear(x, w.to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, fake_quant={self.spec.fmt.name}"
+        extra = f", activations={self.activations}" if self.activations != "none" else ""
+        return f"{super().extra_repr()}, fake_quant={self.spec.fmt.name}{extra}, enabled={self.enabled}"

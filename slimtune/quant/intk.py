@@ -32,16 +32,22 @@ def _safe(scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_int_blocks(
-    blocks: torch.Tensor, bits: int, symmetric: bool = True
+    blocks: torch.Tensor,
+    bits: int,
+    symmetric: bool = True,
+    scale: torch.Tensor | None = None,
+    zero: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """blocks fp32 (nb, B), finite -> (codes uint8 (nb * B,), scale fp32 (nb,), zero fp32 (nb,) or None)."""
+    """blocks fp32 (nb, B), finite -> (codes uint8 (nb * B,), scale fp32 (nb,), zero fp32 (nb,) or None).
+    scale (and zero, asymmetric): the grid to code against (QAT's learned one) instead of the blocks' own."""
     qmax = int_qmax(bits, symmetric)
     if symmetric:
-        scale = blocks.abs().amax(dim=1) / qmax
+        scale = blocks.abs().amax(dim=1) / qmax if scale is None else scale
         q = torch.round(blocks / _safe(scale)[:, None]).clamp_(-qmax, qmax).add_(qmax)
         return q.to(torch.uint8).flatten(), scale, None
-    zero = blocks.amin(dim=1)
-    scale = (blocks.amax(dim=1) - zero) / qmax
+    if scale is None:
+        zero = blocks.amin(dim=1)
+        scale = (blocks.amax(dim=1) - zero) / qmax
     q = torch.round((blocks - zero[:, None]) / _safe(scale)[:, None]).clamp_(0, qmax)
     return q.to(torch.uint8).flatten(), scale, zero
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimtune.errors import ConfigError
+from slimtune.quant.activations import fake_quantize_activations
 from slimtune.quant.qformat import QuantFormat
 from slimtune.technique import options_of
 
@@ -78,6 +79,7 @@ class FrozenQuantLinear(nn.Module):
     fmt = None  # the QuantFormat (kind, bits, block size, double quant) the subclass stores
     _function: type[torch.autograd.Function] = LinearDequant
     section = None
+    activations = "none"  # "int8": inputs fake-quantized per token (a QAT run's qat.activations=int8)
     bnb_methods = ("nf4", "int8")  # quant.method values bitsandbytes has layers for
 
     # its declaration as quant.method (technique.py): a frozen, quantized base
@@ -150,20 +152,28 @@ class FrozenQuantLinear(nn.Module):
 
     def spec(self) -> dict:
         """JSON description, enough for from_spec to rebuild the module empty (then load_state_dict)."""
-        return {
+        spec = {
             "class": type(self).__name__,
             "format": self.fmt.name,
             "in_features": self.in_features,
             "out_features": self.out_features,
             "bias": self.bias is not None,
         }
+        if self.activations != "none":
+            spec["activations"] = self.activations
+        return spec
 
     @classmethod
     def from_spec(cls, spec: dict, compute_dtype: torch.dtype | None) -> "FrozenQuantLinear":
         """Inverse of spec(): the empty module (load_state_dict fills it)."""
-        return cls.make(
+        m = cls.make(
             cls.format_for(spec["format"]), spec["in_features"], spec["out_features"], spec["bias"], compute_dtype
         )
+        activations = spec.get("activations", "none")
+        if activations not in ("none", "int8"):
+            raise ValueError(f"activations {activations!r} is not none or int8")
+        m.activations = activations
+        return m
 
     def quantize_weight(self, w: torch.Tensor):
         """A packed-weight holder of `w` (out, in) in this module's format (the module is unchanged)."""
@@ -209,6 +219,8 @@ class FrozenQuantLinear(nn.Module):
         autocast = torch.is_autocast_enabled(dev)
         dtype = torch.get_autocast_dtype(dev) if autocast else (self.compute_dtype or x.dtype)
         bias = self.bias.to(dtype) if self.bias is not None else None
+        if self.activations == "int8":
+            x = fake_quantize_activations(x)
         y = self._matmul(x.to(dtype), self._packed(), bias)
         return y if autocast else y.to(x.dtype)
 

@@ -45,10 +45,13 @@ def nf_codebook(bits: int, device=None) -> torch.Tensor:
     return _CODEBOOKS[(bits, device)]
 
 
-def quantize_nf_blocks(blocks: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """blocks fp32 (nb, B), finite -> (codes uint8 (nb * B,) in 0..2**bits-1, absmax fp32 (nb,))."""
+def quantize_nf_blocks(
+    blocks: torch.Tensor, bits: int, absmax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """blocks fp32 (nb, B), finite -> (codes uint8 (nb * B,) in 0..2**bits-1, absmax fp32 (nb,)). absmax: the
+    block scales to code against (QAT's learned ones) instead of the blocks' own absmax."""
     codebook = nf_codebook(bits, blocks.device)
-    absmax = blocks.abs().amax(dim=1)
+    absmax = blocks.abs().amax(dim=1) if absmax is None else absmax
     # all-zero blocks: divide by 1 instead of 0; every value then maps to the code of 0.0
     scaled = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
     # nearest value == bucketize against the midpoints between neighbouring code values

@@ -100,24 +100,34 @@ class PackedWeight:
 
 
 @torch.no_grad()
-def quantize(w: torch.Tensor, fmt: QuantFormat | str) -> PackedWeight:
-    """w: any shape with numel % block_size == 0 (any float dtype; computed in fp32) -> PackedWeight."""
+def quantize(
+    w: torch.Tensor, fmt: QuantFormat | str, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None
+) -> PackedWeight:
+    """w: any shape with numel % block_size == 0 (any float dtype; computed in fp32) -> PackedWeight. scale,
+    zero: fp32 (nb,) block scales (and asymmetric zeros) to code against and store, instead of the blocks'
+    own (QAT's learned scales)."""
     fmt = QuantFormat.parse(fmt)
     fmt.check_shape(w.shape)
     blocks = w.detach().float().reshape(-1, fmt.block_size)
     if fmt.kind == "nf":
-        codes, scale = quantize_nf_blocks(blocks, fmt.bits)
+        codes, scale = quantize_nf_blocks(blocks, fmt.bits, scale)
         zero = None
     else:
-        codes, scale, zero = quantize_int_blocks(blocks, fmt.bits, symmetric=fmt.kind == "int")
+        codes, scale, zero = quantize_int_blocks(blocks, fmt.bits, fmt.kind == "int", scale, zero)
     # amax / amin propagate nan and inf into the per-block stats: one cheap check per block
     if not torch.isfinite(scale).all() or (zero is not None and not torch.isfinite(zero).all()):
         raise ValueError(f"cannot {fmt.name}-quantize a weight of shape {tuple(w.shape)} with non-finite values")
+    return with_scales(fmt, tuple(w.shape), pack_bits(codes, fmt.bits), scale, zero)
+
+
+def with_scales(fmt: QuantFormat, shape: tuple, codes: torch.Tensor, scale: torch.Tensor, zero=None) -> PackedWeight:
+    """The PackedWeight of packed `codes` with fp32 block `scale` (and `zero`), stored as the format stores them
+    (double-quantized when it says so)."""
     vectors = {"scale": scale} if zero is None else {"scale": scale, "zero": zero}
     stored = {}
     for prefix, v in vectors.items():
         stored.update(double_quantize(v, prefix) if fmt.double_quant else {prefix: v})
-    return PackedWeight(fmt=fmt, shape=tuple(w.shape), codes=pack_bits(codes, fmt.bits), **stored)
+    return PackedWeight(fmt=fmt, shape=shape, codes=codes, **stored)
 
 
 def bits_per_param(x) -> float:

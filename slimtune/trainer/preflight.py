@@ -28,10 +28,10 @@ def check_run(cfg, world: int = 1) -> None:
     check_run_flags(cfg, bases, world)
     if "pruned" not in bases and not cfg.recover.teacher:
         name = cfg.model.name
-        if cfg.recover.kd or cfg.recover.feature:
+        if (cfg.recover.kd or cfg.recover.feature) and cfg.qat.method == "none":  # QAT: model.name teaches
             raise ConfigError(
                 f"recover.kd / recover.feature need a teacher: model.name={name!r} has no "
-                f"{SPARSE_MANIFEST} naming its dense source; set recover.teacher=MODEL"
+                f"{SPARSE_MANIFEST} naming its dense source; set recover.teacher=MODEL or qat.method"
             )
         if cfg.data.select == "degradation":
             raise ConfigError(
