@@ -167,12 +167,16 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         if src in state:
             state[k] = state[src]
     want = model.state_dict()
+    packed = tuple(f"{name}." for name in manifest["quantized"])
     for k, t in want.items():
         if k not in state:
             raise SlimtuneError(
                 f"{path / WEIGHTS}: tensor {k!r} is missing; the manifest {MANIFEST} does not "
                 "match the tensors (re-create the checkpoint with `slimtune quantize`)"
             )
+        castable = not k.startswith(packed) and state[k].is_floating_point() and t.is_floating_point()
+        if castable and tuple(state[k].shape) == tuple(t.shape):  # the unquantized rest, in another float dtype
+            state[k] = state[k].to(t.dtype)  # (a bf16 run's final/ scored in fp32)
         if tuple(state[k].shape) != tuple(t.shape) or state[k].dtype != t.dtype:
             raise SlimtuneError(
                 f"{path / WEIGHTS}: tensor {k!r} is {state[k].dtype} {tuple(state[k].shape)} but "
