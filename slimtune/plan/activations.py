@@ -13,7 +13,8 @@ bytes rb (4, or 2 when model.dtype=bfloat16 and the embedding is frozen):
                 (eager attention adds the (heads, S, S) probabilities in fp32 and the compute dtype)
   SwiGLU MLP    gate and up outputs, SiLU's output, and the product when down_proj saves its input
 Layer 0 of an adapter run gets no gradient through its input (the embedding is frozen): what only that
-gradient needs is not saved. The chunked loss forms its gradients in forward and saves them: dh (N x H)
+gradient needs is not saved. A QAT run's linears (qat.method) save their fake-quantized weights instead of
+autocast's copies. The chunked loss forms its gradients in forward and saves them: dh (N x H)
 and, for a trainable head, dW (V x H fp32). With activation checkpointing each layer keeps only its input
 (rb H) and the shared cos / sin; backward recomputes one layer at a time.
 tests/plan/test_plan_components.py checks these counts against autograd's saved tensors on the tiny model.
@@ -130,7 +131,7 @@ def activations(arch: Arch, cfg, weights: Weights, device: str, batch_size: int 
     # data.packing=documents / none pass position ids: cos / sin per row, and (a block with a document boundary,
     # or padding) a 4-D mask; the planner assumes a micro-batch that has one (the worst case)
     masked = cfg.data.packing in ("documents", "none")
-    rank = weights.adapter_width
+    rank = 0 if cfg.qat.method != "none" else weights.adapter_width  # QAT + LoRA: B A is merged, not applied
     dropout = weights.adapter_dropout
     per_layer = layer_tensors(arch, modes, rank, a, rb, full, dropout, S, masked=masked)
     first = layer_tensors(arch, modes, rank, a, rb, full, dropout, S, flowing=full, masked=masked)
@@ -172,15 +173,19 @@ def activations(arch: Arch, cfg, weights: Weights, device: str, batch_size: int 
             if role in ("q_proj", "k_proj", "v_proj")
         }
     )
+    qat = cfg.qat.method != "none"  # QAT: each linear saves its fake-quantized weight instead of autocast's copy
     copies = (
         [
             2 * tt.numel
             for tt in weights.trainable
-            if (tt.name in matmul or ".lora_" in tt.name) and tt.name not in no_input_grad
+            if ((tt.name in matmul and not qat) or ".lora_" in tt.name) and tt.name not in no_input_grad
         ]
         if casts
         else []
     )
+    qat_layer = sum(qat_weights(arch, a, True)) if qat else 0  # what one (recomputed) layer's linears save
+    if qat and not t.activation_checkpointing:
+        copies += qat_weights(arch, a, False, full)
     everything = layers + other + copies
     # backward of one layer: the residual's gradient (2 x H) and the MLP's (3 x I), in fp32 / compute dtype
     backward = tokens * (2 * 4 * H + 3 * a * arch.intermediate)
@@ -188,12 +193,29 @@ def activations(arch: Arch, cfg, weights: Weights, device: str, batch_size: int 
         saved=sum(everything),
         saved_heap=_heap(everything),
         churn_heap=_heap(every + other + copies),
-        layer=sum(per_layer) * tokens,
+        layer=sum(per_layer) * tokens + qat_layer,
         loss_forward=loss_fwd,
         loss_backward=loss_bwd,
         backward=backward,
         weight_copies=sum(copies),
     )
+
+
+def qat_weights(arch: Arch, a: int, one_layer: bool, full: bool = True) -> list[int]:
+    """Bytes of the fake-quantized weights a QAT forward saves for backward (quant/qat.py), in the compute dtype
+    (a): every decoder linear's, or one layer's (what a checkpointed layer's recompute holds). An adapter run's
+    q/k/v of layer 0 save none (their input needs no gradient)."""
+    first = (
+        set() if full else {lin.name for r, lin in arch.layer_linears(0).items() if r in ("q_proj", "k_proj", "v_proj")}
+    )
+    sizes = [lin.numel * a for lin in arch.linears if lin.name != arch.head and lin.name not in first]
+    if not one_layer:
+        return sizes
+    per_layer: dict = {}
+    for lin in arch.linears:
+        if lin.name != arch.head:
+            per_layer.setdefault(lin.layer, []).append(lin.numel * a)
+    return max(per_layer.values(), key=sum, default=[])
 
 
 def _has_triton() -> bool:

@@ -91,7 +91,7 @@ def test_lora_optimizer_state_matches_a_real_step():
     assert state_bytes(cfg, w.trainable) == optimizer_state_bytes(opt) > 0
 
 
-@pytest.mark.parametrize("recipe", ["lora", "qlora", "full"])
+@pytest.mark.parametrize("recipe", ["lora", "qlora", "full", "qat", "qat_lora"])
 @pytest.mark.parametrize("checkpointing", ["false", "true"])
 def test_activations_match_autograds_saved_tensors(recipe, checkpointing):
     cfg = _cfg(recipe, f"train.activation_checkpointing={checkpointing}")
