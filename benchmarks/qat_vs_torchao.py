@@ -27,15 +27,18 @@ import argparse
 import importlib.metadata as md
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "qat_vs_torchao.json"
+LOOP = SimpleNamespace(**runpy.run_path(str(ROOT / "benchmarks" / "_hf_loop.py")))  # peak_rss, train
 MiB = 2**20
 # slimtune side -> (recipe, overrides); PTQ format of the same name (None: no PTQ row)
 SLIMTUNE = {
@@ -70,11 +73,6 @@ def common(a, out: str) -> list[str]:
     ]
 
 
-def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
-
-
 def torchao_worker(a) -> None:
     """One torchao QAT run in this process; writes its result JSON (with the converted model's eval) to a.out."""
     import warnings
@@ -89,12 +87,11 @@ def torchao_worker(a) -> None:
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     from slimtune import config as C
-    from slimtune.data import BatchOrder, micro_batch, splits_for
+    from slimtune.data import splits_for
     from slimtune.formats.hf import DTYPES, load_tokenizer, resolve_model_dir
     from slimtune.hardware import resolve_dtype
     from slimtune.lm_loss import CausalLMLoss
     from slimtune.trainer.evaluate import loss_totals
-    from slimtune.trainer.loop import lr_at
 
     bits, act = TORCHAO[a.worker]
     cfg, _ = resolve_dtype(C.load_config("full", common(a, "unused")), "cpu")  # model.dtype=auto, as slimtune
@@ -110,27 +107,9 @@ def torchao_worker(a) -> None:
         return isinstance(module, torch.nn.Linear) and not fqn.endswith("lm_head")
 
     quantize_(model, QATConfig(activation_config=activation, weight_config=weight, step="prepare"), decoder_linear)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=t.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
-    )
     if t.activation_checkpointing:  # as the `full` recipe trains
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    order = BatchOrder(len(data.train), t.seed, data.train.lengths())
-    losses, seconds = [], 0.0
-    model.train()
-    for step in range(t.max_steps):
-        t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, t)
-        x, y, _ = micro_batch(data.train, order, step, 0, 0, 1, t.batch_size, 1)
-        loss = model(input_ids=x, labels=y).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        seconds += time.perf_counter() - t0
+    losses, seconds = LOOP.train(model, cfg, data)
     model = model.float()  # scored in fp32, as `slimtune eval` scores slimtune's converted checkpoints
     base = (
         Int8DynamicActivationIntxWeightConfig(
@@ -147,7 +126,7 @@ def torchao_worker(a) -> None:
     Path(a.out).write_text(
         json.dumps(
             {
-                "peak_memory_bytes": peak_rss(),
+                "peak_memory_bytes": LOOP.peak_rss(),
                 "tokens_per_second": t.max_steps * t.batch_size * t.seq_len / seconds,
                 "initial_loss": losses[0],
                 "final_loss": losses[-1],

@@ -25,18 +25,20 @@ import argparse
 import importlib.metadata as md
 import json
 import os
+import runpy
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 # keep benchmarks/ off the path: a module here could shadow a package transformers imports
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "qlora_vs_peft.json"
+LOOP = SimpleNamespace(**runpy.run_path(str(ROOT / "benchmarks" / "_hf_loop.py")))  # peak_rss, train
 MiB = 2**20
 SIDES = [
     ("slimtune", "stream"),
@@ -73,11 +75,6 @@ def overrides(a, batch: int, packing: str, output_dir: str) -> list[str]:
     ]
 
 
-def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
-
-
 def peft_worker(a) -> None:
     """One PEFT run in this process (side a.worker, compute dtype a.dtype); writes its result JSON to a.out."""
     import torch
@@ -89,9 +86,8 @@ def peft_worker(a) -> None:
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     from slimtune import config as C
-    from slimtune.data import BatchOrder, build_splits, micro_batch
+    from slimtune.data import build_splits
     from slimtune.formats.hf import load_tokenizer, resolve_model_dir
-    from slimtune.trainer.loop import lr_at
 
     cfg = C.load_config("qlora", overrides(a, a.batch_size, "stream", "unused"))
     t, dtype = cfg.train, getattr(torch, a.dtype)
@@ -112,28 +108,11 @@ def peft_worker(a) -> None:
         ),
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=t.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
-    )
-    order = BatchOrder(len(data.train), t.seed)
-    losses, seconds = [], 0.0
-    model.train()
-    for step in range(t.max_steps):
-        t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, t)
-        x, y, _ = micro_batch(data.train, order, step, 0, 0, 1, t.batch_size, 1)
-        loss = model(input_ids=x, labels=y).loss  # HF's loss: full (B, T, V) logits
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        seconds += time.perf_counter() - t0
+    losses, seconds = LOOP.train(model, cfg, data)
     Path(a.out).write_text(
         json.dumps(
             {
-                "peak_memory_bytes": peak_rss(),
+                "peak_memory_bytes": LOOP.peak_rss(),
                 "tokens_per_second": t.max_steps * t.batch_size * t.seq_len / seconds,
                 "initial_loss": losses[0],
                 "final_loss": losses[-1],
