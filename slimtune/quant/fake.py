@@ -32,11 +32,16 @@ class QuantFormatSpec:
         self.fmt = configured_format(self.cls, method, block_size, double_quant, options)
 
     @torch.no_grad()
-    def round_trip(self, w: torch.Tensor) -> torch.Tensor:
-        """dequantize(quantize(w)) in w's dtype: the format's own code path (an empty module of w's shape)."""
+    def packed(self, w: torch.Tensor):
+        """quantize(w): the format's packed-weight holder of (out, in) `w`, by its own code path (an empty module
+        of w's shape)."""
         out_features, in_features = w.shape
         module = self.cls.make(self.fmt, in_features, out_features, False, None, w.device)
-        return module.quantize_weight(w.detach()).dequantize(torch.float32).to(w.dtype)
+        return module.quantize_weight(w.detach())
+
+    def round_trip(self, w: torch.Tensor) -> torch.Tensor:
+        """dequantize(quantize(w)) in w's dtype."""
+        return self.packed(w).dequantize(torch.float32).to(w.dtype)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -114,8 +119,7 @@ class FakeQuantLinear(nn.Linear):
         w = self.effective_weight().detach()
         if self.qat_scale is not None:
             return packed_with(w, self.spec.fmt, self.qat_scale, self.qat_zero)
-        module = self.spec.cls.make(self.spec.fmt, self.in_features, self.out_features, False, None, w.device)
-        return module.quantize_weight(w)
+        return self.spec.packed(w)
 
     def effective_weight(self) -> torch.Tensor:
         """The weight that is quantized: the weight, plus the adapter's update (fp32) when there is one."""
