@@ -48,8 +48,13 @@ SLIMTUNE = {
     "nf3pv": ("qat", ["qat.method=nf3", "qat.pv_tuning=true"]),
     "8da4w": ("qat", ["qat.method=int4", "qat.activations=int8"]),
     "lora_int4": ("qat_lora", ["qat.method=int4"]),
+    "int4_lowmem": ("qat", ["qat.method=int4", "optim.master_dtype=bfloat16", "optim.state_bits=8"]),
 }
-PTQ = {"int4": "int4", "int3": "int3", "nf3": "nf3", "nf3pv": "nf3", "8da4w": "int4", "lora_int4": "int4"}
+# side (without its slimtune_ / torchao_ prefix) -> the family it is compared within: the same PTQ format (and
+# activations); a torchao side ending in _fp32 keeps fp32 master weights under bf16 autocast, as slimtune does
+FAMILY = {"int4": "int4", "int3": "int3", "nf3": "nf3", "nf3pv": "nf3", "8da4w": "8da4w", "lora_int4": "int4"}
+FAMILY |= {"int4_lowmem": "int4", "int4_fp32": "int4", "int3_fp32": "int3", "8da4w_fp32": "8da4w"}
+PTQ = {"8da4w": "int4"}  # family -> PTQ format of FT's weights (default: the family's name)
 TORCHAO = {"int4": (4, False), "int3": (3, False), "8da4w": (4, True)}
 DEFAULT_SIDES = "ft,slimtune_int4,torchao_int4,slimtune_int3,torchao_int3,slimtune_nf3,slimtune_nf3pv"
 
@@ -93,12 +98,15 @@ def torchao_worker(a) -> None:
     from slimtune.lm_loss import CausalLMLoss
     from slimtune.trainer.evaluate import loss_totals
 
-    bits, act = TORCHAO[a.worker]
+    bits, act = TORCHAO[a.worker.removesuffix("_fp32")]
     cfg, _ = resolve_dtype(C.load_config("full", common(a, "unused")), "cpu")  # model.dtype=auto, as slimtune
     t, dtype = cfg.train, DTYPES[cfg.model.dtype]
+    # _fp32: fp32 master weights (and AdamW state) with the compute under autocast; else the weights themselves
+    # in the compute dtype (an HF model loaded in bf16 and trained as it is)
+    master = torch.float32 if a.worker.endswith("_fp32") else dtype
     torch.manual_seed(t.seed)
     data = splits_for(cfg, load_tokenizer(a.model))
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(a.model), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(a.model), dtype=master)
     model.config.use_cache = False
     weight = IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), group_size=32, is_symmetric=True)
     activation = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False) if act else None
@@ -109,7 +117,8 @@ def torchao_worker(a) -> None:
     quantize_(model, QATConfig(activation_config=activation, weight_config=weight, step="prepare"), decoder_linear)
     if t.activation_checkpointing:  # as the `full` recipe trains
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    losses, seconds = LOOP.train(model, cfg, data)
+    with torch.autocast("cpu", dtype=dtype, enabled=master != dtype):
+        losses, seconds = LOOP.train(model, cfg, data)
     model = model.float()  # scored in fp32, as `slimtune eval` scores slimtune's converted checkpoints
     base = (
         Int8DynamicActivationIntxWeightConfig(
@@ -132,6 +141,7 @@ def torchao_worker(a) -> None:
                 "final_loss": losses[-1],
                 "eval_perplexity": float(torch.tensor(nats / tokens).exp()),
                 "compute_dtype": str(dtype).removeprefix("torch."),
+                "master_dtype": str(master).removeprefix("torch."),
             }
         )
     )
@@ -162,7 +172,8 @@ def slimtune_side(a, name: str, tmp: Path) -> dict:
     row = {k: r[k] for k in ("peak_memory_bytes", "tokens_per_second", "initial_loss", "final_loss", "compute_dtype")}
     row["eval_perplexity"] = evaluate(a, str(out / "final"))
     if name == "ft":
-        fmts = sorted({PTQ[s.removeprefix("slimtune_")] for s in a.sides.split(",") if s.startswith("slimtune_")})
+        fams = {FAMILY[s.split("_", 1)[1]] for s in a.sides.split(",") if s != "ft"}
+        fmts = sorted({PTQ.get(f, f) for f in fams})
         q = ["quant.block_size=32", "quant.double_quant=false"]
         row["ptq"] = {f: evaluate(a, str(out / "final"), f"quant.method={f}", *q) for f in fmts}
     return row
@@ -177,22 +188,26 @@ def torchao_side(a, name: str, tmp: Path) -> dict:
 
 
 def gaps(rows: dict) -> dict:
-    """Per QAT side: the PTQ gap it recovers, and its ratios against torchao's side of the same format."""
+    """Per QAT side: the PTQ gap it recovers, and a slimtune side's ratios against each torchao side of its
+    family."""
     ft = rows.get("ft")
     out = {}
     for name, r in rows.items():
         if name == "ft" or ft is None:
             continue
-        fmt = name.split("_", 1)[1]
-        ptq = ft["ptq"].get(PTQ.get(fmt, fmt))
+        family = FAMILY[name.split("_", 1)[1]]
+        ptq = ft["ptq"].get(PTQ.get(family, family))
         g = {"ptq": ptq, "ft": ft["eval_perplexity"], "qat": r["eval_perplexity"]}
         if ptq is not None and ptq != ft["eval_perplexity"]:
             g["gap_recovered"] = (ptq - r["eval_perplexity"]) / (ptq - ft["eval_perplexity"])
-        tao = rows.get(f"torchao_{fmt}")
-        if name.startswith("slimtune_") and tao is not None:
-            g["peak_vs_torchao"] = r["peak_memory_bytes"] / tao["peak_memory_bytes"]
-            g["tokens_per_second_vs_torchao"] = r["tokens_per_second"] / tao["tokens_per_second"]
-            g["perplexity_vs_torchao"] = r["eval_perplexity"] / tao["eval_perplexity"]
+        if name.startswith("slimtune_"):
+            for other, tao in rows.items():
+                if other.startswith("torchao_") and FAMILY[other.split("_", 1)[1]] == family:
+                    g[f"vs_{other}"] = {
+                        "peak": r["peak_memory_bytes"] / tao["peak_memory_bytes"],
+                        "tokens_per_second": r["tokens_per_second"] / tao["tokens_per_second"],
+                        "perplexity": r["eval_perplexity"] / tao["eval_perplexity"],
+                    }
         out[name] = g
     return out
 
@@ -209,11 +224,12 @@ def table(res: dict) -> str:
             f"{ptq if ptq is not None else float('nan'):9.3f}"
             f"{g.get('gap_recovered', float('nan')) * 100:14.1f}%"
         )
-        if "peak_vs_torchao" in g:
-            lines.append(
-                f"{'':20s}vs torchao: peak {g['peak_vs_torchao']:.3f}x (target <= 0.8), tokens/s "
-                f"{g['tokens_per_second_vs_torchao']:.3f}x (>= 1.0), perplexity {g['perplexity_vs_torchao']:.4f}x"
-            )
+        for key, v in g.items():
+            if key.startswith("vs_"):
+                lines.append(
+                    f"{'':20s}{key}: peak {v['peak']:.3f}x (target <= 0.8), tokens/s {v['tokens_per_second']:.3f}x "
+                    f"(>= 1.0), perplexity {v['perplexity']:.4f}x"
+                )
     ft = res["sides"].get("ft")
     if ft:
         lines.append("PTQ of FT: " + ", ".join(f"{k} {v:.3f}" for k, v in ft["ptq"].items()))
@@ -229,7 +245,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--sides", default=DEFAULT_SIDES)
     ap.add_argument("--out", default=str(DEFAULT_OUT))
-    ap.add_argument("--worker", choices=sorted(TORCHAO), help=argparse.SUPPRESS)
+    ap.add_argument("--ft-from", help="take the ft side (FT and PTQ perplexities) from an earlier results JSON")
+    ap.add_argument("--worker", choices=sorted(TORCHAO) + [f"{k}_fp32" for k in TORCHAO], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return torchao_worker(a)
@@ -237,6 +254,12 @@ def main() -> None:
 
     resolve_model_dir(a.model)  # a built-in model is converted once, outside every timed run
     rows, started = {}, time.time()
+    if a.ft_from:  # its config must be this run's: same model, steps, batches and lr
+        earlier = json.loads(Path(a.ft_from).read_text())
+        rows["ft"] = earlier["sides"]["ft"]
+        same = {k: earlier["config"][k] for k in ("model", "steps", "seq_len", "batch_size", "lr")}
+        if same != {"model": a.model, "steps": a.steps, "seq_len": a.seq_len, "batch_size": a.batch_size, "lr": a.lr}:
+            sys.exit(f"qat_vs_torchao: --ft-from {a.ft_from} ran another configuration ({same})")
     with tempfile.TemporaryDirectory(prefix="qat_vs_torchao-") as tmp:
         for name in a.sides.split(","):
             t0 = time.time()
