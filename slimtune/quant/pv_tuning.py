@@ -11,7 +11,7 @@ the converted model hold exactly the codes. Each step alternates
            g: the gradient w.r.t. w_hat (the engine's, accumulated and clipped like any other). The paper
            takes eta = 1 / L (L: the loss's smoothness), which makes phi a majorizer of the loss; L is not
            known in training, so eta_b = qat.pv_step * s_b / rms(g): a value with a typical gradient moves
-           pv_step grid steps. phi is separable: each value's best code is the grid point nearest its target
+           pv_step grid steps. The bound follows the lr schedule: fraction x lr / train.lr. phi is separable: each value's best code is the grid point nearest its target
            w_hat - eta_b g, and at most qat.pv_fraction of the matrix's codes change per step, those whose
            change lowers phi most (the paper's subspace of a bounded number of changed codes).
 
@@ -115,19 +115,22 @@ class PVTuning(Hooks):
     """The V step before each optimizer step (the optimizer then takes the P step), and the weights re-snapped
     to the scales it moved; modules: the PV linears (FakeQuantLinear with pv=True)."""
 
-    def __init__(self, modules: list, step: float, fraction: float):
-        self.modules, self.step, self.fraction = modules, step, fraction
+    def __init__(self, modules: list, step: float, fraction: float, peak_lr: float):
+        self.modules, self.step, self.fraction, self.peak_lr = modules, step, fraction, peak_lr
         self.before: list = []
 
     def before_step(self, optimizer, step: int) -> None:
         self.before = []
+        # the number of changed codes follows the lr schedule (warmup, decay), as the P step's size does
+        lr = max(g["lr"] / g.get("lr_scale", 1.0) for g in optimizer.param_groups)
+        fraction = self.fraction * min(lr / self.peak_lr, 1.0) if self.peak_lr > 0 else self.fraction
         for m in self.modules:
             w = m.weight
             scale, zero = m.qat_scale, m.qat_zero
             self.before.append((scale.detach().clone(), None if zero is None else zero.detach().clone()))
             if w.grad is None:
                 continue
-            k = math.ceil(self.fraction * w.numel())
+            k = math.ceil(fraction * w.numel())
             eta = normalized_eta(w.grad, scale.detach(), self.step)
             zero = None if zero is None else zero.detach()
             w.data.copy_(v_step(w.data, w.grad, scale.detach(), zero, m.spec.fmt, eta, k))

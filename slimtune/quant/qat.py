@@ -60,8 +60,10 @@ class QATConfig:
         "variables (the V step) beside the optimizer's step on scales and the rest (full fine-tuning, ddp)",
         False,
     )
-    pv_fraction: float = option("PV-Tuning: at most this fraction of each matrix's codes change per step", 0.01)
-    pv_step: float = option("PV-Tuning: the V step's size, in grid steps for a value with a typical gradient", 1.0)
+    pv_fraction: float = option(
+        "PV-Tuning: at most this fraction of each matrix's codes change per step (times lr / train.lr)", 0.001
+    )
+    pv_step: float = option("PV-Tuning: the V step's size, in grid steps for a value with a typical gradient", 0.5)
 
 
 @OPTIONS.register("qat.method")
@@ -222,7 +224,7 @@ class StartStep(Hooks):
 def qat_hooks(model: nn.Module, cfg) -> list[Hooks]:
     q, modules = cfg.qat, list(fake_quant_modules(model).values())
     hooks = [StartStep(modules, q.start_step)] if q.start_step else []
-    return hooks + ([PVTuning(modules, q.pv_step, q.pv_fraction)] if q.pv_tuning else [])
+    return hooks + ([PVTuning(modules, q.pv_step, q.pv_fraction, cfg.train.lr)] if q.pv_tuning else [])
 
 
 @torch.no_grad()
