@@ -49,11 +49,12 @@ SLIMTUNE = {
     "8da4w": ("qat", ["qat.method=int4", "qat.activations=int8"]),
     "lora_int4": ("qat_lora", ["qat.method=int4"]),
     "int4_lowmem": ("qat", ["qat.method=int4", "optim.master_dtype=bfloat16", "optim.state_bits=8"]),
+    "nf3pv_small": ("qat", ["qat.method=nf3", "qat.pv_tuning=true", "qat.pv_fraction=0.0001", "qat.pv_step=0.25"]),
 }
 # side (without its slimtune_ / torchao_ prefix) -> the family it is compared within: the same PTQ format (and
 # activations); a torchao side ending in _fp32 keeps fp32 master weights under bf16 autocast, as slimtune does
 FAMILY = {"int4": "int4", "int3": "int3", "nf3": "nf3", "nf3pv": "nf3", "8da4w": "8da4w", "lora_int4": "int4"}
-FAMILY |= {"int4_lowmem": "int4", "int4_fp32": "int4", "int3_fp32": "int3", "8da4w_fp32": "8da4w"}
+FAMILY |= {"nf3pv_small": "nf3", "int4_lowmem": "int4", "int4_fp32": "int4", "int3_fp32": "int3", "8da4w_fp32": "8da4w"}
 PTQ = {"8da4w": "int4"}  # family -> PTQ format of FT's weights (default: the family's name)
 TORCHAO = {"int4": (4, False), "int3": (3, False), "8da4w": (4, True)}
 DEFAULT_SIDES = "ft,slimtune_int4,torchao_int4,slimtune_int3,torchao_int3,slimtune_nf3,slimtune_nf3pv"
