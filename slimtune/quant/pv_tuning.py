@@ -11,9 +11,11 @@ the converted model hold exactly the codes. Each step alternates
            g: the gradient w.r.t. w_hat (the engine's, accumulated and clipped like any other). The paper
            takes eta = 1 / L (L: the loss's smoothness), which makes phi a majorizer of the loss; L is not
            known in training, so eta_b = qat.pv_step * s_b / rms(g): a value with a typical gradient moves
-           pv_step grid steps. The bound follows the lr schedule: fraction x lr / train.lr. phi is separable: each value's best code is the grid point nearest its target
-           w_hat - eta_b g, and at most qat.pv_fraction of the matrix's codes change per step, those whose
-           change lowers phi most (the paper's subspace of a bounded number of changed codes).
+           pv_step grid steps. phi is separable: each value's best code is the grid point nearest its
+           target w_hat - eta_b g, taken at most one code from its current one (a trust region: an outlier
+           gradient would otherwise throw a value to the end of the grid), and at most qat.pv_fraction x
+           lr / train.lr of the matrix's codes change per step, those whose change lowers phi most (the
+           paper's subspace of a bounded number of changed codes; the bound follows the lr schedule).
 
 The weight is kept out of the optimizer (`discrete` parameters): the V step is its only update.
 """
@@ -27,6 +29,7 @@ import torch
 from slimtune.hooks import Hooks
 from slimtune.quant.learned_scales import packed_with
 from slimtune.quant.packed import quantize, with_scales
+from slimtune.quant.packing import pack_bits, unpack_bits
 from slimtune.quant.qformat import QuantFormat
 
 PV_METHODS = ("nf2", "nf3", "int2", "int3", "int2a", "int3a")  # the codes of at most 3 bits
@@ -83,7 +86,14 @@ def v_step(w_hat, grad, scale, zero, fmt: QuantFormat, eta, max_changes: int) ->
         return w_hat
     eta = torch.as_tensor(eta, dtype=torch.float32).expand(scale.numel())[:, None].expand_as(blocks)
     target = blocks - eta * g
-    candidate = packed_with(target.reshape(w_hat.shape), fmt, scale, zero).dequantize(torch.float32)
+    # the nearest grid point to the target, at most one code from the current one (a trust region: an outlier
+    # gradient would otherwise throw its value to the end of the grid in one step)
+    n = w_hat.numel()
+    current = unpack_bits(packed_with(w_hat, fmt, scale, zero).codes, fmt.bits, n).int()
+    wanted = unpack_bits(packed_with(target.reshape(w_hat.shape), fmt, scale, zero).codes, fmt.bits, n).int()
+    codes = torch.minimum(torch.maximum(wanted, current - 1), current + 1).to(torch.uint8)
+    stored = scale.float().clamp(min=0), None if zero is None else zero.float()
+    candidate = with_scales(fmt, tuple(w_hat.shape), pack_bits(codes, fmt.bits), *stored).dequantize(torch.float32)
     candidate = candidate.reshape(blocks.shape)
     # phi(candidate) - phi(w_hat) per value, <= 0 (the candidate is the grid point nearest the target)
     safe = torch.where(eta > 0, eta, torch.ones_like(eta))
