@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 
 from slimtune.quant.intk import int_qmax
-from slimtune.quant.nfk import nf_codebook
-from slimtune.quant.packed import PACKED_METHODS, quantize
+from slimtune.quant.packed import PACKED_METHODS, quantize, with_scales
 from slimtune.quant.qformat import QuantFormat
 
 LEARNABLE_METHODS = PACKED_METHODS  # the formats that store plain block scales (nf4 / int8 have their own layout)
@@ -38,21 +37,28 @@ def packed_with(w: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, zero: to
     return quantize(w, fmt, scale.detach().float().clamp(min=0), None if zero is None else zero.detach().float())
 
 
-def _grid(blocks: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, zero: torch.Tensor | None):
-    """(u, q(u), in) per value: the value in grid units, its grid value (unscaled), inside the grid."""
+def recode(w: torch.Tensor, fmt: QuantFormat, scale, zero, new_scale, new_zero=None):
+    """The PackedWeight holding `w`'s codes against `scale` / `zero`, stored with `new_scale` / `new_zero`."""
+    stored = new_scale.detach().float().clamp(min=0), None if new_zero is None else new_zero.detach().float()
+    return with_scales(fmt, tuple(w.shape), packed_with(w, fmt, scale, zero).codes, *stored)
+
+
+def grid_values(w: torch.Tensor, fmt: QuantFormat, scale, zero) -> torch.Tensor:
+    """(nb, B) fp32: q, the unscaled grid value of each value's code against `scale` / `zero` (NF: its code
+    value; INT: code - qmax; asymmetric: the code)."""
+    unit = recode(w, fmt, scale, zero, torch.ones_like(scale), None if zero is None else torch.zeros_like(zero))
+    return unit.dequantize(torch.float32).reshape(scale.numel(), -1)
+
+
+def _grid(w: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, zero: torch.Tensor | None):
+    """(u, q(u), in) per value: the value in grid units, its grid value, whether it lies inside the grid."""
+    blocks = w.detach().float().reshape(scale.numel(), -1)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
-    if fmt.kind == "nf":
-        codebook = nf_codebook(fmt.bits, blocks.device)
-        u = blocks / safe
-        q = codebook[torch.bucketize(u, (codebook[1:] + codebook[:-1]) / 2)]
-        return u, q, u.abs() <= 1
+    u = blocks / safe if zero is None else (blocks - zero[:, None]) / safe
+    lo, hi = (0, int_qmax(fmt.bits, False)) if fmt.kind == "int_asym" else (-1, 1)
     if fmt.kind == "int":
-        qmax = int_qmax(fmt.bits, True)
-        u = blocks / safe
-        return u, torch.round(u).clamp(-qmax, qmax), u.abs() <= qmax
-    qmax = int_qmax(fmt.bits, False)
-    u = (blocks - zero[:, None]) / safe
-    return u, torch.round(u).clamp(0, qmax), (u >= 0) & (u <= qmax)
+        lo, hi = -int_qmax(fmt.bits, True), int_qmax(fmt.bits, True)
+    return u, grid_values(w, fmt, scale, zero), (u >= lo) & (u <= hi)
 
 
 class _LearnedScales(torch.autograd.Function):
@@ -66,10 +72,9 @@ class _LearnedScales(torch.autograd.Function):
     def backward(ctx, grad):
         w, scale, zero = ctx.saved_tensors
         zero = zero if ctx.has_zero else None
-        blocks = w.detach().float().reshape(scale.numel(), -1)
-        g = grad.float().reshape(blocks.shape)
+        g = grad.float().reshape(scale.numel(), -1)
         s = scale.detach().float().clamp(min=0)
-        u, q, inside = _grid(blocks, ctx.fmt, s, None if zero is None else zero.detach().float())
+        u, q, inside = _grid(w, ctx.fmt, s, None if zero is None else zero.detach().float())
         inside_f = inside.float()
         grad_w = (g * inside_f).view(w.shape).to(w.dtype)
         grad_s = (g * (q - u * inside_f)).sum(1).to(scale.dtype)

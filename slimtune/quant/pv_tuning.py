@@ -27,19 +27,12 @@ import math
 import torch
 
 from slimtune.hooks import Hooks
-from slimtune.quant.learned_scales import packed_with
-from slimtune.quant.packed import quantize, with_scales
+from slimtune.quant.learned_scales import grid_values, packed_with, recode
+from slimtune.quant.packed import with_scales
 from slimtune.quant.packing import pack_bits, unpack_bits
 from slimtune.quant.qformat import QuantFormat
 
 PV_METHODS = ("nf2", "nf3", "int2", "int3", "int2a", "int3a")  # the codes of at most 3 bits
-
-
-def grid_values(fmt: QuantFormat, codes_of: torch.Tensor, scale, zero) -> torch.Tensor:
-    """(nb, B) fp32: the grid values (unscaled, q(codes)) of the values `codes_of` (on their grid already)."""
-    packed = quantize(codes_of, fmt, scale.clamp(min=0), zero)
-    unit = with_scales(fmt, packed.shape, packed.codes, torch.ones_like(scale), None if zero is None else 0 * zero)
-    return unit.dequantize(torch.float32).reshape(scale.numel(), -1)
 
 
 class _CodesFixed(torch.autograd.Function):
@@ -54,7 +47,7 @@ class _CodesFixed(torch.autograd.Function):
         w, scale = ctx.saved_tensors
         g = grad.float().reshape(scale.numel(), -1)
         zero = None if ctx.zero is None else ctx.zero.detach().float()
-        q = grid_values(ctx.fmt, w.detach(), scale.detach().float(), zero)
+        q = grid_values(w, ctx.fmt, scale.detach().float(), zero)
         grad_z = g.sum(1).to(ctx.zero.dtype) if ctx.zero is not None else None
         return grad, (g * q).sum(1).to(scale.dtype), grad_z, None
 
@@ -91,9 +84,9 @@ def v_step(w_hat, grad, scale, zero, fmt: QuantFormat, eta, max_changes: int) ->
     n = w_hat.numel()
     current = unpack_bits(packed_with(w_hat, fmt, scale, zero).codes, fmt.bits, n).int()
     wanted = unpack_bits(packed_with(target.reshape(w_hat.shape), fmt, scale, zero).codes, fmt.bits, n).int()
-    codes = torch.minimum(torch.maximum(wanted, current - 1), current + 1).to(torch.uint8)
+    codes = pack_bits(torch.minimum(torch.maximum(wanted, current - 1), current + 1).to(torch.uint8), fmt.bits)
     stored = scale.float().clamp(min=0), None if zero is None else zero.float()
-    candidate = with_scales(fmt, tuple(w_hat.shape), pack_bits(codes, fmt.bits), *stored).dequantize(torch.float32)
+    candidate = with_scales(fmt, tuple(w_hat.shape), codes, *stored).dequantize(torch.float32)
     candidate = candidate.reshape(blocks.shape)
     # phi(candidate) - phi(w_hat) per value, <= 0 (the candidate is the grid point nearest the target)
     safe = torch.where(eta > 0, eta, torch.ones_like(eta))
@@ -110,15 +103,7 @@ def v_step(w_hat, grad, scale, zero, fmt: QuantFormat, eta, max_changes: int) ->
 @torch.no_grad()
 def snap(weight: torch.Tensor, fmt: QuantFormat, old_scale, old_zero, scale, zero) -> None:
     """weight's codes (against old_scale / old_zero) dequantized with the new scale / zero, in place."""
-    packed = quantize(weight, fmt, old_scale.float().clamp(min=0), None if old_zero is None else old_zero.float())
-    new = with_scales(
-        fmt,
-        packed.shape,
-        packed.codes,
-        scale.detach().float().clamp(min=0),
-        None if zero is None else zero.detach().float(),
-    )
-    weight.copy_(new.dequantize(torch.float32).to(weight.dtype))
+    weight.copy_(recode(weight, fmt, old_scale, old_zero, scale, zero).dequantize(torch.float32).to(weight.dtype))
 
 
 class PVTuning(Hooks):

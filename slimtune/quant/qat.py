@@ -179,7 +179,7 @@ def apply_qat(model: nn.Module, cfg, skip: frozenset = frozenset()) -> int:
     """Swap, in place, every nn.Linear of `model` but lm_head (and the modules whose ids are in `skip`: an
     adapter's own factors) for a FakeQuantLinear sharing its parameters. A linear that is a LoRA adapter's base
     quantizes W + the adapter's update, and the adapter stops adding its own output. Returns how many."""
-    spec = format_spec(cfg)
+    spec, q = format_spec(cfg), cfg.qat
     parents = {id(m.base): m for m in model.modules() if hasattr(m, "delta_weight") and hasattr(m, "base")}
     targets = [
         (name, m)
@@ -194,7 +194,6 @@ def apply_qat(model: nn.Module, cfg, skip: frozenset = frozenset()) -> int:
                 f"{name}'s {linear.out_features} x {linear.in_features} weights; pick a block size that does"
             )
         delta = owner.delta_weight if owner is not None else None
-        q = cfg.qat
         fake = FakeQuantLinear.from_linear(linear, spec, q.activations, delta, q.learn_scales, q.pv_tuning)
         if owner is not None:
             owner.delta_in_base = True
