@@ -11,7 +11,9 @@ used for training, `slimtune eval ... eval.split=true`, every window):
                       afterwards to each format (PTQ: `slimtune eval model.name=FT/final quant.method=...`)
   slimtune_<fmt>      `slimtune run qat qat.method=<fmt>`, scored on the converted final/ (a real quantized
                       checkpoint); fmt: int4, int3 (symmetric, blocks of 32, no double quant), nf3, nf3pv
-                      (qat.pv_tuning=true), 8da4w (int4 + qat.activations=int8), lora_int4 (qat_lora)
+                      (qat.pv_tuning=true), 8da4w (int4 + qat.activations=int8), lora_int4 (qat_lora),
+                      lora_int4_lr1e-3 (the same at LoRA's lr), lq_lora_275 (the lq_lora recipe at 2.75
+                      bits, against FT's NF4 PTQ with blocks of 64 and double quant: 4.13 bits)
   torchao_<fmt>       torchao QATConfig with IntxFakeQuantizeConfig(int4 | int3, group 32, symmetric) (8da4w:
                       and per-token asymmetric int8 activations) on every decoder linear (lm_head left out, as
                       slimtune does), an HF model trained by a plain loop, converted with IntxWeightOnlyConfig /
@@ -50,12 +52,20 @@ SLIMTUNE = {
     "lora_int4": ("qat_lora", ["qat.method=int4"]),
     "int4_lowmem": ("qat", ["qat.method=int4", "optim.master_dtype=bfloat16", "optim.state_bits=8"]),
     "nf3pv_small": ("qat", ["qat.method=nf3", "qat.pv_tuning=true", "qat.pv_fraction=0.0001", "qat.pv_step=0.25"]),
+    # LoRA sides at a LoRA learning rate (the lq_lora / qlora recipes' 1e-3; 5e-5 is full fine-tuning's)
+    "lora_int4_lr1e-3": ("qat_lora", ["qat.method=int4", "train.lr=1e-3"]),
+    # LQ-LoRA (its recipe: Fisher-weighted, NF-2/3/4 x blocks 64/128/256 with double quant) at 2.75 bits, its
+    # LoRA factors trained on the exact quantized part it is stored with, against NF4 PTQ (block 64, 4.13 bits)
+    "lq_lora_275": ("lq_lora", ["lq_lora.budget_bits=2.75", "quant.double_quant=true", "train.lr=1e-3"]),
 }
 # side (without its slimtune_ / torchao_ prefix) -> the family it is compared within: the same PTQ format (and
 # activations); a torchao side ending in _fp32 keeps fp32 master weights under bf16 autocast, as slimtune does
 FAMILY = {"int4": "int4", "int3": "int3", "nf3": "nf3", "nf3pv": "nf3", "8da4w": "8da4w", "lora_int4": "int4"}
 FAMILY |= {"nf3pv_small": "nf3", "int4_lowmem": "int4", "int4_fp32": "int4", "int3_fp32": "int3", "8da4w_fp32": "8da4w"}
+FAMILY |= {"lora_int4_lr1e-3": "int4", "lq_lora_275": "nf4_b64"}
 PTQ = {"8da4w": "int4"}  # family -> PTQ format of FT's weights (default: the family's name)
+# PTQ format -> how FT's weights are quantized (default: quant.method=<format>, blocks of 32, no double quant)
+PTQ_ARGS = {"nf4_b64": ["quant.method=nf4", "quant.block_size=64", "quant.double_quant=true"]}
 TORCHAO = {"int4": (4, False), "int3": (3, False), "8da4w": (4, True)}
 DEFAULT_SIDES = "ft,slimtune_int4,torchao_int4,slimtune_int3,torchao_int3,slimtune_nf3,slimtune_nf3pv"
 
@@ -172,11 +182,16 @@ def slimtune_side(a, name: str, tmp: Path) -> dict:
     r = json.loads((out / "report.json").read_text())
     row = {k: r[k] for k in ("peak_memory_bytes", "tokens_per_second", "initial_loss", "final_loss", "compute_dtype")}
     row["eval_perplexity"] = evaluate(a, str(out / "final"))
+    manifest = out / "final" / "slimtune_quant.json"
+    if manifest.is_file():  # a quantized final/: its bits per quantized parameter (codes + scales)
+        row["bits_per_param"] = json.loads(manifest.read_text())["bits_per_param"]
     if name == "ft":
         fams = {FAMILY[s.split("_", 1)[1]] for s in a.sides.split(",") if s != "ft"}
         fmts = sorted({PTQ.get(f, f) for f in fams})
-        q = ["quant.block_size=32", "quant.double_quant=false"]
-        row["ptq"] = {f: evaluate(a, str(out / "final"), f"quant.method={f}", *q) for f in fmts}
+        default = ["quant.block_size=32", "quant.double_quant=false"]
+        row["ptq"] = {
+            f: evaluate(a, str(out / "final"), *PTQ_ARGS.get(f, [f"quant.method={f}", *default])) for f in fmts
+        }
     return row
 
 

@@ -169,6 +169,7 @@ def _build_offloaded(cfg, device, dist_info, log) -> Built:
             model = load_base(name, load_dtype(cfg))
             quantize_stage(model, cfg)
         apply_adapters(model, cfg.adapter, adapter_options(cfg), DTYPES[cfg.optim.master_dtype])
+        qat = apply_qat(model, cfg, adapter_internals(model)) if cfg.qat.method != "none" else 0
         set_mmap_threshold(OffloadEngine.heap_mmap_threshold)  # the engine's allocator setting, for this process
         setup = engine_setup(cfg, OffloadEngine)
         engine = OffloadEngine(model, setup, device, dist_info, store, streamed_weights=params == "disk")
@@ -177,11 +178,13 @@ def _build_offloaded(cfg, device, dist_info, log) -> Built:
     except BaseException:  # the store's threads and its lock go with the error
         engine.close() if engine is not None else store.close(delete=True)
         raise
+    if qat:
+        log(f"qat.method={cfg.qat.method}: {qat} linear layers train against their quantization")
     log(
         f"offload: engine.params={params} engine.optimizer={optimizer}, store in {offload_dir(cfg)} "
         f"({engine.pool.nbytes / 2**20:.0f} MiB of buffers)"
     )
-    return Built(model, engine, {})
+    return Built(model, engine, {}, hooks=qat_hooks(model, cfg))
 
 
 def _check_sparse_kept(model: nn.Module, masks: dict, cfg) -> None:

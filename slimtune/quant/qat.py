@@ -30,6 +30,7 @@ from slimtune.quant.linear import FrozenQuantLinear
 from slimtune.quant.learned_scales import LEARNABLE_METHODS
 from slimtune.quant.pv_tuning import PV_METHODS, PVTuning
 from slimtune.registry import OPTIONS, QUANT_FORMATS
+from slimtune.rules import placement
 from slimtune.schema import config_section, option
 from slimtune.technique import Technique, options_of
 
@@ -85,8 +86,7 @@ class QuantizationAwareTraining(Technique):
 
     @classmethod
     def withholds(cls, cfg) -> set[str]:
-        # its linears are no longer plain (train.precision's swap); the offload engine streams plain linears
-        flags = {"full_precision_linears", "streamable"}
+        flags = {"full_precision_linears"}  # its linears are no longer plain (train.precision's swap)
         try:
             exact = getattr(format_spec(cfg).fmt, "exact_zero", False)  # a pruned base's zeros stay 0
         except (ValueError, ConfigError):
@@ -130,12 +130,29 @@ class QuantizationAwareTraining(Technique):
                 f"({', '.join(LEARNABLE_METHODS)}), not qat.method={q.method}: change one of qat.learn_scales and "
                 "qat.method"
             )
+        if q.learn_scales and cfg.engine.name == "offload" and "disk" in placement(cfg):
+            _validate_offloaded_scales(cfg)
         if q.pv_tuning:
             _validate_pv(cfg)
         try:
             QuantFormatSpec(q.method, cfg.quant.block_size, cfg.quant.double_quant, format_options(cfg))
         except ValueError as e:
             raise ConfigError(f"qat.method={q.method} quant.block_size={cfg.quant.block_size}: {e}") from None
+
+
+def _validate_offloaded_scales(cfg) -> None:
+    if placement(cfg)[0] == "disk":
+        raise ConfigError(
+            "qat.learn_scales=true starts each block's scale from its weights, which engine.params=disk keeps in "
+            "the store until they stream: set engine.params=none (optimizer state alone on disk) or "
+            "qat.learn_scales=false"
+        )
+    if cfg.qat.start_step:
+        raise ConfigError(
+            f"qat.learn_scales=true with qat.start_step={cfg.qat.start_step}: the scales get no gradient before "
+            "that step, and engine.name=offload updates a layer once every parameter's gradient arrived: set "
+            "qat.start_step=0 or another engine.name"
+        )
 
 
 def _validate_pv(cfg) -> None:
@@ -239,12 +256,11 @@ def quantized_module(fake: FakeQuantLinear, compute_dtype: torch.dtype) -> nn.Mo
     return real
 
 
-@contextlib.contextmanager
-def converted(model: nn.Module, compute_dtype: torch.dtype):
-    """`model` with every FakeQuantLinear (and the LoRA adapter around it) replaced by its quantized linear for
-    the duration of the block; the training modules are put back afterwards."""
+def swap_quantized(model: nn.Module, fakes: dict[str, FakeQuantLinear], compute_dtype: torch.dtype) -> list:
+    """Replace each of `fakes` (name -> module of `model`; the LoRA adapter around it too) by its quantized linear,
+    built from the weights it holds now. Returns what `put_back` needs to undo it."""
     swaps = []
-    for name, fake in fake_quant_modules(model).items():
+    for name, fake in fakes.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         if getattr(parent, "delta_in_base", False):  # the LoRA wrapper goes too: its update is merged
@@ -254,6 +270,19 @@ def converted(model: nn.Module, compute_dtype: torch.dtype):
             old = fake
         swaps.append((parent, child, old))
         setattr(parent, child, quantized_module(fake, compute_dtype))
+    return swaps
+
+
+def put_back(swaps: list) -> None:
+    for parent, child, old in swaps:
+        setattr(parent, child, old)
+
+
+@contextlib.contextmanager
+def converted(model: nn.Module, compute_dtype: torch.dtype):
+    """`model` with every FakeQuantLinear (and the LoRA adapter around it) replaced by its quantized linear for
+    the duration of the block; the training modules are put back afterwards."""
+    swaps = swap_quantized(model, fake_quant_modules(model), compute_dtype)
     # the rest (embeddings, norms, lm_head) in the compute dtype, as `slimtune quantize` stores it (bf16 masters)
     cast = [p for m in model.modules() if not isinstance(m, FrozenQuantLinear) for p in m.parameters(recurse=False)]
     cast = [(p, p.data) for p in cast if p.is_floating_point() and p.dtype != compute_dtype]
@@ -264,5 +293,4 @@ def converted(model: nn.Module, compute_dtype: torch.dtype):
     finally:
         for p, data in cast:
             p.data = data
-        for parent, child, old in swaps:
-            setattr(parent, child, old)
+        put_back(swaps)

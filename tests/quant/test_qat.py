@@ -214,7 +214,10 @@ def test_kill_then_resume_is_bitwise(extra, tmp_path):
 @pytest.mark.parametrize(
     "overrides, needle",
     [
-        (["engine.name=offload"], "engine.name=offload needs every other technique to work on one streamed layer"),
+        (
+            ["engine.name=offload", "qat.learn_scales=true"],
+            "qat.learn_scales=true starts each block's scale from its weights, which engine.params=disk keeps",
+        ),
         (
             ["adapter.type=lora", "quant.method=nf4"],
             "qat.method=int4 needs full-precision linear layers in the base, which quant.method=nf4",

@@ -40,6 +40,7 @@ from slimtune.engines.offload.update import OffloadOptimizer, UnitOptimizer, chu
 from slimtune.optim import build_optimizer
 from slimtune.formats import checkpoint as ckpt
 from slimtune.formats.hf import DTYPES
+from slimtune.quant.qat import fake_quant_modules, put_back, swap_quantized
 from slimtune.engines.ddp import Engine
 from slimtune.engines.setup import EngineSetup
 
@@ -72,12 +73,13 @@ class OffloadEngine(Engine):
                 "engine.name=offload with engine.params=none engine.optimizer=none offloads nothing: set "
                 "one of them to disk (or cpu on a GPU machine), or engine.name=ddp"
             )
-        if o.activations == "keep" and params == "disk" and cfg.quant.method != "none":
-            raise ConfigError(
-                "offload.activations=keep would keep each layer's dequantized weights for backward on a "
-                f"quantized streamed base (quant.method={cfg.quant.method}); use "
-                "offload.activations=recompute (or auto)"
-            )
+        for key in ("quant", "qat"):
+            method = getattr(cfg, key).method
+            if o.activations == "keep" and params == "disk" and method != "none":
+                raise ConfigError(
+                    "offload.activations=keep would keep each layer's (fake-)quantized weights for backward on a "
+                    f"streamed base with {key}.method={method}; use offload.activations=recompute (or auto)"
+                )
         if cfg.adapter.type == "none" and params == "disk" and optimizer != "disk":
             raise ConfigError(
                 f"engine.params=disk with full fine-tuning (adapter.type=none) keeps the fp32 master "
@@ -157,7 +159,7 @@ class OffloadEngine(Engine):
         self.mirror = DeviceMirror(device, mirrored) if device.type == "cuda" or self.stage_on_cpu else None
         self.pool = BufferPool(classes, pin=pin if device.type == "cuda" else None)
         self.unit_opt = UnitOptimizer(setup.optim, setup.optim_options, index, self.pool, READ_AHEAD)
-        quantized = streamed_weights and setup.quant_method != "none"
+        quantized = streamed_weights and (setup.quant_method != "none" or setup.final.qat_dtype is not None)
         self.keep_activations = keep_activations(o.activations, model, quantized, t.batch_size * t.seq_len)
         self.streamer = Streamer(
             units,
@@ -320,6 +322,9 @@ class OffloadEngine(Engine):
 
     def save_final(self, path: Path, base_path: str, tokenizer) -> None:
         self.streamer.drain()  # the last step's queued updates (clipping) on disk first
+        if self.setup.final.qat_dtype is not None:
+            self._save_final_converted(path, base_path, tokenizer)
+            return
         if not self.setup.full:
             self.setup.final.write(self.model, path, base_path, tokenizer)  # adapters are in memory
             return
@@ -345,6 +350,33 @@ class OffloadEngine(Engine):
             self.model.config.torch_dtype = str(dtype).removeprefix("torch.")
             self.model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+
+    def _save_final_converted(self, path: Path, base_path: str, tokenizer) -> None:
+        """A QAT run's final/ (the quantized checkpoint): unit by unit, the weights are loaded, the unit's
+        fake-quantized linears replaced by their packed quantized linears and the rest (embeddings, norms, head)
+        kept as copies; then the checkpoint is written and the training modules put back. In memory at most: the
+        quantized model, one unit's weights."""
+        fakes, swaps, held = fake_quant_modules(self.model), [], []
+        dtype = DTYPES[self.setup.final.qat_dtype]
+        try:
+            for unit in self.streamer.units.values():
+                self.streamer.ensure(unit.name)
+                ids = {id(p) for p in unit.params.values()}
+                swaps += swap_quantized(self.model, {n: f for n, f in fakes.items() if id(f.weight) in ids}, dtype)
+                converted_ids = {id(f.weight) for f in fakes.values() if id(f.weight) in ids}
+                rest = [
+                    p for n, p in unit.params.items() if n in self.streamer.placeholder and id(p) not in converted_ids
+                ]
+                copies = [p.data.clone() for p in rest]
+                self.streamer.release(unit.name)
+                for p, copy in zip(rest, copies):
+                    held.append((p, p.data))
+                    p.data = copy
+            self.setup.final.write(self.model, path, base_path, tokenizer)
+        finally:
+            for p, data in held:
+                p.data = data
+            put_back(swaps)
 
     def report(self) -> dict:
         """report.json's `offload`: per training step (evals and setup excluded) the bytes read and written,

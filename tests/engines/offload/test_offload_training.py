@@ -55,6 +55,13 @@ CASES = {
         "lora",
         ["train.batch_size=4", "lora.rank=4", "quant.method=nf3", "quant.block_size=32"],
     ),
+    # QAT: each streamed layer's weights fake-quantized in forward (and in backward's recompute); final/ is
+    # the quantized checkpoint, converted unit by unit
+    "qat_nf3_start_step": (
+        "qat",
+        ["train.batch_size=4", "qat.method=nf3", "quant.block_size=32", "qat.start_step=3", "train.max_grad_norm=0.5"],
+    ),
+    "qat_lora_int3_streamed_base": ("qat_lora", ["train.batch_size=4", "lora.rank=4", "qat.method=int3"]),
 }
 
 
@@ -63,10 +70,10 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_offload_equals_in_memory_bitwise(case, model, activations, tmp_path, request):
     recipe, extra = CASES[case]
-    quantized = recipe == "qlora" or any(e.startswith("quant.method") for e in extra)
+    quantized = recipe == "qlora" or any(e.startswith(("quant.method", "qat.method")) for e in extra)
     if quantized and activations == "keep":
         pytest.skip("a quantized streamed base recomputes (keep is refused: see test_bad_offload_settings)")
-    disk = ["engine.name=offload", "engine.optimizer=none"] if recipe in ("lora", "qlora") else DISK
+    disk = ["engine.name=offload", "engine.optimizer=none"] if "lora" in recipe else DISK
     disk = [*disk, f"offload.activations={activations}"]
     if model == "deep":
         extra = [*extra, f"model.name={request.getfixturevalue('deep_tiny')}", "train.max_steps=6"]
@@ -82,6 +89,22 @@ def test_offload_equals_in_memory_bitwise(case, model, activations, tmp_path, re
     # keep: backward read streamed weights through references, not through copies autograd held
     assert (off["offload"]["weights_reloaded_for_backward"] > 0) == (activations == "keep")
     assert not (tmp_path / "off" / "offload" / "live").exists()  # the finished run's live store is gone
+
+
+def test_qat_learned_scales_with_weights_in_memory_equals_in_memory_engine(tmp_path):
+    """qat.learn_scales (the scales are parameters of each layer's unit) and int8 activations, with the weights
+    in memory (engine.params=none: their scales start from them) and the optimizer state on disk, activations
+    kept: the in-memory engine's losses, evaluation and quantized final/ bit for bit."""
+    extra = ["train.batch_size=4", "qat.method=int3a", "quant.block_size=32", "qat.learn_scales=true"]
+    extra += ["qat.activations=int8", "train.max_grad_norm=0.5"]
+    disk = ["engine.name=offload", "engine.params=none", "engine.optimizer=disk", "offload.activations=keep"]
+    ref = run(load_config("qat", [*BASE, *extra, f"output_dir={tmp_path / 'mem'}"]))
+    off = run(load_config("qat", [*BASE, *extra, *disk, f"output_dir={tmp_path / 'off'}"]))
+    assert _losses(tmp_path / "off") == _losses(tmp_path / "mem")
+    assert off["eval_perplexity"] == ref["eval_perplexity"]
+    a, b = _weights(tmp_path / "mem" / "final"), _weights(tmp_path / "off" / "final")
+    assert any(k.endswith("qweight") or "scale" in k for k in a)  # a quantized checkpoint
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_keep_under_bf16_autocast_holds_no_weight_casts(deep_tiny, tmp_path):
@@ -139,7 +162,13 @@ def _cli(*args, check=True):
 
 
 @pytest.mark.parametrize(
-    "master", [[], ["optim.master_dtype=bfloat16", "optim.compensation=kahan"]], ids=["fp32", "bf16"]
+    "master",
+    [
+        [],
+        ["optim.master_dtype=bfloat16", "optim.compensation=kahan"],
+        ["qat.method=nf3", "quant.block_size=32", "qat.start_step=5"],  # killed before QAT switches on
+    ],
+    ids=["fp32", "bf16", "qat"],
 )
 def test_kill_mid_step_then_resume_gives_the_same_losses(tmp_path, master):
     args = [*BASE, *DISK, "train.max_grad_norm=0", "train.batch_size=4", "checkpoint.every=2", "checkpoint.keep=2"]
@@ -225,6 +254,24 @@ def test_full_disk_mid_run_is_a_clear_error_and_the_checkpoint_resumes(tmp_path,
         (
             ["engine.name=offload", "quant.method=nf4", "adapter.type=lora", "offload.activations=keep"],
             "use offload.activations=recompute",
+        ),
+        (
+            ["engine.name=offload", "qat.method=nf4", "offload.activations=keep"],
+            "streamed base with qat.method=nf4; use offload.activations=recompute",
+        ),
+        (
+            ["engine.name=offload", "qat.method=int4", "qat.learn_scales=true"],
+            "which engine.params=disk keeps in the store until they stream: set engine.params=none",
+        ),
+        (
+            [
+                "engine.name=offload",
+                "engine.params=none",
+                "qat.method=int4",
+                "qat.learn_scales=true",
+                "qat.start_step=2",
+            ],
+            "set qat.start_step=0 or another engine.name",
         ),
         (
             ["engine.name=offload", "engine.params=none", "optim.in_backward=true", "train.max_grad_norm=0"],
