@@ -156,8 +156,8 @@ class AdapterConfig:
 @dataclass(frozen=True)
 class QuantConfig:
     method: str = _help(
-        "none | nf4 | int8 | nf2 | nf3 | int2..int7 | int2a..int8a (asymmetric) | "
-        "lq_lora (per-matrix formats under lq_lora.budget_bits)",
+        "none | nf4 | int8 | nf2 | nf3 | int2..int7 | int2a..int8a (asymmetric) | q8_0 | q4_0 | q4_1 | q5_0 | "
+        "q5_1 (llama.cpp's block types) | lq_lora (per-matrix formats under lq_lora.budget_bits)",
         "none",
     )
     backend: str = _help("slimtune | bitsandbytes", "slimtune")

@@ -1,7 +1,8 @@
 """Frozen quantized bases: `quantize_model(model, method, backend)` swaps every nn.Linear (but lm_head).
 
 slimtune's own formats are pure torch (nf4.py, int8.py, and the bit-packed low-bit formats of packed.py:
-methods nf2, nf3, int2..int7, int2a..int8a), each registered in QUANT_FORMATS by its file;
+methods nf2, nf3, int2..int7, int2a..int8a; llama.cpp's q8_0, q4_0, q4_1, q5_0, q5_1 in ggml.py), each
+registered in QUANT_FORMATS by its file;
 `backend="bitsandbytes"` uses bnb's layers (bnb.py).
 bitsandbytes is never imported unless that backend is asked for.
 """
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from slimtune.quant.bnb import dequantize_bnb_weight, is_bnb_linear, to_bnb_linear  # never imports bnb itself
+from slimtune.quant.ggml import GGML_TYPES, GGMLLinear, GGMLWeight, quantize_ggml
 from slimtune.quant.int8 import Int8Linear, Int8Weight, quantize_int8
 from slimtune.quant.linear import FrozenQuantLinear, configured_format
 from slimtune.quant.nf4 import NF4_CODEBOOK, NF4Linear, NF4Weight, quantize_nf4
@@ -24,6 +26,10 @@ from slimtune.quant.packed import quantize as quantize_packed
 from slimtune.quant.packing import pack_bits, unpack_bits
 
 __all__ = [
+    "GGML_TYPES",
+    "GGMLLinear",
+    "GGMLWeight",
+    "quantize_ggml",
     "NF4_CODEBOOK",
     "PACKED_METHODS",
     "QUANT_FORMATS",

@@ -212,7 +212,8 @@ class FrozenQuantLinear(nn.Module):
             raise ValueError(
                 f"requantize_: weight shape {tuple(new_weight.shape)} != ({self.out_features}, {self.in_features})"
             )
-        self._set_packed(self._quantize(new_weight.to(self.codes.device)))
+        device = next(iter(self.packed_tensors().values())).device
+        self._set_packed(self._quantize(new_weight.to(device)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dev = x.device.type

@@ -42,7 +42,8 @@ ADAPTERS_WITH_QAT = ("none", "lora")  # full fine-tuning, or LoRA trained agains
 class QATConfig:
     method: str = option(
         "none | the format the linears train against and final/ is converted to: nf4, int8, nf2, nf3, "
-        "int2..int7, int2a..int8a (block size and double quant from quant.*)",
+        "int2..int7, int2a..int8a (block size and double quant from quant.*), q8_0, q4_0, q4_1, q5_0, q5_1 "
+        "(llama.cpp's block types, blocks of 32)",
         "none",
     )
     activations: str = option(
@@ -205,11 +206,13 @@ def apply_qat(model: nn.Module, cfg, skip: frozenset = frozenset()) -> int:
     ]
     for name, linear in targets:
         owner = parents.get(id(linear))
-        if (linear.in_features * linear.out_features) % spec.fmt.block_size:
+        try:
+            spec.fmt.check_shape((linear.out_features, linear.in_features))
+        except ValueError as e:
             raise ConfigError(
-                f"qat.method={cfg.qat.method}: quant.block_size={spec.fmt.block_size} does not divide "
-                f"{name}'s {linear.out_features} x {linear.in_features} weights; pick a block size that does"
-            )
+                f"qat.method={cfg.qat.method} cannot hold {name}'s weights ({e}); pick a block size (quant.block_size) "
+                "that divides them, or another qat.method"
+            ) from None
         delta = owner.delta_weight if owner is not None else None
         fake = FakeQuantLinear.from_linear(linear, spec, q.activations, delta, q.learn_scales, q.pv_tuning)
         if owner is not None:

@@ -67,7 +67,7 @@ def test_lora_follows_ddp_and_qlora_trains(tmp_path):
     _close(curve, losses(tmp_path / "qlora_ddp"))
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8", "nf3"])
+@pytest.mark.parametrize("method", ["nf4", "int8", "nf3", "q4_0"])
 def test_quantized_base_becomes_one_shardable_parameter(method):
     """The packed codes / scales become one frozen uint8 Parameter (what FSDP2 shards); the layer computes
     exactly what it did from its buffers."""

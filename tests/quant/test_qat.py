@@ -230,7 +230,7 @@ def test_kill_then_resume_is_bitwise(extra, tmp_path):
         (["adapter.type=lora", "lora.dropout=0.1"], "leaves no input for lora.dropout=0.1"),
         (["qat.start_step=4"], "qat.start_step=4 must be in [0, train.max_steps=4)"),
         (["qat.method=lq_lora"], "qat.method='lq_lora' is not a quantized format"),
-        (["qat.method=int5", "quant.block_size=7"], "qat.method=int5: quant.block_size=7 does not divide"),
+        (["qat.method=int5", "quant.block_size=7"], "needs numel divisible by block_size=7"),
         (["qat.activations=fp8"], "qat.activations"),
         (["qat.method=nf4", "qat.learn_scales=true"], "qat.learn_scales=true needs a format that stores plain block"),
         (["qat.method=int4", "qat.pv_tuning=true"], "qat.pv_tuning=true is for codes of at most 3 bits"),
