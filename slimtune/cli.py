@@ -29,6 +29,8 @@ USAGE = """slimtune run RECIPE [key=value ...]     train (RECIPE: a name from `s
                  compressed checkpoint (lossless bf16, or a pruned model's masks + kept values, with --rank R
                  low-rank factors beside quantized values); eval and run load it. A run's adapter is merged
                  first, but sparse-nf4 / sparse-int8 keep it beside the quantized values unless --merge
+       slimtune export SRC --format gguf [--gguf-type f16|bf16|q8_0|q4_0|q4_1|q5_0|q5_1] [--out F.gguf]  one GGUF
+                 file for llama.cpp / Ollama (a QAT run's codes written as trained)
        slimtune plan RECIPE [key=value ...] [--json] [--fit BUDGET] [--disk BUDGET] [--nproc N]  predicted peak
                  memory of the run (breakdown by component, from config.json alone) and the disk it writes;
                  --fit 24GiB prints the overrides that fit (--disk 60GB: within that disk too)
@@ -123,7 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         "adapter is otherwise kept beside the quantized values, in full precision",
     )
     p_exp.add_argument(
-        "--format", default="hf", help="hf (the merged model, default) | dfloat11 | sparse | sparse-nf4 | sparse-int8"
+        "--format",
+        default="hf",
+        help="hf (the merged model, default) | dfloat11 | sparse | sparse-nf4 | sparse-int8 | gguf (llama.cpp)",
+    )
+    p_exp.add_argument(
+        "--gguf-type",
+        default="f16",
+        help="--format gguf: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 (the decoder's linear weights)",
     )
     p_exp.add_argument(
         "--rank",
@@ -228,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
             from slimtune.plan.cli import plan_command
 
             return plan_command(args.recipe, args.overrides, args.json, args.fit, args.nproc, args.disk)
+        elif args.cmd == "export" and args.format == "gguf":
+            _quiet_libraries()
+            from slimtune.trainer.export import export_gguf
+
+            summary = export_gguf(args.run_dir, args.out, args.gguf_type, args.onto)
+            print(f"slimtune: wrote {summary['path']} ({json.dumps(summary)})")
         elif args.cmd == "export" and args.format != "hf":
             _quiet_libraries()
             from slimtune.formats.compressed_io import export_compressed

@@ -70,3 +70,27 @@ def export_merged(run_dir: Path, out_dir: Path | None = None, onto: str = "full"
         if sparse is not None:
             write_sparse_manifest(tmp, model, sparse, recovered_by=str(run_dir))
     return out
+
+
+def export_gguf(src: str, out: str | None, gguf_type: str, onto: str = "full") -> dict:
+    """`slimtune export SRC --format gguf`: a run dir's final model (a QAT run's quantized checkpoint as it is,
+    an adapter merged first), a model dir, a built-in name or a quantized checkpoint, as one GGUF file
+    (formats/gguf.py). out: default RUN/model-<type>.gguf, or <name>-<type>.gguf here."""
+    import tempfile
+
+    from slimtune.formats.gguf import write_gguf
+
+    path = Path(src).expanduser()
+    run = (path / "config.yaml").is_file() and (path / "final").is_dir()
+    with tempfile.TemporaryDirectory(dir=path if run else None) as tmp:
+        model_dir = str(path / "final") if run else src
+        if run and not (path / "final" / "config.json").is_file():  # an adapter dir: merged into its base
+            model_dir = str(export_merged(path, Path(tmp) / "merged", onto))
+        model = load_base(model_dir, "float32")
+        if adapter_modules(model):
+            raise SlimtuneError(
+                f"{model_dir} keeps LoRA factors beside its quantized weights; GGUF holds one weight per linear: "
+                f"merge first (slimtune export {src} --merge --out DIR), then export DIR"
+            )
+        default = path / f"model-{gguf_type}.gguf" if run else Path(f"{path.name}-{gguf_type}.gguf")
+        return write_gguf(model, load_tokenizer(model_dir), Path(out) if out else default, gguf_type, path.name)

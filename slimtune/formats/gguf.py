@@ -1,0 +1,212 @@
+"""`slimtune export SRC --format gguf --gguf-type T`: one GGUF file llama.cpp / Ollama load with no other file.
+
+SRC: a model dir, a built-in name, a quantized checkpoint, or a run dir (its final/: a QAT run's quantized
+checkpoint as it is, a full fine-tuning's model, an adapter merged into its base first). Types: f32, f16, bf16,
+and llama.cpp's block types q8_0, q4_0, q4_1, q5_0, q5_1 for the decoder's linear weights; norms and biases are
+f32, the embedding and output head f16 (bf16 / f32 with those types), as they were never quantized in training.
+
+Exact codes: a decoder linear already stored in the requested block type (`qat.method=q4_0`, `quant.method=
+q4_0`) is written with its bytes as they are; any other weight is quantized by quant/ggml.py, byte for byte
+llama.cpp's reference. Llama-style q / k rows are reordered to llama.cpp's rotary layout, a row permutation
+that moves whole rows, hence whole blocks.
+Architectures: Llama (and Mistral, same graph) and Qwen2; the tokenizer must be a byte-level BPE
+(tokenizer.json), written as llama.cpp's "gpt2" model with its pre-tokenizer identified by the hash llama.cpp
+uses (an unknown one is written as "default", and said).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimtune.errors import SlimtuneError
+from slimtune.quant.ggml import GGML_TYPES, GGMLFormat, GGMLLinear, quantize_ggml
+from slimtune.quant.linear import FrozenQuantLinear
+
+GGUF_TYPES = ("f32", "f16", "bf16", *GGML_TYPES)
+FILE_TYPE = {"f32": 0, "f16": 1, "bf16": 32, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9}  # llama_ftype
+ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+LAYER = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+# llama.cpp's pre-tokenizer names by the sha256 of str(tokenizer.encode(CHECK_TEXT)) (its convert_hf_to_gguf)
+PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+}
+CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+    "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you "
+    "sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def gguf_name(module: str) -> str | None:
+    """HF module name -> GGUF tensor name stem ("model.layers.3.mlp.up_proj" -> "blk.3.ffn_up"), or None."""
+    if module in TOP:
+        return TOP[module]
+    m = _LAYER_RE.fullmatch(module)
+    return f"blk.{m.group(1)}.{LAYER[m.group(2)]}" if m and m.group(2) in LAYER else None
+
+
+def rotary_rows(n_rows: int, n_head: int) -> torch.Tensor:
+    """The row order llama.cpp's Llama graph wants for q / k: per head, HF's two rotary halves interleaved."""
+    half = n_rows // n_head // 2
+    return torch.arange(n_rows).view(n_head, 2, half).transpose(1, 2).reshape(-1)
+
+
+def _bytes(t: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, str]:
+    """A float tensor as (uint8 rows, type) for GGUFWriter's raw path (f32 / f16 / bf16 / a block type)."""
+    if gguf_type in GGML_TYPES:
+        q = quantize_ggml(t, GGMLFormat(gguf_type))
+        return q.blocks.view(t.shape[0], -1).numpy(), gguf_type
+    dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[gguf_type]
+    data = t.detach().to(dtype).contiguous()
+    return data.view(torch.uint8).view(*t.shape[:-1], -1).numpy(), gguf_type
+
+
+def _tensors(model: nn.Module, gguf_type: str, arch: str) -> tuple[list, dict]:
+    """(name, uint8 rows, type) per GGUF tensor, and how many linears were written from their stored codes."""
+    c = model.config
+    heads = {"attn_q": c.num_attention_heads, "attn_k": getattr(c, "num_key_value_heads", c.num_attention_heads)}
+    side = gguf_type if gguf_type in ("f32", "bf16") else "f16"  # embedding / head: never quantized in training
+    tied = getattr(c, "tie_word_embeddings", False)
+    out, counts = [], {"stored_codes": 0, "quantized_here": 0}
+    for module_name, module in model.named_modules():
+        stem = gguf_name(module_name)
+        if stem is None or (stem == "output" and tied):
+            continue
+        kind = stem.rsplit(".", 1)[-1]
+        order = rotary_rows(module.out_features, heads[kind]) if arch == "llama" and kind in heads else None
+        linear = stem.startswith("blk.") and kind in LAYER.values() and not kind.endswith("norm")
+        if isinstance(module, GGMLLinear) and module.fmt.type == gguf_type:
+            rows = module._packed().blocks.view(module.out_features, -1)
+            out.append((f"{stem}.weight", (rows[order] if order is not None else rows).numpy(), gguf_type))
+            counts["stored_codes"] += 1
+        else:
+            w = module.dequantize_weight() if isinstance(module, FrozenQuantLinear) else module.weight.detach().float()
+            w = w[order] if order is not None else w
+            if w.dim() == 1:
+                out.append((f"{stem}.weight", *_bytes(w, "f32")))
+            else:
+                out.append((f"{stem}.weight", *_bytes(w, gguf_type if linear else side)))
+                counts["quantized_here"] += linear and gguf_type in GGML_TYPES
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            b = bias.detach().float()
+            out.append((f"{stem}.bias", *_bytes(b[order] if order is not None else b, "f32")))
+    return out, counts
+
+
+def _vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens by id, token types, merges) of a byte-level BPE fast tokenizer, padded to the model's vocab."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model = spec.get("model", {})
+    if (
+        model.get("type") != "BPE"
+        or model.get("byte_fallback")
+        or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer"))
+    ):
+        raise SlimtuneError(
+            "export --format gguf writes byte-level BPE tokenizers (GPT-2 / Llama-3 / Qwen2 / SmolLM style); this "
+            "model's tokenizer is not one: convert it with llama.cpp's convert_hf_to_gguf.py instead"
+        )
+    by_id = {i: t for t, i in model["vocab"].items()}
+    kinds = {}
+    for added in spec.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+        kinds[added["id"]] = 3 if added.get("special") else 4  # control / user-defined
+    n = max(vocab_size, max(by_id) + 1)
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n)]
+    types = [kinds.get(i, 1 if i in by_id else 5) for i in range(n)]  # 1 normal, 5 unused
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return tokens, types, merges
+
+
+def pre_tokenizer(tokenizer) -> str | None:
+    return PRE_TOKENIZERS.get(sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest())
+
+
+def write_gguf(model: nn.Module, tokenizer, path: Path, gguf_type: str, name: str = "") -> dict:
+    """Write `model` (HF causal LM, its linears plain or slimtune-quantized) and `tokenizer` to the GGUF file
+    `path` (atomically). Returns the export's summary."""
+    import gguf
+
+    if gguf_type not in GGUF_TYPES:
+        raise SlimtuneError(f"--gguf-type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+    archs = getattr(model.config, "architectures", None) or [type(model).__name__]
+    arch = ARCHS.get(archs[0])
+    if arch is None:
+        raise SlimtuneError(
+            f"export --format gguf writes {', '.join(ARCHS)} models, not {archs[0]}; use --format hf and "
+            "llama.cpp's convert_hf_to_gguf.py"
+        )
+    c = model.config
+    tensors, counts = _tensors(model, gguf_type, arch)
+    tokens, types, merges = _vocab(tokenizer, c.vocab_size)
+    pre = pre_tokenizer(tokenizer)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_name(name or path.stem)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(getattr(c, "num_key_value_heads", c.num_attention_heads))
+    w.add_rope_freq_base(float(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(len(tokens))
+    w.add_file_type(FILE_TYPE[gguf_type])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre or "default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for key, value in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id)):
+        if value is not None:
+            getattr(w, f"add_{key}_token_id")(value)
+    if tokenizer.unk_token_id is not None:
+        w.add_unk_token_id(tokenizer.unk_token_id)
+    if tokenizer.pad_token_id is not None:
+        w.add_pad_token_id(tokenizer.pad_token_id)
+    w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    if getattr(tokenizer, "chat_template", None):
+        w.add_chat_template(tokenizer.chat_template)
+    for tname, rows, ttype in tensors:
+        w.add_tensor(tname, rows, raw_dtype=getattr(gguf.GGMLQuantizationType, ttype.upper()))
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": str(path), "type": gguf_type, "architecture": arch, "pre_tokenizer": pre or "default", **counts}

@@ -1,0 +1,104 @@
+"""`slimtune export --format gguf` (formats/gguf.py): read back by the `gguf` package's reader (every tensor
+dequantized by its own code equals what slimtune's model holds, q / k rows in llama.cpp's rotary order) and
+loaded by transformers' GGUF loader, whose logits equal slimtune's model's; a QAT run's codes go in as trained."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader, quants
+
+from slimtune.cli import main
+from slimtune.formats.gguf import gguf_name, rotary_rows
+from slimtune.formats.hf import load_tokenizer
+from slimtune.model.load import load_base
+from slimtune_testutil import TINY
+
+
+def _read(path) -> dict:
+    r = GGUFReader(str(path))
+    out = {}
+    for t in r.tensors:
+        values = quants.dequantize(t.data, t.tensor_type)
+        out[t.name] = (t.tensor_type.name, torch.from_numpy(np.array(values)).float())
+    return out
+
+
+def _expected(model, name: str) -> torch.Tensor:
+    """What the GGUF tensor `name` must hold: the module's weight (dequantized), q / k rows reordered."""
+    c = model.config
+    for module_name, module in model.named_modules():
+        stem = gguf_name(module_name)
+        if stem is not None and name == f"{stem}.weight":
+            w = module.dequantize_weight() if hasattr(module, "dequantize_weight") else module.weight.detach().float()
+            heads = {"attn_q": c.num_attention_heads, "attn_k": c.num_key_value_heads}.get(stem.rsplit(".", 1)[-1])
+            return w[rotary_rows(w.shape[0], heads)] if heads else w
+    raise KeyError(name)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_f32_export_holds_the_weights_and_transformers_loads_it(tmp_path, capsys):
+    out = tmp_path / "tiny.gguf"
+    assert main(["export", "tiny-llama", "--format", "gguf", "--gguf-type", "f32", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.split("(", 1)[1].rstrip().removesuffix(")"))
+    assert summary["architecture"] == "llama" and summary["type"] == "f32"
+    model = load_base("tiny-llama", "float32")
+    tensors = _read(out)
+    assert len(tensors) == 2 + 9 * model.config.num_hidden_layers  # embedding, final norm, 9 per layer (tied head)
+    for name, (_, values) in tensors.items():
+        assert torch.equal(values.view(_expected(model, name).shape), _expected(model, name)), name
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    ids = torch.tensor([load_tokenizer("tiny-llama").encode("def f(x): return x")])
+    assert torch.allclose(_logits(loaded, ids), _logits(model, ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("gguf_type", ["q8_0", "q4_0", "q5_1"])
+def test_block_types_equal_the_reference_quantizer(gguf_type, tmp_path):
+    out = tmp_path / "tiny.gguf"
+    assert main(["export", "tiny-llama", "--format", "gguf", "--gguf-type", gguf_type, "--out", str(out)]) == 0
+    model = load_base("tiny-llama", "float32")
+    r = GGUFReader(str(out))
+    kinds = {t.name: t.tensor_type.name for t in r.tensors}
+    assert kinds["token_embd.weight"] == "F16" and kinds["blk.0.attn_norm.weight"] == "F32"
+    for t in r.tensors:
+        if t.name.startswith("blk.") and "norm" not in t.name:
+            assert t.tensor_type.name == gguf_type.upper()
+            ref = quants.quantize(_expected(model, t.name).numpy(), t.tensor_type)
+            assert np.array_equal(np.asarray(t.data), ref), t.name
+
+
+def test_a_qat_run_exports_the_codes_it_trained(tmp_path, capsys):
+    """qat.method=q4_0: the GGUF's q4_0 blocks dequantize to exactly the converted model's weights, and
+    transformers' loader of the GGUF gives the converted model's logits."""
+    run_dir = tmp_path / "run"
+    assert main(["run", "qat", *TINY, "qat.method=q4_0", "train.max_steps=2", f"output_dir={run_dir}"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--format", "gguf", "--gguf-type", "q4_0"]) == 0
+    summary = json.loads(capsys.readouterr().out.split("(", 1)[1].rstrip().removesuffix(")"))
+    assert summary["stored_codes"] == 14 and summary["quantized_here"] == 0
+    converted = load_base(str(run_dir / "final"), "float32")
+    out = run_dir / "model-q4_0.gguf"
+    blocks = {name: values for name, (kind, values) in _read(out).items() if kind == "Q4_0"}
+    assert len(blocks) == 14
+    for name, values in blocks.items():
+        want = _expected(converted, name)
+        assert torch.equal(values.view(want.shape), want), name
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(run_dir, gguf_file=out.name, dtype=torch.float32)
+    ids = torch.tensor([load_tokenizer("tiny-llama").encode("class A: pass")])
+    ref = _logits(converted, ids)
+    assert torch.allclose(_logits(loaded, ids), ref, atol=1e-3 * ref.abs().max())  # f16 embedding: not bitwise
+
+
+def test_unknown_type_and_architecture_are_one_line(tmp_path, capsys):
+    assert main(["export", "tiny-llama", "--format", "gguf", "--gguf-type", "q3_k", "--out", str(tmp_path / "x")]) == 2
+    assert "--gguf-type 'q3_k' is not one of f32, f16, bf16, q8_0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
