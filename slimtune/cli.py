@@ -30,7 +30,8 @@ USAGE = """slimtune run RECIPE [key=value ...]     train (RECIPE: a name from `s
                  low-rank factors beside quantized values); eval and run load it. A run's adapter is merged
                  first, but sparse-nf4 / sparse-int8 keep it beside the quantized values unless --merge
        slimtune export SRC --format gguf [--gguf-type f16|bf16|q8_0|q4_0|q4_1|q5_0|q5_1] [--out F.gguf]  one GGUF
-                 file for llama.cpp / Ollama (a QAT run's codes written as trained)
+                 file for llama.cpp / Ollama (a QAT run's codes written as trained); --format gguf-lora: a LoRA
+                 run's adapter as a llama.cpp LoRA GGUF for that base
        slimtune plan RECIPE [key=value ...] [--json] [--fit BUDGET] [--disk BUDGET] [--nproc N]  predicted peak
                  memory of the run (breakdown by component, from config.json alone) and the disk it writes;
                  --fit 24GiB prints the overrides that fit (--disk 60GB: within that disk too)
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument(
         "--format",
         default="hf",
-        help="hf (the merged model, default) | dfloat11 | sparse | sparse-nf4 | sparse-int8 | gguf (llama.cpp)",
+        help="hf (the merged model, default) | dfloat11 | sparse | sparse-nf4 | sparse-int8 | gguf (llama.cpp) | "
+        "gguf-lora (a LoRA run's adapter for llama.cpp)",
     )
     p_exp.add_argument(
         "--gguf-type",
@@ -242,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
             from slimtune.trainer.export import export_gguf
 
             summary = export_gguf(args.run_dir, args.out, args.gguf_type, args.onto)
+            print(f"slimtune: wrote {summary['path']} ({json.dumps(summary)})")
+        elif args.cmd == "export" and args.format == "gguf-lora":
+            _quiet_libraries()
+            from slimtune.trainer.export import export_gguf_lora
+
+            summary = export_gguf_lora(args.run_dir, args.out)
             print(f"slimtune: wrote {summary['path']} ({json.dumps(summary)})")
         elif args.cmd == "export" and args.format != "hf":
             _quiet_libraries()

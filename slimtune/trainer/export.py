@@ -94,3 +94,19 @@ def export_gguf(src: str, out: str | None, gguf_type: str, onto: str = "full") -
             )
         default = path / f"model-{gguf_type}.gguf" if run else Path(f"{path.name}-{gguf_type}.gguf")
         return write_gguf(model, load_tokenizer(model_dir), Path(out) if out else default, gguf_type, path.name)
+
+
+def export_gguf_lora(run_dir: str, out: str | None) -> dict:
+    """`slimtune export RUN --format gguf-lora`: RUN/final's LoRA as a llama.cpp LoRA GGUF for the base that
+    `slimtune export <model.name> --format gguf` writes (default out: RUN/adapter.gguf)."""
+    from transformers import AutoConfig
+
+    from slimtune.formats.gguf_lora import write_gguf_lora
+    from slimtune.formats.hf import resolve_model_dir
+
+    path = Path(run_dir).expanduser()
+    if not (path / "config.yaml").is_file():
+        raise SlimtuneError(f"{run_dir}: not a slimtune run dir (needs config.yaml and final/); give a LoRA run")
+    base = load_config(str(path / "config.yaml")).model.name
+    config = AutoConfig.from_pretrained(resolve_model_dir(base))
+    return write_gguf_lora(path / "final", config, Path(out) if out else path / "adapter.gguf")

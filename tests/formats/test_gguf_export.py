@@ -102,3 +102,39 @@ def test_unknown_type_and_architecture_are_one_line(tmp_path, capsys):
     assert main(["export", "tiny-llama", "--format", "gguf", "--gguf-type", "q3_k", "--out", str(tmp_path / "x")]) == 2
     assert "--gguf-type 'q3_k' is not one of f32, f16, bf16, q8_0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_lora_adapter_gguf_adds_up_to_the_merged_model(tmp_path, capsys):
+    """--format gguf-lora: for every adapted linear, the base GGUF's weight + (alpha / rank) lora_b @ lora_a (as
+    llama.cpp applies it) equals the weight of `slimtune export RUN --merge` (PEFT's merge), rows in GGUF order;
+    rsLoRA's scaling is folded into alpha."""
+    run_dir = tmp_path / "run"
+    args = [*TINY, "train.max_steps=2", "lora.rank=4", "lora.alpha=8", "lora.use_rslora=true", "train.lr=1e-2"]
+    assert main(["run", "lora", *args, f"output_dir={run_dir}"]) == 0
+    assert (
+        main(["export", "tiny-llama", "--format", "gguf", "--gguf-type", "f32", "--out", str(tmp_path / "b.gguf")]) == 0
+    )
+    assert main(["export", str(run_dir), "--format", "gguf-lora"]) == 0
+    assert main(["export", str(run_dir), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    r = GGUFReader(str(run_dir / "adapter.gguf"))
+    alpha = float(r.fields["adapter.lora.alpha"].contents())
+    assert r.fields["general.type"].contents() == "adapter" and alpha == pytest.approx(8 / 2 * 4)  # 8/sqrt(4) * 4
+    lora = {t.name: torch.from_numpy(np.array(t.data)).float() for t in r.tensors}
+    base, merged = _read(tmp_path / "b.gguf"), load_base(str(tmp_path / "merged"), "float32")
+    assert len(lora) == 2 * 7 * merged.config.num_hidden_layers
+    for name in [n.removesuffix(".lora_a") for n in lora if n.endswith(".lora_a")]:
+        a, b = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"]
+        assert a.shape[0] == b.shape[1] == 4
+        want = _expected(merged, name)
+        got = base[name][1].view(want.shape) + alpha / 4 * (b @ a)
+        assert torch.allclose(got, want, atol=1e-6), name
+        assert not torch.allclose(base[name][1].view(want.shape), want, atol=1e-6)  # the adapter did train
+
+
+def test_gguf_lora_refuses_a_full_run(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["run", "full", *TINY, "train.max_steps=1", f"output_dir={run_dir}"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--format", "gguf-lora"]) == 2
+    assert "--format gguf-lora exports a LoRA run's final/" in capsys.readouterr().err
