@@ -13,7 +13,8 @@ used for training, `slimtune eval ... eval.split=true`, every window):
                       checkpoint); fmt: int4, int3 (symmetric, blocks of 32, no double quant), nf3, nf3pv
                       (qat.pv_tuning=true), 8da4w (int4 + qat.activations=int8), lora_int4 (qat_lora),
                       lora_int4_lr1e-3 (the same at LoRA's lr), lq_lora_275 (the lq_lora recipe at 2.75
-                      bits, against FT's NF4 PTQ with blocks of 64 and double quant: 4.13 bits)
+                      bits, against FT's NF4 PTQ with blocks of 64 and double quant: 4.13 bits), q4_0
+                      (llama.cpp's grid, 16 levels like torchao's int4, compared with torchao's int4 sides)
   torchao_<fmt>       torchao QATConfig with IntxFakeQuantizeConfig(int4 | int3, group 32, symmetric) (8da4w:
                       and per-token asymmetric int8 activations) on every decoder linear (lm_head left out, as
                       slimtune does), an HF model trained by a plain loop, converted with IntxWeightOnlyConfig /
@@ -52,6 +53,8 @@ SLIMTUNE = {
     "lora_int4": ("qat_lora", ["qat.method=int4"]),
     "int4_lowmem": ("qat", ["qat.method=int4", "optim.master_dtype=bfloat16", "optim.state_bits=8"]),
     "nf3pv_small": ("qat", ["qat.method=nf3", "qat.pv_tuning=true", "qat.pv_fraction=0.0001", "qat.pv_step=0.25"]),
+    # llama.cpp's q4_0 grid (16 levels, as torchao's int4: d = the signed absmax / -8, fp16 d), blocks of 32
+    "q4_0": ("qat", ["qat.method=q4_0"]),
     # LoRA sides at a LoRA learning rate (the lq_lora / qlora recipes' 1e-3; 5e-5 is full fine-tuning's)
     "lora_int4_lr1e-3": ("qat_lora", ["qat.method=int4", "train.lr=1e-3"]),
     # LQ-LoRA (its recipe: Fisher-weighted, NF-2/3/4 x blocks 64/128/256 with double quant) at 2.75 bits, its
@@ -62,7 +65,8 @@ SLIMTUNE = {
 # activations); a torchao side ending in _fp32 keeps fp32 master weights under bf16 autocast, as slimtune does
 FAMILY = {"int4": "int4", "int3": "int3", "nf3": "nf3", "nf3pv": "nf3", "8da4w": "8da4w", "lora_int4": "int4"}
 FAMILY |= {"nf3pv_small": "nf3", "int4_lowmem": "int4", "int4_fp32": "int4", "int3_fp32": "int3", "8da4w_fp32": "8da4w"}
-FAMILY |= {"lora_int4_lr1e-3": "int4", "lq_lora_275": "nf4_b64"}
+FAMILY |= {"lora_int4_lr1e-3": "int4", "lq_lora_275": "nf4_b64", "q4_0": "q4_0"}
+RIVAL = {"q4_0": "int4"}  # family -> the torchao family a slimtune side is compared with (default: its own)
 PTQ = {"8da4w": "int4"}  # family -> PTQ format of FT's weights (default: the family's name)
 # PTQ format -> how FT's weights are quantized (default: quant.method=<format>, blocks of 32, no double quant)
 PTQ_ARGS = {"nf4_b64": ["quant.method=nf4", "quant.block_size=64", "quant.double_quant=true"]}
@@ -218,7 +222,7 @@ def gaps(rows: dict) -> dict:
             g["gap_recovered"] = (ptq - r["eval_perplexity"]) / (ptq - ft["eval_perplexity"])
         if name.startswith("slimtune_"):
             for other, tao in rows.items():
-                if other.startswith("torchao_") and FAMILY[other.split("_", 1)[1]] == family:
+                if other.startswith("torchao_") and FAMILY[other.split("_", 1)[1]] == RIVAL.get(family, family):
                     g[f"vs_{other}"] = {
                         "peak": r["peak_memory_bytes"] / tao["peak_memory_bytes"],
                         "tokens_per_second": r["tokens_per_second"] / tao["tokens_per_second"],
