@@ -256,6 +256,13 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _version(package: str) -> str | None:
+    try:
+        return md.version(package)
+    except md.PackageNotFoundError:  # torchao: only the torchao sides need it
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -308,7 +315,7 @@ def main() -> None:
             ),
             "threads": os.cpu_count(),
         },
-        "versions": {k: md.version(k) for k in ("torch", "transformers", "torchao", "slimtune")},
+        "versions": {k: _version(k) for k in ("torch", "transformers", "torchao", "slimtune")},
         "sides": rows,
         "gaps": gaps(rows),
     }
