@@ -76,7 +76,9 @@ def llama_cpp_ppl(path: Path, blocks, a) -> float:
             logits = np.asarray(llm.scores[: len(row)], dtype=np.float64)
             top = logits.max(axis=1, keepdims=True)
             logz = (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))[:, 0]
-            for i, t in enumerate(target):
+            for i, t in enumerate(
+                target[1:]
+            ):  # labels unshifted, as slimtune's loss takes them: position i predicts i + 1
                 if t != -100:
                     nats += logz[i] - logits[i, t]
                     count += 1
