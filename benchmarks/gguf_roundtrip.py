@@ -100,18 +100,34 @@ def greedy(a, model_dir: str, gguf: Path) -> dict:
         check=True,
     ).stdout
     tok = load_tokenizer(a.model)
-    ours = tok.encode(out.rstrip("\n"), add_special_tokens=False)
+    ours = out.rstrip("\n")
+    # the same prompt ids: slimtune generate applies the model's chat template when it has one
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=True, add_generation_prompt=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    else:
+        ids = tok.encode(PROMPT)
     llm = Llama(model_path=str(gguf), n_ctx=256, n_threads=os.cpu_count(), verbose=False)
     theirs = []
-    for t in llm.generate(tok.encode(PROMPT, add_special_tokens=False), temp=0.0, top_k=1):
-        theirs.append(t)
-        if len(theirs) == 32:
+    for t in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+        if t == tok.eos_token_id or len(theirs) == 32:
             break
-    return {
-        "slimtune": out.rstrip("\n"),
-        "llama_cpp": tok.decode(theirs),
-        "identical": tok.decode(theirs) == tok.decode(ours),
-    }
+        theirs.append(t)
+    text = tok.decode(theirs, skip_special_tokens=True)
+    return {"slimtune": ours, "llama_cpp": text, "identical": text.strip() == ours.strip()}
+
+
+def greedy_only(a) -> None:
+    from slimtune.formats.hf import resolve_model_dir
+
+    res = json.loads(Path(a.out).read_text())
+    with tempfile.TemporaryDirectory(prefix="gguf_roundtrip-") as tmp:
+        path = Path(tmp) / "f16.gguf"
+        base_dir = str(resolve_model_dir(a.model))
+        _run([sys.executable, "-m", "slimtune", "export", base_dir, "--format", "gguf", "--out", str(path)])
+        res["rows"]["f16"]["greedy_32"] = greedy(a, base_dir, path)
+    print(json.dumps(res["rows"]["f16"]["greedy_32"]))
+    Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
 
 
 def main() -> None:
@@ -122,7 +138,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--greedy-only", action="store_true", help="redo the f16 greedy check into --out's JSON")
     a = ap.parse_args()
+    if a.greedy_only:
+        return greedy_only(a)
     from slimtune.formats.hf import resolve_model_dir
     from slimtune.model.load import load_base
     from slimtune.quant import quantize_model
