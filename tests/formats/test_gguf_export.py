@@ -138,3 +138,38 @@ def test_gguf_lora_refuses_a_full_run(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(run_dir), "--format", "gguf-lora"]) == 2
     assert "--format gguf-lora exports a LoRA run's final/" in capsys.readouterr().err
+
+
+def test_a_qwen2_model_with_attention_biases_round_trips(tmp_path):
+    """Qwen2 (q / k / v biases; llama.cpp's qwen2 graph takes q / k rows in HF's order): every tensor the gguf
+    reader returns is the model's own, biases included, under the qwen2 architecture."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "bias", None) is not None:
+                m.bias.normal_()  # biases that matter
+    model.save_pretrained(tmp_path / "qwen")
+    load_tokenizer("tiny-llama").save_pretrained(tmp_path / "qwen")
+    out = tmp_path / "qwen.gguf"
+    assert main(["export", str(tmp_path / "qwen"), "--format", "gguf", "--gguf-type", "f32", "--out", str(out)]) == 0
+    reader = GGUFReader(str(out))
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    got = {t.name: torch.from_numpy(np.array(t.data)).float() for t in reader.tensors}
+    state = dict(model.named_parameters())
+    assert len(got) == len(state)  # every parameter once: 9 weights + 3 biases per layer, embedding, norm, head
+    for hf_name, p in state.items():
+        module, _, kind = hf_name.rpartition(".")
+        assert torch.equal(got[f"{gguf_name(module)}.{kind}"].view(p.shape), p.detach()), hf_name
