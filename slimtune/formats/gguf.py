@@ -148,6 +148,18 @@ def pre_tokenizer(tokenizer) -> str | None:
     return PRE_TOKENIZERS.get(sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest())
 
 
+def finish(writer, tmp: Path, path: Path) -> None:
+    """Write a GGUFWriter opened on `tmp` out, then rename it to `path` (a failure leaves no partial file)."""
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_gguf(model: nn.Module, tokenizer, path: Path, gguf_type: str, name: str = "") -> dict:
     """Write `model` (HF causal LM, its linears plain or slimtune-quantized) and `tokenizer` to the GGUF file
     `path` (atomically). Returns the export's summary."""
@@ -201,12 +213,5 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, gguf_type: str, name: st
         w.add_chat_template(tokenizer.chat_template)
     for tname, rows, ttype in tensors:
         w.add_tensor(tname, rows, raw_dtype=getattr(gguf.GGMLQuantizationType, ttype.upper()))
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    finish(w, tmp, path)
     return {"path": str(path), "type": gguf_type, "architecture": arch, "pre_tokenizer": pre or "default", **counts}

@@ -10,14 +10,13 @@ adds (alpha / rank) B A, so `adapter.lora.alpha` is written as the scaling the r
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from slimtune.errors import SlimtuneError
-from slimtune.formats.gguf import ARCHS, gguf_name, rotary_rows
+from slimtune.formats.gguf import ARCHS, finish, gguf_name, rotary_rows
 
 
 def read_peft_lora(adapter_dir: Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -77,12 +76,5 @@ def write_gguf_lora(adapter_dir: Path, base_config, path: Path) -> dict:
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(scaling * rank))
     for name, t in tensors:
         w.add_tensor(name, np.ascontiguousarray(t.contiguous().numpy(), dtype=np.float32))
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    finish(w, tmp, path)
     return {"path": str(path), "architecture": arch, "rank": rank, "alpha": scaling * rank, "modules": len(factors)}
