@@ -148,6 +148,15 @@ def pre_tokenizer(tokenizer) -> str | None:
     return PRE_TOKENIZERS.get(sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest())
 
 
+def writable(path: Path) -> Path:
+    """The temporary file beside `path` a GGUF is written to first (its directory made); SlimtuneError if not."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SlimtuneError(f"{path}: cannot write it ({e.strerror or e}); give --out a writable path") from None
+    return path.with_name(f".{path.name}.tmp")
+
+
 def finish(writer, tmp: Path, path: Path) -> None:
     """Write a GGUFWriter opened on `tmp` out, then rename it to `path` (a failure leaves no partial file)."""
     try:
@@ -156,6 +165,8 @@ def finish(writer, tmp: Path, path: Path) -> None:
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, path)
+    except OSError as e:
+        raise SlimtuneError(f"{path}: cannot write it ({e.strerror or e}); give --out a writable path") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -179,8 +190,7 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, gguf_type: str, name: st
     tokens, types, merges = _vocab(tokenizer, c.vocab_size)
     pre = pre_tokenizer(tokenizer)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = writable(path)
     w = gguf.GGUFWriter(str(tmp), arch)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     w.add_name(name or path.stem)

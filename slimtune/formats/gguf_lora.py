@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from slimtune.errors import SlimtuneError
-from slimtune.formats.gguf import ARCHS, finish, gguf_name, rotary_rows
+from slimtune.formats.gguf import ARCHS, finish, gguf_name, rotary_rows, writable
 
 
 def read_peft_lora(adapter_dir: Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -68,8 +68,7 @@ def write_gguf_lora(adapter_dir: Path, base_config, path: Path) -> dict:
         if arch == "llama" and kind in heads:
             b = b[rotary_rows(b.shape[0], heads[kind])]
         tensors += [(f"{stem}.weight.lora_a", a), (f"{stem}.weight.lora_b", b)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = writable(path)
     w = gguf.GGUFWriter(str(tmp), arch)
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")

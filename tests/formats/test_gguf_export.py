@@ -102,6 +102,10 @@ def test_unknown_type_and_architecture_are_one_line(tmp_path, capsys):
     assert main(["export", "tiny-llama", "--format", "gguf", "--gguf-type", "q3_k", "--out", str(tmp_path / "x")]) == 2
     assert "--gguf-type 'q3_k' is not one of f32, f16, bf16, q8_0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    (tmp_path / "file").write_text("")
+    assert main(["export", "tiny-llama", "--format", "gguf", "--out", str(tmp_path / "file" / "x.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "x.gguf: cannot write it" in err and "Traceback" not in err
 
 
 def test_lora_adapter_gguf_adds_up_to_the_merged_model(tmp_path, capsys):
