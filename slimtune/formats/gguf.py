@@ -75,6 +75,14 @@ def rotary_rows(n_rows: int, n_head: int) -> torch.Tensor:
     return torch.arange(n_rows).view(n_head, 2, half).transpose(1, 2).reshape(-1)
 
 
+def row_order(config, arch: str, stem: str, n_rows: int) -> torch.Tensor | None:
+    """The row permutation a tensor named `stem` gets in a GGUF of `arch` (Llama's q / k: rotary_rows), or None."""
+    heads = {"attn_q": config.num_attention_heads}
+    heads["attn_k"] = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kind = stem.rsplit(".", 1)[-1]
+    return rotary_rows(n_rows, heads[kind]) if arch == "llama" and kind in heads else None
+
+
 def _bytes(t: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, str]:
     """A float tensor as (uint8 rows, type) for GGUFWriter's raw path (f32 / f16 / bf16 / a block type)."""
     if gguf_type in GGML_TYPES:
@@ -88,7 +96,6 @@ def _bytes(t: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, str]:
 def _tensors(model: nn.Module, gguf_type: str, arch: str) -> tuple[list, dict]:
     """(name, uint8 rows, type) per GGUF tensor, and how many linears were written from their stored codes."""
     c = model.config
-    heads = {"attn_q": c.num_attention_heads, "attn_k": getattr(c, "num_key_value_heads", c.num_attention_heads)}
     side = gguf_type if gguf_type in ("f32", "bf16") else "f16"  # embedding / head: never quantized in training
     tied = getattr(c, "tie_word_embeddings", False)
     out, counts = [], {"stored_codes": 0, "quantized_here": 0}
@@ -96,9 +103,8 @@ def _tensors(model: nn.Module, gguf_type: str, arch: str) -> tuple[list, dict]:
         stem = gguf_name(module_name)
         if stem is None or (stem == "output" and tied):
             continue
-        kind = stem.rsplit(".", 1)[-1]
-        order = rotary_rows(module.out_features, heads[kind]) if arch == "llama" and kind in heads else None
-        linear = stem.startswith("blk.") and kind in LAYER.values() and not kind.endswith("norm")
+        order = row_order(c, arch, stem, getattr(module, "out_features", 0))
+        linear = stem.startswith("blk.") and not stem.endswith("norm")
         if isinstance(module, GGMLLinear) and module.fmt.type == gguf_type:
             rows = module._packed().blocks.view(module.out_features, -1)
             out.append((f"{stem}.weight", (rows[order] if order is not None else rows).numpy(), gguf_type))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from slimtune.errors import SlimtuneError
-from slimtune.formats.gguf import ARCHS, finish, gguf_name, rotary_rows, writable
+from slimtune.formats.gguf import ARCHS, finish, gguf_name, row_order, writable
 
 
 def read_peft_lora(adapter_dir: Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -57,16 +57,13 @@ def write_gguf_lora(adapter_dir: Path, base_config, path: Path) -> dict:
         )
     rank = int(cfg["r"])
     scaling = cfg["lora_alpha"] / (rank**0.5 if cfg.get("use_rslora") else rank)
-    heads = {"attn_q": base_config.num_attention_heads}
-    heads["attn_k"] = getattr(base_config, "num_key_value_heads", base_config.num_attention_heads)
     tensors = []
     for module, (a, b) in sorted(factors.items()):
         stem = gguf_name(module)
         if stem is None or not stem.startswith("blk.") or stem.endswith("norm"):
             raise SlimtuneError(f"{adapter_dir}: the adapter on {module} has no place in a llama.cpp LoRA GGUF")
-        kind = stem.rsplit(".", 1)[-1]
-        if arch == "llama" and kind in heads:
-            b = b[rotary_rows(b.shape[0], heads[kind])]
+        order = row_order(base_config, arch, stem, b.shape[0])
+        b = b[order] if order is not None else b
         tensors += [(f"{stem}.weight.lora_a", a), (f"{stem}.weight.lora_b", b)]
     tmp = writable(path)
     w = gguf.GGUFWriter(str(tmp), arch)
