@@ -12,6 +12,11 @@ position of each window, the same next-token targets). Rows:
   qat_q4_0           `slimtune run qat qat.method=q4_0` exported with its own codes: within 0.5% of the QAT model
   ft_requant_q4_0    the re-quantize route: the same fine-tuning without QAT (`full`), then quantized to q4_0
                      at export (byte for byte llama.cpp's quantizer): what QAT's codes are compared with
+  q4_k, q6_k         the base quantized to a K type in slimtune (its 576-wide rows in llama.cpp's fallback
+                     types q5_0 / q8_0) vs the GGUF
+and, with no perplexity, `llama_cpp_bytes`: every linear weight of the base quantized by llama.cpp's own library
+(ggml_quantize_chunk in llama-cpp-python's libggml-base, no importance matrix: what llama-quantize runs) against
+slimtune's bytes, per stored type.
 Table on stdout (file size, perplexity per side, ratios), JSON in --out.
 """
 
@@ -31,14 +36,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gguf_roundtrip.json"
+SIDES = ("f16", "q8_0", "qat_q4_0", "ft_requant_q4_0", "q4_k", "q6_k", "llama_cpp_bytes")
 PROMPT = "The for statement in Python"
 
 
-def _run(cmd: list[str]) -> None:
+def _run(cmd: list[str]) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | {"TOKENIZERS_PARALLELISM": "false"}
     p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if p.returncode:
         sys.exit(f"gguf_roundtrip: failed (exit {p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
+    return p.stdout
 
 
 def eval_data(a):
@@ -83,6 +90,40 @@ def llama_cpp_ppl(path: Path, blocks, a) -> float:
                     nats += logz[i] - logits[i, t]
                     count += 1
     return math.exp(nats / count)
+
+
+GGML_TYPE_IDS = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q6_k": 14}  # enum ggml_type
+
+
+def llama_cpp_bytes(model_dir: str, types: tuple[str, ...]) -> dict:
+    """Per requested type and stored type: how many linear weights of the model slimtune quantizes to exactly the
+    bytes llama.cpp's ggml_quantize_chunk writes."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    from slimtune.model.load import load_base
+    from slimtune.quant.ggml import GGMLFormat, quantize_ggml
+
+    lib = ctypes.CDLL(str(next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.so*"))))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    weights = [m.weight.detach().float() for n, m in load_base(model_dir).named_modules() if n.endswith("_proj")]
+    out = {}
+    for t in types:
+        fmt, counts = GGMLFormat(t), {}
+        for w in weights:
+            stored = fmt.stored_type(w.shape)
+            ours = quantize_ggml(w, fmt).blocks.numpy()
+            theirs, src = np.zeros_like(ours), np.ascontiguousarray(w.numpy())
+            args = (ctypes.c_int(GGML_TYPE_IDS[stored]), src.ctypes.data_as(ctypes.c_void_p))
+            args += (theirs.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(0), ctypes.c_int64(w.shape[0]))
+            lib.ggml_quantize_chunk(*args, ctypes.c_int64(w.shape[1]), None)
+            same, total = counts.get(stored, (0, 0))
+            counts[stored] = (same + int(np.array_equal(ours, theirs)), total + 1)
+        out[t] = {k: {"identical": same, "tensors": total} for k, (same, total) in counts.items()}
+        print(f"llama_cpp_bytes {t}: {json.dumps(out[t])}", flush=True)
+    return out
 
 
 def greedy(a, model_dir: str, gguf: Path) -> dict:
@@ -139,6 +180,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--greedy-only", action="store_true", help="redo the f16 greedy check into --out's JSON")
+    ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {', '.join(SIDES)}")
     a = ap.parse_args()
     if a.greedy_only:
         return greedy_only(a)
@@ -151,19 +193,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gguf_roundtrip-") as tmp:
         tmp = Path(tmp)
 
+        summaries = {}
+
         def export(src: str, gguf_type: str) -> Path:
             out = tmp / f"{Path(src).name}-{gguf_type}.gguf"
-            _run(
+            printed = _run(
                 [sys.executable, "-m", "slimtune", "export", src, "--format", "gguf"]
                 + ["--gguf-type", gguf_type, "--out", str(out)]
             )
+            summaries[out] = json.loads(printed.strip().splitlines()[-1].split("(", 1)[1].rstrip().removesuffix(")"))
             return out
 
         train = [f"model.name={a.model}", "data.source=pydoc", "data.packing=stream", f"train.seq_len={a.seq_len}"]
         train += [f"train.batch_size={a.batch_size}", f"train.max_steps={a.steps}", f"train.lr={a.lr}"]
         train += ["eval.max_batches=1", "checkpoint.every=0", "logging.progress=false", "overwrite=true"]
-        _run([sys.executable, "-m", "slimtune", "run", "qat", *train, "qat.method=q4_0", f"output_dir={tmp / 'qat'}"])
-        _run([sys.executable, "-m", "slimtune", "run", "full", *train, f"output_dir={tmp / 'ft'}"])
+        chosen = a.sides.split(",")
+        if "qat_q4_0" in chosen:
+            _run(
+                [sys.executable, "-m", "slimtune", "run", "qat", *train, "qat.method=q4_0", f"output_dir={tmp / 'qat'}"]
+            )
+        if "ft_requant_q4_0" in chosen:
+            _run([sys.executable, "-m", "slimtune", "run", "full", *train, f"output_dir={tmp / 'ft'}"])
 
         def quantized(model_dir: str, method: str):
             model = load_base(model_dir)
@@ -175,12 +225,19 @@ def main() -> None:
             "q8_0": (base_dir, "q8_0", lambda: quantized(base_dir, "q8_0")),
             "qat_q4_0": (str(tmp / "qat"), "q4_0", lambda: load_base(str(tmp / "qat" / "final"))),
             "ft_requant_q4_0": (str(tmp / "ft"), "q4_0", lambda: quantized(str(tmp / "ft" / "final"), "q4_0")),
+            "q4_k": (base_dir, "q4_k", lambda: quantized(base_dir, "q4_k")),
+            "q6_k": (base_dir, "q6_k", lambda: quantized(base_dir, "q6_k")),
         }
+        if "llama_cpp_bytes" in chosen:
+            agreement = llama_cpp_bytes(base_dir, ("q4_0", "q8_0", "q4_k", "q6_k"))
         for name, (src, gguf_type, model) in sides.items():
+            if name not in chosen:
+                continue
             t0 = time.time()
             path = export(src, gguf_type)
             ours, theirs = slimtune_ppl(model(), blocks, a), llama_cpp_ppl(path, blocks, a)
             rows[name] = {"bytes": path.stat().st_size, "slimtune_ppl": ours, "llama_cpp_ppl": theirs}
+            rows[name]["fallback"] = summaries[path]["fallback"]
             rows[name]["llama_cpp_over_slimtune"] = theirs / ours
             if name == "f16":
                 rows[name]["greedy_32"] = greedy(a, base_dir, path)
@@ -191,15 +248,19 @@ def main() -> None:
         "eval_windows": len(blocks),
         "versions": {k: md.version(k) for k in ("torch", "gguf", "llama_cpp_python", "slimtune")},
         "rows": rows,
-        "qat_vs_requant_ppl": rows["qat_q4_0"]["llama_cpp_ppl"] / rows["ft_requant_q4_0"]["llama_cpp_ppl"],
     }
+    if "qat_q4_0" in rows and "ft_requant_q4_0" in rows:
+        res["qat_vs_requant_ppl"] = rows["qat_q4_0"]["llama_cpp_ppl"] / rows["ft_requant_q4_0"]["llama_cpp_ppl"]
+    if "llama_cpp_bytes" in chosen:
+        res["llama_cpp_bytes"] = agreement
     lines = [f"{'side':18s}{'MiB':>8s}{'slimtune ppl':>14s}{'llama.cpp ppl':>15s}{'ratio':>9s}"]
     for name, r in rows.items():
         lines.append(
             f"{name:18s}{r['bytes'] / 2**20:8.1f}{r['slimtune_ppl']:14.3f}{r['llama_cpp_ppl']:15.3f}"
             f"{r['llama_cpp_over_slimtune']:9.4f}"
         )
-    lines.append(f"greedy 32 tokens identical (f16): {rows['f16']['greedy_32']['identical']}")
+    if "f16" in rows:
+        lines.append(f"greedy 32 tokens identical (f16): {rows['f16']['greedy_32']['identical']}")
     print("\n".join(lines))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")

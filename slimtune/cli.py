@@ -29,7 +29,7 @@ USAGE = """slimtune run RECIPE [key=value ...]     train (RECIPE: a name from `s
                  compressed checkpoint (lossless bf16, or a pruned model's masks + kept values, with --rank R
                  low-rank factors beside quantized values); eval and run load it. A run's adapter is merged
                  first, but sparse-nf4 / sparse-int8 keep it beside the quantized values unless --merge
-       slimtune export SRC --format gguf [--gguf-type f16|bf16|q8_0|q4_0|q4_1|q5_0|q5_1] [--out F.gguf]  one GGUF
+       slimtune export SRC --format gguf [--gguf-type f16|q8_0|q4_0|q4_k|q6_k|...] [--out F.gguf]  one GGUF
                  file for llama.cpp / Ollama (a QAT run's codes written as trained); --format gguf-lora: a LoRA
                  run's adapter as a llama.cpp LoRA GGUF for that base
        slimtune plan RECIPE [key=value ...] [--json] [--fit BUDGET] [--disk BUDGET] [--nproc N]  predicted peak
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument(
         "--gguf-type",
         default="f16",
-        help="--format gguf: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 (the decoder's linear weights)",
+        help="--format gguf: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | q4_k | q6_k (the decoder's linear "
+        "weights; a K type falls back to q5_0 / q8_0 for rows that are not whole 256-value blocks)",
     )
     p_exp.add_argument(
         "--rank",

@@ -2,8 +2,10 @@
 
 SRC: a model dir, a built-in name, a quantized checkpoint, or a run dir (its final/: a QAT run's quantized
 checkpoint as it is, a full fine-tuning's model, an adapter merged into its base first). Types: f32, f16, bf16,
-and llama.cpp's block types q8_0, q4_0, q4_1, q5_0, q5_1 for the decoder's linear weights; norms and biases are
-f32, the embedding and output head f16 (bf16 / f32 with those types), as they were never quantized in training.
+and llama.cpp's block types q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q6_k for the decoder's linear weights (a K type
+falls back, as llama.cpp's quantizer does, to q5_0 / q8_0 for rows that are not whole 256-value blocks: the
+summary's `fallback` counts them); norms and biases are f32, the embedding and output head f16 (bf16 / f32 with
+those types), as they were never quantized in training.
 
 Exact codes: a decoder linear already stored in the requested block type (`qat.method=q4_0`, `quant.method=
 q4_0`) is written with its bytes as they are; any other weight is quantized by quant/ggml.py, byte for byte
@@ -32,6 +34,7 @@ from slimtune.quant.linear import FrozenQuantLinear
 
 GGUF_TYPES = ("f32", "f16", "bf16", *GGML_TYPES)
 FILE_TYPE = {"f32": 0, "f16": 1, "bf16": 32, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9}  # llama_ftype
+FILE_TYPE |= {"q4_k": 14, "q6_k": 18}  # mostly Q4_K (small), mostly Q6_K
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 LAYER = {
     "self_attn.q_proj": "attn_q",
@@ -86,19 +89,20 @@ def row_order(config, arch: str, stem: str, n_rows: int) -> torch.Tensor | None:
 def _bytes(t: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, str]:
     """A float tensor as (uint8 rows, type) for GGUFWriter's raw path (f32 / f16 / bf16 / a block type)."""
     if gguf_type in GGML_TYPES:
-        q = quantize_ggml(t, GGMLFormat(gguf_type))
-        return q.blocks.view(t.shape[0], -1).numpy(), gguf_type
+        fmt = GGMLFormat(gguf_type)
+        return quantize_ggml(t, fmt).blocks.view(t.shape[0], -1).numpy(), fmt.stored_type(t.shape)
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[gguf_type]
     data = t.detach().to(dtype).contiguous()
     return data.view(torch.uint8).view(*t.shape[:-1], -1).numpy(), gguf_type
 
 
 def _tensors(model: nn.Module, gguf_type: str, arch: str) -> tuple[list, dict]:
-    """(name, uint8 rows, type) per GGUF tensor, and how many linears were written from their stored codes."""
+    """(name, uint8 rows, type) per GGUF tensor, and how many linears were written from their stored codes, how
+    many quantized here, and in which fallback type those whose rows are not whole K blocks went."""
     c = model.config
     side = gguf_type if gguf_type in ("f32", "bf16") else "f16"  # embedding / head: never quantized in training
     tied = getattr(c, "tie_word_embeddings", False)
-    out, counts = [], {"stored_codes": 0, "quantized_here": 0}
+    out, counts = [], {"stored_codes": 0, "quantized_here": 0, "fallback": {}}
     for module_name, module in model.named_modules():
         stem = gguf_name(module_name)
         if stem is None or (stem == "output" and tied):
@@ -107,7 +111,8 @@ def _tensors(model: nn.Module, gguf_type: str, arch: str) -> tuple[list, dict]:
         linear = stem.startswith("blk.") and not stem.endswith("norm")
         if isinstance(module, GGMLLinear) and module.fmt.type == gguf_type:
             rows = module._packed().blocks.view(module.out_features, -1)
-            out.append((f"{stem}.weight", (rows[order] if order is not None else rows).numpy(), gguf_type))
+            stored = module.fmt.stored_type(rows.shape[:1] + (module.in_features,))
+            out.append((f"{stem}.weight", (rows[order] if order is not None else rows).numpy(), stored))
             counts["stored_codes"] += 1
         else:
             w = module.dequantize_weight() if isinstance(module, FrozenQuantLinear) else module.weight.detach().float()
@@ -121,6 +126,9 @@ def _tensors(model: nn.Module, gguf_type: str, arch: str) -> tuple[list, dict]:
         if bias is not None:
             b = bias.detach().float()
             out.append((f"{stem}.bias", *_bytes(b[order] if order is not None else b, "f32")))
+    for _, _, ttype in out:
+        if gguf_type in GGML_TYPES and ttype not in (gguf_type, "f32", side):
+            counts["fallback"][ttype] = counts["fallback"].get(ttype, 0) + 1
     return out, counts
 
 

@@ -1,5 +1,5 @@
-"""llama.cpp's legacy block formats (q8_0, q4_0, q4_1, q5_0, q5_1) as slimtune quantized linears, stored as the
-GGUF file stores them: each row of the (out, in) weight cut into blocks of 32 values, each block the type's bytes.
+"""llama.cpp's block formats as slimtune quantized linears, stored as the GGUF file stores them: each row of the
+(out, in) weight cut into blocks, each block the type's bytes. The legacy types, blocks of 32 values:
 
     q8_0  d = absmax / 127                  q = round-half-away(v / d)             v ~= d q            (34 bytes)
     q4_0  d = m / -8 (m: the signed value   q = trunc(v / d + 8.5) in 0..15         v ~= d (q - 8)      (18 bytes)
@@ -13,6 +13,10 @@ ggml-quants.c does. The byte layout per block: d (fp16), [m (fp16)], [the codes'
 endian], the low nibbles (values 0..15 of the block in the low halves, 16..31 in the high halves) or int8 codes.
 Bit for bit the `gguf` package's reference quantizer and dequantizer (tests/quant/test_ggml.py), so a weight
 trained against these grids (qat.method=q4_0) is exported with no rounding left.
+
+The K types q4_k and q6_k (quant/ggml_k.py) take super-blocks of 256 values; a weight whose rows are not whole
+super-blocks is stored as llama.cpp's quantizer stores it, in its fallback type (q4_k -> q5_0, q6_k -> q8_0):
+`GGMLFormat.stored_type(shape)` says which, for quantizing, training against and exporting alike.
 """
 
 from __future__ import annotations
@@ -22,13 +26,19 @@ from dataclasses import dataclass
 
 import torch
 
+from slimtune.quant.ggml_k import K_TYPES, QK_K, dequantize_k, quantize_k
 from slimtune.quant.linear import FrozenQuantLinear, LinearDequant
 from slimtune.registry import QUANT_FORMATS
 
 BLOCK = 32
 # type -> (bits, asymmetric (has a min), bytes per block)
 GGML_TYPES = {"q8_0": (8, False, 34), "q4_0": (4, False, 18), "q4_1": (4, True, 20), "q5_0": (5, False, 22)}
-GGML_TYPES["q5_1"] = (5, True, 24)
+GGML_TYPES |= {"q5_1": (5, True, 24), "q4_k": (4, True, K_TYPES["q4_k"]), "q6_k": (6, False, K_TYPES["q6_k"])}
+FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0"}  # llama.cpp's type for a K-type tensor whose rows are not whole blocks
+
+
+def block_values(ggml_type: str) -> int:
+    return QK_K if ggml_type in K_TYPES else BLOCK
 
 
 @dataclass(frozen=True)
@@ -57,8 +67,12 @@ class GGMLFormat:
 
     @property
     def exact_zero(self) -> bool:
-        """0 codes to exactly 0 in the symmetric types (q * d with q = 0); q4_1 / q5_1 span [min, max]."""
+        """0 codes to exactly 0 in the symmetric types (q * d with q = 0); q4_1 / q5_1 / q4_k span [min, max]."""
         return not self.asymmetric
+
+    def stored_type(self, shape) -> str:
+        """The type a weight of `shape` is stored in: this one, or its fallback when rows are not whole blocks."""
+        return self.type if shape[-1] % block_values(self.type) == 0 else FALLBACK[self.type]
 
     def check_shape(self, shape) -> int:
         numel = math.prod(shape)
@@ -70,10 +84,12 @@ class GGMLFormat:
         return numel
 
     def tensor_layout(self, shape) -> dict[str, tuple[int, torch.dtype]]:
-        return {"blocks": (self.check_shape(shape) // BLOCK * self.type_size, torch.uint8)}
+        t = self.stored_type(shape)
+        return {"blocks": (self.check_shape(shape) // block_values(t) * GGML_TYPES[t][2], torch.uint8)}
 
     def bits_per_param(self, shape) -> float:
-        return self.type_size * 8 / BLOCK
+        t = self.stored_type(shape)
+        return GGML_TYPES[t][2] * 8 / block_values(t)
 
 
 def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -108,16 +124,19 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
 def quantize_ggml(w: torch.Tensor, fmt: GGMLFormat) -> "GGMLWeight":
     """w (out, in), any float dtype (computed in fp32) -> GGMLWeight, byte for byte llama.cpp's reference."""
     fmt.check_shape(w.shape)
-    blocks = w.detach().float().reshape(-1, BLOCK)
+    shape, stored = tuple(w.shape), GGMLFormat(fmt.stored_type(w.shape))
+    blocks = w.detach().float().reshape(-1, block_values(stored.type))
     if not torch.isfinite(blocks).all():
-        raise ValueError(f"cannot {fmt.type}-quantize a weight of shape {tuple(w.shape)} with non-finite values")
-    bits = fmt.bits
-    if fmt.type == "q8_0":
+        raise ValueError(f"cannot {fmt.type}-quantize a weight of shape {shape} with non-finite values")
+    if stored.type in K_TYPES:
+        return GGMLWeight(fmt, shape, quantize_k(blocks, stored.type).flatten())
+    bits = stored.bits
+    if stored.type == "q8_0":
         d = blocks.abs().amax(dim=1) / 127
         q = _round_half_away(blocks * _inverse(d)[:, None]).to(torch.int8).view(torch.uint8)
-        return GGMLWeight(fmt, tuple(w.shape), torch.cat([_fp16_bytes(d), q], dim=1).flatten())
+        return GGMLWeight(fmt, shape, torch.cat([_fp16_bytes(d), q], dim=1).flatten())
     top = 2**bits - 1
-    if fmt.asymmetric:
+    if stored.asymmetric:
         lo = blocks.amin(dim=1)
         d = (blocks.amax(dim=1) - lo) / top
         q = torch.trunc((blocks - lo[:, None]) * _inverse(d)[:, None] + 0.5)
@@ -129,36 +148,44 @@ def quantize_ggml(w: torch.Tensor, fmt: GGMLFormat) -> "GGMLWeight":
         head = [_fp16_bytes(d)]
     q = q.clamp_(0, top).to(torch.uint8)
     parts = [*head, _high_bits(q)] if bits == 5 else head
-    return GGMLWeight(fmt, tuple(w.shape), torch.cat([*parts, _nibbles(q)], dim=1).flatten())
+    return GGMLWeight(fmt, shape, torch.cat([*parts, _nibbles(q)], dim=1).flatten())
 
 
 @dataclass
 class GGMLWeight:
-    """A weight in a GGML block type: blocks uint8 (numel / 32 * type_size,), the GGUF tensor's bytes."""
+    """A weight in a GGML block type (stored in `stored.type`): blocks uint8, the GGUF tensor's bytes."""
 
     fmt: GGMLFormat
     shape: tuple
     blocks: torch.Tensor
 
+    @property
+    def stored(self) -> GGMLFormat:
+        return GGMLFormat(self.fmt.stored_type(self.shape))
+
     def codes_and_scales(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(codes (nb, 32) int64 (signed for the symmetric types), d fp32 (nb,), m fp32 (nb,) or None)."""
-        raw = self.blocks.view(-1, self.fmt.type_size)
+        """A legacy type's (codes (nb, 32) int64 (signed for the symmetric types), d fp32 (nb,), m fp32 or None)."""
+        stored = self.stored
+        raw = self.blocks.view(-1, stored.type_size)
         d = raw[:, :2].contiguous().view(torch.float16).float().flatten()
-        if self.fmt.type == "q8_0":
+        if stored.type == "q8_0":
             return raw[:, 2:].contiguous().view(torch.int8).long(), d, None
-        m = raw[:, 2:4].contiguous().view(torch.float16).float().flatten() if self.fmt.asymmetric else None
-        rest = raw[:, 4:] if self.fmt.asymmetric else raw[:, 2:]
+        m = raw[:, 2:4].contiguous().view(torch.float16).float().flatten() if stored.asymmetric else None
+        rest = raw[:, 4:] if stored.asymmetric else raw[:, 2:]
         nib = rest[:, -16:].long()
         q = torch.cat([nib & 0x0F, nib >> 4], dim=1)
-        if self.fmt.bits == 5:
+        if stored.bits == 5:
             high = rest[:, :4].long()
             word = sum(high[:, k] << (8 * k) for k in range(4))
             q = q | (((word[:, None] >> torch.arange(32, device=q.device)) & 1) << 4)
         if m is None:
-            q = q - 2 ** (self.fmt.bits - 1)
+            q = q - 2 ** (stored.bits - 1)
         return q, d, m
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        stored = self.stored
+        if stored.type in K_TYPES:
+            return dequantize_k(self.blocks.view(-1, stored.type_size), stored.type).view(self.shape).to(dtype)
         q, d, m = self.codes_and_scales()
         w = d[:, None] * q.float()
         if m is not None:
@@ -178,8 +205,8 @@ class LinearGGML(LinearDequant):
 
 
 class GGMLLinear(FrozenQuantLinear):
-    """Frozen linear in a GGML block type (quant.method / qat.method q8_0, q4_0, q4_1, q5_0, q5_1; the block size
-    is the type's 32, quant.block_size and quant.double_quant do not apply). Buffer: blocks uint8."""
+    """Frozen linear in a GGML block type (quant.method / qat.method q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q6_k; the
+    block size is the type's, quant.block_size and quant.double_quant do not apply). Buffer: blocks uint8."""
 
     _function = LinearGGML
     bnb_methods = ()

@@ -177,3 +177,50 @@ def test_a_qwen2_model_with_attention_biases_round_trips(tmp_path):
     for hf_name, p in state.items():
         module, _, kind = hf_name.rpartition(".")
         assert torch.equal(got[f"{gguf_name(module)}.{kind}"].view(p.shape), p.detach()), hf_name
+
+
+def _wide_llama(path):
+    """A Llama whose rows are whole 256-value K blocks but for down_proj (320 wide): K types and their fallback."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=320,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    load_tokenizer("tiny-llama").save_pretrained(path)
+    return path
+
+
+def test_a_q4_k_qat_run_exports_its_codes_and_falls_back_where_llama_cpp_does(tmp_path, capsys):
+    """qat.method=q4_k on a model with 256-wide rows (down_proj's 320 are not: q5_0, as llama.cpp's quantizer
+    stores them): the GGUF's tensors dequantize to the converted model's weights, the summary counts the
+    fallbacks, and transformers' GGUF loader gives the converted model's logits."""
+    base, run_dir = _wide_llama(tmp_path / "wide"), tmp_path / "run"
+    args = [f"model.name={base}", "model.dtype=float32", "data.source=pydoc", "train.seq_len=64", "train.batch_size=2"]
+    assert main(["run", "qat", *args, "qat.method=q4_k", "train.max_steps=2", f"output_dir={run_dir}"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--format", "gguf", "--gguf-type", "q4_k"]) == 0
+    summary = json.loads(capsys.readouterr().out.split("(", 1)[1].rstrip().removesuffix(")"))
+    assert summary["stored_codes"] == 14 and summary["quantized_here"] == 0 and summary["fallback"] == {"q5_0": 2}
+    converted = load_base(str(run_dir / "final"), "float32")
+    out = run_dir / "model-q4_k.gguf"
+    kinds = {}
+    for name, (kind, values) in _read(out).items():
+        kinds[name] = kind
+        if name.startswith("blk.") and "norm" not in name:
+            want = _expected(converted, name)
+            assert torch.equal(values.view(want.shape), want), name
+    assert kinds["blk.0.ffn_down.weight"] == "Q5_0" and kinds["blk.0.ffn_gate.weight"] == "Q4_K"
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(run_dir, gguf_file=out.name, dtype=torch.float32)
+    ids = torch.tensor([load_tokenizer("tiny-llama").encode("class A: pass")])
+    ref = _logits(converted, ids)
+    assert torch.allclose(_logits(loaded, ids), ref, atol=1e-3 * ref.abs().max())  # f16 embedding: not bitwise

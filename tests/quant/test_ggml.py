@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType, quants
 from slimtune.cli import main
 from slimtune.quant import GGML_TYPES, GGMLLinear, quantize_ggml
 from slimtune.quant.ggml import GGMLFormat
+from slimtune.quant.ggml_k import K_TYPES
 from slimtune.quant.fake import QuantFormatSpec
 from slimtune_testutil import TINY, safetensors_dir
 
@@ -32,7 +33,7 @@ def _gguf_type(t: str):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("ggml_type", list(GGML_TYPES))
+@pytest.mark.parametrize("ggml_type", [t for t in GGML_TYPES if t not in K_TYPES])  # K types: test_ggml_k.py
 def test_bytes_and_values_equal_the_gguf_reference(ggml_type, dtype):
     w = _weight(dtype)
     ours = quantize_ggml(w, GGMLFormat(ggml_type))
