@@ -52,7 +52,7 @@ SLIMTUNE = {
     "8da4w": ("qat", ["qat.method=int4", "qat.activations=int8"]),
     "lora_int4": ("qat_lora", ["qat.method=int4"]),
     "int4_lowmem": ("qat", ["qat.method=int4", "optim.master_dtype=bfloat16", "optim.state_bits=8"]),
-    "nf3pv_small": ("qat", ["qat.method=nf3", "qat.pv_tuning=true", "qat.pv_fraction=0.0001", "qat.pv_step=0.25"]),
+    "nf3pv_01": ("qat", ["qat.method=nf3", "qat.pv_tuning=true", "qat.pv_fraction=0.01"]),
     # llama.cpp's q4_0 grid (16 levels, as torchao's int4: d = the signed absmax / -8, fp16 d), blocks of 32
     "q4_0": ("qat", ["qat.method=q4_0"]),
     # LoRA sides at a LoRA learning rate (the lq_lora / qlora recipes' 1e-3; 5e-5 is full fine-tuning's)
@@ -64,7 +64,7 @@ SLIMTUNE = {
 # side (without its slimtune_ / torchao_ prefix) -> the family it is compared within: the same PTQ format (and
 # activations); a torchao side ending in _fp32 keeps fp32 master weights under bf16 autocast, as slimtune does
 FAMILY = {"int4": "int4", "int3": "int3", "nf3": "nf3", "nf3pv": "nf3", "8da4w": "8da4w", "lora_int4": "int4"}
-FAMILY |= {"nf3pv_small": "nf3", "int4_lowmem": "int4", "int4_fp32": "int4", "int3_fp32": "int3", "8da4w_fp32": "8da4w"}
+FAMILY |= {"nf3pv_01": "nf3", "int4_lowmem": "int4", "int4_fp32": "int4", "int3_fp32": "int3", "8da4w_fp32": "8da4w"}
 FAMILY |= {"lora_int4_lr1e-3": "int4", "lq_lora_275": "nf4_b64", "q4_0": "q4_0"}
 RIVAL = {"q4_0": "int4"}  # family -> the torchao family a slimtune side is compared with (default: its own)
 PTQ = {"8da4w": "int4"}  # family -> PTQ format of FT's weights (default: the family's name)

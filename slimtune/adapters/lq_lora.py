@@ -45,6 +45,12 @@ class LQLoRAConfig:
     score_iters: int = option("alternations when scoring every candidate format for the bit allocation", 2)
     bits: tuple[int, ...] = option("NormalFloat bit widths the allocation may choose", (2, 3, 4))
     block_sizes: tuple[int, ...] = option("block sizes the allocation may choose", (64, 128, 256))
+    pv_tuning: bool = option(
+        "PV-Tuning of the quantized part Q during training (quant/pv_tuning.py): codes as discrete variables, "
+        "learned block scales, a full-precision straight-through buffer per matrix (ddp engine)",
+        False,
+    )
+    pv_fraction: float = option("PV-Tuning: at most this fraction of each matrix's codes change per step", 0.001)
 
 
 @ADAPTERS.register("lq_lora")
@@ -84,6 +90,21 @@ class LQLoRABase(Technique):
     @classmethod
     def validate(cls, cfg) -> None:
         validate_lq_lora(cfg.lq_lora)
+        if cfg.lq_lora.pv_tuning:
+            for key, value, fix in (
+                ("adapter.type", cfg.adapter.type, "lq_lora"),
+                ("engine.name", cfg.engine.name, "ddp"),
+                ("optim.in_backward", cfg.optim.in_backward, False),
+            ):
+                if value != fix:
+                    shown = str(value).lower() if isinstance(value, bool) else value
+                    raise ConfigError(
+                        f"lq_lora.pv_tuning=true updates the codes of LQ-LoRA's quantized part in one process's "
+                        f"memory (or DDP), not with {key}={shown}: set {key}={str(fix).lower()} or "
+                        "lq_lora.pv_tuning=false"
+                    )
+            if not 0 < cfg.lq_lora.pv_fraction <= 1:
+                raise ConfigError(f"lq_lora.pv_fraction={cfg.lq_lora.pv_fraction} must be in (0, 1]")
 
 
 def validate_lq_lora(lq) -> None:
@@ -310,6 +331,27 @@ def apply_lq_lora(
         "allocation_seconds": t_alloc,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def apply_pv_tuning(model: nn.Module, master_dtype: torch.dtype, fraction: float) -> list:
+    """lq_lora.pv_tuning: each LQ-LoRA wrapper's quantized base Q becomes a PV linear of Q's own format (its
+    straight-through buffer starts at dequantized Q, its codes at Q's: the round trip through the learned scales
+    re-rounds only the double-quantized scales), the LoRA factors staying beside it. Returns the PV hooks."""
+    from slimtune.quant.fake import FakeQuantLinear, QuantFormatSpec
+    from slimtune.quant.pv_tuning import PVTuning
+
+    modules = []
+    for m in model.modules():
+        if not isinstance(m, LQLoRALinear) or not isinstance(m.base, PackedLinear):
+            continue
+        q = m.base
+        plain = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+        plain.weight = nn.Parameter(q.dequantize_weight(torch.float32).to(master_dtype))
+        if q.bias is not None:
+            plain.bias = nn.Parameter(q.bias.detach().clone(), requires_grad=False)
+        m.base = FakeQuantLinear.from_linear(plain, QuantFormatSpec.of_module(q), pv=True)
+        modules.append(m.base)
+    return [PVTuning(modules, fraction)] if modules else []
 
 
 def _packed_quantizer(fmt) -> Callable:

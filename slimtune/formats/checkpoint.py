@@ -40,13 +40,14 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 CHECKSUMS = "checksums.json"  # {"format": "slimtune-checkpoint", "version": 1, "checksums": {file: xxh3-128}}
 
 
+def saved(p: nn.Parameter) -> bool:
+    """Whether a checkpoint holds `p`: trainable, or `discrete` (updated outside the optimizer: PV-Tuning's codes)."""
+    return p.requires_grad or getattr(p, "discrete", False)
+
+
 def trainable_state(model: nn.Module, skip=frozenset()) -> dict[str, torch.Tensor]:
     """Trainable parameters by name (but the names in `skip`: an engine's own, saved its own way)."""
-    return {
-        n: p.detach().cpu().contiguous().clone()
-        for n, p in model.named_parameters()
-        if p.requires_grad and n not in skip
-    }
+    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if saved(p) and n not in skip}
 
 
 def save_checkpoint(
@@ -172,7 +173,7 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, skip=frozenset()) -
     ckpt = Path(ckpt)
     weights, optimizer_state, state = read_state(ckpt)
     params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad and n not in skip}
+    expected = {n for n, p in params.items() if saved(p) and n not in skip}
     if set(weights) != expected:
         diff = sorted(set(weights) ^ expected)
         raise SlimtuneError(

@@ -73,7 +73,10 @@ def final_format(cfg) -> FinalFormat:
         manifest = read_manifest(Path(name).expanduser())
         return FinalFormat(name, "quantized", {k: v for k, v in manifest.items() if k in keep})
     if needs_lowrank(cfg):
-        return FinalFormat(name, "quantized", {"method": cfg.quant.method, "init": cfg.adapter.init})
+        fields = {"method": cfg.quant.method, "init": cfg.adapter.init}
+        if cfg.adapter.type == "lq_lora" and cfg.lq_lora.pv_tuning:  # its PV linears converted, the factors kept
+            return FinalFormat(name, "quantized", {**fields, "pv_tuning": True}, qat_dtype=cfg.model.dtype)
+        return FinalFormat(name, "quantized", fields)
     if cfg.qat.method != "none":  # the converted model: the format the run trained against
         fields = {"method": cfg.qat.method, "init": "default", "qat": to_dict(cfg.qat)}
         return FinalFormat(name, "quantized", fields, qat_dtype=cfg.model.dtype)

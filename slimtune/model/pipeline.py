@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from slimtune.adapters import adapter_internals, adapter_modules, apply_adapters
+from slimtune.adapters.lq_lora import apply_pv_tuning
 from slimtune.engines.offload.load import load_streamed
 from slimtune.model.load import load_base
 from slimtune.formats.quantized import is_quantized_checkpoint
@@ -97,6 +98,10 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
     qat = apply_qat(model, cfg, adapter_internals(model)) if cfg.qat.method != "none" else 0
     if qat:
         log(f"qat.method={cfg.qat.method}: {qat} linear layers train against their quantization")
+    pv = []
+    if cfg.adapter.type == "lq_lora" and cfg.lq_lora.pv_tuning:
+        pv = apply_pv_tuning(model, DTYPES[cfg.optim.master_dtype], cfg.lq_lora.pv_fraction)
+        log(f"lq_lora.pv_tuning: {len(pv[0].modules) if pv else 0} quantized matrices PV-tuned beside their LoRA")
     recovery = recovery_stage(
         cfg.recover,
         model,
@@ -116,10 +121,14 @@ def build_model(cfg, device: torch.device, dist_info: DistInfo = DistInfo(), tra
     if n:
         log(f"train.precision={cfg.train.precision}: {n} linear layers compute in low precision")
     hooks = (
-        ADAPTERS.get(cfg.adapter.type).training_hooks(model, adapter_options(cfg), cfg.train.max_steps)
-        if cfg.adapter.type != "none"
-        else []
-    ) + qat_hooks(model, cfg)
+        (
+            ADAPTERS.get(cfg.adapter.type).training_hooks(model, adapter_options(cfg), cfg.train.max_steps)
+            if cfg.adapter.type != "none"
+            else []
+        )
+        + qat_hooks(model, cfg)
+        + pv
+    )
     release_file_mappings(model)  # the loaded file's pages would stay resident all run
     trim_heap()  # and so would what loading and quantizing freed
     engine_cls = Engine if cfg.engine.name == "offload" else ENGINES.get(cfg.engine.name)  # offload: nothing on disk

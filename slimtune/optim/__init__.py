@@ -25,15 +25,12 @@ def optimizer_options(cfg):
 
 
 def build_optimizer(optim, named_params, lr: float, options=None) -> torch.optim.Optimizer:
-    """optim: the optim section; named_params: (name, parameter) pairs of the trainable fp32 master weights
-    (those marked `discrete` are left out); options: the optimizer's own section (galore.*, ...; None: its
-    defaults)."""
+    """optim: the optim section; named_params: (name, parameter) pairs of the trainable fp32 master weights;
+    options: the optimizer's own section (galore.*, ...; None: its defaults)."""
     build = OPTIMIZERS.get(optim.name)
     if options is None and getattr(build, "section", None):
         options = SECTIONS[build.section]()
     named = [x if isinstance(x, tuple) else (f"param{i}", x) for i, x in enumerate(named_params)]
-    # a `discrete` parameter has its gradient computed but its own update (PV-Tuning's codes, quant/pv_tuning.py)
-    named = [(n, p) for n, p in named if not getattr(p, "discrete", False)]
     if not named:
         raise SlimtuneError("no trainable parameters: check adapter.type and adapter.target_modules")
     if optim.in_backward:

@@ -19,7 +19,8 @@ from torch import nn
 from slimtune.quant.activations import fake_quantize_activations
 from slimtune.quant.learned_scales import initial_scales, learned_fake_quantize, packed_with
 from slimtune.quant.linear import configured_format
-from slimtune.quant.pv_tuning import codes_fixed_quantize
+from slimtune.quant.packed import with_scales
+from slimtune.quant.pv_tuning import codes_fixed_quantize, stored
 from slimtune.registry import QUANT_FORMATS
 
 
@@ -30,6 +31,18 @@ class QuantFormatSpec:
         self.method, self.block_size, self.double_quant = method, block_size, double_quant
         self.cls = QUANT_FORMATS.get(method)
         self.fmt = configured_format(self.cls, method, block_size, double_quant, options)
+
+    @classmethod
+    def of_module(cls, module) -> "QuantFormatSpec":
+        """The spec of a frozen quantized linear's own format (LQ-LoRA's per-matrix NF-k, say)."""
+        spec = cls.__new__(cls)
+        spec.cls, spec.fmt = type(module), module.fmt
+        spec.method, spec.block_size, spec.double_quant = (
+            module.fmt.name,
+            module.fmt.block_size,
+            module.fmt.double_quant,
+        )
+        return spec
 
     @torch.no_grad()
     def packed(self, w: torch.Tensor):
@@ -85,7 +98,8 @@ class FakeQuantLinear(nn.Linear):
     ) -> "FakeQuantLinear":
         """The same parameters (shared, not copied), now trained against the format. learn_scales: the block
         scales (and asymmetric zeros) become parameters `qat_scale` / `qat_zero` (quant/learned_scales.py). pv:
-        PV-Tuning (quant/pv_tuning.py): learned scales, and the weight snapped to its codes."""
+        PV-Tuning (quant/pv_tuning.py): learned scales and packed codes `qat_codes` (round to nearest to start),
+        the weight staying the continuous buffer the V step rounds towards."""
         m = cls.__new__(cls)
         nn.Module.__init__(m)
         m.in_features, m.out_features, m.spec = linear.in_features, linear.out_features, spec
@@ -98,17 +112,17 @@ class FakeQuantLinear(nn.Linear):
             scale, zero = initial_scales(m.effective_weight().detach(), spec.fmt)
             m.qat_scale = nn.Parameter(scale)
             m.qat_zero = nn.Parameter(zero) if zero is not None else None
-        if pv:  # the weight holds its codes from now on (round to nearest to start), updated by the V step only
-            with torch.no_grad():
-                m.weight.copy_(m.packed().dequantize(torch.float32).to(m.weight.dtype))
-            m.weight.discrete = True
+        if pv:  # updated by the V step only; a `discrete` parameter is saved with checkpoints, never optimized
+            codes = packed_with(m.weight.detach(), spec.fmt, m.qat_scale, m.qat_zero).codes
+            m.qat_codes = nn.Parameter(codes, requires_grad=False)
+            m.qat_codes.discrete = True
         return m
 
     def quantized_weight(self) -> torch.Tensor:
         """The effective weight fake-quantized (learned scales when it has them; PV: codes fixed)."""
         w = self.effective_weight()
         if self.pv:
-            return codes_fixed_quantize(w, self.qat_scale, self.qat_zero, self.spec.fmt)
+            return codes_fixed_quantize(w, self.qat_scale, self.qat_zero, self.qat_codes, self.spec.fmt)
         if self.qat_scale is not None:
             return learned_fake_quantize(w, self.qat_scale, self.qat_zero, self.spec.fmt)
         return fake_quantize(w, self.spec)
@@ -117,6 +131,9 @@ class FakeQuantLinear(nn.Linear):
     def packed(self):
         """What the converted linear stores: the format's packed weight of the effective weight."""
         w = self.effective_weight().detach()
+        if self.pv:  # the codes the V step chose, with the scales the P step trained
+            scales = stored(self.qat_scale, self.qat_zero)
+            return with_scales(self.spec.fmt, tuple(w.shape), self.qat_codes.detach(), *scales)
         if self.qat_scale is not None:
             return packed_with(w, self.spec.fmt, self.qat_scale, self.qat_zero)
         return self.spec.packed(w)

@@ -29,7 +29,7 @@ from slimtune.quant.fake import FakeQuantLinear, QuantFormatSpec
 from slimtune.quant.linear import FrozenQuantLinear
 from slimtune.quant.learned_scales import LEARNABLE_METHODS
 from slimtune.quant.pv_tuning import PV_METHODS, PVTuning
-from slimtune.registry import OPTIONS, QUANT_FORMATS
+from slimtune.registry import ADAPTERS, OPTIONS, QUANT_FORMATS
 from slimtune.rules import placement
 from slimtune.schema import config_section, option
 from slimtune.technique import Technique, options_of
@@ -62,10 +62,7 @@ class QATConfig:
         "variables (the V step) beside the optimizer's step on scales and the rest (full fine-tuning, ddp)",
         False,
     )
-    pv_fraction: float = option(
-        "PV-Tuning: at most this fraction of each matrix's codes change per step (times lr / train.lr)", 0.001
-    )
-    pv_step: float = option("PV-Tuning: the V step's size, in grid steps for a value with a typical gradient", 0.5)
+    pv_fraction: float = option("PV-Tuning: at most this fraction of each matrix's codes change per step", 0.001)
 
 
 @OPTIONS.register("qat.method")
@@ -176,8 +173,8 @@ def _validate_pv(cfg) -> None:
                 f"not with {key}={shown}: set {key}={str(fix).lower() if isinstance(fix, bool) else fix} or "
                 "qat.pv_tuning=false"
             )
-    if not 0 < q.pv_fraction <= 1 or q.pv_step <= 0:
-        raise ConfigError(f"qat.pv_fraction={q.pv_fraction} must be in (0, 1] and qat.pv_step={q.pv_step} > 0")
+    if not 0 < q.pv_fraction <= 1:
+        raise ConfigError(f"qat.pv_fraction={q.pv_fraction} must be in (0, 1]")
 
 
 def format_options(cfg):
@@ -243,7 +240,7 @@ class StartStep(Hooks):
 def qat_hooks(model: nn.Module, cfg) -> list[Hooks]:
     q, modules = cfg.qat, list(fake_quant_modules(model).values())
     hooks = [StartStep(modules, q.start_step)] if q.start_step else []
-    return hooks + ([PVTuning(modules, q.pv_step, q.pv_fraction, cfg.train.lr)] if q.pv_tuning else [])
+    return hooks + ([PVTuning(modules, q.pv_fraction)] if q.pv_tuning else [])
 
 
 @torch.no_grad()
@@ -286,9 +283,12 @@ def converted(model: nn.Module, compute_dtype: torch.dtype):
     """`model` with every FakeQuantLinear (and the LoRA adapter around it) replaced by its quantized linear for
     the duration of the block; the training modules are put back afterwards."""
     swaps = swap_quantized(model, fake_quant_modules(model), compute_dtype)
-    # the rest (embeddings, norms, lm_head) in the compute dtype, as `slimtune quantize` stores it (bf16 masters)
+    # the rest (embeddings, norms, lm_head) in the compute dtype, as `slimtune quantize` stores it (bf16 masters);
+    # LoRA factors kept beside a quantized base (LQ-LoRA) stay the fp32 masters they are
+    adapters = [m for m in model.modules() if isinstance(m, tuple(ADAPTERS.values()))]
+    factors = {id(p) for a in adapters for n, p in a.named_parameters() if "base." not in n}
     cast = [p for m in model.modules() if not isinstance(m, FrozenQuantLinear) for p in m.parameters(recurse=False)]
-    cast = [(p, p.data) for p in cast if p.is_floating_point() and p.dtype != compute_dtype]
+    cast = [(p, p.data) for p in cast if p.is_floating_point() and p.dtype != compute_dtype and id(p) not in factors]
     for p, data in cast:
         p.data = data.to(compute_dtype)
     try:
