@@ -31,7 +31,8 @@ USAGE = """slimtune run RECIPE [key=value ...]     train (RECIPE: a name from `s
                  first, but sparse-nf4 / sparse-int8 keep it beside the quantized values unless --merge
        slimtune export SRC --format gguf [--gguf-type f16|q8_0|q4_0|q4_k|q6_k|...] [--out F.gguf]  one GGUF
                  file for llama.cpp / Ollama (a QAT run's codes written as trained); --format gguf-lora: a LoRA
-                 run's adapter as a llama.cpp LoRA GGUF for that base
+                 run's adapter as a llama.cpp LoRA GGUF for that base; --format compressed-tensors: a quantized
+                 model (int-k / int8 / q4_0 codes as stored, 2:4 sparsity noted) for vLLM / transformers
        slimtune plan RECIPE [key=value ...] [--json] [--fit BUDGET] [--disk BUDGET] [--nproc N]  predicted peak
                  memory of the run (breakdown by component, from config.json alone) and the disk it writes;
                  --fit 24GiB prints the overrides that fit (--disk 60GB: within that disk too)
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "--format",
         default="hf",
         help="hf (the merged model, default) | dfloat11 | sparse | sparse-nf4 | sparse-int8 | gguf (llama.cpp) | "
-        "gguf-lora (a LoRA run's adapter for llama.cpp)",
+        "gguf-lora (a LoRA run's adapter for llama.cpp) | compressed-tensors (vLLM: int-k / q4_0 codes as stored)",
     )
     p_exp.add_argument(
         "--gguf-type",
@@ -245,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
             from slimtune.trainer.export import export_gguf
 
             summary = export_gguf(args.run_dir, args.out, args.gguf_type, args.onto)
+            print(f"slimtune: wrote {summary['path']} ({json.dumps(summary)})")
+        elif args.cmd == "export" and args.format == "compressed-tensors":
+            _quiet_libraries()
+            from slimtune.trainer.export import export_compressed_tensors
+
+            summary = export_compressed_tensors(args.run_dir, args.out, args.onto)
             print(f"slimtune: wrote {summary['path']} ({json.dumps(summary)})")
         elif args.cmd == "export" and args.format == "gguf-lora":
             _quiet_libraries()

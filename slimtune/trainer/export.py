@@ -72,28 +72,55 @@ def export_merged(run_dir: Path, out_dir: Path | None = None, onto: str = "full"
     return out
 
 
+def _deployable(src: str, onto: str, tmp: str, fmt: str):
+    """(model, model_dir, path, is_run) for a one-weight-per-linear format: a run dir's final model (a QAT run's
+    quantized checkpoint as it is, an adapter merged first into `tmp`), a model dir, a built-in name or a
+    quantized checkpoint."""
+    path = Path(src).expanduser()
+    run = (path / "config.yaml").is_file() and (path / "final").is_dir()
+    model_dir = str(path / "final") if run else src
+    if run and not (path / "final" / "config.json").is_file():  # an adapter dir: merged into its base
+        model_dir = str(export_merged(path, Path(tmp) / "merged", onto))
+    model = load_base(model_dir, "float32")
+    if adapter_modules(model):
+        raise SlimtuneError(
+            f"{model_dir} keeps LoRA factors beside its quantized weights; {fmt} holds one weight per linear: "
+            f"merge first (slimtune export {src} --merge --out DIR), then export DIR"
+        )
+    return model, model_dir, path, run
+
+
 def export_gguf(src: str, out: str | None, gguf_type: str, onto: str = "full") -> dict:
-    """`slimtune export SRC --format gguf`: a run dir's final model (a QAT run's quantized checkpoint as it is,
-    an adapter merged first), a model dir, a built-in name or a quantized checkpoint, as one GGUF file
-    (formats/gguf.py). out: default RUN/model-<type>.gguf, or <name>-<type>.gguf here."""
+    """`slimtune export SRC --format gguf`: SRC's model (see _deployable) as one GGUF file (formats/gguf.py).
+    out: default RUN/model-<type>.gguf, or <name>-<type>.gguf here."""
     import tempfile
 
     from slimtune.formats.gguf import write_gguf
 
-    path = Path(src).expanduser()
-    run = (path / "config.yaml").is_file() and (path / "final").is_dir()
-    with tempfile.TemporaryDirectory(dir=path if run else None) as tmp:
-        model_dir = str(path / "final") if run else src
-        if run and not (path / "final" / "config.json").is_file():  # an adapter dir: merged into its base
-            model_dir = str(export_merged(path, Path(tmp) / "merged", onto))
-        model = load_base(model_dir, "float32")
-        if adapter_modules(model):
-            raise SlimtuneError(
-                f"{model_dir} keeps LoRA factors beside its quantized weights; GGUF holds one weight per linear: "
-                f"merge first (slimtune export {src} --merge --out DIR), then export DIR"
-            )
+    with tempfile.TemporaryDirectory(dir=_run_dir(src)) as tmp:
+        model, model_dir, path, run = _deployable(src, onto, tmp, "GGUF")
         default = path / f"model-{gguf_type}.gguf" if run else Path(f"{path.name}-{gguf_type}.gguf")
         return write_gguf(model, load_tokenizer(model_dir), Path(out) if out else default, gguf_type, path.name)
+
+
+def export_compressed_tensors(src: str, out: str | None, onto: str = "full") -> dict:
+    """`slimtune export SRC --format compressed-tensors`: SRC's quantized model (see _deployable) in the
+    compressed-tensors layout (formats/compressed_tensors.py). out: default RUN/compressed-tensors, or
+    <name>-compressed-tensors here."""
+    import tempfile
+
+    from slimtune.formats.compressed_tensors import write_compressed_tensors
+
+    with tempfile.TemporaryDirectory(dir=_run_dir(src)) as tmp:
+        model, model_dir, path, run = _deployable(src, onto, tmp, "compressed-tensors")
+        default = path / "compressed-tensors" if run else Path(f"{path.name}-compressed-tensors")
+        return write_compressed_tensors(model, load_tokenizer(model_dir), Path(out) if out else default)
+
+
+def _run_dir(src: str) -> Path | None:
+    """A run dir (merges go beside it, on its disk), or None."""
+    path = Path(src).expanduser()
+    return path if (path / "config.yaml").is_file() and (path / "final").is_dir() else None
 
 
 def export_gguf_lora(run_dir: str, out: str | None) -> dict:
