@@ -13,7 +13,8 @@ used for training, `slimtune eval ... eval.split=true`, every window):
                       checkpoint); fmt: int4, int3 (symmetric, blocks of 32, no double quant), nf3, nf3pv
                       (qat.pv_tuning=true), 8da4w (int4 + qat.activations=int8), lora_int4 (qat_lora),
                       lora_int4_lr1e-3 (the same at LoRA's lr), lq_lora_275 (the lq_lora recipe at 2.75
-                      bits, against FT's NF4 PTQ with blocks of 64 and double quant: 4.13 bits), q4_0
+                      bits, against FT's NF4 PTQ with blocks of 64 and double quant: 4.13 bits), lq_lora_275_pv
+                      (the same, its quantized part PV-tuned: lq_lora.pv_tuning=true), q4_0
                       (llama.cpp's grid, 16 levels like torchao's int4, compared with torchao's int4 sides)
   torchao_<fmt>       torchao QATConfig with IntxFakeQuantizeConfig(int4 | int3, group 32, symmetric) (8da4w:
                       and per-token asymmetric int8 activations) on every decoder linear (lm_head left out, as
@@ -60,12 +61,17 @@ SLIMTUNE = {
     # LQ-LoRA (its recipe: Fisher-weighted, NF-2/3/4 x blocks 64/128/256 with double quant) at 2.75 bits, its
     # LoRA factors trained on the exact quantized part it is stored with, against NF4 PTQ (block 64, 4.13 bits)
     "lq_lora_275": ("lq_lora", ["lq_lora.budget_bits=2.75", "quant.double_quant=true", "train.lr=1e-3"]),
+    # the same with PV-Tuning of its quantized part (codes, scales and a straight-through buffer per matrix)
+    "lq_lora_275_pv": (
+        "lq_lora",
+        ["lq_lora.budget_bits=2.75", "quant.double_quant=true", "train.lr=1e-3", "lq_lora.pv_tuning=true"],
+    ),
 }
 # side (without its slimtune_ / torchao_ prefix) -> the family it is compared within: the same PTQ format (and
 # activations); a torchao side ending in _fp32 keeps fp32 master weights under bf16 autocast, as slimtune does
 FAMILY = {"int4": "int4", "int3": "int3", "nf3": "nf3", "nf3pv": "nf3", "8da4w": "8da4w", "lora_int4": "int4"}
 FAMILY |= {"nf3pv_01": "nf3", "int4_lowmem": "int4", "int4_fp32": "int4", "int3_fp32": "int3", "8da4w_fp32": "8da4w"}
-FAMILY |= {"lora_int4_lr1e-3": "int4", "lq_lora_275": "nf4_b64", "q4_0": "q4_0"}
+FAMILY |= {"lora_int4_lr1e-3": "int4", "lq_lora_275": "nf4_b64", "lq_lora_275_pv": "nf4_b64", "q4_0": "q4_0"}
 RIVAL = {"q4_0": "int4"}  # family -> the torchao family a slimtune side is compared with (default: its own)
 PTQ = {"8da4w": "int4"}  # family -> PTQ format of FT's weights (default: the family's name)
 # PTQ format -> how FT's weights are quantized (default: quant.method=<format>, blocks of 32, no double quant)

@@ -50,6 +50,19 @@ run(load_config({recipe!r}, sys.argv[1:]), hooks=[KillMidStep()])
 """
 
 
+# the offload engine's tests: tiny-llama, 10 steps (tests/engines/offload)
+OFFLOAD_BASE = [
+    "model.name=tiny-llama",
+    "model.dtype=float32",
+    "train.seq_len=64",
+    "train.warmup_steps=2",
+    "eval.max_batches=2",
+    "logging.progress=false",
+    "train.max_steps=10",
+    "train.lr=1e-3",
+]
+
+
 def run_cli(*args, check: bool = True):
     """`python *args` in a subprocess (offline wandb, one OpenMP thread); asserts exit 0 when check."""
     import os
@@ -66,6 +79,21 @@ def run_cli(*args, check: bool = True):
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def assert_kill_resume_bitwise(recipe: str, args: list, tmp_path, after_backward_step: int = 3) -> None:
+    """A run of `recipe` killed (-9) mid-step after `after_backward_step` + 1 backwards and resumed has the losses
+    and the final/ tensors of the same run uninterrupted, bit for bit."""
+    import torch
+
+    ref, b = tmp_path / "ref", tmp_path / "b"
+    run_cli("-m", "slimtune", "run", recipe, *args, f"output_dir={ref}")
+    killed = run_cli("-c", killer_script(recipe, after_backward_step), *args, f"output_dir={b}", check=False)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run_cli("-m", "slimtune", "run", recipe, *args, f"output_dir={b}", "resume=true")
+    assert losses(b) == losses(ref)
+    wa, wb = safetensors_dir(ref / "final"), safetensors_dir(b / "final")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def losses(out_dir) -> list[float]:

@@ -28,6 +28,7 @@ from slimtune.adapters.lowrank_setup import LowRankSetup
 from slimtune.quant import PackedLinear, QuantFormat, bits_per_param, quantize_packed
 from slimtune.quant.bit_allocation import allocate_bits
 from slimtune.errors import ConfigError
+from slimtune.quant.pv_tuning import check_pv_setting
 from slimtune.registry import ADAPTERS, QUANT_FORMATS
 from slimtune.technique import Technique
 from slimtune.schema import config_section, option
@@ -91,20 +92,15 @@ class LQLoRABase(Technique):
     def validate(cls, cfg) -> None:
         validate_lq_lora(cfg.lq_lora)
         if cfg.lq_lora.pv_tuning:
-            for key, value, fix in (
+            settings = (
                 ("adapter.type", cfg.adapter.type, "lq_lora"),
                 ("engine.name", cfg.engine.name, "ddp"),
                 ("optim.in_backward", cfg.optim.in_backward, False),
-            ):
-                if value != fix:
-                    shown = str(value).lower() if isinstance(value, bool) else value
-                    raise ConfigError(
-                        f"lq_lora.pv_tuning=true updates the codes of LQ-LoRA's quantized part in one process's "
-                        f"memory (or DDP), not with {key}={shown}: set {key}={str(fix).lower()} or "
-                        "lq_lora.pv_tuning=false"
-                    )
-            if not 0 < cfg.lq_lora.pv_fraction <= 1:
-                raise ConfigError(f"lq_lora.pv_fraction={cfg.lq_lora.pv_fraction} must be in (0, 1]")
+            )
+            lq = cfg.lq_lora
+            check_pv_setting(
+                "lq_lora.pv_tuning", "LQ-LoRA's quantized part", settings, "lq_lora.pv_fraction", lq.pv_fraction
+            )
 
 
 def validate_lq_lora(lq) -> None:

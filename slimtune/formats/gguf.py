@@ -11,7 +11,8 @@ Exact codes: a decoder linear already stored in the requested block type (`qat.m
 q4_0`) is written with its bytes as they are; any other weight is quantized by quant/ggml.py, byte for byte
 llama.cpp's reference. Llama-style q / k rows are reordered to llama.cpp's rotary layout, a row permutation
 that moves whole rows, hence whole blocks.
-Architectures: Llama (and Mistral, same graph) and Qwen2; the tokenizer must be a byte-level BPE
+Architectures: Llama (and Mistral, same graph), Qwen2, and Phi-3 (Phi3ForCausalLM: Phi-3 and Phi-4, fused
+qkv / gate_up, no long-context rope scaling); the tokenizer must be a byte-level BPE
 (tokenizer.json), written as llama.cpp's "gpt2" model with its pre-tokenizer identified by the hash llama.cpp
 uses (an unknown one is written as "default", and said).
 """
@@ -36,7 +37,10 @@ GGUF_TYPES = ("f32", "f16", "bf16", *GGML_TYPES)
 FILE_TYPE = {"f32": 0, "f16": 1, "bf16": 32, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9}  # llama_ftype
 FILE_TYPE |= {"q4_k": 14, "q6_k": 18}  # mostly Q4_K (small), mostly Q6_K
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHS["Phi3ForCausalLM"] = "phi3"  # Phi-3 / Phi-4: fused qkv and gate_up, NeoX rotary (HF's row order)
 LAYER = {
+    "self_attn.qkv_proj": "attn_qkv",
+    "mlp.gate_up_proj": "ffn_up",  # gate rows first, then up: llama.cpp's phi3 graph splits it the same way
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
@@ -200,6 +204,13 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, gguf_type: str, name: st
             "llama.cpp's convert_hf_to_gguf.py"
         )
     c = model.config
+    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":  # llama3 / longrope / yarn frequencies need tensors and keys this writer lacks
+        raise SlimtuneError(
+            f"export --format gguf writes the default rotary embedding, not {archs[0]}'s rope_type={rope_type}; use "
+            "--format hf and llama.cpp's convert_hf_to_gguf.py"
+        )
     tensors, counts = _tensors(model, gguf_type, arch)
     tokens, types, merges = _vocab(tokenizer, c.vocab_size)
     pre = pre_tokenizer(tokenizer)
@@ -214,9 +225,11 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, gguf_type: str, name: st
     w.add_block_count(c.num_hidden_layers)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(getattr(c, "num_key_value_heads", c.num_attention_heads))
-    w.add_rope_freq_base(float(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"]))
+    w.add_rope_freq_base(float(getattr(c, "rope_theta", None) or rope["rope_theta"]))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(int(head_dim * getattr(c, "partial_rotary_factor", 1.0)))
+    if arch == "phi3" and getattr(c, "sliding_window", None):
+        w.add_sliding_window(c.sliding_window)
     w.add_vocab_size(len(tokens))
     w.add_file_type(FILE_TYPE[gguf_type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)

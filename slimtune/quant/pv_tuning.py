@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from slimtune.errors import ConfigError
 from slimtune.hooks import Hooks
 from slimtune.quant.learned_scales import packed_with
 from slimtune.quant.packed import with_scales
@@ -90,6 +91,20 @@ def v_step(codes, target, scale, zero, fmt: QuantFormat, max_changes: int) -> to
     keep = torch.ones(n, dtype=torch.bool, device=gain.device)
     keep[torch.topk(gain, k).indices] = False
     return pack_bits(torch.where(keep, current, moved).to(torch.uint8), fmt.bits)
+
+
+def check_pv_setting(switch: str, what: str, settings, fraction_key: str, fraction: float) -> None:
+    """One-line refusals for a PV-Tuning switch: each (key, value, needed) of `settings` must hold, and the
+    fraction of codes changed per step must be in (0, 1]."""
+    for key, value, needed in settings:
+        if value != needed:
+            shown, fix = (str(v).lower() if isinstance(v, bool) else v for v in (value, needed))
+            raise ConfigError(
+                f"{switch}=true updates the codes of {what} in one process's memory (or DDP), not with "
+                f"{key}={shown}: set {key}={fix} or {switch}=false"
+            )
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"{fraction_key}={fraction} must be in (0, 1]")
 
 
 class PVTuning(Hooks):

@@ -28,7 +28,7 @@ from slimtune.hooks import Hooks
 from slimtune.quant.fake import FakeQuantLinear, QuantFormatSpec
 from slimtune.quant.linear import FrozenQuantLinear
 from slimtune.quant.learned_scales import LEARNABLE_METHODS
-from slimtune.quant.pv_tuning import PV_METHODS, PVTuning
+from slimtune.quant.pv_tuning import PV_METHODS, PVTuning, check_pv_setting
 from slimtune.registry import ADAPTERS, OPTIONS, QUANT_FORMATS
 from slimtune.rules import placement
 from slimtune.schema import config_section, option
@@ -160,21 +160,13 @@ def _validate_pv(cfg) -> None:
             f"qat.pv_tuning=true is for codes of at most 3 bits ({', '.join(PV_METHODS)}), not qat.method={q.method}: "
             "change one of qat.pv_tuning and qat.method"
         )
-    for key, value, fix in (
+    settings = (
         ("adapter.type", cfg.adapter.type, "none"),
         ("engine.name", cfg.engine.name, "ddp"),
         ("optim.in_backward", cfg.optim.in_backward, False),
         ("qat.start_step", q.start_step, 0),
-    ):
-        if value != fix:
-            shown = str(value).lower() if isinstance(value, bool) else value
-            raise ConfigError(
-                f"qat.pv_tuning=true updates the codes of fully fine-tuned weights in one process's memory (or DDP), "
-                f"not with {key}={shown}: set {key}={str(fix).lower() if isinstance(fix, bool) else fix} or "
-                "qat.pv_tuning=false"
-            )
-    if not 0 < q.pv_fraction <= 1:
-        raise ConfigError(f"qat.pv_fraction={q.pv_fraction} must be in (0, 1]")
+    )
+    check_pv_setting("qat.pv_tuning", "fully fine-tuned weights", settings, "qat.pv_fraction", q.pv_fraction)
 
 
 def format_options(cfg):

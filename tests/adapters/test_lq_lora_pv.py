@@ -15,7 +15,7 @@ from slimtune.quant.fake import FakeQuantLinear
 from slimtune.quant.packing import unpack_bits
 from slimtune.trainer import run
 from slimtune.hooks import Hooks
-from slimtune_testutil import TINY, killer_script, losses, run_cli, safetensors_dir
+from slimtune_testutil import TINY, assert_kill_resume_bitwise
 
 RUN = [*TINY, "train.max_steps=4", "lq_lora.calibration_samples=2", "lq_lora.max_iters=2", "lq_lora.score_iters=1"]
 RUN += ["lq_lora.pv_tuning=true", "lq_lora.pv_fraction=0.02", "checkpoint.every=0", "lora.rank=4"]
@@ -73,15 +73,7 @@ def test_pv_tunes_lq_loras_quantized_part_and_final_is_what_it_computed(tmp_path
 
 
 def test_kill_then_resume_is_bitwise(tmp_path):
-    args = [*RUN, "checkpoint.every=2"]
-    ref = tmp_path / "ref"
-    run_cli("-m", "slimtune", "run", "lq_lora", *args, f"output_dir={ref}")
-    b = tmp_path / "b"
-    assert run_cli("-c", killer_script("lq_lora", 3), *args, f"output_dir={b}", check=False).returncode == -9
-    run_cli("-m", "slimtune", "run", "lq_lora", *args, f"output_dir={b}", "resume=true")
-    assert losses(b) == losses(ref)
-    wa, wb = safetensors_dir(ref / "final"), safetensors_dir(b / "final")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_kill_resume_bitwise("lq_lora", [*RUN, "checkpoint.every=2"], tmp_path)
 
 
 @pytest.mark.parametrize(

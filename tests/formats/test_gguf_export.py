@@ -224,3 +224,46 @@ def test_a_q4_k_qat_run_exports_its_codes_and_falls_back_where_llama_cpp_does(tm
     ids = torch.tensor([load_tokenizer("tiny-llama").encode("class A: pass")])
     ref = _logits(converted, ids)
     assert torch.allclose(_logits(loaded, ids), ref, atol=1e-3 * ref.abs().max())  # f16 embedding: not bitwise
+
+
+def test_a_phi3_model_round_trips_through_transformers(tmp_path, capsys):
+    """Phi-3 / Phi-4 (fused qkv and gate_up, NeoX rotary in HF's row order): transformers' GGUF loader gives the
+    model's logits; a long-context rope scaling is refused in one line."""
+    from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "phi3")
+    tokenizer = load_tokenizer("tiny-llama")
+    tokenizer.pad_token = tokenizer.eos_token  # else transformers' GGUF loader takes Phi-3's default pad id, 32000
+    tokenizer.save_pretrained(tmp_path / "phi3")
+    out = tmp_path / "phi3.gguf"
+    assert main(["export", str(tmp_path / "phi3"), "--format", "gguf", "--gguf-type", "f32", "--out", str(out)]) == 0
+    reader = GGUFReader(str(out))
+    assert reader.fields["general.architecture"].contents() == "phi3"
+    assert {t.name for t in reader.tensors} >= {"blk.0.attn_qkv.weight", "blk.1.ffn_up.weight", "output.weight"}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    ids = torch.tensor([load_tokenizer("tiny-llama").encode("def f(x): return x")])
+    assert torch.allclose(_logits(loaded, ids), _logits(model, ids), atol=1e-5)
+    import shutil
+
+    shutil.copytree(tmp_path / "phi3", tmp_path / "long")
+    config = json.loads((tmp_path / "long" / "config.json").read_text())
+    factors = {"short_factor": [1.0] * 8, "long_factor": [1.0] * 8, "original_max_position_embeddings": 128}
+    config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 1.0, **factors}
+    (tmp_path / "long" / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "long"), "--format", "gguf", "--out", str(tmp_path / "long.gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "rope_type=longrope" in err and "\n" not in err and not (tmp_path / "long.gguf").exists()

@@ -15,7 +15,7 @@ from slimtune.model.pipeline import build_for_eval
 from slimtune.quant.activations import fake_quantize_activations
 from slimtune.quant.fake import FakeQuantLinear
 from slimtune.trainer import run
-from slimtune_testutil import TINY, killer_script, losses, run_cli, safetensors_dir
+from slimtune_testutil import TINY, assert_kill_resume_bitwise, losses
 
 RUN = [*TINY, "train.max_steps=4", "train.lr=1e-3", "train.warmup_steps=1", "checkpoint.every=0"]
 TOKENS = torch.arange(3, 3 + 2 * 48).remainder(200).view(2, 48)
@@ -199,20 +199,10 @@ def test_pv_tuning_changes_a_bounded_number_of_codes_per_step(tmp_path):
     assert sum(n for n, _ in hook.changes) > 0 and hook.moved == {"scale", "buffer"}
 
 
-KILLER = killer_script("qat", 3)  # mid-step 4, after the step-2 checkpoint
-
-
 @pytest.mark.parametrize("extra", [["qat.method=nf3"], ["qat.method=int2a", "qat.pv_tuning=true"]])
 def test_kill_then_resume_is_bitwise(extra, tmp_path):
     args = [*RUN, "checkpoint.every=2", *extra, "optim.state_bits=8", "train.max_grad_norm=0.5"]
-    ref = tmp_path / "ref"
-    run_cli("-m", "slimtune", "run", "qat", *args, f"output_dir={ref}")
-    b = tmp_path / "b"
-    assert run_cli("-c", KILLER, *args, f"output_dir={b}", check=False).returncode == -9
-    run_cli("-m", "slimtune", "run", "qat", *args, f"output_dir={b}", "resume=true")
-    assert losses(b) == losses(ref)
-    wa, wb = safetensors_dir(ref / "final"), safetensors_dir(b / "final")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_kill_resume_bitwise("qat", args, tmp_path)  # killed mid-step 4, after the step-2 checkpoint
 
 
 @pytest.mark.parametrize(

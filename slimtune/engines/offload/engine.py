@@ -25,7 +25,6 @@ from torch import nn
 from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.registry import ENGINES
 from slimtune.rules import placement
-from slimtune.io import atomic_dir, write_json
 from slimtune.lm_loss import CausalLMLoss
 from slimtune.engines.offload import store as store_mod
 from slimtune.engines.offload.device import DeviceMirror, pin
@@ -39,8 +38,7 @@ from slimtune.engines.offload.settings import OffloadConfig, keep_activations, o
 from slimtune.engines.offload.update import OffloadOptimizer, UnitOptimizer, chunk_tensors
 from slimtune.optim import build_optimizer
 from slimtune.formats import checkpoint as ckpt
-from slimtune.formats.hf import DTYPES
-from slimtune.quant.qat import fake_quant_modules, put_back, swap_quantized
+from slimtune.engines.offload.final import save_converted_final, save_full_final
 from slimtune.engines.ddp import Engine
 from slimtune.engines.setup import EngineSetup
 
@@ -323,60 +321,11 @@ class OffloadEngine(Engine):
     def save_final(self, path: Path, base_path: str, tokenizer) -> None:
         self.streamer.drain()  # the last step's queued updates (clipping) on disk first
         if self.setup.final.qat_dtype is not None:
-            self._save_final_converted(path, base_path, tokenizer)
-            return
-        if not self.setup.full:
+            save_converted_final(self, path, base_path, tokenizer)
+        elif not self.setup.full:
             self.setup.final.write(self.model, path, base_path, tokenizer)  # adapters are in memory
-            return
-        dtype = DTYPES[self.setup.optim.master_dtype]  # the master weights, as the in-memory engine writes them
-        with atomic_dir(path) as tmp:
-            from safetensors.torch import save_file
-
-            weight_map, shards = {}, [u for u in self.streamer.units.values()]
-            for i, unit in enumerate(shards):
-                tensors = {}
-                for n, p in unit.params.items():
-                    if n in self.streamer.placeholder:
-                        t = torch.empty(p.shape, dtype=p.dtype)
-                        self.store.read(_store_unit(unit.name, p), self.streamer.store_names[n], t).result()
-                    else:
-                        t = p.detach().cpu()
-                    tensors[n] = t.to(dtype).contiguous()
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-                weight_map.update({n: fname for n in tensors})
-                del tensors
-            write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
-            self.model.config.torch_dtype = str(dtype).removeprefix("torch.")
-            self.model.config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-
-    def _save_final_converted(self, path: Path, base_path: str, tokenizer) -> None:
-        """A QAT run's final/ (the quantized checkpoint): unit by unit, the weights are loaded, the unit's
-        fake-quantized linears replaced by their packed quantized linears and the rest (embeddings, norms, head)
-        kept as copies; then the checkpoint is written and the training modules put back. In memory at most: the
-        quantized model, one unit's weights."""
-        fakes, swaps, held = fake_quant_modules(self.model), [], []
-        dtype = DTYPES[self.setup.final.qat_dtype]
-        try:
-            for unit in self.streamer.units.values():
-                self.streamer.ensure(unit.name)
-                ids = {id(p) for p in unit.params.values()}
-                swaps += swap_quantized(self.model, {n: f for n, f in fakes.items() if id(f.weight) in ids}, dtype)
-                converted_ids = {id(f.weight) for f in fakes.values() if id(f.weight) in ids}
-                rest = [
-                    p for n, p in unit.params.items() if n in self.streamer.placeholder and id(p) not in converted_ids
-                ]
-                copies = [p.data.clone() for p in rest]
-                self.streamer.release(unit.name)
-                for p, copy in zip(rest, copies):
-                    held.append((p, p.data))
-                    p.data = copy
-            self.setup.final.write(self.model, path, base_path, tokenizer)
-        finally:
-            for p, data in held:
-                p.data = data
-            put_back(swaps)
+        else:
+            save_full_final(self, path, tokenizer)
 
     def report(self) -> dict:
         """report.json's `offload`: per training step (evals and setup excluded) the bytes read and written,
@@ -418,7 +367,3 @@ class OffloadEngine(Engine):
             torch.cuda.synchronize(self.device)  # no copy still reads a pinned slab
         self.pool.close()
         self.store.close(delete=True)
-
-
-def _store_unit(unit: str, p: nn.Parameter) -> str:
-    return unit if p.requires_grad else f"{unit}~frozen"

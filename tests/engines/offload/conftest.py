@@ -1,6 +1,14 @@
 import pytest
 
 
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """The store's chunks at 4 KiB: tiny models' tensors span several (the tests use it module-wide)."""
+    from slimtune.engines.offload import store
+
+    monkeypatch.setattr(store, "CHUNK", 4096)
+
+
 @pytest.fixture(scope="session")
 def deep_tiny(tmp_path_factory):
     """A 6-layer random Llama (hidden 64) with tiny-llama's tokenizer: more layers than the engine's slabs at
