@@ -14,9 +14,12 @@ position of each window, the same next-token targets). Rows:
                      at export (byte for byte llama.cpp's quantizer): what QAT's codes are compared with
   q4_k, q6_k         the base quantized to a K type in slimtune (its 576-wide rows in llama.cpp's fallback
                      types q5_0 / q8_0) vs the GGUF
-and, with no perplexity, `llama_cpp_bytes`: every linear weight of the base quantized by llama.cpp's own library
-(ggml_quantize_chunk in llama-cpp-python's libggml-base, no importance matrix: what llama-quantize runs) against
-slimtune's bytes, per stored type.
+and, with no perplexity, `architectures`: small random Llama, Phi-3 and Gemma-2 models (hidden 256) exported
+in f16 (the default type), llama.cpp's logits against transformers' on one sequence, and a SentencePiece-style
+tokenizer (byte fallback, trained on pydoc: tests/slimtune_testutil.py) written as llama.cpp's "llama" model, its
+tokenization of every pydoc topic against HF's; and `llama_cpp_bytes`: every linear weight of the base
+quantized by llama.cpp's own library (ggml_quantize_chunk in llama-cpp-python's libggml-base, no importance
+matrix: what llama-quantize runs) against slimtune's bytes, per stored type.
 Table on stdout (file size, perplexity per side, ratios), JSON in --out.
 """
 
@@ -36,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gguf_roundtrip.json"
-SIDES = ("f16", "q8_0", "qat_q4_0", "ft_requant_q4_0", "q4_k", "q6_k", "llama_cpp_bytes")
+SIDES = ("f16", "q8_0", "qat_q4_0", "ft_requant_q4_0", "q4_k", "q6_k", "llama_cpp_bytes", "architectures")
 PROMPT = "The for statement in Python"
 
 
@@ -123,6 +126,69 @@ def llama_cpp_bytes(model_dir: str, types: tuple[str, ...]) -> dict:
             counts[stored] = (same + int(np.array_equal(ours, theirs)), total + 1)
         out[t] = {k: {"identical": same, "tensors": total} for k, (same, total) in counts.items()}
         print(f"llama_cpp_bytes {t}: {json.dumps(out[t])}", flush=True)
+    return out
+
+
+def architectures(tmp: Path) -> dict:
+    """llama.cpp on small random Llama / Phi-3 / Gemma-2 exports (logits vs transformers) and on a
+    SentencePiece-style vocabulary (token ids vs HF's on every pydoc topic)."""
+    import llama_cpp
+    import numpy as np
+    import torch
+    import transformers as T
+    from pydoc_data.topics import topics
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from slimtune_testutil import sentencepiece_style_tokenizer
+
+    from slimtune.formats.hf import load_tokenizer
+
+    tok = load_tokenizer("tiny-llama")
+    tok.pad_token = tok.eos_token
+    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})  # llama.cpp's Phi-3 loader needs it
+    ids = tok.encode(topics[sorted(topics)[0]][:400], add_special_tokens=False)
+    sizes = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    sizes |= dict(num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    models = {
+        "llama": T.LlamaConfig(**sizes),
+        "phi3": T.Phi3Config(**sizes, tie_word_embeddings=False),
+        "gemma2": T.Gemma2Config(**sizes, head_dim=64, query_pre_attn_scalar=64),
+    }
+    out = {}
+    for name, config in models.items():
+        torch.manual_seed(0)
+        model = getattr(
+            T, config.architectures[0] if config.architectures else f"{type(config).__name__[:-6]}ForCausalLM"
+        )
+        model = model(config).eval()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if name == "gemma2" and "norm" in n:
+                    p.normal_(0, 0.3)  # Gemma's norms start at 0 (1 + w = 1): make them matter
+        d = tmp / f"arch-{name}"
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        _run([sys.executable, "-m", "slimtune", "export", str(d), "--format", "gguf", "--out", str(d / "m.gguf")])
+        llm = llama_cpp.Llama(str(d / "m.gguf"), logits_all=True, verbose=False, n_ctx=512)
+        llm.eval(ids)
+        theirs = np.array(llm.scores[: len(ids)])
+        with torch.no_grad():
+            ours = model(torch.tensor([ids])).logits[0].numpy()
+        out[name] = {
+            "max_abs_logit_diff": float(np.abs(theirs - ours).max()),
+            "max_abs_logit": float(np.abs(ours).max()),
+            "argmax_agreement": float((theirs.argmax(1) == ours.argmax(1)).mean()),
+        }
+        print(f"architectures {name}: {json.dumps(out[name])}", flush=True)
+    spm = tmp / "spm"
+    vocab = len(sentencepiece_style_tokenizer(spm))
+    T.LlamaForCausalLM(T.LlamaConfig(**{**sizes, "vocab_size": vocab})).save_pretrained(spm)
+    _run([sys.executable, "-m", "slimtune", "export", str(spm), "--format", "gguf", "--out", str(spm / "m.gguf")])
+    hf, llm = load_tokenizer(str(spm)), llama_cpp.Llama(str(spm / "m.gguf"), vocab_only=True, verbose=False)
+    texts = [topics[k] for k in sorted(topics)]
+    same = sum(hf.encode(t, add_special_tokens=False) == llm.tokenize(t.encode(), add_bos=False) for t in texts)
+    out["sentencepiece_tokenizer"] = {"identical_topics": same, "topics": len(texts)}
+    print(f"architectures tokenizer: {json.dumps(out['sentencepiece_tokenizer'])}", flush=True)
     return out
 
 
@@ -230,6 +296,8 @@ def main() -> None:
         }
         if "llama_cpp_bytes" in chosen:
             agreement = llama_cpp_bytes(base_dir, ("q4_0", "q8_0", "q4_k", "q6_k"))
+        if "architectures" in chosen:
+            archs = architectures(tmp)
         for name, (src, gguf_type, model) in sides.items():
             if name not in chosen:
                 continue
@@ -253,6 +321,8 @@ def main() -> None:
         res["qat_vs_requant_ppl"] = rows["qat_q4_0"]["llama_cpp_ppl"] / rows["ft_requant_q4_0"]["llama_cpp_ppl"]
     if "llama_cpp_bytes" in chosen:
         res["llama_cpp_bytes"] = agreement
+    if "architectures" in chosen:
+        res["architectures"] = archs
     lines = [f"{'side':18s}{'MiB':>8s}{'slimtune ppl':>14s}{'llama.cpp ppl':>15s}{'ratio':>9s}"]
     for name, r in rows.items():
         lines.append(

@@ -150,3 +150,27 @@ def close_curves(a, b, rel=1e-4, steps=6):
     assert len(a) == len(b) == steps
     for x, y in zip(a, b):
         assert abs(x - y) <= rel * abs(y), (a, b)
+
+
+def sentencepiece_style_tokenizer(path):
+    """A SentencePiece-style BPE (byte fallback, U+2581 for spaces, a prepended space) trained on pydoc text and
+    laid out as transformers converts Llama 2's tokenizer.model: <unk> <s> </s>, 256 byte pieces, then merges."""
+    import json
+
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    tok.decoder = decoders.Sequence(steps)
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(list(topics.values())[:200], trainers.BpeTrainer(vocab_size=600, special_tokens=pieces))
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in pieces[:3]]  # bytes: plain pieces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(path)
+    return fast

@@ -11,15 +11,16 @@ Exact codes: a decoder linear already stored in the requested block type (`qat.m
 q4_0`) is written with its bytes as they are; any other weight is quantized by quant/ggml.py, byte for byte
 llama.cpp's reference. Llama-style q / k rows are reordered to llama.cpp's rotary layout, a row permutation
 that moves whole rows, hence whole blocks.
-Architectures: Llama (and Mistral, same graph), Qwen2, and Phi-3 (Phi3ForCausalLM: Phi-3 and Phi-4, fused
-qkv / gate_up, no long-context rope scaling); the tokenizer must be a byte-level BPE
+Architectures: Llama (and Mistral, same graph), Qwen2, Phi-3 (Phi3ForCausalLM: Phi-3 and Phi-4, fused qkv /
+gate_up, no long-context rope scaling) and Gemma-2 (norms written as 1 + w, soft caps, sliding window); the tokenizer
+must be a byte-level BPE
 (tokenizer.json), written as llama.cpp's "gpt2" model with its pre-tokenizer identified by the hash llama.cpp
-uses (an unknown one is written as "default", and said).
+uses (an unknown one is written as "default", and said), or a SentencePiece-style BPE with byte fallback (Llama 2,
+Mistral 7B, Phi-3-mini's tokenizer.json), written as llama.cpp's "llama" model (formats/gguf_vocab.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from hashlib import sha256
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.formats.gguf_vocab import vocab_fields, write_vocab
 from slimtune.quant.ggml import GGML_TYPES, GGMLFormat, GGMLLinear, quantize_ggml
 from slimtune.quant.linear import FrozenQuantLinear
 
@@ -38,6 +40,15 @@ FILE_TYPE = {"f32": 0, "f16": 1, "bf16": 32, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q
 FILE_TYPE |= {"q4_k": 14, "q6_k": 18}  # mostly Q4_K (small), mostly Q6_K
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 ARCHS["Phi3ForCausalLM"] = "phi3"  # Phi-3 / Phi-4: fused qkv and gate_up, NeoX rotary (HF's row order)
+ARCHS["Gemma2ForCausalLM"] = "gemma2"  # four norms a layer, stored as 1 + w; NeoX rotary; soft caps
+# per architecture, the layer names that differ from LAYER's
+LAYER_OF = {
+    "gemma2": {
+        "post_attention_layernorm": "post_attention_norm",
+        "pre_feedforward_layernorm": "ffn_norm",
+        "post_feedforward_layernorm": "post_ffw_norm",
+    }
+}
 LAYER = {
     "self_attn.qkv_proj": "attn_qkv",
     "mlp.gate_up_proj": "ffn_up",  # gate rows first, then up: llama.cpp's phi3 graph splits it the same way
@@ -68,12 +79,13 @@ CHECK_TEXT = (
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
-def gguf_name(module: str) -> str | None:
+def gguf_name(module: str, arch: str = "llama") -> str | None:
     """HF module name -> GGUF tensor name stem ("model.layers.3.mlp.up_proj" -> "blk.3.ffn_up"), or None."""
     if module in TOP:
         return TOP[module]
     m = _LAYER_RE.fullmatch(module)
-    return f"blk.{m.group(1)}.{LAYER[m.group(2)]}" if m and m.group(2) in LAYER else None
+    layer = {**LAYER, **LAYER_OF.get(arch, {})}
+    return f"blk.{m.group(1)}.{layer[m.group(2)]}" if m and m.group(2) in layer else None
 
 
 def rotary_rows(n_rows: int, n_head: int) -> torch.Tensor:
@@ -108,7 +120,7 @@ def _tensors(model: nn.Module, gguf_type: str, arch: str) -> tuple[list, dict]:
     tied = getattr(c, "tie_word_embeddings", False)
     out, counts = [], {"stored_codes": 0, "quantized_here": 0, "fallback": {}}
     for module_name, module in model.named_modules():
-        stem = gguf_name(module_name)
+        stem = gguf_name(module_name, arch)
         if stem is None or (stem == "output" and tied):
             continue
         order = row_order(c, arch, stem, getattr(module, "out_features", 0))
@@ -121,8 +133,8 @@ def _tensors(model: nn.Module, gguf_type: str, arch: str) -> tuple[list, dict]:
         else:
             w = module.dequantize_weight() if isinstance(module, FrozenQuantLinear) else module.weight.detach().float()
             w = w[order] if order is not None else w
-            if w.dim() == 1:
-                out.append((f"{stem}.weight", *_bytes(w, "f32")))
+            if w.dim() == 1:  # Gemma's norms scale by 1 + w, llama.cpp's by the weight it reads
+                out.append((f"{stem}.weight", *_bytes(w + 1 if arch == "gemma2" else w, "f32")))
             else:
                 out.append((f"{stem}.weight", *_bytes(w, gguf_type if linear else side)))
                 counts["quantized_here"] += linear and gguf_type in GGML_TYPES
@@ -134,32 +146,6 @@ def _tensors(model: nn.Module, gguf_type: str, arch: str) -> tuple[list, dict]:
         if gguf_type in GGML_TYPES and ttype not in (gguf_type, "f32", side):
             counts["fallback"][ttype] = counts["fallback"].get(ttype, 0) + 1
     return out, counts
-
-
-def _vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """(tokens by id, token types, merges) of a byte-level BPE fast tokenizer, padded to the model's vocab."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {}
-    model = spec.get("model", {})
-    if (
-        model.get("type") != "BPE"
-        or model.get("byte_fallback")
-        or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer"))
-    ):
-        raise SlimtuneError(
-            "export --format gguf writes byte-level BPE tokenizers (GPT-2 / Llama-3 / Qwen2 / SmolLM style); this "
-            "model's tokenizer is not one: convert it with llama.cpp's convert_hf_to_gguf.py instead"
-        )
-    by_id = {i: t for t, i in model["vocab"].items()}
-    kinds = {}
-    for added in spec.get("added_tokens", []):
-        by_id[added["id"]] = added["content"]
-        kinds[added["id"]] = 3 if added.get("special") else 4  # control / user-defined
-    n = max(vocab_size, max(by_id) + 1)
-    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n)]
-    types = [kinds.get(i, 1 if i in by_id else 5) for i in range(n)]  # 1 normal, 5 unused
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return tokens, types, merges
 
 
 def pre_tokenizer(tokenizer) -> str | None:
@@ -189,6 +175,22 @@ def finish(writer, tmp: Path, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _gemma2_keys(w, c, head_dim: int) -> None:
+    """Gemma-2's own keys; llama.cpp scales queries by 1 / sqrt(head_dim) (by 1 / sqrt(hidden / heads) for its 46-layer
+    27B), so another query_pre_attn_scalar is refused."""
+    scalar, wide = c.query_pre_attn_scalar, c.hidden_size // c.num_attention_heads
+    if scalar != head_dim and not (c.num_hidden_layers == 46 and scalar == wide):
+        raise SlimtuneError(
+            f"export --format gguf: llama.cpp's Gemma-2 scales queries by 1/sqrt(head_dim={head_dim}), not "
+            f"query_pre_attn_scalar={scalar}; use --format hf and llama.cpp's convert_hf_to_gguf.py"
+        )
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+    w.add_final_logit_softcapping(c.final_logit_softcapping)
+    w.add_sliding_window(c.sliding_window)
+
+
 def write_gguf(model: nn.Module, tokenizer, path: Path, gguf_type: str, name: str = "") -> dict:
     """Write `model` (HF causal LM, its linears plain or slimtune-quantized) and `tokenizer` to the GGUF file
     `path` (atomically). Returns the export's summary."""
@@ -212,8 +214,13 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, gguf_type: str, name: st
             "--format hf and llama.cpp's convert_hf_to_gguf.py"
         )
     tensors, counts = _tensors(model, gguf_type, arch)
-    tokens, types, merges = _vocab(tokenizer, c.vocab_size)
-    pre = pre_tokenizer(tokenizer)
+    vocab = vocab_fields(tokenizer, c.vocab_size)
+    if arch == "phi3" and "<|endoftext|>" not in vocab["tokens"]:  # else llama.cpp's loader fails on the file
+        raise SlimtuneError(
+            "export --format gguf: llama.cpp's Phi-3 loader looks up <|endoftext|> in the vocabulary (the Phi-3 / "
+            "Phi-4 tokenizers have it) and this tokenizer lacks it; add it (tokenizer.add_special_tokens)"
+        )
+    pre = pre_tokenizer(tokenizer) if vocab["model"] == "gpt2" else None
     path = Path(path)
     tmp = writable(path)
     w = gguf.GGUFWriter(str(tmp), arch)
@@ -228,16 +235,14 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, gguf_type: str, name: st
     w.add_rope_freq_base(float(getattr(c, "rope_theta", None) or rope["rope_theta"]))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_dimension_count(int(head_dim * getattr(c, "partial_rotary_factor", 1.0)))
+    if arch == "gemma2":
+        _gemma2_keys(w, c, head_dim)
     if arch == "phi3" and getattr(c, "sliding_window", None):
         w.add_sliding_window(c.sliding_window)
-    w.add_vocab_size(len(tokens))
+    w.add_vocab_size(len(vocab["tokens"]))
     w.add_file_type(FILE_TYPE[gguf_type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre or "default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
+    write_vocab(w, vocab, pre or "default")
     for key, value in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id)):
         if value is not None:
             getattr(w, f"add_{key}_token_id")(value)
@@ -251,4 +256,5 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, gguf_type: str, name: st
     for tname, rows, ttype in tensors:
         w.add_tensor(tname, rows, raw_dtype=getattr(gguf.GGMLQuantizationType, ttype.upper()))
     finish(w, tmp, path)
-    return {"path": str(path), "type": gguf_type, "architecture": arch, "pre_tokenizer": pre or "default", **counts}
+    summary = {"path": str(path), "type": gguf_type, "architecture": arch, "tokenizer": vocab["model"]}
+    return {**summary, "pre_tokenizer": pre or "default", **counts}

@@ -59,7 +59,7 @@ def write_gguf_lora(adapter_dir: Path, base_config, path: Path) -> dict:
     scaling = cfg["lora_alpha"] / (rank**0.5 if cfg.get("use_rslora") else rank)
     tensors = []
     for module, (a, b) in sorted(factors.items()):
-        stem = gguf_name(module)
+        stem = gguf_name(module, arch)
         if stem is None or not stem.startswith("blk.") or stem.endswith("norm"):
             raise SlimtuneError(f"{adapter_dir}: the adapter on {module} has no place in a llama.cpp LoRA GGUF")
         order = row_order(base_config, arch, stem, b.shape[0])

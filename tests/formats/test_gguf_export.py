@@ -13,7 +13,12 @@ from slimtune.cli import main
 from slimtune.formats.gguf import gguf_name, rotary_rows
 from slimtune.formats.hf import load_tokenizer
 from slimtune.model.load import load_base
-from slimtune_testutil import TINY
+from slimtune_testutil import TINY, sentencepiece_style_tokenizer
+
+
+# a small decoder (2 layers, hidden 64, GQA) for the architecture tests
+SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+SMALL |= dict(num_key_value_heads=2, max_position_embeddings=256)
 
 
 def _read(path) -> dict:
@@ -149,16 +154,7 @@ def test_a_qwen2_model_with_attention_biases_round_trips(tmp_path):
     reader returns is the model's own, biases included, under the qwen2 architecture."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
+    cfg = Qwen2Config(**SMALL, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -228,25 +224,17 @@ def test_a_q4_k_qat_run_exports_its_codes_and_falls_back_where_llama_cpp_does(tm
 
 def test_a_phi3_model_round_trips_through_transformers(tmp_path, capsys):
     """Phi-3 / Phi-4 (fused qkv and gate_up, NeoX rotary in HF's row order): transformers' GGUF loader gives the
-    model's logits; a long-context rope scaling is refused in one line."""
+    model's logits (llama.cpp's too: 3e-4 on logits of 1.2, as for Llama, checked by hand with llama-cpp-python);
+    a long-context rope scaling is refused in one line."""
     from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM
 
-    cfg = Phi3Config(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        pad_token_id=2,
-    )
+    tokenizer = load_tokenizer("tiny-llama")
+    tokenizer.pad_token = tokenizer.eos_token  # else transformers' GGUF loader takes Phi-3's default pad id, 32000
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})  # llama.cpp's Phi-3 needs it
+    cfg = Phi3Config(**{**SMALL, "vocab_size": len(tokenizer)}, tie_word_embeddings=False, pad_token_id=2)
     torch.manual_seed(0)
     model = Phi3ForCausalLM(cfg).eval()
     model.save_pretrained(tmp_path / "phi3")
-    tokenizer = load_tokenizer("tiny-llama")
-    tokenizer.pad_token = tokenizer.eos_token  # else transformers' GGUF loader takes Phi-3's default pad id, 32000
     tokenizer.save_pretrained(tmp_path / "phi3")
     out = tmp_path / "phi3.gguf"
     assert main(["export", str(tmp_path / "phi3"), "--format", "gguf", "--gguf-type", "f32", "--out", str(out)]) == 0
@@ -267,3 +255,86 @@ def test_a_phi3_model_round_trips_through_transformers(tmp_path, capsys):
     assert main(["export", str(tmp_path / "long"), "--format", "gguf", "--out", str(tmp_path / "long.gguf")]) == 2
     err = capsys.readouterr().err.strip()
     assert "rope_type=longrope" in err and "\n" not in err and not (tmp_path / "long.gguf").exists()
+
+
+def test_a_sentencepiece_style_tokenizer_is_written_as_llama_cpps_llama_model(tmp_path, capsys):
+    """Byte fallback + U+2581 spaces (Llama 2 / Mistral 7B / Phi-3-mini's tokenizer.json): pieces, scores (minus
+    the rank of the merge that makes each piece), byte / unknown / control types and the space prefix; the
+    tokenizer transformers rebuilds from the GGUF (merges derived from those scores, as llama.cpp merges) encodes
+    text, bytes and runs of spaces included, to the same ids, and the model gives the same logits."""
+    from pydoc_data.topics import topics
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    vocab = len(sentencepiece_style_tokenizer(tmp_path / "spm"))
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    cfg = LlamaConfig(vocab_size=vocab, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, **sizes)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "spm")
+    tokenizer = load_tokenizer(str(tmp_path / "spm"))
+    out = tmp_path / "spm" / "m.gguf"
+    assert main(["export", str(tmp_path / "spm"), "--format", "gguf", "--gguf-type", "f32", "--out", str(out)]) == 0
+    assert '"tokenizer": "llama"' in capsys.readouterr().out
+    fields = GGUFReader(str(out)).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and fields["tokenizer.ggml.add_space_prefix"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[:4] == [2, 3, 3, 6] and types.count(6) == 256  # <unk>, <s>, </s>, <0x00> ...
+    rebuilt = AutoTokenizer.from_pretrained(tmp_path / "spm", gguf_file=out.name)
+    for text in list(topics.values())[-3:] + ["  two  spaces, naïve café 🚀 \t tab\n\nnew"]:
+        assert rebuilt.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "spm", gguf_file=out.name, dtype=torch.float32)
+    ids = torch.tensor([tokenizer.encode("def f(x): return x")])
+    assert torch.allclose(_logits(loaded, ids), _logits(model, ids), atol=1e-5)
+
+
+def test_a_gemma2_model_round_trips_through_transformers(tmp_path, capsys):
+    """Gemma-2: its four norms a layer written as llama.cpp reads them (1 + w), soft caps, sliding window, key /
+    value lengths: transformers' GGUF loader gives the model's logits; a query scale llama.cpp does not apply is
+    refused in one line."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    # head_dim 256 = query_pre_attn_scalar's default: transformers' GGUF loader does not read the scalar back
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "head_dim": 256}
+    cfg = Gemma2Config(vocab_size=512, num_attention_heads=4, num_key_value_heads=2, query_pre_attn_scalar=256, **sizes)
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = 2, 1, 2
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)  # norms that matter (Gemma's start at 0: 1 + w = 1)
+    model.save_pretrained(tmp_path / "gemma2")
+    load_tokenizer("tiny-llama").save_pretrained(tmp_path / "gemma2")
+    out = tmp_path / "gemma2.gguf"
+    assert main(["export", str(tmp_path / "gemma2"), "--format", "gguf", "--gguf-type", "f32", "--out", str(out)]) == 0
+    reader = GGUFReader(str(out))
+    assert reader.fields["general.architecture"].contents() == "gemma2"
+    assert {"blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"} <= {t.name for t in reader.tensors}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    ids = torch.tensor([load_tokenizer("tiny-llama").encode("def f(x): return x")])
+    assert torch.allclose(_logits(loaded, ids), _logits(model, ids), atol=1e-5)
+    shutil.copytree(tmp_path / "gemma2", tmp_path / "scaled")
+    config = json.loads((tmp_path / "scaled" / "config.json").read_text())
+    (tmp_path / "scaled" / "config.json").write_text(json.dumps({**config, "query_pre_attn_scalar": 32}))
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "scaled"), "--format", "gguf", "--out", str(tmp_path / "s.gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "query_pre_attn_scalar=32" in err and "\n" not in err and not (tmp_path / "s.gguf").exists()
+
+
+def test_a_tokenizer_llama_cpp_has_no_model_for_is_one_line(tmp_path, capsys):
+    """A word-level tokenizer (neither byte-level BPE nor SentencePiece-style) is refused before anything is written."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "def": 3, "f": 4}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+    PreTrainedTokenizerFast(tokenizer_object=words, **specials).save_pretrained(tmp_path / "m")
+    LlamaForCausalLM(LlamaConfig(**{**SMALL, "vocab_size": 5})).save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "m"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "writes BPE tokenizers" in err and "\n" not in err and not (tmp_path / "m.gguf").exists()
