@@ -110,9 +110,8 @@ def write_compressed_tensors(model: nn.Module, tokenizer, path: Path) -> dict:
     for k, t in model.state_dict().items():
         if not k.startswith(inside):
             state.setdefault(k, t.detach().contiguous())
-    tied = [k for k in state if k == "lm_head.weight"] if getattr(model.config, "tie_word_embeddings", False) else []
-    for k in tied:  # stored once, as transformers saves a tied head
-        del state[k]
+    if getattr(model.config, "tie_word_embeddings", False):  # stored once, as transformers saves a tied head
+        state.pop("lm_head.weight", None)
     config = {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",

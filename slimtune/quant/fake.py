@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtune.quant.activations import fake_quantize_activations
-from slimtune.quant.learned_scales import initial_scales, learned_fake_quantize, packed_with
+from slimtune.quant.learned_scales import initial_scales, learned_fake_quantize, packed_with, stored
 from slimtune.quant.linear import configured_format
 from slimtune.quant.packed import with_scales
-from slimtune.quant.pv_tuning import codes_fixed_quantize, stored
+from slimtune.quant.pv_tuning import codes_fixed_quantize
 from slimtune.registry import QUANT_FORMATS
 
 

@@ -31,16 +31,19 @@ def initial_scales(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, tor
     return packed.block_scale().clone(), (packed.block_zero().clone() if fmt.kind == "int_asym" else None)
 
 
+def stored(scale: torch.Tensor, zero: torch.Tensor | None) -> tuple:
+    """fp32 (scale clamped at 0: a block whose scale reaches 0 is 0, zero): what a learned scale / zero is stored as."""
+    return scale.detach().float().clamp(min=0), None if zero is None else zero.detach().float()
+
+
 def packed_with(w: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, zero: torch.Tensor | None):
-    """The PackedWeight of `w` coded against `scale` (clamped at 0: a block whose scale reaches 0 is 0) and
-    `zero`: what the converted model stores."""
-    return quantize(w, fmt, scale.detach().float().clamp(min=0), None if zero is None else zero.detach().float())
+    """The PackedWeight of `w` coded against `scale` and `zero` as stored: what the converted model stores."""
+    return quantize(w, fmt, *stored(scale, zero))
 
 
 def recode(w: torch.Tensor, fmt: QuantFormat, scale, zero, new_scale, new_zero=None):
     """The PackedWeight holding `w`'s codes against `scale` / `zero`, stored with `new_scale` / `new_zero`."""
-    stored = new_scale.detach().float().clamp(min=0), None if new_zero is None else new_zero.detach().float()
-    return with_scales(fmt, tuple(w.shape), packed_with(w, fmt, scale, zero).codes, *stored)
+    return with_scales(fmt, tuple(w.shape), packed_with(w, fmt, scale, zero).codes, *stored(new_scale, new_zero))
 
 
 def grid_values(w: torch.Tensor, fmt: QuantFormat, scale, zero) -> torch.Tensor:

@@ -27,17 +27,12 @@ import torch
 
 from slimtune.errors import ConfigError
 from slimtune.hooks import Hooks
-from slimtune.quant.learned_scales import packed_with
+from slimtune.quant.learned_scales import packed_with, stored
 from slimtune.quant.packed import with_scales
 from slimtune.quant.packing import pack_bits, unpack_bits
 from slimtune.quant.qformat import QuantFormat
 
 PV_METHODS = ("nf2", "nf3", "int2", "int3", "int2a", "int3a")  # the codes of at most 3 bits
-
-
-def stored(scale, zero) -> tuple:
-    """fp32 (scale clamped at 0, zero): what a learned scale / zero is stored as."""
-    return scale.detach().float().clamp(min=0), None if zero is None else zero.detach().float()
 
 
 def dequantize_codes(codes, shape, fmt: QuantFormat, scale, zero) -> torch.Tensor:

@@ -77,7 +77,7 @@ def _deployable(src: str, onto: str, tmp: str, fmt: str):
     quantized checkpoint as it is, an adapter merged first into `tmp`), a model dir, a built-in name or a
     quantized checkpoint."""
     path = Path(src).expanduser()
-    run = (path / "config.yaml").is_file() and (path / "final").is_dir()
+    run = _run_dir(src) is not None
     model_dir = str(path / "final") if run else src
     if run and not (path / "final" / "config.json").is_file():  # an adapter dir: merged into its base
         model_dir = str(export_merged(path, Path(tmp) / "merged", onto))
