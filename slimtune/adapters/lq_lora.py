@@ -29,7 +29,7 @@ from slimtune.quant import PackedLinear, QuantFormat, bits_per_param, quantize_p
 from slimtune.quant.bit_allocation import allocate_bits
 from slimtune.errors import ConfigError
 from slimtune.quant.pv_tuning import check_pv_setting
-from slimtune.registry import ADAPTERS, QUANT_FORMATS
+from slimtune.registry import ADAPTERS, OPTIONS, QUANT_FORMATS
 from slimtune.technique import Technique
 from slimtune.schema import config_section, option
 
@@ -91,16 +91,29 @@ class LQLoRABase(Technique):
     @classmethod
     def validate(cls, cfg) -> None:
         validate_lq_lora(cfg.lq_lora)
-        if cfg.lq_lora.pv_tuning:
-            settings = (
-                ("adapter.type", cfg.adapter.type, "lq_lora"),
-                ("engine.name", cfg.engine.name, "ddp"),
-                ("optim.in_backward", cfg.optim.in_backward, False),
-            )
-            lq = cfg.lq_lora
-            check_pv_setting(
-                "lq_lora.pv_tuning", "LQ-LoRA's quantized part", settings, "lq_lora.pv_fraction", lq.pv_fraction
-            )
+
+
+@OPTIONS.register("lq_lora.pv_tuning")
+class LQLoRAPVTuning(Technique):
+    """lq_lora.pv_tuning=true: PV-Tuning of LQ-LoRA's quantized part (adapters/lq_lora.py apply_pv_tuning); on
+    another base it would do nothing, so it is refused there."""
+
+    @staticmethod
+    def active(cfg, world: int) -> bool:
+        return cfg.lq_lora.pv_tuning
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        settings = (
+            ("quant.method", cfg.quant.method, "lq_lora"),
+            ("adapter.type", cfg.adapter.type, "lq_lora"),
+            ("engine.name", cfg.engine.name, "ddp"),
+            ("optim.in_backward", cfg.optim.in_backward, False),
+        )
+        lq = cfg.lq_lora
+        check_pv_setting(
+            "lq_lora.pv_tuning", "LQ-LoRA's quantized part", settings, "lq_lora.pv_fraction", lq.pv_fraction
+        )
 
 
 def validate_lq_lora(lq) -> None:

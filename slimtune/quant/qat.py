@@ -130,8 +130,6 @@ class QuantizationAwareTraining(Technique):
             )
         if q.learn_scales and cfg.engine.name == "offload" and "disk" in placement(cfg):
             _validate_offloaded_scales(cfg)
-        if q.pv_tuning:
-            _validate_pv(cfg)
         try:
             QuantFormatSpec(q.method, cfg.quant.block_size, cfg.quant.double_quant, format_options(cfg))
         except ValueError as e:
@@ -151,6 +149,20 @@ def _validate_offloaded_scales(cfg) -> None:
             "that step, and engine.name=offload updates a layer once every parameter's gradient arrived: set "
             "qat.start_step=0 or another engine.name"
         )
+
+
+@OPTIONS.register("qat.pv_tuning")
+class QATPVTuning(Technique):
+    """qat.pv_tuning=true: PV-Tuning (quant/pv_tuning.py) of a full fine-tuning's <= 3-bit codes; without
+    qat.method it would do nothing, so it is refused then too."""
+
+    @staticmethod
+    def active(cfg, world: int) -> bool:
+        return cfg.qat.pv_tuning
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        _validate_pv(cfg)
 
 
 def _validate_pv(cfg) -> None:

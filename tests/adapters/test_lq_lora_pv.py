@@ -82,6 +82,7 @@ def test_kill_then_resume_is_bitwise(tmp_path):
         (["engine.name=fsdp2"], "lq_lora.pv_tuning=true updates the codes of LQ-LoRA's quantized part"),
         (["optim.in_backward=true"], "not with optim.in_backward=true"),
         (["lq_lora.pv_fraction=0"], "lq_lora.pv_fraction=0.0 must be in (0, 1]"),
+        (["quant.method=nf4", "adapter.type=lora"], "not with quant.method=nf4"),  # no Q to tune: refused
     ],
 )
 def test_what_it_cannot_do_is_one_line(overrides, needle, tmp_path, capsys):

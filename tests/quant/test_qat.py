@@ -228,6 +228,7 @@ def test_kill_then_resume_is_bitwise(extra, tmp_path):
         (["qat.activations=fp8"], "qat.activations"),
         (["qat.method=nf4", "qat.learn_scales=true"], "qat.learn_scales=true needs a format that stores plain block"),
         (["qat.method=int4", "qat.pv_tuning=true"], "qat.pv_tuning=true is for codes of at most 3 bits"),
+        (["qat.method=none", "qat.pv_tuning=true"], "not qat.method=none"),  # it would do nothing: refused
         (["qat.method=nf3", "qat.pv_tuning=true", "engine.name=fsdp2"], "not with engine.name=fsdp2"),
         (["qat.method=nf3", "qat.pv_tuning=true", "adapter.type=lora"], "not with adapter.type=lora"),
     ],
